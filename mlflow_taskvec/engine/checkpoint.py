@@ -1,0 +1,245 @@
+"""Checkpoints: lazy, read-only sets of named tensors, and the content fingerprint.
+
+A checkpoint is one of:
+- a single ``.safetensors`` file;
+- an HF-style directory with ``model.safetensors``, or shards listed in
+  ``model.safetensors.index.json`` (any directory holding exactly one
+  ``.safetensors`` file is accepted too);
+- an in-memory state dict.
+
+Only safetensors is read: pickle-based checkpoints are refused, never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from mlflow_taskvec.engine.safetensors_io import (
+    SafetensorsFile,
+    TensorSpec,
+    dtype_code,
+    tensor_bytes,
+)
+from mlflow_taskvec.errors import TaskVecError
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def tensor_digest(data: memoryview | bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def combine_digests(entries: list[tuple[str, TensorSpec, str]]) -> str:
+    """The fingerprint: sha256 over sorted (name, dtype, shape, sha256 of bytes).
+
+    It depends on tensor content only, never on file layout, so a single file and
+    its sharded copy have the same fingerprint.
+    """
+    h = hashlib.sha256()
+    for name, spec, digest in sorted(entries, key=lambda e: e[0]):
+        shape = ",".join(str(d) for d in spec.shape)
+        h.update(f"{name}\0{dtype_code(spec.dtype)}\0{shape}\0{digest}\n".encode("utf-8"))
+    return h.hexdigest()
+
+
+class Checkpoint:
+    """A lazy, read-only mapping of tensor names to tensors."""
+
+    source: str
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def spec(self, name: str) -> TensorSpec:
+        raise NotImplementedError
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """The tensor, as a zero-copy view when the storage allows it. Never modify it."""
+        raise NotImplementedError
+
+    def raw_bytes(self, name: str) -> memoryview:
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, str]:
+        return {}
+
+    @property
+    def directory(self) -> Path | None:
+        """The HF-style directory this checkpoint came from, if any."""
+        return None
+
+    def __contains__(self, name: str) -> bool:
+        return name in set(self.keys())
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return {name: self.spec(name) for name in self.keys()}
+
+    def fingerprint(self) -> str:
+        cached = getattr(self, "_fingerprint", None)
+        if cached is None:
+            names = self.keys()
+            # hashlib releases the GIL on large buffers: two threads use both cores.
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                digests = list(pool.map(lambda n: tensor_digest(self.raw_bytes(n)), names))
+            cached = combine_digests([(n, self.spec(n), d) for n, d in zip(names, digests)])
+            self._fingerprint = cached
+        return cached
+
+    def num_parameters(self) -> int:
+        return sum(self.spec(n).numel for n in self.keys())
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """One or more safetensors files (shards) seen as one checkpoint."""
+
+    def __init__(self, files: list[Path], source: str, directory: Path | None = None, metadata: dict | None = None):
+        self.source = source
+        self._directory = directory
+        self._files = [SafetensorsFile(p) for p in files]
+        self._where: dict[str, SafetensorsFile] = {}
+        for f in self._files:
+            for name in f.keys():
+                if name in self._where:
+                    raise TaskVecError(f"{source}: tensor {name!r} appears in both {self._where[name].path.name} and {f.path.name}")
+                self._where[name] = f
+        self._keys = sorted(self._where)
+        self._metadata = dict(metadata or {})
+        if len(self._files) == 1:
+            self._metadata = {**self._files[0].metadata(), **self._metadata}
+
+    @property
+    def directory(self) -> Path | None:
+        return self._directory
+
+    @property
+    def files(self) -> list[Path]:
+        return [f.path for f in self._files]
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def spec(self, name: str) -> TensorSpec:
+        return self._file(name).spec(name)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._file(name).get_tensor(name)
+
+    def raw_bytes(self, name: str) -> memoryview:
+        return self._file(name).raw_bytes(name)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
+
+    def _file(self, name: str) -> SafetensorsFile:
+        try:
+            return self._where[name]
+        except KeyError:
+            raise TaskVecError(f"{self.source}: no tensor named {name!r}") from None
+
+
+class StateDictCheckpoint(Checkpoint):
+    """An in-memory state dict, seen through the same interface."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], source: str = "<state dict>", metadata: dict | None = None):
+        self.source = source
+        self._tensors: dict[str, torch.Tensor] = {}
+        for name, value in state_dict.items():
+            if not isinstance(value, torch.Tensor):
+                raise TaskVecError(f"{source}: entry {name!r} is a {type(value).__name__}, not a tensor")
+            self._tensors[str(name)] = value.detach().cpu().contiguous()
+        self._metadata = dict(metadata or {})
+
+    def keys(self) -> list[str]:
+        return sorted(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def spec(self, name: str) -> TensorSpec:
+        t = self._get(name)
+        return TensorSpec(t.dtype, tuple(t.shape))
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._get(name)
+
+    def raw_bytes(self, name: str) -> memoryview:
+        return tensor_bytes(self._get(name))
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
+
+    def _get(self, name: str) -> torch.Tensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise TaskVecError(f"{self.source}: no tensor named {name!r}") from None
+
+
+def _open_directory(path: Path) -> SafetensorsCheckpoint:
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            data = json.loads(index.read_text("utf-8"))
+            weight_map = data["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise TaskVecError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
+        shard_names = sorted(set(weight_map.values()))
+        for shard in shard_names:
+            if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+                raise TaskVecError(f"{index}: shard name {shard!r} is not a plain file name")
+            if not (path / shard).is_file():
+                raise TaskVecError(f"{index}: lists shard {shard} which is missing from {path}")
+        ckpt = SafetensorsCheckpoint(
+            [path / s for s in shard_names], str(path), directory=path, metadata=data.get("metadata") or {}
+        )
+        for name, shard in weight_map.items():
+            if name not in ckpt or ckpt._where[name].path.name != shard:
+                raise TaskVecError(f"{index}: tensor {name!r} is listed in {shard} but not stored there")
+        for name in ckpt.keys():
+            if name not in weight_map:
+                raise TaskVecError(f"{index}: tensor {name!r} is stored in a shard but missing from the weight_map")
+        return ckpt
+    single = path / WEIGHTS_NAME
+    if single.is_file():
+        return SafetensorsCheckpoint([single], str(path), directory=path)
+    candidates = sorted(path.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return SafetensorsCheckpoint(candidates, str(path), directory=path)
+    if len(candidates) > 1:
+        raise TaskVecError(f"{path}: several .safetensors files and no {INDEX_NAME} to say how they fit together")
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise TaskVecError(
+            f"{path}: holds only pickle weights ({', '.join(pickles)}); convert them to safetensors, pickle is never loaded"
+        )
+    raise TaskVecError(f"{path}: no safetensors weights found in this directory")
+
+
+def open_checkpoint(source: "Checkpoint | Mapping[str, torch.Tensor] | str | os.PathLike") -> Checkpoint:
+    """Open a checkpoint lazily from a path, a state dict, or return a Checkpoint as is."""
+    if isinstance(source, Checkpoint):
+        return source
+    if isinstance(source, Mapping):
+        return StateDictCheckpoint(source)
+    path = Path(source)
+    if path.is_dir():
+        return _open_directory(path)
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            raise TaskVecError(f"{path}: pickle checkpoints are never loaded; convert it to safetensors")
+        return SafetensorsCheckpoint([path], str(path))
+    raise TaskVecError(f"{path}: no such file or directory")

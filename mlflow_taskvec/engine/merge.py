@@ -1,0 +1,188 @@
+"""Composing a model: ``base + scale * method(w_i, t_i)``, streamed tensor by tensor."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mlflow_taskvec.engine.checkpoint import open_checkpoint
+from mlflow_taskvec.engine.methods import (
+    MergeContext,
+    get_method,
+    kth_largest_in,
+    kth_largest_magnitude,
+    trim_count,
+    validate_params,
+)
+from mlflow_taskvec.engine.safetensors_io import TensorSpec
+from mlflow_taskvec.engine.streaming import (
+    COMPUTE_DTYPES,
+    STORAGE_DTYPES,
+    MemorySink,
+    check_finite,
+    chunk_ranges,
+    flat_slice,
+    parse_dtype,
+)
+from mlflow_taskvec.engine.taskvector import TaskVector, check_same_tensors
+from mlflow_taskvec.engine.writer import CheckpointWriter, check_output_path
+from mlflow_taskvec.errors import TaskVecError
+
+
+@dataclass
+class MergeResult:
+    method: str
+    scale: float
+    weights: list[float]
+    params: dict
+    base_fingerprint: str
+    num_tensors: int
+    num_parameters: int
+    seconds: float
+    output: Path | None = None
+    fingerprint: str | None = None
+    state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TaskVecError(f"{what}: {value!r} is not a finite number")
+    return float(value)
+
+
+def merge(
+    base,
+    vectors: Sequence[TaskVector],
+    weights: Sequence[float],
+    method: str = "task_arithmetic",
+    scale: float = 1.0,
+    params: dict | None = None,
+    output: str | os.PathLike | None = None,
+    dtype: "str | torch.dtype | None" = None,
+    compute_dtype: "str | torch.dtype" = "float32",
+    max_shard_size: int | str | None = None,
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    metadata: dict[str, str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> MergeResult:
+    """Compose ``base + scale * method(weights, vectors)`` into ``output`` (or memory).
+
+    Tensors of the base that the vectors do not cover (integer buffers, excluded
+    names) are copied unchanged. The output dtype is the base's unless ``dtype``
+    is set; arithmetic runs in ``compute_dtype`` (float32 or float64).
+    """
+    started = time.perf_counter()
+    merge_method = get_method(method)
+    params = validate_params(merge_method, dict(params or {}))
+    scale = _number(scale, "scale")
+    if not vectors:
+        raise TaskVecError("no task vectors to merge: the vector list is empty")
+    if len(weights) != len(vectors):
+        raise TaskVecError(f"{len(vectors)} task vectors but {len(weights)} weights")
+    weights = [_number(w, f"vectors[{i}].weight") for i, w in enumerate(weights)]
+    out_dtype = parse_dtype(dtype, "dtype", STORAGE_DTYPES)
+    compute = parse_dtype(compute_dtype, "compute_dtype", COMPUTE_DTYPES)
+    if output is not None:
+        check_output_path(output, overwrite)
+
+    base_ckpt = open_checkpoint(base)
+    base_fp = base_ckpt.fingerprint()
+    for i, v in enumerate(vectors):
+        if v.base_fingerprint != base_fp:
+            raise TaskVecError(
+                f"vectors[{i}] was extracted from a different base (its base fingerprint {v.base_fingerprint[:16]}, this base {base_fp[:16]})"
+            )
+        check_same_tensors(vectors[0], v)
+    covered = set(vectors[0].names)
+    specs: dict[str, TensorSpec] = {}
+    for name in base_ckpt.keys():
+        spec = base_ckpt.spec(name)
+        if name in covered:
+            if spec.shape != vectors[0].spec(name).shape:
+                raise TaskVecError(
+                    f"tensor {name!r} has shape {list(spec.shape)} in the base but {list(vectors[0].spec(name).shape)} in the task vectors"
+                )
+            specs[name] = TensorSpec(out_dtype or spec.dtype, spec.shape)
+        else:
+            specs[name] = TensorSpec(out_dtype if (out_dtype and spec.is_floating_point) else spec.dtype, spec.shape)
+    missing = sorted(covered - set(specs))
+    if missing:
+        raise TaskVecError(f"tensor {missing[0]!r} of the task vectors is not in the base {base_ckpt.source}")
+
+    if output is None:
+        sink = MemorySink(specs)
+    else:
+        sink = CheckpointWriter(
+            output, specs, metadata, max_shard_size=max_shard_size, copy_files_from=base_ckpt.directory, overwrite=overwrite
+        )
+    try:
+        for name in sink.order:
+            spec = specs[name]
+            base_tensor = base_ckpt.get_tensor(name)
+            if name not in covered:
+                for start, stop in chunk_ranges(spec.numel):
+                    sink.write(name, flat_slice(base_tensor, start, stop, spec.dtype))
+            else:
+                _merge_tensor(
+                    name, spec, base_tensor, base_ckpt.source, vectors, weights, merge_method, scale, params, compute, allow_nonfinite, sink
+                )
+            if progress is not None:
+                progress(name)
+        committed = sink.commit()
+    except BaseException:
+        if isinstance(sink, CheckpointWriter):
+            sink.abort()
+        raise
+    result = MergeResult(
+        method=merge_method.name,
+        scale=scale,
+        weights=weights,
+        params=params,
+        base_fingerprint=base_fp,
+        num_tensors=len(specs),
+        num_parameters=sum(s.numel for s in specs.values()),
+        seconds=time.perf_counter() - started,
+    )
+    if output is None:
+        result.state_dict = committed
+    else:
+        result.output, result.fingerprint = Path(output), committed
+    return result
+
+
+def _merge_tensor(name, spec, base_tensor, base_source, vectors, weights, method, scale, params, compute, allow_nonfinite, sink):
+    numel = spec.numel
+    ranges = list(chunk_ranges(numel))
+    thresholds = None
+    first_deltas = None
+    if method.trims:
+        k = trim_count(params["density"], numel)
+        if len(ranges) == 1:
+            start, stop = ranges[0]
+            first_deltas = [v.chunk(name, start, stop, compute) for v in vectors]
+            thresholds = [kth_largest_in(d, k) for d in first_deltas]
+        else:
+            thresholds = [
+                kth_largest_magnitude(lambda v=v: (v.chunk(name, a, b, compute) for a, b in ranges), k, compute)
+                for v in vectors
+            ]
+    for start, stop in ranges:
+        base_chunk = flat_slice(base_tensor, start, stop, compute)
+        if first_deltas is not None:
+            deltas, first_deltas = first_deltas, None
+        else:
+            deltas = [v.chunk(name, start, stop, compute) for v in vectors]
+        if not allow_nonfinite:
+            check_finite(base_chunk, lambda: f"tensor {name!r} of the base {base_source}")
+            for v, d in zip(vectors, deltas):
+                v.check_finite(name, start, stop, d)
+        ctx = MergeContext(name=name, start=start, numel=numel, params=params, thresholds=thresholds)
+        merged = method.fn(deltas, weights, ctx)
+        sink.write(name, torch.add(base_chunk, merged, alpha=scale).to(spec.dtype))

@@ -1,0 +1,228 @@
+"""Merge methods: small pure functions over the tensors of one parameter name.
+
+A method receives, for one chunk of one parameter (flattened), the task vectors'
+entries ``deltas[i]`` (in the compute dtype; never modify them), their weights
+``w_i``, and a ``MergeContext``; it returns the merged delta. The executor adds
+it to the base: ``output = base + scale * merged``.
+
+Methods that trim (``ties``, ``magnitude_prune``) get each input's magnitude
+threshold over the *whole* tensor in ``ctx.thresholds``; methods that drop
+(``dare_*``) draw their masks from ``ctx.keep_mask``, which depends only on
+(seed, input index, tensor name, position), never on processing order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from mlflow_taskvec.errors import TaskVecError
+
+# Random masks are drawn in fixed blocks of the flattened tensor, each from its
+# own generator, so that any chunking aligned to blocks gives the same masks.
+RANDOM_BLOCK = 1 << 20
+
+
+def derive_seed(seed: int, input_index: int, name: str, block: int) -> int:
+    digest = hashlib.sha256(f"{seed}\0{input_index}\0{name}\0{block}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class MergeContext:
+    name: str
+    start: int  # offset of this chunk in the flattened tensor
+    numel: int  # size of the whole tensor
+    params: dict
+    thresholds: list[float] | None = None
+
+    def keep_mask(self, input_index: int, length: int, keep_probability: float) -> torch.Tensor:
+        """Bernoulli(keep_probability) mask for entries [start, start+length) of input ``input_index``."""
+        if self.start % RANDOM_BLOCK:
+            raise ValueError("chunks must start on a random-block boundary")
+        seed = int(self.params.get("seed", 0))
+        parts = []
+        first = self.start // RANDOM_BLOCK
+        last = (self.start + length - 1) // RANDOM_BLOCK
+        for block in range(first, last + 1):
+            block_len = min(RANDOM_BLOCK, self.numel - block * RANDOM_BLOCK)
+            gen = torch.Generator().manual_seed(derive_seed(seed, input_index, self.name, block))
+            parts.append(torch.rand(block_len, generator=gen) < keep_probability)
+        mask = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return mask[:length]
+
+
+MethodFn = Callable[[list[torch.Tensor], list[float], MergeContext], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: MethodFn
+    description: str
+    params: frozenset = field(default_factory=frozenset)  # accepted parameter names
+    required: frozenset = field(default_factory=frozenset)
+    trims: bool = False  # needs per-input magnitude thresholds over the whole tensor
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def register(name: str, description: str, params=(), required=(), trims: bool = False):
+    def deco(fn: MethodFn) -> MethodFn:
+        METHODS[name] = MergeMethod(name, fn, description, frozenset(params), frozenset(required), trims)
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise TaskVecError(f"unknown merge method {name!r} (known: {', '.join(sorted(METHODS))})") from None
+
+
+def validate_params(method: MergeMethod, params: dict) -> dict:
+    """Check a method's parameters; returns them with defaults filled in."""
+    unknown = sorted(set(params) - method.params)
+    if unknown:
+        raise TaskVecError(f"method {method.name!r} takes no parameter {unknown[0]!r} (accepted: {', '.join(sorted(method.params)) or 'none'})")
+    missing = sorted(method.required - set(params))
+    if missing:
+        raise TaskVecError(f"method {method.name!r} needs parameter {missing[0]!r}")
+    out = dict(params)
+    if "density" in out:
+        d = out["density"]
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0 < d <= 1) or math.isnan(d):
+            raise TaskVecError(f"params.density: {d!r} must be a number in (0, 1]")
+        out["density"] = float(d)
+    if "seed" in method.params:
+        s = out.setdefault("seed", 0)
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise TaskVecError(f"params.seed: {s!r} must be an integer")
+    return out
+
+
+def trim_count(density: float, numel: int) -> int:
+    """How many entries the trim step keeps: int(density * numel), at least 1."""
+    return max(1, int(density * numel))
+
+
+# -- the methods ---------------------------------------------------------------
+
+
+def _weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    out = tensors[0] * weights[0]
+    for t, w in zip(tensors[1:], weights[1:]):
+        out.add_(t, alpha=w)
+    return out
+
+
+def _trimmed(deltas: list[torch.Tensor], ctx: MergeContext) -> list[torch.Tensor]:
+    return [torch.where(d.abs() >= thr, d, 0.0) for d, thr in zip(deltas, ctx.thresholds)]
+
+
+def _dropped(deltas: list[torch.Tensor], ctx: MergeContext) -> list[torch.Tensor]:
+    p = ctx.params["density"]
+    return [torch.where(ctx.keep_mask(i, d.numel(), p), d / p, 0.0) for i, d in enumerate(deltas)]
+
+
+def _elect_and_mean(scaled: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """TIES sign election and disjoint mean over already weighted deltas ``d_i = w_i t_i``."""
+    total = scaled[0].clone()
+    for d in scaled[1:]:
+        total.add_(d)
+    elected = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+    numerator = torch.zeros_like(total)
+    divisor = torch.zeros_like(total)
+    for d, w in zip(scaled, weights):
+        agree = torch.sign(d) == elected  # zeros have sign 0: they never agree
+        numerator.add_(torch.where(agree, d, 0.0))
+        divisor.add_(agree.to(total.dtype), alpha=w)
+    divisor = torch.where(divisor == 0, 1.0, divisor)
+    return numerator.div_(divisor)
+
+
+@register("task_arithmetic", "base + scale * sum_i w_i t_i")
+def task_arithmetic(deltas, weights, ctx):
+    return _weighted_sum(deltas, weights)
+
+
+@register(
+    "ties",
+    "trim each t_i to its top density fraction by magnitude, elect a sign per entry, average the agreeing entries",
+    params=("density",),
+    required=("density",),
+    trims=True,
+)
+def ties(deltas, weights, ctx):
+    trimmed = _trimmed(deltas, ctx)
+    return _elect_and_mean([t * w for t, w in zip(trimmed, weights)], weights)
+
+
+@register("magnitude_prune", "the ties trim step, then task arithmetic", params=("density",), required=("density",), trims=True)
+def magnitude_prune(deltas, weights, ctx):
+    return _weighted_sum(_trimmed(deltas, ctx), weights)
+
+
+@register(
+    "dare_linear",
+    "drop each entry with probability 1 - density, rescale the kept ones by 1/density, then task arithmetic",
+    params=("density", "seed"),
+    required=("density",),
+)
+def dare_linear(deltas, weights, ctx):
+    return _weighted_sum(_dropped(deltas, ctx), weights)
+
+
+@register(
+    "dare_ties",
+    "the dare drop and rescale, then the ties sign election and disjoint mean (no trim)",
+    params=("density", "seed"),
+    required=("density",),
+)
+def dare_ties(deltas, weights, ctx):
+    dropped = _dropped(deltas, ctx)
+    return _elect_and_mean([t * w for t, w in zip(dropped, weights)], weights)
+
+
+# -- exact magnitude thresholds --------------------------------------------------
+
+
+def kth_largest_magnitude(chunks: Callable[[], Iterable[torch.Tensor]], k: int, dtype: torch.dtype = torch.float32) -> float:
+    """The k-th largest |x| of a tensor seen as chunks, in memory bounded by one chunk.
+
+    ``chunks()`` returns a fresh iterable over the tensor's chunks. Non-negative
+    float bit patterns order like integers, so a radix select over 16-bit digits
+    finds the exact value in two passes (four for float64).
+    """
+    float_dtype, int_dtype, bits = (
+        (torch.float64, torch.int64, 64) if dtype == torch.float64 else (torch.float32, torch.int32, 32)
+    )
+    prefix = 0
+    remaining = k
+    for shift in range(bits - 16, -1, -16):
+        hist = torch.zeros(1 << 16, dtype=torch.int64)
+        for chunk in chunks():
+            b = chunk.reshape(-1).to(float_dtype).abs().view(int_dtype)
+            if shift + 16 < bits:
+                b = b[(b >> (shift + 16)) == prefix]
+            hist += torch.bincount(((b >> shift) & 0xFFFF).to(torch.int64), minlength=1 << 16)
+        from_top = torch.flip(hist, [0]).cumsum(0)
+        if remaining > int(from_top[-1]):
+            raise ValueError("k exceeds the number of entries")
+        idx = int(torch.searchsorted(from_top, remaining))
+        remaining -= int(from_top[idx - 1]) if idx > 0 else 0
+        prefix = (prefix << 16) | ((1 << 16) - 1 - idx)
+    return float(torch.tensor([prefix], dtype=torch.int64).to(int_dtype).view(float_dtype))
+
+
+def kth_largest_in(tensor: torch.Tensor, k: int) -> float:
+    """The k-th largest |x| of a tensor held whole."""
+    flat = tensor.reshape(-1)
+    return float(torch.kthvalue(flat.abs(), flat.numel() - k + 1).values)

@@ -1,0 +1,83 @@
+"""Streaming execution: one parameter name (and one chunk of it) at a time.
+
+Large tensors are cut into chunks of ``CHUNK_ELEMENTS`` entries of their
+flattened data, so peak anonymous memory is bounded by a few chunks per input,
+whatever the size of the model. Chunks start on multiples of the random block
+size, so random masks do not depend on the chunking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from mlflow_taskvec.engine.methods import RANDOM_BLOCK
+from mlflow_taskvec.engine.safetensors_io import TensorSpec
+from mlflow_taskvec.errors import TaskVecError
+
+CHUNK_ELEMENTS = 2 * RANDOM_BLOCK
+
+COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+STORAGE_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def parse_dtype(value: "str | torch.dtype | None", what: str, allowed: dict[str, torch.dtype]) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    key = str(value).removeprefix("torch.").lower()
+    aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64", "half": "float16", "double": "float64"}
+    key = aliases.get(key, key)
+    if key not in allowed:
+        raise TaskVecError(f"{what}: {value!r} is not one of {', '.join(allowed)}")
+    return allowed[key]
+
+
+def chunk_ranges(numel: int, chunk: int = CHUNK_ELEMENTS) -> Iterator[tuple[int, int]]:
+    if numel == 0:
+        yield 0, 0
+        return
+    for start in range(0, numel, chunk):
+        yield start, min(numel, start + chunk)
+
+
+def flat_slice(tensor: torch.Tensor, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    """Entries [start, stop) of the flattened tensor in ``dtype`` (a view when no cast is needed)."""
+    return tensor.reshape(-1)[start:stop].to(dtype)
+
+
+def check_finite(chunk: torch.Tensor, describe: Callable[[], str]) -> None:
+    """Refuse NaN and Inf. A finite sum proves every entry finite, so the exact scan
+    runs only when the one-pass sum is not finite (including a rare overflow)."""
+    if chunk.numel() == 0 or bool(torch.isfinite(chunk.sum(dtype=torch.float64))):
+        return
+    if not bool(torch.isfinite(chunk).all()):
+        raise TaskVecError(f"{describe()} holds NaN or Inf values (set allow_nonfinite to accept them)")
+
+
+class MemorySink:
+    """Collects written tensors into an in-memory state dict (same interface as CheckpointWriter)."""
+
+    def __init__(self, specs: dict[str, TensorSpec]):
+        self.specs = specs
+        self.order = sorted(specs)
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._filled: dict[str, int] = {}
+
+    def write(self, name: str, chunk: torch.Tensor) -> None:
+        spec = self.specs[name]
+        if name not in self.tensors:
+            self.tensors[name] = torch.empty(spec.numel, dtype=spec.dtype)
+            self._filled[name] = 0
+        start = self._filled[name]
+        flat = chunk.reshape(-1)
+        self.tensors[name][start : start + flat.numel()] = flat
+        self._filled[name] = start + flat.numel()
+
+    def commit(self) -> dict[str, torch.Tensor]:
+        return {n: self.tensors[n].view(self.specs[n].shape) for n in self.order}

@@ -1,0 +1,238 @@
+"""Writing checkpoints: one file or shards plus an index, atomically, as a stream.
+
+Everything is written under a temporary sibling of the output path and moved
+into place only when complete, so an interrupted or failed run never leaves an
+output that looks finished. Writes and hashing run on a background thread,
+overlapping the computation of the next tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import threading
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from mlflow_taskvec.engine.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, combine_digests
+from mlflow_taskvec.engine.safetensors_io import StreamingWriter, TensorSpec, storage_order
+from mlflow_taskvec.errors import TaskVecError
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_WEIGHT_SUFFIXES = (".safetensors", ".h5", ".msgpack", ".gguf", ".onnx") + PICKLE_SUFFIXES
+# At most this many chunks wait for the writer thread: bounds memory held in flight.
+_MAX_PENDING = 4
+
+
+def parse_size(value: int | str | None, what: str = "max_shard_size") -> int | None:
+    """Parse ``500MB``, ``2GiB`` or a byte count."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TaskVecError(f"{what}: {value!r} is not a size")
+    if isinstance(value, int):
+        size = value
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m.group(2).upper() not in _SIZE_UNITS:
+            raise TaskVecError(f"{what}: {value!r} is not a size (use bytes, or a number with KB, MB, GB, KiB, MiB or GiB)")
+        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    if size <= 0:
+        raise TaskVecError(f"{what}: {value!r} must be positive")
+    return size
+
+
+def check_output_path(output: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an existing output unless asked to overwrite, before any work is done."""
+    path = Path(output)
+    if path.exists() and not overwrite:
+        raise TaskVecError(f"{path}: output already exists (pass --overwrite to replace it)")
+    if not path.parent.exists():
+        raise TaskVecError(f"{path.parent}: output directory does not exist")
+    return path
+
+
+def plan_shards(specs: dict[str, TensorSpec], max_shard_size: int | None) -> list[list[str]]:
+    """Greedy shards in name order, each at most ``max_shard_size`` bytes (a larger tensor gets its own)."""
+    names = sorted(specs)
+    if max_shard_size is None:
+        return [names]
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        nbytes = specs[name].nbytes
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+class CheckpointWriter:
+    """Streams tensors into ``output`` (a ``.safetensors`` file, or a directory).
+
+    Tensors must be written in ``self.order``, each whole or in consecutive
+    chunks of its flattened data. ``commit()`` returns the output's fingerprint.
+    Use as a context manager: an exception discards everything written.
+    """
+
+    def __init__(
+        self,
+        output: str | os.PathLike,
+        specs: dict[str, TensorSpec],
+        metadata: dict[str, str] | None = None,
+        max_shard_size: int | str | None = None,
+        copy_files_from: Path | None = None,
+        overwrite: bool = False,
+    ):
+        self.output = check_output_path(output, overwrite)
+        self.specs = dict(specs)
+        shard_size = parse_size(max_shard_size)
+        self._single_file = self.output.suffix == ".safetensors"
+        if self._single_file and shard_size is not None:
+            raise TaskVecError(f"{self.output}: a sharded output must be a directory, not a .safetensors file")
+        self._metadata = {"format": "pt", **(metadata or {})}
+        self._tmp = self.output.parent / f".{self.output.name}.partial-{uuid.uuid4().hex[:8]}"
+        self._copy_from = copy_files_from
+        shards = plan_shards(self.specs, shard_size)
+        if self._single_file:
+            paths = [self._tmp]
+        else:
+            self._tmp.mkdir()
+            if len(shards) == 1:
+                paths = [self._tmp / WEIGHTS_NAME]
+            else:
+                n = len(shards)
+                paths = [self._tmp / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._sharded = len(shards) > 1
+        self._files: list[StreamingWriter] = []
+        self._file_of: dict[str, StreamingWriter] = {}
+        self.order: list[str] = []
+        try:
+            for path, names in zip(paths, shards):
+                w = StreamingWriter(path, {n: self.specs[n] for n in names}, self._metadata)
+                self._files.append(w)
+                for n in names:
+                    self._file_of[n] = w
+                self.order.extend(storage_order({n: self.specs[n] for n in names}))
+        except BaseException:
+            self._discard()
+            raise
+        self._digests: dict[str, str] = {}
+        self._hashers: dict[str, "hashlib._Hash"] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskvec-writer")
+        self._slots = threading.BoundedSemaphore(_MAX_PENDING)
+        self._futures: list[Future] = []
+        self._closed = False
+
+    # -- writing ---------------------------------------------------------------
+    def write(self, name: str, chunk: torch.Tensor) -> None:
+        """Queue ``chunk`` (the whole tensor or its next consecutive part) for writing."""
+        self._raise_pending_error()
+        self._slots.acquire()
+        try:
+            fut = self._pool.submit(self._write_now, name, chunk)
+        except BaseException:
+            self._slots.release()
+            raise
+        fut.add_done_callback(lambda _f: self._slots.release())
+        self._futures.append(fut)
+        if len(self._futures) > 64:
+            self._futures = [f for f in self._futures if not f.done() or f.exception() is not None]
+
+    def _write_now(self, name: str, chunk: torch.Tensor) -> None:
+        data = self._file_of[name].write(name, chunk)
+        hasher = self._hashers.get(name)
+        if hasher is None:
+            hasher = self._hashers[name] = hashlib.sha256()
+        hasher.update(data)
+
+    def _raise_pending_error(self) -> None:
+        for fut in self._futures:
+            if fut.done() and fut.exception() is not None:
+                raise fut.exception()
+
+    # -- finishing -------------------------------------------------------------
+    def commit(self) -> str:
+        """Finish every file, write the index, copy the base's other files, move into place."""
+        try:
+            for fut in self._futures:
+                fut.result()
+            self._pool.shutdown(wait=True)
+            for w in self._files:
+                w.close()
+            for name in self.specs:
+                hasher = self._hashers.get(name) or hashlib.sha256()
+                self._digests[name] = hasher.hexdigest()
+            fingerprint = combine_digests([(n, self.specs[n], d) for n, d in self._digests.items()])
+            if not self._single_file:
+                if self._sharded:
+                    index = {
+                        "metadata": {"total_size": sum(s.nbytes for s in self.specs.values()), **self._metadata},
+                        "weight_map": {n: self._file_of[n].path.name for n in sorted(self.specs)},
+                    }
+                    (self._tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", "utf-8")
+                if self._copy_from is not None:
+                    copy_non_weight_files(self._copy_from, self._tmp)
+            self._move_into_place()
+            self._closed = True
+            return fingerprint
+        except BaseException:
+            self.abort()
+            raise
+
+    def _move_into_place(self) -> None:
+        old = None
+        if self.output.exists() or self.output.is_symlink():
+            old = self.output.parent / f".{self.output.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.output, old)
+        os.replace(self._tmp, self.output)
+        if old is not None:
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for w in self._files:
+            w.abort()
+        self._discard()
+
+    def _discard(self) -> None:
+        if self._tmp.is_dir():
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        else:
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.abort()
+            raise RuntimeError("CheckpointWriter left without commit()")
+
+
+def copy_non_weight_files(source_dir: Path, target_dir: Path) -> list[str]:
+    """Copy config, tokenizer and other non-weight files so the output is a drop-in replacement."""
+    copied = []
+    for item in sorted(source_dir.iterdir()):
+        if item.name.startswith(".") or item.name == INDEX_NAME or item.suffix in _WEIGHT_SUFFIXES:
+            continue
+        if item.is_file():
+            shutil.copy2(item, target_dir / item.name)
+            copied.append(item.name)
+    return copied

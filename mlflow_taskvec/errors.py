@@ -1,0 +1,9 @@
+"""The one error type the project raises for bad input.
+
+Every message is a single sentence that names the offending thing (a path, a
+tensor, a recipe field), so that front ends can print it as it is.
+"""
+
+
+class TaskVecError(Exception):
+    """Bad input or an impossible request; the message is one line for the user."""
