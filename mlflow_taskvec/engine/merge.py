@@ -116,6 +116,7 @@ def merge(
     if missing:
         raise TaskVecError(f"tensor {missing[0]!r} of the task vectors is not in the base {base_ckpt.source}")
 
+    metadata = {"taskvec.kind": "composite", **(metadata or {}), "taskvec.base_fingerprint": base_fp}
     if output is None:
         sink = MemorySink(specs)
     else:

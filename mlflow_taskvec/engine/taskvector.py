@@ -137,6 +137,9 @@ class TaskVector:
         """Open a saved task vector (a file, a directory or a Checkpoint) lazily."""
         ckpt = open_checkpoint(source)
         meta = ckpt.metadata()
+        kind = meta.get(META_KIND, "task_vector")
+        if kind != "task_vector":
+            raise TaskVecError(f"{ckpt.source}: is a {kind} checkpoint, not a task vector")
         if META_BASE_FINGERPRINT not in meta:
             raise TaskVecError(f"{ckpt.source}: not a task vector (its metadata has no {META_BASE_FINGERPRINT})")
         for name in ckpt.keys():

@@ -1,0 +1,178 @@
+"""The ``mlflow-taskvec`` command line.
+
+Every failure is one sentence on stderr and a non-zero exit (1 for bad input,
+2 for bad usage); outputs are written under a temporary name and moved into
+place only when complete. Progress bars show on a terminal only.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from mlflow_taskvec import __version__
+from mlflow_taskvec.engine.inspect import describe
+from mlflow_taskvec.engine.methods import METHODS
+from mlflow_taskvec.engine.taskvector import TaskVector
+from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.recipe import load_recipe, run_recipe
+from mlflow_taskvec.references import open_reference
+
+
+def _fail_cleanly(fn):
+    """Turn expected errors into one-line ClickExceptions (exit 1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TaskVecError as exc:
+            raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+
+    return wrapper
+
+
+def _progress(total: int, label: str, quiet: bool):
+    """A tqdm bar on a terminal, nothing otherwise; returns (callback, close)."""
+    if quiet or not sys.stderr.isatty():
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=label, unit="tensor", leave=False, file=sys.stderr)
+    return (lambda _name: bar.update(1)), bar.close
+
+
+def _echo(quiet: bool, text: str = "") -> None:
+    if not quiet:
+        click.echo(text)
+
+
+_overwrite = click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+_quiet = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+_shards = click.option("--max-shard-size", default=None, help="Write shards of at most this size (e.g. 2GB) plus an index.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="mlflow-taskvec")
+def main():
+    """Edit models with task arithmetic: extract, compose and inspect task vectors."""
+
+
+@main.command()
+@click.option("--base", required=True, help="Base (pre-trained) checkpoint: a .safetensors file or HF-style directory.")
+@click.option("--finetuned", required=True, help="Fine-tuned checkpoint of the same architecture.")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Where to write the task vector.")
+@click.option("--task", default=None, help="Task name recorded in the vector's metadata.")
+@click.option("--include", multiple=True, help="Glob of tensor names to keep (repeatable).")
+@click.option("--exclude", multiple=True, help="Glob of tensor names to leave out (repeatable).")
+@click.option("--dtype", default=None, help="Storage dtype (default: the base's, float32 for 16-bit bases).")
+@click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf in the inputs.")
+@_shards
+@_overwrite
+@_quiet
+@_fail_cleanly
+def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfinite, max_shard_size, overwrite, quiet):
+    """Extract the task vector FINETUNED - BASE."""
+    vector = TaskVector.extract(
+        open_reference(base), open_reference(finetuned), include=include or None, exclude=exclude or None, task=task
+    )
+    step, close = _progress(len(vector.names), "extract", quiet)
+    try:
+        fingerprint = vector.save(
+            output, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=step
+        )
+    finally:
+        close()
+    _echo(quiet, f"task vector: {output}")
+    _echo(quiet, f"tensors: {len(vector.names)}  parameters: {vector.num_parameters}  skipped: {len(vector.skipped)}")
+    _echo(quiet, f"base fingerprint: {vector.base_fingerprint}")
+    _echo(quiet, f"fingerprint: {fingerprint}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="Output path (overrides the recipe's).")
+@_overwrite
+@_quiet
+@_fail_cleanly
+def compose(recipe, output, overwrite, quiet):
+    """Compose a model from a YAML merge RECIPE."""
+    spec = load_recipe(recipe)
+    base = open_reference(spec.base, recipe.parent)
+    step, close = _progress(len(base.keys()), spec.method, quiet)
+    try:
+        result = run_recipe(spec, output=output, relative_to=recipe.parent, overwrite=overwrite, progress=step)
+    finally:
+        close()
+    _echo(quiet, f"composite: {result.output}")
+    _echo(quiet, f"method: {result.method}  scale: {result.scale}  weights: {result.weights}  params: {json.dumps(result.params)}")
+    _echo(quiet, f"tensors: {result.num_tensors}  parameters: {result.num_parameters}  seconds: {result.seconds:.2f}")
+    _echo(quiet, f"recipe sha256: {spec.sha256()}")
+    _echo(quiet, f"fingerprint: {result.fingerprint}")
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--top", default=10, help="How many of the largest tensors (by L2 norm) to list.")
+@click.option("--layers", is_flag=True, help="Also list L2 norms per layer.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", help="Output format.")
+@_fail_cleanly
+def inspect(ref, top, layers, fmt):
+    """Describe a checkpoint or task vector: tensors, parameters, dtypes, fingerprint, norms."""
+    d = describe(open_reference(ref))
+    if fmt == "json":
+        out = {
+            "source": d.source,
+            "kind": d.kind,
+            "fingerprint": d.fingerprint,
+            "num_tensors": d.num_tensors,
+            "num_parameters": d.num_parameters,
+            "dtypes": d.dtypes,
+            "l2_norm": d.l2_norm,
+            "largest": [{"name": n, "l2_norm": v} for n, v in d.largest(top)],
+            "metadata": d.metadata,
+        }
+        if layers:
+            out["layers"] = d.layer_norms()
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(f"source: {d.source}")
+    click.echo(f"kind: {d.kind}")
+    for key in ("taskvec.task", "taskvec.base_fingerprint", "taskvec.method", "taskvec.recipe_sha256"):
+        if key in d.metadata:
+            click.echo(f"{key.removeprefix('taskvec.')}: {d.metadata[key]}")
+    click.echo(f"tensors: {d.num_tensors}")
+    click.echo(f"parameters: {d.num_parameters}")
+    click.echo("dtypes: " + ", ".join(f"{k} ({v})" for k, v in sorted(d.dtypes.items())))
+    click.echo(f"fingerprint: {d.fingerprint}")
+    click.echo(f"l2 norm: {d.l2_norm:.6g}")
+    if top > 0 and d.tensor_norms:
+        click.echo(f"largest {min(top, len(d.tensor_norms))} tensors by l2 norm:")
+        width = max(len(n) for n, _ in d.largest(top))
+        for name, norm in d.largest(top):
+            click.echo(f"  {name:<{width}}  {norm:.6g}")
+    if layers:
+        click.echo("l2 norm by layer:")
+        groups = d.layer_norms()
+        width = max(len(n) for n in groups)
+        for name, norm in groups.items():
+            click.echo(f"  {name:<{width}}  {norm:.6g}")
+
+
+@main.command("methods")
+def list_methods():
+    """List the merge methods and their parameters."""
+    for m in METHODS.values():
+        params = ", ".join(sorted(m.params)) or "none"
+        click.echo(f"{m.name}: {m.description} (params: {params})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Describing a checkpoint or task vector: counts, dtypes, fingerprint, norms."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from mlflow_taskvec.engine.checkpoint import Checkpoint
+from mlflow_taskvec.engine.streaming import chunk_ranges, flat_slice
+
+
+@dataclass
+class Description:
+    source: str
+    kind: str
+    fingerprint: str
+    num_tensors: int
+    num_parameters: int
+    dtypes: dict[str, int]  # dtype -> parameter count
+    l2_norm: float  # over floating-point tensors
+    tensor_norms: dict[str, float] = field(repr=False)
+    metadata: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def largest(self, n: int = 10) -> list[tuple[str, float]]:
+        return sorted(self.tensor_norms.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+    def layer_norms(self, depth: int | None = None) -> dict[str, float]:
+        """L2 norms grouped by layer: names cut after their numeric block index
+        (``model.layers.3.mlp.up.weight`` -> ``model.layers.3``), or after ``depth`` parts."""
+        groups: dict[str, float] = {}
+        for name, norm in self.tensor_norms.items():
+            parts = name.split(".")
+            if depth is not None:
+                key = ".".join(parts[:depth])
+            else:
+                idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+                key = ".".join(parts[: idx + 1]) if idx is not None else ".".join(parts[:-1]) or name
+            groups[key] = groups.get(key, 0.0) + norm * norm
+        return {k: math.sqrt(v) for k, v in groups.items()}
+
+
+def tensor_norm(tensor: torch.Tensor) -> float:
+    sq = 0.0
+    for start, stop in chunk_ranges(tensor.numel()):
+        x = flat_slice(tensor, start, stop, torch.float64)
+        sq += float(torch.dot(x, x))
+    return math.sqrt(sq)
+
+
+def describe(ckpt: Checkpoint) -> Description:
+    meta = ckpt.metadata()
+    dtypes: Counter[str] = Counter()
+    norms: dict[str, float] = {}
+    for name in ckpt.keys():
+        spec = ckpt.spec(name)
+        dtypes[str(spec.dtype).removeprefix("torch.")] += spec.numel
+        if spec.is_floating_point:
+            norms[name] = tensor_norm(ckpt.get_tensor(name))
+    return Description(
+        source=ckpt.source,
+        kind=meta.get("taskvec.kind", "checkpoint"),
+        fingerprint=ckpt.fingerprint(),
+        num_tensors=len(ckpt.keys()),
+        num_parameters=ckpt.num_parameters(),
+        dtypes=dict(dtypes),
+        l2_norm=math.sqrt(sum(v * v for v in norms.values())),
+        tensor_norms=norms,
+        metadata=meta,
+    )

@@ -1,0 +1,257 @@
+"""Merge recipes: the project's YAML config format, validated with clear messages.
+
+```yaml
+base: ./base                      # checkpoint reference
+method: ties                      # task_arithmetic | ties | dare_linear | dare_ties | magnitude_prune
+scale: 0.8                        # lambda
+params: {density: 0.2, seed: 0}   # the method's parameters
+vectors:
+  - vector: ./rotate.safetensors  # a saved task vector ...
+    weight: 1.0
+  - finetuned: ./flip             # ... or a fine-tune, extracted against base on the fly
+    weight: -1.0                  # a negative weight negates (forgets) a task
+dtype: bfloat16                   # output dtype (default: the base's)
+compute_dtype: float32            # or float64
+max_shard_size: 2GB               # write shards plus an index
+output: ./merged
+```
+
+Relative references are resolved against the recipe file's folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mlflow_taskvec.engine.merge import MergeResult, merge
+from mlflow_taskvec.engine.methods import get_method, validate_params
+from mlflow_taskvec.engine.streaming import COMPUTE_DTYPES, STORAGE_DTYPES, parse_dtype
+from mlflow_taskvec.engine.taskvector import TaskVector
+from mlflow_taskvec.engine.writer import parse_size
+from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.references import load_vector, open_reference
+
+RECIPE_FORMAT = "1"
+
+
+def _finite_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{value!r} is not a number")
+    if not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a finite number")
+    return float(value)
+
+
+def _as_taskvec_error(value: Any, check) -> Any:
+    try:
+        return check(value)
+    except TaskVecError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class VectorEntry(BaseModel):
+    """One input: a saved task vector, or a fine-tune to extract against the base."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vector: str | None = Field(None, description="reference to a saved task vector")
+    finetuned: str | None = Field(None, description="reference to a fine-tuned checkpoint")
+    weight: float = Field(1.0, description="w_i; negative to negate")
+    task: str | None = None
+    include: list[str] | None = Field(None, description="glob patterns of tensor names (finetuned only)")
+    exclude: list[str] | None = None
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _weight(cls, value):
+        return _finite_number(value)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.vector is None) == (self.finetuned is None):
+            raise ValueError("give exactly one of 'vector' or 'finetuned'")
+        if self.vector is not None and (self.include or self.exclude):
+            raise ValueError("'include'/'exclude' apply to 'finetuned' entries only")
+        return self
+
+    @property
+    def ref(self) -> str:
+        return self.vector if self.vector is not None else self.finetuned
+
+
+class Recipe(BaseModel):
+    """A validated merge recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str
+    method: str = "task_arithmetic"
+    scale: float = 1.0
+    vectors: list[VectorEntry]
+    params: dict[str, Any] = Field(default_factory=dict)
+    dtype: str | None = None
+    compute_dtype: str = "float32"
+    max_shard_size: int | str | None = None
+    output: str | None = None
+    allow_nonfinite: bool = False
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _scale(cls, value):
+        return _finite_number(value)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value):
+        return _as_taskvec_error(value, lambda v: get_method(v).name)
+
+    @field_validator("vectors")
+    @classmethod
+    def _vectors(cls, value):
+        if not value:
+            raise ValueError("the list is empty: give at least one vector")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value):
+        return _as_taskvec_error(value, lambda v: None if v is None else str(parse_dtype(v, "dtype", STORAGE_DTYPES)).removeprefix("torch."))
+
+    @field_validator("compute_dtype")
+    @classmethod
+    def _compute_dtype(cls, value):
+        return _as_taskvec_error(value, lambda v: str(parse_dtype(v, "compute_dtype", COMPUTE_DTYPES)).removeprefix("torch."))
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, value):
+        _as_taskvec_error(value, parse_size)
+        return value
+
+    @model_validator(mode="after")
+    def _params(self):
+        try:
+            self.params = validate_params(get_method(self.method), self.params)
+        except TaskVecError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    # -- identity -----------------------------------------------------------------
+    def canonical_json(self) -> str:
+        """The recipe as canonical JSON (sorted keys, no output path): what a composite records."""
+        data = self.model_dump(exclude={"output"})
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode("utf-8")).hexdigest()
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = ""
+    for part in first["loc"]:
+        loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "missing":
+        text = f"{loc}: required field is missing"
+    elif first["type"] == "extra_forbidden":
+        text = f"{loc}: unknown field"
+    elif first["type"] in ("value_error", "assertion_error"):
+        text = f"{loc}: {msg}" if loc else msg
+    else:
+        text = f"{loc}: {first.get('input')!r}: {msg}"
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return f"{source}: {text}{more}"
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise TaskVecError(f"{source}: a recipe must be a mapping of fields, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise TaskVecError(_format_error(source, exc)) from None
+
+
+def load_recipe(path: "str | os.PathLike") -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text("utf-8")
+    except FileNotFoundError:
+        raise TaskVecError(f"{path}: no such recipe file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TaskVecError(f"{path}: cannot read the recipe ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise TaskVecError(f"{path}: not valid YAML{where}") from None
+    return parse_recipe(data, str(path))
+
+
+def build_vectors(recipe: Recipe, base, relative_to: Path | None = None) -> list[TaskVector]:
+    """The recipe's inputs as lazy task vectors."""
+    vectors = []
+    for i, entry in enumerate(recipe.vectors):
+        try:
+            if entry.vector is not None:
+                v = load_vector(entry.vector, relative_to)
+            else:
+                ft = open_reference(entry.finetuned, relative_to)
+                v = TaskVector.extract(base, ft, include=entry.include, exclude=entry.exclude, task=entry.task)
+        except TaskVecError as exc:
+            raise TaskVecError(f"vectors[{i}]: {exc}") from None
+        vectors.append(v)
+    return vectors
+
+
+def run_recipe(
+    recipe: Recipe,
+    output: "str | os.PathLike | None" = None,
+    relative_to: Path | None = None,
+    overwrite: bool = False,
+    metadata: dict[str, str] | None = None,
+    progress=None,
+) -> MergeResult:
+    """Compose what the recipe says; the output records the recipe and its digest."""
+    target = output if output is not None else recipe.output
+    if target is None:
+        raise TaskVecError("no output: set 'output' in the recipe or pass --output")
+    if output is None and relative_to is not None and not Path(target).is_absolute():
+        target = relative_to / target
+    base = open_reference(recipe.base, relative_to)
+    vectors = build_vectors(recipe, base, relative_to)
+    meta = {
+        "taskvec.format_version": RECIPE_FORMAT,
+        "taskvec.kind": "composite",
+        "taskvec.method": recipe.method,
+        "taskvec.recipe": recipe.canonical_json(),
+        "taskvec.recipe_sha256": recipe.sha256(),
+        **(metadata or {}),
+    }
+    return merge(
+        base,
+        vectors,
+        [e.weight for e in recipe.vectors],
+        method=recipe.method,
+        scale=recipe.scale,
+        params=recipe.params,
+        output=target,
+        dtype=recipe.dtype,
+        compute_dtype=recipe.compute_dtype,
+        max_shard_size=recipe.max_shard_size,
+        overwrite=overwrite,
+        allow_nonfinite=recipe.allow_nonfinite,
+        metadata=meta,
+        progress=progress,
+    )
