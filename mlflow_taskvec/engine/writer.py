@@ -53,8 +53,6 @@ def check_output_path(output: str | os.PathLike, overwrite: bool) -> Path:
     path = Path(output)
     if path.exists() and not overwrite:
         raise TaskVecError(f"{path}: output already exists (pass --overwrite to replace it)")
-    if not path.parent.exists():
-        raise TaskVecError(f"{path.parent}: output directory does not exist")
     return path
 
 
@@ -99,6 +97,7 @@ class CheckpointWriter:
         if self._single_file and shard_size is not None:
             raise TaskVecError(f"{self.output}: a sharded output must be a directory, not a .safetensors file")
         self._metadata = {"format": "pt", **(metadata or {})}
+        self.output.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.output.parent / f".{self.output.name}.partial-{uuid.uuid4().hex[:8]}"
         self._copy_from = copy_files_from
         shards = plan_shards(self.specs, shard_size)
