@@ -158,9 +158,10 @@ def inspect(ref, top, layers, fmt):
         width = max(len(n) for n, _ in d.largest(top))
         for name, norm in d.largest(top):
             click.echo(f"  {name:<{width}}  {norm:.6g}")
+    groups = d.layer_norms()
     if layers:
         click.echo("l2 norm by layer:")
-        groups = d.layer_norms()
+    if layers and groups:
         width = max(len(n) for n in groups)
         for name, norm in groups.items():
             click.echo(f"  {name:<{width}}  {norm:.6g}")

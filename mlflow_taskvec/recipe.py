@@ -4,7 +4,7 @@
 base: ./base                      # checkpoint reference
 method: ties                      # task_arithmetic | ties | dare_linear | dare_ties | magnitude_prune
 scale: 0.8                        # lambda
-params: {density: 0.2, seed: 0}   # the method's parameters
+params: {density: 0.2}            # the method's parameters (dare_*: seed too)
 vectors:
   - vector: ./rotate.safetensors  # a saved task vector ...
     weight: 1.0
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from mlflow_taskvec.engine.merge import MergeResult, merge
 from mlflow_taskvec.engine.methods import get_method, validate_params
@@ -50,11 +50,11 @@ def _finite_number(value: Any) -> float:
     return float(value)
 
 
-def _as_taskvec_error(value: Any, check) -> Any:
+def _as_taskvec_error(value: Any, check, field: str) -> Any:
     try:
         return check(value)
     except TaskVecError as exc:
-        raise ValueError(str(exc)) from None
+        raise ValueError(str(exc).removeprefix(f"{field}: ")) from None
 
 
 class VectorEntry(BaseModel):
@@ -99,9 +99,15 @@ class Recipe(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     dtype: str | None = None
     compute_dtype: str = "float32"
-    max_shard_size: int | str | None = None
+    max_shard_size: Any = None
     output: str | None = None
     allow_nonfinite: bool = False
+    _source_dir: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source_dir(self) -> Path | None:
+        """The folder of the recipe file: relative references are resolved against it."""
+        return self._source_dir
 
     @field_validator("scale", mode="before")
     @classmethod
@@ -111,7 +117,7 @@ class Recipe(BaseModel):
     @field_validator("method")
     @classmethod
     def _method(cls, value):
-        return _as_taskvec_error(value, lambda v: get_method(v).name)
+        return _as_taskvec_error(value, lambda v: get_method(v).name, "method")
 
     @field_validator("vectors")
     @classmethod
@@ -123,17 +129,19 @@ class Recipe(BaseModel):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, value):
-        return _as_taskvec_error(value, lambda v: None if v is None else str(parse_dtype(v, "dtype", STORAGE_DTYPES)).removeprefix("torch."))
+        return _as_taskvec_error(value, lambda v: None if v is None else str(parse_dtype(v, "dtype", STORAGE_DTYPES)).removeprefix("torch."), "dtype")
 
     @field_validator("compute_dtype")
     @classmethod
     def _compute_dtype(cls, value):
-        return _as_taskvec_error(value, lambda v: str(parse_dtype(v, "compute_dtype", COMPUTE_DTYPES)).removeprefix("torch."))
+        return _as_taskvec_error(value, lambda v: str(parse_dtype(v, "compute_dtype", COMPUTE_DTYPES)).removeprefix("torch."), "compute_dtype")
 
     @field_validator("max_shard_size")
     @classmethod
     def _shard_size(cls, value):
-        _as_taskvec_error(value, parse_size)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, str))):
+            raise ValueError(f"{value!r} is not a size (use bytes, or a number with KB, MB, GB, KiB, MiB or GiB)")
+        _as_taskvec_error(value, parse_size, "max_shard_size")
         return value
 
     @model_validator(mode="after")
@@ -196,7 +204,9 @@ def load_recipe(path: "str | os.PathLike") -> Recipe:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise TaskVecError(f"{path}: not valid YAML{where}") from None
-    return parse_recipe(data, str(path))
+    recipe = parse_recipe(data, str(path))
+    recipe._source_dir = path.resolve().parent
+    return recipe
 
 
 def build_vectors(recipe: Recipe, base, relative_to: Path | None = None) -> list[TaskVector]:
@@ -223,7 +233,12 @@ def run_recipe(
     metadata: dict[str, str] | None = None,
     progress=None,
 ) -> MergeResult:
-    """Compose what the recipe says; the output records the recipe and its digest."""
+    """Compose what the recipe says; the output records the recipe and its digest.
+
+    Relative references resolve against ``relative_to``, by default the recipe file's folder.
+    """
+    if relative_to is None:
+        relative_to = recipe.source_dir
     target = output if output is not None else recipe.output
     if target is None:
         raise TaskVecError("no output: set 'output' in the recipe or pass --output")

@@ -133,7 +133,12 @@ def _dropped(deltas: list[torch.Tensor], ctx: MergeContext) -> list[torch.Tensor
 
 
 def _elect_and_mean(scaled: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """TIES sign election and disjoint mean over already weighted deltas ``d_i = w_i t_i``."""
+    """TIES sign election and disjoint mean over already weighted deltas ``d_i = w_i t_i``.
+
+    The divisor sums ``|w_i|`` over the agreeing inputs: with positive weights this
+    is the paper's weighted disjoint mean, and a negative weight still negates
+    (dividing by ``w_i`` itself would cancel the sign it put on ``d_i``).
+    """
     total = scaled[0].clone()
     for d in scaled[1:]:
         total.add_(d)
@@ -143,7 +148,7 @@ def _elect_and_mean(scaled: list[torch.Tensor], weights: list[float]) -> torch.T
     for d, w in zip(scaled, weights):
         agree = torch.sign(d) == elected  # zeros have sign 0: they never agree
         numerator.add_(torch.where(agree, d, 0.0))
-        divisor.add_(agree.to(total.dtype), alpha=w)
+        divisor.add_(agree.to(total.dtype), alpha=abs(w))
     divisor = torch.where(divisor == 0, 1.0, divisor)
     return numerator.div_(divisor)
 
