@@ -65,24 +65,43 @@ def main():
     """Edit models with task arithmetic: extract, compose and inspect task vectors."""
 
 
+_register = click.option("--register", "register_as", default=None, metavar="NAME", help="Log to MLflow and register a version of this registered model.")
+_alias = click.option("--alias", default=None, help="With --register: point this alias at the new version.")
+
+REF_HELP = "a local path, models:/name/version, models:/name@alias, models:/<model_id> or runs:/<run_id>/path"
+
+
 @main.command()
-@click.option("--base", required=True, help="Base (pre-trained) checkpoint: a .safetensors file or HF-style directory.")
-@click.option("--finetuned", required=True, help="Fine-tuned checkpoint of the same architecture.")
-@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Where to write the task vector.")
+@click.option("--base", required=True, help=f"Base (pre-trained) checkpoint: {REF_HELP}.")
+@click.option("--finetuned", required=True, help="Fine-tuned checkpoint of the same architecture (same kinds of reference).")
+@click.option("--output", "-o", default=None, type=click.Path(path_type=Path), help="Where to write the task vector (optional with --register).")
 @click.option("--task", default=None, help="Task name recorded in the vector's metadata.")
 @click.option("--include", multiple=True, help="Glob of tensor names to keep (repeatable).")
 @click.option("--exclude", multiple=True, help="Glob of tensor names to leave out (repeatable).")
 @click.option("--dtype", default=None, help="Storage dtype (default: the base's, float32 for 16-bit bases).")
 @click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf in the inputs.")
 @_shards
+@_register
+@_alias
+@click.option("--run-id", default=None, help="With --register: the run to log the vector in (default: the fine-tune's run).")
 @_overwrite
 @_quiet
 @_fail_cleanly
-def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfinite, max_shard_size, overwrite, quiet):
+def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfinite, max_shard_size, register_as, alias, run_id, overwrite, quiet):
     """Extract the task vector FINETUNED - BASE."""
-    vector = TaskVector.extract(
-        open_reference(base), open_reference(finetuned), include=include or None, exclude=exclude or None, task=task
-    )
+    if output is None and register_as is None:
+        raise click.UsageError("give --output, --register, or both")
+    if register_as is not None:
+        from mlflow_taskvec.tracking.references import resolve
+
+        base_ref, ft_ref = resolve(base), resolve(finetuned)
+        base_ckpt, ft_ckpt = open_reference(base_ref.path), open_reference(ft_ref.path)
+    else:
+        base_ckpt, ft_ckpt = open_reference(base), open_reference(finetuned)
+    vector = TaskVector.extract(base_ckpt, ft_ckpt, include=include or None, exclude=exclude or None, task=task)
+    if output is None:
+        _report_registration(quiet, _register_vector(vector, register_as, base_ref, ft_ref, run_id, alias))
+        return
     step, close = _progress(len(vector.names), "extract", quiet)
     try:
         fingerprint = vector.save(
@@ -94,17 +113,40 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
     _echo(quiet, f"tensors: {len(vector.names)}  parameters: {vector.num_parameters}  skipped: {len(vector.skipped)}")
     _echo(quiet, f"base fingerprint: {vector.base_fingerprint}")
     _echo(quiet, f"fingerprint: {fingerprint}")
+    if register_as is not None:
+        _report_registration(quiet, _register_vector(TaskVector.load(output), register_as, base_ref, ft_ref, run_id, alias))
+
+
+def _register_vector(vector, name, base_ref, ft_ref, run_id, alias):
+    from mlflow_taskvec.tracking.registry import register_task_vector
+
+    return register_task_vector(vector, name, base_ref, ft_ref, run_id=run_id, alias=alias)
+
+
+def _report_registration(quiet: bool, reg) -> None:
+    _echo(quiet, f"registered: {reg.version_uri}  (model {reg.model_uri}, run {reg.run_id})")
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="Output path (overrides the recipe's).")
+@_register
+@_alias
 @_overwrite
 @_quiet
 @_fail_cleanly
-def compose(recipe, output, overwrite, quiet):
-    """Compose a model from a YAML merge RECIPE."""
+def compose(recipe, output, register_as, alias, overwrite, quiet):
+    """Compose a model from a YAML merge RECIPE (references may be MLflow URIs)."""
     spec = load_recipe(recipe)
+    if register_as is not None:
+        from mlflow_taskvec.tracking.registry import register_composite
+
+        reg = register_composite(spec, register_as, alias=alias)
+        _echo(quiet, f"method: {spec.method}  scale: {spec.scale}  weights: {[e.weight for e in spec.vectors]}")
+        _echo(quiet, f"fingerprint: {reg.tags['taskvec.fingerprint']}")
+        _report_registration(quiet, reg)
+        if output is None:
+            return
     base = open_reference(spec.base, recipe.parent)
     step, close = _progress(len(base.keys()), spec.method, quiet)
     try:

@@ -82,7 +82,9 @@ _CONF_FILE = "taskvec.json"
 
 def get_default_pip_requirements() -> list[str]:
     """The packages a model saved by this flavor needs to be loaded."""
-    reqs = [_get_pinned_requirement(p) for p in ("torch", "safetensors", "numpy", "pandas")]
+    # torch's local label (+cpu, +cu121) is not installable from PyPI: pin the release only.
+    reqs = [f"torch=={torch.__version__.split('+')[0]}"]
+    reqs += [_get_pinned_requirement(p) for p in ("safetensors", "numpy", "pandas")]
     return reqs + [f"mlflow-taskvec=={__version__}"]
 
 
@@ -262,6 +264,7 @@ def log_model(
             info = log_model(vector, name="rotate", registered_model_name="rotate-vector")
     """
     return Model.log(
+        artifact_path=None,
         name=name,
         flavor=sys.modules[__name__],
         model=model,
@@ -335,7 +338,7 @@ class _CheckpointPyfunc:
     def predict(self, data, params: dict[str, Any] | None = None):
         if hasattr(data, "to_numpy"):
             data = data.to_numpy()
-        x = torch.as_tensor(np.asarray(data, dtype=np.float32))
+        x = torch.from_numpy(np.array(data, dtype=np.float32))
         with torch.no_grad():
             out = self.module(x, **(params or {}))
         return out.detach().cpu().numpy()

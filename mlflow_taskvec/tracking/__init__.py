@@ -1,0 +1,1 @@
+"""The MLflow layer: references to registry models and runs, registration with lineage."""

@@ -1,0 +1,222 @@
+"""MLflow references: ``models:/name/version``, ``models:/name@alias``,
+``models:/<model_id>``, ``runs:/<run_id>/path``, resolved to local checkpoints.
+
+Downloads go to a cache keyed by content: a model logged by the ``taskvec``
+flavor is keyed by its recorded fingerprint (read from its small MLmodel file
+before anything large is fetched), anything else by its immutable URI. Every
+download is checked against the fingerprint it should have before use, and a
+cached copy whose fingerprint no longer matches is fetched again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from mlflow_taskvec.engine.checkpoint import open_checkpoint
+from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.references import register_scheme
+from mlflow_taskvec.references import resolve_path as resolve_local_path
+
+_MODEL_ID = re.compile(r"^m-[0-9a-f]{8,}$")
+# Canonical URIs fetched from the tracking server by this process (tests and logs read it).
+DOWNLOADS: list[str] = []
+
+
+def cache_root() -> Path:
+    root = os.environ.get("MLFLOW_TASKVEC_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "mlflow-taskvec"
+
+
+@dataclass
+class Resolved:
+    """A reference resolved to something immutable and local."""
+
+    uri: str  # as given
+    canonical: str  # models:/name/version, models:/<model_id>, runs:/<id>/path, or an absolute path
+    path: Path  # the local checkpoint (file or folder of safetensors)
+    fingerprint: str
+    conf: dict | None = None  # the taskvec flavor block, when there is one
+    model_dir: Path | None = None  # the local MLflow model folder, when there is one
+    name: str | None = None
+    version: str | None = None
+    model_id: str | None = None
+    run_id: str | None = None
+    tags: dict = field(default_factory=dict)  # the registered version's tags
+
+
+def _client() -> MlflowClient:
+    return MlflowClient()
+
+
+def _mlflow_error(uri: str, exc: MlflowException) -> TaskVecError:
+    first = str(exc.message if hasattr(exc, "message") else exc).strip().splitlines()[0]
+    return TaskVecError(f"{uri}: {first}")
+
+
+def _locate_model(uri: str) -> dict:
+    """Where the artifacts behind an MLflow URI live, and what identifies them."""
+    client = _client()
+    try:
+        if uri.startswith("models:/"):
+            rest = uri[len("models:/") :].strip("/")
+            if "@" in rest:
+                name, alias = rest.split("@", 1)
+                mv = client.get_model_version_by_alias(name, alias)
+            elif "/" in rest:
+                name, version = rest.rsplit("/", 1)
+                mv = client.get_model_version(name, version)
+            elif _MODEL_ID.match(rest):
+                lm = client.get_logged_model(rest)
+                return {
+                    "canonical": f"models:/{lm.model_id}",
+                    "artifact_uri": lm.artifact_location,
+                    "model_id": lm.model_id,
+                    "run_id": lm.source_run_id,
+                }
+            else:
+                raise TaskVecError(f"{uri}: not a models:/ reference (use models:/name/version, models:/name@alias or models:/<model_id>)")
+            model_id = getattr(mv, "model_id", None)
+            artifact_uri = client.get_logged_model(model_id).artifact_location if model_id else client.get_model_version_download_uri(mv.name, mv.version)
+            return {
+                "canonical": f"models:/{mv.name}/{mv.version}",
+                "artifact_uri": artifact_uri,
+                "name": mv.name,
+                "version": str(mv.version),
+                "model_id": model_id,
+                "run_id": mv.run_id,
+                "tags": dict(mv.tags or {}),
+            }
+        if uri.startswith("runs:/"):
+            rest = uri[len("runs:/") :]
+            run_id, _, path = rest.partition("/")
+            run = client.get_run(run_id)
+            artifact_uri = run.info.artifact_uri.rstrip("/") + (f"/{path}" if path else "")
+            return {"canonical": f"runs:/{run_id}/{path}".rstrip("/"), "artifact_uri": artifact_uri, "run_id": run_id}
+    except MlflowException as exc:
+        raise _mlflow_error(uri, exc) from None
+    raise TaskVecError(f"{uri}: unsupported reference")
+
+
+def _download(artifact_uri: str, dst: Path, uri: str) -> Path:
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst)))
+    except MlflowException as exc:
+        raise _mlflow_error(uri, exc) from None
+    except OSError as exc:
+        raise TaskVecError(f"{uri}: download failed ({exc})") from None
+
+
+def _read_mlmodel(artifact_uri: str, uri: str) -> dict | None:
+    """The MLmodel file of a model folder, or None when there is none (a plain artifact)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri.rstrip("/") + "/MLmodel", dst_path=tmp)
+        except (MlflowException, OSError):
+            return None
+        return yaml.safe_load(Path(local).read_text("utf-8"))
+
+
+def weights_path(local: Path, mlmodel: dict | None) -> Path:
+    """Where the safetensors weights are inside a downloaded artifact."""
+    if mlmodel:
+        flavors = mlmodel.get("flavors", {})
+        if "taskvec" in flavors:
+            return local / flavors["taskvec"].get("data", "data")
+        if "transformers" in flavors:
+            sub = flavors["transformers"].get("model_binary", "model")
+            return local / sub
+        candidates = sorted({p.parent for p in local.rglob("*.safetensors")})
+        if candidates:
+            return candidates[0]
+        raise TaskVecError(f"{local}: the model has no safetensors weights (flavors: {', '.join(flavors)})")
+    return local
+
+
+def resolve(ref: str | os.PathLike) -> Resolved:
+    """Resolve a reference (MLflow URI or local path) to a verified local checkpoint."""
+    text = os.fspath(ref)
+    if not (text.startswith("models:/") or text.startswith("runs:/")):
+        path = resolve_local_path(text).resolve()
+        conf = None
+        model_dir = None
+        if (path / "MLmodel").is_file():
+            model_dir = path
+            mlmodel = yaml.safe_load((path / "MLmodel").read_text("utf-8"))
+            conf = mlmodel.get("flavors", {}).get("taskvec")
+            path = weights_path(path, mlmodel)
+        return Resolved(text, str(model_dir or path), path, open_checkpoint(path).fingerprint(), conf=conf, model_dir=model_dir)
+
+    where = _locate_model(text)
+    mlmodel = _read_mlmodel(where["artifact_uri"], text)
+    conf = (mlmodel or {}).get("flavors", {}).get("taskvec")
+    expected = conf.get("fingerprint") if conf else None
+    key = f"fp-{expected}" if expected else "uri-" + hashlib.sha256(where["canonical"].encode()).hexdigest()[:32]
+    root = cache_root()
+    entry, record = root / key, root / f"{key}.json"
+    local = None
+    if entry.is_dir() and record.is_file():
+        recorded = json.loads(record.read_text("utf-8"))["fingerprint"]
+        try:
+            if open_checkpoint(weights_path(entry, mlmodel)).fingerprint() == recorded:
+                local = entry
+        except TaskVecError:
+            pass
+        if local is None:  # tampered or damaged: fetch again
+            shutil.rmtree(entry, ignore_errors=True)
+            record.unlink(missing_ok=True)
+    if local is None:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".download-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            downloaded = _download(where["artifact_uri"], tmp, text)
+            DOWNLOADS.append(where["canonical"])
+            got = open_checkpoint(weights_path(downloaded, mlmodel)).fingerprint()
+            if expected and got != expected:
+                raise TaskVecError(
+                    f"{text}: downloaded weights have fingerprint {got[:16]}, the model records {expected[:16]} (tampered or incomplete artifact)"
+                )
+            if entry.exists():
+                shutil.rmtree(entry, ignore_errors=True)
+            os.replace(downloaded, entry)
+            record.write_text(json.dumps({"fingerprint": got, "canonical": where["canonical"]}) + "\n", "utf-8")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        local = entry
+    path = weights_path(local, mlmodel)
+    fingerprint = json.loads(record.read_text("utf-8"))["fingerprint"]
+    return Resolved(
+        uri=text,
+        canonical=where["canonical"],
+        path=path,
+        fingerprint=fingerprint,
+        conf=conf,
+        model_dir=local if mlmodel else None,
+        name=where.get("name"),
+        version=where.get("version"),
+        model_id=where.get("model_id"),
+        run_id=where.get("run_id"),
+        tags=where.get("tags", {}),
+    )
+
+
+def _resolve_to_path(uri: str) -> Path:
+    return resolve(uri).path
+
+
+register_scheme("models", _resolve_to_path)
+register_scheme("runs", _resolve_to_path)

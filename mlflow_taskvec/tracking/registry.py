@@ -1,0 +1,287 @@
+"""Registering task vectors and composites with their lineage.
+
+Each registered version carries ``taskvec.*`` tags (written in the same call
+that creates the version, so a version never exists without its lineage) and a
+Markdown description whose table shows, in the registry UI, what the model is
+made of.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from mlflow.tracking import MlflowClient
+
+from mlflow_taskvec import flavor
+from mlflow_taskvec.engine.taskvector import TaskVector
+from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.recipe import Recipe, run_recipe
+from mlflow_taskvec.tracking.references import Resolved, resolve
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exc:  # created concurrently by someone else: fine
+            if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+                raise
+
+
+def _create_version(name: str, model_info, run_id: str, tags: dict, description: str) -> ModelVersion:
+    client = MlflowClient()
+    try:
+        _ensure_registered_model(client, name)
+        return client.create_model_version(
+            name,
+            source=model_info.model_uri,
+            run_id=run_id,
+            tags={k: str(v) for k, v in tags.items()},
+            description=description,
+            model_id=model_info.model_id,
+        )
+    except MlflowException as exc:
+        first = str(exc.message if hasattr(exc, "message") else exc).strip().splitlines()[0]
+        raise TaskVecError(f"registering {name!r} failed: {first}") from None
+
+
+@dataclass
+class Registered:
+    name: str
+    version: str
+    model_uri: str  # models:/<model_id>
+    model_id: str
+    run_id: str
+    tags: dict
+
+    @property
+    def version_uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def _run_context(run_id: str | None):
+    """Resume ``run_id``, keep the active run, or start a new one."""
+    active = mlflow.active_run()
+    if run_id is None and active is not None:
+        return _Keep(active)
+    if run_id is not None and active is not None and active.info.run_id == run_id:
+        return _Keep(active)
+    return mlflow.start_run(run_id=run_id)
+
+
+class _Keep:
+    def __init__(self, run):
+        self.run = run
+
+    def __enter__(self):
+        return self.run
+
+    def __exit__(self, *exc):
+        return False
+
+
+def register_task_vector(
+    vector: TaskVector,
+    name: str,
+    base: Resolved,
+    finetuned: Resolved,
+    run_id: str | None = None,
+    alias: str | None = None,
+) -> Registered:
+    """Log ``vector`` as a ``task_vector`` model of the fine-tune's run and register a version.
+
+    The run is ``run_id`` if given, else the fine-tune's own run when the fine-tune
+    is an MLflow model or run artifact, else the active run, else a new run.
+    """
+    run_id = run_id or finetuned.run_id
+    with _run_context(run_id) as run:
+        lineage = {"base_uri": base.canonical, "finetuned_uri": finetuned.canonical, "finetuned_fingerprint": finetuned.fingerprint}
+        info = flavor.log_model(vector, name="task_vector", lineage=lineage)
+        conf = info.flavors[flavor.FLAVOR_NAME]
+        tags = {
+            "taskvec.kind": "task_vector",
+            "taskvec.task": vector.task or "",
+            "taskvec.base_uri": base.canonical,
+            "taskvec.base_fingerprint": vector.base_fingerprint,
+            "taskvec.finetuned_uri": finetuned.canonical,
+            "taskvec.fingerprint": conf["fingerprint"],
+            "taskvec.num_parameters": conf["num_parameters"],
+            "taskvec.l2_norm": _fmt(conf["l2_norm"]),
+        }
+        MlflowClient().set_logged_model_tags(info.model_id, {k: str(v) for k, v in tags.items()})
+        description = _vector_description(vector, base, finetuned, conf)
+        mv = _create_version(name, info, run.info.run_id, tags, description)
+    if alias:
+        MlflowClient().set_registered_model_alias(name, alias, mv.version)
+    return Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
+
+
+def _vector_description(vector: TaskVector, base: Resolved, finetuned: Resolved, conf: dict) -> str:
+    return "\n".join(
+        [
+            f"**Task vector** for task `{vector.task or '?'}`: fine-tune minus base.",
+            "",
+            "| role | reference | fingerprint |",
+            "|---|---|---|",
+            f"| base | `{base.canonical}` | `{base.fingerprint[:16]}` |",
+            f"| fine-tune | `{finetuned.canonical}` | `{finetuned.fingerprint[:16]}` |",
+            f"| task vector | this version | `{conf['fingerprint'][:16]}` |",
+            "",
+            f"{conf['num_parameters']} parameters in {conf['num_tensors']} tensors, L2 norm {_fmt(conf['l2_norm'])}, dtype {conf['dtype']}.",
+        ]
+    )
+
+
+def _resolved_recipe(recipe: Recipe, base: Resolved, inputs: list[Resolved]) -> Recipe:
+    """The recipe with every reference replaced by its immutable form (aliases resolved)."""
+    data = recipe.model_dump()
+    data["base"] = base.canonical
+    for entry, res in zip(data["vectors"], inputs):
+        key = "vector" if entry.get("vector") is not None else "finetuned"
+        entry[key] = res.canonical
+    data["output"] = None
+    return Recipe.model_validate(data)
+
+
+def register_composite(
+    recipe: Recipe,
+    name: str,
+    relative_to: Path | None = None,
+    alias: str | None = None,
+    evaluate: Callable[[object], dict[str, float]] | None = None,
+    run_name: str | None = None,
+) -> Registered:
+    """Compose what ``recipe`` says, log it as a ``checkpoint`` model in a run, register a version.
+
+    ``evaluate(module) -> {metric: value}``, when given, is called on the composite;
+    its metrics go on the run, on the logged model and into the version's description.
+    """
+    relative_to = relative_to or recipe.source_dir
+    base = _resolve_ref(recipe.base, relative_to, "base")
+    inputs = [_resolve_ref(e.ref, relative_to, f"vectors[{i}]") for i, e in enumerate(recipe.vectors)]
+    resolved = _resolved_recipe(recipe, base, inputs)
+    for i, (entry, res) in enumerate(zip(recipe.vectors, inputs)):
+        if entry.vector is not None and res.conf and res.conf.get("kind") not in (None, "task_vector"):
+            raise TaskVecError(f"vectors[{i}]: {res.canonical} is a {res.conf.get('kind')} model, not a task vector")
+    architecture, code_paths, signature = _architecture_of(base)
+
+    with _run_context(None) as run, tempfile.TemporaryDirectory(prefix="taskvec-compose-") as tmp:
+        mlflow.log_params(_run_params(resolved))
+        local_recipe = resolved.model_copy(update={"base": str(base.path)})
+        local_recipe.vectors = [
+            e.model_copy(update={("vector" if e.vector is not None else "finetuned"): str(r.path)})
+            for e, r in zip(resolved.vectors, inputs)
+        ]
+        result = run_recipe(local_recipe, output=Path(tmp) / "weights", relative_to=relative_to)
+        recipe_path = Path(tmp) / "recipe.yaml"
+        recipe_path.write_text(yaml.safe_dump(resolved.model_dump(exclude={"output"}), sort_keys=False), "utf-8")
+        mlflow.log_artifact(str(recipe_path))
+        input_rows = [
+            {"uri": r.canonical, "weight": e.weight, "fingerprint": r.fingerprint} for e, r in zip(resolved.vectors, inputs)
+        ]
+        lineage = {
+            "method": resolved.method,
+            "scale": resolved.scale,
+            "params": resolved.params,
+            "inputs": input_rows,
+            "base_uri": base.canonical,
+            "recipe_sha256": resolved.sha256(),
+        }
+        info = flavor.log_model(
+            Path(tmp) / "weights",
+            name="composite",
+            factory=architecture.get("factory"),
+            factory_kwargs=architecture.get("factory_kwargs"),
+            code_paths=code_paths,
+            lineage=lineage,
+            signature=signature,
+        )
+        metrics = {}
+        if evaluate is not None:
+            metrics = evaluate(flavor.load_model(info.model_uri))
+            mlflow.log_metrics(metrics, model_id=info.model_id)
+        tags = {
+            "taskvec.kind": "composite",
+            "taskvec.method": resolved.method,
+            "taskvec.scale": _fmt(resolved.scale),
+            "taskvec.params": json.dumps(resolved.params, sort_keys=True),
+            "taskvec.inputs": json.dumps(input_rows),
+            "taskvec.base_uri": base.canonical,
+            "taskvec.base_fingerprint": result.base_fingerprint,
+            "taskvec.recipe_sha256": resolved.sha256(),
+            "taskvec.fingerprint": result.fingerprint,
+        }
+        MlflowClient().set_logged_model_tags(info.model_id, tags)
+        description = composite_description(resolved, base, inputs, result.fingerprint, metrics)
+        mv = _create_version(name, info, run.info.run_id, tags, description)
+    if alias:
+        MlflowClient().set_registered_model_alias(name, alias, mv.version)
+    return Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
+
+
+def _resolve_ref(ref: str, relative_to: Path | None, what: str) -> Resolved:
+    if relative_to is not None and "://" not in ref and not ref.startswith(("models:/", "runs:/")) and not os.path.isabs(ref):
+        ref = str(relative_to / ref)
+    try:
+        return resolve(ref)
+    except TaskVecError as exc:
+        raise TaskVecError(f"{what}: {exc}") from None
+
+
+def _architecture_of(base: Resolved) -> tuple[dict, list[str] | None, object]:
+    """The base model's factory, shipped code and signature, which a composite inherits."""
+    if not base.conf or base.conf.get("kind") != "checkpoint" or base.model_dir is None:
+        raise TaskVecError(
+            f"base {base.canonical} is not a checkpoint-kind taskvec model, so the composite would have no architecture; "
+            "register the base with mlflow_taskvec.flavor.log_model(..., factory=...) first"
+        )
+    code_dir = base.model_dir / (base.conf.get("code") or "code")
+    code_paths = sorted(str(p) for p in code_dir.iterdir()) if base.conf.get("code") and code_dir.is_dir() else None
+    signature = Model.load(str(base.model_dir / "MLmodel")).signature
+    return base.conf.get("architecture") or {}, code_paths, signature
+
+
+def _run_params(recipe: Recipe) -> dict:
+    params = {"method": recipe.method, "scale": recipe.scale, "num_inputs": len(recipe.vectors)}
+    for i, e in enumerate(recipe.vectors):
+        params[f"vectors.{i}.weight"] = e.weight
+        params[f"vectors.{i}.uri"] = e.ref
+    for k, v in recipe.params.items():
+        params[f"params.{k}"] = v
+    return params
+
+
+def composite_description(recipe: Recipe, base: Resolved, inputs: list[Resolved], fingerprint: str, metrics: dict) -> str:
+    lines = [
+        f"**Composite** by `{recipe.method}`, scale {_fmt(recipe.scale)}"
+        + (f", params `{json.dumps(recipe.params, sort_keys=True)}`" if recipe.params else "")
+        + ".",
+        "",
+        "| role | model | version | weight | fingerprint |",
+        "|---|---|---|---|---|",
+        f"| base | `{base.name or base.canonical}` | {base.version or '-'} | - | `{base.fingerprint[:16]}` |",
+    ]
+    for e, r in zip(recipe.vectors, inputs):
+        role = "task vector" if e.vector is not None else "fine-tune"
+        lines.append(f"| {role} | `{r.name or r.canonical}` | {r.version or '-'} | {_fmt(e.weight)} | `{r.fingerprint[:16]}` |")
+    lines += ["", f"Output fingerprint `{fingerprint}`; recipe sha256 `{recipe.sha256()}`."]
+    if metrics:
+        lines += ["", "| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())]
+    return "\n".join(lines)
