@@ -11,7 +11,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) examples/local_demo.py
+	$(PY) examples/digits/run_demo.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -98,7 +98,7 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
         base_ckpt, ft_ckpt = open_reference(base_ref.path), open_reference(ft_ref.path)
     else:
         base_ckpt, ft_ckpt = open_reference(base), open_reference(finetuned)
-    vector = TaskVector.extract(base_ckpt, ft_ckpt, include=include or None, exclude=exclude or None, task=task)
+    vector = TaskVector.extract(base_ckpt, ft_ckpt, include=include or None, exclude=exclude or None, task=task or None)
     if output is None:
         _report_registration(quiet, _register_vector(vector, register_as, base_ref, ft_ref, run_id, alias))
         return

@@ -14,6 +14,11 @@ dtype: bfloat16                   # output dtype (default: the base's)
 compute_dtype: float32            # or float64
 max_shard_size: 2GB               # write shards plus an index
 output: ./merged
+evaluation:                       # optional: metrics for the registry
+  evaluator: digits_tasks:evaluate  # (model, task, split) -> {metric: value}
+  tasks: [rotate, flip]
+  control_tasks: [digits]
+  split: test
 ```
 
 Relative references are resolved against the recipe file's folder.
@@ -87,6 +92,25 @@ class VectorEntry(BaseModel):
         return self.vector if self.vector is not None else self.finetuned
 
 
+class Evaluation(BaseModel):
+    """How to evaluate the composite: ``evaluator(model, task, split) -> {metric: value}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    evaluator: str = Field(description="package.module:function")
+    tasks: list[str] = Field(min_length=1)
+    control_tasks: list[str] = Field(default_factory=list)
+    split: str = "test"
+
+    @field_validator("evaluator")
+    @classmethod
+    def _evaluator(cls, value):
+        module, _, attr = value.partition(":")
+        if not module or not attr:
+            raise ValueError(f"{value!r} must look like 'package.module:function'")
+        return value
+
+
 class Recipe(BaseModel):
     """A validated merge recipe."""
 
@@ -102,6 +126,7 @@ class Recipe(BaseModel):
     max_shard_size: Any = None
     output: str | None = None
     allow_nonfinite: bool = False
+    evaluation: Evaluation | None = None
     _source_dir: Path | None = PrivateAttr(default=None)
 
     @property

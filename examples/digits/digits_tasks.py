@@ -5,7 +5,9 @@ the encoder is fine-tuned, so task vectors live in the encoder's weights:
 - ``digits``: the 8x8 digits as they are (pre-training task of the base);
 - ``rotate``, ``flip``, ``invert``: transformed digits, the same ten labels;
 - ``parity``: odd or even, through a head of its own (frozen at its random init);
-- ``rotate_invert``: both transforms, kept for the analogy experiment.
+- ``flip_invert``: flipped and inverted (the analogy's "B");
+- ``rotate_invert``: rotated and inverted, never trained on: the analogy's target,
+  reached by ``rotate + (flip_invert - flip)``.
 
 Everything is deterministic given the seed.
 """
@@ -16,16 +18,16 @@ import numpy as np
 import torch
 from torch import nn
 
-TASKS = ("digits", "rotate", "flip", "invert", "parity", "rotate_invert")
+TASKS = ("digits", "rotate", "flip", "invert", "parity", "flip_invert", "rotate_invert")
 HIDDEN = 128
 
 
 def _transform(images: np.ndarray, task: str) -> np.ndarray:
     if task in ("rotate", "rotate_invert"):
         images = np.rot90(images, k=1, axes=(1, 2))
-    if task == "flip":
+    if task in ("flip", "flip_invert"):
         images = images[:, :, ::-1]
-    if task in ("invert", "rotate_invert"):
+    if task in ("invert", "rotate_invert", "flip_invert"):
         images = 1.0 - images
     return np.ascontiguousarray(images)
 

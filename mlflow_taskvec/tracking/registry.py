@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_taskvec import flavor
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.evaluation import evaluate_model, load_evaluator
 from mlflow_taskvec.recipe import Recipe, run_recipe
 from mlflow_taskvec.tracking.references import Resolved, resolve
 
@@ -214,6 +215,8 @@ def register_composite(
             signature=signature,
         )
         metrics = {}
+        if evaluate is None and resolved.evaluation is not None:
+            evaluate = _recipe_evaluator(resolved.evaluation)
         if evaluate is not None:
             metrics = evaluate(flavor.load_model(info.model_uri))
             mlflow.log_metrics(metrics, model_id=info.model_id)
@@ -234,6 +237,14 @@ def register_composite(
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, mv.version)
     return Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
+
+
+def _recipe_evaluator(spec) -> Callable[[object], dict[str, float]]:
+    def run(model):
+        evaluator = load_evaluator(spec.evaluator)  # after load_model put the model's code on sys.path
+        return evaluate_model(model, evaluator, spec.tasks, spec.control_tasks, spec.split, name=spec.evaluator)
+
+    return run
 
 
 def _resolve_ref(ref: str, relative_to: Path | None, what: str) -> Resolved:
