@@ -15,9 +15,8 @@ from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.methods import (
     MergeContext,
     get_method,
-    kth_largest_in,
-    kth_largest_magnitude,
     trim_count,
+    trim_threshold,
     validate_params,
 )
 from mlflow_taskvec.engine.safetensors_io import TensorSpec
@@ -160,6 +159,9 @@ def merge(
 
 def _merge_tensor(name, spec, base_tensor, base_source, vectors, weights, method, scale, params, compute, allow_nonfinite, sink):
     numel = spec.numel
+    if numel == 0:
+        sink.write(name, base_tensor.to(spec.dtype))
+        return
     ranges = list(chunk_ranges(numel))
     thresholds = None
     first_deltas = None
@@ -168,11 +170,10 @@ def _merge_tensor(name, spec, base_tensor, base_source, vectors, weights, method
         if len(ranges) == 1:
             start, stop = ranges[0]
             first_deltas = [v.chunk(name, start, stop, compute) for v in vectors]
-            thresholds = [kth_largest_in(d, k) for d in first_deltas]
+            thresholds = [trim_threshold(None, k, compute, whole=d) for d in first_deltas]
         else:
             thresholds = [
-                kth_largest_magnitude(lambda v=v: (v.chunk(name, a, b, compute) for a, b in ranges), k, compute)
-                for v in vectors
+                trim_threshold(lambda v=v: (v.chunk(name, a, b, compute) for a, b in ranges), k, compute) for v in vectors
             ]
     for start, stop in ranges:
         base_chunk = flat_slice(base_tensor, start, stop, compute)

@@ -6,7 +6,7 @@ entries ``deltas[i]`` (in the compute dtype; never modify them), their weights
 it to the base: ``output = base + scale * merged``.
 
 Methods that trim (``ties``, ``magnitude_prune``) get each input's magnitude
-threshold over the *whole* tensor in ``ctx.thresholds``; methods that drop
+trim rule over the *whole* tensor in ``ctx.thresholds``; methods that drop
 (``dare_*``) draw their masks from ``ctx.keep_mask``, which depends only on
 (seed, input index, tensor name, position), never on processing order.
 """
@@ -38,7 +38,7 @@ class MergeContext:
     start: int  # offset of this chunk in the flattened tensor
     numel: int  # size of the whole tensor
     params: dict
-    thresholds: list[float] | None = None
+    thresholds: "list[TrimThreshold] | None" = None
 
     def keep_mask(self, input_index: int, length: int, keep_probability: float) -> torch.Tensor:
         """Bernoulli(keep_probability) mask for entries [start, start+length) of input ``input_index``."""
@@ -124,7 +124,7 @@ def _weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Te
 
 
 def _trimmed(deltas: list[torch.Tensor], ctx: MergeContext) -> list[torch.Tensor]:
-    return [torch.where(d.abs() >= thr, d, 0.0) for d, thr in zip(deltas, ctx.thresholds)]
+    return [torch.where(rule.mask(d), d, 0.0) for d, rule in zip(deltas, ctx.thresholds)]
 
 
 def _dropped(deltas: list[torch.Tensor], ctx: MergeContext) -> list[torch.Tensor]:
@@ -199,18 +199,40 @@ def dare_ties(deltas, weights, ctx):
 # -- exact magnitude thresholds --------------------------------------------------
 
 
-def kth_largest_magnitude(chunks: Callable[[], Iterable[torch.Tensor]], k: int, dtype: torch.dtype = torch.float32) -> float:
-    """The k-th largest |x| of a tensor seen as chunks, in memory bounded by one chunk.
+@dataclass
+class TrimThreshold:
+    """Which entries of one input the trim keeps: every ``|x| > value``, plus the
+    first ``ties_to_keep`` entries with ``|x| == value`` in flattened order, so that
+    exactly k entries survive even when magnitudes tie (common in 16-bit deltas).
 
-    ``chunks()`` returns a fresh iterable over the tensor's chunks. Non-negative
-    float bit patterns order like integers, so a radix select over 16-bit digits
-    finds the exact value in two passes (four for float64).
+    ``mask`` must see a tensor's chunks in order: it counts the ties kept so far.
     """
+
+    value: float
+    ties_to_keep: int
+    ties_total: int
+    _kept: int = 0
+
+    def mask(self, chunk: torch.Tensor) -> torch.Tensor:
+        magnitude = chunk.abs()
+        if self.ties_to_keep == self.ties_total:
+            return magnitude >= self.value
+        keep = magnitude > self.value
+        left = self.ties_to_keep - self._kept
+        if left > 0:
+            tied_so_far = (magnitude == self.value).cumsum(0)
+            keep |= (magnitude == self.value) & (tied_so_far <= left)
+            self._kept += min(left, int(tied_so_far[-1]) if tied_so_far.numel() else 0)
+        return keep
+
+
+def _radix_select(chunks: Callable[[], Iterable[torch.Tensor]], k: int, dtype: torch.dtype) -> TrimThreshold:
     float_dtype, int_dtype, bits = (
         (torch.float64, torch.int64, 64) if dtype == torch.float64 else (torch.float32, torch.int32, 32)
     )
     prefix = 0
     remaining = k
+    ties_total = 0
     for shift in range(bits - 16, -1, -16):
         hist = torch.zeros(1 << 16, dtype=torch.int64)
         for chunk in chunks():
@@ -223,11 +245,35 @@ def kth_largest_magnitude(chunks: Callable[[], Iterable[torch.Tensor]], k: int, 
             raise ValueError("k exceeds the number of entries")
         idx = int(torch.searchsorted(from_top, remaining))
         remaining -= int(from_top[idx - 1]) if idx > 0 else 0
-        prefix = (prefix << 16) | ((1 << 16) - 1 - idx)
-    return float(torch.tensor([prefix], dtype=torch.int64).to(int_dtype).view(float_dtype))
+        digit = (1 << 16) - 1 - idx
+        ties_total = int(hist[digit])
+        prefix = (prefix << 16) | digit
+    value = float(torch.tensor([prefix], dtype=torch.int64).to(int_dtype).view(float_dtype))
+    return TrimThreshold(value, ties_to_keep=remaining, ties_total=ties_total)
+
+
+def kth_largest_magnitude(chunks: Callable[[], Iterable[torch.Tensor]], k: int, dtype: torch.dtype = torch.float32) -> float:
+    """The k-th largest |x| of a tensor seen as chunks, in memory bounded by one chunk.
+
+    ``chunks()`` returns a fresh iterable over the tensor's chunks. Non-negative
+    float bit patterns order like integers, so a radix select over 16-bit digits
+    finds the exact value in two passes (four for float64).
+    """
+    return _radix_select(chunks, k, dtype).value
 
 
 def kth_largest_in(tensor: torch.Tensor, k: int) -> float:
     """The k-th largest |x| of a tensor held whole."""
     flat = tensor.reshape(-1)
     return float(torch.kthvalue(flat.abs(), flat.numel() - k + 1).values)
+
+
+def trim_threshold(chunks: Callable[[], Iterable[torch.Tensor]], k: int, dtype: torch.dtype, whole: torch.Tensor | None = None) -> TrimThreshold:
+    """The trim rule keeping exactly k entries: from ``whole`` when the tensor is in
+    memory, else by a radix select over ``chunks()``."""
+    if whole is None:
+        return _radix_select(chunks, k, dtype)
+    magnitude = whole.reshape(-1).abs()
+    value = float(torch.kthvalue(magnitude, magnitude.numel() - k + 1).values)
+    above = int((magnitude > value).sum())
+    return TrimThreshold(value, ties_to_keep=k - above, ties_total=int((magnitude == value).sum()))

@@ -232,13 +232,16 @@ class StreamingWriter:
         self._file.write(raw)
         self._index = 0
         self._remaining = specs[self.order[0]].nbytes if self.order else 0
-        self._skip_empty()
 
-    def _skip_empty(self) -> None:
-        while self._index < len(self.order) and self._remaining == 0:
-            self._index += 1
-            if self._index < len(self.order):
-                self._remaining = self.specs[self.order[self._index]].nbytes
+    def _next(self) -> None:
+        self._index += 1
+        if self._index < len(self.order):
+            self._remaining = self.specs[self.order[self._index]].nbytes
+
+    def _skip_empty_before(self, name: str | None) -> None:
+        """Zero-byte tensors need no bytes: writing them is optional."""
+        while not self.done and self._remaining == 0 and self.order[self._index] != name:
+            self._next()
 
     @property
     def done(self) -> bool:
@@ -246,6 +249,7 @@ class StreamingWriter:
 
     def write(self, name: str, chunk: torch.Tensor) -> memoryview:
         """Append ``chunk`` (all or part of tensor ``name``); returns the bytes written."""
+        self._skip_empty_before(name)
         if self.done or self.order[self._index] != name:
             expected = "nothing more" if self.done else repr(self.order[self._index])
             raise RuntimeError(f"writer expected {expected}, got {name!r}")
@@ -257,10 +261,12 @@ class StreamingWriter:
             raise RuntimeError(f"tensor {name!r}: chunk overruns the tensor")
         self._file.write(data)
         self._remaining -= data.nbytes
-        self._skip_empty()
+        if self._remaining == 0:
+            self._next()
         return data
 
     def close(self) -> None:
+        self._skip_empty_before(None)
         if not self.done:
             self._file.close()
             raise RuntimeError(f"{self.path}: closed before tensor {self.order[self._index]!r} was written")
