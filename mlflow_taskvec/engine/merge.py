@@ -27,11 +27,15 @@ from mlflow_taskvec.engine.streaming import (
     check_finite,
     chunk_ranges,
     flat_slice,
+    one_torch_thread,
     parse_dtype,
 )
 from mlflow_taskvec.engine.taskvector import TaskVector, check_same_tensors
 from mlflow_taskvec.engine.writer import CheckpointWriter, check_output_path
 from mlflow_taskvec.errors import TaskVecError
+
+# Elementwise sums stream best in chunks that stay in the CPU's cache.
+LINEAR_CHUNK = 1 << 18
 
 
 @dataclass
@@ -123,18 +127,21 @@ def merge(
             output, specs, metadata, max_shard_size=max_shard_size, copy_files_from=base_ckpt.directory, overwrite=overwrite
         )
     try:
-        for name in sink.order:
-            spec = specs[name]
-            base_tensor = base_ckpt.get_tensor(name)
-            if name not in covered:
-                for start, stop in chunk_ranges(spec.numel):
-                    sink.write(name, flat_slice(base_tensor, start, stop, spec.dtype))
-            else:
-                _merge_tensor(
-                    name, spec, base_tensor, base_ckpt.source, vectors, weights, merge_method, scale, params, compute, allow_nonfinite, sink
-                )
-            if progress is not None:
-                progress(name)
+        with one_torch_thread():
+            for name in sink.order:
+                spec = specs[name]
+                base_tensor = base_ckpt.get_tensor(name)
+                if name not in covered:
+                    for start, stop in chunk_ranges(spec.numel):
+                        sink.write(name, flat_slice(base_tensor, start, stop, spec.dtype))
+                elif merge_method.linear:
+                    _merge_linear(name, spec, base_tensor, base_ckpt.source, vectors, weights, scale, compute, allow_nonfinite, sink)
+                else:
+                    _merge_tensor(
+                        name, spec, base_tensor, base_ckpt.source, vectors, weights, merge_method, scale, params, compute, allow_nonfinite, sink
+                    )
+                if progress is not None:
+                    progress(name)
         committed = sink.commit()
     except BaseException:
         if isinstance(sink, CheckpointWriter):
@@ -155,6 +162,26 @@ def merge(
     else:
         result.output, result.fingerprint = Path(output), committed
     return result
+
+
+def _merge_linear(name, spec, base_tensor, base_source, vectors, weights, scale, compute, allow_nonfinite, sink):
+    """``base + scale * sum_i w_i t_i`` accumulated term by term into one buffer, in
+    chunks small enough that the base's chunk stays in cache while every term uses it."""
+    terms = [(scale * w * term.weight, term) for v, w in zip(vectors, weights) for term in v.terms]
+    for start, stop in chunk_ranges(spec.numel, LINEAR_CHUNK):
+        out = flat_slice(base_tensor, start, stop, compute).clone()
+        for coef, term in terms:
+            out.add_(term.chunk(name, start, stop, compute), alpha=coef)
+        # NaN and Inf propagate through a weighted sum (even times 0), so a finite
+        # result proves every input finite; only a non-finite one needs a closer look.
+        if not allow_nonfinite and out.numel() and not bool(torch.isfinite(out.sum())):
+            if not bool(torch.isfinite(out).all()):
+                check_finite(flat_slice(base_tensor, start, stop, compute), lambda: f"tensor {name!r} of the base {base_source}")
+                for _, term in terms:
+                    for src in term.sources():
+                        check_finite(flat_slice(src.get_tensor(name), start, stop, compute), lambda s=src: f"tensor {name!r} of {s.source}")
+                raise TaskVecError(f"tensor {name!r}: the result overflows {str(compute).removeprefix('torch.')} (set allow_nonfinite to accept it)")
+        sink.write(name, out.to(spec.dtype))
 
 
 def _merge_tensor(name, spec, base_tensor, base_source, vectors, weights, method, scale, params, compute, allow_nonfinite, sink):

@@ -67,14 +67,17 @@ class MergeMethod:
     params: frozenset = field(default_factory=frozenset)  # accepted parameter names
     required: frozenset = field(default_factory=frozenset)
     trims: bool = False  # needs per-input magnitude thresholds over the whole tensor
+    # base + scale * sum_i w_i t_i: the executor accumulates it term by term in one
+    # buffer, with no per-vector temporaries.
+    linear: bool = False
 
 
 METHODS: dict[str, MergeMethod] = {}
 
 
-def register(name: str, description: str, params=(), required=(), trims: bool = False):
+def register(name: str, description: str, params=(), required=(), trims: bool = False, linear: bool = False):
     def deco(fn: MethodFn) -> MethodFn:
-        METHODS[name] = MergeMethod(name, fn, description, frozenset(params), frozenset(required), trims)
+        METHODS[name] = MergeMethod(name, fn, description, frozenset(params), frozenset(required), trims, linear)
         return fn
 
     return deco
@@ -124,7 +127,7 @@ def _weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Te
 
 
 def _trimmed(deltas: list[torch.Tensor], ctx: MergeContext) -> list[torch.Tensor]:
-    return [torch.where(rule.mask(d), d, 0.0) for d, rule in zip(deltas, ctx.thresholds)]
+    return [rule.apply(d) for d, rule in zip(deltas, ctx.thresholds)]
 
 
 def _dropped(deltas: list[torch.Tensor], ctx: MergeContext) -> list[torch.Tensor]:
@@ -135,25 +138,33 @@ def _dropped(deltas: list[torch.Tensor], ctx: MergeContext) -> list[torch.Tensor
 def _elect_and_mean(scaled: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """TIES sign election and disjoint mean over already weighted deltas ``d_i = w_i t_i``.
 
-    The divisor sums ``|w_i|`` over the agreeing inputs: with positive weights this
-    is the paper's weighted disjoint mean, and a negative weight still negates
-    (dividing by ``w_i`` itself would cancel the sign it put on ``d_i``).
+    With ``P = sum_i max(d_i, 0)`` and ``N = sum_i min(d_i, 0)``, the elected sign is
+    ``+`` where ``P + N >= 0``, and the agreeing entries sum to ``P`` there, ``N``
+    elsewhere; the divisor likewise sums ``|w_i|`` over the positive or the negative
+    entries. The divisor uses ``|w_i|``: with positive weights this is the paper's
+    weighted disjoint mean, and a negative weight still negates (dividing by ``w_i``
+    itself would cancel the sign it put on ``d_i``). Everything is float arithmetic:
+    on CPU that is several times faster than boolean masks and ``torch.where``.
     """
-    total = scaled[0].clone()
-    for d in scaled[1:]:
-        total.add_(d)
-    elected = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
-    numerator = torch.zeros_like(total)
-    divisor = torch.zeros_like(total)
+    pos_sum = torch.zeros_like(scaled[0])
+    neg_sum = torch.zeros_like(scaled[0])
+    pos_weight = torch.zeros_like(scaled[0])
+    neg_weight = torch.zeros_like(scaled[0])
     for d, w in zip(scaled, weights):
-        agree = torch.sign(d) == elected  # zeros have sign 0: they never agree
-        numerator.add_(torch.where(agree, d, 0.0))
-        divisor.add_(agree.to(total.dtype), alpha=abs(w))
-    divisor = torch.where(divisor == 0, 1.0, divisor)
-    return numerator.div_(divisor)
+        pos_sum.add_(d.clamp(min=0))
+        neg_sum.add_(d.clamp(max=0))
+        sign = torch.sign(d)  # zeros have sign 0: they count on neither side
+        pos_weight.add_(sign.clamp(min=0), alpha=abs(w))
+        neg_weight.sub_(sign.clamp_(max=0), alpha=abs(w))
+    # 1 where the elected sign is + (P + N >= 0), else 0
+    plus = torch.add(pos_sum, neg_sum).sign_().add_(1).clamp_(max=1)
+    numerator = pos_sum.sub_(neg_sum).mul_(plus).add_(neg_sum)
+    divisor = pos_weight.sub_(neg_weight).mul_(plus).add_(neg_weight)
+    # no agreeing entry: the numerator is 0 too, and 0 / tiny = 0 (a zero divisor counts as 1)
+    return numerator.div_(divisor.clamp_(min=torch.finfo(divisor.dtype).tiny))
 
 
-@register("task_arithmetic", "base + scale * sum_i w_i t_i")
+@register("task_arithmetic", "base + scale * sum_i w_i t_i", linear=True)
 def task_arithmetic(deltas, weights, ctx):
     return _weighted_sum(deltas, weights)
 
@@ -167,7 +178,7 @@ def task_arithmetic(deltas, weights, ctx):
 )
 def ties(deltas, weights, ctx):
     trimmed = _trimmed(deltas, ctx)
-    return _elect_and_mean([t * w for t, w in zip(trimmed, weights)], weights)
+    return _elect_and_mean([t.mul_(w) if w != 1 else t for t, w in zip(trimmed, weights)], weights)
 
 
 @register("magnitude_prune", "the ties trim step, then task arithmetic", params=("density",), required=("density",), trims=True)
@@ -193,7 +204,7 @@ def dare_linear(deltas, weights, ctx):
 )
 def dare_ties(deltas, weights, ctx):
     dropped = _dropped(deltas, ctx)
-    return _elect_and_mean([t * w for t, w in zip(dropped, weights)], weights)
+    return _elect_and_mean([t.mul_(w) if w != 1 else t for t, w in zip(dropped, weights)], weights)
 
 
 # -- exact magnitude thresholds --------------------------------------------------
@@ -213,43 +224,74 @@ class TrimThreshold:
     ties_total: int
     _kept: int = 0
 
-    def mask(self, chunk: torch.Tensor) -> torch.Tensor:
+    def apply(self, chunk: torch.Tensor) -> torch.Tensor:
+        """``chunk`` with the entries the trim drops set to zero (a new tensor)."""
         magnitude = chunk.abs()
         if self.ties_to_keep == self.ties_total:
-            return magnitude >= self.value
+            # keep |x| >= value: an arithmetic 0/1 indicator, several times faster
+            # than boolean masks and torch.where on CPU
+            below = torch.nextafter(torch.tensor(self.value, dtype=chunk.dtype), torch.tensor(-1.0, dtype=chunk.dtype))
+            keep = magnitude.sub_(below).sign_().clamp_(min=0)
+            return keep.mul_(chunk)
         keep = magnitude > self.value
         left = self.ties_to_keep - self._kept
         if left > 0:
-            tied_so_far = (magnitude == self.value).cumsum(0)
-            keep |= (magnitude == self.value) & (tied_so_far <= left)
+            tied = magnitude == self.value
+            tied_so_far = tied.cumsum(0)
+            keep |= tied & (tied_so_far <= left)
             self._kept += min(left, int(tied_so_far[-1]) if tied_so_far.numel() else 0)
-        return keep
+        return torch.where(keep, chunk, 0.0)
 
 
 def _radix_select(chunks: Callable[[], Iterable[torch.Tensor]], k: int, dtype: torch.dtype) -> TrimThreshold:
+    """Exact k-th largest magnitude by a radix select over the float bit patterns
+    (non-negative floats order like integers).
+
+    Pass 1 histograms the top 16 bits over every chunk; pass 2 gathers the few
+    entries that share the winning top bits; the remaining digits are resolved on
+    that small set in memory. A tensor given as one chunk is scanned only once.
+    """
     float_dtype, int_dtype, bits = (
         (torch.float64, torch.int64, 64) if dtype == torch.float64 else (torch.float32, torch.int32, 32)
     )
-    prefix = 0
-    remaining = k
-    ties_total = 0
-    for shift in range(bits - 16, -1, -16):
-        hist = torch.zeros(1 << 16, dtype=torch.int64)
-        for chunk in chunks():
-            b = chunk.reshape(-1).to(float_dtype).abs().view(int_dtype)
-            if shift + 16 < bits:
-                b = b[(b >> (shift + 16)) == prefix]
-            hist += torch.bincount(((b >> shift) & 0xFFFF).to(torch.int64), minlength=1 << 16)
-        from_top = torch.flip(hist, [0]).cumsum(0)
-        if remaining > int(from_top[-1]):
-            raise ValueError("k exceeds the number of entries")
-        idx = int(torch.searchsorted(from_top, remaining))
-        remaining -= int(from_top[idx - 1]) if idx > 0 else 0
-        digit = (1 << 16) - 1 - idx
-        ties_total = int(hist[digit])
+    top_shift = bits - 16
+    hist = torch.zeros(1 << 16, dtype=torch.int64)
+    only = None
+
+    def bits_of(chunk: torch.Tensor) -> torch.Tensor:
+        return chunk.reshape(-1).to(float_dtype).abs().view(int_dtype)
+
+    for i, chunk in enumerate(chunks()):
+        b = bits_of(chunk)
+        top = b >> top_shift  # the sign bit is clear, so this is in [0, 2**15)
+        hist += torch.bincount(top, minlength=1 << 16)
+        only = (b, top) if i == 0 else None
+    digit, remaining, tied = _pick(hist, k)
+    if only is not None:
+        b, top = only
+        candidates = b[top == digit]
+    else:
+        candidates = torch.cat([b[(b >> top_shift) == digit] for b in map(bits_of, chunks())])
+    prefix = digit
+    for shift in range(top_shift - 16, -1, -16):
+        digits = (candidates >> shift) & 0xFFFF
+        digit, remaining, tied = _pick(torch.bincount(digits, minlength=1 << 16), remaining)
+        candidates = candidates[digits == digit]
         prefix = (prefix << 16) | digit
     value = float(torch.tensor([prefix], dtype=torch.int64).to(int_dtype).view(float_dtype))
-    return TrimThreshold(value, ties_to_keep=remaining, ties_total=ties_total)
+    return TrimThreshold(value, ties_to_keep=remaining, ties_total=tied)
+
+
+def _pick(hist: torch.Tensor, k: int) -> tuple[int, int, int]:
+    """The bin holding the k-th largest entry, how many of that bin are still to
+    take (counting from the top), and how many the bin holds."""
+    from_top = torch.flip(hist, [0]).cumsum(0)
+    if k > int(from_top[-1]):
+        raise ValueError("k exceeds the number of entries")
+    idx = int(torch.searchsorted(from_top, k))
+    remaining = k - (int(from_top[idx - 1]) if idx > 0 else 0)
+    digit = (1 << 16) - 1 - idx
+    return digit, remaining, int(hist[digit])
 
 
 def kth_largest_magnitude(chunks: Callable[[], Iterable[torch.Tensor]], k: int, dtype: torch.dtype = torch.float32) -> float:
@@ -268,12 +310,10 @@ def kth_largest_in(tensor: torch.Tensor, k: int) -> float:
     return float(torch.kthvalue(flat.abs(), flat.numel() - k + 1).values)
 
 
-def trim_threshold(chunks: Callable[[], Iterable[torch.Tensor]], k: int, dtype: torch.dtype, whole: torch.Tensor | None = None) -> TrimThreshold:
-    """The trim rule keeping exactly k entries: from ``whole`` when the tensor is in
-    memory, else by a radix select over ``chunks()``."""
-    if whole is None:
-        return _radix_select(chunks, k, dtype)
-    magnitude = whole.reshape(-1).abs()
-    value = float(torch.kthvalue(magnitude, magnitude.numel() - k + 1).values)
-    above = int((magnitude > value).sum())
-    return TrimThreshold(value, ties_to_keep=k - above, ties_total=int((magnitude == value).sum()))
+def trim_threshold(chunks: Callable[[], Iterable[torch.Tensor]] | None, k: int, dtype: torch.dtype, whole: torch.Tensor | None = None) -> TrimThreshold:
+    """The trim rule keeping exactly k entries of a tensor given whole or as ``chunks()``.
+
+    A radix select over the magnitudes' bits: several times faster than
+    ``torch.kthvalue`` on CPU, and it counts the ties at the threshold on the way.
+    """
+    return _radix_select((lambda: (whole,)) if whole is not None else chunks, k, dtype)

@@ -8,6 +8,7 @@ size, so random masks do not depend on the chunking.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
@@ -16,7 +17,7 @@ from mlflow_taskvec.engine.methods import RANDOM_BLOCK
 from mlflow_taskvec.engine.safetensors_io import TensorSpec
 from mlflow_taskvec.errors import TaskVecError
 
-CHUNK_ELEMENTS = 2 * RANDOM_BLOCK
+CHUNK_ELEMENTS = RANDOM_BLOCK
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 STORAGE_DTYPES = {
@@ -38,6 +39,23 @@ def parse_dtype(value: "str | torch.dtype | None", what: str, allowed: dict[str,
     return allowed[key]
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run torch ops on one thread while streaming.
+
+    The parallelism that pays here is a pipeline: this thread computes while the
+    writer thread writes and hashes. Torch's own intra-op threads would compete
+    with it for the same cores, and OpenMP's fork/join on chunk-sized ops then
+    costs more than it gains (10x slower when the machine is busy).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def chunk_ranges(numel: int, chunk: int = CHUNK_ELEMENTS) -> Iterator[tuple[int, int]]:
     if numel == 0:
         yield 0, 0
@@ -54,7 +72,7 @@ def flat_slice(tensor: torch.Tensor, start: int, stop: int, dtype: torch.dtype) 
 def check_finite(chunk: torch.Tensor, describe: Callable[[], str]) -> None:
     """Refuse NaN and Inf. A finite sum proves every entry finite, so the exact scan
     runs only when the one-pass sum is not finite (including a rare overflow)."""
-    if chunk.numel() == 0 or bool(torch.isfinite(chunk.sum(dtype=torch.float64))):
+    if chunk.numel() == 0 or bool(torch.isfinite(chunk.sum())):
         return
     if not bool(torch.isfinite(chunk).all()):
         raise TaskVecError(f"{describe()} holds NaN or Inf values (set allow_nonfinite to accept them)")

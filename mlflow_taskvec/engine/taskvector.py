@@ -26,6 +26,7 @@ from mlflow_taskvec.engine.streaming import (
     check_finite,
     chunk_ranges,
     flat_slice,
+    one_torch_thread,
     parse_dtype,
 )
 from mlflow_taskvec.engine.writer import CheckpointWriter
@@ -196,7 +197,7 @@ class TaskVector:
 
     def check_finite(self, name: str, start: int, stop: int, values: torch.Tensor) -> None:
         """Refuse non-finite ``values`` (this vector's chunk), naming the input that holds them."""
-        if values.numel() == 0 or bool(torch.isfinite(values.sum(dtype=torch.float64))):
+        if values.numel() == 0 or bool(torch.isfinite(values.sum())):
             return
         for term in self._terms:
             for src in term.sources():
@@ -322,7 +323,7 @@ class TaskVector:
         out_dtype = parse_dtype(dtype, "dtype", STORAGE_DTYPES)
         specs = {n: TensorSpec(out_dtype or s.dtype, s.shape) for n, s in self._specs.items()}
         compute = torch.float64 if any(s.dtype == torch.float64 for s in specs.values()) else torch.float32
-        with CheckpointWriter(output, specs, self.metadata(), max_shard_size=max_shard_size, overwrite=overwrite) as writer:
+        with CheckpointWriter(output, specs, self.metadata(), max_shard_size=max_shard_size, overwrite=overwrite) as writer, one_torch_thread():
             for name in writer.order:
                 for start, stop in chunk_ranges(specs[name].numel):
                     values = self.chunk(name, start, stop, compute)

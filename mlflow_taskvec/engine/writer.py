@@ -8,7 +8,6 @@ overlapping the computation of the next tensors.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mlflow_taskvec.engine.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, combine_digests
+from mlflow_taskvec.engine.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, combine_digests, new_digest
 from mlflow_taskvec.engine.safetensors_io import StreamingWriter, TensorSpec, storage_order
 from mlflow_taskvec.errors import TaskVecError
 
@@ -125,7 +124,7 @@ class CheckpointWriter:
             self._discard()
             raise
         self._digests: dict[str, str] = {}
-        self._hashers: dict[str, "hashlib._Hash"] = {}
+        self._hashers: dict = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskvec-writer")
         self._slots = threading.BoundedSemaphore(_MAX_PENDING)
         self._futures: list[Future] = []
@@ -150,7 +149,7 @@ class CheckpointWriter:
         data = self._file_of[name].write(name, chunk)
         hasher = self._hashers.get(name)
         if hasher is None:
-            hasher = self._hashers[name] = hashlib.sha256()
+            hasher = self._hashers[name] = new_digest()
         hasher.update(data)
 
     def _raise_pending_error(self) -> None:
@@ -168,7 +167,7 @@ class CheckpointWriter:
             for w in self._files:
                 w.close()
             for name in self.specs:
-                hasher = self._hashers.get(name) or hashlib.sha256()
+                hasher = self._hashers.get(name) or new_digest()
                 self._digests[name] = hasher.hexdigest()
             fingerprint = combine_digests([(n, self.specs[n], d) for n, d in self._digests.items()])
             if not self._single_file:
