@@ -103,9 +103,11 @@ def _locate_model(uri: str) -> dict:
         if uri.startswith("runs:/"):
             rest = uri[len("runs:/") :]
             run_id, _, path = rest.partition("/")
-            run = client.get_run(run_id)
-            artifact_uri = run.info.artifact_uri.rstrip("/") + (f"/{path}" if path else "")
-            return {"canonical": f"runs:/{run_id}/{path}".rstrip("/"), "artifact_uri": artifact_uri, "run_id": run_id}
+            client.get_run(run_id)  # a clear error for an unknown run
+            # MLflow resolves runs:/ itself, including MLflow 3 models logged in the run
+            # (stored under models/<model_id>, not under the run's artifact folder).
+            canonical = f"runs:/{run_id}/{path}".rstrip("/")
+            return {"canonical": canonical, "artifact_uri": canonical, "run_id": run_id}
     except MlflowException as exc:
         raise _mlflow_error(uri, exc) from None
     raise TaskVecError(f"{uri}: unsupported reference")

@@ -1,0 +1,408 @@
+"""Registering task vectors and composites with their lineage, and resolving MLflow references.
+
+One small registry per module (``build_registry``: digits-base version 1 with alias
+``current``, a fine-tune per task logged in its own run, ``digits-{rotate,flip}-vector``
+version 1 with alias ``current``, and ``digits-composite`` version 1 made from
+``rotate@current`` and ``flip/1``) is shared by the read-only tests; tests that
+register more use names of their own. Every expected value is computed
+independently from the in-memory models. MLflow runs on a real sqlite store.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from mlflow_helpers import (
+    BASE_NAME,
+    COMPOSITE_NAME,
+    COMPOSITE_SCALE,
+    CODE_PATHS,
+    FACTORY,
+    FACTORY_KWARGS,
+    assert_same_state,
+    build_registry,
+    composite_recipe,
+    digits_tasks,
+    expected_composite_state,
+    mlflow_store,
+    state_of,
+    template_db,
+    vector_name,
+)
+
+from mlflow_taskvec import TaskVecError, flavor
+from mlflow_taskvec.cli import main as cli
+from mlflow_taskvec.engine.checkpoint import open_checkpoint
+from mlflow_taskvec.engine.taskvector import TaskVector
+from mlflow_taskvec.recipe import load_recipe, parse_recipe
+from mlflow_taskvec.tracking import references
+from mlflow_taskvec.tracking.references import resolve
+from mlflow_taskvec.tracking.registry import register_composite
+
+TASKVEC_VECTOR_TAGS = {
+    "taskvec.kind",
+    "taskvec.task",
+    "taskvec.base_uri",
+    "taskvec.base_fingerprint",
+    "taskvec.finetuned_uri",
+    "taskvec.fingerprint",
+    "taskvec.num_parameters",
+    "taskvec.l2_norm",
+}
+TASKVEC_COMPOSITE_TAGS = {
+    "taskvec.kind",
+    "taskvec.method",
+    "taskvec.scale",
+    "taskvec.params",
+    "taskvec.inputs",
+    "taskvec.base_uri",
+    "taskvec.base_fingerprint",
+    "taskvec.recipe_sha256",
+    "taskvec.fingerprint",
+}
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    root = tmp_path_factory.mktemp("registry")
+    with mlflow_store(root, template_db(tmp_path_factory)) as store:
+        yield build_registry(store)
+
+
+@pytest.fixture
+def client(registry):
+    return registry.store.client
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty download cache of this test's own."""
+    monkeypatch.setenv("MLFLOW_TASKVEC_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def taskvec_tags(tags: dict) -> dict:
+    return {k: v for k, v in tags.items() if k.startswith("taskvec.")}
+
+
+def independent_vector(registry, task: str, tmp_path: Path) -> tuple[str, float]:
+    """(fingerprint, L2 norm) of fine-tune minus base, from the in-memory models."""
+    base, ft = state_of(registry.base_net), state_of(registry.finetunes[task].net)
+    fingerprint = TaskVector.extract(base, ft, task=task).save(tmp_path / f"{task}.safetensors")
+    norm = math.sqrt(sum(float(((ft[n].double() - base[n].double()) ** 2).sum()) for n in base))
+    return fingerprint, norm
+
+
+def fingerprint_of_version(name: str, version: str = "1") -> str:
+    return mlflow.tracking.MlflowClient().get_model_version(name, version).tags["taskvec.fingerprint"]
+
+
+# -- task vectors ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["rotate", "flip"])
+def test_a_registered_task_vector_carries_every_lineage_tag(registry, client, tmp_path, task):
+    version = client.get_model_version(vector_name(task), "1")
+    fingerprint, norm = independent_vector(registry, task, tmp_path)
+    tags = taskvec_tags(version.tags)
+
+    assert set(tags) == TASKVEC_VECTOR_TAGS
+    assert tags["taskvec.kind"] == "task_vector"
+    assert tags["taskvec.task"] == task
+    assert tags["taskvec.base_uri"] == f"models:/{BASE_NAME}/1"
+    assert tags["taskvec.base_fingerprint"] == open_checkpoint(state_of(registry.base_net)).fingerprint()
+    assert tags["taskvec.finetuned_uri"] == f"models:/{registry.finetunes[task].model_id}"
+    assert tags["taskvec.fingerprint"] == fingerprint
+    assert tags["taskvec.num_parameters"] == str(sum(p.numel() for p in registry.base_net.parameters())) == "1788"
+    assert float(tags["taskvec.l2_norm"]) == pytest.approx(norm, rel=1e-5)
+
+
+def test_a_task_vectors_logged_model_carries_the_same_tags(registry, client):
+    reg = registry.vectors["rotate"]
+
+    logged = client.get_logged_model(reg.model_id)
+
+    assert taskvec_tags(logged.tags) == taskvec_tags(client.get_model_version(vector_name("rotate"), "1").tags)
+
+
+def test_a_task_vector_is_logged_in_the_fine_tunes_run(registry, client):
+    for task, ft in registry.finetunes.items():
+        reg = registry.vectors[task]
+        assert client.get_logged_model(reg.model_id).source_run_id == ft.run_id
+        assert client.get_model_version(vector_name(task), "1").run_id == ft.run_id
+        assert reg.run_id == ft.run_id
+
+
+def test_a_task_vector_version_points_its_alias_and_loads_as_the_vector(registry, client, tmp_path):
+    assert str(client.get_model_version_by_alias(vector_name("rotate"), "current").version) == "1"
+
+    loaded = flavor.load_model(f"models:/{vector_name('rotate')}@current")
+
+    base, ft = state_of(registry.base_net), state_of(registry.finetunes["rotate"].net)
+    for name in loaded.names:
+        torch.testing.assert_close(loaded.get_tensor(name), ft[name] - base[name], atol=0, rtol=0)
+
+
+def test_a_task_vector_description_tabulates_base_fine_tune_and_vector(registry, client):
+    text = client.get_model_version(vector_name("rotate"), "1").description
+    tags = registry.vectors["rotate"].tags
+
+    assert text.startswith("**Task vector** for task `rotate`")
+    assert "| role | reference | fingerprint |" in text
+    assert f"| base | `models:/{BASE_NAME}/1` | `{tags['taskvec.base_fingerprint'][:16]}` |" in text
+    assert f"| fine-tune | `models:/{registry.finetunes['rotate'].model_id}` |" in text
+    assert f"| task vector | this version | `{tags['taskvec.fingerprint'][:16]}` |" in text
+
+
+# -- composites --------------------------------------------------------------------------
+
+
+def test_a_registered_composite_carries_every_lineage_tag(registry, client):
+    tags = taskvec_tags(client.get_model_version(COMPOSITE_NAME, "1").tags)
+    composite = flavor.load_model(f"models:/{COMPOSITE_NAME}/1")
+
+    assert set(tags) == TASKVEC_COMPOSITE_TAGS
+    assert tags["taskvec.kind"] == "composite"
+    assert tags["taskvec.method"] == "task_arithmetic"
+    assert float(tags["taskvec.scale"]) == COMPOSITE_SCALE
+    assert json.loads(tags["taskvec.params"]) == {}
+    assert tags["taskvec.base_uri"] == f"models:/{BASE_NAME}/1"
+    assert tags["taskvec.base_fingerprint"] == open_checkpoint(state_of(registry.base_net)).fingerprint()
+    assert tags["taskvec.fingerprint"] == open_checkpoint(state_of(composite)).fingerprint()
+
+
+def test_composite_inputs_record_aliases_resolved_to_versions_with_weights_and_fingerprints(registry, client):
+    tags = client.get_model_version(COMPOSITE_NAME, "1").tags
+
+    inputs = json.loads(tags["taskvec.inputs"])
+
+    # the recipe named rotate by alias (@current) and flip by version
+    assert inputs == [
+        {"uri": f"models:/{vector_name('rotate')}/1", "weight": 1.0, "fingerprint": fingerprint_of_version(vector_name("rotate"))},
+        {"uri": f"models:/{vector_name('flip')}/1", "weight": -0.5, "fingerprint": fingerprint_of_version(vector_name("flip"))},
+    ]
+
+
+def test_the_composite_run_logs_params_and_the_resolved_recipe(registry, client, tmp_path):
+    run = client.get_run(registry.composite.run_id)
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="recipe.yaml", dst_path=str(tmp_path)))
+    recipe = yaml.safe_load(local.read_text("utf-8"))
+
+    assert run.data.params["method"] == "task_arithmetic"
+    assert float(run.data.params["scale"]) == COMPOSITE_SCALE
+    assert float(run.data.params["vectors.0.weight"]) == 1.0
+    assert float(run.data.params["vectors.1.weight"]) == -0.5
+    assert run.data.params["vectors.0.uri"] == f"models:/{vector_name('rotate')}/1"
+    assert recipe["base"] == f"models:/{BASE_NAME}/1"
+    assert [v["vector"] for v in recipe["vectors"]] == [f"models:/{vector_name('rotate')}/1", f"models:/{vector_name('flip')}/1"]
+    assert [v["weight"] for v in recipe["vectors"]] == [1.0, -0.5]
+    assert client.get_model_version(COMPOSITE_NAME, "1").tags["taskvec.recipe_sha256"] == load_recipe(local).sha256()
+
+
+def test_the_composite_is_logged_in_its_run_and_versioned_from_its_logged_model(registry, client):
+    version = client.get_model_version(COMPOSITE_NAME, "1")
+
+    assert version.run_id == registry.composite.run_id
+    assert version.source == registry.composite.model_uri == f"models:/{registry.composite.model_id}"
+    assert client.get_logged_model(registry.composite.model_id).source_run_id == registry.composite.run_id
+    assert str(client.get_model_version_by_alias(COMPOSITE_NAME, "champion").version) == "1"
+
+
+def test_the_composite_description_is_a_markdown_lineage_table(registry, client):
+    text = client.get_model_version(COMPOSITE_NAME, "1").description
+    fp = {task: fingerprint_of_version(vector_name(task))[:16] for task in ("rotate", "flip")}
+
+    assert text.startswith("**Composite** by `task_arithmetic`, scale 0.7.")
+    assert "| role | model | version | weight | fingerprint |" in text
+    assert f"| base | `{BASE_NAME}` | 1 | - |" in text
+    assert f"| task vector | `{vector_name('rotate')}` | 1 | 1 | `{fp['rotate']}` |" in text
+    assert f"| task vector | `{vector_name('flip')}` | 1 | -0.5 | `{fp['flip']}` |" in text
+
+
+def test_composite_weights_equal_base_plus_scale_times_the_weighted_sum_of_vectors(registry):
+    composite = flavor.load_model(f"models:/{COMPOSITE_NAME}/1")
+
+    assert_same_state(state_of(composite), expected_composite_state(registry), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def ties_composite(registry):
+    recipe = {**composite_recipe(), "method": "ties", "scale": 0.6, "params": {"density": 0.5}}
+    return register_composite(parse_recipe(recipe), "digits-ties")
+
+
+def test_a_composite_records_its_methods_params_in_tags_and_run_params(ties_composite, client):
+    version = client.get_model_version("digits-ties", "1")
+    run = client.get_run(ties_composite.run_id)
+
+    assert version.tags["taskvec.method"] == "ties"
+    assert json.loads(version.tags["taskvec.params"]) == {"density": 0.5}
+    assert run.data.params["method"] == "ties"
+    assert float(run.data.params["params.density"]) == 0.5
+    assert "params `{\"density\": 0.5}`" in version.description
+
+
+def test_a_different_recipe_gives_a_different_recipe_digest_and_fingerprint(ties_composite, client):
+    ties, plain = client.get_model_version("digits-ties", "1").tags, client.get_model_version(COMPOSITE_NAME, "1").tags
+
+    assert ties["taskvec.recipe_sha256"] != plain["taskvec.recipe_sha256"]
+    assert ties["taskvec.fingerprint"] != plain["taskvec.fingerprint"]
+    assert ties["taskvec.inputs"] == plain["taskvec.inputs"]
+
+
+# -- evaluation ----------------------------------------------------------------------------
+
+
+def _recipe_with_evaluation(tasks: list[str]) -> dict:
+    return {**composite_recipe(), "evaluation": {"evaluator": "digits_tasks:evaluate", "tasks": tasks, "control_tasks": ["digits"]}}
+
+
+def test_an_evaluation_block_logs_metrics_on_the_run_and_the_logged_model(registry, client):
+    reg = register_composite(parse_recipe(_recipe_with_evaluation(["rotate", "flip"])), "digits-evaluated")
+    model = flavor.load_model(reg.version_uri)
+    expected = {
+        "rotate.accuracy": digits_tasks.accuracy(model, "rotate"),
+        "flip.accuracy": digits_tasks.accuracy(model, "flip"),
+        "control.digits.accuracy": digits_tasks.accuracy(model, "digits"),
+    }
+    expected["mean.accuracy"] = (expected["rotate.accuracy"] + expected["flip.accuracy"]) / 2
+
+    run_metrics = client.get_run(reg.run_id).data.metrics
+    model_metrics = {m.key: m.value for m in client.get_logged_model(reg.model_id).metrics}
+
+    assert run_metrics == pytest.approx(expected)
+    assert model_metrics == pytest.approx(expected)
+    description = client.get_model_version("digits-evaluated", reg.version).description
+    assert "| metric | value |" in description
+    assert f"| control.digits.accuracy | {expected['control.digits.accuracy']:.6g} |" in description
+
+
+def test_a_failing_evaluator_raises_a_clear_error_and_registers_nothing(registry, client):
+    recipe = parse_recipe(_recipe_with_evaluation(["no-such-task"]))
+
+    with pytest.raises(TaskVecError, match=r"digits_tasks:evaluate failed on task 'no-such-task': ValueError: unknown task"):
+        register_composite(recipe, "digits-broken")
+
+    assert client.search_model_versions("name='digits-broken'") == []
+    assert mlflow.active_run() is None
+
+
+# -- references and the download cache ---------------------------------------------------------
+
+
+def test_alias_version_and_model_id_references_resolve_to_the_same_fingerprint(registry, fresh_cache):
+    reg = registry.vectors["flip"]
+
+    by_version = resolve(f"models:/{vector_name('flip')}/1")
+    by_alias = resolve(f"models:/{vector_name('flip')}@current")
+    by_model_id = resolve(f"models:/{reg.model_id}")
+
+    assert by_version.fingerprint == by_alias.fingerprint == by_model_id.fingerprint == reg.tags["taskvec.fingerprint"]
+    assert by_version.canonical == by_alias.canonical == f"models:/{vector_name('flip')}/1"
+    assert by_model_id.canonical == f"models:/{reg.model_id}"
+    assert open_checkpoint(by_model_id.path).fingerprint() == reg.tags["taskvec.fingerprint"]
+
+
+def test_a_runs_reference_to_a_run_artifact_resolves_to_the_models_fingerprint(registry, tmp_path, fresh_cache):
+    flavor.save_model(registry.base_net, tmp_path / "exported", factory=FACTORY, factory_kwargs=FACTORY_KWARGS, code_paths=CODE_PATHS)
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(tmp_path / "exported"), artifact_path="exported")
+
+    resolved = resolve(f"runs:/{run.info.run_id}/exported")
+
+    assert resolved.fingerprint == resolve(f"models:/{BASE_NAME}/1").fingerprint
+    assert resolved.canonical == f"runs:/{run.info.run_id}/exported"
+    assert resolved.run_id == run.info.run_id
+
+
+def test_a_runs_reference_to_a_logged_model_resolves_to_the_versions_fingerprint(registry, fresh_cache):
+    ft = registry.finetunes["rotate"]
+    reg = registry.vectors["rotate"]
+
+    resolved = resolve(f"runs:/{ft.run_id}/task_vector")
+
+    assert resolved.fingerprint == reg.tags["taskvec.fingerprint"]
+
+
+def test_mlflow_itself_downloads_a_logged_model_through_its_runs_uri(registry, tmp_path):
+    """The behaviour the runs:/ reference above should match."""
+    ft = registry.finetunes["rotate"]
+
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{ft.run_id}/task_vector", dst_path=str(tmp_path)))
+
+    assert open_checkpoint(local / "data").fingerprint() == registry.vectors["rotate"].tags["taskvec.fingerprint"]
+
+
+def test_resolving_the_same_model_again_does_not_download_it_again(registry, fresh_cache):
+    uri = f"models:/{vector_name('rotate')}/1"
+    before = len(references.DOWNLOADS)
+
+    first = resolve(uri)
+    after_first = len(references.DOWNLOADS)
+    second = resolve(uri)
+    by_alias = resolve(f"models:/{vector_name('rotate')}@current")
+
+    assert after_first == before + 1
+    assert references.DOWNLOADS[-1] == uri
+    assert len(references.DOWNLOADS) == after_first
+    assert second.path == first.path == by_alias.path
+    assert first.path.is_relative_to(fresh_cache)
+
+
+def test_a_tampered_cached_file_is_fetched_again_and_verified(registry, fresh_cache):
+    uri = f"models:/{vector_name('rotate')}/1"
+    expected = registry.vectors["rotate"].tags["taskvec.fingerprint"]
+    first = resolve(uri)
+    (weights,) = sorted(first.path.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # the last byte belongs to a tensor's data
+    weights.write_bytes(bytes(data))
+    assert open_checkpoint(weights).fingerprint() != expected
+    before = len(references.DOWNLOADS)
+
+    again = resolve(uri)
+
+    assert len(references.DOWNLOADS) == before + 1
+    assert references.DOWNLOADS[-1] == uri
+    assert again.fingerprint == expected
+    assert open_checkpoint(again.path).fingerprint() == expected
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+def test_cli_extract_register_registers_the_vector_and_reports_its_version(registry, client):
+    ft = registry.finetunes["flip"]
+    args = ["extract", "--base", f"models:/{BASE_NAME}@current", "--finetuned", f"models:/{ft.model_id}", "--task", "flip", "--register", "cli-flip-vector"]
+
+    result = CliRunner().invoke(cli, args, env={"MLFLOW_TRACKING_URI": registry.store.tracking_uri})
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1].startswith("registered: models:/cli-flip-vector/1  (model models:/m-")
+    tags = client.get_model_version("cli-flip-vector", "1").tags
+    assert tags["taskvec.fingerprint"] == registry.vectors["flip"].tags["taskvec.fingerprint"]
+    assert tags["taskvec.base_uri"] == f"models:/{BASE_NAME}/1"
+    assert client.get_model_version("cli-flip-vector", "1").run_id == ft.run_id
+
+
+def test_cli_compose_register_registers_the_composite_and_reports_its_version(registry, client, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(composite_recipe(), sort_keys=False), "utf-8")
+
+    result = CliRunner().invoke(cli, ["compose", str(recipe), "--register", "cli-composite"], env={"MLFLOW_TRACKING_URI": registry.store.tracking_uri})
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1].startswith("registered: models:/cli-composite/1  (model models:/m-")
+    tags = client.get_model_version("cli-composite", "1").tags
+    plain = client.get_model_version(COMPOSITE_NAME, "1").tags
+    assert tags["taskvec.kind"] == "composite"
+    assert tags["taskvec.fingerprint"] == plain["taskvec.fingerprint"]
+    assert tags["taskvec.recipe_sha256"] == plain["taskvec.recipe_sha256"]
+    assert f"fingerprint: {plain['taskvec.fingerprint']}" in result.stdout.splitlines()
