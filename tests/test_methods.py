@@ -302,6 +302,25 @@ def test_trim_keeps_exactly_k_entries_when_magnitudes_tie():
     assert int((merged != 0).sum()) == 100
 
 
+def test_trim_keeps_the_first_tied_entries_across_chunks():
+    numel = 2 * CHUNK_ELEMENTS + 5
+    ft = torch.full((numel,), 0.5)
+    ft[::1000] = 1.0  # a few larger entries, spread over every chunk
+    larger = int((ft == 1.0).sum())
+    density = 0.6
+    k = int(density * numel)
+    vector = TaskVector.extract({"w": torch.zeros(numel)}, {"w": ft})
+
+    merged = merge({"w": torch.zeros(numel)}, [vector], [1.0], method="magnitude_prune", params={"density": density}).state_dict["w"]
+
+    expected = torch.zeros(numel)
+    expected[ft == 1.0] = 1.0
+    tied_positions = torch.nonzero(ft == 0.5).flatten()[: k - larger]
+    expected[tied_positions] = 0.5
+    assert torch.equal(merged, expected)
+    assert int((merged != 0).sum()) == k
+
+
 # -- randomness -----------------------------------------------------------------------
 
 

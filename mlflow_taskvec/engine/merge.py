@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -24,6 +25,7 @@ from mlflow_taskvec.engine.streaming import (
     COMPUTE_DTYPES,
     STORAGE_DTYPES,
     MemorySink,
+    OrderedPool,
     check_finite,
     chunk_ranges,
     flat_slice,
@@ -127,19 +129,23 @@ def merge(
             output, specs, metadata, max_shard_size=max_shard_size, copy_files_from=base_ckpt.directory, overwrite=overwrite
         )
     try:
-        with one_torch_thread():
+        with one_torch_thread(), OrderedPool(sink) as pool:
             for name in sink.order:
                 spec = specs[name]
                 base_tensor = base_ckpt.get_tensor(name)
                 if name not in covered:
-                    for start, stop in chunk_ranges(spec.numel):
-                        sink.write(name, flat_slice(base_tensor, start, stop, spec.dtype))
-                elif merge_method.linear:
-                    _merge_linear(name, spec, base_tensor, base_ckpt.source, vectors, weights, scale, compute, allow_nonfinite, sink)
-                else:
-                    _merge_tensor(
-                        name, spec, base_tensor, base_ckpt.source, vectors, weights, merge_method, scale, params, compute, allow_nonfinite, sink
+                    jobs = (
+                        functools.partial(flat_slice, base_tensor, start, stop, spec.dtype)
+                        for start, stop in chunk_ranges(spec.numel)
                     )
+                elif merge_method.linear:
+                    jobs = _linear_jobs(name, spec, base_tensor, base_ckpt.source, vectors, weights, scale, compute, allow_nonfinite)
+                else:
+                    jobs = _method_jobs(
+                        name, spec, base_tensor, base_ckpt.source, vectors, weights, merge_method, scale, params, compute, allow_nonfinite
+                    )
+                for job in jobs:
+                    pool.submit(name, job)
                 if progress is not None:
                     progress(name)
         committed = sink.commit()
@@ -164,11 +170,12 @@ def merge(
     return result
 
 
-def _merge_linear(name, spec, base_tensor, base_source, vectors, weights, scale, compute, allow_nonfinite, sink):
+def _linear_jobs(name, spec, base_tensor, base_source, vectors, weights, scale, compute, allow_nonfinite):
     """``base + scale * sum_i w_i t_i`` accumulated term by term into one buffer, in
     chunks small enough that the base's chunk stays in cache while every term uses it."""
     terms = [(scale * w * term.weight, term) for v, w in zip(vectors, weights) for term in v.terms]
-    for start, stop in chunk_ranges(spec.numel, LINEAR_CHUNK):
+
+    def job(start: int, stop: int) -> torch.Tensor:
         out = flat_slice(base_tensor, start, stop, compute).clone()
         for coef, term in terms:
             out.add_(term.chunk(name, start, stop, compute), alpha=coef)
@@ -181,37 +188,44 @@ def _merge_linear(name, spec, base_tensor, base_source, vectors, weights, scale,
                     for src in term.sources():
                         check_finite(flat_slice(src.get_tensor(name), start, stop, compute), lambda s=src: f"tensor {name!r} of {s.source}")
                 raise TaskVecError(f"tensor {name!r}: the result overflows {str(compute).removeprefix('torch.')} (set allow_nonfinite to accept it)")
-        sink.write(name, out.to(spec.dtype))
+        return out.to(spec.dtype)
+
+    for start, stop in chunk_ranges(spec.numel, LINEAR_CHUNK):
+        yield functools.partial(job, start, stop)
 
 
-def _merge_tensor(name, spec, base_tensor, base_source, vectors, weights, method, scale, params, compute, allow_nonfinite, sink):
+def _method_jobs(name, spec, base_tensor, base_source, vectors, weights, method, scale, params, compute, allow_nonfinite):
+    """One job per chunk; a trimming method's thresholds over the whole tensor come first."""
     numel = spec.numel
     if numel == 0:
-        sink.write(name, base_tensor.to(spec.dtype))
+        yield lambda: base_tensor.to(spec.dtype)
         return
     ranges = list(chunk_ranges(numel))
-    thresholds = None
-    first_deltas = None
-    if method.trims:
-        k = trim_count(params["density"], numel)
-        if len(ranges) == 1:
-            start, stop = ranges[0]
-            first_deltas = [v.chunk(name, start, stop, compute) for v in vectors]
-            thresholds = [trim_threshold(None, k, compute, whole=d) for d in first_deltas]
-        else:
-            thresholds = [
-                trim_threshold(lambda v=v: (v.chunk(name, a, b, compute) for a, b in ranges), k, compute) for v in vectors
-            ]
-    for start, stop in ranges:
+
+    def job(start: int, stop: int, thresholds, deltas=None) -> torch.Tensor:
         base_chunk = flat_slice(base_tensor, start, stop, compute)
-        if first_deltas is not None:
-            deltas, first_deltas = first_deltas, None
-        else:
+        if deltas is None:
             deltas = [v.chunk(name, start, stop, compute) for v in vectors]
         if not allow_nonfinite:
             check_finite(base_chunk, lambda: f"tensor {name!r} of the base {base_source}")
             for v, d in zip(vectors, deltas):
                 v.check_finite(name, start, stop, d)
+        if method.trims and thresholds is None:  # the whole tensor is this one chunk
+            k = trim_count(params["density"], numel)
+            thresholds = [trim_threshold(None, k, compute, whole=d) for d in deltas]
         ctx = MergeContext(name=name, start=start, numel=numel, params=params, thresholds=thresholds)
         merged = method.fn(deltas, weights, ctx)
-        sink.write(name, torch.add(base_chunk, merged, alpha=scale).to(spec.dtype))
+        return torch.add(base_chunk, merged, alpha=scale).to(spec.dtype)
+
+    thresholds = None
+    if method.trims and len(ranges) > 1:
+        k = trim_count(params["density"], numel)
+        thresholds = []
+        for v in vectors:
+            chunks = lambda v=v: (v.chunk(name, a, b, compute) for a, b in ranges)  # noqa: E731
+            rule = trim_threshold(chunks, k, compute)
+            if not rule.keeps_every_tie:
+                rule.plan_ties(zip((a for a, _ in ranges), chunks()))
+            thresholds.append(rule)
+    for start, stop in ranges:
+        yield functools.partial(job, start, stop, thresholds)

@@ -127,7 +127,7 @@ def _weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Te
 
 
 def _trimmed(deltas: list[torch.Tensor], ctx: MergeContext) -> list[torch.Tensor]:
-    return [rule.apply(d) for d, rule in zip(deltas, ctx.thresholds)]
+    return [rule.apply(d, ctx.start) for d, rule in zip(deltas, ctx.thresholds)]
 
 
 def _dropped(deltas: list[torch.Tensor], ctx: MergeContext) -> list[torch.Tensor]:
@@ -216,30 +216,41 @@ class TrimThreshold:
     first ``ties_to_keep`` entries with ``|x| == value`` in flattened order, so that
     exactly k entries survive even when magnitudes tie (common in 16-bit deltas).
 
-    ``mask`` must see a tensor's chunks in order: it counts the ties kept so far.
+    When only some ties are kept, ``tie_budget`` maps each chunk's start to how
+    many of its ties it keeps, so chunks can be processed in any order.
     """
 
     value: float
     ties_to_keep: int
     ties_total: int
-    _kept: int = 0
+    tie_budget: dict[int, int] = field(default_factory=dict)
 
-    def apply(self, chunk: torch.Tensor) -> torch.Tensor:
+    @property
+    def keeps_every_tie(self) -> bool:
+        return self.ties_to_keep == self.ties_total
+
+    def plan_ties(self, chunks: Iterable[tuple[int, torch.Tensor]]) -> None:
+        """Split ``ties_to_keep`` over the chunks (given as (start, chunk) in order)."""
+        left = self.ties_to_keep
+        for start, chunk in chunks:
+            tied = int((chunk.abs() == self.value).sum())
+            self.tie_budget[start] = min(left, tied)
+            left -= self.tie_budget[start]
+
+    def apply(self, chunk: torch.Tensor, start: int = 0) -> torch.Tensor:
         """``chunk`` with the entries the trim drops set to zero (a new tensor)."""
         magnitude = chunk.abs()
-        if self.ties_to_keep == self.ties_total:
+        if self.keeps_every_tie:
             # keep |x| >= value: an arithmetic 0/1 indicator, several times faster
             # than boolean masks and torch.where on CPU
             below = torch.nextafter(torch.tensor(self.value, dtype=chunk.dtype), torch.tensor(-1.0, dtype=chunk.dtype))
             keep = magnitude.sub_(below).sign_().clamp_(min=0)
             return keep.mul_(chunk)
         keep = magnitude > self.value
-        left = self.ties_to_keep - self._kept
-        if left > 0:
+        budget = self.tie_budget.get(start, self.ties_to_keep if start == 0 and not self.tie_budget else 0)
+        if budget > 0:
             tied = magnitude == self.value
-            tied_so_far = tied.cumsum(0)
-            keep |= tied & (tied_so_far <= left)
-            self._kept += min(left, int(tied_so_far[-1]) if tied_so_far.numel() else 0)
+            keep |= tied & (tied.cumsum(0) <= budget)
         return torch.where(keep, chunk, 0.0)
 
 

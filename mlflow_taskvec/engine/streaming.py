@@ -9,7 +9,9 @@ size, so random masks do not depend on the chunking.
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -99,3 +101,43 @@ class MemorySink:
 
     def commit(self) -> dict[str, torch.Tensor]:
         return {n: self.tensors[n].view(self.specs[n].shape) for n in self.order}
+
+
+class OrderedPool:
+    """Computes output chunks on worker threads and hands them to ``sink`` in order.
+
+    Each job is a callable returning one chunk of tensor ``name``; at most
+    ``max_pending`` jobs are in flight, which bounds memory. Torch ops release the
+    GIL, so two single-threaded workers keep both cores busy.
+    """
+
+    def __init__(self, sink, workers: int = 2, max_pending: int = 6):
+        self.sink = sink
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="taskvec-compute")
+        self._pending: deque[tuple[str, Future]] = deque()
+        self._max_pending = max_pending
+
+    def submit(self, name: str, job: Callable[[], torch.Tensor]) -> None:
+        self._pending.append((name, self._pool.submit(job)))
+        while len(self._pending) > self._max_pending:
+            self._write_oldest()
+
+    def _write_oldest(self) -> None:
+        name, fut = self._pending.popleft()
+        self.sink.write(name, fut.result())
+
+    def drain(self) -> None:
+        while self._pending:
+            self._write_oldest()
+
+    def __enter__(self) -> "OrderedPool":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.drain()
+        finally:
+            for _, fut in self._pending:
+                fut.cancel()
+            self._pool.shutdown(wait=True)
