@@ -57,6 +57,10 @@ def combine_digests(entries: list[tuple[str, TensorSpec, str]]) -> str:
     return h.hexdigest()
 
 
+# fingerprints of files this process has hashed, by (path, inode, size, mtime_ns)
+_FILE_FINGERPRINTS: dict[tuple, str] = {}
+
+
 class Checkpoint:
     """A lazy, read-only mapping of tensor names to tensors."""
 
@@ -89,16 +93,28 @@ class Checkpoint:
     def specs(self) -> dict[str, TensorSpec]:
         return {name: self.spec(name) for name in self.keys()}
 
-    def fingerprint(self) -> str:
-        cached = getattr(self, "_fingerprint", None)
+    def fingerprint(self, fresh: bool = False) -> str:
+        """The content fingerprint. Cached per object, and per process for files
+        whose path, inode, size and mtime are unchanged; ``fresh=True`` rehashes
+        (what a verification must do)."""
+        key = None if fresh else self._file_key()
+        cached = None if fresh else getattr(self, "_fingerprint", None) or _FILE_FINGERPRINTS.get(key)
         if cached is None:
             names = self.keys()
             # blake3 releases the GIL on large buffers: two threads use both cores.
             with ThreadPoolExecutor(max_workers=2) as pool:
                 digests = list(pool.map(lambda n: tensor_digest(self.raw_bytes(n)), names))
             cached = combine_digests([(n, self.spec(n), d) for n, d in zip(names, digests)])
-            self._fingerprint = cached
+            if key is None:
+                key = self._file_key()
+            if key is not None:
+                _FILE_FINGERPRINTS[key] = cached
+        self._fingerprint = cached
         return cached
+
+    def _file_key(self) -> tuple | None:
+        """What identifies unchanged files on disk (None for in-memory checkpoints)."""
+        return None
 
     def num_parameters(self) -> int:
         return sum(self.spec(n).numel for n in self.keys())
@@ -132,6 +148,14 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def keys(self) -> list[str]:
         return list(self._keys)
+
+    def _file_key(self) -> tuple | None:
+        try:
+            return tuple(
+                (str(p.resolve()), st.st_ino, st.st_size, st.st_mtime_ns) for p in self.files for st in [p.stat()]
+            )
+        except OSError:
+            return None
 
     def __contains__(self, name: str) -> bool:
         return name in self._where

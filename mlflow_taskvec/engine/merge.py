@@ -129,7 +129,11 @@ def merge(
             output, specs, metadata, max_shard_size=max_shard_size, copy_files_from=base_ckpt.directory, overwrite=overwrite
         )
     try:
-        with one_torch_thread(), OrderedPool(sink) as pool:
+        # Task arithmetic is memory-bound with small temporaries: two workers pay.
+        # The other methods hold several chunk-sized temporaries per input; a second
+        # worker bought them ~12% and cost ~2x the peak memory, so they use one.
+        workers = 2 if merge_method.linear else 1
+        with one_torch_thread(), OrderedPool(sink, workers=workers) as pool:
             for name in sink.order:
                 spec = specs[name]
                 base_tensor = base_ckpt.get_tensor(name)

@@ -173,7 +173,7 @@ def resolve(ref: str | os.PathLike) -> Resolved:
     if entry.is_dir() and record.is_file():
         recorded = json.loads(record.read_text("utf-8"))["fingerprint"]
         try:
-            if open_checkpoint(weights_path(entry, mlmodel)).fingerprint() == recorded:
+            if open_checkpoint(weights_path(entry, mlmodel)).fingerprint(fresh=True) == recorded:
                 local = entry
         except TaskVecError:
             pass
@@ -187,7 +187,7 @@ def resolve(ref: str | os.PathLike) -> Resolved:
         try:
             downloaded = _download(where["artifact_uri"], tmp, text)
             DOWNLOADS.append(where["canonical"])
-            got = open_checkpoint(weights_path(downloaded, mlmodel)).fingerprint()
+            got = open_checkpoint(weights_path(downloaded, mlmodel)).fingerprint(fresh=True)
             if expected and got != expected:
                 raise TaskVecError(
                     f"{text}: downloaded weights have fingerprint {got[:16]}, the model records {expected[:16]} (tampered or incomplete artifact)"
