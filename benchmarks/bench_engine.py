@@ -1,0 +1,580 @@
+#!/usr/bin/env python
+"""Benchmark of the streaming engine: wall time and peak anonymous memory.
+
+Generates a Llama-shaped fp32 checkpoint (a base and three fine-tunes, each a
+single safetensors file; fine-tune = base + small noise, fixed seed), then runs
+every operation in a fresh subprocess and reports, per model size:
+
+- ``extract``          ``TaskVector.extract(base, ft1).save(out)``
+- ``task_arithmetic``  ``merge(base, [extract(base, ft_i)], [1, 1, 1], scale=0.5)``
+- ``ties``             the same inputs, ``method="ties"``, ``density``
+- ``floor2/floor4``    the I/O floor: read every byte of 2 (base, ft1) or 4 inputs
+                       from their mmap views (chunk copies, the engine's chunk size)
+                       and write one base-sized file through ``StreamingWriter``;
+                       no method logic, no hashing
+- ``naive_*``          what reference code does: ``safetensors.torch.load_file``
+                       everything, task vectors as dicts, merge whole tensors in
+                       memory, ``save_file`` (+ fsync, as the engine does)
+
+Peak memory is the peak of ``RssAnon`` (sampled every ~2 ms in a background
+thread, and read once more at the end) minus ``RssAnon`` right before the
+operation starts, after torch and the package are imported. mmap'd input pages
+are file-backed and do not count; what the operation allocates does.
+
+    .venv/bin/python benchmarks/bench_engine.py --sizes 0.5 2 --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+GB = 10**9
+VOCAB = 32000
+N_FINETUNES = 3
+SCALE = 0.5
+# (largest size in GB, hidden, intermediate): Llama-like proportions per size class.
+SHAPE_CLASSES = [(0.2, 256, 688), (1.0, 768, 2048), (4.0, 1536, 4096), (12.0, 2048, 5632), (math.inf, 4096, 11008)]
+
+OPS = ["floor2", "extract", "floor4", "task_arithmetic", "ties", "naive_task_arithmetic", "naive_ties"]
+FLOOR_OF = {"extract": "floor2", "task_arithmetic": "floor4", "ties": "floor4",
+            "naive_task_arithmetic": "floor4", "naive_ties": "floor4"}
+# op: (max ratio to its floor or None, max peak anon MB or None)
+TARGETS = {"extract": (None, 300), "task_arithmetic": (1.3, 300), "ties": (3.0, 300)}
+# Rough peak of the naive ops in model sizes (3 task vectors + sum + base + merged + temporaries).
+NAIVE_MEMORY_FACTOR = {"naive_task_arithmetic": 7.0, "naive_ties": 6.5}
+# Engine output vs naive output (same maths, whole tensors instead of chunks).
+CHECK_PAIRS = [("task_arithmetic", "naive_task_arithmetic"), ("ties", "naive_ties")]
+
+
+# -- the model -------------------------------------------------------------------
+
+
+def plan_model(size_gb: float) -> dict:
+    """Llama shapes whose fp32 size is close to ``size_gb`` (1 GB = 1e9 bytes)."""
+    _, hidden, inter = next(c for c in SHAPE_CLASSES if size_gb < c[0])
+    target = size_gb * GB / 4
+    fixed = 2 * VOCAB * hidden + hidden  # embed_tokens, lm_head, final norm
+    per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
+    layers = max(1, round((target - fixed) / per_layer))
+    shapes = {"model.embed_tokens.weight": (VOCAB, hidden), "lm_head.weight": (VOCAB, hidden), "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[p + f"self_attn.{proj}.weight"] = (hidden, hidden)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    params = sum(math.prod(s) for s in shapes.values())
+    largest = max(shapes, key=lambda n: math.prod(shapes[n]))
+    return {"hidden": hidden, "intermediate": inter, "layers": layers, "shapes": shapes,
+            "params": params, "bytes": 4 * params, "largest": largest}
+
+
+def generate(directory: Path, size_gb: float, seed: int) -> list[Path]:
+    """Write base.safetensors and ft1..ft3.safetensors, chunk by chunk (memory stays small)."""
+    import torch
+
+    from mlflow_taskvec.engine import CheckpointWriter, TensorSpec, open_checkpoint
+
+    plan = plan_model(size_gb)
+    paths = [directory / "base.safetensors"] + [directory / f"ft{i + 1}.safetensors" for i in range(N_FINETUNES)]
+    tag = {"bench.size_gb": repr(size_gb), "bench.seed": str(seed), "bench.params": str(plan["params"])}
+    if all(p.is_file() for p in paths):
+        try:
+            if all({k: open_checkpoint(p).metadata().get(k) for k in tag} == tag for p in paths):
+                print(f"  reusing the checkpoints in {directory}")
+                return paths
+        except Exception:
+            pass
+    directory.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        p.unlink(missing_ok=True)
+    started = time.perf_counter()
+    specs = {n: TensorSpec(torch.float32, s) for n, s in plan["shapes"].items()}
+    gen = torch.Generator().manual_seed(seed)
+    writers = [CheckpointWriter(p, specs, tag) for p in paths]
+    try:
+        for name in writers[0].order:
+            is_norm = len(specs[name].shape) == 1
+            numel = specs[name].numel
+            for start in range(0, numel, 1 << 22):
+                n = min(numel, start + (1 << 22)) - start
+                base = torch.randn(n, generator=gen)
+                base = base.mul_(0.1).add_(1.0) if is_norm else base.mul_(0.02)
+                writers[0].write(name, base)
+                for w in writers[1:]:
+                    w.write(name, base + torch.randn(n, generator=gen).mul_(1e-3))
+        for w in writers:
+            w.commit()
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    print(f"  generated 4 checkpoints in {time.perf_counter() - started:.1f} s")
+    return paths
+
+
+# -- the child: one operation, measured --------------------------------------------
+
+
+def read_anon_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    return 0
+
+
+class AnonSampler(threading.Thread):
+    """Samples RssAnon every ``interval`` seconds; ``peak_kb`` is the highest seen."""
+
+    def __init__(self, interval: float = 0.002):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.peak_kb = read_anon_kb()
+        self.samples = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.peak_kb = max(self.peak_kb, read_anon_kb())
+            self.samples += 1
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run_op(op: str, base: str, fts: list[str], out: str, density: float) -> None:
+    import torch
+
+    from mlflow_taskvec.engine import TaskVector, merge, open_checkpoint
+    from mlflow_taskvec.engine.safetensors_io import StreamingWriter
+    from mlflow_taskvec.engine.streaming import chunk_ranges
+
+    if op == "extract":
+        TaskVector.extract(base, fts[0]).save(out)
+    elif op in ("task_arithmetic", "ties"):
+        vectors = [TaskVector.extract(base, ft) for ft in fts]
+        params = {"density": density} if op == "ties" else {}
+        merge(base, vectors, [1.0] * len(vectors), method=op, scale=SCALE, params=params, output=out)
+    elif op in ("floor2", "floor4"):
+        inputs = [open_checkpoint(p) for p in [base] + fts[: 1 if op == "floor2" else 3]]
+        specs = inputs[0].specs()
+        writer = StreamingWriter(out, specs)
+        for name in writer.order:
+            flats = [c.get_tensor(name).reshape(-1) for c in inputs]
+            for start, stop in chunk_ranges(specs[name].numel):
+                copies = [f[start:stop].clone() for f in flats]
+                writer.write(name, copies[0])
+        writer.close()
+    elif op in ("naive_task_arithmetic", "naive_ties"):
+        from safetensors.torch import load_file, save_file
+
+        # As the reference code does: each task vector from a fresh load of base and fine-tune.
+        tvs = []
+        for ft in fts:
+            b, f = load_file(base), load_file(ft)
+            tvs.append({k: f[k] - b[k] for k in b})
+            del b, f
+        b = load_file(base)
+        if op == "naive_task_arithmetic":
+            total = tvs[0]
+            for tv in tvs[1:]:
+                total = {k: total[k] + tv[k] for k in total}
+            merged = {k: b[k] + SCALE * total[k] for k in b}
+        else:
+            w = torch.ones(len(tvs), 1)
+            merged = {}
+            for k in b:
+                stacked = torch.stack([tv[k].reshape(-1) for tv in tvs])
+                numel = stacked.shape[1]
+                keep = max(1, int(density * numel))
+                mag = stacked.abs()
+                thr = mag.kthvalue(numel - keep + 1, dim=1, keepdim=True).values
+                # Exactly `keep` entries per input, as the engine does: those above the
+                # threshold, then the first ones equal to it in flattened order.
+                above, tied = mag > thr, mag == thr
+                need = keep - above.sum(1, keepdim=True)
+                kept = above | (tied & (tied.cumsum(1) <= need))
+                scaled = torch.where(kept, stacked, 0.0) * w
+                elected = torch.where(scaled.sum(0) >= 0, 1.0, -1.0)
+                agree = torch.sign(scaled) == elected
+                num = torch.where(agree, scaled, 0.0).sum(0)
+                div = (agree * w).sum(0)
+                div = torch.where(div == 0, 1.0, div)
+                merged[k] = (b[k].reshape(-1) + SCALE * (num / div)).reshape(b[k].shape)
+        save_file(merged, out)
+        _fsync(Path(out))
+    else:
+        raise SystemExit(f"unknown op {op!r}")
+
+
+def child_main(args: argparse.Namespace) -> None:
+    import resource
+
+    import torch
+
+    import mlflow_taskvec.engine  # noqa: F401  (imported before the baseline)
+    from safetensors.torch import load_file  # noqa: F401
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.add(torch.ones(8), torch.ones(8))  # lazy torch initialisation, before the baseline
+    profiler = None
+    if args.profile_out:
+        import cProfile
+
+        profiler = cProfile.Profile()
+    baseline = read_anon_kb()
+    sampler = AnonSampler()
+    sampler.start()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    run_op(args.child, args.base, args.ft, args.out, args.density)
+    if profiler:
+        profiler.disable()
+    wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    end = read_anon_kb()
+    sampler.stop()
+    if profiler:
+        profiler.dump_stats(args.profile_out)
+    print(json.dumps({
+        "op": args.child,
+        "wall_s": wall,
+        "cpu_s": (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime),
+        "baseline_mb": baseline / 1024,
+        "peak_anon_mb": (max(sampler.peak_kb, end) - baseline) / 1024,
+        "samples": sampler.samples,
+    }))
+
+
+# -- the parent ----------------------------------------------------------------------
+
+
+def system_busy_s() -> float:
+    """CPU seconds all processes (and steal) have used since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(limit_s: float) -> None:
+    """Wait (at most ``limit_s``) until the CPUs are less than 10% busy over one second."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        b0, t0 = system_busy_s(), time.monotonic()
+        time.sleep(1.0)
+        if (system_busy_s() - b0) / ((time.monotonic() - t0) * (os.cpu_count() or 1)) < 0.1:
+            return
+
+
+def run_child(op: str, paths: list[Path], out: Path, args: argparse.Namespace, profile_out: Path | None = None) -> dict:
+    import resource
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", op, "--base", str(paths[0]),
+           "--ft", *map(str, paths[1:]), "--out", str(out), "--density", str(args.density)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if profile_out:
+        cmd += ["--profile-out", str(profile_out)]
+    busy0, ru0, t0 = system_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    busy1, ru1, t1 = system_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{op} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    # CPU that other processes used while the child ran, as a share of the machine: noise.
+    ours = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    res["others_share"] = max(0.0, (busy1 - busy0) - ours) / ((t1 - t0) * (os.cpu_count() or 1))
+    return res
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def max_abs_diff(a: Path, b: Path) -> float:
+    import torch
+
+    from mlflow_taskvec.engine import open_checkpoint
+    from mlflow_taskvec.engine.streaming import chunk_ranges
+
+    ca, cb = open_checkpoint(a), open_checkpoint(b)
+    assert sorted(ca.keys()) == sorted(cb.keys()), "outputs hold different tensors"
+    worst = 0.0
+    for name in ca.keys():
+        ta, tb = ca.get_tensor(name).reshape(-1), cb.get_tensor(name).reshape(-1)
+        for s, e in chunk_ranges(ta.numel()):
+            worst = max(worst, float((ta[s:e] - tb[s:e]).abs().max()))
+    return worst
+
+
+def bench_size(size_gb: float, args: argparse.Namespace, workdir: Path) -> list[dict]:
+    plan = plan_model(size_gb)
+    largest = plan["largest"]
+    print(f"\n== {size_gb:g} GB: hidden {plan['hidden']}, intermediate {plan['intermediate']}, {plan['layers']} layers, "
+          f"{plan['params'] / 1e6:.1f}M parameters ({plan['bytes'] / GB:.2f} GB fp32 per checkpoint), "
+          f"largest tensor {largest} {list(plan['shapes'][largest])} "
+          f"({math.prod(plan['shapes'][largest]) * 4 / 2**20:.0f} MiB)")
+    directory = workdir / f"model-{size_gb:g}gb"
+    paths = generate(directory, size_gb, args.seed)
+    rows = []
+    outputs: dict[str, Path] = {}
+    for op in args.ops:
+        out = directory / f"out-{op}.safetensors"
+        if op in NAIVE_MEMORY_FACTOR:
+            need = NAIVE_MEMORY_FACTOR[op] * plan["bytes"]
+            if need > 0.9 * mem_available():
+                print(f"  {op}: skipped (needs ~{need / GB:.1f} GB, {mem_available() / GB:.1f} GB available)")
+                rows.append({"op": op, "size_gb": size_gb, "skipped": f"needs ~{need / GB:.0f} GB RAM"})
+                continue
+        runs = []
+        for i in range((1 if args.warm else 0) + args.repeat):
+            timed = not args.warm or i > 0
+            prof = workdir / f"{op}-{size_gb:g}gb.prof" if (op in args.profile and i == 0) else None
+            for attempt in range(1 + (args.retries if timed else 0)):
+                if timed:
+                    wait_quiet(args.quiet_wait)
+                remove(out)
+                res = run_child(op, paths, out, args, prof)
+                if res["others_share"] <= args.max_noise:
+                    break
+                if timed and attempt < args.retries:
+                    print(f"  {op}: other processes used {100 * res['others_share']:.0f}% of the CPUs, running it again")
+            if prof:
+                print_profile(op, prof, res)
+            elif timed:
+                runs.append(res)
+        outputs[op] = out
+        row = {"op": op, "size_gb": size_gb,
+               "wall_s": min(r["wall_s"] for r in runs),
+               "cpu_s": min(r["cpu_s"] for r in runs),
+               "peak_anon_mb": max(r["peak_anon_mb"] for r in runs),
+               "others_share": max(r["others_share"] for r in runs),
+               "baseline_mb": runs[0]["baseline_mb"]}
+        rows.append(row)
+        print(f"  {op:<22} {row['wall_s']:7.2f} s  cpu {row['cpu_s']:6.2f} s  peak anon {row['peak_anon_mb']:8.1f} MB"
+              f"  (other processes used {100 * row['others_share']:.0f}% of the CPUs meanwhile)")
+    by_op = {r["op"]: r for r in rows}
+    for r in rows:
+        floor = by_op.get(FLOOR_OF.get(r["op"], ""))
+        if "wall_s" in r and floor and "wall_s" in floor:
+            r["ratio"] = r["wall_s"] / floor["wall_s"]
+        r["target"], r["result"] = judge(r)
+    for eng, naive in CHECK_PAIRS:
+        if eng in outputs and naive in outputs and outputs[eng].exists() and outputs[naive].exists():
+            d = max_abs_diff(outputs[eng], outputs[naive])
+            print(f"  check: {eng} vs {naive}: max |diff| = {d:.3g}")
+    for out in outputs.values():
+        remove(out)
+    if not args.keep:
+        remove(directory)
+    return rows
+
+
+def judge(row: dict) -> tuple[str, str]:
+    if row["op"] not in TARGETS or "wall_s" not in row:
+        return "-", "-"
+    max_ratio, max_mb = TARGETS[row["op"]]
+    parts, misses = [], []
+    if max_ratio is not None:
+        parts.append(f"<={max_ratio:g}x")
+        if row.get("ratio") is None or row["ratio"] > max_ratio:
+            misses.append("time")
+    if max_mb is not None:
+        parts.append(f"<{max_mb} MB")
+        if row["peak_anon_mb"] >= max_mb:
+            misses.append("memory")
+    return ", ".join(parts), ("MISS (" + ", ".join(misses) + ")") if misses else "PASS"
+
+
+def print_profile(op: str, prof: Path, res: dict, top: int = 18) -> None:
+    import io
+    import pstats
+
+    buf = io.StringIO()
+    stats = pstats.Stats(str(prof), stream=buf)
+    stats.sort_stats("tottime").print_stats(top)
+    text = buf.getvalue()
+    body = text[text.find("   ncalls"):] if "   ncalls" in text else text
+    print(f"\n  -- cProfile of {op} (main thread only; {res['wall_s']:.2f} s under the profiler), top {top} by tottime --")
+    for line in body.rstrip().splitlines():
+        print("  " + line)
+    print()
+
+
+def engine_version() -> str:
+    """The git commit of the package, and whether its engine has uncommitted changes."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mlflow_taskvec/engine"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (sha or "unknown") + (" + uncommitted engine changes" if dirty else "")
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    mem = next(int(l.split()[1]) * 1024 for l in open("/proc/meminfo") if l.startswith("MemTotal:"))
+    try:
+        import safetensors
+
+        st = safetensors.__version__
+    except Exception:
+        st = "?"
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "ram_gb": mem / 2**30,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "safetensors": st}
+
+
+def fmt_rows(rows: list[dict]) -> list[list[str]]:
+    out = []
+    for r in rows:
+        if "skipped" in r:
+            out.append([r["op"], f"{r['size_gb']:g} GB", "-", "-", "-", "-", "-", "skipped: " + r["skipped"]])
+            continue
+        ratio = f"{r['ratio']:.2f}x" if r.get("ratio") is not None else ("1.00x" if r["op"].startswith("floor") else "-")
+        out.append([r["op"], f"{r['size_gb']:g} GB", f"{r['wall_s']:.2f}", ratio, f"{r['cpu_s']:.2f}",
+                    f"{r['peak_anon_mb']:.0f}", r["target"], r["result"]])
+    return out
+
+
+HEADER = ["op", "size", "wall s", "x floor", "cpu s", "peak anon MB", "target", "result"]
+
+
+def print_table(rows: list[dict], markdown: bool) -> None:
+    body = fmt_rows(rows)
+    if markdown:
+        print("| " + " | ".join(HEADER) + " |")
+        print("|" + "|".join("---" if i == 0 else "---:" if i < 6 else "---" for i in range(len(HEADER))) + "|")
+        for line in body:
+            print("| " + " | ".join(line) + " |")
+        return
+    widths = [max(len(h), *(len(line[i]) for line in body)) for i, h in enumerate(HEADER)]
+    print("  ".join(h.ljust(w) for h, w in zip(HEADER, widths)))
+    print("  ".join("-" * w for w in widths))
+    for line in body:
+        print("  ".join(c.ljust(w) if i in (0, 1, 6, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size-gb", type=float, default=0.5, help="fp32 size of each checkpoint, in GB (1e9 bytes)")
+    p.add_argument("--sizes", type=float, nargs="+", help="several sizes in one run (overrides --size-gb)")
+    p.add_argument("--workdir", type=Path, help="where checkpoints go (default: a temp dir under /tmp)")
+    p.add_argument("--keep", action="store_true", help="keep the generated checkpoints (and the temp dir)")
+    p.add_argument("--density", type=float, default=0.2, help="ties density")
+    p.add_argument("--repeat", type=int, default=1, help="timed runs per op (best wall time, worst memory)")
+    p.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True,
+                   help="run each op once untimed first, so the inputs are in the page cache")
+    p.add_argument("--ops", nargs="+", choices=OPS, default=OPS, help="which ops to run")
+    p.add_argument("--profile", nargs="*", choices=OPS, default=[],
+                   help="also print a cProfile of these ops (replaces their warm-up run)")
+    p.add_argument("--quiet-wait", type=float, default=30, metavar="S",
+                   help="before each timed run, wait up to S seconds for the CPUs to be idle (shared machines)")
+    p.add_argument("--max-noise", type=float, default=0.1, metavar="F",
+                   help="rerun a timed run when other processes used more than this share of the CPUs during it")
+    p.add_argument("--retries", type=int, default=1, help="at most this many reruns of a noisy timed run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch intra-op threads in the measured process (default: torch's)")
+    p.add_argument("--markdown", action="store_true", help="print a README-ready markdown table")
+    # internal: one measured operation in a fresh process
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--base", help=argparse.SUPPRESS)
+    p.add_argument("--ft", nargs="+", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--profile-out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child_main(args)
+        return
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    if args.profile and not args.warm:
+        p.error("--profile replaces the warm-up run; it needs --warm")
+    sizes = args.sizes or [args.size_gb]
+    ops = [op for op in OPS if op in args.ops]
+    for op in ops:  # a ratio needs its floor
+        if FLOOR_OF.get(op) and FLOOR_OF[op] not in ops:
+            ops.insert(0, FLOOR_OF[op])
+    args.ops = [op for op in OPS if op in ops]
+
+    own_tmp = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="taskvec-bench-", dir="/tmp")) if own_tmp else args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+    machine = (f"{info['cpu']}, {info['cores']} cores, {info['ram_gb']:.0f} GiB RAM; torch {info['torch']} "
+               f"({args.threads or info['torch_threads']} threads), safetensors {info['safetensors']}, Python {info['python']}")
+    cache = ("warm page cache: each op ran once untimed before timing" if args.warm
+             else "no warm-up run: inputs are in the page cache only if something read them before")
+    print(f"machine: {machine}")
+    print(f"engine: git {engine_version()}")
+    print(f"workdir: {workdir}; {cache}; {args.repeat} timed run(s) per op, each in a fresh process")
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: load average {load:.2f} before starting: other processes may skew the timings")
+    started = time.perf_counter()
+    rows = []
+    try:
+        for size in sizes:
+            rows += bench_size(size, args, workdir)
+    finally:
+        if own_tmp and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\nmachine: {machine}; engine: git {engine_version()}")
+    print(f"{cache}; wall s: best of {args.repeat}; peak anon MB: RssAnon above the post-import baseline, worst of "
+          f"{args.repeat}; x floor: extract vs floor2 (read 2 inputs, write 1), merges vs floor4 (read 4, write 1); "
+          f"ties density {args.density:g}, 3 fine-tunes, scale {SCALE:g}\n")
+    print_table(rows, args.markdown)
+    noisy = [f"{r['op']} @ {r['size_gb']:g} GB ({100 * r['others_share']:.0f}%)" for r in rows if r.get("others_share", 0) > args.max_noise]
+    if noisy:
+        print(f"\nnoisy: other processes used over {100 * args.max_noise:.0f}% of the CPUs during: " + ", ".join(noisy))
+    print(f"\ntotal benchmark time {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
