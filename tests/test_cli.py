@@ -24,37 +24,14 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from mlflow_taskvec.cli import main
+from small_models import INT_BUFFER, SHAPES, base_state, finetune_state
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.recipe import load_recipe
 
 # -- inputs -----------------------------------------------------------------------
 
-SHAPES = {
-    "model.embed.weight": (8, 4),
-    "model.layers.0.attn.weight": (4, 4),
-    "model.layers.0.mlp.weight": (6, 4),
-    "model.layers.1.attn.weight": (4, 4),
-    "model.layers.1.mlp.weight": (6, 4),
-    "model.norm.weight": (4,),
-}
-INT_BUFFER = "model.position_ids"
 FLOAT_PARAMS = sum(math.prod(s) for s in SHAPES.values())  # 116
 METHOD_NAMES = ["task_arithmetic", "ties", "magnitude_prune", "dare_linear", "dare_ties"]
-
-
-def base_state(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    state = {name: torch.randn(shape, generator=g) for name, shape in SHAPES.items()}
-    state[INT_BUFFER] = torch.arange(8, dtype=torch.int64).reshape(1, 8)
-    return state
-
-
-def finetune_state(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        name: t + 0.1 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t.clone()
-        for name, t in base.items()
-    }
 
 
 @pytest.fixture

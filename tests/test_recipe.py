@@ -20,44 +20,19 @@ from safetensors.torch import load_file, save_file
 import mlflow_taskvec.recipe as recipe_module
 from mlflow_taskvec import TaskVecError, TaskVector, merge, open_checkpoint
 from mlflow_taskvec.recipe import load_recipe, parse_recipe, run_recipe
+from small_models import INT_BUFFER, SHAPES, base_state, finetune_state
 
 # -- inputs -----------------------------------------------------------------------
-
-SHAPES = {
-    "model.embed.weight": (8, 4),
-    "model.layers.0.attn.weight": (4, 4),
-    "model.layers.0.mlp.weight": (6, 4),
-    "model.layers.1.attn.weight": (4, 4),
-    "model.layers.1.mlp.weight": (6, 4),
-    "model.norm.weight": (4,),
-}
-INT_BUFFER = "model.position_ids"
-
-
-def _base_state(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    state = {name: torch.randn(shape, generator=g) for name, shape in SHAPES.items()}
-    state[INT_BUFFER] = torch.arange(8, dtype=torch.int64).reshape(1, 8)
-    return state
-
-
-def _finetune_state(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        name: t + 0.1 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t.clone()
-        for name, t in base.items()
-    }
-
 
 @pytest.fixture
 def models(tmp_path) -> SimpleNamespace:
     """``models/`` holding base.safetensors and fine-tunes a, b, c of it."""
     folder = tmp_path / "models"
     folder.mkdir()
-    base = _base_state(0)
+    base = base_state(0)
     save_file(base, str(folder / "base.safetensors"))
     for i, task in enumerate("abc"):
-        save_file(_finetune_state(base, 100 + i), str(folder / f"{task}.safetensors"))
+        save_file(finetune_state(base, 100 + i), str(folder / f"{task}.safetensors"))
     return SimpleNamespace(folder=folder, base=folder / "base.safetensors")
 
 
