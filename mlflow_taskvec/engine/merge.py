@@ -25,12 +25,14 @@ from mlflow_taskvec.engine.streaming import (
     COMPUTE_DTYPES,
     STORAGE_DTYPES,
     MemorySink,
+    CHUNK_ELEMENTS,
     OrderedPool,
     check_finite,
     chunk_ranges,
     flat_slice,
     one_torch_thread,
     parse_dtype,
+    release_free_memory,
 )
 from mlflow_taskvec.engine.taskvector import TaskVector, check_same_tensors
 from mlflow_taskvec.engine.writer import CheckpointWriter, check_output_path
@@ -150,6 +152,8 @@ def merge(
                     )
                 for job in jobs:
                     pool.submit(name, job)
+                if spec.numel > CHUNK_ELEMENTS:
+                    release_free_memory()
                 if progress is not None:
                     progress(name)
         committed = sink.commit()

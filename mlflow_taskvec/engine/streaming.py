@@ -9,6 +9,8 @@ size, so random masks do not depend on the chunking.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,6 +58,29 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def _load_malloc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS.
+
+    glibc keeps freed chunk-sized buffers in per-thread arenas, so with a writer
+    and compute threads the resident memory creeps up over a large tensor's many
+    chunks even though nothing is live; trimming after such a tensor keeps the
+    peak bounded by what is really in use.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def chunk_ranges(numel: int, chunk: int = CHUNK_ELEMENTS) -> Iterator[tuple[int, int]]:

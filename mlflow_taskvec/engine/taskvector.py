@@ -22,12 +22,14 @@ import torch
 from mlflow_taskvec.engine.checkpoint import Checkpoint, open_checkpoint
 from mlflow_taskvec.engine.safetensors_io import TensorSpec
 from mlflow_taskvec.engine.streaming import (
+    CHUNK_ELEMENTS,
     STORAGE_DTYPES,
     check_finite,
     chunk_ranges,
     flat_slice,
     one_torch_thread,
     parse_dtype,
+    release_free_memory,
 )
 from mlflow_taskvec.engine.writer import CheckpointWriter
 from mlflow_taskvec.errors import TaskVecError
@@ -330,6 +332,8 @@ class TaskVector:
                     if not allow_nonfinite:
                         self.check_finite(name, start, stop, values)
                     writer.write(name, values.to(specs[name].dtype))
+                if specs[name].numel > CHUNK_ELEMENTS:
+                    release_free_memory()
                 if progress is not None:
                     progress(name)
             return writer.commit()
