@@ -18,6 +18,7 @@ from mlflow_taskvec import __version__
 from mlflow_taskvec.engine.inspect import describe
 from mlflow_taskvec.engine.methods import METHODS
 from mlflow_taskvec.engine.taskvector import TaskVector
+from mlflow_taskvec.engine.writer import parse_size
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.recipe import load_recipe, run_recipe
 from mlflow_taskvec.references import open_reference
@@ -130,14 +131,18 @@ def _report_registration(quiet: bool, reg) -> None:
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="Output path (overrides the recipe's).")
+@_shards
 @_register
 @_alias
 @_overwrite
 @_quiet
 @_fail_cleanly
-def compose(recipe, output, register_as, alias, overwrite, quiet):
+def compose(recipe, output, max_shard_size, register_as, alias, overwrite, quiet):
     """Compose a model from a YAML merge RECIPE (references may be MLflow URIs)."""
     spec = load_recipe(recipe)
+    if max_shard_size is not None:
+        parse_size(max_shard_size, "--max-shard-size")
+        spec.max_shard_size = max_shard_size
     if register_as is not None:
         from mlflow_taskvec.tracking.registry import register_composite
 

@@ -611,3 +611,25 @@ def test_failing_real_process_exits_1_with_one_line_on_stderr(models):
     assert result.stdout == ""
     assert result.stderr.splitlines() == ["Error: missing.safetensors: no such file or directory"]
     assert not (models.folder / "v.safetensors").exists()
+
+
+def test_compose_max_shard_size_option_overrides_the_recipe(models, tmp_path):
+    recipe = tmp_path / "shards.yaml"
+    recipe.write_text(yaml.safe_dump({"base": str(models.base), "vectors": [{"finetuned": str(models.a)}]}))
+
+    result = cli("compose", recipe, "--output", tmp_path / "sharded", "--max-shard-size", "200B")
+
+    assert_ok(result)
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+
+
+def test_compose_refuses_a_malformed_max_shard_size(models, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"base": str(models.base), "vectors": [{"finetuned": str(models.a)}]}))
+
+    result = cli("compose", recipe, "--output", tmp_path / "bad", "--max-shard-size", "lots")
+
+    assert result.exit_code == 1
+    assert "--max-shard-size: 'lots' is not a size" in result.output
+    assert not (tmp_path / "bad").exists()
