@@ -335,8 +335,6 @@ def mem_available() -> int:
 
 
 def max_abs_diff(a: Path, b: Path) -> float:
-    import torch
-
     from mlflow_taskvec.engine import open_checkpoint
     from mlflow_taskvec.engine.streaming import chunk_ranges
 

@@ -40,7 +40,6 @@ import numpy as np
 import torch
 import yaml
 
-import mlflow
 from mlflow import pyfunc
 from mlflow.models import Model
 from mlflow.models.model import MLMODEL_FILE_NAME
@@ -68,7 +67,6 @@ from mlflow.utils.requirements_utils import _get_pinned_requirement
 
 from mlflow_taskvec import __version__
 from mlflow_taskvec.engine.checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
-from mlflow_taskvec.engine.merge import merge
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.writer import copy_non_weight_files
 from mlflow_taskvec.errors import TaskVecError
@@ -368,8 +366,3 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None):
     if conf.get("kind") != "checkpoint":
         raise TaskVecError(f"{data}: only checkpoint-kind taskvec models can be loaded as pyfunc")
     return _CheckpointPyfunc(build_module(conf, data), hf=bool((conf.get("architecture") or {}).get("hf_config")))
-
-
-def apply_vector_model(vector_uri: str, base, scale: float = 1.0, output=None):
-    """Convenience: ``base + scale * vector`` with the vector loaded from MLflow."""
-    return merge(base, [load_model(vector_uri)], [1.0], scale=scale, output=output)

@@ -315,12 +315,6 @@ def kth_largest_magnitude(chunks: Callable[[], Iterable[torch.Tensor]], k: int, 
     return _radix_select(chunks, k, dtype).value
 
 
-def kth_largest_in(tensor: torch.Tensor, k: int) -> float:
-    """The k-th largest |x| of a tensor held whole."""
-    flat = tensor.reshape(-1)
-    return float(torch.kthvalue(flat.abs(), flat.numel() - k + 1).values)
-
-
 def trim_threshold(chunks: Callable[[], Iterable[torch.Tensor]] | None, k: int, dtype: torch.dtype, whole: torch.Tensor | None = None) -> TrimThreshold:
     """The trim rule keeping exactly k entries of a tensor given whole or as ``chunks()``.
 
