@@ -214,6 +214,87 @@ def inspect(ref, top, layers, fmt):
             click.echo(f"  {name:<{width}}  {norm:.6g}")
 
 
+def _render(frame, fmt: str) -> str:
+    """A pandas frame as text for people or machines."""
+    if fmt == "csv":
+        return frame.to_csv(index=True)
+    if fmt == "json":
+        return frame.to_json(orient="split", indent=2)
+    if fmt == "markdown":
+        cols = [frame.index.name or ""] + [str(c) for c in frame.columns]
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for idx, row in frame.iterrows():
+            cells = [str(idx)] + [f"{v:.4f}" if isinstance(v, float) else str(v) for v in row]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+    return frame.to_string(float_format=lambda v: f"{v:.4f}")
+
+
+@main.command()
+@click.argument("refs", nargs=-1, required=True)
+@click.option("--heatmap", type=click.Path(path_type=Path), default=None, help="Write a heatmap PNG here.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "markdown", "json"]), default="table", help="Output format.")
+@_fail_cleanly
+def similarity(refs, heatmap, fmt):
+    """Cosine similarity matrix of task vectors REFS (as in the paper, near 0 for unrelated tasks)."""
+    import pandas as pd
+
+    from mlflow_taskvec.engine.inspect import cosine_matrix
+    from mlflow_taskvec.references import load_vector
+
+    if len(refs) < 2:
+        raise click.UsageError("give at least two task vectors")
+    vectors = [load_vector(r) for r in refs]
+    labels = [v.task or Path(str(r)).name for v, r in zip(vectors, refs)]
+    frame = pd.DataFrame(cosine_matrix(vectors).numpy(), index=pd.Index(labels, name="cosine"), columns=labels)
+    click.echo(_render(frame, fmt))
+    if heatmap is not None:
+        _write_heatmap(frame, heatmap)
+        click.echo(f"heatmap: {heatmap}", err=True)
+
+
+def _write_heatmap(frame, path: Path) -> None:
+    """Save the matrix as a PNG (and log it to the active MLflow run, if any)."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(frame)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n, 1 + 0.8 * n))
+    im = ax.imshow(frame.to_numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+    ax.set_xticks(range(n), frame.columns, rotation=45, ha="right")
+    ax.set_yticks(range(n), frame.index)
+    for i in range(n):
+        for j in range(n):
+            value = frame.iat[i, j]
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="white" if abs(value) > 0.6 else "black")
+    fig.colorbar(im, ax=ax, label="cosine similarity")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.partial.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    if os.environ.get("MLFLOW_RUN_ID"):
+        import mlflow
+
+        with mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"]):
+            mlflow.log_artifact(str(path))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "markdown", "json"]), default="table", help="Output format.")
+@_fail_cleanly
+def report(name, fmt):
+    """Composites registered under NAME (a registered model), with method, weights, scale and metrics."""
+    from mlflow_taskvec.tracking.report import composites_frame
+
+    click.echo(_render(composites_frame(name), fmt))
+
+
 @main.command("methods")
 def list_methods():
     """List the merge methods and their parameters."""

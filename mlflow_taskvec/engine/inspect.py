@@ -10,6 +10,7 @@ import torch
 
 from mlflow_taskvec.engine.checkpoint import Checkpoint
 from mlflow_taskvec.engine.streaming import chunk_ranges, flat_slice
+from mlflow_taskvec.errors import TaskVecError
 
 
 @dataclass
@@ -70,3 +71,25 @@ def describe(ckpt: Checkpoint) -> Description:
         tensor_norms=norms,
         metadata=meta,
     )
+
+
+def cosine_matrix(vectors) -> "torch.Tensor":
+    """Pairwise cosine similarities of task vectors, in one streaming pass.
+
+    Each chunk of every vector is stacked into a matrix X and ``X @ X.T`` is
+    accumulated in float64, so n vectors cost one read each, not n(n-1)/2 pairs.
+    """
+    first = vectors[0]
+    for other in vectors[1:]:
+        first._check_compatible(other)
+    n = len(vectors)
+    gram = torch.zeros((n, n), dtype=torch.float64)
+    for name in first.names:
+        for start, stop in chunk_ranges(first.spec(name).numel):
+            x = torch.stack([v.chunk(name, start, stop, torch.float64) for v in vectors])
+            gram += x @ x.T
+    norms = gram.diagonal().sqrt()
+    zero = [i for i in range(n) if norms[i] == 0]
+    if zero:
+        raise TaskVecError(f"vector {zero[0]} is all zeros: its cosine similarity is undefined")
+    return gram / torch.outer(norms, norms)
