@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import click
+import yaml
 
 from mlflow_taskvec import __version__
 from mlflow_taskvec.engine.inspect import describe
@@ -50,6 +53,18 @@ def _progress(total: int, label: str, quiet: bool):
     return (lambda _name: bar.update(1)), bar.close
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _echo(quiet: bool, text: str = "") -> None:
     if not quiet:
         click.echo(text)
@@ -64,6 +79,9 @@ _shards = click.option("--max-shard-size", default=None, help="Write shards of a
 @click.version_option(__version__, prog_name="mlflow-taskvec")
 def main():
     """Edit models with task arithmetic: extract, compose and inspect task vectors."""
+    if not sys.stderr.isatty():
+        # MLflow's download bars too: on a terminal only.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 _register = click.option("--register", "register_as", default=None, metavar="NAME", help="Log to MLflow and register a version of this registered model.")
@@ -163,6 +181,74 @@ def compose(recipe, output, max_shard_size, register_as, alias, overwrite, quiet
     _echo(quiet, f"tensors: {result.num_tensors}  parameters: {result.num_parameters}  seconds: {result.seconds:.2f}")
     _echo(quiet, f"recipe sha256: {spec.sha256()}")
     _echo(quiet, f"fingerprint: {result.fingerprint}")
+
+
+def _unset_if_empty(_ctx, _param, value):
+    """MLproject passes unset string parameters as ''."""
+    return value or None
+
+
+class _Count(click.ParamType):
+    """A positive integer; '30.0' too (MLproject has float parameters, not integers)."""
+
+    name = "count"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        if not number.is_integer() or number < 1:
+            self.fail(f"{value!r} is not a positive whole number", param, ctx)
+        return int(number)
+
+
+@main.command("search")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--strategy", type=click.Choice(["grid", "optuna", ""]), default=None, callback=_unset_if_empty, help="Override search.strategy (default: grid).")
+@click.option("--objective", default=None, callback=_unset_if_empty, help="Override search.objective: auto, mean_normalized, negation, or a metric name.")
+@click.option("--trials", type=_Count(), default=None, help="optuna: trials for this worker.")
+@click.option("--storage", default=None, callback=_unset_if_empty, help="optuna: RDB storage URL shared by several workers (e.g. postgresql://host/db).")
+@click.option("--study-name", default=None, callback=_unset_if_empty, help="optuna: the study's name in the storage.")
+@click.option("--memory", type=click.Choice(["auto", "memory", "streamed"]), default="auto", help="Compose candidates in memory, or through a temporary folder.")
+@click.option("--output-recipe", type=click.Path(path_type=Path), default=None, help="Write the winning recipe (YAML) here.")
+@_register
+@_alias
+@_quiet
+@_fail_cleanly
+def search_command(recipe, strategy, objective, trials, storage, study_name, memory, output_recipe, register_as, alias, quiet):
+    """Search a RECIPE's coefficients on a validation split; evaluate the best on the test split.
+
+    The recipe needs an `evaluation` block; its optional `search` block sets the
+    strategy (default: the paper's grid over the scale, 0.0 to 1.0 step 0.05).
+    Each candidate is a child run; the table and a plot are logged on the search's run.
+    """
+    from mlflow_taskvec.recipe import Search, parse_recipe
+    from mlflow_taskvec.tracking.search import search
+
+    spec = load_recipe(recipe)
+    overrides = {k: v for k, v in dict(strategy=strategy, objective=objective, trials=trials, storage=storage, study_name=study_name).items() if v is not None}
+    if overrides:
+        settings = {**(spec.search.model_dump(exclude_unset=True) if spec.search else {}), **overrides}
+        if strategy == "optuna" and "scale" not in settings:
+            settings["scale"] = {"low": 0.0, "high": 1.0}
+        data = spec.model_dump(exclude_unset=True)
+        data["search"] = settings
+        source_dir = spec.source_dir
+        spec = parse_recipe(data, f"{recipe} (with the command's options)")
+        spec._source_dir = source_dir
+    result = search(spec, register_as=register_as, alias=alias, memory=memory, quiet=quiet)
+    best = result.best
+    _echo(quiet, f"search run: {result.run_id}  candidates: {len(result.candidates)}  objective: {result.objective.describe}")
+    _echo(quiet, f"best: scale {best.scale:g}  weights {[round(w, 4) for w in best.weights]}"
+          + (f"  params {json.dumps(best.params)}" if best.params else "") + f"  objective {best.objective:.4f} (validation)")
+    keys = [k for k in sorted(result.test_metrics) if k.startswith(("mean.", "control."))] or sorted(result.test_metrics)
+    _echo(quiet, "test: " + "  ".join(f"{k}={result.test_metrics[k]:.4f}" for k in keys))
+    if output_recipe is not None:
+        _write_atomically(output_recipe, yaml.safe_dump(result.recipe.model_dump(exclude={"output", "search"}), sort_keys=False))
+        _echo(quiet, f"winning recipe: {output_recipe}")
+    if result.registered is not None:
+        _report_registration(quiet, result.registered)
 
 
 @main.command()

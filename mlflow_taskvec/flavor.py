@@ -295,27 +295,46 @@ def read_conf(local_model_dir: str | os.PathLike) -> dict:
     return _get_flavor_configuration(model_path=str(local_model_dir), flavor_name=FLAVOR_NAME)
 
 
-def build_module(conf: dict, weights_dir: Path) -> torch.nn.Module:
-    """Rebuild the module of a ``checkpoint``-kind model and load its weights (strictly)."""
+def build_module(conf: dict, weights_dir: Path, state: Mapping[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """Rebuild the module of a ``checkpoint``-kind model and load its weights (strictly).
+
+    With ``state``, those weights are loaded instead of the files in ``weights_dir``
+    (which then only provides an HF config): how search candidates are evaluated
+    without being written anywhere.
+    """
     arch = conf.get("architecture") or {}
     if arch.get("hf_config"):
         try:
             from transformers import AutoModel
         except ImportError:
             raise TaskVecError(f"{weights_dir}: this model is an HF checkpoint; loading it needs the transformers package") from None
+        if state is not None:
+            return AutoModel.from_pretrained(str(weights_dir), state_dict=dict(state), use_safetensors=True).eval()
         return AutoModel.from_pretrained(str(weights_dir), use_safetensors=True).eval()
     factory = arch.get("factory")
     if not factory:
         raise TaskVecError(f"{weights_dir}: the model records no architecture factory")
+    return module_from_factory(factory, arch.get("factory_kwargs", {}), state if state is not None else _read_state(weights_dir))
+
+
+def _read_state(weights_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = open_checkpoint(weights_dir)
+    return {name: ckpt.get_tensor(name).clone() for name in ckpt.keys()}
+
+
+def module_from_factory(factory: str, factory_kwargs: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """``package.module:factory(**factory_kwargs)`` with ``state`` loaded strictly."""
     module_name, _, attr = factory.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise TaskVecError(f"architecture factory {factory!r} cannot be imported ({exc})") from None
-    module = fn(**arch.get("factory_kwargs", {}))
-    ckpt = open_checkpoint(weights_dir)
-    state = {name: ckpt.get_tensor(name).clone() for name in ckpt.keys()}
-    module.load_state_dict(state, strict=True)
+    module = fn(**dict(factory_kwargs))
+    try:
+        module.load_state_dict(dict(state), strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise TaskVecError(f"the weights do not fit {factory!r}: {first}") from None
     return module.eval()
 
 

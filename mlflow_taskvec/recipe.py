@@ -31,7 +31,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -101,14 +101,97 @@ class Evaluation(BaseModel):
     tasks: list[str] = Field(min_length=1)
     control_tasks: list[str] = Field(default_factory=list)
     split: str = "test"
+    references: bool = Field(True, description="also evaluate the base and each task's fine-tune")
+    factory: str | None = Field(None, description="package.module:function building the module (default: the base's)")
+    factory_kwargs: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("evaluator")
+    @field_validator("evaluator", "factory")
     @classmethod
-    def _evaluator(cls, value):
+    def _callable_spec(cls, value):
+        if value is None:
+            return value
         module, _, attr = value.partition(":")
         if not module or not attr:
             raise ValueError(f"{value!r} must look like 'package.module:function'")
         return value
+
+
+class Range(BaseModel):
+    """A searched interval; ``step`` makes it a grid."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    low: float
+    high: float
+    step: float | None = None
+    log: bool = False
+
+    @field_validator("low", "high", "step", mode="before")
+    @classmethod
+    def _numbers(cls, value):
+        return None if value is None else _finite_number(value)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.low > self.high:
+            raise ValueError(f"low {self.low:g} is above high {self.high:g}")
+        if self.step is not None and self.step <= 0:
+            raise ValueError(f"step {self.step:g} must be positive")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+    def grid(self) -> list[float]:
+        if self.step is None:
+            raise ValueError("a grid needs a step")
+        count = int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
+        return [round(self.low + i * self.step, 10) for i in range(count)]
+
+
+OBJECTIVES = ("auto", "mean_normalized", "negation")
+
+
+class Search(BaseModel):
+    """How ``mlflow-taskvec search`` picks coefficients (see the README).
+
+    ``grid`` (the paper's protocol) tries every scale of ``scale``; ``optuna``
+    samples the scale, each vector's weight (its magnitude in ``weights``, its
+    sign from the recipe) and the method's ``params`` for ``trials`` trials.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["grid", "optuna"] = "grid"
+    objective: str = Field("auto", description="auto | mean_normalized | negation | a metric name to maximize")
+    metric: str = Field("accuracy", description="the evaluator's metric the objective is about")
+    scale: Range = Field(default_factory=lambda: Range(low=0.0, high=1.0, step=0.05))
+    weights: Range | None = None
+    params: dict[str, Range] = Field(default_factory=dict)
+    trials: int = Field(30, ge=1)
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    storage: str | None = Field(None, description="optuna RDB URL, shared by several workers")
+    study_name: str | None = None
+    validation_split: str = "validation"
+    control_min_ratio: float = Field(0.95, gt=0, description="negation: each control task keeps this share of the base's metric")
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, value):
+        if not value or value.strip() != value:
+            raise ValueError(f"{value!r} is not an objective (auto, mean_normalized, negation, or a metric name)")
+        return value
+
+    @model_validator(mode="after")
+    def _strategy_fits(self):
+        if self.strategy == "grid":
+            if self.scale.step is None:
+                raise ValueError("strategy grid needs scale.step")
+            if self.weights is not None or self.params:
+                raise ValueError("weights and params ranges are searched by strategy optuna; grid searches the scale")
+        if (self.storage or self.study_name) and self.strategy != "optuna":
+            raise ValueError("storage and study_name apply to strategy optuna")
+        return self
 
 
 class Recipe(BaseModel):
@@ -127,6 +210,7 @@ class Recipe(BaseModel):
     output: str | None = None
     allow_nonfinite: bool = False
     evaluation: Evaluation | None = None
+    search: Search | None = None
     _source_dir: Path | None = PrivateAttr(default=None)
 
     @property
@@ -175,12 +259,17 @@ class Recipe(BaseModel):
             self.params = validate_params(get_method(self.method), self.params)
         except TaskVecError as exc:
             raise ValueError(str(exc)) from None
+        if self.search is not None:
+            known = set(get_method(self.method).params)
+            unknown = sorted(set(self.search.params) - known)
+            if unknown:
+                raise ValueError(f"search.params: {self.method} has no parameter {unknown[0]!r} (it has: {', '.join(sorted(known)) or 'none'})")
         return self
 
     # -- identity -----------------------------------------------------------------
     def canonical_json(self) -> str:
         """The recipe as canonical JSON (sorted keys, no output path): what a composite records."""
-        data = self.model_dump(exclude={"output"})
+        data = self.model_dump(exclude={"output", "search"})
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def sha256(self) -> str:

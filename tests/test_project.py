@@ -23,7 +23,7 @@ from packaging.requirements import Requirement
 
 from mlflow_taskvec.tracking.references import resolve
 
-ENTRY_POINTS = {"main", "pretrain", "finetune", "extract", "compose"}
+ENTRY_POINTS = {"main", "pretrain", "finetune", "extract", "compose", "search"}
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 PROJECT_EXPERIMENT = "project-tests"
 
@@ -65,7 +65,7 @@ def test_conda_env_provides_python_and_pip():
     assert any(isinstance(d, str) and d.startswith("python") for d in env["dependencies"])
 
 
-def test_mlproject_declares_the_five_entry_points_and_the_conda_env():
+def test_mlproject_declares_the_six_entry_points_and_the_conda_env():
     project = yaml.safe_load((ROOT / "MLproject").read_text("utf-8"))
 
     assert set(project["entry_points"]) == ENTRY_POINTS
@@ -177,6 +177,31 @@ def test_compose_registers_a_composite_from_a_recipe_file(store, finetuned, tmp_
         f'[{{"uri": "models:/digits-rotate-vector/1", "weight": 1.0, "fingerprint": "{rotate.tags["taskvec.fingerprint"]}"}}]'
     )
     assert entry_point_of(store, version.run_id) == "compose"
+
+
+def test_search_registers_the_best_composite_of_a_grid(store, finetuned, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "base": "models:/digits-base@current",
+                "vectors": [{"vector": "models:/digits-rotate-vector/1"}],
+                "evaluation": {"evaluator": "digits_tasks:evaluate", "tasks": ["rotate"], "control_tasks": ["digits"]},
+                "search": {"scale": {"low": 0.0, "high": 1.0, "step": 0.5}},
+            }
+        ),
+        "utf-8",
+    )
+
+    mlflow_run(store, "search", recipe=recipe, name="project-searched")
+
+    version = store.client.get_model_version("project-searched", "1")
+    search = json.loads(version.tags["taskvec.search"])
+    assert search["strategy"] == "grid" and search["candidates"] == 3 and search["objective"] == "mean_normalized"
+    assert float(version.tags["taskvec.scale"]) in (0.0, 0.5, 1.0)
+    parent = store.client.get_run(search["search_run_id"])
+    assert entry_point_of(store, parent.info.run_id) == "search"
+    assert "test.rotate.normalized_accuracy" in parent.data.metrics
 
 
 MAIN_MODELS = {

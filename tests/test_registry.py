@@ -267,12 +267,26 @@ def _recipe_with_evaluation(tasks: list[str]) -> dict:
 def test_an_evaluation_block_logs_metrics_on_the_run_and_the_logged_model(registry, client):
     reg = register_composite(parse_recipe(_recipe_with_evaluation(["rotate", "flip"])), "digits-evaluated")
     model = flavor.load_model(reg.version_uri)
+    base, rotate_ft = registry.base_net, registry.finetunes["rotate"].net
+    acc = digits_tasks.accuracy
     expected = {
-        "rotate.accuracy": digits_tasks.accuracy(model, "rotate"),
-        "flip.accuracy": digits_tasks.accuracy(model, "flip"),
-        "control.digits.accuracy": digits_tasks.accuracy(model, "digits"),
+        "rotate.accuracy": acc(model, "rotate"),
+        "flip.accuracy": acc(model, "flip"),
+        "control.digits.accuracy": acc(model, "digits"),
     }
     expected["mean.accuracy"] = (expected["rotate.accuracy"] + expected["flip.accuracy"]) / 2
+    # The references: the base on every task, and rotate's own fine-tune (flip's weight is negative: no reference).
+    for task in ("rotate", "flip"):
+        expected[f"{task}.base_accuracy"] = acc(base, task)
+        expected[f"{task}.delta_accuracy"] = expected[f"{task}.accuracy"] - acc(base, task)
+    expected["control.digits.base_accuracy"] = acc(base, "digits")
+    expected["control.digits.delta_accuracy"] = expected["control.digits.accuracy"] - acc(base, "digits")
+    expected["rotate.finetuned_accuracy"] = acc(rotate_ft, "rotate")
+    expected["rotate.normalized_accuracy"] = expected["rotate.accuracy"] / acc(rotate_ft, "rotate")
+    expected["mean.base_accuracy"] = (acc(base, "rotate") + acc(base, "flip")) / 2
+    expected["mean.delta_accuracy"] = (expected["rotate.delta_accuracy"] + expected["flip.delta_accuracy"]) / 2
+    expected["mean.finetuned_accuracy"] = expected["rotate.finetuned_accuracy"]
+    expected["mean.normalized_accuracy"] = expected["rotate.normalized_accuracy"]
 
     run_metrics = client.get_run(reg.run_id).data.metrics
     model_metrics = {m.key: m.value for m in client.get_logged_model(reg.model_id).metrics}
@@ -280,8 +294,28 @@ def test_an_evaluation_block_logs_metrics_on_the_run_and_the_logged_model(regist
     assert run_metrics == pytest.approx(expected)
     assert model_metrics == pytest.approx(expected)
     description = client.get_model_version("digits-evaluated", reg.version).description
-    assert "| metric | value |" in description
-    assert f"| control.digits.accuracy | {expected['control.digits.accuracy']:.6g} |" in description
+    assert "| task | accuracy | base_accuracy | delta_accuracy | finetuned_accuracy | normalized_accuracy |" in description
+    row = f"| rotate | {expected['rotate.accuracy']:.6g} | {expected['rotate.base_accuracy']:.6g} |"
+    assert row in description
+    assert f"| control.digits | {expected['control.digits.accuracy']:.6g} |" in description
+
+
+def test_reference_metrics_are_cached_by_fingerprint_across_composites(registry, client):
+    from mlflow_taskvec.evaluation import MetricCache
+    from mlflow_taskvec.tracking.evaluate import composite_evaluation
+
+    recipe = parse_recipe(_recipe_with_evaluation(["rotate", "flip"]))
+    base = resolve(recipe.base)
+    inputs = [resolve(e.ref) for e in recipe.vectors]
+    cache = MetricCache(registry.store.root / "metric-cache")
+    first = composite_evaluation(recipe, base, inputs, cache).references("test")
+    assert (cache.hits, cache.misses) == (0, 4)  # base on rotate, flip, digits; rotate's fine-tune
+
+    again = composite_evaluation(recipe, base, inputs, cache).references("test")
+    assert (cache.hits, cache.misses) == (4, 4)
+    assert again == first
+    assert first.base["digits"]["accuracy"] == pytest.approx(digits_tasks.accuracy(registry.base_net, "digits"))
+    assert first.finetuned == {"rotate": {"accuracy": pytest.approx(digits_tasks.accuracy(registry.finetunes["rotate"].net, "rotate"))}}
 
 
 def test_a_failing_evaluator_raises_a_clear_error_and_registers_nothing(registry, client):

@@ -26,8 +26,8 @@ from mlflow.tracking import MlflowClient
 from mlflow_taskvec import flavor
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.errors import TaskVecError
-from mlflow_taskvec.evaluation import evaluate_model, load_evaluator
 from mlflow_taskvec.recipe import Recipe, run_recipe
+from mlflow_taskvec.tracking.evaluate import composite_evaluation
 from mlflow_taskvec.tracking.references import Resolved, resolve
 
 
@@ -167,12 +167,16 @@ def register_composite(
     relative_to: Path | None = None,
     alias: str | None = None,
     evaluate: Callable[[object], dict[str, float]] | None = None,
-    run_name: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    note: str | None = None,
 ) -> Registered:
     """Compose what ``recipe`` says, log it as a ``checkpoint`` model in a run, register a version.
 
-    ``evaluate(module) -> {metric: value}``, when given, is called on the composite;
-    its metrics go on the run, on the logged model and into the version's description.
+    ``evaluate(module) -> {metric: value}``, when given, is called on the composite
+    (default: the recipe's ``evaluation`` block, with the base and each task's
+    fine-tune as references); its metrics go on the run, on the logged model and
+    into the version's description. ``extra_tags`` go on the version and the logged
+    model; ``note`` is a paragraph of the version's description.
     """
     relative_to = relative_to or recipe.source_dir
     base = _resolve_ref(recipe.base, relative_to, "base")
@@ -192,7 +196,7 @@ def register_composite(
         ]
         result = run_recipe(local_recipe, output=Path(tmp) / "weights", relative_to=relative_to)
         recipe_path = Path(tmp) / "recipe.yaml"
-        recipe_path.write_text(yaml.safe_dump(resolved.model_dump(exclude={"output"}), sort_keys=False), "utf-8")
+        recipe_path.write_text(yaml.safe_dump(resolved.model_dump(exclude={"output", "search"}), sort_keys=False), "utf-8")
         mlflow.log_artifact(str(recipe_path))
         input_rows = [
             {"uri": r.canonical, "weight": e.weight, "fingerprint": r.fingerprint} for e, r in zip(resolved.vectors, inputs)
@@ -216,7 +220,7 @@ def register_composite(
         )
         metrics = {}
         if evaluate is None and resolved.evaluation is not None:
-            evaluate = _recipe_evaluator(resolved.evaluation)
+            evaluate = composite_evaluation(resolved, base, inputs).evaluate
         if evaluate is not None:
             metrics = evaluate(flavor.load_model(info.model_uri))
             mlflow.log_metrics(metrics, model_id=info.model_id)
@@ -230,21 +234,14 @@ def register_composite(
             "taskvec.base_fingerprint": result.base_fingerprint,
             "taskvec.recipe_sha256": resolved.sha256(),
             "taskvec.fingerprint": result.fingerprint,
+            **(extra_tags or {}),
         }
         MlflowClient().set_logged_model_tags(info.model_id, tags)
-        description = composite_description(resolved, base, inputs, result.fingerprint, metrics)
+        description = composite_description(resolved, base, inputs, result.fingerprint, metrics, note)
         mv = _create_version(name, info, run.info.run_id, tags, description)
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, mv.version)
     return Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
-
-
-def _recipe_evaluator(spec) -> Callable[[object], dict[str, float]]:
-    def run(model):
-        evaluator = load_evaluator(spec.evaluator)  # after load_model put the model's code on sys.path
-        return evaluate_model(model, evaluator, spec.tasks, spec.control_tasks, spec.split, name=spec.evaluator)
-
-    return run
 
 
 def _resolve_ref(ref: str, relative_to: Path | None, what: str) -> Resolved:
@@ -285,7 +282,9 @@ def _run_params(recipe: Recipe) -> dict:
     return params
 
 
-def composite_description(recipe: Recipe, base: Resolved, inputs: list[Resolved], fingerprint: str, metrics: dict) -> str:
+def composite_description(
+    recipe: Recipe, base: Resolved, inputs: list[Resolved], fingerprint: str, metrics: dict, note: str | None = None
+) -> str:
     lines = [
         f"**Composite** by `{recipe.method}`, scale {_fmt(recipe.scale)}"
         + (f", params `{json.dumps(recipe.params, sort_keys=True)}`" if recipe.params else "")
@@ -299,6 +298,22 @@ def composite_description(recipe: Recipe, base: Resolved, inputs: list[Resolved]
         role = "task vector" if e.vector is not None else "fine-tune"
         lines.append(f"| {role} | `{r.name or r.canonical}` | {r.version or '-'} | {_fmt(e.weight)} | `{r.fingerprint[:16]}` |")
     lines += ["", f"Output fingerprint `{fingerprint}`; recipe sha256 `{recipe.sha256()}`."]
+    if note:
+        lines += ["", note]
     if metrics:
-        lines += ["", "| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())]
+        lines += ["", _metrics_table(metrics)]
+    return "\n".join(lines)
+
+
+def _metrics_table(metrics: dict[str, float]) -> str:
+    """Metrics as a Markdown table: one row per task, one column per metric kind."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        head, _, kind = key.rpartition(".")
+        rows.setdefault(head or "-", {})[kind] = value
+    kinds = sorted({k for r in rows.values() for k in r}, key=lambda k: (k.split("_")[-1], k.count("_"), k))
+    order = sorted(rows, key=lambda t: (t == "mean", t.startswith("control."), t))
+    lines = ["| task | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for task in order:
+        lines.append(f"| {task} | " + " | ".join(_fmt(rows[task][k]) if k in rows[task] else "" for k in kinds) + " |")
     return "\n".join(lines)

@@ -1,0 +1,433 @@
+"""Coefficient search: pick a composite's scale, weights and method parameters.
+
+The paper's protocol by default: a grid over the scale (0.0 to 1.0, step 0.05),
+each candidate evaluated on a validation split, the best one by an objective
+evaluated once more on the test split. Beyond it: optuna (TPE or random) over
+the scale, each vector's weight and the method's parameters, with optuna's RDB
+storage so several workers can share one study.
+
+Every candidate is a child run of the search's run, with its coefficients as
+params and its validation metrics. Candidates are composed in memory when the
+model fits (streamed to a temporary folder otherwise) and never written to the
+artifact store; the search's run gets ``search/candidates.csv``, a plot of the
+objective against the scale, and the winning recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+import mlflow
+
+from mlflow_taskvec.engine.checkpoint import open_checkpoint
+from mlflow_taskvec.engine.merge import merge
+from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.recipe import Recipe, Search
+from mlflow_taskvec.tracking.evaluate import CompositeEvaluation, composite_evaluation
+from mlflow_taskvec.tracking.references import Resolved
+from mlflow_taskvec.tracking.registry import Registered, _resolve_ref, _run_context, register_composite
+
+MEMORY_MODES = ("auto", "memory", "streamed")
+
+
+@dataclass
+class Objective:
+    """What a candidate is scored by; ``score(metrics) -> (value, feasible)``, higher is better."""
+
+    kind: str  # mean_normalized | negation | metric
+    key: str  # the metric read
+    describe: str
+    score: Callable[[dict[str, float]], tuple[float, bool]]
+
+
+def make_objective(search: Search, recipe: Recipe, evaluation: CompositeEvaluation) -> Objective:
+    spec, metric = recipe.evaluation, search.metric
+    kind = search.objective
+    if kind == "auto":
+        if all(e.weight < 0 for e in recipe.vectors):
+            kind = "negation"
+        elif set(evaluation.fine_tunes()) == set(spec.tasks) and spec.references:
+            kind = "mean_normalized"
+        else:
+            kind = f"mean.{metric}"
+    if kind == "mean_normalized":
+        missing = sorted(set(spec.tasks) - set(evaluation.fine_tunes()))
+        if missing or not spec.references:
+            why = f"task {missing[0]!r} has no input vector of its own" if missing else "evaluation.references is off"
+            raise TaskVecError(f"objective mean_normalized needs a fine-tune for every evaluated task: {why}")
+        key = f"mean.normalized_{metric}"
+        return Objective("mean_normalized", key, f"maximize {key} (composite / fine-tune, averaged over tasks)", lambda m: (m[key], True))
+    if kind == "negation":
+        target, base = f"mean.{metric}", f"mean.base_{metric}"
+        controls = [f"control.{t}.{metric}" for t in spec.control_tasks]
+        ratio = search.control_min_ratio
+
+        def negation(m: dict[str, float]) -> tuple[float, bool]:
+            drop = m[base] - m[target]
+            shortfall = sum(max(0.0, ratio * m[f"{c[:-len(metric)]}base_{metric}"] - m[c]) for c in controls)
+            # Infeasible candidates rank below every feasible one (metrics in [0, 1]).
+            return (drop, True) if shortfall == 0 else (min(drop, 0.0) - 1.0 - shortfall, False)
+
+        text = f"maximize the drop of {target} below the base" + (
+            f", keeping each control task's {metric} at least {ratio:g} x the base's" if controls else ""
+        )
+        return Objective("negation", target, text, negation)
+
+    def plain(m: dict[str, float]) -> tuple[float, bool]:
+        if kind not in m:
+            raise TaskVecError(f"objective {kind!r} is not a metric of this evaluation (metrics: {', '.join(sorted(m))})")
+        return m[kind], True
+
+    return Objective("metric", kind, f"maximize {kind}", plain)
+
+
+@dataclass
+class Candidate:
+    number: int
+    scale: float
+    weights: list[float]
+    params: dict
+    metrics: dict[str, float] = field(default_factory=dict)
+    objective: float = float("nan")
+    feasible: bool = True
+    run_id: str | None = None
+
+
+@dataclass
+class SearchResult:
+    candidates: list[Candidate]
+    best: Candidate
+    recipe: Recipe  # the winning recipe (no search block)
+    test_metrics: dict[str, float]
+    objective: Objective
+    run_id: str
+    table: pd.DataFrame
+    registered: Registered | None = None
+
+
+def _fits_in_memory(base_path: Path) -> bool:
+    ckpt = open_checkpoint(base_path)
+    need = sum(ckpt.spec(n).numel * ckpt.spec(n).dtype.itemsize for n in ckpt.keys())
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return True
+    # The candidate's state dict and the module built from it live side by side.
+    return 3 * need < available
+
+
+class _Composer:
+    """Builds one candidate's module, in memory or through a temporary folder."""
+
+    def __init__(self, recipe: Recipe, base: Resolved, evaluation: CompositeEvaluation, memory: str):
+        self.recipe, self.base, self.evaluation = recipe, base, evaluation
+        self.vectors = [item.vector for item in evaluation.inputs]
+        if memory not in MEMORY_MODES:
+            raise TaskVecError(f"memory mode {memory!r} is not one of {', '.join(MEMORY_MODES)}")
+        self.in_memory = _fits_in_memory(base.path) if memory == "auto" else memory == "memory"
+
+    def module(self, cand: Candidate):
+        options = dict(method=self.recipe.method, scale=cand.scale, params=cand.params, compute_dtype=self.recipe.compute_dtype,
+                       dtype=self.recipe.dtype, allow_nonfinite=self.recipe.allow_nonfinite)
+        if self.in_memory:
+            state = merge(self.base.path, self.vectors, cand.weights, **options).state_dict
+            return self.evaluation.build(state)
+        tmp = Path(tempfile.mkdtemp(prefix="taskvec-candidate-"))
+        try:
+            merge(self.base.path, self.vectors, cand.weights, output=tmp / "weights", **options)
+            ckpt = open_checkpoint(tmp / "weights")
+            return self.evaluation.build({n: ckpt.get_tensor(n) for n in ckpt.keys()})
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _labels(recipe: Recipe, evaluation: CompositeEvaluation) -> list[str]:
+    labels = []
+    for i, item in enumerate(evaluation.inputs):
+        label = item.task or f"input{i}"
+        labels.append(label if label not in labels else f"{label}{i}")
+    return labels
+
+
+def _evaluate_candidate(cand, composer, evaluation, objective, split, labels, parent_id) -> None:
+    cand.metrics = evaluation.evaluate(composer.module(cand), split)
+    cand.objective, cand.feasible = objective.score(cand.metrics)
+    params = {"scale": cand.scale, **{f"weight.{label}": w for label, w in zip(labels, cand.weights)}}
+    params.update({f"params.{k}": v for k, v in cand.params.items()})
+    with mlflow.start_run(run_name=f"candidate-{cand.number:03d}", nested=True, parent_run_id=parent_id) as child:
+        mlflow.log_params(params)
+        mlflow.log_metrics({**cand.metrics, "objective": cand.objective})
+        mlflow.set_tags({"taskvec.search.role": "candidate", "taskvec.search.feasible": str(cand.feasible).lower()})
+        cand.run_id = child.info.run_id
+
+
+def _progress(total: int, quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        return lambda: None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="search", unit="candidate", leave=False, file=sys.stderr)
+    return (lambda: bar.update(1)), bar.close
+
+
+def _grid(search, recipe, composer, evaluation, objective, labels, parent_id, quiet) -> list[Candidate]:
+    weights = [e.weight for e in recipe.vectors]
+    scales = search.scale.grid()
+    step, close = _progress(len(scales), quiet)
+    candidates = []
+    try:
+        for number, scale in enumerate(scales):
+            cand = Candidate(number, scale, list(weights), dict(recipe.params))
+            _evaluate_candidate(cand, composer, evaluation, objective, search.validation_split, labels, parent_id)
+            candidates.append(cand)
+            step()
+    finally:
+        close()
+    return candidates
+
+
+def _optuna(search, recipe, composer, evaluation, objective, labels, parent_id, quiet) -> tuple[list[Candidate], dict | None]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=search.seed) if search.sampler == "tpe" else optuna.samplers.RandomSampler(seed=search.seed)
+    study = _open_study(optuna, search, sampler)
+    signs = [-1.0 if e.weight < 0 else 1.0 for e in recipe.vectors]
+    candidates: list[Candidate] = []
+    step, close = _progress(search.trials, quiet)
+
+    def suggest(trial, name: str, r) -> float:
+        return trial.suggest_float(name, r.low, r.high, step=None if r.log else r.step, log=r.log)
+
+    def run_trial(trial) -> float:
+        scale = suggest(trial, "scale", search.scale)
+        weights = [e.weight for e in recipe.vectors]
+        if search.weights is not None:
+            weights = [s * suggest(trial, f"weight.{label}", search.weights) for s, label in zip(signs, labels)]
+        params = dict(recipe.params)
+        for name, r in search.params.items():
+            params[name] = suggest(trial, f"params.{name}", r)
+        cand = Candidate(len(candidates), scale, weights, params)
+        _evaluate_candidate(cand, composer, evaluation, objective, search.validation_split, labels, parent_id)
+        candidates.append(cand)
+        trial.set_user_attr("feasible", cand.feasible)
+        trial.set_user_attr("weights", cand.weights)
+        trial.set_user_attr("params", cand.params)
+        trial.set_user_attr("mlflow_run_id", cand.run_id)
+        step()
+        return cand.objective
+
+    try:
+        study.optimize(run_trial, n_trials=search.trials, catch=())
+    finally:
+        close()
+    # The winner over the whole study: with shared storage, other workers' trials count too.
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    ranked = sorted(done, key=lambda t: (bool(t.user_attrs.get("feasible", True)), t.value), reverse=True)
+    best = ranked[0] if ranked else None
+    shared = None
+    if best is not None:
+        shared = {
+            "trial": best.number,
+            "scale": best.params["scale"],
+            "weights": best.user_attrs.get("weights"),
+            "params": best.user_attrs.get("params"),
+            "value": best.value,
+            "feasible": best.user_attrs.get("feasible", True),
+            "run_id": best.user_attrs.get("mlflow_run_id"),
+            "study": study.study_name,
+            "trials_in_study": len(done),
+        }
+    return candidates, shared
+
+
+def _open_study(optuna, search: Search, sampler):
+    """Create or join the study. Workers starting together race to create optuna's
+    tables and the study itself; the loser retries and joins."""
+    for attempt in range(6):
+        try:
+            return optuna.create_study(
+                direction="maximize", sampler=sampler, storage=search.storage, study_name=search.study_name, load_if_exists=True
+            )
+        except ImportError as exc:
+            raise TaskVecError(f"search.storage: {exc} (for PostgreSQL: pip install 'mlflow-taskvec[postgres]')") from None
+        except Exception as exc:  # optuna and SQLAlchemy raise many types for a bad URL, a race or an unreachable database
+            error = exc
+            if search.storage is None:
+                break
+            time.sleep(0.2 + random.random() * (attempt + 1))
+    where = search.storage.split("@")[-1] if search.storage else "memory"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise TaskVecError(f"search.storage: cannot open the optuna study at {where}: {first}") from None
+
+
+def _table(candidates: list[Candidate], labels: list[str]) -> pd.DataFrame:
+    rows = []
+    for c in candidates:
+        row = {"candidate": c.number, "scale": c.scale}
+        row.update({f"weight.{label}": w for label, w in zip(labels, c.weights)})
+        row.update({f"params.{k}": v for k, v in c.params.items()})
+        row.update({"objective": c.objective, "feasible": c.feasible})
+        row.update(dict(sorted(c.metrics.items())))
+        row["run_id"] = c.run_id
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _plot(table: pd.DataFrame, objective: Objective, best: Candidate, spec, metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    ordered = table.sort_values("scale")
+    if ordered["scale"].duplicated().any() or len(ordered) < 2:  # optuna: a scatter
+        ax.scatter(ordered["scale"], ordered["objective"], s=14, label="objective")
+    else:
+        ax.plot(ordered["scale"], ordered["objective"], lw=2.2, color="black", label="objective")
+        for task in spec.tasks:
+            key = f"{task}.{metric}"
+            if key in ordered:
+                ax.plot(ordered["scale"], ordered[key], lw=1, label=key)
+        for task in spec.control_tasks:
+            key = f"control.{task}.{metric}"
+            if key in ordered:
+                ax.plot(ordered["scale"], ordered[key], lw=1, ls="--", label=key)
+    ax.axvline(best.scale, color="grey", ls=":", lw=1)
+    ax.set_xlabel("scale")
+    ax.set_ylabel(f"validation {metric} / objective")
+    ax.set_title(objective.describe, fontsize=8)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def search(
+    recipe: Recipe,
+    register_as: str | None = None,
+    alias: str | None = None,
+    memory: str = "auto",
+    quiet: bool = True,
+    relative_to: Path | None = None,
+) -> SearchResult:
+    """Search ``recipe``'s coefficients as its ``search`` block says (defaults: the paper's grid)."""
+    settings = recipe.search or Search()
+    if recipe.evaluation is None:
+        raise TaskVecError("search needs an 'evaluation' block in the recipe (evaluator and tasks)")
+    relative_to = relative_to or recipe.source_dir
+    base = _resolve_ref(recipe.base, relative_to, "base")
+    inputs = [_resolve_ref(e.ref, relative_to, f"vectors[{i}]") for i, e in enumerate(recipe.vectors)]
+    evaluation = composite_evaluation(recipe, base, inputs)
+    objective = make_objective(settings, recipe, evaluation)
+    composer = _Composer(recipe, base, evaluation, memory)
+    labels = _labels(recipe, evaluation)
+
+    with _run_context(None) as run, tempfile.TemporaryDirectory(prefix="taskvec-search-") as tmp:
+        parent_id = run.info.run_id
+        mlflow.set_tag("taskvec.search.role", "search")
+        mlflow.log_params(
+            {
+                "search.strategy": settings.strategy,
+                "search.objective": objective.kind if objective.kind != "metric" else objective.key,
+                "search.metric": settings.metric,
+                "search.validation_split": settings.validation_split,
+                "search.scale": f"{settings.scale.low:g}..{settings.scale.high:g}" + (f" step {settings.scale.step:g}" if settings.scale.step else ""),
+                "search.trials": settings.trials if settings.strategy == "optuna" else len(settings.scale.grid()),
+                "method": recipe.method,
+                "base": base.canonical,
+                **{f"input.{label}": r.canonical for label, r in zip(labels, inputs)},
+            }
+        )
+        args = (settings, recipe, composer, evaluation, objective, labels, parent_id, quiet)
+        shared = None
+        if settings.strategy == "grid":
+            candidates = _grid(*args)
+        else:
+            candidates, shared = _optuna(*args)
+        best = _pick(candidates, shared)
+        winner = recipe.model_copy(update={"scale": best.scale, "params": best.params, "search": None}, deep=True)
+        for entry, weight in zip(winner.vectors, best.weights):
+            entry.weight = weight
+        winner = Recipe.model_validate(winner.model_dump())
+        winner._source_dir = recipe.source_dir
+
+        table = _table(candidates, labels)
+        folder = Path(tmp) / "search"
+        folder.mkdir()
+        table.to_csv(folder / "candidates.csv", index=False)
+        _plot(table, objective, best, recipe.evaluation, settings.metric, folder / "objective_vs_scale.png")
+        (folder / "best_recipe.yaml").write_text(yaml.safe_dump(winner.model_dump(exclude={"output", "search"}), sort_keys=False), "utf-8")
+        mlflow.log_artifacts(str(folder), artifact_path="search")
+
+        test_split = recipe.evaluation.split
+        summary = {
+            "strategy": settings.strategy,
+            "objective": objective.kind if objective.kind != "metric" else objective.key,
+            "metric": settings.metric,
+            "validation_split": settings.validation_split,
+            "test_split": test_split,
+            "candidates": len(candidates),
+            "best_candidate_run_id": best.run_id,
+            "best_value": best.objective,
+            "search_run_id": parent_id,
+        }
+        if shared is not None:
+            summary.update({"study": shared["study"], "trials_in_study": shared["trials_in_study"]})
+        registered = None
+        if register_as is not None:
+            with mlflow.start_run(run_name="winner", nested=True, parent_run_id=parent_id):
+                mlflow.set_tag("taskvec.search.role", "winner")
+                registered = register_composite(
+                    winner, register_as, relative_to=relative_to, alias=alias,
+                    evaluate=lambda model: evaluation.evaluate(model, test_split),
+                    extra_tags={"taskvec.search": json.dumps(summary, sort_keys=True)},
+                    note=_note(summary, objective, settings),
+                )
+            test_metrics = dict(mlflow.get_run(registered.run_id).data.metrics)
+        else:
+            test_metrics = evaluation.evaluate(composer.module(best), test_split)
+        mlflow.log_metrics({"best.objective": best.objective, "best.scale": best.scale, **{f"test.{k}": v for k, v in test_metrics.items()}})
+        mlflow.set_tag("taskvec.search.best_run_id", best.run_id or "")
+    return SearchResult(candidates, best, winner, test_metrics, objective, parent_id, table, registered)
+
+
+def _pick(candidates: list[Candidate], shared: dict | None) -> Candidate:
+    if shared is not None and not any(c.run_id == shared["run_id"] for c in candidates):
+        # Another worker found the study's best trial: take its coefficients.
+        return Candidate(-1, shared["scale"], list(shared["weights"]), dict(shared["params"]),
+                         objective=shared["value"], feasible=shared["feasible"], run_id=shared["run_id"])
+    if not candidates:
+        raise TaskVecError("the search evaluated no candidate")
+    # Feasible first, then the objective; ties go to the earliest (the smallest scale on a grid).
+    best = max(candidates, key=lambda c: (c.feasible, c.objective, -c.number))
+    if not math.isfinite(best.objective):
+        raise TaskVecError("no candidate has a finite objective")
+    return best
+
+
+def _note(summary: dict, objective: Objective, settings: Search) -> str:
+    how = (
+        f"a grid over scale {settings.scale.low:g}..{settings.scale.high:g} step {settings.scale.step:g}"
+        if settings.strategy == "grid"
+        else f"optuna ({settings.sampler}, {summary.get('trials_in_study', summary['candidates'])} trials)"
+    )
+    return (
+        f"Coefficients picked by search: {how}, {objective.describe} on the {summary['validation_split']} split "
+        f"(best {summary['best_value']:.4g}); metrics below are on the {summary['test_split']} split. "
+        f"Search run `{summary['search_run_id']}`."
+    )

@@ -1,0 +1,295 @@
+"""Coefficient search against a real sqlite store (and optuna's RDB storage on the real PostgreSQL).
+
+The evaluators in ``search_evaluators`` score the coefficient read back from the
+composite's weights, so each test knows which candidate has to win.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow_helpers import (
+    BASE_NAME,
+    finetune_of,
+    log_checkpoint,
+    mlflow_store,
+    signature_for,
+    template_db,
+    tiny_net,
+    vector_name,
+)
+from safetensors.torch import save_file
+
+from mlflow_taskvec.engine.checkpoint import open_checkpoint
+from mlflow_taskvec.engine.taskvector import TaskVector
+from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.recipe import parse_recipe
+from mlflow_taskvec.tracking.references import resolve
+from mlflow_taskvec.tracking.registry import register_task_vector
+from mlflow_taskvec.tracking.search import search
+
+TESTS = Path(__file__).resolve().parent
+CLI = str(Path(sys.executable).parent / "mlflow-taskvec")
+GRID = [round(0.05 * i, 10) for i in range(21)]
+
+
+def _as_file(path: Path, target: Path) -> str:
+    ckpt = open_checkpoint(path)
+    save_file({n: ckpt.get_tensor(n).contiguous() for n in ckpt.keys()}, str(target))
+    return str(target)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    with mlflow_store(root, template_db(tmp_path_factory)) as store, pytest.MonkeyPatch.context() as mp:
+        base_net = tiny_net(0)
+        with mlflow.start_run(run_name="pretrain"):
+            log_checkpoint(base_net, "base", registered_model_name=BASE_NAME, signature=signature_for(base_net))
+        base = resolve(f"models:/{BASE_NAME}/1")
+        with mlflow.start_run(run_name="finetune"):
+            info = log_checkpoint(finetune_of(base_net, seed=7), "finetuned")
+        ft = resolve(info.model_uri)
+        vector = TaskVector.extract(base.path, ft.path, task="target")
+        register_task_vector(vector, vector_name("target"), base, ft, alias="current")
+        files = {
+            "TASKVEC_TEST_BASE": _as_file(base.path, root / "base.safetensors"),
+            "TASKVEC_TEST_DIRECTION": _as_file(resolve(f"models:/{vector_name('target')}/1").path, root / "direction.safetensors"),
+        }
+        for key, value in files.items():
+            mp.setenv(key, value)
+        store.files = files
+        yield store
+
+
+def recipe(evaluator: str, tasks, weight: float = 1.0, control_tasks=(), search_block=None) -> dict:
+    data = {
+        "base": f"models:/{BASE_NAME}/1",
+        "vectors": [{"vector": f"models:/{vector_name('target')}@current", "weight": weight}],
+        "evaluation": {"evaluator": f"search_evaluators:{evaluator}", "tasks": list(tasks), "control_tasks": list(control_tasks)},
+    }
+    if search_block is not None:
+        data["search"] = search_block
+    return data
+
+
+def children_of(client, run_id: str):
+    experiment = client.get_run(run_id).info.experiment_id
+    return client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000)
+
+
+def artifact_text(client, run_id: str, path: str, tmp_path: Path) -> str:
+    return Path(client.download_artifacts(run_id, path, str(tmp_path))).read_text("utf-8")
+
+
+# -- the paper's protocol: a grid over the scale ----------------------------------------------
+
+
+def test_the_grid_picks_the_scale_that_is_best_on_validation_and_reports_test(store, tmp_path):
+    client = store.client
+    result = search(parse_recipe(recipe("peaked", ["target"], search_block={"objective": "mean.accuracy"})), register_as="searched", alias="best")
+
+    assert [c.scale for c in result.candidates] == GRID
+    assert result.best.scale == pytest.approx(0.35)
+    assert result.best.objective == pytest.approx(1.0, abs=1e-9)
+    # The final evaluation is on the test split, whose peak is at 0.5.
+    assert result.test_metrics["target.accuracy"] == pytest.approx(1 - (0.35 - 0.5) ** 2, abs=1e-6)
+
+    children = children_of(client, result.run_id)
+    candidates = [r for r in children if r.data.tags.get("taskvec.search.role") == "candidate"]
+    assert sorted(float(r.data.params["scale"]) for r in candidates) == GRID
+    for run in candidates:
+        s = float(run.data.params["scale"])
+        assert run.data.metrics["target.accuracy"] == pytest.approx(1 - (s - 0.35) ** 2, abs=1e-6)
+        assert run.data.params["weight.target"] == "1.0"
+    (winner,) = [r for r in children if r.data.tags.get("taskvec.search.role") == "winner"]
+
+    version = client.get_model_version("searched", result.registered.version)
+    assert version.run_id == winner.info.run_id
+    assert version.tags["taskvec.scale"] == "0.35"
+    lineage = json.loads(version.tags["taskvec.search"])
+    assert lineage["strategy"] == "grid" and lineage["candidates"] == 21 and lineage["search_run_id"] == result.run_id
+    assert lineage["best_candidate_run_id"] == result.best.run_id
+    assert "Coefficients picked by search: a grid over scale 0..1 step 0.05" in version.description
+    assert str(client.get_model_version_by_alias("searched", "best").version) == result.registered.version
+    assert winner.data.metrics["target.accuracy"] == pytest.approx(result.test_metrics["target.accuracy"])
+
+    rows = list(csv.DictReader(io.StringIO(artifact_text(client, result.run_id, "search/candidates.csv", tmp_path))))
+    assert len(rows) == 21
+    best_row = max(rows, key=lambda r: float(r["objective"]))
+    assert float(best_row["scale"]) == pytest.approx(0.35)
+    png = Path(client.download_artifacts(result.run_id, "search/objective_vs_scale.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    best = yaml.safe_load(artifact_text(client, result.run_id, "search/best_recipe.yaml", tmp_path))
+    assert best["scale"] == pytest.approx(0.35) and "search" not in best
+    parent = client.get_run(result.run_id).data
+    assert parent.metrics["best.scale"] == pytest.approx(0.35)
+    assert parent.params["search.strategy"] == "grid"
+
+
+def test_negation_takes_the_largest_drop_that_keeps_the_control_task(store):
+    spec = parse_recipe(recipe("forgetting", ["target"], weight=-1.0, control_tasks=["control"]))
+
+    result = search(spec)
+
+    assert result.objective.kind == "negation"  # chosen by 'auto': every weight is negative
+    # control >= 0.95 * base's (1.0) holds up to scale 0.65, where target has fallen by 0.65.
+    assert result.best.scale == pytest.approx(0.65)
+    assert result.best.objective == pytest.approx(0.65, abs=1e-6)
+    assert result.test_metrics["target.delta_accuracy"] == pytest.approx(-0.65, abs=1e-6)
+    assert result.test_metrics["control.control.accuracy"] == pytest.approx(0.97, abs=1e-6)
+    infeasible = [c for c in result.candidates if not c.feasible]
+    assert [c.scale for c in infeasible] == GRID[14:]
+
+
+def test_candidates_composed_in_memory_and_through_a_temporary_folder_score_the_same(store):
+    spec = parse_recipe(recipe("peaked", ["target"], search_block={"objective": "mean.accuracy", "scale": {"low": 0, "high": 1, "step": 0.25}}))
+
+    in_memory = search(spec, memory="memory")
+    streamed = search(spec, memory="streamed")
+
+    assert [c.metrics for c in in_memory.candidates] == [c.metrics for c in streamed.candidates]
+
+
+def test_a_failing_evaluator_stops_the_search_clearly_and_registers_nothing(store):
+    spec = parse_recipe(recipe("broken", ["target"], search_block={"objective": "mean.accuracy"}))
+
+    with pytest.raises(TaskVecError, match=r"search_evaluators:broken failed on task 'target': RuntimeError: the evaluation data is missing"):
+        search(spec, register_as="never-registered")
+
+    assert store.client.search_model_versions("name='never-registered'") == []
+    assert mlflow.active_run() is None
+
+
+def test_mean_normalized_needs_a_fine_tune_for_every_task(store):
+    spec = parse_recipe(recipe("peaked", ["target", "other"], search_block={"objective": "mean_normalized"}))
+
+    with pytest.raises(TaskVecError, match=r"objective mean_normalized needs a fine-tune for every evaluated task: task 'other' has no input vector"):
+        search(spec)
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ({"weights": {"low": 0, "high": 1}}, "weights and params ranges are searched by strategy optuna"),
+        ({"scale": {"low": 1, "high": 0, "step": 0.1}}, "low 1 is above high 0"),
+        ({"scale": {"low": 0, "high": 1}}, "strategy grid needs scale.step"),
+        ({"strategy": "optuna", "params": {"density": {"low": 0.1, "high": 1}}}, "task_arithmetic has no parameter 'density'"),
+        ({"strategy": "bayes"}, "search.strategy"),
+        ({"storage": "sqlite:///x.db"}, "storage and study_name apply to strategy optuna"),
+    ],
+)
+def test_a_bad_search_block_is_refused_with_its_field(block, message):
+    with pytest.raises(TaskVecError, match=message):
+        parse_recipe(recipe("peaked", ["target"], search_block=block))
+
+
+# -- optuna, and several workers on one study in PostgreSQL ------------------------------------
+
+PG_URL = os.environ.get("TASKVEC_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+
+
+@contextmanager
+def postgres_database():
+    """A fresh database on the machine's PostgreSQL, dropped afterwards; skips (fails in CI) without one."""
+    try:
+        import psycopg
+
+        admin = psycopg.connect(f"{PG_URL}/postgres", connect_timeout=3, autocommit=True)
+    except Exception as exc:  # no driver, no server
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL at {PG_URL} is required in CI: {exc}")
+        pytest.skip(f"no PostgreSQL at {PG_URL}: {exc}")
+    name = f"taskvec_optuna_{uuid.uuid4().hex[:10]}"
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{PG_URL}/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.close()
+
+
+def test_optuna_searches_scale_and_weight_within_their_ranges(store):
+    block = {"strategy": "optuna", "trials": 12, "objective": "mean.accuracy", "scale": {"low": 0.0, "high": 1.0}, "weights": {"low": 0.5, "high": 1.5}}
+
+    result = search(parse_recipe(recipe("peaked", ["target"], search_block=block)))
+
+    assert len(result.candidates) == 12
+    for c in result.candidates:
+        assert 0.0 <= c.scale <= 1.0 and 0.5 <= c.weights[0] <= 1.5
+        # the coefficient is scale * weight; the metric peaks where it is 0.35
+        assert c.metrics["target.accuracy"] == pytest.approx(1 - (c.scale * c.weights[0] - 0.35) ** 2, abs=1e-6)
+    assert result.best.objective == max(c.objective for c in result.candidates)
+    children = children_of(store.client, result.run_id)
+    assert len(children) == 12
+    assert {r.data.params["weight.target"] for r in children} == {str(c.weights[0]) for c in result.candidates}
+
+
+def test_two_workers_share_one_optuna_study_in_postgresql(store, tmp_path):
+    import optuna
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe("peaked", ["target"], search_block={"strategy": "optuna", "objective": "mean.accuracy", "scale": {"low": 0, "high": 1}})), "utf-8")
+    env = store.env(**store.files, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    with postgres_database() as url:
+        args = [CLI, "search", str(path), "--strategy", "optuna", "--trials", "4", "--storage", url, "--study-name", "shared"]
+        workers = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        outputs = [w.communicate(timeout=300) for w in workers]
+        for w, (out, err) in zip(workers, outputs):
+            assert w.returncode == 0, err[-3000:]
+        study = optuna.load_study(study_name="shared", storage=url)
+        trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        # A third worker registers the study's best (over all eight trials and its own two).
+        done = subprocess.run([*args[:6], "2", *args[7:], "--register", "shared-best"], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        study = optuna.load_study(study_name="shared", storage=url)
+        best = max((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value)
+        total = len(study.trials)
+
+    assert len(trials) == 8 and total == 10
+    assert len({t.user_attrs["mlflow_run_id"] for t in trials}) == 8
+    searches = [line.split()[2] for out, _ in outputs for line in out.splitlines() if line.startswith("search run:")]
+    assert len(searches) == 2 and all(len(children_of(store.client, run_id)) == 4 for run_id in searches)
+    version = store.client.get_model_version("shared-best", "1")
+    assert float(version.tags["taskvec.scale"]) == pytest.approx(best.params["scale"])
+    assert json.loads(version.tags["taskvec.search"])["trials_in_study"] == 10
+
+
+def test_the_search_command_prints_the_winner_and_writes_its_recipe(store, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe("peaked", ["target"], search_block={"objective": "mean.accuracy"})), "utf-8")
+    env = store.env(**store.files, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+
+    done = subprocess.run([CLI, "search", str(path), "--output-recipe", str(tmp_path / "out" / "best.yaml")], env=env, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 0, done.stderr
+    assert "best: scale 0.35  weights [1.0]  objective 1.0000 (validation)" in done.stdout
+    assert "Downloading artifacts" not in done.stderr  # no progress bars off a terminal
+    best = yaml.safe_load((tmp_path / "out" / "best.yaml").read_text("utf-8"))
+    assert best["scale"] == pytest.approx(0.35) and best["vectors"][0]["weight"] == 1.0
+
+
+def test_the_search_command_refuses_a_recipe_without_evaluation(store, tmp_path):
+    data = recipe("peaked", ["target"])
+    del data["evaluation"]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data), "utf-8")
+
+    done = subprocess.run([CLI, "search", str(path)], env=store.env(), capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 1
+    assert done.stderr.strip() == "Error: search needs an 'evaluation' block in the recipe (evaluator and tasks)"
