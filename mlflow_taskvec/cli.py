@@ -373,12 +373,13 @@ def _write_heatmap(frame, path: Path) -> None:
 @main.command()
 @click.argument("name")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "markdown", "json"]), default="table", help="Output format.")
+@click.option("--metric", "metrics", multiple=True, help="Only metrics matching this glob, e.g. 'mean.*' (repeatable; default: all).")
 @_fail_cleanly
-def report(name, fmt):
-    """Composites registered under NAME (a registered model), with method, weights, scale and metrics."""
+def report(name, fmt, metrics):
+    """Composites registered under NAME (a registered model, or else an experiment), with method, weights, scale and metrics."""
     from mlflow_taskvec.tracking.report import composites_frame
 
-    click.echo(_render(composites_frame(name), fmt))
+    click.echo(_render(composites_frame(name, list(metrics)), fmt))
 
 
 @main.command("methods")

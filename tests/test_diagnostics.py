@@ -16,6 +16,8 @@ from small_models import base_state, finetune_state
 from mlflow_taskvec import TaskVecError, TaskVector
 from mlflow_taskvec.cli import main
 from mlflow_taskvec.engine.inspect import cosine_matrix
+from mlflow_taskvec.recipe import parse_recipe
+from mlflow_taskvec.tracking.registry import register_composite
 
 
 def cli(*args):
@@ -125,4 +127,30 @@ def test_report_on_a_name_without_composites_fails_clearly(registry):
     result = cli("report", "no-such-model")
 
     assert result.exit_code == 1
-    assert result.output.strip() == "Error: no-such-model: no composite versions registered under this name"
+    assert result.output.strip() == "Error: no-such-model: no registered model or experiment of this name"
+
+
+def test_report_on_an_experiment_lists_the_composites_composed_in_it(registry):
+    result = cli("report", "taskvec-tests", "--format", "csv", "--metric", "mean.*")
+
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(io.StringIO(result.output), index_col="version")
+    assert list(frame.index) == [1]
+    assert frame.loc[1, "method"] == registry.composite.tags["taskvec.method"]
+
+
+def test_report_keeps_only_the_metrics_that_match(tmp_path_factory):
+    with mlflow_store(tmp_path_factory.mktemp("report-metrics"), template_db(tmp_path_factory)) as store:
+        reg = build_registry(store)
+        recipe = {**reg.composite_recipe, "evaluation": {"evaluator": "digits_tasks:evaluate", "tasks": ["rotate"], "control_tasks": ["digits"]}}
+        register_composite(parse_recipe(recipe), COMPOSITE_NAME)
+
+        result = cli("report", COMPOSITE_NAME, "--format", "json", "--metric", "mean.*", "--metric", "control.*.accuracy")
+
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["index"] == [1, 2]
+    metric_columns = [c for c in data["columns"] if c not in ("method", "scale", "params", "weights")]
+    assert metric_columns == sorted(metric_columns) and metric_columns
+    assert all(c.startswith("mean.") or c == "control.digits.accuracy" for c in metric_columns)
+    assert "control.digits.accuracy" in metric_columns and "mean.normalized_accuracy" in metric_columns

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 
 import pandas as pd
@@ -11,21 +12,42 @@ from mlflow.tracking import MlflowClient
 from mlflow_taskvec.errors import TaskVecError
 
 
-def composites_frame(name: str) -> pd.DataFrame:
-    """One row per composite version of registered model ``name``: method, scale,
-    params, inputs with weights, and the metrics of the run that composed it."""
-    client = MlflowClient()
+def _versions(client: MlflowClient, name: str) -> tuple[list, str]:
+    """The versions of registered model ``name``, else those composed in experiment ``name``."""
     try:
         versions = client.search_model_versions(f"name='{name}'")
     except MlflowException as exc:
         raise TaskVecError(f"{name}: {str(exc).splitlines()[0]}") from None
+    if versions:
+        return versions, "registered model"
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return [], "registered model or experiment"
+    found, runs = [], {}
+    for mv in client.search_model_versions(""):
+        if (mv.tags or {}).get("taskvec.kind") != "composite" or not mv.run_id:
+            continue
+        if mv.run_id not in runs:
+            runs[mv.run_id] = client.get_run(mv.run_id).info.experiment_id
+        if runs[mv.run_id] == experiment.experiment_id:
+            found.append(mv)
+    return found, "experiment"
+
+
+def composites_frame(name: str, metrics: list[str] | None = None) -> pd.DataFrame:
+    """One row per composite registered under model ``name`` (or composed in experiment ``name``):
+    method, scale, params, inputs with weights, and the metrics of the run that composed it
+    (those matching the ``metrics`` globs, when given)."""
+    client = MlflowClient()
+    versions, what = _versions(client, name)
     rows = []
-    for mv in sorted(versions, key=lambda v: int(v.version)):
+    for mv in sorted(versions, key=lambda v: (v.name, int(v.version))):
         tags = mv.tags or {}
         if tags.get("taskvec.kind") != "composite":
             continue
         inputs = json.loads(tags.get("taskvec.inputs", "[]"))
         row = {
+            "name": mv.name,
             "version": int(mv.version),
             "method": tags.get("taskvec.method", ""),
             "scale": float(tags.get("taskvec.scale", "nan")),
@@ -33,8 +55,14 @@ def composites_frame(name: str) -> pd.DataFrame:
             "weights": ", ".join(f"{i['uri']}:{i['weight']:g}" for i in inputs),
         }
         if mv.run_id:
-            row.update(sorted(client.get_run(mv.run_id).data.metrics.items()))
+            values = client.get_run(mv.run_id).data.metrics
+            keep = sorted(k for k in values if not metrics or any(fnmatch.fnmatchcase(k, p) for p in metrics))
+            row.update((k, values[k]) for k in keep)
         rows.append(row)
     if not rows:
-        raise TaskVecError(f"{name}: no composite versions registered under this name")
-    return pd.DataFrame(rows).set_index("version")
+        raise TaskVecError(f"{name}: no composite versions registered under this {what}" if what != "registered model or experiment"
+                           else f"{name}: no registered model or experiment of this name")
+    frame = pd.DataFrame(rows)
+    if frame["name"].nunique() == 1:
+        return frame.drop(columns="name").set_index("version")
+    return frame.set_index(["name", "version"])
