@@ -255,7 +255,7 @@ def _walk(client: MlflowClient, uri: str, role: str, weight, recorded: str | Non
                 node.aliases = sorted(mv.aliases or [])
                 node.approvals = {a: v for a, v in approvals_of(tags).items() if a in node.aliases}
         except (MlflowException, TaskVecError) as exc:
-            node.kind, node.problem = "missing", f"missing: {str(exc).splitlines()[0]}"
+            node.kind, node.problem = "missing", f"missing: {str(exc).splitlines()[0].removeprefix(f'{uri}: ')}"
             return node
     elif uri.startswith("runs:/"):
         node.kind, node.run_id = "run artifact", uri[len("runs:/") :].partition("/")[0]
@@ -385,7 +385,7 @@ def _fresh(ref: str, what: str) -> Resolved:
     try:
         return resolve(ref, fresh=True)
     except TaskVecError as exc:
-        raise TaskVecError(f"{what}: {exc}") from None
+        raise TaskVecError(f"{what}: {str(exc).removeprefix(f'{ref}: ')}") from None
 
 
 def _same(what: str, got: str, recorded: str, hint: str) -> None:
