@@ -147,6 +147,9 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, o
     if require_alias is not None:
         from mlflow_taskvec.tracking.governance import enforce_policy
 
+        if not require_alias.strip():
+            raise TaskVecError("--require-alias: an alias name cannot be empty")
+
         enforce_policy(spec, require_alias)
     if max_shard_size is not None:
         parse_size(max_shard_size, "--max-shard-size")

@@ -212,7 +212,8 @@ class Recipe(BaseModel):
 
 def _format_error(source: str, exc: ValidationError) -> str:
     errors = exc.errors(include_url=False)
-    first = errors[0]
+    # a misspelled field also makes the real one "missing": name the misspelling
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = ""
     for part in first["loc"]:
         loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))

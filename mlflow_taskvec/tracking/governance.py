@@ -163,6 +163,7 @@ def approve(ref: str, alias: str, note: str | None = None) -> Approval:
     """
     if not alias or not alias.strip():
         raise TaskVecError("--alias: an alias name cannot be empty")
+    parse_version_ref(ref)  # refuse what is not a registry reference before connecting to the store
     client = MlflowClient()
     mv = get_version(ref, client)
     name, version = mv.name, str(mv.version)
