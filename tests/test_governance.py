@@ -206,6 +206,8 @@ def test_approve_points_the_alias_and_records_who_when_and_why(registry, client)
     assert version.tags["taskvec.approved_at"] == at and at.endswith("Z")
     assert before <= datetime.fromisoformat(at.replace("Z", "+00:00")) <= datetime.now(timezone.utc) + timedelta(seconds=1)
     assert lines == [f"approved: models:/approve-me/1 as 'approved' by alice at {at} (eval 0.93 on rotate)"]
+    tree = ok(invoke("lineage", "models:/approve-me@approved"))
+    assert tree[0].endswith(f"  @approved  approved by alice at {at}")
 
 
 def test_approve_without_an_mlflow_user_records_the_os_user(registry, client, monkeypatch):

@@ -315,7 +315,7 @@ def _describe(node: Node) -> str:
     if node.aliases:
         parts.append("@" + ",@".join(node.aliases))
     for alias, info in sorted(node.approvals.items()):
-        parts.append(f"approved as {alias} by {info.get('by', '?')} at {info.get('at', '?')}")
+        parts.append(f"{alias} by {info.get('by', '?')} at {info.get('at', '?')}")
     if node.problem:
         parts.append(f"!! {node.problem}")
     return "  ".join(parts)
