@@ -213,7 +213,7 @@ def files_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-def run_case(case: Case, args: list[str], work: Path, world: World) -> tuple[int, str, str]:
+def run_case(case: Case, args: list[str], work: Path) -> tuple[int, str, str]:
     env = {**case.env}
     if case.process:
         full_env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
@@ -242,7 +242,7 @@ def test_bad_input_is_refused_with_one_clear_line_and_nothing_written(case, worl
         case.setup(world)
     before, local_before, work_before = registry_state(world.client), files_under(world.local), files_under(work)
 
-    code, stdout, stderr = run_case(case, _fill(case.args, names), work, world)
+    code, stdout, stderr = run_case(case, _fill(case.args, names), work)
 
     lines = stderr.splitlines()
     if os.environ.get("SHOW_MESSAGES"):

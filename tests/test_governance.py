@@ -9,10 +9,9 @@ test_bad_input.py.
 
 from __future__ import annotations
 
+import getpass
 import json
 from datetime import datetime, timedelta, timezone
-
-import getpass
 
 import mlflow
 import pytest
@@ -287,6 +286,8 @@ def test_lineage_of_a_composite_of_composites_nests_the_inner_composites_inputs(
     ]
     assert [c["role"] for c in inner["children"][1]["children"]] == ["base", "fine-tune"]
     assert (flip["uri"], flip["weight"], flip["task"]) == (f"models:/{vector_name('flip')}/1", 0.5, "flip")
+    # a fine-tune input (the inner composite) is re-extracted when verifying
+    assert ok(invoke("verify", "models:/nested-composite/1", "-q")) == [f"verified: models:/nested-composite/1 (composite, fingerprint {tree['fingerprint'][:16]})"]
 
 
 def test_lineage_dot_draws_each_model_once_with_edges_from_inputs_to_results(registry):
