@@ -52,8 +52,9 @@ from small_models import base_state, finetune_state
 from mlflow_taskvec.cli import main as cli
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.taskvector import TaskVector
+from mlflow_taskvec.recipe import parse_recipe
 from mlflow_taskvec.tracking.references import resolve
-from mlflow_taskvec.tracking.registry import register_task_vector
+from mlflow_taskvec.tracking.registry import register_composite, register_task_vector
 
 ROTATE = f"models:/{vector_name('rotate')}/1"
 FLIP = f"models:/{vector_name('flip')}/1"
@@ -76,6 +77,12 @@ def _tampered_vector(world) -> None:
     vector = TaskVector.extract(base_ref.path, ft_ref.path, include=["encoder.*"], task="rotate")
     reg = register_task_vector(vector, "bad-tampered-vector", base_ref, ft_ref)
     flip_last_byte(stored_weights(world.client, reg.model_id))
+
+
+def _garbled_composite(world) -> None:
+    """A composite version whose taskvec.inputs tag was overwritten with something that is not a list of inputs."""
+    reg = register_composite(parse_recipe(registry_recipe()), "bad-garbled")
+    world.client.set_model_version_tag("bad-garbled", reg.version, "taskvec.inputs", '{"uri": "models:/x/1"}')
 
 
 @dataclass
@@ -144,6 +151,7 @@ CASES = [
     Case("lineage-missing-version", ["lineage", "models:/no-such-model/1"], "models:/no-such-model/1: Model Version (name=no-such-model, version=1) not found"),
     Case("lineage-local-path", ["lineage", "{local}/ft.tv.safetensors"], "{local}/ft.tv.safetensors: not a registered model version"),
     Case("verify-not-a-taskvec-version", ["verify", BASE], f"{BASE}: not a composite or task vector registered by mlflow-taskvec"),
+    Case("verify-garbled-inputs-tag", ["verify", "models:/bad-garbled/1"], "models:/bad-garbled/1: the taskvec.inputs tag is not a JSON list of inputs", setup=_garbled_composite),
     Case("verify-missing-version", ["verify", f"models:/{vector_name('flip')}@nope"], f"models:/{vector_name('flip')}@nope: Registered model alias nope not found"),
 ]
 

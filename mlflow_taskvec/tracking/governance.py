@@ -88,12 +88,13 @@ def enforce_policy(recipe: Recipe, require_alias: str) -> None:
     """
     if not require_alias or not require_alias.strip():
         raise TaskVecError("require_alias: an alias name cannot be empty")
-    client = MlflowClient()
+    client = None  # made on first use: a refusal of a local input touches no store
     for i, entry in enumerate(recipe.vectors):
         ref = entry.ref
         what = f"vectors[{i}] ({ref})"
         if not ref.startswith("models:/"):
             raise TaskVecError(f"{what}: not a registered model version, so it cannot carry the alias {require_alias!r} the policy requires")
+        client = client or MlflowClient()
         try:
             mv = get_version(ref, client)
         except TaskVecError as exc:
@@ -225,6 +226,17 @@ class Node:
 MAX_DEPTH = 32
 
 
+def recorded_inputs(tags: dict) -> list[dict] | None:
+    """A composite's ``taskvec.inputs`` rows, or None when the tag is not a JSON list of objects."""
+    try:
+        rows = json.loads(tags.get("taskvec.inputs", "[]"))
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        return None
+    return rows
+
+
 def lineage(ref: str) -> Node:
     """The lineage tree of a registered version: composite -> inputs (recursively) -> task
     vectors -> fine-tunes and base, from the ``taskvec.*`` tags of each version."""
@@ -286,12 +298,14 @@ def _walk(client: MlflowClient, uri: str, role: str, weight, recorded: str | Non
     if kind == "composite":
         if tags.get("taskvec.base_uri"):
             node.children.append(_walk(client, tags["taskvec.base_uri"], "base", None, tags.get("taskvec.base_fingerprint"), below))
-        try:
-            inputs = json.loads(tags.get("taskvec.inputs", "[]"))
-        except json.JSONDecodeError:
+        inputs = recorded_inputs(tags)
+        if inputs is None:
             inputs, node.problem = [], "unreadable taskvec.inputs tag"
         for row in inputs:
-            node.children.append(_walk(client, str(row.get("uri")), "input", row.get("weight"), row.get("fingerprint"), below))
+            weight = row.get("weight")
+            weight = float(weight) if isinstance(weight, (int, float)) and not isinstance(weight, bool) else None
+            fingerprint = row.get("fingerprint") if isinstance(row.get("fingerprint"), str) else None
+            node.children.append(_walk(client, str(row.get("uri")), "input", weight, fingerprint, below))
     elif kind == "task_vector":
         if tags.get("taskvec.base_uri"):
             node.children.append(_walk(client, tags["taskvec.base_uri"], "base", None, tags.get("taskvec.base_fingerprint"), below))
@@ -438,10 +452,9 @@ def _verify_composite(client: MlflowClient, mv: ModelVersion, uri: str, tags: di
             f"recipe.yaml of run {mv.run_id} has sha256 {recipe.sha256()[:16]}, the version records {recorded_sha[:16]} (the recipe was edited)"
         )
     checks.append(f"recipe.yaml: sha256 {recorded_sha[:16]} as recorded")
-    try:
-        inputs = json.loads(tags["taskvec.inputs"])
-    except json.JSONDecodeError:
-        raise TaskVecError(f"{uri}: the taskvec.inputs tag is not valid JSON") from None
+    inputs = recorded_inputs(tags)
+    if inputs is None:
+        raise TaskVecError(f"{uri}: the taskvec.inputs tag is not a JSON list of inputs (a tag was edited)")
     if [row.get("uri") for row in inputs] != [e.ref for e in recipe.vectors] or recipe.base != tags["taskvec.base_uri"]:
         raise TaskVecError(f"{uri}: the taskvec.inputs / taskvec.base_uri tags name other models than its recipe.yaml (a tag was edited)")
 
