@@ -145,12 +145,11 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, o
     """Compose a model from a YAML merge RECIPE (references may be MLflow URIs)."""
     spec = load_recipe(recipe)
     if require_alias is not None:
-        from mlflow_taskvec.tracking.governance import enforce_policy
-
         if not require_alias.strip():
             raise TaskVecError("--require-alias: an alias name cannot be empty")
+        from mlflow_taskvec.tracking.governance import enforce_policy
 
-        enforce_policy(spec, require_alias)
+        enforce_policy(spec, require_alias)  # before anything is downloaded
     if max_shard_size is not None:
         parse_size(max_shard_size, "--max-shard-size")
         spec.max_shard_size = max_shard_size
