@@ -79,8 +79,7 @@ _shards = click.option("--max-shard-size", default=None, help="Write shards of a
 @click.version_option(__version__, prog_name="mlflow-taskvec")
 def main():
     """Edit models with task arithmetic: extract, compose and inspect task vectors."""
-    if not sys.stderr.isatty():
-        # MLflow's download bars too: on a terminal only.
+    if not sys.stderr.isatty():  # MLflow's download bars only on a terminal: errors stay one line
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
@@ -152,12 +151,19 @@ def _report_registration(quiet: bool, reg) -> None:
 @_shards
 @_register
 @_alias
+@click.option("--require-alias", default=None, metavar="ALIAS", help="Refuse inputs whose registered version does not carry ALIAS (on top of the recipe's policy).")
 @_overwrite
 @_quiet
 @_fail_cleanly
-def compose(recipe, output, max_shard_size, register_as, alias, overwrite, quiet):
+def compose(recipe, output, max_shard_size, register_as, alias, require_alias, overwrite, quiet):
     """Compose a model from a YAML merge RECIPE (references may be MLflow URIs)."""
     spec = load_recipe(recipe)
+    if require_alias is not None:
+        if not require_alias.strip():
+            raise TaskVecError("--require-alias: an alias name cannot be empty")
+        from mlflow_taskvec.tracking.governance import enforce_policy
+
+        enforce_policy(spec, require_alias)  # before anything is downloaded
     if max_shard_size is not None:
         parse_size(max_shard_size, "--max-shard-size")
         spec.max_shard_size = max_shard_size
@@ -388,6 +394,55 @@ def list_methods():
     for m in METHODS.values():
         params = ", ".join(sorted(m.params)) or "none"
         click.echo(f"{m.name}: {m.description} (params: {params})")
+
+
+# -- governance: approve, lineage, verify (logic in mlflow_taskvec.tracking.governance) ---------------
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--alias", required=True, help="The alias to point at the version, e.g. approved.")
+@click.option("--note", default=None, help="Why it is approved (recorded as a version tag).")
+@_fail_cleanly
+def approve(ref, alias, note):
+    """Approve REF (models:/name/version or models:/name@alias): point ALIAS at it and record who and when."""
+    from mlflow_taskvec.tracking.governance import approve as approve_version
+
+    a = approve_version(ref, alias, note)
+    click.echo(f"approved: {a.version_uri} as {a.alias!r} by {a.by} at {a.at}" + (f" ({a.note})" if a.note else ""))
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "dot"]), default="text", help="A tree for people, JSON for scripts, Graphviz dot for pictures.")
+@_fail_cleanly
+def lineage(ref, fmt):
+    """What REF (a registered version) is made of: composite -> inputs -> task vectors -> fine-tunes and base."""
+    from mlflow_taskvec.tracking import governance
+
+    root = governance.lineage(ref)
+    render = {"text": governance.render_text, "json": governance.render_json, "dot": governance.render_dot}[fmt]
+    click.echo(render(root))
+
+
+@main.command()
+@click.argument("ref")
+@_quiet
+@_fail_cleanly
+def verify(ref, quiet):
+    """Check that REF (a registered composite or task vector) is untampered and reproducible.
+
+    Downloads the base and every input afresh, checks their fingerprints and the
+    recipe's digest against what the version records, recomposes (or re-extracts)
+    into a temporary folder and compares fingerprints. Exit 0 and "verified", or
+    exit 1 naming the first mismatch.
+    """
+    from mlflow_taskvec.tracking.governance import verify as verify_version
+
+    result = verify_version(ref)
+    click.echo(f"verified: {result.uri} ({result.kind}, fingerprint {result.fingerprint[:16]})")
+    for check in result.checks:
+        _echo(quiet, f"  ok  {check}")
 
 
 if __name__ == "__main__":

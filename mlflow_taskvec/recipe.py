@@ -14,6 +14,8 @@ dtype: bfloat16                   # output dtype (default: the base's)
 compute_dtype: float32            # or float64
 max_shard_size: 2GB               # write shards plus an index
 output: ./merged
+policy:                           # optional: refuse inputs that lack an approval
+  require_alias: approved         # every input must be a registered version carrying this alias
 evaluation:                       # optional: metrics for the registry
   evaluator: digits_tasks:evaluate  # (model, task, split) -> {metric: value}
   tasks: [rotate, flip]
@@ -194,6 +196,21 @@ class Search(BaseModel):
         return self
 
 
+class Policy(BaseModel):
+    """What a recipe's inputs must satisfy before anything is composed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    require_alias: str = Field(description="every input must be a registered model version carrying this alias")
+
+    @field_validator("require_alias")
+    @classmethod
+    def _alias(cls, value):
+        if not value.strip():
+            raise ValueError("an alias name cannot be empty")
+        return value
+
+
 class Recipe(BaseModel):
     """A validated merge recipe."""
 
@@ -211,6 +228,7 @@ class Recipe(BaseModel):
     allow_nonfinite: bool = False
     evaluation: Evaluation | None = None
     search: Search | None = None
+    policy: Policy | None = None
     _source_dir: Path | None = PrivateAttr(default=None)
 
     @property
@@ -268,8 +286,13 @@ class Recipe(BaseModel):
 
     # -- identity -----------------------------------------------------------------
     def canonical_json(self) -> str:
-        """The recipe as canonical JSON (sorted keys, no output path): what a composite records."""
+        """The recipe as canonical JSON (sorted keys, no output path, no search settings): what a composite records.
+
+        ``policy`` appears only when set, so recipes without one keep the digests they always had.
+        """
         data = self.model_dump(exclude={"output", "search"})
+        if data.get("policy") is None:
+            data.pop("policy", None)
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def sha256(self) -> str:
@@ -278,7 +301,8 @@ class Recipe(BaseModel):
 
 def _format_error(source: str, exc: ValidationError) -> str:
     errors = exc.errors(include_url=False)
-    first = errors[0]
+    # a misspelled field also makes the real one "missing": name the misspelling
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = ""
     for part in first["loc"]:
         loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
@@ -339,6 +363,16 @@ def build_vectors(recipe: Recipe, base, relative_to: Path | None = None) -> list
     return vectors
 
 
+def check_same_base(recipe: Recipe, base_fingerprint: str, vector_base_fingerprints: list[str]) -> None:
+    """Refuse, before composing, an input extracted from another base than the recipe's."""
+    for i, (entry, fp) in enumerate(zip(recipe.vectors, vector_base_fingerprints)):
+        if fp != base_fingerprint:
+            raise TaskVecError(
+                f"vectors[{i}] was extracted from a different base: {entry.ref} records base fingerprint {fp[:16]}, "
+                f"the recipe's base {recipe.base} has {base_fingerprint[:16]}"
+            )
+
+
 def run_recipe(
     recipe: Recipe,
     output: "str | os.PathLike | None" = None,
@@ -350,9 +384,14 @@ def run_recipe(
     """Compose what the recipe says; the output records the recipe and its digest.
 
     Relative references resolve against ``relative_to``, by default the recipe file's folder.
+    A recipe with a ``policy`` is checked against the model registry before anything is read.
     """
     if relative_to is None:
         relative_to = recipe.source_dir
+    if recipe.policy is not None:
+        from mlflow_taskvec.tracking.governance import enforce_policy
+
+        enforce_policy(recipe, recipe.policy.require_alias)
     target = output if output is not None else recipe.output
     if target is None:
         raise TaskVecError("no output: set 'output' in the recipe or pass --output")
@@ -360,6 +399,7 @@ def run_recipe(
         target = relative_to / target
     base = open_reference(recipe.base, relative_to)
     vectors = build_vectors(recipe, base, relative_to)
+    check_same_base(recipe, base.fingerprint(), [v.base_fingerprint for v in vectors])
     meta = {
         "taskvec.format_version": RECIPE_FORMAT,
         "taskvec.kind": "composite",

@@ -277,3 +277,43 @@ def build_registry(store: Store) -> DigitsRegistry:
     recipe = composite_recipe()
     composite = register_composite(parse_recipe(recipe), COMPOSITE_NAME, alias="champion")
     return DigitsRegistry(store, base_net, info.model_id, base_run_id, finetunes, vectors, composite, recipe)
+
+
+# -- versions of their own, and tampering with what the store holds ---------------------------
+
+
+def register_vector_copy(registry: DigitsRegistry, task: str, name: str, alias: str | None = None) -> Registered:
+    """Register ``task``'s task vector again, as a version of ``name``: one a test may approve,
+    tamper with or delete without touching the shared registry."""
+    base_ref = resolve(registry.base_uri)
+    ft_ref = resolve(f"models:/{registry.finetunes[task].model_id}")
+    vector = TaskVector.extract(base_ref.path, ft_ref.path, task=task)
+    return register_task_vector(vector, name, base_ref, ft_ref, alias=alias)
+
+
+def file_uri_path(uri: str) -> Path:
+    from urllib.parse import unquote, urlparse
+
+    return Path(unquote(urlparse(uri).path))
+
+
+def stored_weights(client: MlflowClient, model_id: str) -> Path:
+    """The safetensors file of a logged taskvec model, where the store keeps it."""
+    (weights,) = sorted((file_uri_path(client.get_logged_model(model_id).artifact_location) / "data").glob("*.safetensors"))
+    return weights
+
+
+def run_artifact(client: MlflowClient, run_id: str, name: str) -> Path:
+    """A file logged in a run, where the store keeps it."""
+    return file_uri_path(client.get_run(run_id).info.artifact_uri) / name
+
+
+def flip_last_byte(path: Path) -> None:
+    """Change one byte of a safetensors file's tensor data (its last byte), in place."""
+    data = bytearray(Path(path).read_bytes())
+    data[-1] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
+
+
+def all_versions(client: MlflowClient) -> list[tuple[str, str]]:
+    return sorted((mv.name, str(mv.version)) for mv in client.search_model_versions())

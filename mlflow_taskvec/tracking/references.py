@@ -148,8 +148,12 @@ def weights_path(local: Path, mlmodel: dict | None) -> Path:
     return local
 
 
-def resolve(ref: str | os.PathLike) -> Resolved:
-    """Resolve a reference (MLflow URI or local path) to a verified local checkpoint."""
+def resolve(ref: str | os.PathLike, fresh: bool = False) -> Resolved:
+    """Resolve a reference (MLflow URI or local path) to a verified local checkpoint.
+
+    ``fresh=True`` downloads again even when the cache holds a good copy, so that what
+    is checked is what the store holds now (``verify`` needs that).
+    """
     text = os.fspath(ref)
     if not (text.startswith("models:/") or text.startswith("runs:/")):
         path = resolve_local_path(text).resolve()
@@ -160,7 +164,7 @@ def resolve(ref: str | os.PathLike) -> Resolved:
             mlmodel = yaml.safe_load((path / "MLmodel").read_text("utf-8"))
             conf = mlmodel.get("flavors", {}).get("taskvec")
             path = weights_path(path, mlmodel)
-        return Resolved(text, str(model_dir or path), path, open_checkpoint(path).fingerprint(), conf=conf, model_dir=model_dir)
+        return Resolved(text, str(model_dir or path), path, open_checkpoint(path).fingerprint(fresh=fresh), conf=conf, model_dir=model_dir)
 
     where = _locate_model(text)
     mlmodel = _read_mlmodel(where["artifact_uri"], text)
@@ -170,7 +174,7 @@ def resolve(ref: str | os.PathLike) -> Resolved:
     root = cache_root()
     entry, record = root / key, root / f"{key}.json"
     local = None
-    if entry.is_dir() and record.is_file():
+    if not fresh and entry.is_dir() and record.is_file():
         recorded = json.loads(record.read_text("utf-8"))["fingerprint"]
         try:
             if open_checkpoint(weights_path(entry, mlmodel)).fingerprint(fresh=True) == recorded:

@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_taskvec import flavor
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.errors import TaskVecError
-from mlflow_taskvec.recipe import Recipe, run_recipe
+from mlflow_taskvec.recipe import Recipe, check_same_base, run_recipe
 from mlflow_taskvec.tracking.evaluate import composite_evaluation
 from mlflow_taskvec.tracking.references import Resolved, resolve
 
@@ -161,6 +161,18 @@ def _resolved_recipe(recipe: Recipe, base: Resolved, inputs: list[Resolved]) -> 
     return Recipe.model_validate(data)
 
 
+def local_recipe(resolved: Recipe, base: Resolved, inputs: list[Resolved]) -> Recipe:
+    """``resolved`` with every reference replaced by its downloaded local path, ready to run.
+
+    Its policy, already enforced on the real references, is dropped: local paths cannot carry aliases.
+    """
+    local = resolved.model_copy(update={"base": str(base.path), "policy": None})
+    local.vectors = [
+        e.model_copy(update={("vector" if e.vector is not None else "finetuned"): str(r.path)}) for e, r in zip(resolved.vectors, inputs)
+    ]
+    return local
+
+
 def register_composite(
     recipe: Recipe,
     name: str,
@@ -179,22 +191,28 @@ def register_composite(
     model; ``note`` is a paragraph of the version's description.
     """
     relative_to = relative_to or recipe.source_dir
+    if recipe.policy is not None:
+        from mlflow_taskvec.tracking.governance import enforce_policy
+
+        enforce_policy(recipe, recipe.policy.require_alias)
     base = _resolve_ref(recipe.base, relative_to, "base")
     inputs = [_resolve_ref(e.ref, relative_to, f"vectors[{i}]") for i, e in enumerate(recipe.vectors)]
     resolved = _resolved_recipe(recipe, base, inputs)
     for i, (entry, res) in enumerate(zip(recipe.vectors, inputs)):
         if entry.vector is not None and res.conf and res.conf.get("kind") not in (None, "task_vector"):
             raise TaskVecError(f"vectors[{i}]: {res.canonical} is a {res.conf.get('kind')} model, not a task vector")
+    vector_bases = []
+    for i, (entry, res) in enumerate(zip(recipe.vectors, inputs)):
+        try:
+            vector_bases.append(TaskVector.load(res.path).base_fingerprint if entry.vector is not None else base.fingerprint)
+        except TaskVecError as exc:
+            raise TaskVecError(f"vectors[{i}]: {exc}") from None
+    check_same_base(recipe, base.fingerprint, vector_bases)  # before a run is started
     architecture, code_paths, signature = _architecture_of(base)
 
     with _run_context(None) as run, tempfile.TemporaryDirectory(prefix="taskvec-compose-") as tmp:
         mlflow.log_params(_run_params(resolved))
-        local_recipe = resolved.model_copy(update={"base": str(base.path)})
-        local_recipe.vectors = [
-            e.model_copy(update={("vector" if e.vector is not None else "finetuned"): str(r.path)})
-            for e, r in zip(resolved.vectors, inputs)
-        ]
-        result = run_recipe(local_recipe, output=Path(tmp) / "weights", relative_to=relative_to)
+        result = run_recipe(local_recipe(resolved, base, inputs), output=Path(tmp) / "weights", relative_to=relative_to)
         recipe_path = Path(tmp) / "recipe.yaml"
         recipe_path.write_text(yaml.safe_dump(resolved.model_dump(exclude={"output", "search"}), sort_keys=False), "utf-8")
         mlflow.log_artifact(str(recipe_path))

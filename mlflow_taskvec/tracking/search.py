@@ -330,6 +330,10 @@ def search(
     if recipe.evaluation is None:
         raise TaskVecError("search needs an 'evaluation' block in the recipe (evaluator and tasks)")
     relative_to = relative_to or recipe.source_dir
+    if recipe.policy is not None:
+        from mlflow_taskvec.tracking.governance import enforce_policy
+
+        enforce_policy(recipe, recipe.policy.require_alias)  # before anything is downloaded or evaluated
     base = _resolve_ref(recipe.base, relative_to, "base")
     inputs = [_resolve_ref(e.ref, relative_to, f"vectors[{i}]") for i, e in enumerate(recipe.vectors)]
     evaluation = composite_evaluation(recipe, base, inputs)
