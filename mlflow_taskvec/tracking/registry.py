@@ -29,6 +29,7 @@ from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.evaluation import evaluate_model, load_evaluator
 from mlflow_taskvec.recipe import Recipe, run_recipe
 from mlflow_taskvec.tracking.references import Resolved, resolve
+from mlflow_taskvec.tracking.server import check_can_register, server_error, server_errors
 
 
 def _fmt(value: float) -> str:
@@ -59,8 +60,7 @@ def _create_version(name: str, model_info, run_id: str, tags: dict, description:
             model_id=model_info.model_id,
         )
     except MlflowException as exc:
-        first = str(exc.message if hasattr(exc, "message") else exc).strip().splitlines()[0]
-        raise TaskVecError(f"registering {name!r} failed: {first}") from None
+        raise server_error(exc, f"registering {name!r} failed", name) from None
 
 
 @dataclass
@@ -109,9 +109,15 @@ def register_task_vector(
     """Log ``vector`` as a ``task_vector`` model of the fine-tune's run and register a version.
 
     The run is ``run_id`` if given, else the fine-tune's own run when the fine-tune
-    is an MLflow model or run artifact, else the active run, else a new run.
+    is an MLflow model or run artifact, else the active run, else a new run. A run
+    this call starts or resumes ends FAILED if anything goes wrong.
     """
-    run_id = run_id or finetuned.run_id
+    with server_errors(f"registering {name!r} failed", name):
+        check_can_register(name)
+        return _register_task_vector(vector, name, base, finetuned, run_id or finetuned.run_id, alias)
+
+
+def _register_task_vector(vector, name, base, finetuned, run_id, alias) -> Registered:
     with _run_context(run_id) as run:
         lineage = {"base_uri": base.canonical, "finetuned_uri": finetuned.canonical, "finetuned_fingerprint": finetuned.fingerprint}
         info = flavor.log_model(vector, name="task_vector", lineage=lineage)
@@ -173,7 +179,14 @@ def register_composite(
 
     ``evaluate(module) -> {metric: value}``, when given, is called on the composite;
     its metrics go on the run, on the logged model and into the version's description.
+    A run this call starts ends FAILED if anything goes wrong.
     """
+    with server_errors(f"registering {name!r} failed", name):
+        check_can_register(name)
+        return _register_composite(recipe, name, relative_to, alias, evaluate)
+
+
+def _register_composite(recipe, name, relative_to, alias, evaluate) -> Registered:
     relative_to = relative_to or recipe.source_dir
     base = _resolve_ref(recipe.base, relative_to, "base")
     inputs = [_resolve_ref(e.ref, relative_to, f"vectors[{i}]") for i, e in enumerate(recipe.vectors)]
