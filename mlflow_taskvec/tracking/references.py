@@ -63,8 +63,9 @@ def _client() -> MlflowClient:
 
 
 def _mlflow_error(uri: str, exc: MlflowException) -> TaskVecError:
-    first = str(exc.message if hasattr(exc, "message") else exc).strip().splitlines()[0]
-    return TaskVecError(f"{uri}: {first}")
+    from mlflow_taskvec.tracking.server import server_error
+
+    return server_error(exc, uri)
 
 
 def _locate_model(uri: str) -> dict:
@@ -148,6 +149,19 @@ def weights_path(local: Path, mlmodel: dict | None) -> Path:
     return local
 
 
+def _expected_fingerprint(uri: str, conf: dict | None, tags: dict) -> str | None:
+    """The fingerprint the weights must have: the one the registry recorded when the version
+    was created (its ``taskvec.fingerprint`` tag, kept in the database, out of reach of
+    whoever can write the artifact store), which the MLmodel file must agree with."""
+    recorded = (conf or {}).get("fingerprint")
+    tagged = tags.get("taskvec.fingerprint")
+    if recorded and tagged and recorded != tagged:
+        raise TaskVecError(
+            f"{uri}: the MLmodel file records fingerprint {recorded[:16]}, the registered version {tagged[:16]} (tampered artifact)"
+        )
+    return tagged or recorded
+
+
 def resolve(ref: str | os.PathLike) -> Resolved:
     """Resolve a reference (MLflow URI or local path) to a verified local checkpoint."""
     text = os.fspath(ref)
@@ -165,7 +179,7 @@ def resolve(ref: str | os.PathLike) -> Resolved:
     where = _locate_model(text)
     mlmodel = _read_mlmodel(where["artifact_uri"], text)
     conf = (mlmodel or {}).get("flavors", {}).get("taskvec")
-    expected = conf.get("fingerprint") if conf else None
+    expected = _expected_fingerprint(text, conf, where.get("tags", {}))
     key = f"fp-{expected}" if expected else "uri-" + hashlib.sha256(where["canonical"].encode()).hexdigest()[:32]
     root = cache_root()
     entry, record = root / key, root / f"{key}.json"
@@ -173,7 +187,7 @@ def resolve(ref: str | os.PathLike) -> Resolved:
     if entry.is_dir() and record.is_file():
         recorded = json.loads(record.read_text("utf-8"))["fingerprint"]
         try:
-            if open_checkpoint(weights_path(entry, mlmodel)).fingerprint(fresh=True) == recorded:
+            if (expected is None or recorded == expected) and open_checkpoint(weights_path(entry, mlmodel)).fingerprint(fresh=True) == recorded:
                 local = entry
         except TaskVecError:
             pass
