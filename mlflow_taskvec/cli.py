@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,13 @@ def _fail_cleanly(fn):
         except OSError as exc:
             where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
             raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+        except Exception as exc:
+            mlflow_exceptions = sys.modules.get("mlflow.exceptions")  # loaded only if MLflow was used
+            if mlflow_exceptions is None or not isinstance(exc, mlflow_exceptions.MlflowException):
+                raise
+            from mlflow_taskvec.tracking.server import server_error
+
+            raise click.ClickException(str(server_error(exc, "MLflow failed"))) from None
 
     return wrapper
 
@@ -64,6 +72,8 @@ _shards = click.option("--max-shard-size", default=None, help="Write shards of a
 @click.version_option(__version__, prog_name="mlflow-taskvec")
 def main():
     """Edit models with task arithmetic: extract, compose and inspect task vectors."""
+    if not sys.stderr.isatty():  # MLflow's download bars too: quiet when not on a terminal
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 _register = click.option("--register", "register_as", default=None, metavar="NAME", help="Log to MLflow and register a version of this registered model.")
