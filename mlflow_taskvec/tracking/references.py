@@ -149,6 +149,30 @@ def weights_path(local: Path, mlmodel: dict | None) -> Path:
     return local
 
 
+def _fingerprint_or_none(path: Path) -> str | None:
+    try:
+        return open_checkpoint(path).fingerprint(fresh=True)
+    except (TaskVecError, OSError):
+        return None
+
+
+def _move_into_cache(downloaded: Path, entry: Path, is_good) -> None:
+    """Put a verified download at ``entry``; processes that fetch the same content at the
+    same time all succeed, and the first complete copy stays (entries appear whole, by rename)."""
+    try:
+        os.replace(downloaded, entry)
+        return
+    except OSError:
+        if not entry.is_dir():
+            raise
+    if is_good(entry):  # the same content, cached by someone else meanwhile
+        return
+    stale = entry.with_name(f".stale-{uuid.uuid4().hex[:8]}")  # a damaged copy: swap it out
+    os.replace(entry, stale)
+    shutil.rmtree(stale, ignore_errors=True)
+    os.replace(downloaded, entry)
+
+
 def _expected_fingerprint(uri: str, conf: dict | None, tags: dict) -> str | None:
     """The fingerprint the weights must have: the one the registry recorded when the version
     was created (its ``taskvec.fingerprint`` tag, kept in the database, out of reach of
@@ -206,10 +230,10 @@ def resolve(ref: str | os.PathLike) -> Resolved:
                 raise TaskVecError(
                     f"{text}: downloaded weights have fingerprint {got[:16]}, the model records {expected[:16]} (tampered or incomplete artifact)"
                 )
-            if entry.exists():
-                shutil.rmtree(entry, ignore_errors=True)
-            os.replace(downloaded, entry)
-            record.write_text(json.dumps({"fingerprint": got, "canonical": where["canonical"]}) + "\n", "utf-8")
+            _move_into_cache(downloaded, entry, lambda folder: _fingerprint_or_none(weights_path(folder, mlmodel)) == got)
+            tmp_record = tmp / "record.json"
+            tmp_record.write_text(json.dumps({"fingerprint": got, "canonical": where["canonical"]}) + "\n", "utf-8")
+            os.replace(tmp_record, record)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         local = entry
