@@ -8,6 +8,8 @@ made of.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import tempfile
@@ -63,6 +65,22 @@ def _create_version(name: str, model_info, run_id: str, tags: dict, description:
         raise server_error(exc, f"registering {name!r} failed", name) from None
 
 
+def _asks_the_server_first(register):
+    """Check the user's permission on the registered model before anything is written, and
+    turn what the tracking server refuses or fails into one sentence (tracking/server.py).
+    A run the registration starts ends FAILED when anything goes wrong inside it."""
+    signature = inspect.signature(register)
+
+    @functools.wraps(register)
+    def wrapper(*args, **kwargs):
+        name = signature.bind(*args, **kwargs).arguments["name"]
+        with server_errors(f"registering {name!r} failed", name):
+            check_can_register(name)
+            return register(*args, **kwargs)
+
+    return wrapper
+
+
 @dataclass
 class Registered:
     name: str
@@ -98,6 +116,7 @@ class _Keep:
         return False
 
 
+@_asks_the_server_first
 def register_task_vector(
     vector: TaskVector,
     name: str,
@@ -109,15 +128,9 @@ def register_task_vector(
     """Log ``vector`` as a ``task_vector`` model of the fine-tune's run and register a version.
 
     The run is ``run_id`` if given, else the fine-tune's own run when the fine-tune
-    is an MLflow model or run artifact, else the active run, else a new run. A run
-    this call starts or resumes ends FAILED if anything goes wrong.
+    is an MLflow model or run artifact, else the active run, else a new run.
     """
-    with server_errors(f"registering {name!r} failed", name):
-        check_can_register(name)
-        return _register_task_vector(vector, name, base, finetuned, run_id or finetuned.run_id, alias)
-
-
-def _register_task_vector(vector, name, base, finetuned, run_id, alias) -> Registered:
+    run_id = run_id or finetuned.run_id
     with _run_context(run_id) as run:
         lineage = {"base_uri": base.canonical, "finetuned_uri": finetuned.canonical, "finetuned_fingerprint": finetuned.fingerprint}
         info = flavor.log_model(vector, name="task_vector", lineage=lineage)
@@ -167,6 +180,7 @@ def _resolved_recipe(recipe: Recipe, base: Resolved, inputs: list[Resolved]) -> 
     return Recipe.model_validate(data)
 
 
+@_asks_the_server_first
 def register_composite(
     recipe: Recipe,
     name: str,
@@ -179,14 +193,7 @@ def register_composite(
 
     ``evaluate(module) -> {metric: value}``, when given, is called on the composite;
     its metrics go on the run, on the logged model and into the version's description.
-    A run this call starts ends FAILED if anything goes wrong.
     """
-    with server_errors(f"registering {name!r} failed", name):
-        check_can_register(name)
-        return _register_composite(recipe, name, relative_to, alias, evaluate)
-
-
-def _register_composite(recipe, name, relative_to, alias, evaluate) -> Registered:
     relative_to = relative_to or recipe.source_dir
     base = _resolve_ref(recipe.base, relative_to, "base")
     inputs = [_resolve_ref(e.ref, relative_to, f"vectors[{i}]") for i, e in enumerate(recipe.vectors)]
