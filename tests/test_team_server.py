@@ -76,7 +76,7 @@ class Team:
     def cli(self, user: str, *args, cache: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
         return finish(self.start_cli(user, *args, cache=cache), timeout)
 
-    def recipe(self, name: str = "recipe.yaml", scale: float = 0.7) -> Path:
+    def recipe(self, name: str = "recipe.yaml", scale: float = 0.7, **extra) -> Path:
         path = self.root / name
         data = {
             "base": f"models:/{BASE}/1",
@@ -86,6 +86,7 @@ class Team:
                 {"vector": f"models:/{vector('rotate')}/1", "weight": 1.0},
                 {"vector": f"models:/{vector('flip')}/1", "weight": -0.5},
             ],
+            **extra,
         }
         path.write_text(yaml.safe_dump(data, sort_keys=False), "utf-8")
         return path
@@ -237,6 +238,20 @@ def test_editor_of_a_vector_model_registers_a_task_vector_in_the_finetune_run(te
     assert mv.tags["taskvec.finetuned_uri"] == team.finetune_models["flip"]
     assert mv.run_id == team.finetune_runs["flip"]
     assert team.admin().get_model_version(vector("flip"), "1").tags["taskvec.fingerprint"] == mv.tags["taskvec.fingerprint"]
+
+
+def test_a_registration_that_fails_inside_its_run_ends_the_run_failed_and_registers_nothing(team):
+    # The evaluator is looked up only once the composite is logged, inside the run.
+    recipe = team.recipe("bad-evaluator.yaml", evaluation={"evaluator": "digits_tasks:no_such_function", "tasks": ["digits"]})
+    runs_before = {r.info.run_id for r in team.runs()}
+    versions_before = len(team.admin().search_model_versions(f"name='{COMPOSITE}'"))
+
+    proc = team.cli("bob", "compose", recipe, "--register", COMPOSITE)
+
+    assert "evaluator 'digits_tasks:no_such_function' cannot be imported" in one_error_line(proc)
+    new_runs = [r for r in team.runs() if r.info.run_id not in runs_before]
+    assert [(r.info.status, r.info.user_id) for r in new_runs] == [("FAILED", "bob")]
+    assert len(team.admin().search_model_versions(f"name='{COMPOSITE}'")) == versions_before
 
 
 # -- concurrency ------------------------------------------------------------------------
