@@ -14,9 +14,9 @@ three users run the real CLI as subprocesses:
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -255,6 +255,28 @@ def test_a_registration_that_fails_inside_its_run_ends_the_run_failed_and_regist
 
 
 # -- concurrency ------------------------------------------------------------------------
+
+
+def test_concurrent_creates_of_one_registered_model_all_succeed(team):
+    from mlflow_taskvec.tracking.registry import _ensure_registered_model
+
+    start, errors = threading.Barrier(8), []
+
+    def ensure():
+        start.wait()
+        try:
+            _ensure_registered_model(MlflowClient(), "team-raced")
+        except Exception as exc:  # collected: the assertion below shows them all
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ensure) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+
+    assert errors == []
+    assert team.admin().get_registered_model("team-raced").name == "team-raced"
 
 
 def test_eight_concurrent_registrations_give_eight_complete_versions(team):
