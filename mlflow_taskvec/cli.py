@@ -39,6 +39,13 @@ def _fail_cleanly(fn):
         except OSError as exc:
             where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
             raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+        except Exception as exc:
+            mlflow_exceptions = sys.modules.get("mlflow.exceptions")  # loaded only if MLflow was used
+            if mlflow_exceptions is None or not isinstance(exc, mlflow_exceptions.MlflowException):
+                raise
+            from mlflow_taskvec.tracking.server import server_error
+
+            raise click.ClickException(str(server_error(exc, "MLflow failed"))) from None
 
     return wrapper
 

@@ -168,3 +168,14 @@ def assert_no_output():
 def model_set_factory():
     """``make_model_set(directory, dtype, num_finetunes=3, seed=0)`` for module-scoped sets."""
     return make_model_set
+
+
+@pytest.fixture(scope="session")
+def team_server(tmp_path_factory):
+    """A real ``mlflow server --app-name basic-auth`` on a fresh PostgreSQL database
+    (``tests/team_server.py``), shared by the session and stopped and dropped at its end."""
+    from team_server import start_server
+
+    server = start_server(tmp_path_factory.mktemp("team-server"))
+    yield server
+    server.close()

@@ -63,8 +63,9 @@ def _client() -> MlflowClient:
 
 
 def _mlflow_error(uri: str, exc: MlflowException) -> TaskVecError:
-    first = str(exc.message if hasattr(exc, "message") else exc).strip().splitlines()[0]
-    return TaskVecError(f"{uri}: {first}")
+    from mlflow_taskvec.tracking.server import server_error
+
+    return server_error(exc, uri)
 
 
 def _locate_model(uri: str) -> dict:
@@ -148,6 +149,43 @@ def weights_path(local: Path, mlmodel: dict | None) -> Path:
     return local
 
 
+def _fingerprint_or_none(path: Path) -> str | None:
+    try:
+        return open_checkpoint(path).fingerprint(fresh=True)
+    except (TaskVecError, OSError):
+        return None
+
+
+def _move_into_cache(downloaded: Path, entry: Path, is_good) -> None:
+    """Put a verified download at ``entry``; processes that fetch the same content at the
+    same time all succeed, and the first complete copy stays (entries appear whole, by rename)."""
+    try:
+        os.replace(downloaded, entry)
+        return
+    except OSError:
+        if not entry.is_dir():
+            raise
+    if is_good(entry):  # the same content, cached by someone else meanwhile
+        return
+    stale = entry.with_name(f".stale-{uuid.uuid4().hex[:8]}")  # a damaged copy: swap it out
+    os.replace(entry, stale)
+    shutil.rmtree(stale, ignore_errors=True)
+    os.replace(downloaded, entry)
+
+
+def _expected_fingerprint(uri: str, conf: dict | None, tags: dict) -> str | None:
+    """The fingerprint the weights must have: the one the registry recorded when the version
+    was created (its ``taskvec.fingerprint`` tag, kept in the database, out of reach of
+    whoever can write the artifact store), which the MLmodel file must agree with."""
+    recorded = (conf or {}).get("fingerprint")
+    tagged = tags.get("taskvec.fingerprint")
+    if recorded and tagged and recorded != tagged:
+        raise TaskVecError(
+            f"{uri}: the MLmodel file records fingerprint {recorded[:16]}, the registered version {tagged[:16]} (tampered artifact)"
+        )
+    return tagged or recorded
+
+
 def resolve(ref: str | os.PathLike, fresh: bool = False) -> Resolved:
     """Resolve a reference (MLflow URI or local path) to a verified local checkpoint.
 
@@ -169,7 +207,7 @@ def resolve(ref: str | os.PathLike, fresh: bool = False) -> Resolved:
     where = _locate_model(text)
     mlmodel = _read_mlmodel(where["artifact_uri"], text)
     conf = (mlmodel or {}).get("flavors", {}).get("taskvec")
-    expected = conf.get("fingerprint") if conf else None
+    expected = _expected_fingerprint(text, conf, where.get("tags", {}))
     key = f"fp-{expected}" if expected else "uri-" + hashlib.sha256(where["canonical"].encode()).hexdigest()[:32]
     root = cache_root()
     entry, record = root / key, root / f"{key}.json"
@@ -177,7 +215,7 @@ def resolve(ref: str | os.PathLike, fresh: bool = False) -> Resolved:
     if not fresh and entry.is_dir() and record.is_file():
         recorded = json.loads(record.read_text("utf-8"))["fingerprint"]
         try:
-            if open_checkpoint(weights_path(entry, mlmodel)).fingerprint(fresh=True) == recorded:
+            if (expected is None or recorded == expected) and open_checkpoint(weights_path(entry, mlmodel)).fingerprint(fresh=True) == recorded:
                 local = entry
         except TaskVecError:
             pass
@@ -196,10 +234,10 @@ def resolve(ref: str | os.PathLike, fresh: bool = False) -> Resolved:
                 raise TaskVecError(
                     f"{text}: downloaded weights have fingerprint {got[:16]}, the model records {expected[:16]} (tampered or incomplete artifact)"
                 )
-            if entry.exists():
-                shutil.rmtree(entry, ignore_errors=True)
-            os.replace(downloaded, entry)
-            record.write_text(json.dumps({"fingerprint": got, "canonical": where["canonical"]}) + "\n", "utf-8")
+            _move_into_cache(downloaded, entry, lambda folder: _fingerprint_or_none(weights_path(folder, mlmodel)) == got)
+            tmp_record = tmp / "record.json"
+            tmp_record.write_text(json.dumps({"fingerprint": got, "canonical": where["canonical"]}) + "\n", "utf-8")
+            os.replace(tmp_record, record)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         local = entry

@@ -8,6 +8,8 @@ made of.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import tempfile
@@ -29,6 +31,7 @@ from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.recipe import Recipe, check_same_base, run_recipe
 from mlflow_taskvec.tracking.evaluate import composite_evaluation
 from mlflow_taskvec.tracking.references import Resolved, resolve
+from mlflow_taskvec.tracking.server import check_can_register, server_error, server_errors
 
 
 def _fmt(value: float) -> str:
@@ -59,8 +62,23 @@ def _create_version(name: str, model_info, run_id: str, tags: dict, description:
             model_id=model_info.model_id,
         )
     except MlflowException as exc:
-        first = str(exc.message if hasattr(exc, "message") else exc).strip().splitlines()[0]
-        raise TaskVecError(f"registering {name!r} failed: {first}") from None
+        raise server_error(exc, f"registering {name!r} failed", name) from None
+
+
+def _asks_the_server_first(register):
+    """Check the user's permission on the registered model before anything is written, and
+    turn what the tracking server refuses or fails into one sentence (tracking/server.py).
+    A run the registration starts ends FAILED when anything goes wrong inside it."""
+    signature = inspect.signature(register)
+
+    @functools.wraps(register)
+    def wrapper(*args, **kwargs):
+        name = signature.bind(*args, **kwargs).arguments["name"]
+        with server_errors(f"registering {name!r} failed", name):
+            check_can_register(name)
+            return register(*args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -98,6 +116,7 @@ class _Keep:
         return False
 
 
+@_asks_the_server_first
 def register_task_vector(
     vector: TaskVector,
     name: str,
@@ -173,6 +192,7 @@ def local_recipe(resolved: Recipe, base: Resolved, inputs: list[Resolved]) -> Re
     return local
 
 
+@_asks_the_server_first
 def register_composite(
     recipe: Recipe,
     name: str,
