@@ -354,8 +354,6 @@ def similarity(refs, heatmap, fmt):
 
 def _write_heatmap(frame, path: Path) -> None:
     """Save the matrix as a PNG (and log it to the active MLflow run, if any)."""
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")

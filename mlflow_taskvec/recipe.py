@@ -150,9 +150,6 @@ class Range(BaseModel):
         return [round(self.low + i * self.step, 10) for i in range(count)]
 
 
-OBJECTIVES = ("auto", "mean_normalized", "negation")
-
-
 class Search(BaseModel):
     """How ``mlflow-taskvec search`` picks coefficients (see the README).
 
