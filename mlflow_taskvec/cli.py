@@ -202,11 +202,14 @@ def _unset_if_empty(_ctx, _param, value):
 
 
 class _Count(click.ParamType):
-    """A positive integer; '30.0' too (MLproject has float parameters, not integers)."""
+    """A positive integer; '30.0' too (MLproject has float parameters, not integers);
+    '' for unset (an MLproject parameter's empty default)."""
 
     name = "count"
 
     def convert(self, value, param, ctx):
+        if value == "":
+            return None
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -220,7 +223,7 @@ class _Count(click.ParamType):
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--strategy", type=click.Choice(["grid", "optuna", ""]), default=None, callback=_unset_if_empty, help="Override search.strategy (default: grid).")
 @click.option("--objective", default=None, callback=_unset_if_empty, help="Override search.objective: auto, mean_normalized, negation, or a metric name.")
-@click.option("--trials", type=_Count(), default=None, help="optuna: trials for this worker.")
+@click.option("--trials", type=_Count(), default=None, help="optuna: trials for this worker (default: search.trials).")
 @click.option("--storage", default=None, callback=_unset_if_empty, help="optuna: RDB storage URL shared by several workers (e.g. postgresql://host/db).")
 @click.option("--study-name", default=None, callback=_unset_if_empty, help="optuna: the study's name in the storage.")
 @click.option("--memory", type=click.Choice(["auto", "memory", "streamed"]), default="auto", help="Compose candidates in memory, or through a temporary folder.")
