@@ -17,11 +17,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from mlflow_helpers import ROOT, Store, mlflow_store, template_db
+from mlflow_helpers import DIGITS, ROOT, Store, mlflow_store, template_db
 from packaging.requirements import Requirement
 
 from mlflow_taskvec.tracking.references import resolve
+
+sys.path.insert(0, str(DIGITS))
+import digits_tasks  # noqa: E402
+import paper_results  # noqa: E402
+import pipeline  # noqa: E402
 
 ENTRY_POINTS = {"main", "pretrain", "finetune", "extract", "compose", "search"}
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
@@ -206,7 +212,7 @@ def test_search_registers_the_best_composite_of_a_grid(store, finetuned, tmp_pat
 
 MAIN_MODELS = {
     "digits-base": "checkpoint",
-    **{f"digits-{task}-vector": "task_vector" for task in ("rotate", "flip", "invert", "parity", "flip_invert")},
+    **{f"digits-{task}-vector": "task_vector" for task in pipeline.FINETUNE_TASKS},
     "digits-addition": "composite",
     "digits-addition-ties": "composite",
     "digits-negation": "composite",
@@ -216,7 +222,7 @@ MAIN_MODELS = {
 
 def test_main_runs_the_whole_pipeline_and_registers_every_model(tmp_path, tmp_path_factory):
     with project_store(tmp_path / "main", tmp_path_factory) as store:
-        mlflow_run(store, "main", timeout=600, steps=5)
+        mlflow_run(store, "main", timeout=900, steps=5, finetune_steps=5, grid_step=0.5, trials=3)
 
         assert {m.name for m in store.client.search_registered_models()} == set(MAIN_MODELS)
         for name, kind in MAIN_MODELS.items():
@@ -224,7 +230,90 @@ def test_main_runs_the_whole_pipeline_and_registers_every_model(tmp_path, tmp_pa
             assert version.tags.get("taskvec.kind") == (None if kind == "checkpoint" else kind), name
             assert resolve(f"models:/{name}/1").conf["kind"] == ("task_vector" if kind == "task_vector" else "checkpoint"), name
         addition = store.client.get_model_version("digits-addition", "1")
-        assert {row["uri"] for row in json.loads(addition.tags["taskvec.inputs"])} == {
-            f"models:/digits-{task}-vector/1" for task in ("rotate", "flip", "invert", "parity")
+        assert [row["uri"] for row in json.loads(addition.tags["taskvec.inputs"])] == [
+            f"models:/digits-{task}-vector/1" for task in ("parity", "large", "mod3", "loop")
+        ]
+        # Every composite is a search's winner: grid candidates 0, 0.5, 1 (analogy up to 2), 3 optuna trials for TIES.
+        searches = {name: json.loads(store.client.get_model_version(name, "1").tags["taskvec.search"]) for name in MAIN_MODELS if MAIN_MODELS[name] == "composite"}
+        assert {name: (s["strategy"], s["candidates"]) for name, s in searches.items()} == {
+            "digits-addition": ("grid", 3),
+            "digits-addition-ties": ("optuna", 3),
+            "digits-negation": ("grid", 3),
+            "digits-analogy": ("grid", 5),
         }
-        assert "mean.accuracy" in store.client.get_run(addition.run_id).data.metrics
+        assert {name: s["objective"] for name, s in searches.items()} == {
+            "digits-addition": "mean_normalized",
+            "digits-addition-ties": "mean_normalized",
+            "digits-negation": "negation",
+            "digits-analogy": "rotate_parity.accuracy",
+        }
+
+        # The results script reads each figure from the composite's run, as logged.
+        table = paper_results.results_table(store.client)
+        assert list(table["result"]) == ["negation", "negation", "addition", "addition", "analogy"]
+        for row in table.itertuples(index=False):
+            name, version = row.composite.split("/")
+            metrics = store.client.get_run(store.client.get_model_version(name, version).run_id).data.metrics
+            target = next(t for t in paper_results.targets() if t.model == name and t.figure == row.figure)
+            assert row.value == round(target.sign * metrics[target.metric], 3)
+            assert row.met == ("yes" if target.passes(row.value) else "NO")
+        assert table.loc[0, "inputs"] == "-1 parity" and table.loc[4, "inputs"] == "+1 rotate, +1 flip_parity, -1 flip"
+
+
+# -- the example's tasks ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("task", "parsed"),
+    [("digits", (None, "digits")), ("rotate", ("rotate", "digits")), ("parity", (None, "parity")), ("flip_parity", ("flip", "parity")),
+     ("invert_mod3", ("invert", "mod3"))],
+)
+def test_task_names_are_an_optional_transform_and_a_label_space(task, parsed):
+    assert digits_tasks.parse_task(task) == parsed
+
+
+@pytest.mark.parametrize("task", ["flip_invert", "odd", "rotate_", "shift_parity", ""])
+def test_an_unknown_task_is_refused_with_the_grammar(task):
+    with pytest.raises(ValueError, match=r"unknown task .*\[transform_\]labels"):
+        digits_tasks.load_task(task, "test")
+
+
+def test_labels_of_the_derived_tasks_follow_the_digit():
+    _, digits = digits_tasks.load_task("digits", "validation")
+    for task, rule in {"parity": lambda d: d % 2, "large": lambda d: int(d >= 5), "mod3": lambda d: d % 3, "loop": lambda d: int(d in (0, 6, 8, 9))}.items():
+        x, y = digits_tasks.load_task(task, "validation")
+        assert y.tolist() == [rule(int(d)) for d in digits] and x.shape == (len(digits), 64)
+    flipped, _ = digits_tasks.load_task("flip_parity", "validation")
+    plain, _ = digits_tasks.load_task("digits", "validation")
+    assert torch.equal(flipped.reshape(-1, 8, 8), plain.reshape(-1, 8, 8).flip(2))
+
+
+def test_splits_are_disjoint_and_cover_the_data():
+    sizes = {split: len(digits_tasks.load_task("digits", split)[1]) for split in ("train", "validation", "test")}
+    assert sizes == {"train": 1078, "validation": 359, "test": 360}
+
+
+def test_heads_are_frozen_orthogonal_and_the_same_for_a_seed():
+    net = digits_tasks.build_model(seed=3, hidden=32)
+    rows = torch.cat([head.weight for head in net.heads.values()])
+    assert rows.shape == (19, 32) and not any(p.requires_grad for p in net.heads.parameters())
+    gram = rows @ rows.T
+    start = 0
+    for head in net.heads.values():  # rows of different heads are orthogonal (centring stays inside a head)
+        n = len(head.weight)
+        off = torch.cat([gram[start : start + n, :start], gram[start : start + n, start + n :]], dim=1)
+        assert off.abs().max() < 1e-5
+        torch.testing.assert_close(head.weight.sum(0), torch.zeros(32), atol=1e-5, rtol=0)
+        start += n
+    again = digits_tasks.build_model(seed=3, hidden=32)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    other = digits_tasks.build_model(seed=4, hidden=32)
+    assert not torch.equal(net.heads["digits"].weight, other.heads["digits"].weight)
+
+
+def test_training_moves_only_the_encoder():
+    net = digits_tasks.build_model(seed=0, hidden=32)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    digits_tasks.train(net, "flip_parity", steps=3)
+    changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"encoder.0.weight", "encoder.0.bias", "encoder.2.weight", "encoder.2.bias"}

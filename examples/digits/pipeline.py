@@ -35,8 +35,16 @@ from mlflow_taskvec.tracking.registry import register_task_vector  # noqa: E402
 
 FACTORY = "digits_tasks:build_model"
 CODE = [str(HERE / "digits_tasks.py")]
-FINETUNE_TASKS = ("rotate", "flip", "invert", "parity", "flip_invert")
-REPORT_TASKS = ("digits", "rotate", "flip", "invert", "parity", "rotate_invert")
+FINETUNE_TASKS = ("parity", "large", "mod3", "loop", "rotate", "flip", "flip_parity")
+ADDITION_TASKS = ("parity", "large", "mod3", "loop")
+NEGATION_TASK = "parity"
+ANALOGY = ("rotate", "flip_parity", "flip", "rotate_parity")  # C + (B - A) -> target
+REPORT_TASKS = ("digits", *FINETUNE_TASKS, ANALOGY[3])
+
+
+def task_name(value: str) -> str:
+    D.parse_task(value)  # raises on an unknown task, with the grammar in the message
+    return value
 
 
 def _signature(model):
@@ -63,7 +71,7 @@ def _log_checkpoint(model, name: str, registered_model_name: str | None = None):
 def pretrain(args) -> None:
     with mlflow.start_run() as run:
         mlflow.log_params({"task": "digits", "steps": args.steps, "seed": args.seed})
-        model = D.train(D.build_model(args.seed), "digits", steps=args.steps, encoder_only=False, seed=args.seed)
+        model = D.train(D.build_model(args.seed), "digits", steps=args.steps, seed=args.seed)
         info = _log_checkpoint(model, "base", registered_model_name=args.name)
         metrics = {f"{t}.accuracy": D.accuracy(model, t) for t in REPORT_TASKS}
         mlflow.log_metrics(metrics, model_id=info.model_id)
@@ -85,40 +93,57 @@ def finetune(args) -> None:
         print(f"task vector: {reg.version_uri} from {ft_ref.canonical} (run {run.info.run_id})")
 
 
-def _recipes(base: str) -> dict[str, dict]:
+def recipes(base: str, grid_step: float = 0.05, trials: int = 30) -> dict[str, dict]:
+    """The paper's three results as search recipes: negation, addition (task
+    arithmetic and TIES) and analogy; coefficients are picked on the validation
+    split and the winner is evaluated on the test split."""
+
     def vec(task: str, weight: float = 1.0) -> dict:
         return {"vector": f"models:/digits-{task}-vector@current", "weight": weight}
 
-    evaluation = {"evaluator": "digits_tasks:evaluate", "split": "test"}
+    def evaluation(*tasks: str) -> dict:
+        return {"evaluator": "digits_tasks:evaluate", "split": "test", "tasks": list(tasks), "control_tasks": ["digits"]}
+
+    def grid(high: float) -> dict:
+        return {"strategy": "grid", "scale": {"low": 0.0, "high": high, "step": grid_step}}
+
+    c, b, a, target = ANALOGY
     return {
+        "digits-negation": {
+            "base": base,
+            "vectors": [vec(NEGATION_TASK, -1.0)],
+            "evaluation": evaluation(NEGATION_TASK),
+            # The target: the control task stays within 2 points of the base (0.98 x ~0.97).
+            "search": {**grid(1.0), "objective": "negation", "control_min_ratio": 0.98},
+        },
         "digits-addition": {
             "base": base,
             "method": "task_arithmetic",
-            "scale": 0.4,
-            "vectors": [vec(t) for t in ("rotate", "flip", "invert", "parity")],
-            "evaluation": {**evaluation, "tasks": ["rotate", "flip", "invert", "parity"], "control_tasks": ["digits"]},
+            "vectors": [vec(t) for t in ADDITION_TASKS],
+            "evaluation": evaluation(*ADDITION_TASKS),
+            "search": {**grid(1.0), "objective": "mean_normalized"},
         },
         "digits-addition-ties": {
             "base": base,
             "method": "ties",
-            "scale": 0.6,
             "params": {"density": 0.5},
-            "vectors": [vec(t) for t in ("rotate", "flip", "invert", "parity")],
-            "evaluation": {**evaluation, "tasks": ["rotate", "flip", "invert", "parity"], "control_tasks": ["digits"]},
-        },
-        "digits-negation": {
-            "base": base,
-            "method": "task_arithmetic",
-            "scale": 0.5,
-            "vectors": [vec("parity", -1.0)],
-            "evaluation": {**evaluation, "tasks": ["parity"], "control_tasks": ["digits"]},
+            "vectors": [vec(t) for t in ADDITION_TASKS],
+            "evaluation": evaluation(*ADDITION_TASKS),
+            # TIES averages the agreeing entries where task arithmetic sums them, so its
+            # scale runs higher; optuna searches it together with the density.
+            "search": {
+                "strategy": "optuna",
+                "objective": "mean_normalized",
+                "scale": {"low": 0.0, "high": 4.0},
+                "params": {"density": {"low": 0.1, "high": 1.0}},
+                "trials": trials,
+            },
         },
         "digits-analogy": {
             "base": base,
-            "method": "task_arithmetic",
-            "scale": 0.5,
-            "vectors": [vec("rotate"), vec("flip_invert"), vec("flip", -1.0)],
-            "evaluation": {**evaluation, "tasks": ["rotate_invert"], "control_tasks": ["digits"]},
+            "vectors": [vec(c), vec(b), vec(a, -1.0)],
+            "evaluation": evaluation(target),
+            "search": {**grid(2.0), "objective": f"{target}.accuracy"},
         },
     }
 
@@ -134,18 +159,21 @@ def main(args) -> None:
     client = MlflowClient()
     with mlflow.start_run() as parent, tempfile.TemporaryDirectory(prefix="taskvec-recipes-") as tmp:
         pid = parent.info.run_id
-        _child(pid, "pretrain", {"name": "digits-base", "steps": args.steps})
+        mlflow.log_params(
+            {"seed": args.seed, "steps": args.steps, "finetune_steps": args.finetune_steps, "grid_step": args.grid_step, "trials": args.trials}
+        )
+        _child(pid, "pretrain", {"name": "digits-base", "steps": args.steps, "seed": args.seed})
         base = f"models:/digits-base/{client.get_model_version_by_alias('digits-base', 'current').version}"
         for task in FINETUNE_TASKS:
-            _child(pid, "finetune", {"task": task, "base": base, "steps": args.steps})
+            _child(pid, "finetune", {"task": task, "base": base, "steps": args.finetune_steps})
             name = f"digits-{task}-vector"
             latest = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
             client.set_registered_model_alias(name, "current", str(latest))
-        for name, recipe in _recipes(base).items():
+        for name, recipe in recipes(base, args.grid_step, args.trials).items():
             path = Path(tmp) / f"{name}.yaml"
             path.write_text(yaml.safe_dump(recipe, sort_keys=False), "utf-8")
             mlflow.log_artifact(str(path), artifact_path="recipes")
-            _child(pid, "compose", {"recipe": str(path), "name": name})
+            _child(pid, "search", {"recipe": str(path), "name": name})
 
 
 if __name__ == "__main__":
@@ -156,12 +184,16 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=lambda v: int(float(v)), default=300)
     p.add_argument("--seed", type=lambda v: int(float(v)), default=0)
     p = sub.add_parser("finetune")
-    p.add_argument("--task", required=True, choices=FINETUNE_TASKS)
+    p.add_argument("--task", required=True, type=task_name)
     p.add_argument("--base", required=True)
-    p.add_argument("--steps", type=lambda v: int(float(v)), default=300)
+    p.add_argument("--steps", type=lambda v: int(float(v)), default=100)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--vector-name", default="")
     p = sub.add_parser("main")
-    p.add_argument("--steps", type=lambda v: int(float(v)), default=300)
+    p.add_argument("--seed", type=lambda v: int(float(v)), default=0, help="the base's initialisation and heads")
+    p.add_argument("--steps", type=lambda v: int(float(v)), default=300, help="pre-training steps")
+    p.add_argument("--finetune-steps", type=lambda v: int(float(v)), default=100)
+    p.add_argument("--grid-step", type=float, default=0.05, help="the scale grid's step")
+    p.add_argument("--trials", type=lambda v: int(float(v)), default=30, help="optuna trials (the TIES search)")
     args = parser.parse_args()
     {"pretrain": pretrain, "finetune": finetune, "main": main}[args.step](args)

@@ -1,9 +1,11 @@
 """`make demo`: the whole digits pipeline through `mlflow run`, on a local sqlite store.
 
 Creates ``demo/`` (an sqlite tracking store and an artifact folder), runs the
-MLproject's ``main`` entry point (each step a child run), then prints the
-registered versions with their lineage and metrics, and the command that opens
-the MLflow UI on that store.
+MLproject's ``main`` entry point (each step a child run: pre-training, seven
+fine-tunes, and a coefficient search per composite), then prints the registered
+versions with their lineage and metrics, the paper's three results read back
+from the registry (``paper_results.py``), and the command that opens the MLflow
+UI on that store. Exits non-zero when a result misses its target.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 EXPERIMENT = "taskvec-digits"
 
 
@@ -52,6 +55,7 @@ def registry_table(client) -> pd.DataFrame:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=ROOT / "demo")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args()
     demo = args.dir.resolve()
@@ -70,12 +74,13 @@ def main() -> None:
     os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TASKVEC_CACHE")})
 
     import mlflow
+    import paper_results
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     client.create_experiment(EXPERIMENT, artifact_location=(demo / "artifacts").as_uri())
     started = time.perf_counter()
-    cmd = ["mlflow", "run", str(ROOT), "-e", "main", "--env-manager", "local", "--experiment-name", EXPERIMENT, "-P", f"steps={args.steps}"]
+    cmd = ["mlflow", "run", str(ROOT), "-e", "main", "--env-manager", "local", "--experiment-name", EXPERIMENT, "-P", f"steps={args.steps}", "-P", f"seed={args.seed}"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, env=env, check=True, cwd=ROOT)
     elapsed = time.perf_counter() - started
@@ -85,9 +90,15 @@ def main() -> None:
     pd.set_option("display.max_colwidth", 90)
     print(f"\nregistered model versions ({elapsed:.0f} s):")
     print(table.to_string(index=False))
+    results = paper_results.results_table(client)
+    print(f"\nthe paper's three results (seed {args.seed}, test split, coefficients searched on the validation split):")
+    print(results.to_string(index=False))
     print("\nopen the MLflow UI on this store with:")
     print(f"  mlflow ui --backend-store-uri {tracking_uri} --port 5000")
     del mlflow
+    missed = results[results["met"] != "yes"]
+    if len(missed):
+        sys.exit(f"run_demo: {len(missed)} of {len(results)} targets missed: {', '.join(missed['figure'])}")
 
 
 if __name__ == "__main__":
