@@ -26,6 +26,8 @@ from mlflow_helpers import (
     CODE_PATHS,
     FACTORY,
     FACTORY_KWARGS,
+    TASKVEC_COMPOSITE_TAGS,
+    TASKVEC_VECTOR_TAGS,
     assert_same_state,
     build_registry,
     composite_recipe,
@@ -45,28 +47,6 @@ from mlflow_taskvec.recipe import load_recipe, parse_recipe
 from mlflow_taskvec.tracking import references
 from mlflow_taskvec.tracking.references import resolve
 from mlflow_taskvec.tracking.registry import register_composite
-
-TASKVEC_VECTOR_TAGS = {
-    "taskvec.kind",
-    "taskvec.task",
-    "taskvec.base_uri",
-    "taskvec.base_fingerprint",
-    "taskvec.finetuned_uri",
-    "taskvec.fingerprint",
-    "taskvec.num_parameters",
-    "taskvec.l2_norm",
-}
-TASKVEC_COMPOSITE_TAGS = {
-    "taskvec.kind",
-    "taskvec.method",
-    "taskvec.scale",
-    "taskvec.params",
-    "taskvec.inputs",
-    "taskvec.base_uri",
-    "taskvec.base_fingerprint",
-    "taskvec.recipe_sha256",
-    "taskvec.fingerprint",
-}
 
 
 @pytest.fixture(scope="module")
