@@ -39,19 +39,26 @@ def load_evaluator(spec: str) -> Evaluator:
     return fn
 
 
-def evaluate_model(model, evaluator: Evaluator, tasks, control_tasks=(), split: str = "test", name: str = "evaluator") -> dict[str, float]:
-    """Run ``evaluator`` on every task; raises TaskVecError naming the task when it fails."""
-    metrics: dict[str, float] = {}
-    per_metric: dict[str, list[float]] = {}
+def _per_task(tasks, control_tasks, metrics_of: Callable[[str, str], dict[str, float]]) -> dict[str, float]:
+    """``metrics_of(prefix, task)`` for each task (prefix ``""``), then each control task
+    (prefix ``"control."``), named ``<prefix><task>.<metric>``; and ``mean.<metric>``,
+    the average of each metric over the (non-control) tasks that have it."""
+    out: dict[str, float] = {}
+    means: dict[str, list[float]] = {}
     for prefix, task_list in (("", tasks), ("control.", control_tasks)):
         for task in task_list:
-            for key, value in task_metrics(evaluator, model, task, split, name).items():
-                metrics[f"{prefix}{task}.{key}"] = value
+            for key, value in metrics_of(prefix, task).items():
+                out[f"{prefix}{task}.{key}"] = value
                 if not prefix:
-                    per_metric.setdefault(key, []).append(value)
-    for key, values in per_metric.items():
-        metrics[f"mean.{key}"] = sum(values) / len(values)
-    return metrics
+                    means.setdefault(key, []).append(value)
+    for key, values in means.items():
+        out[f"mean.{key}"] = sum(values) / len(values)
+    return out
+
+
+def evaluate_model(model, evaluator: Evaluator, tasks, control_tasks=(), split: str = "test", name: str = "evaluator") -> dict[str, float]:
+    """Run ``evaluator`` on every task; raises TaskVecError naming the task when it fails."""
+    return _per_task(tasks, control_tasks, lambda prefix, task: task_metrics(evaluator, model, task, split, name))
 
 
 # -- references: the base and each fine-tune, cached by fingerprint ------------------------
@@ -153,24 +160,20 @@ def derived_metrics(composite: dict[str, float], refs: References, tasks, contro
     ``t.normalized_m`` (composite / fine-tune). Control tasks get base and delta.
     ``mean.*`` averages each over the tasks that have it.
     """
-    out: dict[str, float] = {}
-    means: dict[str, list[float]] = {}
-    for prefix, task_list in (("", tasks), ("control.", control_tasks)):
-        for task in task_list:
-            for key, base_value in refs.base.get(task, {}).items():
-                value = composite.get(f"{prefix}{task}.{key}")
-                if value is None:
-                    continue
-                derived = {f"base_{key}": base_value, f"delta_{key}": value - base_value}
-                ft = refs.finetuned.get(task, {}).get(key) if not prefix else None
-                if ft is not None:
-                    derived[f"finetuned_{key}"] = ft
-                    if ft != 0:
-                        derived[f"normalized_{key}"] = value / ft
-                for k, v in derived.items():
-                    out[f"{prefix}{task}.{k}"] = v
-                    if not prefix:
-                        means.setdefault(k, []).append(v)
-    for k, values in means.items():
-        out[f"mean.{k}"] = sum(values) / len(values)
-    return out
+
+    def derived(prefix: str, task: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key, base_value in refs.base.get(task, {}).items():
+            value = composite.get(f"{prefix}{task}.{key}")
+            if value is None:
+                continue
+            out[f"base_{key}"] = base_value
+            out[f"delta_{key}"] = value - base_value
+            ft = refs.finetuned.get(task, {}).get(key) if not prefix else None
+            if ft is not None:
+                out[f"finetuned_{key}"] = ft
+                if ft != 0:
+                    out[f"normalized_{key}"] = value / ft
+        return out
+
+    return _per_task(tasks, control_tasks, derived)

@@ -3,6 +3,9 @@
 Inputs are always written with ``safetensors.torch.save_file`` (and outputs read
 back with ``safetensors.torch.load_file``), so every test also proves interop
 with the reference implementation of the format.
+
+The MLflow fixtures at the end (``registry``, ``client``, ``team_server``) import
+their helpers only when a test asks for them.
 """
 
 from __future__ import annotations
@@ -168,6 +171,24 @@ def assert_no_output():
 def model_set_factory():
     """``make_model_set(directory, dtype, num_finetunes=3, seed=0)`` for module-scoped sets."""
     return make_model_set
+
+
+@pytest.fixture(scope="module")
+def registry(request, tmp_path_factory):
+    """``build_registry`` (tests/mlflow_helpers.py) on a sqlite store of the module's own:
+    digits-base, two task vectors and ``digits-composite`` version 1, shared by the
+    module's tests, which leave it as built (tests that register more use names of their own)."""
+    from mlflow_helpers import build_registry, mlflow_store, template_db
+
+    root = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    with mlflow_store(root, template_db(tmp_path_factory)) as store:
+        yield build_registry(store)
+
+
+@pytest.fixture
+def client(registry):
+    """The ``registry`` store's ``MlflowClient``."""
+    return registry.store.client
 
 
 @pytest.fixture(scope="session")

@@ -192,6 +192,29 @@ COMPOSITE_NAME = "digits-composite"
 COMPOSITE_SCALE = 0.7
 COMPOSITE_WEIGHTS = {"rotate": 1.0, "flip": -0.5}
 
+# The taskvec.* tags every registered task vector, and every registered composite, carries.
+TASKVEC_VECTOR_TAGS = {
+    "taskvec.kind",
+    "taskvec.task",
+    "taskvec.base_uri",
+    "taskvec.base_fingerprint",
+    "taskvec.finetuned_uri",
+    "taskvec.fingerprint",
+    "taskvec.num_parameters",
+    "taskvec.l2_norm",
+}
+TASKVEC_COMPOSITE_TAGS = {
+    "taskvec.kind",
+    "taskvec.method",
+    "taskvec.scale",
+    "taskvec.params",
+    "taskvec.inputs",
+    "taskvec.base_uri",
+    "taskvec.base_fingerprint",
+    "taskvec.recipe_sha256",
+    "taskvec.fingerprint",
+}
+
 
 def vector_name(task: str) -> str:
     return f"digits-{task}-vector"

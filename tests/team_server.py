@@ -85,9 +85,11 @@ def drop_database(name: str) -> None:
         conn.close()
 
 
-def pg_uri(dbname: str) -> str:
-    # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; name the driver we ship.
-    return f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{dbname}"
+def pg_uri(dbname: str, driver: str | None = "psycopg2") -> str:
+    """A SQLAlchemy URL for ``dbname``; ``driver=None`` leaves the driver to SQLAlchemy's default."""
+    # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the server names the driver we ship.
+    scheme = f"postgresql+{driver}" if driver else "postgresql"
+    return f"{scheme}://{PG_USER}@{PG_HOST}:{PG_PORT}/{dbname}"
 
 
 def free_port() -> int:

@@ -91,12 +91,6 @@ def test_similarity_of_vectors_from_different_bases_fails_in_one_line(vectors, t
 # -- report ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    with mlflow_store(tmp_path_factory.mktemp("report"), template_db(tmp_path_factory)) as store:
-        yield build_registry(store)
-
-
 @pytest.mark.parametrize("fmt", ["csv", "json", "markdown", "table"])
 def test_report_lists_the_composite_with_its_method_weights_and_scale(registry, fmt):
     tags = registry.composite.tags

@@ -33,7 +33,6 @@ from mlflow_helpers import (
     FACTORY,
     FACTORY_KWARGS,
     assert_same_state,
-    build_registry,
     digits_inputs,
     expected_composite_net,
     finetune_of,
@@ -66,14 +65,6 @@ def models():
 def store(tmp_path, tmp_path_factory):
     with mlflow_store(tmp_path / "mlflow", template_db(tmp_path_factory)) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    """digits-base, two task vectors and ``digits-composite`` version 1, shared read-only."""
-    root = tmp_path_factory.mktemp("flavor-registry")
-    with mlflow_store(root, template_db(tmp_path_factory)) as s:
-        yield build_registry(s)
 
 
 def flavor_block(model_dir: Path) -> dict:

@@ -1,8 +1,8 @@
 """Governance: approval policies, ``approve``, ``lineage`` and ``verify``.
 
-One small registry per module (``build_registry``). Tests that approve, delete or
-tamper register versions of their own (``register_vector_copy``) so that the
-shared registry stays as built. Tampering edits the real files of the sqlite
+One small registry per module (conftest's ``registry`` fixture, made by
+``build_registry``). Tests that approve, delete or tamper register versions of
+their own (``register_vector_copy``) so that the shared registry stays as built. Tampering edits the real files of the sqlite
 store's artifact folder. Bad input of these commands is catalogued in
 test_bad_input.py.
 """
@@ -14,39 +14,23 @@ import json
 from datetime import datetime, timedelta, timezone
 
 import mlflow
-import pytest
 import yaml
 from click.testing import CliRunner
 from mlflow_helpers import (
     BASE_NAME,
     COMPOSITE_NAME,
     all_versions,
-    build_registry,
     composite_recipe,
     flip_last_byte,
-    mlflow_store,
     register_vector_copy,
     run_artifact,
     stored_weights,
-    template_db,
     vector_name,
 )
 
 from mlflow_taskvec.cli import main as cli
 from mlflow_taskvec.recipe import load_recipe, parse_recipe
 from mlflow_taskvec.tracking.registry import register_composite
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    root = tmp_path_factory.mktemp("governance")
-    with mlflow_store(root, template_db(tmp_path_factory)) as store:
-        yield build_registry(store)
-
-
-@pytest.fixture
-def client(registry):
-    return registry.store.client
 
 
 def invoke(*args, **env):

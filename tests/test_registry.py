@@ -1,10 +1,11 @@
 """Registering task vectors and composites with their lineage, and resolving MLflow references.
 
-One small registry per module (``build_registry``: digits-base version 1 with alias
-``current``, a fine-tune per task logged in its own run, ``digits-{rotate,flip}-vector``
-version 1 with alias ``current``, and ``digits-composite`` version 1 made from
-``rotate@current`` and ``flip/1``) is shared by the read-only tests; tests that
-register more use names of their own. Every expected value is computed
+One small registry per module (conftest's ``registry`` fixture, made by
+``build_registry``: digits-base version 1 with alias ``current``, a fine-tune per
+task logged in its own run, ``digits-{rotate,flip}-vector`` version 1 with alias
+``current``, and ``digits-composite`` version 1 made from ``rotate@current`` and
+``flip/1``) is shared by the read-only tests; tests that register more use names
+of their own. Every expected value is computed
 independently from the in-memory models. MLflow runs on a real sqlite store.
 """
 
@@ -26,14 +27,13 @@ from mlflow_helpers import (
     CODE_PATHS,
     FACTORY,
     FACTORY_KWARGS,
+    TASKVEC_COMPOSITE_TAGS,
+    TASKVEC_VECTOR_TAGS,
     assert_same_state,
-    build_registry,
     composite_recipe,
     digits_tasks,
     expected_composite_state,
-    mlflow_store,
     state_of,
-    template_db,
     vector_name,
 )
 
@@ -45,40 +45,6 @@ from mlflow_taskvec.recipe import load_recipe, parse_recipe
 from mlflow_taskvec.tracking import references
 from mlflow_taskvec.tracking.references import resolve
 from mlflow_taskvec.tracking.registry import register_composite
-
-TASKVEC_VECTOR_TAGS = {
-    "taskvec.kind",
-    "taskvec.task",
-    "taskvec.base_uri",
-    "taskvec.base_fingerprint",
-    "taskvec.finetuned_uri",
-    "taskvec.fingerprint",
-    "taskvec.num_parameters",
-    "taskvec.l2_norm",
-}
-TASKVEC_COMPOSITE_TAGS = {
-    "taskvec.kind",
-    "taskvec.method",
-    "taskvec.scale",
-    "taskvec.params",
-    "taskvec.inputs",
-    "taskvec.base_uri",
-    "taskvec.base_fingerprint",
-    "taskvec.recipe_sha256",
-    "taskvec.fingerprint",
-}
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    root = tmp_path_factory.mktemp("registry")
-    with mlflow_store(root, template_db(tmp_path_factory)) as store:
-        yield build_registry(store)
-
-
-@pytest.fixture
-def client(registry):
-    return registry.store.client
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from mlflow_helpers import (
     vector_name,
 )
 from safetensors.torch import save_file
+from team_server import create_database, drop_database, pg_uri, require_postgres
 
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.taskvector import TaskVector
@@ -197,30 +197,17 @@ def test_a_bad_search_block_is_refused_with_its_field(block, message):
 
 # -- optuna, and several workers on one study in PostgreSQL ------------------------------------
 
-PG_URL = os.environ.get("TASKVEC_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
-
-
 @contextmanager
 def postgres_database():
-    """A fresh database on the machine's PostgreSQL, dropped afterwards; skips (fails in CI) without one."""
+    """A fresh database on the machine's PostgreSQL (tests/team_server.py), dropped afterwards;
+    skips (fails in CI) without one. Yields an optuna storage URL with SQLAlchemy's default
+    driver, as a user would write it (``postgresql://``)."""
+    require_postgres()
+    name = create_database("taskvec_optuna")
     try:
-        import psycopg
-
-        admin = psycopg.connect(f"{PG_URL}/postgres", connect_timeout=3, autocommit=True)
-    except Exception as exc:  # no driver, no server
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL at {PG_URL} is required in CI: {exc}")
-        pytest.skip(f"no PostgreSQL at {PG_URL}: {exc}")
-    name = f"taskvec_optuna_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{PG_URL}/{name}"
+        yield pg_uri(name, driver=None)
     finally:
-        with admin.cursor() as cur:
-            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        admin.close()
+        drop_database(name)
 
 
 def test_optuna_searches_scale_and_weight_within_their_ranges(store):

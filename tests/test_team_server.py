@@ -24,7 +24,7 @@ import mlflow
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from mlflow_helpers import finetune_of, log_checkpoint, signature_for, tiny_net
+from mlflow_helpers import TASKVEC_COMPOSITE_TAGS, finetune_of, log_checkpoint, signature_for, tiny_net
 from team_server import ADMIN_USER, CuttingProxy, skip_or_fail, start_server
 
 from mlflow_taskvec.engine.taskvector import TaskVector
@@ -36,17 +36,6 @@ EXPERIMENT = "taskvec-team"
 BASE = "team-base"
 COMPOSITE = "team-composite"
 TASKS = ("rotate", "flip")
-COMPOSITE_TAGS = {
-    "taskvec.kind",
-    "taskvec.method",
-    "taskvec.scale",
-    "taskvec.params",
-    "taskvec.inputs",
-    "taskvec.base_uri",
-    "taskvec.base_fingerprint",
-    "taskvec.recipe_sha256",
-    "taskvec.fingerprint",
-}
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -211,7 +200,7 @@ def test_editor_registers_a_composite_with_its_lineage(team, bobs_composite):
 
     assert f"registered: models:/{COMPOSITE}/{mv.version}" in proc.stdout
     assert mv.status == "READY"
-    assert COMPOSITE_TAGS <= set(mv.tags)
+    assert TASKVEC_COMPOSITE_TAGS <= set(mv.tags)
     assert mv.tags["taskvec.method"] == "task_arithmetic"
     assert mv.tags["taskvec.scale"] == "0.7"
     inputs = json.loads(mv.tags["taskvec.inputs"])
@@ -299,7 +288,7 @@ def test_eight_concurrent_registrations_give_eight_complete_versions(team):
     assert len({v.run_id for v in versions}) == 8
     assert len({v.source for v in versions}) == 8
     for v in versions:
-        assert COMPOSITE_TAGS <= set(v.tags), v.version
+        assert TASKVEC_COMPOSITE_TAGS <= set(v.tags), v.version
         assert client.get_run(v.run_id).info.status == "FINISHED"
     # Same recipe, same inputs: the same content, eight times.
     assert len({v.tags["taskvec.fingerprint"] for v in versions}) == 1
