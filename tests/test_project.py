@@ -220,9 +220,11 @@ MAIN_MODELS = {
 }
 
 
-def test_main_runs_the_whole_pipeline_and_registers_every_model(tmp_path, tmp_path_factory):
+def test_main_runs_the_whole_pipeline_and_reproduces_the_readmes_results(tmp_path, tmp_path_factory):
+    """``main`` with its defaults (what ``make demo`` runs, seed 0): every model is
+    registered, and the paper's results read back match the README's table."""
     with project_store(tmp_path / "main", tmp_path_factory) as store:
-        mlflow_run(store, "main", timeout=900, steps=5, finetune_steps=5, grid_step=0.5, trials=3)
+        mlflow_run(store, "main", timeout=900)
 
         assert {m.name for m in store.client.search_registered_models()} == set(MAIN_MODELS)
         for name, kind in MAIN_MODELS.items():
@@ -233,13 +235,13 @@ def test_main_runs_the_whole_pipeline_and_registers_every_model(tmp_path, tmp_pa
         assert [row["uri"] for row in json.loads(addition.tags["taskvec.inputs"])] == [
             f"models:/digits-{task}-vector/1" for task in ("parity", "large", "mod3", "loop")
         ]
-        # Every composite is a search's winner: grid candidates 0, 0.5, 1 (analogy up to 2), 3 optuna trials for TIES.
+        # Every composite is a search's winner: grids of step 0.05 up to 1 (analogy: 2), 30 optuna trials for TIES.
         searches = {name: json.loads(store.client.get_model_version(name, "1").tags["taskvec.search"]) for name in MAIN_MODELS if MAIN_MODELS[name] == "composite"}
         assert {name: (s["strategy"], s["candidates"]) for name, s in searches.items()} == {
-            "digits-addition": ("grid", 3),
-            "digits-addition-ties": ("optuna", 3),
-            "digits-negation": ("grid", 3),
-            "digits-analogy": ("grid", 5),
+            "digits-addition": ("grid", 21),
+            "digits-addition-ties": ("optuna", 30),
+            "digits-negation": ("grid", 21),
+            "digits-analogy": ("grid", 41),
         }
         assert {name: s["objective"] for name, s in searches.items()} == {
             "digits-addition": "mean_normalized",
@@ -255,9 +257,12 @@ def test_main_runs_the_whole_pipeline_and_registers_every_model(tmp_path, tmp_pa
             name, version = row.composite.split("/")
             metrics = store.client.get_run(store.client.get_model_version(name, version).run_id).data.metrics
             target = next(t for t in paper_results.targets() if t.model == name and t.figure == row.figure)
-            assert row.value == round(target.sign * metrics[target.metric], 3)
-            assert row.met == ("yes" if target.passes(row.value) else "NO")
+            assert row.value == f"{target.sign * metrics[target.metric]:.3f}"
+            assert row.met == ("yes" if target.passes(target.sign * metrics[target.metric]) else "NO")
         assert table.loc[0, "inputs"] == "-1 parity" and table.loc[4, "inputs"] == "+1 rotate, +1 flip_parity, -1 flip"
+        # Regenerate the README's table with: python examples/digits/paper_results.py --tracking-uri ... --format markdown
+        readme = paper_results.readme_table((ROOT / "README.md").read_text("utf-8"))
+        assert paper_results.markdown(table) == readme
 
 
 # -- the example's tasks ----------------------------------------------------------------

@@ -95,15 +95,21 @@ def results_table(client: MlflowClient, negation_task: str = NEGATION_TASK, anal
                 "composite": f"{t.model}/{version.version}",
                 "method": version.tags["taskvec.method"] + "".join(f" {k}={v:.2g}" for k, v in params.items()),
                 "inputs": ", ".join(f"{i['weight']:+.2g} {_short(i['uri'])}" for i in json.loads(version.tags["taskvec.inputs"])),
-                "scale": round(float(version.tags["taskvec.scale"]), 3),
+                "scale": f"{float(version.tags['taskvec.scale']):.3g}",
                 "figure": t.figure,
                 "accuracy": f"{metrics[t.reference]:.3f} -> {metrics[t.accuracy]:.3f}",
-                "value": round(value, 3),
+                "value": f"{value:.3f}",
                 "target": t.goal,
                 "met": "yes" if t.passes(value) else "NO",
             }
         )
     return pd.DataFrame(rows)
+
+
+def readme_table(text: str) -> str:
+    """The results table the README holds between its ``paper-results`` markers."""
+    begin, end = text.index("<!-- paper-results:begin"), text.index("<!-- paper-results:end -->")
+    return text[text.index("\n", begin) + 1 : end].strip()
 
 
 def markdown(table: pd.DataFrame) -> str:
