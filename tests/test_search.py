@@ -253,7 +253,17 @@ def test_two_workers_share_one_optuna_study_in_postgresql(store, tmp_path):
     assert len(searches) == 2 and all(len(children_of(store.client, run_id)) == 4 for run_id in searches)
     version = store.client.get_model_version("shared-best", "1")
     assert float(version.tags["taskvec.scale"]) == pytest.approx(best.params["scale"])
-    assert json.loads(version.tags["taskvec.search"])["trials_in_study"] == 10
+    search_info = json.loads(version.tags["taskvec.search"])
+    assert search_info["trials_in_study"] == 10
+    # The winner's row in the third worker's table carries its validation metrics, wherever it ran.
+    csv_text = artifact_text(store.client, search_info["search_run_id"], "search/candidates.csv", tmp_path)
+    table = list(csv.DictReader(io.StringIO(csv_text)))
+    (row,) = [r for r in table if r["run_id"] == best.user_attrs["mlflow_run_id"]]
+    winner_metrics = store.client.get_run(best.user_attrs["mlflow_run_id"]).data.metrics
+    assert len(winner_metrics) > 1 and {k: float(row[k]) for k in winner_metrics} == pytest.approx(winner_metrics)
+    foreign = row["candidate"] == "-1"  # found by one of the first two workers
+    assert foreign == (best.user_attrs["mlflow_run_id"] not in {r.info.run_id for r in children_of(store.client, search_info["search_run_id"])})
+    assert len(table) == 2 + foreign
 
 
 def test_the_search_command_prints_the_winner_and_writes_its_recipe(store, tmp_path):

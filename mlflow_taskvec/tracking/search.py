@@ -370,7 +370,8 @@ def search(
         winner = Recipe.model_validate(winner.model_dump())
         winner._source_dir = recipe.source_dir
 
-        table = _table(candidates, labels)
+        # A winner from another worker of a shared study is listed too, as candidate -1.
+        table = _table(candidates if best in candidates else [*candidates, best], labels)
         folder = Path(tmp) / "search"
         folder.mkdir()
         table.to_csv(folder / "candidates.csv", index=False)
@@ -412,8 +413,11 @@ def search(
 
 def _pick(candidates: list[Candidate], shared: dict | None) -> Candidate:
     if shared is not None and not any(c.run_id == shared["run_id"] for c in candidates):
-        # Another worker found the study's best trial: take its coefficients.
-        return Candidate(-1, shared["scale"], list(shared["weights"]), dict(shared["params"]),
+        # Another worker found the study's best trial: take its coefficients, and its
+        # validation metrics from that worker's candidate run.
+        metrics = dict(mlflow.get_run(shared["run_id"]).data.metrics) if shared["run_id"] else {}
+        metrics.pop("objective", None)  # logged beside the metrics; the candidate has its own field
+        return Candidate(-1, shared["scale"], list(shared["weights"]), dict(shared["params"]), metrics=metrics,
                          objective=shared["value"], feasible=shared["feasible"], run_id=shared["run_id"])
     if not candidates:
         raise TaskVecError("the search evaluated no candidate")
