@@ -322,3 +322,16 @@ def test_training_moves_only_the_encoder():
     digits_tasks.train(net, "flip_parity", steps=3)
     changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"encoder.0.weight", "encoder.0.bias", "encoder.2.weight", "encoder.2.bias"}
+
+
+def test_finetune_refuses_an_unknown_task_before_starting_a_run(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(DIGITS / "pipeline.py"), "finetune", "--task", "flip_invert", "--base", "models:/digits-base/1"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "pipeline.py finetune: error: argument --task: unknown task 'flip_invert': expected [transform_]labels"
+        " with transform in rotate, flip, invert and labels in digits, parity, large, mod3, loop"
+    )
+    assert not (tmp_path / "mlruns").exists()

@@ -43,7 +43,10 @@ REPORT_TASKS = ("digits", *FINETUNE_TASKS, ANALOGY[3])
 
 
 def task_name(value: str) -> str:
-    D.parse_task(value)  # raises on an unknown task, with the grammar in the message
+    try:
+        D.parse_task(value)
+    except ValueError as exc:  # argparse shows an ArgumentTypeError's message as it is
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return value
 
 
