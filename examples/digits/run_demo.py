@@ -44,7 +44,7 @@ def registry_table(client) -> pd.DataFrame:
                     "version": int(mv.version),
                     "kind": kind,
                     "method": tags.get("taskvec.method", tags.get("taskvec.task", "")),
-                    "scale": tags.get("taskvec.scale", ""),
+                    "scale": f"{float(tags['taskvec.scale']):.3g}" if "taskvec.scale" in tags else "",
                     "weights": weights,
                     "metrics": ", ".join(f"{k.removesuffix('.accuracy')}={v:.3f}" for k, v in sorted(key.items())),
                 }
