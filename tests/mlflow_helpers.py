@@ -143,9 +143,16 @@ class Store:
     artifacts: Path
     client: MlflowClient = field(repr=False)
 
-    def env(self, **extra: str) -> dict[str, str]:
-        """The environment for a subprocess that should use this store (and the venv's tools first on PATH)."""
+    def env(self, experiment: bool = True, **extra: str) -> dict[str, str]:
+        """The environment for a subprocess that should use this store (and the venv's tools first on PATH).
+
+        With ``experiment`` its runs go to the store's experiment (whose artifacts
+        live under the store's root), not to experiment 0, whose artifact folder
+        is ``./mlruns`` of the subprocess's working directory; ``mlflow run
+        --experiment-name`` needs it off (MLflow refuses a name and an id)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        if experiment:
+            env["MLFLOW_EXPERIMENT_ID"] = self.experiment_id
         env.update(
             MLFLOW_TRACKING_URI=self.tracking_uri,
             MLFLOW_TASKVEC_CACHE=str(self.cache),

@@ -8,6 +8,7 @@ instant), and the test checks what it registered.
 from __future__ import annotations
 
 import configparser
+import os
 import json
 import re
 import subprocess
@@ -96,7 +97,7 @@ def mlflow_run(store: Store, entry_point: str, timeout: float = 300, **params) -
     args = [MLFLOW, "run", ".", "-e", entry_point, "--env-manager", "local", "--experiment-name", PROJECT_EXPERIMENT]
     for key, value in params.items():
         args += ["-P", f"{key}={value}"]
-    done = subprocess.run(args, cwd=ROOT, env=store.env(), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(args, cwd=ROOT, env=store.env(experiment=False), capture_output=True, text=True, timeout=timeout)
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"mlflow run -e {entry_point} failed ({done.returncode}):\n{output[-4000:]}"
     assert re.search(r"=== Run \(ID '[0-9a-f]+'\) succeeded ===", output), output[-4000:]
@@ -334,4 +335,17 @@ def test_finetune_refuses_an_unknown_task_before_starting_a_run(tmp_path):
         "pipeline.py finetune: error: argument --task: unknown task 'flip_invert': expected [transform_]labels"
         " with transform in rotate, flip, invert and labels in digits, parity, large, mod3, loop"
     )
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_the_local_files_demo_runs_without_mlflow(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "local_demo.py"), "--workdir", str(tmp_path / "local"), "--hidden", "32", "--steps", "20", "--finetune-steps", "5"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "local" / "vectors").iterdir()) == [f"{t}.safetensors" for t in ("large", "loop", "mod3", "parity")]
+    rows = [line.split()[0] for line in done.stdout.splitlines() if line.startswith(("base ", "fine-tuned", "addition", "negation"))]
+    assert rows == ["base", "fine-tuned", "fine-tuned", "fine-tuned", "fine-tuned", "addition", "addition", "negation"]
     assert not (tmp_path / "mlruns").exists()
