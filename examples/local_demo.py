@@ -3,7 +3,7 @@
 Trains a small base on scikit-learn's digits, fine-tunes it on four new label
 spaces, extracts the task vectors, composes an addition (task arithmetic and
 TIES) and a negation through YAML recipes, with the coefficients that
-``make demo``'s search picked for seed 0, and prints every model's test accuracy
+``make demo``'s search picked for seed 0 (rounded), and prints every model's test accuracy
 per task.
 
     python examples/local_demo.py [--workdir demo/local]

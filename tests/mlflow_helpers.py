@@ -143,7 +143,7 @@ class Store:
     artifacts: Path
     client: MlflowClient = field(repr=False)
 
-    def env(self, experiment: bool = True, **extra: str) -> dict[str, str]:
+    def env(self, *, experiment: bool = True, **extra: str) -> dict[str, str]:
         """The environment for a subprocess that should use this store (and the venv's tools first on PATH).
 
         With ``experiment`` its runs go to the store's experiment (whose artifacts

@@ -263,7 +263,11 @@ def test_main_runs_the_whole_pipeline_and_reproduces_the_readmes_results(tmp_pat
         assert table.loc[0, "inputs"] == "-1 parity" and table.loc[4, "inputs"] == "+1 rotate, +1 flip_parity, -1 flip"
         # Regenerate the README's table with: python examples/digits/paper_results.py --tracking-uri ... --format markdown
         readme = paper_results.readme_table((ROOT / "README.md").read_text("utf-8"))
-        assert paper_results.markdown(table) == readme
+        fresh = paper_results.markdown(table)
+        assert fresh == readme, (
+            "the README's results table differs from this fresh run of main (seed 0); if the change is intended,"
+            f" paste this table between its paper-results markers:\n{fresh}"
+        )
 
 
 # -- the example's tasks ----------------------------------------------------------------
@@ -278,7 +282,7 @@ def test_task_names_are_an_optional_transform_and_a_label_space(task, parsed):
     assert digits_tasks.parse_task(task) == parsed
 
 
-@pytest.mark.parametrize("task", ["flip_invert", "odd", "rotate_", "shift_parity", ""])
+@pytest.mark.parametrize("task", ["flip_invert", "odd", "rotate_", "_parity", "shift_parity", ""])
 def test_an_unknown_task_is_refused_with_the_grammar(task):
     with pytest.raises(ValueError, match=r"unknown task .*\[transform_\]labels"):
         digits_tasks.load_task(task, "test")
@@ -294,7 +298,7 @@ def test_labels_of_the_derived_tasks_follow_the_digit():
     assert torch.equal(flipped.reshape(-1, 8, 8), plain.reshape(-1, 8, 8).flip(2))
 
 
-def test_splits_are_disjoint_and_cover_the_data():
+def test_splits_are_60_20_20_of_the_1797_digits():
     sizes = {split: len(digits_tasks.load_task("digits", split)[1]) for split in ("train", "validation", "test")}
     assert sizes == {"train": 1078, "validation": 359, "test": 360}
 
@@ -335,7 +339,6 @@ def test_finetune_refuses_an_unknown_task_before_starting_a_run(tmp_path):
         "pipeline.py finetune: error: argument --task: unknown task 'flip_invert': expected [transform_]labels"
         " with transform in rotate, flip, invert and labels in digits, parity, large, mod3, loop"
     )
-    assert not (tmp_path / "mlruns").exists()
 
 
 def test_the_local_files_demo_runs_without_mlflow(tmp_path):
@@ -348,4 +351,3 @@ def test_the_local_files_demo_runs_without_mlflow(tmp_path):
     assert sorted(p.name for p in (tmp_path / "local" / "vectors").iterdir()) == [f"{t}.safetensors" for t in ("large", "loop", "mod3", "parity")]
     rows = [line.split()[0] for line in done.stdout.splitlines() if line.startswith(("base ", "fine-tuned", "addition", "negation"))]
     assert rows == ["base", "fine-tuned", "fine-tuned", "fine-tuned", "fine-tuned", "addition", "addition", "negation"]
-    assert not (tmp_path / "mlruns").exists()

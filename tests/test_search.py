@@ -290,3 +290,22 @@ def test_the_search_command_refuses_a_recipe_without_evaluation(store, tmp_path)
 
     assert done.returncode == 1
     assert done.stderr.strip() == "Error: search needs an 'evaluation' block in the recipe (evaluator and tasks)"
+
+
+def test_a_winner_from_another_worker_brings_its_runs_validation_metrics(store):
+    from mlflow_taskvec.tracking.search import Candidate, _pick
+
+    with mlflow.start_run() as other:  # another worker's candidate run, in the shared tracking store
+        mlflow.log_metrics({"target.accuracy": 0.75, "mean.accuracy": 0.75, "objective": 0.75})
+    mine = Candidate(0, 0.5, [1.0], {}, metrics={"target.accuracy": 0.5}, objective=0.5, run_id="mine")
+    shared = {"scale": 0.35, "weights": [1.0], "params": {}, "value": 0.75, "feasible": True, "run_id": other.info.run_id}
+
+    best = _pick([mine], shared)
+
+    assert (best.number, best.scale, best.objective, best.run_id) == (-1, 0.35, 0.75, other.info.run_id)
+    assert best.metrics == {"target.accuracy": 0.75, "mean.accuracy": 0.75}
+    # A run this worker cannot read (another tracking store, or deleted): the coefficients still win.
+    unreadable = _pick([mine], {**shared, "run_id": "0" * 32})
+    assert (unreadable.number, unreadable.scale, unreadable.metrics) == (-1, 0.35, {})
+    # The study's best is this worker's own candidate: it is picked as it is.
+    assert _pick([mine], {**shared, "run_id": "mine"}) is mine

@@ -39,10 +39,10 @@ SPLITS = {"train": (0.0, 0.6), "validation": (0.6, 0.8), "test": (0.8, 1.0)}
 
 def parse_task(task: str) -> tuple[str | None, str]:
     """``(transform or None, labels)`` of a task name; ``ValueError`` on an unknown one."""
-    transform, _, labels = task.rpartition("_")
-    if not transform and labels in TRANSFORMS:
+    transform, underscore, labels = task.rpartition("_")
+    if not underscore and labels in TRANSFORMS:
         transform, labels = labels, "digits"
-    if (transform and transform not in TRANSFORMS) or labels not in LABELS:
+    if (underscore and transform not in TRANSFORMS) or labels not in LABELS:
         raise ValueError(
             f"unknown task {task!r}: expected [transform_]labels with transform in {', '.join(TRANSFORMS)}"
             f" and labels in {', '.join(LABELS)}"

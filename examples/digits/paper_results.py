@@ -71,7 +71,8 @@ def targets(negation_task: str = NEGATION_TASK, analogy_task: str = ANALOGY[3]) 
     ]
 
 
-def _short(uri: str) -> str:
+def short_name(uri: str) -> str:
+    """``models:/digits-rotate-vector/1`` -> ``rotate`` (the pipeline's registered names)."""
     return uri.split("/")[1].removeprefix("digits-").removesuffix("-vector")
 
 
@@ -94,7 +95,7 @@ def results_table(client: MlflowClient, negation_task: str = NEGATION_TASK, anal
                 "result": t.result,
                 "composite": f"{t.model}/{version.version}",
                 "method": version.tags["taskvec.method"] + "".join(f" {k}={v:.2g}" for k, v in params.items()),
-                "inputs": ", ".join(f"{i['weight']:+.2g} {_short(i['uri'])}" for i in json.loads(version.tags["taskvec.inputs"])),
+                "inputs": ", ".join(f"{i['weight']:+.2g} {short_name(i['uri'])}" for i in json.loads(version.tags["taskvec.inputs"])),
                 "scale": f"{float(version.tags['taskvec.scale']):.3g}",
                 "figure": t.figure,
                 "accuracy": f"{metrics[t.reference]:.3f} -> {metrics[t.accuracy]:.3f}",

@@ -116,7 +116,7 @@ def recipes(base: str, grid_step: float = 0.05, trials: int = 30) -> dict[str, d
             "base": base,
             "vectors": [vec(NEGATION_TASK, -1.0)],
             "evaluation": evaluation(NEGATION_TASK),
-            # The target: the control task stays within 2 points of the base (0.98 x ~0.97).
+            # The target: the control task stays within 2 points of the base (0.98 x a base near 0.99).
             "search": {**grid(1.0), "objective": "negation", "control_min_ratio": 0.98},
         },
         "digits-addition": {

@@ -27,6 +27,8 @@ EXPERIMENT = "taskvec-digits"
 
 
 def registry_table(client) -> pd.DataFrame:
+    from paper_results import short_name
+
     rows = []
     for rm in client.search_registered_models(order_by=["name"]):
         for mv in sorted(client.search_model_versions(f"name='{rm.name}'"), key=lambda v: int(v.version)):
@@ -35,7 +37,7 @@ def registry_table(client) -> pd.DataFrame:
             weights = ""
             if kind == "composite":
                 inputs = json.loads(tags["taskvec.inputs"])
-                weights = ", ".join(f"{i['uri'].split('/')[1].removeprefix('digits-').removesuffix('-vector')}:{i['weight']:g}" for i in inputs)
+                weights = ", ".join(f"{short_name(i['uri'])}:{i['weight']:g}" for i in inputs)
             metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
             key = {k: v for k, v in metrics.items() if k.endswith(".accuracy") and not k.startswith("mean.")}
             rows.append(

@@ -31,6 +31,7 @@ import pandas as pd
 import yaml
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.merge import merge
@@ -371,7 +372,7 @@ def search(
         winner._source_dir = recipe.source_dir
 
         # A winner from another worker of a shared study is listed too, as candidate -1.
-        table = _table(candidates if best in candidates else [*candidates, best], labels)
+        table = _table(candidates if best.number >= 0 else [*candidates, best], labels)
         folder = Path(tmp) / "search"
         folder.mkdir()
         table.to_csv(folder / "candidates.csv", index=False)
@@ -411,12 +412,25 @@ def search(
     return SearchResult(candidates, best, winner, test_metrics, objective, parent_id, table, registered)
 
 
+def _run_metrics(run_id: str | None) -> dict[str, float]:
+    """A candidate run's validation metrics; empty when it cannot be read (a worker
+    that shares the optuna storage but logs to another tracking store, or a
+    deleted run): its coefficients are all the winner needs."""
+    if not run_id:
+        return {}
+    try:
+        metrics = dict(mlflow.get_run(run_id).data.metrics)
+    except MlflowException:
+        return {}
+    metrics.pop("objective", None)  # logged beside the metrics; the candidate has its own field
+    return metrics
+
+
 def _pick(candidates: list[Candidate], shared: dict | None) -> Candidate:
     if shared is not None and not any(c.run_id == shared["run_id"] for c in candidates):
         # Another worker found the study's best trial: take its coefficients, and its
         # validation metrics from that worker's candidate run.
-        metrics = dict(mlflow.get_run(shared["run_id"]).data.metrics) if shared["run_id"] else {}
-        metrics.pop("objective", None)  # logged beside the metrics; the candidate has its own field
+        metrics = _run_metrics(shared["run_id"])
         return Candidate(-1, shared["scale"], list(shared["weights"]), dict(shared["params"]), metrics=metrics,
                          objective=shared["value"], feasible=shared["feasible"], run_id=shared["run_id"])
     if not candidates:
