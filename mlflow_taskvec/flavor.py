@@ -314,11 +314,12 @@ def build_module(conf: dict, weights_dir: Path, state: Mapping[str, torch.Tensor
     factory = arch.get("factory")
     if not factory:
         raise TaskVecError(f"{weights_dir}: the model records no architecture factory")
-    return module_from_factory(factory, arch.get("factory_kwargs", {}), state if state is not None else _read_state(weights_dir))
+    return module_from_factory(factory, arch.get("factory_kwargs", {}), state if state is not None else read_state(weights_dir))
 
 
-def _read_state(weights_dir: Path) -> dict[str, torch.Tensor]:
-    ckpt = open_checkpoint(weights_dir)
+def read_state(weights: "Path | str") -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint at ``weights``, copied into memory (a state dict to load)."""
+    ckpt = open_checkpoint(weights)
     return {name: ckpt.get_tensor(name).clone() for name in ckpt.keys()}
 
 

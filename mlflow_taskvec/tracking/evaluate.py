@@ -25,7 +25,6 @@ import torch
 from mlflow.utils.model_utils import _add_code_from_conf_to_system_path
 
 from mlflow_taskvec import flavor
-from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.merge import merge
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.errors import TaskVecError
@@ -103,13 +102,12 @@ class CompositeEvaluation:
     def references(self, split: str) -> References:
         if split in self._references:
             return self._references[split]
-        base_ckpt = open_checkpoint(self.base.path)
         base_state = None
 
         def base_module():
             nonlocal base_state
             if base_state is None:
-                base_state = {n: base_ckpt.get_tensor(n).clone() for n in base_ckpt.keys()}
+                base_state = flavor.read_state(self.base.path)
             return self.build(base_state)
 
         base_metrics = {}
@@ -135,8 +133,7 @@ class CompositeEvaluation:
 
     def _finetune_module(self, item: Input) -> torch.nn.Module:
         if item.finetuned_path is not None:
-            ckpt = open_checkpoint(item.finetuned_path)
-            return self.build({n: ckpt.get_tensor(n).clone() for n in ckpt.keys()})
+            return self.build(flavor.read_state(item.finetuned_path))
         state = merge(self.base.path, [item.vector], [1.0], method="task_arithmetic", scale=1.0).state_dict
         return self.build(state)
 
