@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 
 import pandas as pd
@@ -12,8 +13,9 @@ from mlflow.tracking import MlflowClient
 from mlflow_taskvec.errors import TaskVecError
 
 
-def _versions(client: MlflowClient, name: str) -> tuple[list, str]:
-    """The versions of registered model ``name``, else those composed in experiment ``name``."""
+def _versions(client: MlflowClient, name: str, run_of) -> tuple[list, str]:
+    """The versions of registered model ``name``, else those composed in experiment ``name``
+    (``run_of(run_id)`` reads a run; the caller's cache keeps it for the metrics)."""
     try:
         versions = client.search_model_versions(f"name='{name}'")
     except MlflowException as exc:
@@ -22,14 +24,12 @@ def _versions(client: MlflowClient, name: str) -> tuple[list, str]:
         return versions, "registered model"
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return [], "registered model or experiment"
-    found, runs = [], {}
+        raise TaskVecError(f"{name}: no registered model or experiment of this name")
+    found = []
     for mv in client.search_model_versions(""):
         if (mv.tags or {}).get("taskvec.kind") != "composite" or not mv.run_id:
             continue
-        if mv.run_id not in runs:
-            runs[mv.run_id] = client.get_run(mv.run_id).info.experiment_id
-        if runs[mv.run_id] == experiment.experiment_id:
+        if run_of(mv.run_id).info.experiment_id == experiment.experiment_id:
             found.append(mv)
     return found, "experiment"
 
@@ -39,7 +39,8 @@ def composites_frame(name: str, metrics: list[str] | None = None) -> pd.DataFram
     method, scale, params, inputs with weights, and the metrics of the run that composed it
     (those matching the ``metrics`` globs, when given)."""
     client = MlflowClient()
-    versions, what = _versions(client, name)
+    run_of = functools.lru_cache(maxsize=None)(client.get_run)
+    versions, what = _versions(client, name, run_of)
     rows = []
     for mv in sorted(versions, key=lambda v: (v.name, int(v.version))):
         tags = mv.tags or {}
@@ -55,13 +56,12 @@ def composites_frame(name: str, metrics: list[str] | None = None) -> pd.DataFram
             "weights": ", ".join(f"{i['uri']}:{i['weight']:g}" for i in inputs),
         }
         if mv.run_id:
-            values = client.get_run(mv.run_id).data.metrics
+            values = run_of(mv.run_id).data.metrics
             keep = sorted(k for k in values if not metrics or any(fnmatch.fnmatchcase(k, p) for p in metrics))
             row.update((k, values[k]) for k in keep)
         rows.append(row)
     if not rows:
-        raise TaskVecError(f"{name}: no composite versions registered under this {what}" if what != "registered model or experiment"
-                           else f"{name}: no registered model or experiment of this name")
+        raise TaskVecError(f"{name}: no composite versions registered under this {what}")
     frame = pd.DataFrame(rows)
     if frame["name"].nunique() == 1:
         return frame.drop(columns="name").set_index("version")
