@@ -143,6 +143,9 @@ class Range(BaseModel):
             raise ValueError("a log range needs low > 0")
         return self
 
+    def __str__(self) -> str:
+        return f"{self.low:g}..{self.high:g}" + (f" step {self.step:g}" if self.step else "")
+
     def grid(self) -> list[float]:
         if self.step is None:
             raise ValueError("a grid needs a step")

@@ -53,6 +53,11 @@ class Objective:
     describe: str
     score: Callable[[dict[str, float]], tuple[float, bool]]
 
+    @property
+    def name(self) -> str:
+        """What the search records as its objective: the kind, or the metric for a plain one."""
+        return self.key if self.kind == "metric" else self.kind
+
 
 def make_objective(search: Search, recipe: Recipe, evaluation: CompositeEvaluation) -> Objective:
     spec, metric = recipe.evaluation, search.metric
@@ -348,10 +353,10 @@ def search(
         mlflow.log_params(
             {
                 "search.strategy": settings.strategy,
-                "search.objective": objective.kind if objective.kind != "metric" else objective.key,
+                "search.objective": objective.name,
                 "search.metric": settings.metric,
                 "search.validation_split": settings.validation_split,
-                "search.scale": f"{settings.scale.low:g}..{settings.scale.high:g}" + (f" step {settings.scale.step:g}" if settings.scale.step else ""),
+                "search.scale": str(settings.scale),
                 "search.trials": settings.trials if settings.strategy == "optuna" else len(settings.scale.grid()),
                 "method": recipe.method,
                 "base": base.canonical,
@@ -383,7 +388,7 @@ def search(
         test_split = recipe.evaluation.split
         summary = {
             "strategy": settings.strategy,
-            "objective": objective.kind if objective.kind != "metric" else objective.key,
+            "objective": objective.name,
             "metric": settings.metric,
             "validation_split": settings.validation_split,
             "test_split": test_split,
@@ -444,7 +449,7 @@ def _pick(candidates: list[Candidate], shared: dict | None) -> Candidate:
 
 def _note(summary: dict, objective: Objective, settings: Search) -> str:
     how = (
-        f"a grid over scale {settings.scale.low:g}..{settings.scale.high:g} step {settings.scale.step:g}"
+        f"a grid over scale {settings.scale}"
         if settings.strategy == "grid"
         else f"optuna ({settings.sampler}, {summary.get('trials_in_study', summary['candidates'])} trials)"
     )
