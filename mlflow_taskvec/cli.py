@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -21,7 +20,7 @@ from mlflow_taskvec import __version__
 from mlflow_taskvec.engine.inspect import describe
 from mlflow_taskvec.engine.methods import METHODS
 from mlflow_taskvec.engine.taskvector import TaskVector
-from mlflow_taskvec.engine.writer import parse_size
+from mlflow_taskvec.engine.writer import parse_size, write_text_atomically
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.recipe import load_recipe, run_recipe
 from mlflow_taskvec.references import open_reference
@@ -58,18 +57,6 @@ def _progress(total: int, label: str, quiet: bool):
 
     bar = tqdm(total=total, desc=label, unit="tensor", leave=False, file=sys.stderr)
     return (lambda _name: bar.update(1)), bar.close
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _echo(quiet: bool, text: str = "") -> None:
@@ -239,7 +226,7 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
     strategy (default: the paper's grid over the scale, 0.0 to 1.0 step 0.05).
     Each candidate is a child run; the table and a plot are logged on the search's run.
     """
-    from mlflow_taskvec.recipe import Search, parse_recipe
+    from mlflow_taskvec.recipe import parse_recipe
     from mlflow_taskvec.tracking.search import search
 
     spec = load_recipe(recipe)
@@ -261,7 +248,7 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
     keys = [k for k in sorted(result.test_metrics) if k.startswith(("mean.", "control."))] or sorted(result.test_metrics)
     _echo(quiet, "test: " + "  ".join(f"{k}={result.test_metrics[k]:.4f}" for k in keys))
     if output_recipe is not None:
-        _write_atomically(output_recipe, yaml.safe_dump(result.recipe.model_dump(exclude={"output", "search"}), sort_keys=False))
+        write_text_atomically(output_recipe, yaml.safe_dump(result.recipe.model_dump(exclude={"output", "search"}), sort_keys=False))
         _echo(quiet, f"winning recipe: {output_recipe}")
     if result.registered is not None:
         _report_registration(quiet, result.registered)

@@ -16,11 +16,11 @@ import inspect
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlflow_taskvec.engine.writer import write_text_atomically
 from mlflow_taskvec.errors import TaskVecError
 
 Evaluator = Callable[[object, str, str], dict]
@@ -109,13 +109,8 @@ class MetricCache:
     def put(self, fingerprint: str, evaluator: str, task: str, split: str, metrics: dict[str, float]) -> None:
         if self.directory is None:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self._path(fingerprint, evaluator, task, split)
         record = {"fingerprint": fingerprint, "evaluator": evaluator, "task": task, "split": split, "metrics": metrics}
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".metrics-", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(record, fh)
-        os.replace(tmp, path)
+        write_text_atomically(self._path(fingerprint, evaluator, task, split), json.dumps(record))
 
 
 def task_metrics(evaluator: Evaluator, model, task: str, split: str, name: str = "evaluator") -> dict[str, float]:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,6 +46,19 @@ def parse_size(value: int | str | None, what: str = "max_shard_size") -> int | N
     if size <= 0:
         raise TaskVecError(f"{what}: {value!r} must be positive")
     return size
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write a small text file whole or not at all: a temporary sibling, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def check_output_path(output: str | os.PathLike, overwrite: bool) -> Path:
