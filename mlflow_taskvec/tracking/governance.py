@@ -408,6 +408,14 @@ def _same(what: str, got: str, recorded: str, hint: str) -> None:
         raise TaskVecError(f"{what} has fingerprint {got[:16]}, the version records {recorded[:16]} ({hint})")
 
 
+def _fetched_as_recorded(ref: str, what: str, recorded: str, hint: str, checks: list[str], label: str | None = None) -> Resolved:
+    """Download ``ref`` afresh, require the fingerprint the version recorded, and note the check."""
+    res = _fresh(ref, what)
+    _same(what, res.fingerprint, recorded, hint)
+    checks.append(f"{label or what}: fingerprint {res.fingerprint[:16]} as recorded")
+    return res
+
+
 def verify(ref: str) -> Verified:
     """Check a registered composite or task vector end to end; raises TaskVecError at the first mismatch.
 
@@ -458,20 +466,13 @@ def _verify_composite(client: MlflowClient, mv: ModelVersion, uri: str, tags: di
     if [row.get("uri") for row in inputs] != [e.ref for e in recipe.vectors] or recipe.base != tags["taskvec.base_uri"]:
         raise TaskVecError(f"{uri}: the taskvec.inputs / taskvec.base_uri tags name other models than its recipe.yaml (a tag was edited)")
 
-    base = _fresh(recipe.base, f"base {recipe.base}")
-    _same(f"base {recipe.base}", base.fingerprint, tags["taskvec.base_fingerprint"], "the version was replaced or its artifact modified")
-    checks.append(f"base {recipe.base}: fingerprint {base.fingerprint[:16]} as recorded")
+    replaced = "the version was replaced or its artifact modified"
+    base = _fetched_as_recorded(recipe.base, f"base {recipe.base}", tags["taskvec.base_fingerprint"], replaced, checks)
     resolved = []
     for i, (entry, row) in enumerate(zip(recipe.vectors, inputs)):
         what = f"input vectors[{i}] {entry.ref}"
-        res = _fresh(entry.ref, what)
-        _same(what, res.fingerprint, str(row.get("fingerprint")), "the version was replaced or its artifact modified")
-        checks.append(f"{what} (weight {entry.weight:g}): fingerprint {res.fingerprint[:16]} as recorded")
-        resolved.append(res)
-
-    stored = _fresh(uri, f"stored weights of {uri}")
-    _same(f"stored weights of {uri}", stored.fingerprint, tags["taskvec.fingerprint"], "the composite's artifact was modified")
-    checks.append(f"stored weights: fingerprint {stored.fingerprint[:16]} as recorded")
+        resolved.append(_fetched_as_recorded(entry.ref, what, str(row.get("fingerprint")), replaced, checks, f"{what} (weight {entry.weight:g})"))
+    _fetched_as_recorded(uri, f"stored weights of {uri}", tags["taskvec.fingerprint"], "the composite's artifact was modified", checks, "stored weights")
 
     from mlflow_taskvec.tracking.registry import local_recipe
 
@@ -484,12 +485,8 @@ def _verify_composite(client: MlflowClient, mv: ModelVersion, uri: str, tags: di
 def _verify_vector(uri: str, tags: dict, tmp: Path) -> list[str]:
     checks = []
     base_uri, ft_uri = tags["taskvec.base_uri"], tags["taskvec.finetuned_uri"]
-    base = _fresh(base_uri, f"base {base_uri}")
-    _same(f"base {base_uri}", base.fingerprint, tags["taskvec.base_fingerprint"], "the version was replaced or its artifact modified")
-    checks.append(f"base {base_uri}: fingerprint {base.fingerprint[:16]} as recorded")
-    stored = _fresh(uri, f"stored weights of {uri}")
-    _same(f"stored weights of {uri}", stored.fingerprint, tags["taskvec.fingerprint"], "the task vector's artifact was modified")
-    checks.append(f"stored weights: fingerprint {stored.fingerprint[:16]} as recorded")
+    base = _fetched_as_recorded(base_uri, f"base {base_uri}", tags["taskvec.base_fingerprint"], "the version was replaced or its artifact modified", checks)
+    stored = _fetched_as_recorded(uri, f"stored weights of {uri}", tags["taskvec.fingerprint"], "the task vector's artifact was modified", checks, "stored weights")
     ft = _fresh(ft_uri, f"fine-tune {ft_uri}")
     recorded_ft = (stored.conf or {}).get("finetuned_fingerprint")
     if recorded_ft:
