@@ -211,6 +211,9 @@ def test_search_registers_the_best_composite_of_a_grid(store, finetuned, tmp_pat
     assert "test.rotate.normalized_accuracy" in parent.data.metrics
 
 
+# How far a figure of the README's results table may be from a fresh run's on another CPU.
+FIGURE_TOLERANCE = 0.02
+
 MAIN_MODELS = {
     "digits-base": "checkpoint",
     **{f"digits-{task}-vector": "task_vector" for task in pipeline.FINETUNE_TASKS},
@@ -261,13 +264,25 @@ def test_main_runs_the_whole_pipeline_and_reproduces_the_readmes_results(tmp_pat
             assert row.value == f"{target.sign * metrics[target.metric]:.3f}"
             assert row.met == ("yes" if target.passes(target.sign * metrics[target.metric]) else "NO")
         assert table.loc[0, "inputs"] == "-1 parity" and table.loc[4, "inputs"] == "+1 rotate, +1 flip_parity, -1 flip"
-        # Regenerate the README's table with: python examples/digits/paper_results.py --tracking-uri ... --format markdown
-        readme = paper_results.readme_table((ROOT / "README.md").read_text("utf-8"))
-        fresh = paper_results.markdown(table)
-        assert fresh == readme, (
-            "the README's results table differs from this fresh run of main (seed 0); if the change is intended,"
-            f" paste this table between its paper-results markers:\n{fresh}"
-        )
+        # The README's table holds on every CPU up to training noise: the same rows, composites,
+        # methods, inputs and targets, each target met, and each figure within FIGURE_TOLERANCE of
+        # the README's (training on another CPU's kernels moves the third decimal, and the search may
+        # then pick other coefficients, which are not compared). Regenerate it with:
+        # python examples/digits/paper_results.py --tracking-uri ... --format markdown
+        readme = paper_results.parse_markdown(paper_results.readme_table((ROOT / "README.md").read_text("utf-8")))
+        fresh = paper_results.parse_markdown(paper_results.markdown(table))
+        hint = f"fresh run of main (seed 0), to paste between the README's paper-results markers if intended:\n{paper_results.markdown(table)}"
+        assert len(fresh) == len(readme), hint
+        for got, want in zip(fresh, readme):
+            for column in ("result", "composite", "inputs", "figure", "target"):
+                assert got[column] == want[column], f"{column}: {got[column]!r} != {want[column]!r}; {hint}"
+            assert got["method"].split()[0] == want["method"].split()[0], hint
+            assert got["met"] == want["met"] == "yes", hint
+            for column in ("accuracy", "value"):
+                got_figures, want_figures = paper_results.figures(got[column]), paper_results.figures(want[column])
+                assert len(got_figures) == len(want_figures), hint
+                for a, b in zip(got_figures, want_figures):
+                    assert abs(a - b) <= FIGURE_TOLERANCE, f"{got['figure']}: {column} {got[column]} vs the README's {want[column]}; {hint}"
 
 
 # -- the example's tasks ----------------------------------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,6 +118,18 @@ def markdown(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines)
+
+
+def parse_markdown(text: str) -> list[dict[str, str]]:
+    """The rows of a table written by ``markdown``, as dicts keyed by column."""
+    lines = [line.strip() for line in text.strip().splitlines()]
+    columns = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(columns, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def figures(cell: str) -> list[float]:
+    """The numbers in a cell such as ``0.525 -> 0.075`` or ``0.450``."""
+    return [float(x) for x in re.findall(r"-?\d+\.\d+", cell)]
 
 
 def main() -> int:
