@@ -175,7 +175,7 @@ def run_op(op: str, base: str, fts: list[str], out: str, density: float) -> None
     import torch
 
     from mlflow_taskvec.engine import TaskVector, merge, open_checkpoint
-    from mlflow_taskvec.engine.safetensors_io import StreamingWriter
+    from mlflow_taskvec.engine.io import StreamingWriter
     from mlflow_taskvec.engine.streaming import chunk_ranges
 
     if op == "extract":
@@ -183,7 +183,7 @@ def run_op(op: str, base: str, fts: list[str], out: str, density: float) -> None
     elif op in ("task_arithmetic", "ties"):
         vectors = [TaskVector.extract(base, ft) for ft in fts]
         params = {"density": density} if op == "ties" else {}
-        merge(base, vectors, [1.0] * len(vectors), method=op, scale=SCALE, params=params, output=out)
+        merge_to(base, vectors, [1.0] * len(vectors), method=op, scale=SCALE, params=params, output=out)
     elif op in ("floor2", "floor4"):
         inputs = [open_checkpoint(p) for p in [base] + fts[: 1 if op == "floor2" else 3]]
         specs = inputs[0].specs()

@@ -42,7 +42,7 @@ def _fail_cleanly(fn):
             mlflow_exceptions = sys.modules.get("mlflow.exceptions")  # loaded only if MLflow was used
             if mlflow_exceptions is None or not isinstance(exc, mlflow_exceptions.MlflowException):
                 raise
-            from mlflow_taskvec.tracking.server import server_error
+            from mlflow_taskvec.mlflow.server import server_error
 
             raise click.ClickException(str(server_error(exc, "MLflow failed"))) from None
 
@@ -104,7 +104,7 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
     if output is None and register_as is None:
         raise click.UsageError("give --output, --register, or both")
     if register_as is not None:
-        from mlflow_taskvec.tracking.references import resolve
+        from mlflow_taskvec.mlflow.downloads import resolve
 
         base_ref, ft_ref = resolve(base), resolve(finetuned)
         base_ckpt, ft_ckpt = open_reference(base_ref.path), open_reference(ft_ref.path)
@@ -130,7 +130,7 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
 
 
 def _register_vector(vector, name, base_ref, ft_ref, run_id, alias):
-    from mlflow_taskvec.tracking.registry import register_task_vector
+    from mlflow_taskvec.mlflow.registry import register_task_vector
 
     return register_task_vector(vector, name, base_ref, ft_ref, run_id=run_id, alias=alias)
 
@@ -155,14 +155,14 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, o
     if require_alias is not None:
         if not require_alias.strip():
             raise TaskVecError("--require-alias: an alias name cannot be empty")
-        from mlflow_taskvec.tracking.governance import enforce_policy
+        from mlflow_taskvec.mlflow.governance import enforce_policy
 
         enforce_policy(spec, require_alias)  # before anything is downloaded
     if max_shard_size is not None:
         parse_size(max_shard_size, "--max-shard-size")
         spec.max_shard_size = max_shard_size
     if register_as is not None:
-        from mlflow_taskvec.tracking.registry import register_composite
+        from mlflow_taskvec.mlflow.registry import register_composite
 
         reg = register_composite(spec, register_as, alias=alias)
         _echo(quiet, f"method: {spec.method}  scale: {spec.scale}  weights: {[e.weight for e in spec.vectors]}")
@@ -227,7 +227,7 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
     Each candidate is a child run; the table and a plot are logged on the search's run.
     """
     from mlflow_taskvec.recipe import parse_recipe
-    from mlflow_taskvec.tracking.search import search
+    from mlflow_taskvec.mlflow.search import search
 
     spec = load_recipe(recipe)
     overrides = {k: v for k, v in dict(strategy=strategy, objective=objective, trials=trials, storage=storage, study_name=study_name).items() if v is not None}
@@ -378,7 +378,7 @@ def _write_heatmap(frame, path: Path) -> None:
 @_fail_cleanly
 def report(name, fmt, metrics):
     """Composites registered under NAME (a registered model, or else an experiment), with method, weights, scale and metrics."""
-    from mlflow_taskvec.tracking.report import composites_frame
+    from mlflow_taskvec.mlflow.report import composites_frame
 
     click.echo(_render(composites_frame(name, list(metrics)), fmt))
 
@@ -387,11 +387,11 @@ def report(name, fmt, metrics):
 def list_methods():
     """List the merge methods and their parameters."""
     for m in METHODS.values():
-        params = ", ".join(sorted(m.params)) or "none"
-        click.echo(f"{m.name}: {m.description} (params: {params})")
+        params = ", ".join(sorted(m.param_names)) or "none"
+        click.echo(f"{m.name}: {m.summary} (params: {params})")
 
 
-# -- governance: approve, lineage, verify (logic in mlflow_taskvec.tracking.governance) ---------------
+# -- governance: approve, lineage, verify (logic in mlflow_taskvec.mlflow.governance) ---------------
 
 
 @main.command()
@@ -401,7 +401,7 @@ def list_methods():
 @_fail_cleanly
 def approve(ref, alias, note):
     """Approve REF (models:/name/version or models:/name@alias): point ALIAS at it and record who and when."""
-    from mlflow_taskvec.tracking.governance import approve as approve_version
+    from mlflow_taskvec.mlflow.governance import approve as approve_version
 
     a = approve_version(ref, alias, note)
     click.echo(f"approved: {a.version_uri} as {a.alias!r} by {a.by} at {a.at}" + (f" ({a.note})" if a.note else ""))
@@ -413,7 +413,7 @@ def approve(ref, alias, note):
 @_fail_cleanly
 def lineage(ref, fmt):
     """What REF (a registered version) is made of: composite -> inputs -> task vectors -> fine-tunes and base."""
-    from mlflow_taskvec.tracking import governance
+    from mlflow_taskvec.mlflow import governance
 
     root = governance.lineage(ref)
     render = {"text": governance.render_text, "json": governance.render_json, "dot": governance.render_dot}[fmt]
@@ -432,7 +432,7 @@ def verify(ref, quiet):
     into a temporary folder and compares fingerprints. Exit 0 and "verified", or
     exit 1 naming the first mismatch.
     """
-    from mlflow_taskvec.tracking.governance import verify as verify_version
+    from mlflow_taskvec.mlflow.governance import verify as verify_version
 
     result = verify_version(ref)
     click.echo(f"verified: {result.uri} ({result.kind}, fingerprint {result.fingerprint[:16]})")

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from mlflow_taskvec.engine.merge import MergeResult, merge
+from mlflow_taskvec.engine.merge import MergeResult, merge_to
 from mlflow_taskvec.engine.methods import get_method, validate_params
 from mlflow_taskvec.engine.streaming import COMPUTE_DTYPES, STORAGE_DTYPES, parse_dtype
 from mlflow_taskvec.engine.taskvector import TaskVector
@@ -278,7 +278,7 @@ class Recipe(BaseModel):
         except TaskVecError as exc:
             raise ValueError(str(exc)) from None
         if self.search is not None:
-            known = set(get_method(self.method).params)
+            known = set(get_method(self.method).param_names)
             unknown = sorted(set(self.search.params) - known)
             if unknown:
                 raise ValueError(f"search.params: {self.method} has no parameter {unknown[0]!r} (it has: {', '.join(sorted(known)) or 'none'})")
@@ -389,7 +389,7 @@ def run_recipe(
     if relative_to is None:
         relative_to = recipe.source_dir
     if recipe.policy is not None:
-        from mlflow_taskvec.tracking.governance import enforce_policy
+        from mlflow_taskvec.mlflow.governance import enforce_policy
 
         enforce_policy(recipe, recipe.policy.require_alias)
     target = output if output is not None else recipe.output
@@ -408,7 +408,7 @@ def run_recipe(
         "taskvec.recipe_sha256": recipe.sha256(),
         **(metadata or {}),
     }
-    return merge(
+    return merge_to(
         base,
         vectors,
         [e.weight for e in recipe.vectors],

@@ -21,7 +21,7 @@ from mlflow_taskvec.errors import TaskVecError
 SchemeResolver = Callable[[str], Path]
 _RESOLVERS: dict[str, SchemeResolver] = {}
 # Schemes whose resolver lives in a module that registers it when imported.
-_PROVIDERS = {"models": "mlflow_taskvec.tracking.references", "runs": "mlflow_taskvec.tracking.references"}
+_PROVIDERS = {"models": "mlflow_taskvec.mlflow.downloads", "runs": "mlflow_taskvec.mlflow.downloads"}
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):")
 
 

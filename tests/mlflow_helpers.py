@@ -36,11 +36,11 @@ if str(DIGITS) not in sys.path:
 
 import digits_tasks  # noqa: E402
 
-from mlflow_taskvec import flavor  # noqa: E402
+from mlflow_taskvec.mlflow import flavor  # noqa: E402
 from mlflow_taskvec.engine.taskvector import TaskVector  # noqa: E402
 from mlflow_taskvec.recipe import parse_recipe  # noqa: E402
-from mlflow_taskvec.tracking.references import resolve  # noqa: E402
-from mlflow_taskvec.tracking.registry import Registered, register_composite, register_task_vector  # noqa: E402
+from mlflow_taskvec.mlflow.downloads import resolve  # noqa: E402
+from mlflow_taskvec.mlflow.registry import Registered, register_composite, register_task_vector  # noqa: E402
 
 HIDDEN = 16
 FACTORY = "digits_tasks:build_model"

@@ -53,8 +53,8 @@ from mlflow_taskvec.cli import main as cli
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.recipe import parse_recipe
-from mlflow_taskvec.tracking.references import resolve
-from mlflow_taskvec.tracking.registry import register_composite, register_task_vector
+from mlflow_taskvec.mlflow.downloads import resolve
+from mlflow_taskvec.mlflow.registry import register_composite, register_task_vector
 
 ROTATE = f"models:/{vector_name('rotate')}/1"
 FLIP = f"models:/{vector_name('flip')}/1"

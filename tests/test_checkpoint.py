@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mlflow_taskvec.engine import CheckpointWriter, TaskVector, TensorSpec, merge, open_checkpoint
+from mlflow_taskvec.engine import CheckpointWriter, TaskVector, TensorSpec, merge_to, open_checkpoint
 from mlflow_taskvec.engine.writer import parse_size
 from mlflow_taskvec.errors import TaskVecError
 
@@ -185,7 +185,7 @@ def test_merge_from_pickle_only_directory_is_refused_and_leaves_no_output(tmp_pa
     (directory / "pytorch_model.bin").write_bytes(pickle.dumps(_Tripwire(marker)))
     vector = TaskVector.extract(fp32_models.base, fp32_models.finetunes[0])
     with pytest.raises(TaskVecError, match="pytorch_model.bin"):
-        merge(directory, [vector], [1.0], output=out_dir / "merged")
+        merge_to(directory, [vector], [1.0], output=out_dir / "merged")
     assert_no_output(out_dir / "merged")
     assert not marker.exists()
 
@@ -296,7 +296,7 @@ def test_merge_onto_a_corrupt_base_is_refused_and_leaves_no_output(
     vector = TaskVector.extract(fp32_models.base, fp32_models.finetunes[0])
     for output in (out_dir / "merged.safetensors", out_dir / "merged"):
         with pytest.raises(TaskVecError, match=message):
-            merge(path, [vector], [1.0], output=output, max_shard_size=None if output.suffix else "1KB")
+            merge_to(path, [vector], [1.0], output=output, max_shard_size=None if output.suffix else "1KB")
         assert_no_output(output)
 
 
@@ -451,7 +451,7 @@ def test_merge_from_hf_base_carries_its_non_weight_files(tmp_path, fp32_models, 
     base_dir = hf_dir(tmp_path / "base", fp32_models.base_sd, num_shards=2)
     (base_dir / "pytorch_model.bin").write_bytes(b"not to be copied")
     vector = TaskVector.extract(base_dir, fp32_models.finetunes[0])
-    merge(base_dir, [vector], [1.0], output=out_dir / "merged")
+    merge_to(base_dir, [vector], [1.0], output=out_dir / "merged")
     names = sorted(p.name for p in (out_dir / "merged").iterdir())
     assert names == sorted(
         ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
@@ -463,7 +463,7 @@ def test_merge_from_hf_base_carries_its_non_weight_files(tmp_path, fp32_models, 
 def test_merge_sharded_output_from_hf_base_has_its_own_index_and_the_base_files(tmp_path, fp32_models, out_dir, hf_dir):
     base_dir = hf_dir(tmp_path / "base", fp32_models.base_sd)
     vector = TaskVector.extract(base_dir, fp32_models.finetunes[0])
-    result = merge(base_dir, [vector], [1.0], output=out_dir / "merged", max_shard_size="300B")
+    result = merge_to(base_dir, [vector], [1.0], output=out_dir / "merged", max_shard_size="300B")
     directory = out_dir / "merged"
     index = json.loads((directory / "model.safetensors.index.json").read_text())
     assert sorted(index["weight_map"]) == sorted(fp32_models.base_sd)
@@ -475,7 +475,7 @@ def test_merge_sharded_output_from_hf_base_has_its_own_index_and_the_base_files(
 def test_merge_into_a_single_file_copies_nothing_beside_it(tmp_path, fp32_models, out_dir, hf_dir):
     base_dir = hf_dir(tmp_path / "base", fp32_models.base_sd)
     vector = TaskVector.extract(base_dir, fp32_models.finetunes[0])
-    merge(base_dir, [vector], [1.0], output=out_dir / "merged.safetensors")
+    merge_to(base_dir, [vector], [1.0], output=out_dir / "merged.safetensors")
     assert sorted(p.name for p in out_dir.iterdir()) == ["merged.safetensors"]
 
 

@@ -17,7 +17,7 @@ from mlflow_taskvec import TaskVecError, TaskVector
 from mlflow_taskvec.cli import main
 from mlflow_taskvec.engine.inspect import cosine_matrix
 from mlflow_taskvec.recipe import parse_recipe
-from mlflow_taskvec.tracking.registry import register_composite
+from mlflow_taskvec.mlflow.registry import register_composite
 
 
 def cli(*args):

@@ -45,7 +45,8 @@ from mlflow_helpers import (
     weight_files,
 )
 
-from mlflow_taskvec import TaskVecError, flavor
+from mlflow_taskvec import TaskVecError
+from mlflow_taskvec.mlflow import flavor
 from mlflow_taskvec.engine.checkpoint import SafetensorsCheckpoint, open_checkpoint
 from mlflow_taskvec.engine.taskvector import TaskVector
 

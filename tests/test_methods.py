@@ -10,8 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mlflow_taskvec.engine import TaskVector, merge, open_checkpoint
-from mlflow_taskvec.engine.methods import RANDOM_BLOCK, MergeContext, derive_seed, kth_largest_magnitude
+from mlflow_taskvec.engine import TaskVector, merge, merge_to, open_checkpoint
+from mlflow_taskvec.engine.methods import MergeContext
+from mlflow_taskvec.engine.methods.trim import trim_threshold
+from mlflow_taskvec.engine.streaming import RANDOM_BLOCK, derive_seed
 from mlflow_taskvec.engine.streaming import CHUNK_ELEMENTS
 from mlflow_taskvec.errors import TaskVecError
 
@@ -188,7 +190,7 @@ def extract_all(models):
 @pytest.mark.parametrize("method, params", ALL_METHODS)
 def test_method_matches_reference_on_fp32_checkpoints(fp32_set, out_dir, method, params):
     output = out_dir / "merged.safetensors"
-    merge(fp32_set.base, extract_all(fp32_set), WEIGHTS, method=method, scale=0.8, params=params, output=output)
+    merge_to(fp32_set.base, extract_all(fp32_set), WEIGHTS, method=method, scale=0.8, params=params, output=output)
     base_sd = load_file(str(fp32_set.base))
     expected = reference_merge(base_sd, [load_file(str(p)) for p in fp32_set.finetunes], WEIGHTS, method, 0.8, params)
     assert_state_close(load_file(str(output)), expected)
@@ -197,7 +199,7 @@ def test_method_matches_reference_on_fp32_checkpoints(fp32_set, out_dir, method,
 @pytest.mark.parametrize("method, params", NON_TRIMMING)
 def test_method_matches_reference_on_bf16_checkpoints(bf16_set, out_dir, method, params):
     output = out_dir / "merged.safetensors"
-    merge(bf16_set.base, extract_all(bf16_set), WEIGHTS, method=method, scale=0.8, params=params, output=output)
+    merge_to(bf16_set.base, extract_all(bf16_set), WEIGHTS, method=method, scale=0.8, params=params, output=output)
     base_sd = load_file(str(bf16_set.base))
     expected = reference_merge(base_sd, [load_file(str(p)) for p in bf16_set.finetunes], WEIGHTS, method, 0.8, params)
     merged = load_file(str(output))
@@ -209,7 +211,7 @@ def test_method_matches_reference_on_bf16_checkpoints(bf16_set, out_dir, method,
 def test_method_matches_reference_on_a_tensor_larger_than_a_chunk(big_set, method, params):
     _, base_sd, ft_sds, vectors = big_set
     result = merge(base_sd, vectors, [0.7, 1.2], method=method, scale=0.9, params=params)
-    assert_state_close(result.state_dict, reference_merge(base_sd, ft_sds, [0.7, 1.2], method, 0.9, params))
+    assert_state_close(result, reference_merge(base_sd, ft_sds, [0.7, 1.2], method, 0.9, params))
 
 
 def test_ties_matches_float64_reference_on_a_large_tensor_with_float64_compute(big_set):
@@ -217,16 +219,16 @@ def test_ties_matches_float64_reference_on_a_large_tensor_with_float64_compute(b
     params = {"density": 0.3}
     result = merge(base_sd, vectors, [0.7, 1.2], method="ties", scale=0.9, params=params, compute_dtype="float64")
     expected = reference_merge(base_sd, ft_sds, [0.7, 1.2], "ties", 0.9, params, compute=torch.float64)
-    assert_state_close(result.state_dict, expected)
+    assert_state_close(result, expected)
 
 
 def test_sharded_inputs_and_outputs_of_a_large_merge_match_the_single_file_merge(big_set, out_dir, hf_dir):
     directory, base_sd, _, vectors = big_set
     params = {"density": 0.5, "seed": 3}
-    single = merge(directory / "base.safetensors", vectors, [1.0, 0.5], method="dare_ties", params=params, output=out_dir / "single.safetensors")
+    single = merge_to(directory / "base.safetensors", vectors, [1.0, 0.5], method="dare_ties", params=params, output=out_dir / "single.safetensors")
     sharded_base = hf_dir(directory / "sharded_base", base_sd, num_shards=2)
     vectors[1].save(out_dir / "vec1", max_shard_size="1MB")
-    sharded = merge(
+    sharded = merge_to(
         sharded_base,
         [vectors[0], TaskVector.load(out_dir / "vec1")],
         [1.0, 0.5],
@@ -245,7 +247,7 @@ def test_sharded_inputs_and_outputs_of_a_large_merge_match_the_single_file_merge
 
 def test_task_arithmetic_is_base_plus_scaled_weighted_sum(fp32_set):
     vectors = extract_all(fp32_set)
-    merged = merge(fp32_set.base, vectors, [1.0, 2.0, 0.0], scale=0.5).state_dict
+    merged = merge(fp32_set.base, vectors, [1.0, 2.0, 0.0], scale=0.5)
     for name in ("embed.weight", "norm.weight"):
         b = fp32_set.base_sd[name]
         expected = b + 0.5 * ((fp32_set.finetune_sds[0][name] - b) + 2.0 * (fp32_set.finetune_sds[1][name] - b))
@@ -254,21 +256,21 @@ def test_task_arithmetic_is_base_plus_scaled_weighted_sum(fp32_set):
 
 def test_ties_with_density_one_trims_nothing_and_equals_dare_ties_with_density_one(fp32_set):
     vectors = extract_all(fp32_set)
-    ties = merge(fp32_set.base, vectors, WEIGHTS, method="ties", params={"density": 1.0}).state_dict
-    dare_ties = merge(fp32_set.base, vectors, WEIGHTS, method="dare_ties", params={"density": 1.0}).state_dict
+    ties = merge(fp32_set.base, vectors, WEIGHTS, method="ties", params={"density": 1.0})
+    dare_ties = merge(fp32_set.base, vectors, WEIGHTS, method="dare_ties", params={"density": 1.0})
     assert_state_equal(ties, dare_ties)
 
 
 @pytest.mark.parametrize("method", ["magnitude_prune", "dare_linear"])
 def test_density_one_reduces_to_task_arithmetic(fp32_set, method):
     vectors = extract_all(fp32_set)
-    plain = merge(fp32_set.base, vectors, WEIGHTS).state_dict
-    assert_state_close(merge(fp32_set.base, vectors, WEIGHTS, method=method, params={"density": 1.0}).state_dict, plain)
+    plain = merge(fp32_set.base, vectors, WEIGHTS)
+    assert_state_close(merge(fp32_set.base, vectors, WEIGHTS, method=method, params={"density": 1.0}), plain)
 
 
 def test_magnitude_prune_keeps_the_density_fraction_of_each_tensor(big_set):
     _, base_sd, ft_sds, vectors = big_set
-    merged = merge(base_sd, vectors[:1], [1.0], method="magnitude_prune", params={"density": 0.25}).state_dict
+    merged = merge(base_sd, vectors[:1], [1.0], method="magnitude_prune", params={"density": 0.25})
     changed = merged["big.weight"] != base_sd["big.weight"]
     assert int(changed.sum()) == int(0.25 * base_sd["big.weight"].numel())
     assert int((merged["small.bias"] != base_sd["small.bias"]).sum()) == max(1, int(0.25 * 7))
@@ -278,7 +280,7 @@ def test_ties_sign_election_and_disjoint_mean_on_a_worked_example():
     base = {"w": torch.zeros(4)}
     fts = [{"w": torch.tensor([1.0, -2.0, 3.0, 0.0])}, {"w": torch.tensor([3.0, 1.0, -1.0, 0.0])}]
     vectors = [TaskVector.extract(base, ft) for ft in fts]
-    merged = merge(base, vectors, [1.0, 1.0], method="ties", params={"density": 1.0}).state_dict["w"]
+    merged = merge(base, vectors, [1.0, 1.0], method="ties", params={"density": 1.0})["w"]
     # entry 0: both +, mean 2; entry 1: sum -1 -> elect -, only -2 agrees; entry 2: sum 2 -> +, only 3;
     # entry 3: nothing agrees, divisor counts as 1 -> 0.
     assert torch.equal(merged, torch.tensor([2.0, -2.0, 3.0, 0.0]))
@@ -287,7 +289,7 @@ def test_ties_sign_election_and_disjoint_mean_on_a_worked_example():
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
 def test_a_negative_weight_negates_its_vector_under_sign_election(fp32_set, method):
     vector = TaskVector.extract(fp32_set.base, fp32_set.finetunes[0])
-    merged = merge(fp32_set.base, [vector], [-0.5], method=method, params={"density": 1.0}).state_dict
+    merged = merge(fp32_set.base, [vector], [-0.5], method=method, params={"density": 1.0})
     for name in ("embed.weight", "norm.weight"):
         # the disjoint mean divides by |w|: the magnitude of a lone weight cancels, its sign stays
         b = fp32_set.base_sd[name]
@@ -298,7 +300,7 @@ def test_trim_keeps_exactly_k_entries_when_magnitudes_tie():
     base = {"w": torch.zeros(1000)}
     ft = {"w": torch.cat([torch.ones(10), torch.full((990,), 0.5)])}
     vector = TaskVector.extract(base, ft)
-    merged = merge(base, [vector], [1.0], method="magnitude_prune", params={"density": 0.1}).state_dict["w"]
+    merged = merge(base, [vector], [1.0], method="magnitude_prune", params={"density": 0.1})["w"]
     assert int((merged != 0).sum()) == 100
 
 
@@ -311,7 +313,7 @@ def test_trim_keeps_the_first_tied_entries_across_chunks():
     k = int(density * numel)
     vector = TaskVector.extract({"w": torch.zeros(numel)}, {"w": ft})
 
-    merged = merge({"w": torch.zeros(numel)}, [vector], [1.0], method="magnitude_prune", params={"density": density}).state_dict["w"]
+    merged = merge({"w": torch.zeros(numel)}, [vector], [1.0], method="magnitude_prune", params={"density": density})["w"]
 
     expected = torch.zeros(numel)
     expected[ft == 1.0] = 1.0
@@ -330,30 +332,30 @@ DARE = ["dare_linear", "dare_ties"]
 @pytest.mark.parametrize("method", DARE)
 def test_dare_with_the_same_seed_is_identical(fp32_set, method):
     vectors = extract_all(fp32_set)
-    runs = [merge(fp32_set.base, vectors, WEIGHTS, method=method, params={"density": 0.5, "seed": 42}).state_dict for _ in range(2)]
+    runs = [merge(fp32_set.base, vectors, WEIGHTS, method=method, params={"density": 0.5, "seed": 42}) for _ in range(2)]
     assert_state_equal(*runs)
 
 
 @pytest.mark.parametrize("method", DARE)
 def test_dare_with_a_different_seed_differs(fp32_set, method):
     vectors = extract_all(fp32_set)
-    a = merge(fp32_set.base, vectors, WEIGHTS, method=method, params={"density": 0.5, "seed": 1}).state_dict
-    b = merge(fp32_set.base, vectors, WEIGHTS, method=method, params={"density": 0.5, "seed": 2}).state_dict
+    a = merge(fp32_set.base, vectors, WEIGHTS, method=method, params={"density": 0.5, "seed": 1})
+    b = merge(fp32_set.base, vectors, WEIGHTS, method=method, params={"density": 0.5, "seed": 2})
     for name in ("embed.weight", "layers.1.mlp.weight"):
         assert not torch.equal(a[name], b[name])
 
 
-def test_dare_without_a_seed_uses_seed_zero(fp32_set):
+def test_dare_without_a_seed_uses_seed_zero(fp32_set, out_dir):
     vectors = extract_all(fp32_set)
-    implicit = merge(fp32_set.base, vectors, WEIGHTS, method="dare_linear", params={"density": 0.5})
+    implicit = merge_to(fp32_set.base, vectors, WEIGHTS, out_dir / "implicit.safetensors", method="dare_linear", params={"density": 0.5})
     explicit = merge(fp32_set.base, vectors, WEIGHTS, method="dare_linear", params={"density": 0.5, "seed": 0})
     assert implicit.params == {"density": 0.5, "seed": 0}
-    assert_state_equal(implicit.state_dict, explicit.state_dict)
+    assert_state_equal(load_file(str(implicit.output)), explicit)
 
 
 def test_dare_keeps_about_density_of_the_entries_and_rescales_them(big_set):
     _, base_sd, _, vectors = big_set
-    merged = merge(base_sd, vectors[:1], [1.0], method="dare_linear", params={"density": 0.3, "seed": 5}).state_dict
+    merged = merge(base_sd, vectors[:1], [1.0], method="dare_linear", params={"density": 0.3, "seed": 5})
     delta = vectors[0].get_tensor("big.weight")
     kept = merged["big.weight"] != base_sd["big.weight"]
     assert float(kept.float().mean()) == pytest.approx(0.3, abs=0.002)
@@ -364,10 +366,10 @@ def test_dare_masks_differ_between_inputs_and_between_tensor_names():
     t = torch.ones(4096)
     base = {"a": torch.zeros(4096), "b": torch.zeros(4096)}
     vector = TaskVector.extract(base, {"a": t, "b": t})
-    merged = merge(base, [vector, vector], [1.0, 0.0], method="dare_linear", params={"density": 0.5}).state_dict
+    merged = merge(base, [vector, vector], [1.0, 0.0], method="dare_linear", params={"density": 0.5})
     assert not torch.equal(merged["a"], merged["b"])
-    first_only = merge(base, [vector, vector], [1.0, 0.0], method="dare_linear", params={"density": 0.5}).state_dict["a"]
-    second_only = merge(base, [vector, vector], [0.0, 1.0], method="dare_linear", params={"density": 0.5}).state_dict["a"]
+    first_only = merge(base, [vector, vector], [1.0, 0.0], method="dare_linear", params={"density": 0.5})["a"]
+    second_only = merge(base, [vector, vector], [0.0, 1.0], method="dare_linear", params={"density": 0.5})["a"]
     assert not torch.equal(first_only, second_only)
 
 
@@ -384,8 +386,8 @@ def test_dare_output_is_identical_for_a_sharded_and_a_single_file_base(fp32_set,
     vectors = extract_all(fp32_set)
     sharded = hf_dir(tmp_path / "sharded_base", fp32_set.base_sd, num_shards=3)
     params = {"density": 0.6, "seed": 4}
-    a = merge(fp32_set.base, vectors, WEIGHTS, method="dare_ties", params=params, output=out_dir / "a.safetensors")
-    b = merge(sharded, vectors, WEIGHTS, method="dare_ties", params=params, output=out_dir / "b", max_shard_size="600B")
+    a = merge_to(fp32_set.base, vectors, WEIGHTS, method="dare_ties", params=params, output=out_dir / "a.safetensors")
+    b = merge_to(sharded, vectors, WEIGHTS, method="dare_ties", params=params, output=out_dir / "b", max_shard_size="600B")
     assert_state_equal(load_output(out_dir / "a.safetensors"), load_output(out_dir / "b"))
     assert a.fingerprint == b.fingerprint
 
@@ -394,13 +396,13 @@ def test_dare_output_is_identical_for_a_sharded_and_a_single_file_base(fp32_set,
 
 
 def test_output_dtype_is_the_base_dtype_by_default(bf16_set):
-    merged = merge(bf16_set.base, extract_all(bf16_set), WEIGHTS).state_dict
+    merged = merge(bf16_set.base, extract_all(bf16_set), WEIGHTS)
     assert {n: t.dtype for n, t in merged.items()} == {n: t.dtype for n, t in bf16_set.base_sd.items()}
 
 
 def test_dtype_option_sets_the_dtype_of_floating_tensors_only(fp32_set, out_dir):
     output = out_dir / "m.safetensors"
-    merge(fp32_set.base, extract_all(fp32_set), WEIGHTS, dtype="bfloat16", output=output)
+    merge_to(fp32_set.base, extract_all(fp32_set), WEIGHTS, dtype="bfloat16", output=output)
     merged = load_file(str(output))
     expected = reference_merge(fp32_set.base_sd, fp32_set.finetune_sds, WEIGHTS, "task_arithmetic")
     for name, t in merged.items():
@@ -417,8 +419,8 @@ def test_float64_compute_keeps_float64_precision_that_float32_compute_loses():
     ft = {"w": base["w"] + 1e-3 * torch.randn(500, generator=g, dtype=torch.float64)}
     vector = TaskVector.extract(base, ft)
     expected = base["w"] + 0.37 * (ft["w"] - base["w"])
-    precise = merge(base, [vector], [1.0], scale=0.37, compute_dtype="float64").state_dict["w"]
-    rough = merge(base, [vector], [1.0], scale=0.37).state_dict["w"]
+    precise = merge(base, [vector], [1.0], scale=0.37, compute_dtype="float64")["w"]
+    rough = merge(base, [vector], [1.0], scale=0.37)["w"]
     assert precise.dtype == rough.dtype == torch.float64
     torch.testing.assert_close(precise, expected, rtol=1e-14, atol=1e-15)
     assert float((rough - expected).abs().max()) > 1e-9
@@ -426,7 +428,7 @@ def test_float64_compute_keeps_float64_precision_that_float32_compute_loses():
 
 def test_tensors_outside_the_vectors_are_copied_unchanged(fp32_set):
     vectors = [TaskVector.extract(fp32_set.base, ft, exclude=["embed.*"]) for ft in fp32_set.finetunes]
-    merged = merge(fp32_set.base, vectors, WEIGHTS, method="ties", params={"density": 0.5}).state_dict
+    merged = merge(fp32_set.base, vectors, WEIGHTS, method="ties", params={"density": 0.5})
     for name in ("embed.weight", "position_ids", "attn.mask"):
         assert torch.equal(merged[name], fp32_set.base_sd[name])
     assert not torch.equal(merged["norm.weight"], fp32_set.base_sd["norm.weight"])
@@ -434,19 +436,19 @@ def test_tensors_outside_the_vectors_are_copied_unchanged(fp32_set):
 
 def test_merge_result_describes_the_merge(fp32_set, out_dir):
     output = out_dir / "m"
-    result = merge(fp32_set.base, extract_all(fp32_set), [1, 2, 3], method="ties", scale=0.5, params={"density": 0.5}, output=output)
+    result = merge_to(fp32_set.base, extract_all(fp32_set), [1, 2, 3], method="ties", scale=0.5, params={"density": 0.5}, output=output)
     assert result.method == "ties" and result.scale == 0.5 and result.weights == [1.0, 2.0, 3.0]
     assert result.params == {"density": 0.5}
     assert result.base_fingerprint == open_checkpoint(fp32_set.base).fingerprint()
     assert result.num_tensors == 7
     assert result.num_parameters == sum(t.numel() for t in fp32_set.base_sd.values())
-    assert result.output == output and result.state_dict is None
+    assert result.output == output
     assert result.fingerprint == open_checkpoint(output).fingerprint()
 
 
 def test_merged_output_records_its_base_and_is_not_mistaken_for_a_task_vector(fp32_set, out_dir):
     output = out_dir / "m.safetensors"
-    merge(fp32_set.base, extract_all(fp32_set), WEIGHTS, output=output, metadata={"run": "r1"})
+    merge_to(fp32_set.base, extract_all(fp32_set), WEIGHTS, output=output, metadata={"run": "r1"})
     with safe_open(str(output), "pt") as f:
         meta = f.metadata()
     assert meta["taskvec.base_fingerprint"] == open_checkpoint(fp32_set.base).fingerprint()
@@ -460,7 +462,7 @@ def test_zero_element_tensors_merge_to_zero_element_tensors(out_dir, method, par
     base = {"empty": torch.zeros(0, 4), "w": torch.zeros(6)}
     ft = {"empty": torch.zeros(0, 4), "w": torch.ones(6)}
     vector = TaskVector.extract(base, ft)
-    merge(base, [vector], [1.0], method=method, params=params, output=out_dir / "m.safetensors")
+    merge_to(base, [vector], [1.0], method=method, params=params, output=out_dir / "m.safetensors")
     assert load_file(str(out_dir / "m.safetensors"))["empty"].shape == (0, 4)
 
 
@@ -474,31 +476,31 @@ def chunks_of(t: torch.Tensor, size: int):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("numel, chunk", [(1, 1), (1000, 1000), (1000, 97), (50_000, 4096)])
-def test_kth_largest_magnitude_matches_topk(dtype, numel, chunk):
+def test_trim_threshold_matches_topk(dtype, numel, chunk):
     g = torch.Generator().manual_seed(numel)
     t = torch.randn(numel, generator=g, dtype=dtype) * torch.exp(4 * torch.randn(numel, generator=g, dtype=dtype))
     magnitudes = t.abs()
     for k in sorted({1, min(2, numel), max(1, numel // 3), numel}):
         expected = float(torch.topk(magnitudes, k).values[-1])
-        assert kth_largest_magnitude(chunks_of(t, chunk), k, dtype) == expected
+        assert trim_threshold(chunks_of(t, chunk), k, dtype).value == expected
 
 
-def test_kth_largest_magnitude_over_more_than_a_chunk_matches_topk():
+def test_trim_threshold_over_more_than_a_chunk_matches_topk():
     g = torch.Generator().manual_seed(1)
     t = torch.randn(CHUNK_ELEMENTS + 12345, generator=g)
     for k in (1, 777_777, t.numel()):
-        assert kth_largest_magnitude(chunks_of(t, CHUNK_ELEMENTS), k) == float(torch.topk(t.abs(), k).values[-1])
+        assert trim_threshold(chunks_of(t, CHUNK_ELEMENTS), k, torch.float32).value == float(torch.topk(t.abs(), k).values[-1])
 
 
-def test_kth_largest_magnitude_handles_zeros_negative_zero_ties_and_subnormals():
+def test_trim_threshold_handles_zeros_negative_zero_ties_and_subnormals():
     t = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 2.0, -2.0, 2.0, 3.0, float("inf")], dtype=torch.float32)
-    got = [kth_largest_magnitude(chunks_of(t, 4), k) for k in range(1, t.numel() + 1)]
+    got = [trim_threshold(chunks_of(t, 4), k, torch.float32).value for k in range(1, t.numel() + 1)]
     assert got == [float(v) for v in torch.sort(t.abs(), descending=True).values]
 
 
-def test_kth_largest_magnitude_refuses_k_beyond_the_entries():
+def test_trim_threshold_refuses_k_beyond_the_entries():
     with pytest.raises(ValueError, match="k exceeds the number of entries"):
-        kth_largest_magnitude(chunks_of(torch.ones(5), 2), 6)
+        trim_threshold(chunks_of(torch.ones(5), 2), 6, torch.float32)
 
 
 # -- bad merge requests ---------------------------------------------------------------
@@ -511,7 +513,7 @@ def good(fp32_set):
 
 def refused(output, match, *args, **kwargs):
     with pytest.raises(TaskVecError, match=match) as info:
-        merge(*args, output=output, **kwargs)
+        merge_to(*args, output=output, **kwargs)
     return str(info.value)
 
 
@@ -534,7 +536,7 @@ def test_density_outside_zero_one_is_refused(good, out_dir, assert_no_output, me
 @pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties", "magnitude_prune"])
 def test_density_one_is_accepted(good, out_dir, method):
     base, vectors = good
-    result = merge(base, vectors, WEIGHTS, method=method, params={"density": 1.0}, output=out_dir / "m")
+    result = merge_to(base, vectors, WEIGHTS, method=method, params={"density": 1.0}, output=out_dir / "m")
     assert result.params["density"] == 1.0 and (out_dir / "m" / "model.safetensors").is_file()
 
 
@@ -593,7 +595,7 @@ def test_existing_output_is_refused_and_kept_unless_overwrite(good, out_dir):
     output.write_bytes(b"previous")
     refused(output, "m.safetensors: output already exists", base, vectors, WEIGHTS)
     assert output.read_bytes() == b"previous"
-    merge(base, vectors, WEIGHTS, output=output, overwrite=True)
+    merge_to(base, vectors, WEIGHTS, output=output, overwrite=True)
     assert sorted(load_file(str(output))) == sorted(open_checkpoint(base).keys())
     assert sorted(p.name for p in out_dir.iterdir()) == ["m.safetensors"]
 
@@ -642,7 +644,7 @@ def test_nonfinite_base_is_refused_naming_tensor_and_base(fp32_set, tmp_path, ou
 def test_nonfinite_inputs_are_accepted_with_allow_nonfinite(fp32_set, tmp_path, out_dir):
     save_file(_with_value(fp32_set.finetune_sds[0], "norm.weight", 2, float("nan")), str(tmp_path / "nan_ft.safetensors"))
     vector = TaskVector.extract(fp32_set.base, tmp_path / "nan_ft.safetensors")
-    merge(fp32_set.base, [vector], [1.0], output=out_dir / "m.safetensors", allow_nonfinite=True)
+    merge_to(fp32_set.base, [vector], [1.0], output=out_dir / "m.safetensors", allow_nonfinite=True)
     merged = load_file(str(out_dir / "m.safetensors"))
     assert torch.isnan(merged["norm.weight"][2])
     assert int(torch.isnan(merged["norm.weight"]).sum()) == 1
@@ -650,7 +652,7 @@ def test_nonfinite_inputs_are_accepted_with_allow_nonfinite(fp32_set, tmp_path, 
 
 def test_failed_merge_with_overwrite_keeps_the_previous_output(fp32_set, tmp_path, out_dir):
     output = out_dir / "m"
-    merge(fp32_set.base, [TaskVector.extract(fp32_set.base, fp32_set.finetunes[0])], [1.0], output=output)
+    merge_to(fp32_set.base, [TaskVector.extract(fp32_set.base, fp32_set.finetunes[0])], [1.0], output=output)
     before = open_checkpoint(output).fingerprint()
     save_file(_with_value(fp32_set.finetune_sds[1], "norm.weight", 0, float("nan")), str(tmp_path / "nan_ft.safetensors"))
     bad = TaskVector.extract(fp32_set.base, tmp_path / "nan_ft.safetensors")

@@ -23,7 +23,7 @@ import yaml
 from mlflow_helpers import DIGITS, ROOT, Store, mlflow_store, template_db
 from packaging.requirements import Requirement
 
-from mlflow_taskvec.tracking.references import resolve
+from mlflow_taskvec.mlflow.downloads import resolve
 
 sys.path.insert(0, str(DIGITS))
 import digits_tasks  # noqa: E402

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from mlflow_taskvec.engine import TaskVector, merge, open_checkpoint
-from mlflow_taskvec.engine.methods import kth_largest_magnitude
+from mlflow_taskvec.engine import TaskVector, merge, merge_to, open_checkpoint
+from mlflow_taskvec.engine.methods.trim import trim_threshold
 
 SETTINGS = settings(max_examples=25, deadline=None)
 FILE_SETTINGS = settings(max_examples=12, deadline=None)
@@ -146,10 +146,10 @@ def test_merge_does_not_depend_on_the_insertion_order_of_tensors(layout, seed, m
     order = data.draw(st.permutations(sorted(base)), label="order")
     shuffled_base = reordered(base, order)
     shuffled_fts = [reordered(ft, list(reversed(order))) for ft in fts]
-    first = merge(base, [TaskVector.extract(base, ft) for ft in fts], [1.0, 0.5], method=name, params=params).state_dict
+    first = merge(base, [TaskVector.extract(base, ft) for ft in fts], [1.0, 0.5], method=name, params=params)
     second = merge(
         shuffled_base, [TaskVector.extract(shuffled_base, ft) for ft in shuffled_fts], [1.0, 0.5], method=name, params=params
-    ).state_dict
+    )
     for n in base:
         assert torch.equal(first[n], second[n]), n
 
@@ -175,9 +175,9 @@ def test_sharded_and_single_file_inputs_and_outputs_give_identical_merges(layout
         for i, ft in enumerate(fts):
             save_file(ft, str(tmp / f"ft{i}.safetensors"))
         vectors = [TaskVector.extract(tmp / "base.safetensors", tmp / f"ft{i}.safetensors") for i in range(2)]
-        single = merge(tmp / "base.safetensors", vectors, [0.8, 1.1], method=name, params=params, output=tmp / "single.safetensors")
-        sharded = merge(sharded_base, vectors, [0.8, 1.1], method=name, params=params, output=tmp / "sharded", max_shard_size=max_shard_size)
-        in_memory = merge(base, vectors, [0.8, 1.1], method=name, params=params).state_dict
+        single = merge_to(tmp / "base.safetensors", vectors, [0.8, 1.1], method=name, params=params, output=tmp / "single.safetensors")
+        sharded = merge_to(sharded_base, vectors, [0.8, 1.1], method=name, params=params, output=tmp / "sharded", max_shard_size=max_shard_size)
+        in_memory = merge(base, vectors, [0.8, 1.1], method=name, params=params)
         a, b = load_output(tmp / "single.safetensors"), load_output(tmp / "sharded")
         assert single.fingerprint == sharded.fingerprint == open_checkpoint(tmp / "sharded").fingerprint()
     assert sorted(a) == sorted(b) == sorted(in_memory)
@@ -198,8 +198,8 @@ def test_sharded_and_single_file_inputs_and_outputs_give_identical_merges(layout
     chunk=st.integers(3, 64),
     data=st.data(),
 )
-def test_kth_largest_magnitude_is_the_kth_of_topk(values, chunk, data):
+def test_trim_threshold_is_the_kth_of_topk(values, chunk, data):
     k = data.draw(st.integers(1, values.numel()), label="k")
     chunks = lambda: (values[i : i + chunk] for i in range(0, values.numel(), chunk))  # noqa: E731
     expected = float(torch.topk(values.abs(), k).values[-1])
-    assert kth_largest_magnitude(chunks, k, values.dtype) == expected
+    assert trim_threshold(chunks, k, values.dtype).value == expected

@@ -37,14 +37,15 @@ from mlflow_helpers import (
     vector_name,
 )
 
-from mlflow_taskvec import TaskVecError, flavor
+from mlflow_taskvec import TaskVecError
+from mlflow_taskvec.mlflow import flavor
 from mlflow_taskvec.cli import main as cli
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.recipe import load_recipe, parse_recipe
-from mlflow_taskvec.tracking import references
-from mlflow_taskvec.tracking.references import resolve
-from mlflow_taskvec.tracking.registry import register_composite
+from mlflow_taskvec.mlflow import references
+from mlflow_taskvec.mlflow.downloads import resolve
+from mlflow_taskvec.mlflow.registry import register_composite
 
 
 @pytest.fixture
@@ -268,7 +269,7 @@ def test_an_evaluation_block_logs_metrics_on_the_run_and_the_logged_model(regist
 
 def test_reference_metrics_are_cached_by_fingerprint_across_composites(registry, client):
     from mlflow_taskvec.evaluation import MetricCache
-    from mlflow_taskvec.tracking.evaluate import composite_evaluation
+    from mlflow_taskvec.mlflow.evaluate import composite_evaluation
 
     recipe = parse_recipe(_recipe_with_evaluation(["rotate", "flip"]))
     base = resolve(recipe.base)

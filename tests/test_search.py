@@ -35,9 +35,9 @@ from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.recipe import parse_recipe
-from mlflow_taskvec.tracking.references import resolve
-from mlflow_taskvec.tracking.registry import register_task_vector
-from mlflow_taskvec.tracking.search import search
+from mlflow_taskvec.mlflow.downloads import resolve
+from mlflow_taskvec.mlflow.registry import register_task_vector
+from mlflow_taskvec.mlflow.search import search
 
 TESTS = Path(__file__).resolve().parent
 CLI = str(Path(sys.executable).parent / "mlflow-taskvec")
@@ -293,7 +293,7 @@ def test_the_search_command_refuses_a_recipe_without_evaluation(store, tmp_path)
 
 
 def test_a_winner_from_another_worker_brings_its_runs_validation_metrics(store):
-    from mlflow_taskvec.tracking.search import Candidate, _pick
+    from mlflow_taskvec.mlflow.search import Candidate, _pick
 
     with mlflow.start_run() as other:  # another worker's candidate run, in the shared tracking store
         mlflow.log_metrics({"target.accuracy": 0.75, "mean.accuracy": 0.75, "objective": 0.75})

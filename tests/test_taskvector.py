@@ -245,7 +245,7 @@ def test_combining_vectors_with_different_shapes_is_refused_naming_the_tensor(fp
 # -- apply_to --------------------------------------------------------------------------
 
 
-def test_apply_to_without_output_returns_base_plus_scaled_vector(fp32_models, vectors):
+def test_apply_to_returns_base_plus_scaled_vector_as_a_state_dict(fp32_models, vectors):
     merged = vectors[0].apply_to(fp32_models.base, 0.5)
     assert isinstance(merged, dict) and sorted(merged) == sorted(fp32_models.base_sd)
     for name, base in fp32_models.base_sd.items():
@@ -261,9 +261,9 @@ def test_apply_to_with_scale_one_reproduces_the_finetune(fp32_models, vectors):
         torch.testing.assert_close(merged[name], ft, rtol=0, atol=1e-6)
 
 
-def test_apply_to_with_output_writes_a_loadable_file_and_returns_a_merge_result(fp32_models, vectors, out_dir):
+def test_apply_to_output_writes_a_loadable_file_and_returns_a_merge_result(fp32_models, vectors, out_dir):
     output = out_dir / "applied.safetensors"
-    result = vectors[0].apply_to(fp32_models.base, 1.0, output=output)
+    result = vectors[0].apply_to_output(fp32_models.base, output, 1.0)
     assert isinstance(result, MergeResult)
     assert result.output == output and result.method == "task_arithmetic" and result.scale == 1.0
     written = load_file(str(output))

@@ -28,8 +28,8 @@ from mlflow_helpers import TASKVEC_COMPOSITE_TAGS, finetune_of, log_checkpoint, 
 from team_server import ADMIN_USER, CuttingProxy, skip_or_fail, start_server
 
 from mlflow_taskvec.engine.taskvector import TaskVector
-from mlflow_taskvec.tracking.references import resolve
-from mlflow_taskvec.tracking.registry import register_task_vector
+from mlflow_taskvec.mlflow.downloads import resolve
+from mlflow_taskvec.mlflow.registry import register_task_vector
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "taskvec-team"
@@ -247,7 +247,7 @@ def test_a_registration_that_fails_inside_its_run_ends_the_run_failed_and_regist
 
 
 def test_concurrent_creates_of_one_registered_model_all_succeed(team):
-    from mlflow_taskvec.tracking.registry import _ensure_registered_model
+    from mlflow_taskvec.mlflow.registry import _ensure_registered_model
 
     start, errors = threading.Barrier(8), []
 

@@ -28,10 +28,10 @@ import mlflow  # noqa: E402
 from mlflow.models import infer_signature  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from mlflow_taskvec import flavor  # noqa: E402
+from mlflow_taskvec.mlflow import flavor  # noqa: E402
 from mlflow_taskvec.engine.taskvector import TaskVector  # noqa: E402
-from mlflow_taskvec.tracking.references import resolve  # noqa: E402
-from mlflow_taskvec.tracking.registry import register_task_vector  # noqa: E402
+from mlflow_taskvec.mlflow.downloads import resolve  # noqa: E402
+from mlflow_taskvec.mlflow.registry import register_task_vector  # noqa: E402
 
 FACTORY = "digits_tasks:build_model"
 CODE = [str(HERE / "digits_tasks.py")]

@@ -21,7 +21,7 @@ from pathlib import Path
 import blake3
 import torch
 
-from mlflow_taskvec.engine.safetensors_io import (
+from mlflow_taskvec.engine.io import (
     SafetensorsFile,
     TensorSpec,
     dtype_code,

@@ -7,25 +7,19 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
-from mlflow_taskvec.engine.methods import (
-    MergeContext,
-    get_method,
-    trim_count,
-    trim_threshold,
-    validate_params,
-)
-from mlflow_taskvec.engine.safetensors_io import TensorSpec
+from mlflow_taskvec.engine.io import TensorSpec
+from mlflow_taskvec.engine.methods import MergeContext, get_method, validate_params
 from mlflow_taskvec.engine.streaming import (
+    CHUNK_ELEMENTS,
     COMPUTE_DTYPES,
     STORAGE_DTYPES,
-    MemorySink,
-    CHUNK_ELEMENTS,
     OrderedPool,
     check_finite,
     chunk_ranges,
@@ -34,9 +28,11 @@ from mlflow_taskvec.engine.streaming import (
     parse_dtype,
     release_free_memory,
 )
-from mlflow_taskvec.engine.taskvector import TaskVector, check_same_tensors
-from mlflow_taskvec.engine.writer import CheckpointWriter, check_output_path
+from mlflow_taskvec.engine.writer import CheckpointWriter, MemorySink, check_output_path
 from mlflow_taskvec.errors import TaskVecError
+
+if TYPE_CHECKING:  # the task vector module builds on this one, not the other way round
+    from mlflow_taskvec.engine.taskvector import TaskVector
 
 # Elementwise sums stream best in chunks that stay in the CPU's cache.
 LINEAR_CHUNK = 1 << 18
@@ -44,6 +40,8 @@ LINEAR_CHUNK = 1 << 18
 
 @dataclass
 class MergeResult:
+    """What ``merge_to`` wrote."""
+
     method: str
     scale: float
     weights: list[float]
@@ -52,9 +50,8 @@ class MergeResult:
     num_tensors: int
     num_parameters: int
     seconds: float
-    output: Path | None = None
-    fingerprint: str | None = None
-    state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    output: Path
+    fingerprint: str
 
 
 def _number(value, what: str) -> float:
@@ -65,12 +62,34 @@ def _number(value, what: str) -> float:
 
 def merge(
     base,
-    vectors: Sequence[TaskVector],
+    vectors: "Sequence[TaskVector]",
     weights: Sequence[float],
     method: str = "task_arithmetic",
     scale: float = 1.0,
     params: dict | None = None,
-    output: str | os.PathLike | None = None,
+    dtype: "str | torch.dtype | None" = None,
+    compute_dtype: "str | torch.dtype" = "float32",
+    allow_nonfinite: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """``base + scale * method(weights, vectors)`` as an in-memory state dict.
+
+    Tensors of the base that the vectors do not cover (integer buffers, excluded
+    names) are copied unchanged. The output dtype is the base's unless ``dtype``
+    is set; arithmetic runs in ``compute_dtype`` (float32 or float64).
+    """
+    plan = _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype)
+    return _execute(plan, MemorySink(plan.specs), allow_nonfinite, progress)
+
+
+def merge_to(
+    base,
+    vectors: "Sequence[TaskVector]",
+    weights: Sequence[float],
+    output: str | os.PathLike,
+    method: str = "task_arithmetic",
+    scale: float = 1.0,
+    params: dict | None = None,
     dtype: "str | torch.dtype | None" = None,
     compute_dtype: "str | torch.dtype" = "float32",
     max_shard_size: int | str | None = None,
@@ -79,13 +98,51 @@ def merge(
     metadata: dict[str, str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> MergeResult:
-    """Compose ``base + scale * method(weights, vectors)`` into ``output`` (or memory).
+    """Compose ``base + scale * method(weights, vectors)`` into ``output``, streamed tensor by tensor.
 
-    Tensors of the base that the vectors do not cover (integer buffers, excluded
-    names) are copied unchanged. The output dtype is the base's unless ``dtype``
-    is set; arithmetic runs in ``compute_dtype`` (float32 or float64).
+    ``output`` is a ``.safetensors`` file or a folder (shards with ``max_shard_size``;
+    the base folder's other files are copied beside the weights); it is written under a
+    temporary name and moved into place when complete. Arguments as for ``merge``.
     """
     started = time.perf_counter()
+    check_output_path(output, overwrite)
+    plan = _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype)
+    metadata = {"taskvec.kind": "composite", **(metadata or {}), "taskvec.base_fingerprint": plan.base_fingerprint}
+    sink = CheckpointWriter(
+        output, plan.specs, metadata, max_shard_size=max_shard_size, copy_files_from=plan.base.directory, overwrite=overwrite
+    )
+    fingerprint = _execute(plan, sink, allow_nonfinite, progress)
+    return MergeResult(
+        method=plan.method.name,
+        scale=plan.scale,
+        weights=plan.weights,
+        params=plan.params,
+        base_fingerprint=plan.base_fingerprint,
+        num_tensors=len(plan.specs),
+        num_parameters=sum(s.numel for s in plan.specs.values()),
+        seconds=time.perf_counter() - started,
+        output=Path(output),
+        fingerprint=fingerprint,
+    )
+
+
+@dataclass
+class _Plan:
+    """A checked merge: what every output tensor is and how it is computed."""
+
+    base: object  # Checkpoint
+    base_fingerprint: str
+    vectors: list
+    weights: list[float]
+    method: object  # MergeMethod
+    scale: float
+    params: dict
+    compute: torch.dtype
+    specs: dict[str, TensorSpec]
+    covered: set[str]
+
+
+def _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype) -> _Plan:
     merge_method = get_method(method)
     params = validate_params(merge_method, dict(params or {}))
     scale = _number(scale, "scale")
@@ -96,8 +153,6 @@ def merge(
     weights = [_number(w, f"vectors[{i}].weight") for i, w in enumerate(weights)]
     out_dtype = parse_dtype(dtype, "dtype", STORAGE_DTYPES)
     compute = parse_dtype(compute_dtype, "compute_dtype", COMPUTE_DTYPES)
-    if output is not None:
-        check_output_path(output, overwrite)
 
     base_ckpt = open_checkpoint(base)
     base_fp = base_ckpt.fingerprint()
@@ -122,33 +177,32 @@ def merge(
     missing = sorted(covered - set(specs))
     if missing:
         raise TaskVecError(f"tensor {missing[0]!r} of the task vectors is not in the base {base_ckpt.source}")
+    return _Plan(base_ckpt, base_fp, list(vectors), weights, merge_method, scale, params, compute, specs, covered)
 
-    metadata = {"taskvec.kind": "composite", **(metadata or {}), "taskvec.base_fingerprint": base_fp}
-    if output is None:
-        sink = MemorySink(specs)
-    else:
-        sink = CheckpointWriter(
-            output, specs, metadata, max_shard_size=max_shard_size, copy_files_from=base_ckpt.directory, overwrite=overwrite
-        )
+
+def _execute(plan: _Plan, sink, allow_nonfinite: bool, progress):
+    """Stream every output tensor into ``sink`` (a CheckpointWriter or a MemorySink); returns its commit."""
+    base_ckpt, specs = plan.base, plan.specs
     try:
         # Task arithmetic is memory-bound with small temporaries: two workers pay.
         # The other methods hold several chunk-sized temporaries per input; a second
         # worker bought them ~12% and cost ~2x the peak memory, so they use one.
-        workers = 2 if merge_method.linear else 1
+        workers = 2 if plan.method.linear else 1
         with one_torch_thread(), OrderedPool(sink, workers=workers) as pool:
             for name in sink.order:
                 spec = specs[name]
                 base_tensor = base_ckpt.get_tensor(name)
-                if name not in covered:
+                if name not in plan.covered:
                     jobs = (
                         functools.partial(flat_slice, base_tensor, start, stop, spec.dtype)
                         for start, stop in chunk_ranges(spec.numel)
                     )
-                elif merge_method.linear:
-                    jobs = _linear_jobs(name, spec, base_tensor, base_ckpt.source, vectors, weights, scale, compute, allow_nonfinite)
+                elif plan.method.linear:
+                    jobs = _linear_jobs(name, spec, base_tensor, base_ckpt.source, plan.vectors, plan.weights, plan.scale, plan.compute, allow_nonfinite)
                 else:
                     jobs = _method_jobs(
-                        name, spec, base_tensor, base_ckpt.source, vectors, weights, merge_method, scale, params, compute, allow_nonfinite
+                        name, spec, base_tensor, base_ckpt.source, plan.vectors, plan.weights, plan.method, plan.scale, plan.params,
+                        plan.compute, allow_nonfinite,
                     )
                 for job in jobs:
                     pool.submit(name, job)
@@ -156,26 +210,10 @@ def merge(
                     release_free_memory()
                 if progress is not None:
                     progress(name)
-        committed = sink.commit()
+        return sink.commit()
     except BaseException:
-        if isinstance(sink, CheckpointWriter):
-            sink.abort()
+        sink.abort()
         raise
-    result = MergeResult(
-        method=merge_method.name,
-        scale=scale,
-        weights=weights,
-        params=params,
-        base_fingerprint=base_fp,
-        num_tensors=len(specs),
-        num_parameters=sum(s.numel for s in specs.values()),
-        seconds=time.perf_counter() - started,
-    )
-    if output is None:
-        result.state_dict = committed
-    else:
-        result.output, result.fingerprint = Path(output), committed
-    return result
 
 
 def _linear_jobs(name, spec, base_tensor, base_source, vectors, weights, scale, compute, allow_nonfinite):
@@ -203,14 +241,14 @@ def _linear_jobs(name, spec, base_tensor, base_source, vectors, weights, scale, 
 
 
 def _method_jobs(name, spec, base_tensor, base_source, vectors, weights, method, scale, params, compute, allow_nonfinite):
-    """One job per chunk; a trimming method's thresholds over the whole tensor come first."""
+    """One job per chunk; a method's whole-tensor pre-pass (``prepare``) comes first."""
     numel = spec.numel
     if numel == 0:
         yield lambda: base_tensor.to(spec.dtype)
         return
     ranges = list(chunk_ranges(numel))
 
-    def job(start: int, stop: int, thresholds, deltas=None) -> torch.Tensor:
+    def job(start: int, stop: int, prepared, deltas=None) -> torch.Tensor:
         base_chunk = flat_slice(base_tensor, start, stop, compute)
         if deltas is None:
             deltas = [v.chunk(name, start, stop, compute) for v in vectors]
@@ -218,22 +256,33 @@ def _method_jobs(name, spec, base_tensor, base_source, vectors, weights, method,
             check_finite(base_chunk, lambda: f"tensor {name!r} of the base {base_source}")
             for v, d in zip(vectors, deltas):
                 v.check_finite(name, start, stop, d)
-        if method.trims and thresholds is None:  # the whole tensor is this one chunk
-            k = trim_count(params["density"], numel)
-            thresholds = [trim_threshold(None, k, compute, whole=d) for d in deltas]
-        ctx = MergeContext(name=name, start=start, numel=numel, params=params, thresholds=thresholds)
+        if method.prepare is not None and prepared is None:  # the whole tensor is this one chunk
+            prepared = method.prepare(name, numel, params, [lambda d=d: [(0, d)] for d in deltas], compute)
+        ctx = MergeContext(name=name, start=start, numel=numel, params=params, prepared=prepared)
         merged = method.fn(deltas, weights, ctx)
         return torch.add(base_chunk, merged, alpha=scale).to(spec.dtype)
 
-    thresholds = None
-    if method.trims and len(ranges) > 1:
-        k = trim_count(params["density"], numel)
-        thresholds = []
-        for v in vectors:
-            chunks = lambda v=v: (v.chunk(name, a, b, compute) for a, b in ranges)  # noqa: E731
-            rule = trim_threshold(chunks, k, compute)
-            if not rule.keeps_every_tie:
-                rule.plan_ties(zip((a for a, _ in ranges), chunks()))
-            thresholds.append(rule)
+    prepared = None
+    if method.prepare is not None and len(ranges) > 1:
+        inputs = [lambda v=v: ((a, v.chunk(name, a, b, compute)) for a, b in ranges) for v in vectors]
+        prepared = method.prepare(name, numel, params, inputs, compute)
     for start, stop in ranges:
-        yield functools.partial(job, start, stop, thresholds)
+        yield functools.partial(job, start, stop, prepared)
+
+
+def check_same_tensors(a: "TaskVector", b: "TaskVector") -> None:
+    """Raise naming the first tensor whose presence or shape differs between two vectors."""
+    names_a, names_b = set(a.names), set(b.names)
+    if names_a != names_b:
+        name = sorted(names_a ^ names_b)[0]
+        where, other = (a, b) if name in names_a else (b, a)
+        raise TaskVecError(f"tensor {name!r} is in {_label(where)} but not in {_label(other)}")
+    for name in a.names:
+        if a.spec(name).shape != b.spec(name).shape:
+            raise TaskVecError(
+                f"tensor {name!r} has shape {list(a.spec(name).shape)} in {_label(a)} but {list(b.spec(name).shape)} in {_label(b)}"
+            )
+
+
+def _label(v: "TaskVector") -> str:
+    return f"task vector {v.task!r}" if v.task else "one task vector"

@@ -11,16 +11,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import hashlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from mlflow_taskvec.engine.methods import RANDOM_BLOCK
-from mlflow_taskvec.engine.safetensors_io import TensorSpec
 from mlflow_taskvec.errors import TaskVecError
 
+# Random masks are drawn in fixed blocks of the flattened tensor, each from its
+# own generator, so that any chunking aligned to blocks gives the same masks.
+RANDOM_BLOCK = 1 << 20
 CHUNK_ELEMENTS = RANDOM_BLOCK
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -83,6 +85,31 @@ def release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+def derive_seed(seed: int, input_index: int, name: str, block: int) -> int:
+    """The generator seed of one random block: the first 8 bytes (little-endian) of
+    sha256 of ``f"{seed}\\0{input_index}\\0{name}\\0{block}"``, top bit cleared."""
+    digest = hashlib.sha256(f"{seed}\0{input_index}\0{name}\0{block}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def keep_mask(seed: int, input_index: int, name: str, start: int, length: int, numel: int, keep_probability) -> torch.Tensor:
+    """Bernoulli(keep_probability) mask for entries [start, start+length) of input ``input_index``
+    of tensor ``name`` (``numel`` entries): block b's mask is ``torch.rand(block length,
+    generator=manual_seed(derive_seed(seed, input_index, name, b))) < keep_probability``.
+    ``keep_probability`` may be a tensor of ``length`` entries (one probability per entry)."""
+    if start % RANDOM_BLOCK:
+        raise ValueError("chunks must start on a random-block boundary")
+    parts = []
+    first = start // RANDOM_BLOCK
+    last = (start + length - 1) // RANDOM_BLOCK
+    for block in range(first, last + 1):
+        block_len = min(RANDOM_BLOCK, numel - block * RANDOM_BLOCK)
+        gen = torch.Generator().manual_seed(derive_seed(seed, input_index, name, block))
+        parts.append(torch.rand(block_len, generator=gen))
+    draws = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return draws[:length] < keep_probability
+
+
 def chunk_ranges(numel: int, chunk: int = CHUNK_ELEMENTS) -> Iterator[tuple[int, int]]:
     if numel == 0:
         yield 0, 0
@@ -103,29 +130,6 @@ def check_finite(chunk: torch.Tensor, describe: Callable[[], str]) -> None:
         return
     if not bool(torch.isfinite(chunk).all()):
         raise TaskVecError(f"{describe()} holds NaN or Inf values (set allow_nonfinite to accept them)")
-
-
-class MemorySink:
-    """Collects written tensors into an in-memory state dict (same interface as CheckpointWriter)."""
-
-    def __init__(self, specs: dict[str, TensorSpec]):
-        self.specs = specs
-        self.order = sorted(specs)
-        self.tensors: dict[str, torch.Tensor] = {}
-        self._filled: dict[str, int] = {}
-
-    def write(self, name: str, chunk: torch.Tensor) -> None:
-        spec = self.specs[name]
-        if name not in self.tensors:
-            self.tensors[name] = torch.empty(spec.numel, dtype=spec.dtype)
-            self._filled[name] = 0
-        start = self._filled[name]
-        flat = chunk.reshape(-1)
-        self.tensors[name][start : start + flat.numel()] = flat
-        self._filled[name] = start + flat.numel()
-
-    def commit(self) -> dict[str, torch.Tensor]:
-        return {n: self.tensors[n].view(self.specs[n].shape) for n in self.order}
 
 
 class OrderedPool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from mlflow_taskvec.engine.checkpoint import Checkpoint, open_checkpoint
-from mlflow_taskvec.engine.safetensors_io import TensorSpec
+from mlflow_taskvec.engine.io import TensorSpec
 from mlflow_taskvec.engine.streaming import (
     CHUNK_ELEMENTS,
     STORAGE_DTYPES,
@@ -30,6 +30,7 @@ from mlflow_taskvec.engine.streaming import (
     parse_dtype,
     release_free_memory,
 )
+from mlflow_taskvec.engine.merge import MergeResult, check_same_tensors, merge, merge_to
 from mlflow_taskvec.engine.writer import CheckpointWriter
 from mlflow_taskvec.errors import TaskVecError
 
@@ -337,37 +338,13 @@ class TaskVector:
                     progress(name)
             return writer.commit()
 
-    def apply_to(
-        self,
-        base,
-        scale: float = 1.0,
-        output: str | os.PathLike | None = None,
-        **options,
-    ):
-        """``base + scale * self``: written to ``output`` (returns a MergeResult), or
-        returned as an in-memory state dict when no output is given."""
-        from mlflow_taskvec.engine.merge import merge
+    def apply_to(self, base, scale: float = 1.0, **options) -> dict[str, torch.Tensor]:
+        """``base + scale * self`` as an in-memory state dict (options as for ``merge``)."""
+        return merge(base, [self], [1.0], method="task_arithmetic", scale=scale, **options)
 
-        result = merge(base, [self], [1.0], method="task_arithmetic", scale=scale, output=output, **options)
-        return result if output is not None else result.state_dict
-
-
-def check_same_tensors(a: TaskVector, b: TaskVector) -> None:
-    """Raise naming the first tensor whose presence or shape differs between two vectors."""
-    names_a, names_b = set(a.names), set(b.names)
-    if names_a != names_b:
-        name = sorted(names_a ^ names_b)[0]
-        where, other = (a, b) if name in names_a else (b, a)
-        raise TaskVecError(f"tensor {name!r} is in {_label(where)} but not in {_label(other)}")
-    for name in a.names:
-        if a.spec(name).shape != b.spec(name).shape:
-            raise TaskVecError(
-                f"tensor {name!r} has shape {list(a.spec(name).shape)} in {_label(a)} but {list(b.spec(name).shape)} in {_label(b)}"
-            )
-
-
-def _label(v: TaskVector) -> str:
-    return f"task vector {v.task!r}" if v.task else "one task vector"
+    def apply_to_output(self, base, output: str | os.PathLike, scale: float = 1.0, **options) -> MergeResult:
+        """``base + scale * self`` streamed into ``output`` (options as for ``merge_to``)."""
+        return merge_to(base, [self], [1.0], output, method="task_arithmetic", scale=scale, **options)
 
 
 def _as_number(x) -> float:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mlflow_taskvec.engine.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, combine_digests, new_digest
-from mlflow_taskvec.engine.safetensors_io import StreamingWriter, TensorSpec, storage_order
+from mlflow_taskvec.engine.io import StreamingWriter, TensorSpec, storage_order
 from mlflow_taskvec.errors import TaskVecError
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -88,6 +88,8 @@ def plan_shards(specs: dict[str, TensorSpec], max_shard_size: int | None) -> lis
 
 class CheckpointWriter:
     """Streams tensors into ``output`` (a ``.safetensors`` file, or a directory).
+
+    Its interface (``order``, ``write``, ``commit``, ``abort``) is ``MemorySink``'s too.
 
     Tensors must be written in ``self.order``, each whole or in consecutive
     chunks of its flattened data. ``commit()`` returns the output's fingerprint.
@@ -236,6 +238,37 @@ class CheckpointWriter:
         elif not self._closed:
             self.abort()
             raise RuntimeError("CheckpointWriter left without commit()")
+
+
+class MemorySink:
+    """Collects written tensors into an in-memory state dict.
+
+    The same interface as ``CheckpointWriter`` (``order``, ``write``, ``commit``,
+    ``abort``), so one executor streams into either; ``commit`` returns the state dict.
+    """
+
+    def __init__(self, specs: dict[str, TensorSpec]):
+        self.specs = specs
+        self.order = sorted(specs)
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._filled: dict[str, int] = {}
+
+    def write(self, name: str, chunk: torch.Tensor) -> None:
+        spec = self.specs[name]
+        if name not in self.tensors:
+            self.tensors[name] = torch.empty(spec.numel, dtype=spec.dtype)
+            self._filled[name] = 0
+        start = self._filled[name]
+        flat = chunk.reshape(-1)
+        self.tensors[name][start : start + flat.numel()] = flat
+        self._filled[name] = start + flat.numel()
+
+    def commit(self) -> dict[str, torch.Tensor]:
+        return {n: self.tensors[n].view(self.specs[n].shape) for n in self.order}
+
+    def abort(self) -> None:
+        self.tensors.clear()
+
 
 
 def copy_non_weight_files(source_dir: Path, target_dir: Path) -> list[str]:

@@ -63,7 +63,7 @@ def _client() -> MlflowClient:
 
 
 def _mlflow_error(uri: str, exc: MlflowException) -> TaskVecError:
-    from mlflow_taskvec.tracking.server import server_error
+    from mlflow_taskvec.mlflow.server import server_error
 
     return server_error(exc, uri)
 

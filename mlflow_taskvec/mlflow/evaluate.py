@@ -24,7 +24,7 @@ import torch
 
 from mlflow.utils.model_utils import _add_code_from_conf_to_system_path
 
-from mlflow_taskvec import flavor
+from mlflow_taskvec.mlflow import flavor
 from mlflow_taskvec.engine.merge import merge
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.errors import TaskVecError
@@ -37,7 +37,7 @@ from mlflow_taskvec.evaluation import (
     evaluator_identity,
     load_evaluator,
 )
-from mlflow_taskvec.tracking.references import Resolved, cache_root
+from mlflow_taskvec.mlflow.downloads import Resolved, cache_root
 
 Builder = Callable[[Mapping[str, torch.Tensor]], torch.nn.Module]
 
@@ -134,7 +134,7 @@ class CompositeEvaluation:
     def _finetune_module(self, item: Input) -> torch.nn.Module:
         if item.finetuned_path is not None:
             return self.build(flavor.read_state(item.finetuned_path))
-        state = merge(self.base.path, [item.vector], [1.0], method="task_arithmetic", scale=1.0).state_dict
+        state = merge(self.base.path, [item.vector], [1.0], method="task_arithmetic", scale=1.0)
         return self.build(state)
 
     def evaluate(self, model, split: str | None = None) -> dict[str, float]:

@@ -34,12 +34,12 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
-from mlflow_taskvec.engine.merge import merge
+from mlflow_taskvec.engine.merge import merge, merge_to
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.recipe import Recipe, Search
-from mlflow_taskvec.tracking.evaluate import CompositeEvaluation, composite_evaluation
-from mlflow_taskvec.tracking.references import Resolved
-from mlflow_taskvec.tracking.registry import Registered, _resolve_ref, _run_context, register_composite
+from mlflow_taskvec.mlflow.evaluate import CompositeEvaluation, composite_evaluation
+from mlflow_taskvec.mlflow.downloads import Resolved
+from mlflow_taskvec.mlflow.registry import Registered, _resolve_ref, _run_context, register_composite
 
 MEMORY_MODES = ("auto", "memory", "streamed")
 
@@ -149,11 +149,11 @@ class _Composer:
         options = dict(method=self.recipe.method, scale=cand.scale, params=cand.params, compute_dtype=self.recipe.compute_dtype,
                        dtype=self.recipe.dtype, allow_nonfinite=self.recipe.allow_nonfinite)
         if self.in_memory:
-            state = merge(self.base.path, self.vectors, cand.weights, **options).state_dict
+            state = merge(self.base.path, self.vectors, cand.weights, **options)
             return self.evaluation.build(state)
         tmp = Path(tempfile.mkdtemp(prefix="taskvec-candidate-"))
         try:
-            merge(self.base.path, self.vectors, cand.weights, output=tmp / "weights", **options)
+            merge_to(self.base.path, self.vectors, cand.weights, output=tmp / "weights", **options)
             ckpt = open_checkpoint(tmp / "weights")
             return self.evaluation.build({n: ckpt.get_tensor(n) for n in ckpt.keys()})
         finally:
@@ -337,7 +337,7 @@ def search(
         raise TaskVecError("search needs an 'evaluation' block in the recipe (evaluator and tasks)")
     relative_to = relative_to or recipe.source_dir
     if recipe.policy is not None:
-        from mlflow_taskvec.tracking.governance import enforce_policy
+        from mlflow_taskvec.mlflow.governance import enforce_policy
 
         enforce_policy(recipe, recipe.policy.require_alias)  # before anything is downloaded or evaluated
     base = _resolve_ref(recipe.base, relative_to, "base")

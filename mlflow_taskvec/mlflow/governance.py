@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.recipe import Recipe, load_recipe, run_recipe
-from mlflow_taskvec.tracking.references import Resolved, _mlflow_error, resolve
+from mlflow_taskvec.mlflow.downloads import Resolved, _mlflow_error, resolve
 
 _MODEL_ID = re.compile(r"^m-[0-9a-f]{8,}$")
 APPROVAL_PREFIX = "taskvec.approval."
@@ -474,7 +474,7 @@ def _verify_composite(client: MlflowClient, mv: ModelVersion, uri: str, tags: di
         resolved.append(_fetched_as_recorded(entry.ref, what, str(row.get("fingerprint")), replaced, checks, f"{what} (weight {entry.weight:g})"))
     _fetched_as_recorded(uri, f"stored weights of {uri}", tags["taskvec.fingerprint"], "the composite's artifact was modified", checks, "stored weights")
 
-    from mlflow_taskvec.tracking.registry import local_recipe
+    from mlflow_taskvec.mlflow.registry import local_recipe
 
     result = run_recipe(local_recipe(recipe, base, resolved), output=tmp / "recomposed")
     _same("the recomposed model", result.fingerprint, tags["taskvec.fingerprint"], "the recipe and inputs do not reproduce it")

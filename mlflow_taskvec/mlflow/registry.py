@@ -25,13 +25,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
-from mlflow_taskvec import flavor
+from mlflow_taskvec.mlflow import flavor
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.recipe import Recipe, check_same_base, run_recipe
-from mlflow_taskvec.tracking.evaluate import composite_evaluation
-from mlflow_taskvec.tracking.references import Resolved, resolve
-from mlflow_taskvec.tracking.server import check_can_register, server_error, server_errors
+from mlflow_taskvec.mlflow.evaluate import composite_evaluation
+from mlflow_taskvec.mlflow.downloads import Resolved, resolve
+from mlflow_taskvec.mlflow.server import check_can_register, server_error, server_errors
 
 
 def _fmt(value: float) -> str:
@@ -212,7 +212,7 @@ def register_composite(
     """
     relative_to = relative_to or recipe.source_dir
     if recipe.policy is not None:
-        from mlflow_taskvec.tracking.governance import enforce_policy
+        from mlflow_taskvec.mlflow.governance import enforce_policy
 
         enforce_policy(recipe, recipe.policy.require_alias)
     base = _resolve_ref(recipe.base, relative_to, "base")
@@ -302,7 +302,7 @@ def _architecture_of(base: Resolved) -> tuple[dict, list[str] | None, object]:
     if not base.conf or base.conf.get("kind") != "checkpoint" or base.model_dir is None:
         raise TaskVecError(
             f"base {base.canonical} is not a checkpoint-kind taskvec model, so the composite would have no architecture; "
-            "register the base with mlflow_taskvec.flavor.log_model(..., factory=...) or use an HF-style base with config.json"
+            "register the base with mlflow_taskvec.mlflow.flavor.log_model(..., factory=...) or use an HF-style base with config.json"
         )
     code_dir = base.model_dir / (base.conf.get("code") or "code")
     code_paths = sorted(str(p) for p in code_dir.iterdir()) if base.conf.get("code") and code_dir.is_dir() else None

@@ -1,0 +1,179 @@
+"""Merge methods: small pure functions over the tensors of one parameter name.
+
+A method receives, for one chunk of one parameter (flattened), the task vectors'
+entries ``deltas[i]`` (in the compute dtype; never modify them), their weights
+``w_i``, and a ``MergeContext``; it returns the merged delta. The executor adds
+it to the base: ``output = base + scale * merged``.
+
+Each method declares its parameters as ``ParamSpec`` rows (name, type, default,
+range); the recipe, ``validate_params``, ``mlflow-taskvec methods`` and
+``search`` read them from there, and the executor never names a parameter.
+A method that needs something computed over the *whole* tensor of each input
+before its chunks are merged (the trim thresholds of ``ties``) declares a
+``prepare`` pre-pass; its result reaches every chunk as ``ctx.prepared``.
+
+Adding a method: one module in this package that defines it with ``@merge_method``,
+imported at the end of this file, and a row in ``tests/test_methods.py``'s table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mlflow_taskvec.engine.streaming import keep_mask
+from mlflow_taskvec.errors import TaskVecError
+
+REQUIRED = object()  # a ParamSpec default: the parameter must be given
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of a merge method: its type, default and valid range.
+
+    ``low``/``high`` bound numbers (``low_open``/``high_open`` exclude the bound);
+    ``searchable`` says whether ``search`` may sample it from that range.
+    """
+
+    name: str
+    type: type
+    default: Any = REQUIRED
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    description: str = ""
+    searchable: bool = True
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def describe_range(self) -> str:
+        if self.low is None and self.high is None:
+            return ""
+        left = "(" if self.low_open or self.low is None else "["
+        right = ")" if self.high_open or self.high is None else "]"
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"{left}{low}, {high}{right}"
+
+    def check(self, value: Any) -> Any:
+        """``value`` converted to this parameter's type; raises TaskVecError naming it when invalid."""
+        where = f"params.{self.name}"
+        if self.type is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise TaskVecError(f"{where}: {value!r} must be a number{self._in_range()}")
+            value = float(value)
+        elif self.type is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TaskVecError(f"{where}: {value!r} must be an integer{self._in_range()}")
+        elif self.type is list:
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise TaskVecError(f"{where}: {value!r} must be a list of glob strings")
+            return list(value)
+        if not self._contains(value):
+            raise TaskVecError(f"{where}: {value!r} must be a number in {self.describe_range()}")
+        return value
+
+    def _in_range(self) -> str:
+        text = self.describe_range()
+        return f" in {text}" if text else ""
+
+    def _contains(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            return False
+        return True
+
+
+@dataclass
+class MergeContext:
+    name: str
+    start: int  # offset of this chunk in the flattened tensor
+    numel: int  # size of the whole tensor
+    params: dict
+    prepared: Any = None  # what the method's ``prepare`` computed over the whole tensor
+
+    def keep_mask(self, input_index: int, length: int, keep_probability) -> torch.Tensor:
+        """Bernoulli(keep_probability) mask for entries [start, start+length) of input ``input_index``
+        (the seed is ``params['seed']``; see ``streaming.keep_mask``)."""
+        seed = int(self.params.get("seed", 0))
+        return keep_mask(seed, input_index, self.name, self.start, length, self.numel, keep_probability)
+
+
+MethodFn = Callable[[list[torch.Tensor], list[float], MergeContext], torch.Tensor]
+# prepare(name, numel, params, inputs, dtype): inputs[i]() yields (start, chunk) of input i, afresh, in order.
+PrepareFn = Callable[[str, int, dict, list[Callable[[], Iterable[tuple[int, torch.Tensor]]]], torch.dtype], Any]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: MethodFn
+    summary: str
+    params: tuple[ParamSpec, ...] = ()
+    prepare: PrepareFn | None = None  # a whole-tensor pre-pass over each input
+    # base + scale * sum_i w_i t_i: the executor accumulates it term by term in one
+    # buffer, with no per-vector temporaries.
+    linear: bool = False
+    paper: str | None = None  # arXiv id
+
+    @property
+    def param_names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    def param(self, name: str) -> ParamSpec:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def searchable_params(self) -> list[ParamSpec]:
+        return [p for p in self.params if p.searchable and p.type in (float, int) and p.low is not None and p.high is not None]
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def merge_method(name: str, summary: str, params: Iterable[ParamSpec] = (), prepare: PrepareFn | None = None, linear: bool = False, paper: str | None = None):
+    """Add the decorated function to the method catalogue under ``name``."""
+
+    def deco(fn: MethodFn) -> MethodFn:
+        METHODS[name] = MergeMethod(name, fn, summary, tuple(params), prepare, linear, paper)
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise TaskVecError(f"unknown merge method {name!r} (known: {', '.join(sorted(METHODS))})") from None
+
+
+def validate_params(method: MergeMethod, params: dict) -> dict:
+    """Check a method's parameters against its ``ParamSpec`` rows; returns them with defaults filled in."""
+    names = method.param_names
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise TaskVecError(f"method {method.name!r} takes no parameter {unknown[0]!r} (accepted: {', '.join(sorted(names)) or 'none'})")
+    out = {}
+    for spec in method.params:
+        if spec.name in params:
+            out[spec.name] = spec.check(params[spec.name])
+        elif spec.required:
+            raise TaskVecError(f"method {method.name!r} needs parameter {spec.name!r}")
+        else:
+            out[spec.name] = spec.default
+    return out
+
+
+# The catalogue: each module adds its methods when imported.
+from mlflow_taskvec.engine.methods import dare, linear, ties  # noqa: E402,F401

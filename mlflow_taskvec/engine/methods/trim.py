@@ -1,0 +1,122 @@
+"""Exact magnitude thresholds for trimming: which entries of a tensor are its top k by |x|.
+
+A radix select over the magnitudes' float bit patterns (non-negative floats order like
+integers), in memory bounded by one chunk: several times faster than ``torch.kthvalue``
+on CPU, and it counts the ties at the threshold on the way, so exactly k entries survive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+
+def trim_count(density: float, numel: int) -> int:
+    """How many entries the trim step keeps: int(density * numel), at least 1."""
+    return max(1, int(density * numel))
+
+
+@dataclass
+class TrimThreshold:
+    """Which entries of one input the trim keeps: every ``|x| > value``, plus the
+    first ``ties_to_keep`` entries with ``|x| == value`` in flattened order, so that
+    exactly k entries survive even when magnitudes tie (common in 16-bit deltas).
+
+    When only some ties are kept, ``tie_budget`` maps each chunk's start to how
+    many of its ties it keeps, so chunks can be processed in any order.
+    """
+
+    value: float
+    ties_to_keep: int
+    ties_total: int
+    tie_budget: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def keeps_every_tie(self) -> bool:
+        return self.ties_to_keep == self.ties_total
+
+    def plan_ties(self, chunks: Iterable[tuple[int, torch.Tensor]]) -> None:
+        """Split ``ties_to_keep`` over the chunks (given as (start, chunk) in order)."""
+        left = self.ties_to_keep
+        for start, chunk in chunks:
+            tied = int((chunk.abs() == self.value).sum())
+            self.tie_budget[start] = min(left, tied)
+            left -= self.tie_budget[start]
+
+    def apply(self, chunk: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """``chunk`` with the entries the trim drops set to zero (a new tensor)."""
+        magnitude = chunk.abs()
+        if self.keeps_every_tie:
+            # keep |x| >= value: an arithmetic 0/1 indicator, several times faster
+            # than boolean masks and torch.where on CPU
+            below = torch.nextafter(torch.tensor(self.value, dtype=chunk.dtype), torch.tensor(-1.0, dtype=chunk.dtype))
+            keep = magnitude.sub_(below).sign_().clamp_(min=0)
+            return keep.mul_(chunk)
+        keep = magnitude > self.value
+        budget = self.tie_budget.get(start, self.ties_to_keep if start == 0 and not self.tie_budget else 0)
+        if budget > 0:
+            tied = magnitude == self.value
+            keep |= tied & (tied.cumsum(0) <= budget)
+        return torch.where(keep, chunk, 0.0)
+
+
+def _radix_select(chunks: Callable[[], Iterable[torch.Tensor]], k: int, dtype: torch.dtype) -> TrimThreshold:
+    """Exact k-th largest magnitude by a radix select over the float bit patterns
+    (non-negative floats order like integers).
+
+    Pass 1 histograms the top 16 bits over every chunk; pass 2 gathers the few
+    entries that share the winning top bits; the remaining digits are resolved on
+    that small set in memory. A tensor given as one chunk is scanned only once.
+    """
+    float_dtype, int_dtype, bits = (
+        (torch.float64, torch.int64, 64) if dtype == torch.float64 else (torch.float32, torch.int32, 32)
+    )
+    top_shift = bits - 16
+    hist = torch.zeros(1 << 16, dtype=torch.int64)
+    only = None
+
+    def bits_of(chunk: torch.Tensor) -> torch.Tensor:
+        return chunk.reshape(-1).to(float_dtype).abs().view(int_dtype)
+
+    for i, chunk in enumerate(chunks()):
+        b = bits_of(chunk)
+        top = b >> top_shift  # the sign bit is clear, so this is in [0, 2**15)
+        hist += torch.bincount(top, minlength=1 << 16)
+        only = (b, top) if i == 0 else None
+    digit, remaining, tied = _pick(hist, k)
+    if only is not None:
+        b, top = only
+        candidates = b[top == digit]
+    else:
+        candidates = torch.cat([b[(b >> top_shift) == digit] for b in map(bits_of, chunks())])
+    prefix = digit
+    for shift in range(top_shift - 16, -1, -16):
+        digits = (candidates >> shift) & 0xFFFF
+        digit, remaining, tied = _pick(torch.bincount(digits, minlength=1 << 16), remaining)
+        candidates = candidates[digits == digit]
+        prefix = (prefix << 16) | digit
+    value = float(torch.tensor([prefix], dtype=torch.int64).to(int_dtype).view(float_dtype))
+    return TrimThreshold(value, ties_to_keep=remaining, ties_total=tied)
+
+
+def _pick(hist: torch.Tensor, k: int) -> tuple[int, int, int]:
+    """The bin holding the k-th largest entry, how many of that bin are still to
+    take (counting from the top), and how many the bin holds."""
+    from_top = torch.flip(hist, [0]).cumsum(0)
+    if k > int(from_top[-1]):
+        raise ValueError("k exceeds the number of entries")
+    idx = int(torch.searchsorted(from_top, k))
+    remaining = k - (int(from_top[idx - 1]) if idx > 0 else 0)
+    digit = (1 << 16) - 1 - idx
+    return digit, remaining, int(hist[digit])
+
+
+def trim_threshold(chunks: Callable[[], Iterable[torch.Tensor]] | None, k: int, dtype: torch.dtype, whole: torch.Tensor | None = None) -> TrimThreshold:
+    """The trim rule keeping exactly k entries of a tensor given whole or as ``chunks()``.
+
+    A radix select over the magnitudes' bits: several times faster than
+    ``torch.kthvalue`` on CPU, and it counts the ties at the threshold on the way.
+    """
+    return _radix_select((lambda: (whole,)) if whole is not None else chunks, k, dtype)

@@ -1,0 +1,388 @@
+"""The ``taskvec`` MLflow model flavor.
+
+Two kinds of model, named by ``kind`` in the MLmodel flavor block:
+
+- ``task_vector``: a task vector's tensors in safetensors, with its lineage
+  (task, base reference and fingerprint, fine-tuned reference), fingerprint,
+  counts, L2 norm and dtype. ``load_model`` returns a lazy ``TaskVector``.
+- ``checkpoint``: full model weights in safetensors plus how to build the module:
+  a ``"package.module:factory"`` with JSON keyword arguments (its code shipped
+  through ``code_paths`` when it is not installed), or, for an HF-style folder
+  with ``config.json``, transformers' ``AutoModel`` (transformers installed). ``load_model`` returns the
+  ``torch.nn.Module``; ``mlflow.pyfunc.load_model`` and ``mlflow models serve``
+  work, calling ``module(inputs, **params)``.
+
+Weights never go through pickle.
+
+Example::
+
+    import mlflow
+    from mlflow_taskvec.mlflow import flavor, TaskVector
+
+    vector = TaskVector.extract("base/", "finetuned/", task="rotate")
+    with mlflow.start_run():
+        info = flavor.log_model(vector, name="rotate")
+    same = flavor.load_model(info.model_uri)  # a lazy TaskVector
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from mlflow import pyfunc
+from mlflow.models import Model
+from mlflow.models.model import MLMODEL_FILE_NAME
+from mlflow.models.utils import _save_example
+from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
+from mlflow.tracking.artifact_utils import _download_artifact_from_uri
+from mlflow.utils.environment import (
+    _CONDA_ENV_FILE_NAME,
+    _CONSTRAINTS_FILE_NAME,
+    _PYTHON_ENV_FILE_NAME,
+    _REQUIREMENTS_FILE_NAME,
+    _mlflow_conda_env,
+    _process_conda_env,
+    _process_pip_requirements,
+    _PythonEnv,
+)
+from mlflow.utils.file_utils import write_to
+from mlflow.utils.model_utils import (
+    _add_code_from_conf_to_system_path,
+    _get_flavor_configuration,
+    _validate_and_copy_code_paths,
+    _validate_and_prepare_target_save_path,
+)
+from mlflow.utils.requirements_utils import _get_pinned_requirement
+
+from mlflow_taskvec import __version__
+from mlflow_taskvec.engine.checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
+from mlflow_taskvec.engine.taskvector import TaskVector
+from mlflow_taskvec.engine.writer import copy_non_weight_files
+from mlflow_taskvec.errors import TaskVecError
+
+FLAVOR_NAME = "taskvec"
+FORMAT_VERSION = "1"
+KINDS = ("task_vector", "checkpoint")
+_DATA = "data"
+# A copy of the flavor block inside data/: ``_load_pyfunc`` only receives that folder.
+_CONF_FILE = "taskvec.json"
+
+
+def get_default_pip_requirements() -> list[str]:
+    """The packages a model saved by this flavor needs to be loaded."""
+    # torch's local label (+cpu, +cu121) is not installable from PyPI: pin the release only.
+    reqs = [f"torch=={torch.__version__.split('+')[0]}"]
+    reqs += [_get_pinned_requirement(p) for p in ("safetensors", "numpy", "pandas")]
+    return reqs + [f"mlflow-taskvec=={__version__}"]
+
+
+def get_default_conda_env() -> dict:
+    return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
+
+
+def _architecture(factory: str | None, factory_kwargs: Mapping[str, Any] | None, weights: Path) -> dict:
+    if factory is None:
+        if (weights / "config.json").is_file():
+            # an HF-style folder: rebuilt by transformers' AutoModel.from_pretrained
+            return {"hf_config": "config.json"}
+        raise TaskVecError(
+            "a checkpoint model needs an architecture: pass factory='package.module:function' or save an HF-style folder with config.json"
+        )
+    if ":" not in factory or not all(factory.split(":", 1)):
+        raise TaskVecError(f"architecture factory {factory!r} must look like 'package.module:function'")
+    kwargs = dict(factory_kwargs or {})
+    try:
+        json.dumps(kwargs)
+    except TypeError:
+        raise TaskVecError("architecture factory_kwargs must be JSON-serializable") from None
+    return {"factory": factory, "factory_kwargs": kwargs}
+
+
+def _write_weights(model, target: Path) -> tuple[str, Checkpoint]:
+    """Write ``model``'s weights under ``target`` (a folder); returns (kind, checkpoint)."""
+    if isinstance(model, TaskVector):
+        model.save(target)
+        return "task_vector", open_checkpoint(target)
+    if isinstance(model, torch.nn.Module):
+        source = StateDictCheckpoint({k: v for k, v in model.state_dict().items()}, source=type(model).__name__)
+    elif isinstance(model, Mapping):
+        source = StateDictCheckpoint(model)
+    else:
+        source = open_checkpoint(model)
+    target.mkdir(parents=True)
+    if isinstance(source, StateDictCheckpoint):
+        from mlflow_taskvec.engine.writer import CheckpointWriter
+
+        with CheckpointWriter(target / "model.safetensors", source.specs(), source.metadata()) as w:
+            for name in w.order:
+                w.write(name, source.get_tensor(name))
+            w.commit()
+    else:
+        for f in source.files:
+            shutil.copy2(f, target / f.name)
+        index = source.directory / "model.safetensors.index.json" if source.directory else None
+        if index is not None and index.is_file():
+            shutil.copy2(index, target / index.name)
+        if source.directory is not None:
+            copy_non_weight_files(source.directory, target)
+    kind = "task_vector" if source.metadata().get("taskvec.kind") == "task_vector" else "checkpoint"
+    return kind, open_checkpoint(target)
+
+
+def save_model(
+    model,
+    path: str | os.PathLike,
+    factory: str | None = None,
+    factory_kwargs: Mapping[str, Any] | None = None,
+    lineage: Mapping[str, Any] | None = None,
+    code_paths: list[str] | None = None,
+    mlflow_model: Model | None = None,
+    signature=None,
+    input_example=None,
+    pip_requirements=None,
+    extra_pip_requirements=None,
+    conda_env=None,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    """Save a task vector or a checkpoint as a ``taskvec`` MLflow model at ``path``.
+
+    Args:
+        model: a ``TaskVector`` (kind ``task_vector``); or an ``nn.Module``, a state
+            dict, or a safetensors file/folder (kind ``checkpoint``, unless the file is
+            a saved task vector).
+        factory: for checkpoints, ``"package.module:function"`` that builds the module.
+        factory_kwargs: JSON keyword arguments for ``factory``.
+        lineage: extra fields recorded in the flavor block (``base_uri``,
+            ``finetuned_uri``, ``method``, ...).
+        code_paths: local code shipped with the model (e.g. the module of ``factory``).
+
+    Example::
+
+        save_model(net, "model_dir", factory="digits_tasks:build_model", code_paths=["digits_tasks.py"])
+    """
+    path = Path(path)
+    _validate_and_prepare_target_save_path(str(path))
+    mlflow_model = mlflow_model or Model()
+    if metadata is not None:
+        mlflow_model.metadata = metadata
+    code_subpath = _validate_and_copy_code_paths(code_paths, str(path))
+    kind, ckpt = _write_weights(model, path / _DATA)
+    conf: dict[str, Any] = {
+        "kind": kind,
+        "data": _DATA,
+        "format_version": FORMAT_VERSION,
+        "fingerprint": ckpt.fingerprint(),
+        "num_tensors": len(ckpt.keys()),
+        "num_parameters": ckpt.num_parameters(),
+        "dtype": _main_dtype(ckpt),
+        "code": code_subpath,
+    }
+    meta = ckpt.metadata()
+    if kind == "task_vector":
+        vector = TaskVector.load(ckpt)
+        conf.update(task=vector.task, base_fingerprint=vector.base_fingerprint, l2_norm=vector.norm())
+    else:
+        conf["architecture"] = _architecture(factory, factory_kwargs, path / _DATA)
+        if "taskvec.base_fingerprint" in meta:
+            conf["base_fingerprint"] = meta["taskvec.base_fingerprint"]
+    for key, value in (lineage or {}).items():
+        conf[key] = value
+    (path / _DATA / _CONF_FILE).write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n", "utf-8")
+
+    if kind == "checkpoint":
+        if input_example is not None:
+            _save_example(mlflow_model, input_example, str(path))
+        if signature is not None:
+            mlflow_model.signature = signature
+        pyfunc.add_to_model(
+            mlflow_model,
+            loader_module="mlflow_taskvec.mlflow.flavor",
+            data=_DATA,
+            code=code_subpath,
+            conda_env=_CONDA_ENV_FILE_NAME,
+            python_env=_PYTHON_ENV_FILE_NAME,
+        )
+    mlflow_model.add_flavor(FLAVOR_NAME, **conf)
+    mlflow_model.save(str(path / MLMODEL_FILE_NAME))
+
+    if conda_env is None:
+        default_reqs = get_default_pip_requirements() if pip_requirements is None else None
+        conda_env, pip_reqs, pip_constraints = _process_pip_requirements(default_reqs, pip_requirements, extra_pip_requirements)
+    else:
+        conda_env, pip_reqs, pip_constraints = _process_conda_env(conda_env)
+    with open(path / _CONDA_ENV_FILE_NAME, "w") as f:
+        yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
+    if pip_constraints:
+        write_to(str(path / _CONSTRAINTS_FILE_NAME), "\n".join(pip_constraints))
+    write_to(str(path / _REQUIREMENTS_FILE_NAME), "\n".join(pip_reqs))
+    _PythonEnv.current().to_yaml(str(path / _PYTHON_ENV_FILE_NAME))
+
+
+def _main_dtype(ckpt: Checkpoint) -> str:
+    counts: dict[str, int] = {}
+    for name in ckpt.keys():
+        spec = ckpt.spec(name)
+        key = str(spec.dtype).removeprefix("torch.")
+        counts[key] = counts.get(key, 0) + spec.numel
+    return max(counts, key=counts.get) if counts else "none"
+
+
+def log_model(
+    model,
+    name: str = "model",
+    factory: str | None = None,
+    factory_kwargs: Mapping[str, Any] | None = None,
+    lineage: Mapping[str, Any] | None = None,
+    code_paths: list[str] | None = None,
+    registered_model_name: str | None = None,
+    signature=None,
+    input_example=None,
+    await_registration_for=DEFAULT_AWAIT_MAX_SLEEP_SECONDS,
+    pip_requirements=None,
+    extra_pip_requirements=None,
+    conda_env=None,
+    metadata: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, Any] | None = None,
+    **kwargs,
+):
+    """Log a task vector or checkpoint as a ``taskvec`` model of the active run.
+
+    Returns MLflow's ``ModelInfo`` (with ``model_id`` and ``model_uri``); with
+    ``registered_model_name`` it also registers a version.
+
+    Example::
+
+        with mlflow.start_run():
+            info = log_model(vector, name="rotate", registered_model_name="rotate-vector")
+    """
+    return Model.log(
+        artifact_path=None,
+        name=name,
+        flavor=sys.modules[__name__],
+        model=model,
+        factory=factory,
+        factory_kwargs=factory_kwargs,
+        lineage=lineage,
+        code_paths=code_paths,
+        registered_model_name=registered_model_name,
+        signature=signature,
+        input_example=input_example,
+        await_registration_for=await_registration_for,
+        pip_requirements=pip_requirements,
+        extra_pip_requirements=extra_pip_requirements,
+        conda_env=conda_env,
+        metadata=metadata,
+        params=params,
+        tags=tags,
+        **kwargs,
+    )
+
+
+def read_conf(local_model_dir: str | os.PathLike) -> dict:
+    """The flavor block of a downloaded ``taskvec`` model."""
+    return _get_flavor_configuration(model_path=str(local_model_dir), flavor_name=FLAVOR_NAME)
+
+
+def build_module(conf: dict, weights_dir: Path, state: Mapping[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """Rebuild the module of a ``checkpoint``-kind model and load its weights (strictly).
+
+    With ``state``, those weights are loaded instead of the files in ``weights_dir``
+    (which then only provides an HF config): how search candidates are evaluated
+    without being written anywhere.
+    """
+    arch = conf.get("architecture") or {}
+    if arch.get("hf_config"):
+        try:
+            from transformers import AutoModel
+        except ImportError:
+            raise TaskVecError(f"{weights_dir}: this model is an HF checkpoint; loading it needs the transformers package") from None
+        if state is not None:
+            return AutoModel.from_pretrained(str(weights_dir), state_dict=dict(state), use_safetensors=True).eval()
+        return AutoModel.from_pretrained(str(weights_dir), use_safetensors=True).eval()
+    factory = arch.get("factory")
+    if not factory:
+        raise TaskVecError(f"{weights_dir}: the model records no architecture factory")
+    return module_from_factory(factory, arch.get("factory_kwargs", {}), state if state is not None else read_state(weights_dir))
+
+
+def read_state(weights: "Path | str") -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint at ``weights``, copied into memory (a state dict to load)."""
+    ckpt = open_checkpoint(weights)
+    return {name: ckpt.get_tensor(name).clone() for name in ckpt.keys()}
+
+
+def module_from_factory(factory: str, factory_kwargs: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """``package.module:factory(**factory_kwargs)`` with ``state`` loaded strictly."""
+    module_name, _, attr = factory.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise TaskVecError(f"architecture factory {factory!r} cannot be imported ({exc})") from None
+    module = fn(**dict(factory_kwargs))
+    try:
+        module.load_state_dict(dict(state), strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise TaskVecError(f"the weights do not fit {factory!r}: {first}") from None
+    return module.eval()
+
+
+def load_model(model_uri: str, dst_path: str | None = None):
+    """Load a ``taskvec`` model: a lazy ``TaskVector`` or an ``nn.Module``, by kind.
+
+    Example::
+
+        vector = load_model("models:/rotate-vector/1")
+        net = load_model("models:/digits-composite@champion")
+    """
+    local = Path(_download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path))
+    conf = read_conf(local)
+    _add_code_from_conf_to_system_path(str(local), conf)
+    data = local / conf.get("data", _DATA)
+    if conf["kind"] == "task_vector":
+        return TaskVector.load(data)
+    return build_module(conf, data)
+
+
+class _CheckpointPyfunc:
+    """``predict`` calls the module on a float32 tensor of the inputs, with ``params``
+    as keyword arguments. An HF checkpoint takes token ids instead and returns the
+    mean over the sequence of its last hidden state (one embedding per row)."""
+
+    def __init__(self, module: torch.nn.Module, hf: bool = False):
+        self.module = module
+        self.hf = hf
+
+    def get_raw_model(self):
+        return self.module
+
+    def predict(self, data, params: dict[str, Any] | None = None):
+        if hasattr(data, "to_numpy"):
+            data = data.to_numpy()
+        with torch.no_grad():
+            if self.hf:
+                ids = torch.from_numpy(np.array(data, dtype=np.int64))
+                out = self.module(input_ids=ids, **(params or {})).last_hidden_state.mean(dim=1)
+            else:
+                out = self.module(torch.from_numpy(np.array(data, dtype=np.float32)), **(params or {}))
+        return out.detach().cpu().numpy()
+
+
+def _load_pyfunc(data_path: str, model_config: dict | None = None):
+    data = Path(data_path)
+    conf = json.loads((data / _CONF_FILE).read_text("utf-8"))
+    if conf.get("kind") != "checkpoint":
+        raise TaskVecError(f"{data}: only checkpoint-kind taskvec models can be loaded as pyfunc")
+    return _CheckpointPyfunc(build_module(conf, data), hf=bool((conf.get("architecture") or {}).get("hf_config")))

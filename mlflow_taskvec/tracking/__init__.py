@@ -1,1 +1,0 @@
-"""The MLflow layer: references to registry models and runs, registration with lineage."""
