@@ -87,6 +87,10 @@ class Checkpoint:
         """The HF-style directory this checkpoint came from, if any."""
         return None
 
+    def paths(self) -> list[Path]:
+        """The files and folder this checkpoint is read from (none for one in memory)."""
+        return []
+
     def __contains__(self, name: str) -> bool:
         return name in set(self.keys())
 
@@ -145,6 +149,9 @@ class SafetensorsCheckpoint(Checkpoint):
     @property
     def files(self) -> list[Path]:
         return [f.path for f in self._files]
+
+    def paths(self) -> list[Path]:
+        return ([self._directory] if self._directory is not None else []) + self.files
 
     def keys(self) -> list[str]:
         return list(self._keys)

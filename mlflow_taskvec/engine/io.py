@@ -227,9 +227,10 @@ class StreamingWriter:
             offset += spec.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
-        self._file = open(self.path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)))
-        self._file.write(raw)
+        # Unbuffered: nothing is left in a buffer to flush on abort, which on a full
+        # disk would fail again and keep the partial file from being removed.
+        self._file = open(self.path, "wb", buffering=0)
+        self._write_all(struct.pack("<Q", len(raw)) + raw)
         self._index = 0
         self._remaining = specs[self.order[0]].nbytes if self.order else 0
 
@@ -259,20 +260,28 @@ class StreamingWriter:
         data = tensor_bytes(chunk)
         if data.nbytes > self._remaining:
             raise RuntimeError(f"tensor {name!r}: chunk overruns the tensor")
-        self._file.write(data)
+        self._write_all(data)
         self._remaining -= data.nbytes
         if self._remaining == 0:
             self._next()
         return data
+
+    def _write_all(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            view = view[self._file.write(view) :]
 
     def close(self) -> None:
         self._skip_empty_before(None)
         if not self.done:
             self._file.close()
             raise RuntimeError(f"{self.path}: closed before tensor {self.order[self._index]!r} was written")
-        self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
 
     def abort(self) -> None:
-        self._file.close()
+        """Close without writing anything more (the caller removes the file)."""
+        try:
+            self._file.close()
+        except OSError:
+            pass

@@ -28,7 +28,8 @@ from mlflow_taskvec.engine.streaming import (
     parse_dtype,
     release_free_memory,
 )
-from mlflow_taskvec.engine.writer import CheckpointWriter, MemorySink, check_output_path
+from mlflow_taskvec.engine.output import OutputClaim
+from mlflow_taskvec.engine.writer import CheckpointWriter, MemorySink
 from mlflow_taskvec.errors import TaskVecError
 
 if TYPE_CHECKING:  # the task vector module builds on this one, not the other way round
@@ -105,12 +106,17 @@ def merge_to(
     temporary name and moved into place when complete. Arguments as for ``merge``.
     """
     started = time.perf_counter()
-    check_output_path(output, overwrite)
-    plan = _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype)
-    metadata = {"taskvec.kind": "composite", **(metadata or {}), "taskvec.base_fingerprint": plan.base_fingerprint}
-    sink = CheckpointWriter(
-        output, plan.specs, metadata, max_shard_size=max_shard_size, copy_files_from=plan.base.directory, overwrite=overwrite
-    )
+    claim = OutputClaim(output, overwrite)  # locked from now on; the writer takes it over
+    try:
+        plan = _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype)
+        metadata = {"taskvec.kind": "composite", **(metadata or {}), "taskvec.base_fingerprint": plan.base_fingerprint}
+        inputs = [plan.base, *(src for v in plan.vectors for term in v.terms for src in term.sources())]
+        sink = CheckpointWriter(
+            claim, plan.specs, metadata, max_shard_size=max_shard_size, copy_files_from=plan.base.directory, inputs=inputs
+        )
+    except BaseException:
+        claim.release()
+        raise
     fingerprint = _execute(plan, sink, allow_nonfinite, progress)
     return MergeResult(
         method=plan.method.name,

@@ -325,7 +325,8 @@ class TaskVector:
         out_dtype = parse_dtype(dtype, "dtype", STORAGE_DTYPES)
         specs = {n: TensorSpec(out_dtype or s.dtype, s.shape) for n, s in self._specs.items()}
         compute = torch.float64 if any(s.dtype == torch.float64 for s in specs.values()) else torch.float32
-        with CheckpointWriter(output, specs, self.metadata(), max_shard_size=max_shard_size, overwrite=overwrite) as writer, one_torch_thread():
+        inputs = [src for term in self._terms for src in term.sources()]
+        with CheckpointWriter(output, specs, self.metadata(), max_shard_size=max_shard_size, overwrite=overwrite, inputs=inputs) as writer, one_torch_thread():
             for name in writer.order:
                 for start, stop in chunk_ranges(specs[name].numel):
                     values = self.chunk(name, start, stop, compute)
