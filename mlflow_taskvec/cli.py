@@ -7,10 +7,12 @@ place only when complete. Progress bars show on a terminal only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -21,9 +23,10 @@ from mlflow_taskvec.engine.inspect import describe
 from mlflow_taskvec.engine.methods import METHODS
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.writer import parse_size, write_text_atomically
-from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.errors import TaskVecError, TaskVecWarning
 from mlflow_taskvec.recipe import load_recipe, run_recipe
 from mlflow_taskvec.references import open_reference
+from mlflow_taskvec.signals import Terminated, terminate_like_interrupt
 
 
 def _fail_cleanly(fn):
@@ -33,6 +36,9 @@ def _fail_cleanly(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except Terminated as exc:  # cleanup has run on the way here, as for Ctrl-C
+            click.echo(f"Error: {exc}; temporary files were removed and no output was written", err=True)
+            sys.exit(exc.exit_code)
         except TaskVecError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:
@@ -75,6 +81,27 @@ def main():
     """Edit models with task arithmetic: extract, compose and inspect task vectors."""
     if not sys.stderr.isatty():  # MLflow's download bars only on a terminal: errors stay one line
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    ctx = click.get_current_context()
+    ctx.with_resource(terminate_like_interrupt())
+    ctx.with_resource(_warnings_as_lines())
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Our warnings as one ``Warning: ...`` line on stderr (others as Python prints them)."""
+    shown = warnings.showwarning
+
+    def show(message, category, *args, **kwargs):
+        if issubclass(category, TaskVecWarning):
+            click.echo(f"Warning: {message}", err=True)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 _register = click.option("--register", "register_as", default=None, metavar="NAME", help="Log to MLflow and register a version of this registered model.")
@@ -333,6 +360,8 @@ def similarity(refs, heatmap, fmt):
 
     if len(refs) < 2:
         raise click.UsageError("give at least two task vectors")
+    if heatmap is not None and not heatmap.parent.is_dir():  # before anything is printed
+        raise TaskVecError(f"{heatmap}: cannot write the heatmap, there is no folder {heatmap.parent}")
     vectors = [load_vector(r) for r in refs]
     labels = [v.task or Path(str(r)).name for v, r in zip(vectors, refs)]
     frame = pd.DataFrame(cosine_matrix(vectors).numpy(), index=pd.Index(labels, name="cosine"), columns=labels)
@@ -361,9 +390,14 @@ def _write_heatmap(frame, path: Path) -> None:
     fig.colorbar(im, ax=ax, label="cosine similarity")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise TaskVecError(f"{path}: cannot write the heatmap ({exc.strerror or exc})") from None
+    finally:
+        plt.close(fig)
     if os.environ.get("MLFLOW_RUN_ID"):
         import mlflow
 

@@ -279,4 +279,6 @@ def open_checkpoint(source: "Checkpoint | Mapping[str, torch.Tensor] | str | os.
         if path.suffix in PICKLE_SUFFIXES:
             raise TaskVecError(f"{path}: pickle checkpoints are never loaded; convert it to safetensors")
         return SafetensorsCheckpoint([path], str(path))
+    if path.exists():
+        raise TaskVecError(f"{path}: not a regular file or a folder, so it holds no safetensors weights")
     raise TaskVecError(f"{path}: no such file or directory")

@@ -92,6 +92,10 @@ class _Entry:
     end: int
 
 
+def _whole_number(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _parse_header(path: Path, file_size: int) -> tuple[dict[str, _Entry], dict[str, str], int]:
     if file_size < 8:
         raise TaskVecError(f"{path}: truncated safetensors file ({file_size} bytes, the header length alone needs 8)")
@@ -119,10 +123,12 @@ def _parse_header(path: Path, file_size: int) -> tuple[dict[str, _Entry], dict[s
     for name, info in header.items():
         try:
             code = info["dtype"]
-            shape = tuple(int(d) for d in info["shape"])
-            start, end = (int(o) for o in info["data_offsets"])
+            shape, offsets = tuple(info["shape"]), tuple(info["data_offsets"])
+            if len(offsets) != 2 or not all(_whole_number(d) for d in shape + offsets):
+                raise TypeError
+            start, end = offsets
         except (KeyError, TypeError, ValueError):
-            raise TaskVecError(f"{path}: corrupt safetensors header (entry {name!r} lacks dtype, shape or data_offsets)") from None
+            raise TaskVecError(f"{path}: corrupt safetensors header (entry {name!r} lacks dtype, or its shape or data_offsets are not lists of whole numbers)") from None
         if code not in DTYPE_BY_CODE:
             raise TaskVecError(f"{path}: tensor {name!r} has unsupported dtype {code!r}")
         if any(d < 0 for d in shape) or start < 0 or end < start:
