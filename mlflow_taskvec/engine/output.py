@@ -83,12 +83,14 @@ def exchange(a: Path, b: Path) -> None:
     os.rename(aside, a)
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """What tells one file (or folder) at a path from another put there later: inodes are
+    reused once freed, so the modification time too (a rename leaves it as it is)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return None
-    return st.st_dev, st.st_ino
+    return st.st_dev, st.st_ino, st.st_mtime_ns
 
 
 def remove_path(path: Path) -> None:
