@@ -130,6 +130,14 @@ def refuse_aliasing(output: str | os.PathLike, inputs: Iterable[str | os.PathLik
             raise TaskVecError(f"{output}: the output {why} {given}; writing it would destroy what it is computed from (choose another output path)")
 
 
+def check_output_path(output: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output that exists (unless ``overwrite``) or that another
+    writer holds: what a writer would refuse at its start, checked ahead (e.g. before a run)."""
+    claim = OutputClaim(output, overwrite)
+    claim.release()
+    return claim.path
+
+
 class OutputClaim:
     """One writer's hold on an output path: the lock, and what stood there at the start.
 
