@@ -29,6 +29,7 @@ from mlflow_taskvec.errors import TaskVecError, TaskVecWarning
 from mlflow_taskvec.progress import progress_bar
 from mlflow_taskvec.recipe import load_recipe
 from mlflow_taskvec.references import is_local, open_reference
+from mlflow_taskvec.mlflow.patience import bounded_waiting
 from mlflow_taskvec.signals import Terminated, terminate_like_interrupt
 
 
@@ -77,6 +78,7 @@ def main():
     ctx = click.get_current_context()
     ctx.with_resource(terminate_like_interrupt())
     ctx.with_resource(_warnings_as_lines())
+    ctx.with_resource(bounded_waiting(lambda line: click.echo(f"Warning: {line}", err=True)))
 
 
 @contextlib.contextmanager

@@ -348,3 +348,63 @@ def test_extracting_a_zero_vector_warns_in_one_line_naming_the_files(tmp_path):
     assert result.exit_code == 0, result.output
     assert result.stderr.splitlines() == [f"Warning: {out}: the task vector is all zeros: the fine-tune {copy} equals its base on every tensor it covers"]
     assert out.exists()
+
+
+# -- a tracking server that does not answer ------------------------------------------------------
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _registry_recipe(tmp_path) -> Path:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("base: models:/base/1\nvectors: [{vector: models:/rotate-vector/1}]\n", "utf-8")
+    return recipe
+
+
+def _without_mlflow_settings(**extra) -> dict:
+    return {**{k: v for k, v in env().items() if not k.startswith("MLFLOW_")}, **extra}
+
+
+def test_a_dead_tracking_server_fails_within_30_s_saying_once_that_it_retries(tmp_path):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+
+    started = time.monotonic()
+    proc = subprocess.run(
+        command("compose", _registry_recipe(tmp_path), "--register", "edit"),
+        env=_without_mlflow_settings(MLFLOW_TRACKING_URI=uri), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    seconds = time.monotonic() - started
+
+    assert proc.returncode == 1
+    warning, error = proc.stderr.splitlines()
+    assert warning == f"Warning: the tracking server {uri} does not answer; retrying for up to 26 s (MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT set how long)"
+    assert error.startswith(f"Error: base: models:/base/1: the tracking server at {uri} did not answer")
+    assert seconds < 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+def test_the_users_own_mlflow_retry_settings_are_respected(tmp_path):
+    import socket
+
+    with socket.socket() as silent:  # accepts connections (the kernel does) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        proc = subprocess.run(
+            command("compose", _registry_recipe(tmp_path), "--register", "edit"),
+            env=_without_mlflow_settings(MLFLOW_TRACKING_URI=uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="1"),
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )
+        seconds = time.monotonic() - started
+
+    assert proc.returncode == 1
+    line = one_error_line(proc.stderr)  # no retries, so no retry line
+    assert line.startswith(f"Error: base: models:/base/1: the tracking server at {uri} did not answer")
+    assert seconds < 20  # one attempt of 1 s, and the interpreter's start-up
