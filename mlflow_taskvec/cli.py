@@ -101,6 +101,7 @@ def _warnings_as_lines():
 
 _register = click.option("--register", "register_as", default=None, metavar="NAME", help="Log to MLflow and register a version of this registered model.")
 _alias = click.option("--alias", default=None, help="With --register: point this alias at the new version.")
+_allow_mixed = click.option("--allow-mixed", is_flag=True, help="With --register: add to a registered model even if it holds versions mlflow-taskvec did not make.")
 
 REF_HELP = "a local path, models:/name/version, models:/name@alias, models:/<model_id> or runs:/<run_id>/path"
 
@@ -118,23 +119,26 @@ REF_HELP = "a local path, models:/name/version, models:/name@alias, models:/<mod
 @_register
 @_alias
 @click.option("--run-id", default=None, help="With --register: the run to log the vector in (default: the fine-tune's run).")
+@_allow_mixed
 @_overwrite
 @_quiet
 @_fail_cleanly
-def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfinite, max_shard_size, register_as, alias, run_id, overwrite, quiet):
+def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfinite, max_shard_size, register_as, alias, run_id, allow_mixed, overwrite, quiet):
     """Extract the task vector FINETUNED - BASE."""
     if output is None and register_as is None:
         raise click.UsageError("give --output, --register, or both")
     if register_as is not None:
         from mlflow_taskvec.mlflow.downloads import resolve
+        from mlflow_taskvec.mlflow.registry import check_destination
 
+        check_destination(register_as, allow_mixed)  # before the output is written
         base_ref, ft_ref = resolve(base), resolve(finetuned)
         base_ckpt, ft_ckpt = open_reference(base_ref.path), open_reference(ft_ref.path)
     else:
         base_ckpt, ft_ckpt = open_reference(base), open_reference(finetuned)
     vector = TaskVector.extract(base_ckpt, ft_ckpt, include=include or None, exclude=exclude or None, task=task or None)
     if output is None:
-        _report_registration(quiet, _register_vector(vector, register_as, base_ref, ft_ref, run_id, alias))
+        _report_registration(quiet, _register_vector(vector, register_as, base_ref, ft_ref, run_id, alias, allow_mixed))
         return
     step, close = progress_bar(len(vector.names), "extract", "tensor", quiet)
     try:
@@ -148,13 +152,13 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
     _echo(quiet, f"base fingerprint: {vector.base_fingerprint}")
     _echo(quiet, f"fingerprint: {fingerprint}")
     if register_as is not None:
-        _report_registration(quiet, _register_vector(TaskVector.load(output), register_as, base_ref, ft_ref, run_id, alias))
+        _report_registration(quiet, _register_vector(TaskVector.load(output), register_as, base_ref, ft_ref, run_id, alias, allow_mixed))
 
 
-def _register_vector(vector, name, base_ref, ft_ref, run_id, alias):
+def _register_vector(vector, name, base_ref, ft_ref, run_id, alias, allow_mixed):
     from mlflow_taskvec.mlflow.registry import register_task_vector
 
-    return register_task_vector(vector, name, base_ref, ft_ref, run_id=run_id, alias=alias)
+    return register_task_vector(vector, name, base_ref, ft_ref, run_id=run_id, alias=alias, allow_mixed=allow_mixed)
 
 
 def _report_registration(quiet: bool, reg) -> None:
@@ -168,10 +172,11 @@ def _report_registration(quiet: bool, reg) -> None:
 @_register
 @_alias
 @click.option("--require-alias", default=None, metavar="ALIAS", help="Refuse inputs whose registered version does not carry ALIAS (on top of the recipe's policy).")
+@_allow_mixed
 @_overwrite
 @_quiet
 @_fail_cleanly
-def compose(recipe, output, max_shard_size, register_as, alias, require_alias, overwrite, quiet):
+def compose(recipe, output, max_shard_size, register_as, alias, require_alias, allow_mixed, overwrite, quiet):
     """Compose a model from a YAML merge RECIPE (references may be MLflow URIs)."""
     spec = load_recipe(recipe)
     if max_shard_size is not None:
@@ -180,7 +185,9 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, o
     if register_as is not None:
         from mlflow_taskvec.mlflow.registry import register_composite
 
-        reg = register_composite(spec, register_as, alias=alias, require_alias=require_alias, output=output, overwrite=overwrite)
+        reg = register_composite(
+            spec, register_as, alias=alias, require_alias=require_alias, output=output, overwrite=overwrite, allow_mixed=allow_mixed
+        )
         _echo(quiet, f"method: {spec.method}  scale: {spec.scale}  weights: {[e.weight for e in spec.vectors]}")
         _echo(quiet, f"fingerprint: {reg.tags['taskvec.fingerprint']}")
         if output is not None:

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 import yaml
@@ -94,6 +95,12 @@ def _garbled_composite(world) -> None:
     """A composite version whose taskvec.inputs tag was overwritten with something that is not a list of inputs."""
     reg = register_composite(parse_recipe(registry_recipe()), "bad-garbled")
     world.client.set_model_version_tag("bad-garbled", reg.version, "taskvec.inputs", '{"uri": "models:/x/1"}')
+
+
+def _foreign_model(world) -> None:
+    """A registered model whose version 1 is a plain MLflow model (registered without mlflow-taskvec)."""
+    if not world.client.search_model_versions("name = 'plain-model'"):
+        mlflow.register_model(f"models:/{world.registry.finetunes['rotate'].model_id}", "plain-model")
 
 
 @dataclass
@@ -179,6 +186,10 @@ CASES = [
     Case("base-through-a-link-is-the-output", ["compose", "{recipe}", "-o", "{local}/base.safetensors", "--overwrite"], "the output is the input {local}/base-link.safetensors", recipe=local_recipe(base="{local}/base-link.safetensors")),
     Case("extract-output-is-the-fine-tune", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/ft.safetensors", "-o", "{local}/ft.safetensors", "--overwrite"], "the output is the input {local}/ft.safetensors", process=True),
     Case("extract-output-is-the-base", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/ft.safetensors", "-o", "{local}/base.safetensors", "--overwrite"], "the output is the input {local}/base.safetensors"),
+    Case("register-output-exists", [*REGISTER[:-1], "{local}/ft.safetensors"], "{local}/ft.safetensors: output already exists (pass --overwrite to replace it)", recipe=registry_recipe()),
+    Case("register-output-is-the-base-folder", [*REGISTER[:-1], "{local}/hf", "--overwrite"], "{local}/hf: the output is the input {local}/hf;", recipe=local_recipe(base="{local}/hf")),
+    Case("register-into-a-foreign-model", ["compose", "{recipe}", "--register", "plain-model"], "registered model 'plain-model' holds versions mlflow-taskvec did not register (version 1 has no taskvec.kind tag); register under another name, or pass --allow-mixed", recipe=registry_recipe(), setup=_foreign_model),
+    Case("extract-register-into-a-foreign-model", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/ft.safetensors", "-o", "out/v.safetensors", "--register", "plain-model"], "registered model 'plain-model' holds versions mlflow-taskvec did not register", setup=_foreign_model),
     # -- inputs of the wrong kind -------------------------------------------------------------
     Case("vector-given-as-finetuned", COMPOSE, "vectors[0]: {local}/ft.tv.safetensors: is a task vector, not a fine-tuned checkpoint (in a recipe, use vector: instead of finetuned:)", recipe=local_recipe({"finetuned": "{local}/ft.tv.safetensors"})),
     Case("extract-vector-given-as-finetuned", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/ft.tv.safetensors", "-o", "out/v.safetensors"], "{local}/ft.tv.safetensors: is a task vector, not a fine-tuned checkpoint"),
@@ -333,3 +344,16 @@ def test_bad_input_is_refused_with_one_clear_line_and_nothing_written(case, worl
     assert files_under(work) == work_before
     assert files_under(world.local) == local_before  # nothing new, no leftovers
     assert digests_under(world.local) == local_digests  # and every input byte as it was
+
+
+def test_allow_mixed_registers_beside_versions_mlflow_taskvec_did_not_make(world, tmp_path, monkeypatch):
+    _foreign_model(world)
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(registry_recipe()), "utf-8")
+
+    result = CliRunner().invoke(cli, ["compose", str(recipe), "--register", "plain-model", "--allow-mixed"])
+
+    assert result.exit_code == 0, result.output
+    versions = {str(mv.version): mv.tags.get("taskvec.kind") for mv in world.client.search_model_versions("name = 'plain-model'")}
+    assert versions == {"1": None, "2": "composite"}

@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_taskvec.compose import compose_to
 from mlflow_taskvec.engine.taskvector import TaskVector
-from mlflow_taskvec.engine.output import check_output_path
+from mlflow_taskvec.engine.output import check_output_path, refuse_aliasing
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.mlflow import flavor
 from mlflow_taskvec.mlflow import tags as tag
@@ -78,12 +78,38 @@ def _asks_the_server_first(register):
 
     @functools.wraps(register)
     def wrapper(*args, **kwargs):
-        name = signature.bind(*args, **kwargs).arguments["name"]
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        name = bound.arguments["name"]
         with server_errors(f"registering {name!r} failed", name):
-            check_can_register(name)
+            check_destination(name, bound.arguments["allow_mixed"])
             return register(*args, **kwargs)
 
     return wrapper
+
+
+def check_destination(name: str, allow_mixed: bool = False) -> None:
+    """What can be known before anything is written about registering into ``name``: the user may
+    (when the server says), and its versions are ours (unless ``allow_mixed``)."""
+    with server_errors(f"registering {name!r} failed", name):
+        check_can_register(name)
+        if not allow_mixed:
+            refuse_foreign_versions(name)
+
+
+def refuse_foreign_versions(name: str) -> None:
+    """Refuse adding versions to a registered model whose versions mlflow-taskvec did not make
+    (a plain pyfunc model, say): its lineage, reports and verification would mix two worlds."""
+    try:
+        versions = MlflowClient().search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return  # no such model yet, or a name the search cannot quote: nothing to mix with
+    foreign = sorted((int(mv.version) for mv in versions if mv.name == name and tag.KIND not in (mv.tags or {})))
+    if foreign:
+        raise TaskVecError(
+            f"registered model {name!r} holds versions mlflow-taskvec did not register (version {foreign[0]} has no {tag.KIND} tag); "
+            "register under another name, or pass --allow-mixed to add to it anyway"
+        )
 
 
 @dataclass
@@ -116,8 +142,11 @@ def register_task_vector(
     finetuned: Resolved,
     run_id: str | None = None,
     alias: str | None = None,
+    allow_mixed: bool = False,
 ) -> Registered:
     """Log ``vector`` as a ``task_vector`` model of the fine-tune's run and register a version.
+
+    A registered model ``name`` whose versions mlflow-taskvec did not make is refused unless ``allow_mixed``.
 
     The run is ``run_id`` if given, else the fine-tune's own run when the fine-tune
     is an MLflow model or run artifact, else the active run, else a new run.
@@ -172,6 +201,7 @@ def register_composite(
     require_alias: str | None = None,
     output: "str | os.PathLike | None" = None,
     overwrite: bool = False,
+    allow_mixed: bool = False,
 ) -> Registered:
     """Compose what ``recipe`` says, log it as a ``checkpoint`` model in a run, register a version.
 
@@ -181,12 +211,16 @@ def register_composite(
     into the version's description. ``extra_tags`` go on the version and the logged
     model; ``note`` is a paragraph of the version's description. ``require_alias``
     adds to the recipe's policy; with ``output`` the composite is also left there
-    (composed once; an existing output is refused before anything is registered).
+    (composed once; an existing output, or one that is an input, is refused before anything
+    is registered). A registered model ``name`` whose versions mlflow-taskvec did not make is
+    refused unless ``allow_mixed``.
     """
     if output is not None:
         check_output_path(output, overwrite)
     inputs = resolve_inputs(recipe, require_alias)
     inputs.check_same_base()  # before a run is started
+    if output is not None:  # every destination checked before a run is started or anything registered
+        refuse_aliasing(output, [r.path for r in (inputs.base, *inputs.vectors)])
     resolved = inputs.canonical()
     base = inputs.base
     architecture, code_paths, signature = _architecture_of(base)
