@@ -201,6 +201,11 @@ def big_inputs(tmp_path_factory) -> tuple[Path, dict]:
     save_file(base, str(folder / "base.safetensors"))
     save_file({n: t + 0.5 for n, t in base.items()}, str(folder / "ft.safetensors"))
     (folder / "recipe.yaml").write_text("base: base.safetensors\nvectors: [{finetuned: ft.safetensors}]\n", "utf-8")
+    # the same base as an HF folder (a config.json: an architecture a registered composite can carry)
+    (folder / "hf").mkdir()
+    os.link(folder / "base.safetensors", folder / "hf" / "model.safetensors")
+    (folder / "hf" / "config.json").write_text("{}", "utf-8")
+    (folder / "hf-recipe.yaml").write_text("base: hf\nvectors: [{finetuned: ft.safetensors}]\n", "utf-8")
     return folder / "recipe.yaml", sha256_of(folder / "base.safetensors", folder / "ft.safetensors")
 
 
@@ -229,6 +234,34 @@ def test_a_signal_mid_compose_removes_the_partial_and_says_so_in_one_line(tmp_pa
     assert stdout == ""
     assert not out.exists() and leftovers(out.parent) == []
     assert sha256_of(*map(Path, digests)) == digests
+
+
+def test_sigterm_mid_registration_ends_the_run_failed_and_registers_nothing(tmp_path, tmp_path_factory, big_inputs):
+    from mlflow_helpers import mlflow_store, template_db
+
+    recipe = big_inputs[0].parent / "hf-recipe.yaml"
+    scratch = tmp_path / "tmp"  # the command's temporary folders go here, to be watched
+    scratch.mkdir()
+    with mlflow_store(tmp_path / "store", template_db(tmp_path_factory)) as store:
+        proc = subprocess.Popen(
+            command("compose", recipe, "--register", "edit"), env=store.env(PYTHONPATH=env()["PYTHONPATH"], TMPDIR=str(scratch)),
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        deadline = time.monotonic() + 120
+        while not list(scratch.glob("taskvec-compose-*/.weights.partial-*")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the compose never started writing"
+            time.sleep(0.005)
+
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+
+        assert proc.returncode == 128 + signal.SIGTERM, stderr
+        assert one_error_line(stderr).startswith("Error: interrupted by SIGTERM")
+        runs = store.client.search_runs([store.experiment_id])
+        assert [r.info.status for r in runs] == ["FAILED"]
+        assert store.client.search_model_versions() == []
+        assert list(scratch.iterdir()) == []  # the temporary folder, with the partial, is gone
 
 
 def test_after_a_sigkill_the_next_compose_removes_the_partial(tmp_path, big_inputs):
