@@ -216,6 +216,13 @@ def test_approving_by_alias_and_then_another_version_moves_the_alias_and_keeps_e
     assert v1.tags["taskvec.approval.rollback.by"] == v1.tags["taskvec.approved_by"] == "carol"
     assert v2.tags["taskvec.approval.approved.by"] == "bob"
     assert "taskvec.approval.approved.note" not in v2.tags
+    at = v1.tags["taskvec.approval.approved.at"]
+    line = ok(invoke("lineage", "models:/approve-twice/1"))[0]
+    assert f"  was approved by alice at {at} (@approved has moved on)" in line
+    assert f"  rollback by carol at {v1.tags['taskvec.approval.rollback.at']}" in line
+    assert "  approved by" not in line.replace("was approved by", "")  # not shown as approved now
+    tree = json.loads("\n".join(ok(invoke("lineage", "models:/approve-twice/1", "--format", "json"))))
+    assert set(tree["approvals"]) == {"rollback"} and set(tree["past_approvals"]) == {"approved"}
 
 
 # -- lineage ---------------------------------------------------------------------------------
