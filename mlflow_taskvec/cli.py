@@ -455,22 +455,25 @@ def lineage(ref, fmt):
 
 @main.command()
 @click.argument("ref")
+@click.option("--recursive", is_flag=True, help="Also verify every registered composite and task vector REF is made of, down to the fine-tunes.")
 @_quiet
 @_fail_cleanly
-def verify(ref, quiet):
+def verify(ref, recursive, quiet):
     """Check that REF (a registered composite or task vector) is untampered and reproducible.
 
     Downloads the base and every input afresh, checks their fingerprints and the
     recipe's digest against what the version records, recomposes (or re-extracts)
     into a temporary folder and compares fingerprints. Exit 0 and "verified", or
-    exit 1 naming the first mismatch.
+    exit 1 naming the first mismatch. With --recursive, every registered composite
+    and task vector REF is made of is verified too, down to the fine-tunes.
     """
     from mlflow_taskvec.mlflow.verify import verify as verify_version
+    from mlflow_taskvec.mlflow.verify import verify_recursively
 
-    result = verify_version(ref)
-    click.echo(f"verified: {result.uri} ({result.kind}, fingerprint {result.fingerprint[:16]})")
-    for check in result.checks:
-        _echo(quiet, f"  ok  {check}")
+    for result in verify_recursively(ref) if recursive else [verify_version(ref)]:
+        click.echo(f"verified: {result.uri} ({result.kind}, fingerprint {result.fingerprint[:16]})")
+        for check in result.checks:
+            _echo(quiet, f"  ok  {check}")
 
 
 if __name__ == "__main__":
