@@ -441,3 +441,38 @@ def test_the_users_own_mlflow_retry_settings_are_respected(tmp_path):
     line = one_error_line(proc.stderr)  # no retries, so no retry line
     assert line.startswith(f"Error: base: models:/base/1: the tracking server at {uri} did not answer")
     assert seconds < 20  # one attempt of 1 s, and the interpreter's start-up
+
+
+# -- a run its process could not end -------------------------------------------------------------
+
+
+def test_a_run_left_running_by_a_process_that_died_is_ended_by_the_next_registration(tmp_path, tmp_path_factory, monkeypatch):
+    from mlflow_helpers import mlflow_store, template_db
+
+    from mlflow_taskvec.mlflow.runs import process_identity
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone_identity = process_identity(gone.pid)  # read while it lives: its start time
+    gone.wait()
+    with mlflow_store(tmp_path / "store", template_db(tmp_path_factory)) as store:
+        orphan = store.client.create_run(store.experiment_id, tags={"taskvec.process": gone_identity})
+        alive = store.client.create_run(store.experiment_id, tags={"taskvec.process": process_identity()})
+        elsewhere = store.client.create_run(store.experiment_id, tags={"taskvec.process": f"another-host:{gone.pid}:1"})
+        small = tmp_path / "small"
+        small.mkdir()
+        save_file({"w": torch.ones(4)}, str(small / "model.safetensors"))
+        (small / "config.json").write_text("{}", "utf-8")
+        save_file({"w": torch.ones(4) * 2}, str(tmp_path / "ft.safetensors"))
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text("base: small\nvectors: [{finetuned: ft.safetensors}]\n", "utf-8")
+        monkeypatch.chdir(tmp_path)
+
+        result = CliRunner().invoke(cli, ["compose", str(recipe), "--register", "edit"])
+
+        assert result.exit_code == 0, result.output
+        status = {r.info.run_id: r.info.status for r in store.client.search_runs([store.experiment_id])}
+        assert status[orphan.info.run_id] == "FAILED"
+        assert status[alive.info.run_id] == status[elsewhere.info.run_id] == "RUNNING"  # cannot tell: left alone
+        assert result.stderr.splitlines() == [
+            f"Warning: run {orphan.info.run_id} was left RUNNING by process {gone.pid}, which has ended; it is now FAILED"
+        ]

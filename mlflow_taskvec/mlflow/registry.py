@@ -8,7 +8,6 @@ made of.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import json
@@ -35,6 +34,7 @@ from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.downloads import Resolved
 from mlflow_taskvec.mlflow.evaluate import composite_evaluation
 from mlflow_taskvec.mlflow.inputs import resolve_inputs
+from mlflow_taskvec.mlflow.runs import owned_run
 from mlflow_taskvec.mlflow.server import check_can_register, server_error, server_errors
 from mlflow_taskvec.recipe import Recipe
 
@@ -126,14 +126,6 @@ class Registered:
         return f"models:/{self.name}/{self.version}"
 
 
-def _run_context(run_id: str | None):
-    """Resume ``run_id``, keep the active run, or start a new one."""
-    active = mlflow.active_run()
-    if active is not None and run_id in (None, active.info.run_id):
-        return contextlib.nullcontext(active)
-    return mlflow.start_run(run_id=run_id)
-
-
 @_asks_the_server_first
 def register_task_vector(
     vector: TaskVector,
@@ -152,7 +144,7 @@ def register_task_vector(
     is an MLflow model or run artifact, else the active run, else a new run.
     """
     run_id = run_id or finetuned.run_id
-    with _run_context(run_id) as run:
+    with owned_run(run_id) as run:
         lineage = {"base_uri": base.canonical, "finetuned_uri": finetuned.canonical, "finetuned_fingerprint": finetuned.fingerprint}
         info = flavor.log_model(vector, name="task_vector", lineage=lineage)
         conf = info.flavors[flavor.FLAVOR_NAME]
@@ -225,7 +217,7 @@ def register_composite(
     base = inputs.base
     architecture, code_paths, signature = _architecture_of(base)
 
-    with _run_context(None) as run, tempfile.TemporaryDirectory(prefix="taskvec-compose-") as tmp:
+    with owned_run(None) as run, tempfile.TemporaryDirectory(prefix="taskvec-compose-") as tmp:
         mlflow.log_params(_run_params(resolved))
         weights = Path(output) if output is not None else Path(tmp) / "weights"
         result = compose_to(inputs.local(), output=weights, overwrite=overwrite)

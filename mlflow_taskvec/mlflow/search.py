@@ -38,7 +38,8 @@ from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.evaluate import CompositeEvaluation, composite_evaluation
 from mlflow_taskvec.mlflow.inputs import Inputs, resolve_inputs
-from mlflow_taskvec.mlflow.registry import Registered, _run_context, register_composite
+from mlflow_taskvec.mlflow.registry import Registered, register_composite
+from mlflow_taskvec.mlflow.runs import owned_run
 from mlflow_taskvec.progress import progress_bar
 from mlflow_taskvec.recipe import Recipe, Search
 
@@ -335,7 +336,7 @@ def search(
     composer = _Composer(inputs, evaluation, memory)
     labels = _labels(recipe, evaluation)
 
-    with _run_context(None) as run, tempfile.TemporaryDirectory(prefix="taskvec-search-") as tmp:
+    with owned_run(None) as run, tempfile.TemporaryDirectory(prefix="taskvec-search-") as tmp:
         parent_id = run.info.run_id
         mlflow.set_tag(tag.SEARCH_ROLE, "search")
         mlflow.log_params(
