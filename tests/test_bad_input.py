@@ -91,6 +91,18 @@ def _tampered_vector(world) -> None:
     flip_last_byte(stored_weights(world.client, reg.model_id))
 
 
+def _truncated_vector(world) -> None:
+    """A vector version whose stored weights file was cut in half (content of its own, as above)."""
+    if world.client.search_model_versions("name = 'bad-truncated-vector'"):
+        return
+    base_ref = resolve(BASE)
+    ft_ref = resolve(f"models:/{world.registry.finetunes['flip'].model_id}")
+    vector = TaskVector.extract(base_ref.path, ft_ref.path, include=["encoder.*"], task="flip")
+    reg = register_task_vector(vector, "bad-truncated-vector", base_ref, ft_ref)
+    weights = stored_weights(world.client, reg.model_id)
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
 def _garbled_composite(world) -> None:
     """A composite version whose taskvec.inputs tag was overwritten with something that is not a list of inputs."""
     reg = register_composite(parse_recipe(registry_recipe()), "bad-garbled")
@@ -208,6 +220,7 @@ CASES = [
     # -- files named in messages --------------------------------------------------------------
     Case("similarity-of-a-zero-vector", ["similarity", "{local}/zero.tv.safetensors", "{local}/ft.tv.safetensors"], "{local}/zero.tv.safetensors: the task vector is all zeros, so its cosine similarity is undefined"),
     Case("heatmap-into-a-missing-folder", ["similarity", "{local}/ft.tv.safetensors", "{local}/ft.tv.safetensors", "--heatmap", "/nonexistent/dir/x.png"], "/nonexistent/dir/x.png: cannot write the heatmap, there is no folder /nonexistent/dir"),
+    Case("inspect-truncated-registered-model", ["inspect", "models:/bad-truncated-vector/1"], "models:/bad-truncated-vector/1: its stored weights are unreadable: truncated safetensors file (tensor 'encoder.0.weight' ends at byte", setup=_truncated_vector),
     Case("verify-missing-version", ["verify", f"models:/{vector_name('flip')}@nope"], f"models:/{vector_name('flip')}@nope: Registered model alias nope not found"),
 ]
 
