@@ -245,9 +245,10 @@ class _Count(click.ParamType):
 @click.option("--output-recipe", type=click.Path(path_type=Path), default=None, help="Write the winning recipe (YAML) here.")
 @_register
 @_alias
+@_allow_mixed
 @_quiet
 @_fail_cleanly
-def search_command(recipe, strategy, objective, trials, storage, study_name, memory, output_recipe, register_as, alias, quiet):
+def search_command(recipe, strategy, objective, trials, storage, study_name, memory, output_recipe, register_as, alias, allow_mixed, quiet):
     """Search a RECIPE's coefficients on a validation split; evaluate the best on the test split.
 
     The recipe needs an `evaluation` block; its optional `search` block sets the
@@ -266,7 +267,7 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
         data = spec.model_dump(exclude_unset=True)
         data["search"] = settings
         spec = parse_recipe(data, f"{recipe} (with the command's options)", spec.source_dir)
-    result = search(spec, register_as=register_as, alias=alias, memory=memory, quiet=quiet)
+    result = search(spec, register_as=register_as, alias=alias, memory=memory, quiet=quiet, allow_mixed=allow_mixed)
     best = result.best
     _echo(quiet, f"search run: {result.run_id}  candidates: {len(result.candidates)}  objective: {result.objective.describe}")
     _echo(quiet, f"best: scale {best.scale:g}  weights {[round(w, 4) for w in best.weights]}"

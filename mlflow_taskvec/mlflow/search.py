@@ -38,7 +38,7 @@ from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.evaluate import CompositeEvaluation, composite_evaluation
 from mlflow_taskvec.mlflow.inputs import Inputs, resolve_inputs
-from mlflow_taskvec.mlflow.registry import Registered, register_composite
+from mlflow_taskvec.mlflow.registry import Registered, check_destination, register_composite
 from mlflow_taskvec.mlflow.runs import owned_run
 from mlflow_taskvec.progress import progress_bar
 from mlflow_taskvec.recipe import Recipe, Search
@@ -324,11 +324,18 @@ def search(
     alias: str | None = None,
     memory: str = "auto",
     quiet: bool = True,
+    allow_mixed: bool = False,
 ) -> SearchResult:
-    """Search ``recipe``'s coefficients as its ``search`` block says (defaults: the paper's grid)."""
+    """Search ``recipe``'s coefficients as its ``search`` block says (defaults: the paper's grid).
+
+    With ``register_as``, the registered model is checked first (permission, and versions
+    mlflow-taskvec did not make unless ``allow_mixed``): a refusal comes before the search, not after it.
+    """
     settings = recipe.search or Search()
     if recipe.evaluation is None:
         raise TaskVecError("search needs an 'evaluation' block in the recipe (evaluator and tasks)")
+    if register_as is not None:
+        check_destination(register_as, allow_mixed)
     inputs = resolve_inputs(recipe)  # the policy first: before anything is downloaded or evaluated
     base = inputs.base
     evaluation = composite_evaluation(inputs)
@@ -397,6 +404,7 @@ def search(
                     evaluate=lambda model: evaluation.evaluate(model, test_split),
                     extra_tags={tag.SEARCH: json.dumps(summary, sort_keys=True)},
                     note=_note(summary, objective, settings),
+                    allow_mixed=allow_mixed,
                 )
             test_metrics = dict(mlflow.get_run(registered.run_id).data.metrics)
         else:
