@@ -476,3 +476,47 @@ def test_a_run_left_running_by_a_process_that_died_is_ended_by_the_next_registra
         assert result.stderr.splitlines() == [
             f"Warning: run {orphan.info.run_id} was left RUNNING by process {gone.pid}, which has ended; it is now FAILED"
         ]
+
+
+# -- the final move, with the kernel's renameat2 and with the portable fallbacks ------------------
+
+
+@pytest.fixture(params=["renameat2", "portable"])
+def moves(request, monkeypatch):
+    from mlflow_taskvec.engine import output
+
+    if request.param == "portable":
+        monkeypatch.setattr(output, "_RENAMEAT2", None)
+    elif output._RENAMEAT2 is None:
+        pytest.skip("this C library has no renameat2")
+    return output
+
+
+def test_a_move_without_replacing_refuses_whatever_is_at_the_target(tmp_path, moves):
+    for target_kind in ("file", "folder", "empty folder"):
+        src, dst = tmp_path / f"src-{target_kind}", tmp_path / f"dst-{target_kind}"
+        src.mkdir()
+        (src / "new").write_text("new", "utf-8")
+        if target_kind == "file":
+            dst.write_text("precious", "utf-8")
+        else:
+            dst.mkdir()
+            if target_kind == "folder":
+                (dst / "important.txt").write_text("precious", "utf-8")
+        with pytest.raises(FileExistsError):
+            moves.rename_no_replace(src, dst)
+        assert (src / "new").exists()
+    moves.rename_no_replace(src, tmp_path / "free")
+    assert (tmp_path / "free" / "new").read_text("utf-8") == "new" and not src.exists()
+
+
+def test_an_exchange_swaps_a_file_and_a_folder(tmp_path, moves):
+    (tmp_path / "a").write_text("a file", "utf-8")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "inside").write_text("in b", "utf-8")
+
+    moves.exchange(tmp_path / "a", tmp_path / "b")
+
+    assert (tmp_path / "a" / "inside").read_text("utf-8") == "in b"
+    assert (tmp_path / "b").read_text("utf-8") == "a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]

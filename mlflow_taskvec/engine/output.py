@@ -19,7 +19,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import os
 import re
 import shutil
@@ -28,6 +27,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from mlflow_taskvec.errors import TaskVecError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks here; the atomic final move still guards the output
+    fcntl = None
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
@@ -68,7 +72,15 @@ def rename_no_replace(src: Path, dst: Path) -> None:
             raise FileExistsError(errno.EEXIST, "File exists", str(dst))
         os.rename(src, dst)  # a directory is only ever replaced by rename when it is empty
     else:
-        os.link(src, dst, follow_symlinks=False)  # EEXIST, atomically, when dst exists
+        try:
+            os.link(src, dst, follow_symlinks=False)  # EEXIST, atomically, when dst exists
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: check, then move (a small window)
+            if os.path.lexists(dst):
+                raise FileExistsError(errno.EEXIST, "File exists", str(dst)) from None
+            os.rename(src, dst)
+            return
         os.unlink(src)
 
 
@@ -165,6 +177,8 @@ class OutputClaim:
 
     # -- the lock ----------------------------------------------------------------------------
     def _lock(self) -> None:
+        if fcntl is None:
+            return
         while True:
             fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
