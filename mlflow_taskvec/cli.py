@@ -14,16 +14,12 @@ import sys
 from pathlib import Path
 
 import click
-import yaml
 
 from mlflow_taskvec import __version__
-from mlflow_taskvec.engine.inspect import describe
-from mlflow_taskvec.engine.methods import METHODS
-from mlflow_taskvec.engine.taskvector import TaskVector
-from mlflow_taskvec.engine.writer import parse_size, write_text_atomically
 from mlflow_taskvec.errors import TaskVecError
-from mlflow_taskvec.recipe import load_recipe, run_recipe
-from mlflow_taskvec.references import open_reference
+
+# Each command imports what it uses when it runs: `--version` and `--help` need no
+# torch, and local work never imports MLflow (tests/test_startup.py checks both).
 
 
 def _fail_cleanly(fn):
@@ -101,6 +97,9 @@ REF_HELP = "a local path, models:/name/version, models:/name@alias, models:/<mod
 @_fail_cleanly
 def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfinite, max_shard_size, register_as, alias, run_id, overwrite, quiet):
     """Extract the task vector FINETUNED - BASE."""
+    from mlflow_taskvec.engine.taskvector import TaskVector
+    from mlflow_taskvec.references import open_reference
+
     if output is None and register_as is None:
         raise click.UsageError("give --output, --register, or both")
     if register_as is not None:
@@ -151,6 +150,10 @@ def _report_registration(quiet: bool, reg) -> None:
 @_fail_cleanly
 def compose(recipe, output, max_shard_size, register_as, alias, require_alias, overwrite, quiet):
     """Compose a model from a YAML merge RECIPE (references may be MLflow URIs)."""
+    from mlflow_taskvec.engine.writer import parse_size
+    from mlflow_taskvec.recipe import load_recipe, run_recipe
+    from mlflow_taskvec.references import open_reference
+
     spec = load_recipe(recipe)
     if require_alias is not None:
         if not require_alias.strip():
@@ -226,8 +229,11 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
     strategy (default: the paper's grid over the scale, 0.0 to 1.0 step 0.05).
     Each candidate is a child run; the table and a plot are logged on the search's run.
     """
-    from mlflow_taskvec.recipe import parse_recipe
+    import yaml
+
+    from mlflow_taskvec.engine.writer import write_text_atomically
     from mlflow_taskvec.mlflow.search import search
+    from mlflow_taskvec.recipe import load_recipe, parse_recipe
 
     spec = load_recipe(recipe)
     overrides = {k: v for k, v in dict(strategy=strategy, objective=objective, trials=trials, storage=storage, study_name=study_name).items() if v is not None}
@@ -262,6 +268,9 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
 @_fail_cleanly
 def inspect(ref, top, layers, fmt):
     """Describe a checkpoint or task vector: tensors, parameters, dtypes, fingerprint, norms."""
+    from mlflow_taskvec.engine.inspect import describe
+    from mlflow_taskvec.references import open_reference
+
     d = describe(open_reference(ref))
     if fmt == "json":
         out = {
@@ -386,6 +395,8 @@ def report(name, fmt, metrics):
 @main.command("methods")
 def list_methods():
     """List the merge methods and their parameters."""
+    from mlflow_taskvec.engine.methods import METHODS
+
     for m in METHODS.values():
         params = ", ".join(sorted(m.param_names)) or "none"
         click.echo(f"{m.name}: {m.summary} (params: {params})")
