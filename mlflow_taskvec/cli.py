@@ -186,6 +186,57 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, o
     _echo(quiet, f"fingerprint: {result.fingerprint}")
 
 
+@main.command()
+@click.argument("ref")
+@click.option("--format", "layout", type=click.Choice(["sparse", "bitdelta", "lowrank"]), required=True, help="sparse: top-k indices and values; bitdelta: sign bits and one scale per matrix; lowrank: truncated SVD factors per matrix.")
+@click.option("--density", type=float, default=None, help="sparse: fraction of entries kept; lowrank: fraction of the dense size.")
+@click.option("--rank", type=int, default=None, help="lowrank: the rank of every matrix.")
+@click.option("--energy", type=float, default=None, help="lowrank: the fraction of each matrix's squared singular values kept.")
+@click.option("--output", "-o", default=None, type=click.Path(path_type=Path), help="Where to write the compressed vector (optional with --register).")
+@_register
+@_alias
+@_overwrite
+@_quiet
+@_fail_cleanly
+def compress(ref, layout, density, rank, energy, output, register_as, alias, overwrite, quiet):
+    """Store the task vector REF in a smaller layout (composed like any task vector)."""
+    from mlflow_taskvec.engine.compressed import check_settings
+
+    if output is None and register_as is None:
+        raise click.UsageError("give --output, --register, or both")
+    check_settings(layout, density, rank, energy)  # before anything is read or downloaded
+    settings = dict(density=density, rank=rank, energy=energy)
+    if register_as is not None:
+        from mlflow_taskvec.mlflow.registry import register_compressed_vector
+
+        reg = register_compressed_vector(ref, register_as, layout, output=output, overwrite=overwrite, alias=alias, **settings)
+        _report_compression(quiet, reg.compression)
+        _report_registration(quiet, reg)
+        return
+    from mlflow_taskvec.engine.compressed import compress as compress_vector
+    from mlflow_taskvec.engine.taskvector import TaskVector
+    from mlflow_taskvec.references import open_reference
+
+    source = open_reference(ref)
+    vector = TaskVector.load(source)
+    step, close = _progress(len(vector.names), f"compress ({layout})", quiet)
+    try:
+        result = compress_vector(vector, output, layout, source_fingerprint=source.fingerprint(), overwrite=overwrite, progress=step, **settings)
+    finally:
+        close()
+    _echo(quiet, f"compressed vector: {output}")
+    _report_compression(quiet, result)
+
+
+def _report_compression(quiet: bool, result) -> None:
+    setting = ", ".join(f"{k} {v:g}" for k, v in result.settings.items())
+    _echo(quiet, f"format: {result.layout}" + (f" ({setting})" if setting else "")
+          + "  tensors: " + ", ".join(f"{n} {e}" for e, n in sorted(result.encodings.items())))
+    _echo(quiet, f"size: {result.stored_bytes} bytes stored, {result.dense_bytes} dense ({result.ratio:.1f}x smaller)")
+    _echo(quiet, f"source fingerprint: {result.source_fingerprint}")
+    _echo(quiet, f"fingerprint: {result.fingerprint}")
+
+
 def _unset_if_empty(_ctx, _param, value):
     """MLproject passes unset string parameters as ''."""
     return value or None
@@ -283,6 +334,9 @@ def inspect(ref, top, layers, fmt):
             "l2_norm": d.l2_norm,
             "largest": [{"name": n, "l2_norm": v} for n, v in d.largest(top)],
             "metadata": d.metadata,
+            "layout": d.layout,
+            "stored_bytes": d.stored_bytes,
+            "dense_bytes": d.dense_bytes,
         }
         if layers:
             out["layers"] = d.layer_norms()
@@ -298,6 +352,9 @@ def inspect(ref, top, layers, fmt):
     click.echo("dtypes: " + ", ".join(f"{k} ({v})" for k, v in sorted(d.dtypes.items())))
     click.echo(f"fingerprint: {d.fingerprint}")
     click.echo(f"l2 norm: {d.l2_norm:.6g}")
+    if d.layout != "dense":
+        click.echo(f"layout: {d.layout}")
+        click.echo(f"size: {d.stored_bytes} bytes stored, {d.dense_bytes} dense ({d.compression_ratio:.1f}x smaller)")
     if top > 0 and d.tensor_norms:
         click.echo(f"largest {min(top, len(d.tensor_norms))} tensors by l2 norm:")
         width = max(len(n) for n, _ in d.largest(top))

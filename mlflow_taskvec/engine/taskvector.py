@@ -51,9 +51,9 @@ class _Term:
 
     def chunk(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         if self.stored is not None:
-            return flat_slice(self.stored.get_tensor(name), start, stop, dtype)
-        ft = flat_slice(self.finetuned.get_tensor(name), start, stop, dtype)
-        return torch.sub(ft, flat_slice(self.base.get_tensor(name), start, stop, dtype))
+            return self.stored.read_chunk(name, start, stop, dtype)
+        ft = self.finetuned.read_chunk(name, start, stop, dtype)
+        return torch.sub(ft, self.base.read_chunk(name, start, stop, dtype))
 
     def sources(self) -> list[Checkpoint]:
         return [self.stored] if self.stored is not None else [self.finetuned, self.base]

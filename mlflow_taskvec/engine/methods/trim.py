@@ -54,12 +54,19 @@ class TrimThreshold:
             below = torch.nextafter(torch.tensor(self.value, dtype=chunk.dtype), torch.tensor(-1.0, dtype=chunk.dtype))
             keep = magnitude.sub_(below).sign_().clamp_(min=0)
             return keep.mul_(chunk)
+        return torch.where(self._keep_mask(magnitude, start), chunk, 0.0)
+
+    def keep_mask(self, chunk: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """True at the entries of ``chunk`` (a flat slice starting at ``start``) that the trim keeps."""
+        return self._keep_mask(chunk.abs(), start)
+
+    def _keep_mask(self, magnitude: torch.Tensor, start: int) -> torch.Tensor:
         keep = magnitude > self.value
         budget = self.tie_budget.get(start, self.ties_to_keep if start == 0 and not self.tie_budget else 0)
         if budget > 0:
             tied = magnitude == self.value
             keep |= tied & (tied.cumsum(0) <= budget)
-        return torch.where(keep, chunk, 0.0)
+        return keep
 
 
 def _radix_select(chunks: Callable[[], Iterable[torch.Tensor]], k: int, dtype: torch.dtype) -> TrimThreshold:
