@@ -19,6 +19,9 @@ named ``<tensor>/<part>``:
   fraction E of ``sum S^2``, or ``int(D * m * n / (m + n))`` (D of the dense size);
   a tensor whose factors would not be smaller, and every other tensor, is stored dense.
 
+In every layout a tensor that is all zeros (a layer the fine-tune froze) is stored as
+its shape alone (encoding ``zero``).
+
 Reading goes through ``CompressedCheckpoint``, which ``open_checkpoint`` returns
 for such a file: it shows the dense tensors, densified block by block when read
 (so composing from it keeps memory flat), and its fingerprint is that of the
@@ -60,7 +63,7 @@ class _Encoded:
     """How one tensor of the vector is stored: its dense spec, encoding and parts."""
 
     spec: TensorSpec
-    encoding: str  # dense | sparse | bitdelta | lowrank
+    encoding: str  # dense | zero | sparse | bitdelta | lowrank
     parts: dict[str, TensorSpec]  # part name -> stored spec
 
     def describe(self) -> dict:
@@ -151,6 +154,8 @@ class _Encoder:
         spec = self.vector.spec(name)
         dense = _Encoded(spec, "dense", {part_name(name, "dense"): spec})
         value_dtype = spec.dtype
+        if spec.numel and not bool(self.dense(name).any()):
+            return _Encoded(spec, "zero", {})
         if self.layout == "sparse":
             k = trim_count(self.settings["density"], spec.numel) if spec.numel else 0
             index_dtype = torch.int32 if spec.numel <= _INT32_LIMIT else torch.int64
@@ -175,7 +180,9 @@ class _Encoder:
             return self._cache[name]
         t = self.dense(name)
         dtype = encoded.spec.dtype
-        if encoded.encoding == "dense":
+        if encoded.encoding == "zero":
+            out = {}
+        elif encoded.encoding == "dense":
             out = {"dense": t.to(dtype)}
         elif encoded.encoding == "sparse":
             flat = t.reshape(-1)
@@ -372,6 +379,9 @@ class CompressedCheckpoint(Checkpoint):
     def _part(self, name: str, part: str) -> torch.Tensor:
         return self.stored.get_tensor(part_name(name, part))
 
+    def _zero(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        return torch.zeros(hi - lo, dtype=self._specs[name].dtype)
+
     def _sparse(self, name: str, lo: int, hi: int) -> torch.Tensor:
         indices, values = self._part(name, "indices"), self._part(name, "values")
         first = int(torch.searchsorted(indices, lo))
@@ -401,8 +411,9 @@ class CompressedCheckpoint(Checkpoint):
             raise TaskVecError(f"{self.source}: no tensor named {name!r}")
 
 
-_PARTS = {"dense": ("dense",), "sparse": ("indices", "values"), "bitdelta": ("signs", "scale"), "lowrank": ("A", "B")}
+_PARTS = {"dense": ("dense",), "zero": (), "sparse": ("indices", "values"), "bitdelta": ("signs", "scale"), "lowrank": ("A", "B")}
 _DENSIFY = {
+    "zero": CompressedCheckpoint._zero,
     "sparse": CompressedCheckpoint._sparse,
     "bitdelta": CompressedCheckpoint._bitdelta,
     "lowrank": CompressedCheckpoint._lowrank,

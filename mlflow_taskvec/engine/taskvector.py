@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from mlflow_taskvec.engine.checkpoint import Checkpoint, open_checkpoint
+from mlflow_taskvec.engine.device import DeviceRunner, on_device, parse_device
 from mlflow_taskvec.engine.io import TensorSpec
 from mlflow_taskvec.engine.streaming import (
     CHUNK_ELEMENTS,
@@ -320,18 +321,29 @@ class TaskVector:
         overwrite: bool = False,
         allow_nonfinite: bool = False,
         progress=None,
+        device: "str | torch.device | None" = None,
     ) -> str:
-        """Stream the vector to ``output`` (a ``.safetensors`` file or a directory); returns its fingerprint."""
+        """Stream the vector to ``output`` (a ``.safetensors`` file or a directory); returns its fingerprint.
+        With ``device``, chunks are computed there (see ``engine.device``)."""
         out_dtype = parse_dtype(dtype, "dtype", STORAGE_DTYPES)
+        target = parse_device(device)
+        source, run = self, (lambda job: job())
+        if target is not None:
+            runner = DeviceRunner(target)
+            source, run = on_device(self, runner), runner.run
         specs = {n: TensorSpec(out_dtype or s.dtype, s.shape) for n, s in self._specs.items()}
         compute = torch.float64 if any(s.dtype == torch.float64 for s in specs.values()) else torch.float32
         with CheckpointWriter(output, specs, self.metadata(), max_shard_size=max_shard_size, overwrite=overwrite) as writer, one_torch_thread():
             for name in writer.order:
                 for start, stop in chunk_ranges(specs[name].numel):
-                    values = self.chunk(name, start, stop, compute)
-                    if not allow_nonfinite:
-                        self.check_finite(name, start, stop, values)
-                    writer.write(name, values.to(specs[name].dtype))
+
+                    def job(name=name, start=start, stop=stop):
+                        values = source.chunk(name, start, stop, compute)
+                        if not allow_nonfinite:
+                            source.check_finite(name, start, stop, values)
+                        return values.to(specs[name].dtype)
+
+                    writer.write(name, run(job))
                 if specs[name].numel > CHUNK_ELEMENTS:
                     release_free_memory()
                 if progress is not None:
