@@ -40,7 +40,7 @@ SCALES = [round(0.05 * i, 2) for i in range(41)]
 # (format, setting, target ratio or None, target relative accuracy or None)
 VARIANTS = [
     ("sparse", {"density": 0.1}, None, 0.97),
-    ("sparse", {"density": 0.05}, None, None),
+    ("sparse", {"density": 0.3}, None, None),
     ("bitdelta", {}, 30.0, 0.95),
     ("lowrank", {"density": 0.1}, None, 0.99),
     ("lowrank", {"energy": 0.9}, None, None),

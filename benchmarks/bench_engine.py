@@ -8,6 +8,7 @@ every operation in a fresh subprocess and reports, per model size:
 - ``extract``          ``TaskVector.extract(base, ft1).save(out)``
 - ``task_arithmetic``  ``merge(base, [extract(base, ft_i)], [1, 1, 1], scale=0.5)``
 - ``ties``             the same inputs, ``method="ties"``, ``density``
+- ``magnitude_prune``  the same inputs, the ties trim then task arithmetic
 - ``floor2/floor4``    the I/O floor: read every byte of 2 (base, ft1) or 4 inputs
                        from their mmap views (chunk copies, the engine's chunk size)
                        and write one base-sized file through ``StreamingWriter``;
@@ -50,11 +51,13 @@ SCALE = 0.5
 # (largest size in GB, hidden, intermediate): Llama-like proportions per size class.
 SHAPE_CLASSES = [(0.2, 256, 688), (1.0, 768, 2048), (4.0, 1536, 4096), (12.0, 2048, 5632), (math.inf, 4096, 11008)]
 
-OPS = ["floor2", "extract", "floor4", "task_arithmetic", "ties", "naive_task_arithmetic", "naive_ties"]
-FLOOR_OF = {"extract": "floor2", "task_arithmetic": "floor4", "ties": "floor4",
+OPS = ["floor2", "extract", "floor4", "task_arithmetic", "ties", "magnitude_prune", "naive_task_arithmetic", "naive_ties"]
+# The engine's merge ops (method names), as the peers benchmark runs them too.
+MERGE_OPS = ("task_arithmetic", "ties", "magnitude_prune")
+FLOOR_OF = {"extract": "floor2", "task_arithmetic": "floor4", "ties": "floor4", "magnitude_prune": "floor4",
             "naive_task_arithmetic": "floor4", "naive_ties": "floor4"}
 # op: (max ratio to its floor or None, max peak anon MB or None)
-TARGETS = {"extract": (None, 300), "task_arithmetic": (1.3, 300), "ties": (3.0, 300)}
+TARGETS = {"extract": (None, 300), "task_arithmetic": (1.3, 300), "ties": (3.0, 300), "magnitude_prune": (3.0, 300)}
 # Rough peak of the naive ops in model sizes (3 task vectors + sum + base + merged + temporaries).
 NAIVE_MEMORY_FACTOR = {"naive_task_arithmetic": 7.0, "naive_ties": 6.5}
 # Engine output vs naive output (same maths, whole tensors instead of chunks).
@@ -171,19 +174,20 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def run_op(op: str, base: str, fts: list[str], out: str, density: float) -> None:
+def run_op(op: str, base: str, fts: list[str], out: str, density: float, device: str | None = None) -> None:
     import torch
 
-    from mlflow_taskvec.engine import TaskVector, merge, open_checkpoint
+    from mlflow_taskvec.engine import TaskVector, merge_to, open_checkpoint
     from mlflow_taskvec.engine.io import StreamingWriter
     from mlflow_taskvec.engine.streaming import chunk_ranges
 
+    on = {"device": device} if device else {}  # none: the default streaming executor
     if op == "extract":
-        TaskVector.extract(base, fts[0]).save(out)
-    elif op in ("task_arithmetic", "ties"):
+        TaskVector.extract(base, fts[0]).save(out, **on)
+    elif op in MERGE_OPS:
         vectors = [TaskVector.extract(base, ft) for ft in fts]
-        params = {"density": density} if op == "ties" else {}
-        merge_to(base, vectors, [1.0] * len(vectors), method=op, scale=SCALE, params=params, output=out)
+        params = {"density": density} if op != "task_arithmetic" else {}
+        merge_to(base, vectors, [1.0] * len(vectors), method=op, scale=SCALE, params=params, output=out, **on)
     elif op in ("floor2", "floor4"):
         inputs = [open_checkpoint(p) for p in [base] + fts[: 1 if op == "floor2" else 3]]
         specs = inputs[0].specs()
@@ -259,7 +263,7 @@ def child_main(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     if profiler:
         profiler.enable()
-    run_op(args.child, args.base, args.ft, args.out, args.density)
+    run_op(args.child, args.base, args.ft, args.out, args.density, args.device)
     if profiler:
         profiler.disable()
     wall = time.perf_counter() - t0
@@ -305,6 +309,8 @@ def run_child(op: str, paths: list[Path], out: Path, args: argparse.Namespace, p
            "--ft", *map(str, paths[1:]), "--out", str(out), "--density", str(args.density)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.device:
+        cmd += ["--device", args.device]
     if profile_out:
         cmd += ["--profile-out", str(profile_out)]
     busy0, ru0, t0 = system_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
@@ -464,7 +470,8 @@ def machine_info() -> dict:
         st = safetensors.__version__
     except Exception:
         st = "?"
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "ram_gb": mem / 2**30,
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "gpu": gpu, "cores": len(os.sched_getaffinity(0)), "ram_gb": mem / 2**30,
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "safetensors": st}
 
@@ -519,7 +526,9 @@ def main() -> None:
     p.add_argument("--retries", type=int, default=1, help="at most this many reruns of a noisy timed run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch intra-op threads in the measured process (default: torch's)")
+    p.add_argument("--device", help="compute the engine's ops on this device (cpu, cuda, cuda:N; default: the streaming executor)")
     p.add_argument("--markdown", action="store_true", help="print a README-ready markdown table")
+    p.add_argument("--json", type=Path, help="also write the rows and the machine to this JSON file")
     # internal: one measured operation in a fresh process
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--base", help=argparse.SUPPRESS)
@@ -546,7 +555,8 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     info = machine_info()
     machine = (f"{info['cpu']}, {info['cores']} cores, {info['ram_gb']:.0f} GiB RAM; torch {info['torch']} "
-               f"({args.threads or info['torch_threads']} threads), safetensors {info['safetensors']}, Python {info['python']}")
+               f"({args.threads or info['torch_threads']} threads), safetensors {info['safetensors']}, Python {info['python']}"
+               + (f"; device {args.device}" + (f" ({info['gpu']})" if info["gpu"] and args.device.startswith("cuda") else "") if args.device else ""))
     cache = ("warm page cache: each op ran once untimed before timing" if args.warm
              else "no warm-up run: inputs are in the page cache only if something read them before")
     print(f"machine: {machine}")
@@ -568,6 +578,8 @@ def main() -> None:
           f"{args.repeat}; x floor: extract vs floor2 (read 2 inputs, write 1), merges vs floor4 (read 4, write 1); "
           f"ties density {args.density:g}, 3 fine-tunes, scale {SCALE:g}\n")
     print_table(rows, args.markdown)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "engine": engine_version(), "rows": rows}, indent=2))
     noisy = [f"{r['op']} @ {r['size_gb']:g} GB ({100 * r['others_share']:.0f}%)" for r in rows if r.get("others_share", 0) > args.max_noise]
     if noisy:
         print(f"\nnoisy: other processes used over {100 * args.max_noise:.0f}% of the CPUs during: " + ", ".join(noisy))

@@ -28,6 +28,7 @@ from mlflow_taskvec.engine.streaming import (
     one_torch_thread,
     parse_dtype,
     release_free_memory,
+    reuse_freed_memory,
 )
 from mlflow_taskvec.engine.writer import CheckpointWriter, MemorySink, check_output_path
 from mlflow_taskvec.errors import TaskVecError
@@ -198,7 +199,7 @@ def _execute(plan: _Plan, sink, allow_nonfinite: bool, progress):
         # The other methods hold several chunk-sized temporaries per input; a second
         # worker bought them ~12% and cost ~2x the peak memory, so they use one.
         workers = 2 if plan.method.linear else 1
-        with one_torch_thread(), OrderedPool(sink, workers=workers) as pool:
+        with one_torch_thread(), reuse_freed_memory(), OrderedPool(sink, workers=workers) as pool:
             for name in sink.order:
                 spec = specs[name]
                 base_tensor = base_ckpt.get_tensor(name)
