@@ -334,6 +334,11 @@ class CompressedCheckpoint(Checkpoint):
         return self.stored.directory
 
     @property
+    def files(self) -> list[Path]:
+        """The safetensors files that hold the stored layout (what a copy copies)."""
+        return self.stored.files
+
+    @property
     def stored_bytes(self) -> int:
         return self.stored.stored_bytes
 
