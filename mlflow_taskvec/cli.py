@@ -17,6 +17,7 @@ import click
 
 from mlflow_taskvec import __version__
 from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.progress import progress_bar
 
 # Each command imports what it uses when it runs: `--version` and `--help` need no
 # torch, and local work never imports MLflow (tests/test_startup.py checks both).
@@ -45,16 +46,6 @@ def _fail_cleanly(fn):
     return wrapper
 
 
-def _progress(total: int, label: str, quiet: bool):
-    """A tqdm bar on a terminal, nothing otherwise; returns (callback, close)."""
-    if quiet or not sys.stderr.isatty():
-        return None, lambda: None
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=label, unit="tensor", leave=False, file=sys.stderr)
-    return (lambda _name: bar.update(1)), bar.close
-
-
 def _echo(quiet: bool, text: str = "") -> None:
     if not quiet:
         click.echo(text)
@@ -63,6 +54,8 @@ def _echo(quiet: bool, text: str = "") -> None:
 _overwrite = click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 _quiet = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 _shards = click.option("--max-shard-size", default=None, help="Write shards of at most this size (e.g. 2GB) plus an index.")
+_device = click.option("--device", default=None, callback=lambda _c, _p, v: v or None,
+                       help="Compute on cpu, cuda, cuda:N or auto (default: the recipe's, else the streaming CPU executor).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -94,8 +87,9 @@ REF_HELP = "a local path, models:/name/version, models:/name@alias, models:/<mod
 @click.option("--run-id", default=None, help="With --register: the run to log the vector in (default: the fine-tune's run).")
 @_overwrite
 @_quiet
+@_device
 @_fail_cleanly
-def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfinite, max_shard_size, register_as, alias, run_id, overwrite, quiet):
+def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfinite, max_shard_size, register_as, alias, run_id, overwrite, quiet, device):
     """Extract the task vector FINETUNED - BASE."""
     from mlflow_taskvec.engine.taskvector import TaskVector
     from mlflow_taskvec.references import open_reference
@@ -113,10 +107,11 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
     if output is None:
         _report_registration(quiet, _register_vector(vector, register_as, base_ref, ft_ref, run_id, alias))
         return
-    step, close = _progress(len(vector.names), "extract", quiet)
+    step, close = progress_bar(len(vector.names), "extract", "tensor", quiet)
     try:
         fingerprint = vector.save(
-            output, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=step
+            output, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=step,
+            device=device,
         )
     finally:
         close()
@@ -147,36 +142,39 @@ def _report_registration(quiet: bool, reg) -> None:
 @click.option("--require-alias", default=None, metavar="ALIAS", help="Refuse inputs whose registered version does not carry ALIAS (on top of the recipe's policy).")
 @_overwrite
 @_quiet
+@_device
 @_fail_cleanly
-def compose(recipe, output, max_shard_size, register_as, alias, require_alias, overwrite, quiet):
+def compose(recipe, output, max_shard_size, register_as, alias, require_alias, overwrite, quiet, device):
     """Compose a model from a YAML merge RECIPE (references may be MLflow URIs)."""
+    from mlflow_taskvec.compose import compose_to, open_base, output_path
     from mlflow_taskvec.engine.writer import parse_size
-    from mlflow_taskvec.recipe import load_recipe, run_recipe
-    from mlflow_taskvec.references import open_reference
+    from mlflow_taskvec.recipe import load_recipe
+    from mlflow_taskvec.references import is_local
 
     spec = load_recipe(recipe)
-    if require_alias is not None:
-        if not require_alias.strip():
-            raise TaskVecError("--require-alias: an alias name cannot be empty")
-        from mlflow_taskvec.mlflow.governance import enforce_policy
-
-        enforce_policy(spec, require_alias)  # before anything is downloaded
+    if device is not None:
+        spec.device = device
     if max_shard_size is not None:
         parse_size(max_shard_size, "--max-shard-size")
         spec.max_shard_size = max_shard_size
     if register_as is not None:
         from mlflow_taskvec.mlflow.registry import register_composite
 
-        reg = register_composite(spec, register_as, alias=alias)
+        reg = register_composite(spec, register_as, alias=alias, require_alias=require_alias, output=output, overwrite=overwrite)
         _echo(quiet, f"method: {spec.method}  scale: {spec.scale}  weights: {[e.weight for e in spec.vectors]}")
         _echo(quiet, f"fingerprint: {reg.tags['taskvec.fingerprint']}")
+        if output is not None:
+            _echo(quiet, f"composite: {output}")
         _report_registration(quiet, reg)
-        if output is None:
-            return
-    base = open_reference(spec.base, recipe.parent)
-    step, close = _progress(len(base.keys()), spec.method, quiet)
+        return
+    local = spec
+    if require_alias is not None or spec.policy is not None or not all(is_local(ref) for ref in spec.references):
+        from mlflow_taskvec.mlflow.inputs import resolve_inputs
+
+        local = resolve_inputs(spec, require_alias).local()  # the policy first, before anything is downloaded
+    step, close = progress_bar(len(open_base(local).keys()), spec.method, "tensor", quiet)
     try:
-        result = run_recipe(spec, output=output, relative_to=recipe.parent, overwrite=overwrite, progress=step)
+        result = compose_to(local, output=output_path(spec, output), overwrite=overwrite, progress=step, recorded=spec)
     finally:
         close()
     _echo(quiet, f"composite: {result.output}")
@@ -210,6 +208,8 @@ def compress(ref, layout, density, rank, energy, output, register_as, alias, ove
         from mlflow_taskvec.mlflow.registry import register_compressed_vector
 
         reg = register_compressed_vector(ref, register_as, layout, output=output, overwrite=overwrite, alias=alias, **settings)
+        if output is not None:
+            _echo(quiet, f"compressed vector: {output}")
         _report_compression(quiet, reg.compression)
         _report_registration(quiet, reg)
         return
@@ -219,7 +219,7 @@ def compress(ref, layout, density, rank, energy, output, register_as, alias, ove
 
     source = open_reference(ref)
     vector = TaskVector.load(source)
-    step, close = _progress(len(vector.names), f"compress ({layout})", quiet)
+    step, close = progress_bar(len(vector.names), f"compress ({layout})", "tensor", quiet)
     try:
         result = compress_vector(vector, output, layout, source_fingerprint=source.fingerprint(), overwrite=overwrite, progress=step, **settings)
     finally:
@@ -272,8 +272,9 @@ class _Count(click.ParamType):
 @_register
 @_alias
 @_quiet
+@_device
 @_fail_cleanly
-def search_command(recipe, strategy, objective, trials, storage, study_name, memory, output_recipe, register_as, alias, quiet):
+def search_command(recipe, strategy, objective, trials, storage, study_name, memory, output_recipe, register_as, alias, quiet, device):
     """Search a RECIPE's coefficients on a validation split; evaluate the best on the test split.
 
     The recipe needs an `evaluation` block; its optional `search` block sets the
@@ -287,6 +288,8 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
     from mlflow_taskvec.recipe import load_recipe, parse_recipe
 
     spec = load_recipe(recipe)
+    if device is not None:
+        spec.device = device
     overrides = {k: v for k, v in dict(strategy=strategy, objective=objective, trials=trials, storage=storage, study_name=study_name).items() if v is not None}
     if overrides:
         settings = {**(spec.search.model_dump(exclude_unset=True) if spec.search else {}), **overrides}
@@ -294,9 +297,7 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
             settings["scale"] = {"low": 0.0, "high": 1.0}
         data = spec.model_dump(exclude_unset=True)
         data["search"] = settings
-        source_dir = spec.source_dir
-        spec = parse_recipe(data, f"{recipe} (with the command's options)")
-        spec._source_dir = source_dir
+        spec = parse_recipe(data, f"{recipe} (with the command's options)", spec.source_dir)
     result = search(spec, register_as=register_as, alias=alias, memory=memory, quiet=quiet)
     best = result.best
     _echo(quiet, f"search run: {result.run_id}  candidates: {len(result.candidates)}  objective: {result.objective.describe}")
@@ -319,6 +320,7 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
 @_fail_cleanly
 def inspect(ref, top, layers, fmt):
     """Describe a checkpoint or task vector: tensors, parameters, dtypes, fingerprint, norms."""
+    from mlflow_taskvec.engine import metadata as meta_keys
     from mlflow_taskvec.engine.inspect import describe
     from mlflow_taskvec.references import open_reference
 
@@ -344,7 +346,7 @@ def inspect(ref, top, layers, fmt):
         return
     click.echo(f"source: {d.source}")
     click.echo(f"kind: {d.kind}")
-    for key in ("taskvec.task", "taskvec.base_fingerprint", "taskvec.method", "taskvec.recipe_sha256"):
+    for key in (meta_keys.TASK, meta_keys.BASE_FINGERPRINT, meta_keys.METHOD, meta_keys.RECIPE_SHA256):
         if key in d.metadata:
             click.echo(f"{key.removeprefix('taskvec.')}: {d.metadata[key]}")
     click.echo(f"tensors: {d.num_tensors}")
@@ -459,7 +461,7 @@ def list_methods():
         click.echo(f"{m.name}: {m.summary} (params: {params})")
 
 
-# -- governance: approve, lineage, verify (logic in mlflow_taskvec.mlflow.governance) ---------------
+# -- governance: approve, lineage, verify (mlflow_taskvec.mlflow.approval, .lineage, .verify) ---------------
 
 
 @main.command()
@@ -469,7 +471,7 @@ def list_methods():
 @_fail_cleanly
 def approve(ref, alias, note):
     """Approve REF (models:/name/version or models:/name@alias): point ALIAS at it and record who and when."""
-    from mlflow_taskvec.mlflow.governance import approve as approve_version
+    from mlflow_taskvec.mlflow.approval import approve as approve_version
 
     a = approve_version(ref, alias, note)
     click.echo(f"approved: {a.version_uri} as {a.alias!r} by {a.by} at {a.at}" + (f" ({a.note})" if a.note else ""))
@@ -481,10 +483,10 @@ def approve(ref, alias, note):
 @_fail_cleanly
 def lineage(ref, fmt):
     """What REF (a registered version) is made of: composite -> inputs -> task vectors -> fine-tunes and base."""
-    from mlflow_taskvec.mlflow import governance
+    from mlflow_taskvec.mlflow import lineage as lineage_module
 
-    root = governance.lineage(ref)
-    render = {"text": governance.render_text, "json": governance.render_json, "dot": governance.render_dot}[fmt]
+    root = lineage_module.lineage(ref)
+    render = {"text": lineage_module.render_text, "json": lineage_module.render_json, "dot": lineage_module.render_dot}[fmt]
     click.echo(render(root))
 
 
@@ -500,7 +502,7 @@ def verify(ref, quiet):
     into a temporary folder and compares fingerprints. Exit 0 and "verified", or
     exit 1 naming the first mismatch.
     """
-    from mlflow_taskvec.mlflow.governance import verify as verify_version
+    from mlflow_taskvec.mlflow.verify import verify as verify_version
 
     result = verify_version(ref)
     click.echo(f"verified: {result.uri} ({result.kind}, fingerprint {result.fingerprint[:16]})")

@@ -179,14 +179,15 @@ def test_its_fingerprint_is_the_densified_vectors_and_composing_from_it_equals_c
 
 
 def test_a_recipe_composes_from_a_compressed_vector(vector, tmp_path):
-    from mlflow_taskvec.recipe import load_recipe, run_recipe
+    from mlflow_taskvec.compose import compose_to
+    from mlflow_taskvec.recipe import load_recipe
 
     path, _ = vector
     compress(TaskVector.load(path), tmp_path / "c.safetensors", "sparse", density=0.5)
     TaskVector.load(tmp_path / "c.safetensors").save(tmp_path / "densified.safetensors")
     for name, vec in (("from-compressed", "c.safetensors"), ("from-densified", "densified.safetensors")):
         (tmp_path / f"{name}.yaml").write_text(f"base: base.safetensors\nscale: 0.7\nvectors:\n  - {{vector: {vec}}}\noutput: {name}.safetensors\n")
-    fingerprints = [run_recipe(load_recipe(tmp_path / f"{n}.yaml"), relative_to=tmp_path).fingerprint for n in ("from-compressed", "from-densified")]
+    fingerprints = [compose_to(load_recipe(tmp_path / f"{n}.yaml")).fingerprint for n in ("from-compressed", "from-densified")]
 
     assert fingerprints[0] == fingerprints[1]
 

@@ -27,14 +27,13 @@ from mlflow_taskvec.engine.io import (
     dtype_code,
     tensor_bytes,
 )
+from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.streaming import flat_slice
 from mlflow_taskvec.errors import TaskVecError
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# Metadata key of a stored layout other than plain dense tensors (engine/compressed.py).
-LAYOUT_KEY = "taskvec.layout"
 
 
 def new_digest():
@@ -289,7 +288,7 @@ def open_checkpoint(source: "Checkpoint | Mapping[str, torch.Tensor] | str | os.
 
 def _in_its_layout(ckpt: SafetensorsCheckpoint) -> Checkpoint:
     """A compressed task vector is seen as the dense tensors it stands for."""
-    if LAYOUT_KEY not in ckpt.metadata():
+    if meta_keys.LAYOUT not in ckpt.metadata():
         return ckpt
     from mlflow_taskvec.engine.compressed import CompressedCheckpoint  # builds on this module
 

@@ -42,7 +42,8 @@ from pathlib import Path
 
 import torch
 
-from mlflow_taskvec.engine.checkpoint import LAYOUT_KEY, Checkpoint, SafetensorsCheckpoint
+from mlflow_taskvec.engine import metadata as meta_keys
+from mlflow_taskvec.engine.checkpoint import Checkpoint, SafetensorsCheckpoint
 from mlflow_taskvec.engine.io import DTYPE_BY_CODE, TensorSpec, dtype_code, tensor_bytes
 from mlflow_taskvec.engine.methods.trim import trim_count, trim_threshold
 from mlflow_taskvec.engine.streaming import CHUNK_ELEMENTS, flat_slice, one_torch_thread
@@ -50,9 +51,6 @@ from mlflow_taskvec.engine.writer import CheckpointWriter, check_output_path
 from mlflow_taskvec.errors import TaskVecError
 
 LAYOUTS = ("sparse", "bitdelta", "lowrank")
-LAYOUT_TENSORS_KEY = "taskvec.layout_tensors"
-LAYOUT_PARAMS_KEY = "taskvec.layout_params"
-SOURCE_FINGERPRINT_KEY = "taskvec.source_fingerprint"
 # Which of density / rank / energy each layout accepts.
 LAYOUT_SETTINGS = {"sparse": ("density",), "bitdelta": (), "lowrank": ("density", "rank", "energy")}
 _INT32_LIMIT = 2**31 - 1
@@ -243,12 +241,12 @@ def compress(
         owner = {part: name for name, p in plans.items() for part in p.parts}
         metadata = {
             **vector.metadata(),
-            LAYOUT_KEY: layout,
-            LAYOUT_PARAMS_KEY: json.dumps(settings, sort_keys=True),
-            LAYOUT_TENSORS_KEY: json.dumps({n: p.describe() for n, p in plans.items()}, sort_keys=True, separators=(",", ":")),
+            meta_keys.LAYOUT: layout,
+            meta_keys.LAYOUT_PARAMS: json.dumps(settings, sort_keys=True),
+            meta_keys.LAYOUT_TENSORS: json.dumps({n: p.describe() for n, p in plans.items()}, sort_keys=True, separators=(",", ":")),
         }
         if source_fingerprint:
-            metadata[SOURCE_FINGERPRINT_KEY] = source_fingerprint
+            metadata[meta_keys.SOURCE_FINGERPRINT] = source_fingerprint
         with CheckpointWriter(output, specs, metadata, overwrite=overwrite) as writer:
             seen = set()
             for part in writer.order:
@@ -295,14 +293,14 @@ class CompressedCheckpoint(Checkpoint):
         self.stored = stored
         self.source = stored.source
         meta = stored.metadata()
-        self.layout = meta[LAYOUT_KEY]
+        self.layout = meta[meta_keys.LAYOUT]
         try:
-            table = json.loads(meta[LAYOUT_TENSORS_KEY])
+            table = json.loads(meta[meta_keys.LAYOUT_TENSORS])
             self._specs = {n: TensorSpec(DTYPE_BY_CODE[t["dtype"]], tuple(int(d) for d in t["shape"])) for n, t in table.items()}
             self._encoding = {n: str(t["encoding"]) for n, t in table.items()}
-            self.settings = json.loads(meta.get(LAYOUT_PARAMS_KEY, "{}"))
+            self.settings = json.loads(meta.get(meta_keys.LAYOUT_PARAMS, "{}"))
         except (KeyError, TypeError, ValueError):
-            raise TaskVecError(f"{self.source}: corrupt compressed task vector (its {LAYOUT_TENSORS_KEY} metadata is missing or malformed)") from None
+            raise TaskVecError(f"{self.source}: corrupt compressed task vector (its {meta_keys.LAYOUT_TENSORS} metadata is missing or malformed)") from None
         for name, encoding in self._encoding.items():
             for part in _PARTS.get(encoding, ()):
                 if part_name(name, part) not in stored:

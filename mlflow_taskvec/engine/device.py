@@ -31,23 +31,27 @@ from mlflow_taskvec.errors import TaskVecError
 DEVICE_CHOICES = "cpu, cuda, cuda:N or auto"
 
 
+def device_name(value: "str | torch.device", what: str = "device") -> str:
+    """``value`` checked to be ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (whether or not this
+    machine has it), in lower case."""
+    text = str(value).strip().lower()
+    if text in ("cpu", "cuda", "auto") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise TaskVecError(f"{what}: {value!r} is not one of {DEVICE_CHOICES}")
+
+
 def parse_device(value: "str | torch.device | None", what: str = "device") -> torch.device | None:
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available, else the CPU) as a
     ``torch.device``; ``None`` stays ``None`` (the default streaming executor).
     Raises one line when the device does not exist on this machine."""
     if value is None:
         return None
-    text = str(value).strip().lower()
+    text = device_name(value, what)
     if text == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise TaskVecError(f"{what}: {value!r} is not one of {DEVICE_CHOICES}") from None
-    if device.type == "cpu" and device.index is None:
+    device = torch.device(text)
+    if device.type == "cpu":
         return device
-    if device.type != "cuda":
-        raise TaskVecError(f"{what}: {value!r} is not one of {DEVICE_CHOICES}")
     if not torch.cuda.is_available():
         build = "built without CUDA" if torch.version.cuda is None else "but no CUDA GPU is visible"
         raise TaskVecError(f"{what}: {value!r} needs a CUDA GPU, and this torch {torch.__version__} is {build} (use cpu or auto)")

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mlflow_taskvec.engine.checkpoint import LAYOUT_KEY, Checkpoint
+from mlflow_taskvec.engine import metadata as meta_keys
+from mlflow_taskvec.engine.checkpoint import Checkpoint
 from mlflow_taskvec.engine.streaming import chunk_ranges, flat_slice
 from mlflow_taskvec.errors import TaskVecError
 
@@ -69,7 +70,7 @@ def describe(ckpt: Checkpoint) -> Description:
             norms[name] = tensor_norm(ckpt.get_tensor(name))
     return Description(
         source=ckpt.source,
-        kind=meta.get("taskvec.kind", "checkpoint"),
+        kind=meta.get(meta_keys.KIND, "checkpoint"),
         fingerprint=ckpt.fingerprint(),
         num_tensors=len(ckpt.keys()),
         num_parameters=ckpt.num_parameters(),
@@ -77,7 +78,7 @@ def describe(ckpt: Checkpoint) -> Description:
         l2_norm=math.sqrt(sum(v * v for v in norms.values())),
         tensor_norms=norms,
         metadata=meta,
-        layout=meta.get(LAYOUT_KEY, "dense"),
+        layout=meta.get(meta_keys.LAYOUT, "dense"),
         stored_bytes=ckpt.stored_bytes,
         dense_bytes=sum(ckpt.spec(n).nbytes for n in ckpt.keys()),
     )
