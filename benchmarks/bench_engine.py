@@ -9,6 +9,11 @@ every operation in a fresh subprocess and reports, per model size:
 - ``task_arithmetic``  ``merge(base, [extract(base, ft_i)], [1, 1, 1], scale=0.5)``
 - ``ties``             the same inputs, ``method="ties"``, ``density``
 - ``magnitude_prune``  the same inputs, the ties trim then task arithmetic
+- ``compose_copy``     a recipe of the same task arithmetic composed into a folder, then
+                       the folder copied (what keeping a composite somewhere else costs)
+- ``compose_register`` the same recipe through ``compose --register``: composed, logged
+                       and registered on a sqlite store beside the checkpoints (MLflow
+                       imported before the clock starts, the store created by the warm-up)
 - ``floor2/floor4``    the I/O floor: read every byte of 2 (base, ft1) or 4 inputs
                        from their mmap views (chunk copies, the engine's chunk size)
                        and write one base-sized file through ``StreamingWriter``;
@@ -51,13 +56,14 @@ SCALE = 0.5
 # (largest size in GB, hidden, intermediate): Llama-like proportions per size class.
 SHAPE_CLASSES = [(0.2, 256, 688), (1.0, 768, 2048), (4.0, 1536, 4096), (12.0, 2048, 5632), (math.inf, 4096, 11008)]
 
-OPS = ["floor2", "extract", "floor4", "task_arithmetic", "ties", "magnitude_prune", "naive_task_arithmetic", "naive_ties"]
+OPS = ["floor2", "extract", "floor4", "task_arithmetic", "ties", "magnitude_prune", "naive_task_arithmetic", "naive_ties",
+       "compose_copy", "compose_register"]
 # The engine's merge ops (method names), as the peers benchmark runs them too.
 MERGE_OPS = ("task_arithmetic", "ties", "magnitude_prune")
 FLOOR_OF = {"extract": "floor2", "task_arithmetic": "floor4", "ties": "floor4", "magnitude_prune": "floor4",
-            "naive_task_arithmetic": "floor4", "naive_ties": "floor4"}
+            "naive_task_arithmetic": "floor4", "naive_ties": "floor4", "compose_register": "compose_copy"}
 # op: (max ratio to its floor or None, max peak anon MB or None)
-TARGETS = {"extract": (None, 300), "task_arithmetic": (1.3, 300), "ties": (3.0, 300), "magnitude_prune": (3.0, 300)}
+TARGETS = {"extract": (None, 300), "task_arithmetic": (1.3, 300), "ties": (3.0, 300), "magnitude_prune": (3.0, 300), "compose_register": (1.5, None)}
 # Rough peak of the naive ops in model sizes (3 task vectors + sum + base + merged + temporaries).
 NAIVE_MEMORY_FACTOR = {"naive_task_arithmetic": 7.0, "naive_ties": 6.5}
 # Engine output vs naive output (same maths, whole tensors instead of chunks).
@@ -188,6 +194,23 @@ def run_op(op: str, base: str, fts: list[str], out: str, density: float, device:
         vectors = [TaskVector.extract(base, ft) for ft in fts]
         params = {"density": density} if op != "task_arithmetic" else {}
         merge_to(base, vectors, [1.0] * len(vectors), method=op, scale=SCALE, params=params, output=out, **on)
+    elif op in ("compose_copy", "compose_register"):
+        from mlflow_taskvec.compose import compose_to
+        from mlflow_taskvec.recipe import parse_recipe
+
+        base_dir = hf_folder(Path(base))  # an architecture to register the composite with
+        recipe = parse_recipe({"base": str(base_dir), "scale": SCALE, "vectors": [{"finetuned": ft} for ft in fts],
+                               **({"device": device} if device else {})}, "bench recipe")
+        if op == "compose_copy":
+            folder, copy = Path(out).with_suffix(""), Path(out).with_suffix(".copy")
+            remove(folder)
+            remove(copy)
+            compose_to(recipe, output=folder)
+            shutil.copytree(folder, copy)
+        else:
+            from mlflow_taskvec.mlflow.registry import register_composite
+
+            register_composite(recipe, "bench-composite")
     elif op in ("floor2", "floor4"):
         inputs = [open_checkpoint(p) for p in [base] + fts[: 1 if op == "floor2" else 3]]
         specs = inputs[0].specs()
@@ -240,6 +263,23 @@ def run_op(op: str, base: str, fts: list[str], out: str, density: float, device:
         raise SystemExit(f"unknown op {op!r}")
 
 
+def hf_folder(checkpoint: Path) -> Path:
+    """A generated checkpoint as an HF-style folder: a link to its weights beside a Llama config.json."""
+    from mlflow_taskvec.engine import open_checkpoint
+
+    folder = checkpoint.with_suffix("")
+    folder.mkdir(exist_ok=True)
+    if not (folder / "model.safetensors").exists():
+        (folder / "model.safetensors").symlink_to(checkpoint.resolve())
+    plan = plan_model(float(open_checkpoint(checkpoint).metadata()["bench.size_gb"]))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": plan["hidden"],
+              "intermediate_size": plan["intermediate"], "num_hidden_layers": plan["layers"],
+              "num_attention_heads": plan["hidden"] // 64, "num_key_value_heads": plan["hidden"] // 64,
+              "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "float32"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
 def child_main(args: argparse.Namespace) -> None:
     import resource
 
@@ -251,6 +291,9 @@ def child_main(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.add(torch.ones(8), torch.ones(8))  # lazy torch initialisation, before the baseline
+    if args.child == "compose_register":
+        os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path(args.out).parent / 'mlflow.db'}")
+        import mlflow_taskvec.mlflow.registry  # noqa: F401  (MLflow's import is not what is measured)
     profiler = None
     if args.profile_out:
         import cProfile
@@ -314,7 +357,7 @@ def run_child(op: str, paths: list[Path], out: Path, args: argparse.Namespace, p
     if profile_out:
         cmd += ["--profile-out", str(profile_out)]
     busy0, ru0, t0 = system_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent)  # an MLflow store goes beside the checkpoints
     busy1, ru1, t1 = system_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     if proc.returncode != 0:
         raise RuntimeError(f"{op} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -22,7 +22,6 @@ among magnitudes tied at the trim threshold.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -71,25 +70,7 @@ def setup_mergekit(work: Path) -> Path:
 
 def llama_folders(directory: Path, size_gb: float, seed: int) -> list[Path]:
     """The engine benchmark's checkpoints as HF folders (model.safetensors + config.json)."""
-    files = bench_engine.generate(directory, size_gb, seed)
-    plan = bench_engine.plan_model(size_gb)
-    hidden = plan["hidden"]
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": plan["intermediate"], "num_hidden_layers": plan["layers"],
-        "num_attention_heads": hidden // 64, "num_key_value_heads": hidden // 64, "vocab_size": bench_engine.VOCAB,
-        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "float32",
-    }
-    folders = []
-    for f in files:
-        folder = directory / f.stem
-        folder.mkdir(exist_ok=True)
-        link = folder / "model.safetensors"
-        if not link.exists():
-            link.symlink_to(f.resolve())
-        (folder / "config.json").write_text(json.dumps(config, indent=2))
-        folders.append(folder)
-    return folders
+    return [bench_engine.hf_folder(f) for f in bench_engine.generate(directory, size_gb, seed)]
 
 
 def write_configs(work: Path, folders: list[Path], method: str) -> tuple[Path, Path]:
