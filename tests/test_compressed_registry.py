@@ -44,6 +44,15 @@ def test_compress_register_records_the_source_version_the_layout_and_both_sizes(
     assert version.run_id == source.run_id  # logged beside the vector it was made from
     assert str(client.get_model_version_by_alias("rotate-lowrank", "current").version) == "1"
     assert f"`{source_uri}`" in version.description
+    assert tags["taskvec.source_fingerprint"] == source.tags["taskvec.fingerprint"]
+
+    tree = _invoke(registry, "lineage", "models:/rotate-lowrank/1")
+    assert tree.exit_code == 0, tree.output
+    lines = tree.stdout.splitlines()
+    assert lines[0].startswith(f"models:/rotate-lowrank/1  [task_vector]  task rotate  fp {local.fingerprint[:16]}")
+    assert lines[1].startswith(f"└── compressed from: {source_uri}  [task_vector]  task rotate  fp {source.tags['taskvec.fingerprint'][:16]}")
+    assert "fingerprint differs" not in tree.stdout
+    assert any(f"base: models:/{BASE_NAME}/1" in line for line in lines[2:])  # the source's own lineage below it
 
 
 def test_a_registered_compressed_vector_downloads_checked_and_composes_like_its_local_copy(registry, client, tmp_path):
@@ -73,3 +82,30 @@ def test_compress_register_refuses_a_setting_of_another_format_before_anything_i
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == ["Error: --rank: the sparse format takes --density"]
     assert not client.search_registered_models(filter_string="name='never-made'")
+
+
+def test_verify_checks_a_compressed_version_against_its_source_and_compresses_it_again(registry, client):
+    assert _invoke(registry, "compress", f"models:/{vector_name('rotate')}/1", "--format", "bitdelta", "--register", "rotate-bitdelta").exit_code == 0
+
+    result = _invoke(registry, "verify", "models:/rotate-bitdelta/1")
+
+    assert result.exit_code == 0, result.output
+    fingerprint = client.get_model_version("rotate-bitdelta", "1").tags["taskvec.fingerprint"]
+    source_fp = client.get_model_version(vector_name("rotate"), "1").tags["taskvec.fingerprint"]
+    assert result.stdout.splitlines() == [
+        f"verified: models:/rotate-bitdelta/1 (task_vector, fingerprint {fingerprint[:16]})",
+        f"  ok  stored weights: fingerprint {fingerprint[:16]} as recorded",
+        f"  ok  source models:/{vector_name('rotate')}/1: fingerprint {source_fp[:16]} as recorded",
+        f"  ok  compressed again from the source (bitdelta): fingerprint {fingerprint[:16]} as recorded",
+    ]
+
+
+def test_verify_refuses_a_compressed_version_whose_layout_tag_was_edited(registry, client):
+    assert _invoke(registry, "compress", f"models:/{vector_name('flip')}/1", "--format", "lowrank", "--rank", "2", "--register", "flip-lowrank").exit_code == 0
+    client.set_model_version_tag("flip-lowrank", "1", "taskvec.layout_params", '{"rank": 1}')
+
+    result = _invoke(registry, "verify", "models:/flip-lowrank/1")
+
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith("Error: the recompressed task vector has fingerprint ")
+    assert "the source and the layout do not reproduce it" in result.output

@@ -192,6 +192,7 @@ def register_compressed_vector(
                 tag.NUM_PARAMETERS: conf["num_parameters"],
                 tag.L2_NORM: _fmt(conf["l2_norm"]),
                 tag.COMPRESSED_FROM: source.canonical,
+                tag.SOURCE_FINGERPRINT: source.fingerprint,
                 tag.LAYOUT: layout,
                 tag.LAYOUT_PARAMS: json.dumps(result.settings, sort_keys=True),
                 tag.STORED_BYTES: result.stored_bytes,
