@@ -525,7 +525,8 @@ def fmt_rows(rows: list[dict]) -> list[list[str]]:
         if "skipped" in r:
             out.append([r["op"], f"{r['size_gb']:g} GB", "-", "-", "-", "-", "-", "skipped: " + r["skipped"]])
             continue
-        ratio = f"{r['ratio']:.2f}x" if r.get("ratio") is not None else ("1.00x" if r["op"].startswith("floor") else "-")
+        is_floor = r["op"].startswith("floor") or r["op"] in FLOOR_OF.values()
+        ratio = f"{r['ratio']:.2f}x" if r.get("ratio") is not None else ("1.00x" if is_floor else "-")
         out.append([r["op"], f"{r['size_gb']:g} GB", f"{r['wall_s']:.2f}", ratio, f"{r['cpu_s']:.2f}",
                     f"{r['peak_anon_mb']:.0f}", r["target"], r["result"]])
     return out
