@@ -32,8 +32,6 @@ from mlflow_taskvec.references import register_scheme
 from mlflow_taskvec.references import resolve_path as resolve_local_path
 
 _MODEL_ID = re.compile(r"^m-[0-9a-f]{8,}$")
-# Canonical URIs fetched from the tracking server by this process (tests and logs read it).
-DOWNLOADS: list[str] = []
 
 
 def cache_root() -> Path:
@@ -228,7 +226,6 @@ def resolve(ref: str | os.PathLike, fresh: bool = False) -> Resolved:
         tmp.mkdir()
         try:
             downloaded = _download(where["artifact_uri"], tmp, text)
-            DOWNLOADS.append(where["canonical"])
             got = open_checkpoint(weights_path(downloaded, mlmodel)).fingerprint(fresh=True)
             if expected and got != expected:
                 raise TaskVecError(

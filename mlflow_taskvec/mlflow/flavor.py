@@ -73,7 +73,6 @@ from mlflow_taskvec.errors import TaskVecError
 
 FLAVOR_NAME = "taskvec"
 FORMAT_VERSION = "1"
-KINDS = ("task_vector", "checkpoint")
 _DATA = "data"
 # A copy of the flavor block inside data/: ``_load_pyfunc`` only receives that folder.
 _CONF_FILE = "taskvec.json"

@@ -8,6 +8,7 @@ made of.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -98,22 +99,9 @@ class Registered:
 def _run_context(run_id: str | None):
     """Resume ``run_id``, keep the active run, or start a new one."""
     active = mlflow.active_run()
-    if run_id is None and active is not None:
-        return _Keep(active)
-    if run_id is not None and active is not None and active.info.run_id == run_id:
-        return _Keep(active)
+    if active is not None and run_id in (None, active.info.run_id):
+        return contextlib.nullcontext(active)
     return mlflow.start_run(run_id=run_id)
-
-
-class _Keep:
-    def __init__(self, run):
-        self.run = run
-
-    def __enter__(self):
-        return self.run
-
-    def __exit__(self, *exc):
-        return False
 
 
 @_asks_the_server_first
