@@ -192,7 +192,7 @@ CASES = [
     Case("report-bad-format", ["report", COMPOSITE_NAME, "--format", "xml"], "Invalid value for '--format'", exit_code=2),
     # -- refused inside a run: the run ends FAILED, nothing logged stays ---------------------
     Case("nan-in-a-registered-fine-tune", REGISTER, "models:/{nan_model}", recipe=registry_recipe({"finetuned": "models:/{nan_model}"}), setup=_nan_finetune, fails_in_run=True, known_bug="the message names the download cache's path, not the reference"),
-    Case("compose-failing-evaluator", REGISTER, "digits_tasks:evaluate failed on task 'no-such-task': ValueError: unknown task", recipe=registry_recipe(evaluation=FAILING_EVALUATION), fails_in_run=True, known_bug="the composite is logged before it is evaluated"),
+    Case("compose-failing-evaluator", REGISTER, "digits_tasks:evaluate failed on task 'no-such-task': ValueError: unknown task", recipe=registry_recipe(evaluation=FAILING_EVALUATION), fails_in_run=True),
 ]
 
 
