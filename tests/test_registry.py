@@ -44,6 +44,7 @@ from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.recipe import load_recipe, parse_recipe
 from mlflow_taskvec.mlflow.downloads import resolve
+from mlflow_taskvec.mlflow.inputs import resolve_inputs
 from mlflow_taskvec.mlflow.registry import register_composite
 
 
@@ -270,14 +271,12 @@ def test_reference_metrics_are_cached_by_fingerprint_across_composites(registry,
     from mlflow_taskvec.evaluation import MetricCache
     from mlflow_taskvec.mlflow.evaluate import composite_evaluation
 
-    recipe = parse_recipe(_recipe_with_evaluation(["rotate", "flip"]))
-    base = resolve(recipe.base)
-    inputs = [resolve(e.ref) for e in recipe.vectors]
+    inputs = resolve_inputs(parse_recipe(_recipe_with_evaluation(["rotate", "flip"])))
     cache = MetricCache(registry.store.root / "metric-cache")
-    first = composite_evaluation(recipe, base, inputs, cache).references("test")
+    first = composite_evaluation(inputs, cache).references("test")
     assert (cache.hits, cache.misses) == (0, 4)  # base on rotate, flip, digits; rotate's fine-tune
 
-    again = composite_evaluation(recipe, base, inputs, cache).references("test")
+    again = composite_evaluation(inputs, cache).references("test")
     assert (cache.hits, cache.misses) == (4, 4)
     assert again == first
     assert first.base["digits"]["accuracy"] == pytest.approx(digits_tasks.accuracy(registry.base_net, "digits"))
@@ -363,18 +362,16 @@ def test_editing_the_evaluators_file_misses_the_metric_cache(registry, tmp_path,
 
     monkeypatch.syspath_prepend(str(tmp_path))
     spec = write_evaluator(tmp_path, "evaluator_to_edit", '{"accuracy": 0.25}')
-    recipe = parse_recipe({**composite_recipe(), "evaluation": {"evaluator": spec, "tasks": ["rotate"]}})
-    base = resolve(recipe.base)
-    inputs = [resolve(e.ref) for e in recipe.vectors]
+    inputs = resolve_inputs(parse_recipe({**composite_recipe(), "evaluation": {"evaluator": spec, "tasks": ["rotate"]}}))
     cache = MetricCache(tmp_path / "metric-cache")
 
-    first = composite_evaluation(recipe, base, inputs, cache).references("test")
-    again = composite_evaluation(recipe, base, inputs, cache).references("test")
+    first = composite_evaluation(inputs, cache).references("test")
+    again = composite_evaluation(inputs, cache).references("test")
     assert (cache.hits, cache.misses) == (2, 2)  # the base and rotate's fine-tune, on rotate
 
     write_evaluator(tmp_path, "evaluator_to_edit", '{"accuracy": 0.75}')
     monkeypatch.delitem(sys.modules, "evaluator_to_edit")  # as a new process would import it
-    edited = composite_evaluation(recipe, base, inputs, cache).references("test")
+    edited = composite_evaluation(inputs, cache).references("test")
 
     assert (cache.hits, cache.misses) == (2, 4)
     assert first == again == references_all_scoring(0.25)
@@ -492,3 +489,18 @@ def test_cli_compose_register_registers_the_composite_and_reports_its_version(re
     assert tags["taskvec.fingerprint"] == plain["taskvec.fingerprint"]
     assert tags["taskvec.recipe_sha256"] == plain["taskvec.recipe_sha256"]
     assert f"fingerprint: {plain['taskvec.fingerprint']}" in result.stdout.splitlines()
+
+
+def test_cli_compose_register_with_an_output_leaves_the_registered_composite_there_and_nothing_else(registry, client, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(composite_recipe(), sort_keys=False), "utf-8")
+    output = tmp_path / "out" / "composite.safetensors"
+    output.parent.mkdir()
+    output.write_bytes(b"an older output")
+
+    result = CliRunner().invoke(cli, ["compose", str(recipe), "--register", "cli-composite-output", "-o", str(output), "--overwrite"])
+
+    assert result.exit_code == 0, result.output
+    registered = client.get_model_version("cli-composite-output", "1").tags["taskvec.fingerprint"]
+    assert open_checkpoint(output).fingerprint(fresh=True) == registered
+    assert sorted(p.name for p in output.parent.iterdir()) == ["composite.safetensors"]
