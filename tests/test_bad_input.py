@@ -122,7 +122,6 @@ class Case:
     process: bool = False  # run as a real subprocess
     env: dict = field(default_factory=dict)
     fails_in_run: bool = False  # refused inside the run it started: that run ends FAILED
-    known_bug: str | None = None  # a case the code does not pass yet: expected to fail, strictly
 
 
 COMPOSE = ["compose", "{recipe}", "-o", "out/merged"]
@@ -191,7 +190,8 @@ CASES = [
     Case("report-unknown-name", ["report", "no-such-model"], "no-such-model: no registered model or experiment of this name"),
     Case("report-bad-format", ["report", COMPOSITE_NAME, "--format", "xml"], "Invalid value for '--format'", exit_code=2),
     # -- refused inside a run: the run ends FAILED, nothing logged stays ---------------------
-    Case("nan-in-a-registered-fine-tune", REGISTER, "models:/{nan_model}", recipe=registry_recipe({"finetuned": "models:/{nan_model}"}), setup=_nan_finetune, fails_in_run=True, known_bug="the message names the download cache's path, not the reference"),
+    Case("nan-in-a-registered-fine-tune", REGISTER, "tensor 'encoder.0.weight' of models:/{nan_model} holds NaN or Inf values", recipe=registry_recipe({"finetuned": "models:/{nan_model}"}), setup=_nan_finetune, fails_in_run=True),
+    Case("nan-in-a-registered-fine-tune-composed-locally", COMPOSE, "tensor 'encoder.0.weight' of models:/{nan_model} holds NaN or Inf values", recipe=registry_recipe({"finetuned": "models:/{nan_model}"}), setup=_nan_finetune),
     Case("compose-failing-evaluator", REGISTER, "digits_tasks:evaluate failed on task 'no-such-task': ValueError: unknown task", recipe=registry_recipe(evaluation=FAILING_EVALUATION), fails_in_run=True),
 ]
 
@@ -293,9 +293,7 @@ def test_the_catalogue_has_at_least_25_distinct_cases():
     assert len({c.id for c in CASES}) == len(CASES)
 
 
-@pytest.mark.parametrize(
-    "case", [pytest.param(c, marks=[pytest.mark.xfail(strict=True, reason=c.known_bug)] if c.known_bug else []) for c in CASES], ids=[c.id for c in CASES]
-)
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_refused_with_one_clear_line_and_nothing_written(case, world, tmp_path, monkeypatch):
     work = tmp_path / "work"
     (work / "out").mkdir(parents=True)

@@ -197,7 +197,8 @@ def register_composite(
     with _run_context(None) as run, tempfile.TemporaryDirectory(**scratch) as tmp:
         mlflow.log_params(_run_params(resolved))
         weights = Path(tmp) / "weights"
-        result = compose_to(inputs.local(), output=weights)
+        with inputs.named_as_references():
+            result = compose_to(inputs.local(), output=weights)
         metrics = {}
         if evaluate is None and resolved.evaluation is not None:
             evaluate = composite_evaluation(inputs).evaluate
