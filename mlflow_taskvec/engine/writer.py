@@ -217,7 +217,6 @@ class CheckpointWriter:
             self.abort()
             raise
 
-
     def abort(self) -> None:
         if self._closed:
             return
