@@ -198,8 +198,9 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, o
 @_alias
 @_overwrite
 @_quiet
+@_device
 @_fail_cleanly
-def compress(ref, layout, density, rank, energy, output, register_as, alias, overwrite, quiet):
+def compress(ref, layout, density, rank, energy, output, register_as, alias, overwrite, quiet, device):
     """Store the task vector REF in a smaller layout (composed like any task vector)."""
     from mlflow_taskvec.engine.compressed import check_settings
 
@@ -210,7 +211,7 @@ def compress(ref, layout, density, rank, energy, output, register_as, alias, ove
     if register_as is not None:
         from mlflow_taskvec.mlflow.registry import register_compressed_vector
 
-        reg = register_compressed_vector(ref, register_as, layout, output=output, overwrite=overwrite, alias=alias, **settings)
+        reg = register_compressed_vector(ref, register_as, layout, output=output, overwrite=overwrite, alias=alias, device=device, **settings)
         if output is not None:
             _echo(quiet, f"compressed vector: {output}")
         _report_compression(quiet, reg.compression)
@@ -224,7 +225,8 @@ def compress(ref, layout, density, rank, energy, output, register_as, alias, ove
     vector = TaskVector.load(source)
     step, close = progress_bar(len(vector.names), f"compress ({layout})", "tensor", quiet)
     try:
-        result = compress_vector(vector, output, layout, source_fingerprint=source.fingerprint(), overwrite=overwrite, progress=step, **settings)
+        result = compress_vector(vector, output, layout, source_fingerprint=source.fingerprint(), overwrite=overwrite, progress=step,
+                                 device=device, **settings)
     finally:
         close()
     _echo(quiet, f"compressed vector: {output}")

@@ -144,3 +144,76 @@ def test_cuda_matches_the_cpu(models, tmp_path, method, params):
     a, b = load_file(str(tmp_path / "cpu.safetensors")), load_file(str(tmp_path / "cuda.safetensors"))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+
+
+# -- recipe and command line --------------------------------------------------------
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from mlflow_taskvec.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _recipe(root, tmp_path, device=None):
+    import yaml
+
+    recipe = {"base": str(root / "base.safetensors"), "method": "ties", "params": {"density": 0.3}, "scale": 0.5,
+              "vectors": [{"finetuned": str(root / "ft0.safetensors")}, {"vector": str(root / "v1.safetensors"), "weight": 0.5}]}
+    if device is not None:
+        recipe["device"] = device
+    path = tmp_path / f"recipe-{device}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_a_recipes_device_is_not_part_of_its_digest_and_gives_the_same_composite(models, tmp_path):
+    from mlflow_taskvec.compose import compose_to
+    from mlflow_taskvec.recipe import load_recipe
+
+    plain, on_cpu = load_recipe(_recipe(models, tmp_path)), load_recipe(_recipe(models, tmp_path, "cpu"))
+
+    assert on_cpu.device == "cpu" and plain.device is None
+    assert on_cpu.sha256() == plain.sha256()
+    assert compose_to(on_cpu, output=tmp_path / "a.safetensors").fingerprint == compose_to(plain, output=tmp_path / "b.safetensors").fingerprint
+
+
+def test_a_recipe_naming_an_unknown_device_is_refused_by_field(models, tmp_path):
+    result = _cli("compose", _recipe(models, tmp_path, "tpu"), "-o", tmp_path / "out.safetensors")
+
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"Error: {tmp_path / 'recipe-tpu.yaml'}: device: 'tpu' is not one of cpu, cuda, cuda:N or auto"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("command", ["compose", "extract"])
+def test_device_cuda_without_cuda_stops_in_one_line_with_nothing_written(models, tmp_path, command):
+    out = tmp_path / "out.safetensors"
+    if command == "compose":
+        result = _cli("compose", _recipe(models, tmp_path), "-o", out, "--device", "cuda")
+    else:
+        result = _cli("extract", "--base", models / "base.safetensors", "--finetuned", models / "ft0.safetensors", "-o", out, "--device", "cuda")
+
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: device: 'cuda' needs a CUDA GPU, and this torch ")
+    assert not out.exists() and list(tmp_path.glob(".out*")) == []
+
+
+def test_compose_device_cpu_on_the_command_line_gives_the_default_bits(models, tmp_path):
+    recipe = _recipe(models, tmp_path)
+    a = _cli("compose", recipe, "-o", tmp_path / "a.safetensors", "--device", "cpu")
+    b = _cli("compose", recipe, "-o", tmp_path / "b.safetensors")
+
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    assert open_checkpoint(tmp_path / "a.safetensors").fingerprint() == open_checkpoint(tmp_path / "b.safetensors").fingerprint()
+
+
+def test_compress_on_device_cpu_gives_the_same_file(models, tmp_path):
+    vector = TaskVector.load(models / "v1.safetensors")
+    a = compress(vector, tmp_path / "a.safetensors", "lowrank", energy=0.5, device="cpu")
+    b = compress(vector, tmp_path / "b.safetensors", "lowrank", energy=0.5)
+    assert a.fingerprint == b.fingerprint and a.encodings == b.encodings
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()

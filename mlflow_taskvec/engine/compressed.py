@@ -44,6 +44,7 @@ import torch
 
 from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import Checkpoint, SafetensorsCheckpoint
+from mlflow_taskvec.engine.device import parse_device
 from mlflow_taskvec.engine.io import DTYPE_BY_CODE, TensorSpec, dtype_code, tensor_bytes
 from mlflow_taskvec.engine.methods.trim import trim_count, trim_threshold
 from mlflow_taskvec.engine.streaming import CHUNK_ELEMENTS, flat_slice, one_torch_thread
@@ -137,8 +138,8 @@ def lowrank_rank(singular_values: torch.Tensor, shape: tuple[int, int], settings
 class _Encoder:
     """Encodes one tensor at a time; plans every tensor's parts before writing."""
 
-    def __init__(self, vector, layout: str, settings: dict):
-        self.vector, self.layout, self.settings = vector, layout, settings
+    def __init__(self, vector, layout: str, settings: dict, device: torch.device | None = None):
+        self.vector, self.layout, self.settings, self.device = vector, layout, settings, device
         self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
 
     def compute_dtype(self, spec: TensorSpec) -> torch.dtype:
@@ -147,6 +148,10 @@ class _Encoder:
     def dense(self, name: str) -> torch.Tensor:
         spec = self.vector.spec(name)
         return self.vector.get_tensor(name, self.compute_dtype(spec)).reshape(spec.shape)
+
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Where the decompositions run (the vector's host memory when no device is given)."""
+        return t if self.device is None else t.to(self.device)
 
     def plan(self, name: str) -> _Encoded:
         spec = self.vector.spec(name)
@@ -164,7 +169,7 @@ class _Encoder:
         if self.layout == "bitdelta":
             return _Encoded(spec, "bitdelta", {part_name(name, "signs"): TensorSpec(torch.uint8, ((spec.numel + 7) // 8,)), part_name(name, "scale"): TensorSpec(value_dtype, ())})
         # lowrank: the rank from density or rank needs no decomposition; energy needs the singular values
-        singular = torch.linalg.svdvals(self.dense(name)) if "energy" in self.settings else None
+        singular = torch.linalg.svdvals(self._on_device(self.dense(name))).cpu() if "energy" in self.settings else None
         r = lowrank_rank(singular, (m, n), self.settings)
         if r * (m + n) >= m * n:
             return dense
@@ -191,8 +196,8 @@ class _Encoder:
             out = {"signs": pack_signs(t.reshape(-1)), "scale": scale.to(dtype)}
         else:
             r = encoded.parts[part_name(name, "A")].shape[0]
-            u, s, vh = torch.linalg.svd(t, full_matrices=False)
-            out = {"B": (u[:, :r] * s[:r]).to(dtype).contiguous(), "A": vh[:r].to(dtype).contiguous()}
+            u, s, vh = torch.linalg.svd(self._on_device(t), full_matrices=False)
+            out = {"B": (u[:, :r] * s[:r]).to(dtype).cpu().contiguous(), "A": vh[:r].to(dtype).cpu().contiguous()}
         self._cache[name] = out
         while len(self._cache) > 2:
             self._cache.popitem(last=False)
@@ -227,14 +232,15 @@ def compress(
     source_fingerprint: str | None = None,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    device: "str | torch.device | None" = None,
 ) -> CompressionResult:
     """Store the task vector ``vector`` in a compressed ``layout`` at ``output`` (a
     ``.safetensors`` file or a folder), one tensor at a time; returns sizes and the
     densified vector's fingerprint. ``source_fingerprint`` (the stored vector's) is
-    recorded in the metadata."""
+    recorded in the metadata. With ``device`` the SVDs of ``lowrank`` run there."""
     settings = check_settings(layout, density, rank, energy)
     check_output_path(output, overwrite)
-    encoder = _Encoder(vector, layout, settings)
+    encoder = _Encoder(vector, layout, settings, parse_device(device))
     with one_torch_thread():  # decompositions give the same bits run after run
         plans = {name: encoder.plan(name) for name in vector.names}
         specs = {part: spec for p in plans.values() for part, spec in p.parts.items()}

@@ -157,6 +157,7 @@ def register_compressed_vector(
     output: "str | os.PathLike | None" = None,
     overwrite: bool = False,
     alias: str | None = None,
+    device: str | None = None,
 ) -> Registered:
     """Compress the task vector ``source_ref`` (``engine.compressed``) and register the result.
 
@@ -177,7 +178,7 @@ def register_compressed_vector(
     recorded = {**(source.conf or {}), **source.tags}  # a registered version's tags, else its flavor block
     with tempfile.TemporaryDirectory(prefix="taskvec-compress-") as tmp:
         target = Path(output) if output is not None else Path(tmp) / "vector.safetensors"
-        result = compress(vector, target, layout, density, rank, energy, source_fingerprint=source.fingerprint, overwrite=overwrite)
+        result = compress(vector, target, layout, density, rank, energy, source_fingerprint=source.fingerprint, overwrite=overwrite, device=device)
         with _run_context(source.run_id) as run:
             lineage = {"compressed_from": source.canonical, "base_uri": recorded.get(tag.BASE_URI) or recorded.get("base_uri", "")}
             info = flavor.log_model(str(target), name="task_vector", lineage=lineage)
