@@ -308,3 +308,13 @@ def test_cli_compress_refuses_a_checkpoint_that_is_not_a_task_vector(vector, tmp
     assert result.exit_code == 1
     assert "not a task vector" in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_a_folder_output_holds_the_layout_and_opens_as_the_dense_vector(vector, tmp_path):
+    path, tensors = vector
+    result = compress(TaskVector.load(path), tmp_path / "folder", "bitdelta")
+
+    assert [p.name for p in (tmp_path / "folder").iterdir()] == ["model.safetensors"]
+    ckpt = open_checkpoint(tmp_path / "folder")
+    assert isinstance(ckpt, CompressedCheckpoint) and ckpt.keys() == sorted(tensors)
+    assert ckpt.fingerprint() == result.fingerprint

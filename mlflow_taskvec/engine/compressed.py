@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from mlflow_taskvec.engine import metadata as meta_keys
-from mlflow_taskvec.engine.checkpoint import Checkpoint, SafetensorsCheckpoint
+from mlflow_taskvec.engine.checkpoint import Checkpoint, SafetensorsCheckpoint, open_checkpoint
 from mlflow_taskvec.engine.device import parse_device
 from mlflow_taskvec.engine.io import DTYPE_BY_CODE, TensorSpec, dtype_code, tensor_bytes
 from mlflow_taskvec.engine.methods.trim import trim_count, trim_threshold
@@ -262,7 +262,7 @@ def compress(
                     seen.add(name)
                     progress(name)
             writer.commit()
-    stored = CompressedCheckpoint(SafetensorsCheckpoint(_weights_files(Path(output)), str(output)))
+    stored = open_checkpoint(output)  # a CompressedCheckpoint: the densified view
     counts: dict[str, int] = {}
     for p in plans.values():
         counts[p.encoding] = counts.get(p.encoding, 0) + 1
@@ -276,10 +276,6 @@ def compress(
         dense_bytes=stored.dense_bytes,
         encodings=counts,
     )
-
-
-def _weights_files(output: Path) -> list[Path]:
-    return [output] if output.suffix == ".safetensors" else sorted(output.glob("*.safetensors"))
 
 
 # -- reading ----------------------------------------------------------------------
