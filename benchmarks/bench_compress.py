@@ -3,8 +3,9 @@
 
 Trains the example's base (300 steps on the ten digits) and its four addition
 fine-tunes (parity, large, mod3, loop; 100 steps each), extracts their task
-vectors (fp32), compresses each with every format at two settings, and composes
-the addition (task arithmetic, all weights 1) from each set of vectors. As in the
+vectors (fp32), compresses each with every format at two settings (bitdelta has
+no setting: one row), and composes the addition (task arithmetic, all weights 1)
+from each set of vectors. As in the
 paper, the scale is picked on the validation split (0.0 to 2.0, step 0.05) and the
 composite's mean normalized accuracy (its accuracy over each task's own fine-tune's)
 is measured on the test split. Prints, per format and setting: the size ratio (dense
