@@ -95,7 +95,7 @@ def _radix_select(chunks: Callable[[], Iterable[torch.Tensor]], k: int, dtype: t
         (torch.float64, torch.int64, 64) if dtype == torch.float64 else (torch.float32, torch.int32, 32)
     )
     top_shift = bits - 16
-    hist = torch.zeros(1 << 16, dtype=torch.int64)
+    hist = None  # the histograms live where the chunks do (the CPU, or a GPU)
     only = None
 
     def bits_of(chunk: torch.Tensor) -> torch.Tensor:
@@ -104,13 +104,15 @@ def _radix_select(chunks: Callable[[], Iterable[torch.Tensor]], k: int, dtype: t
     for i, chunk in enumerate(chunks()):
         b = bits_of(chunk)
         top = b >> top_shift  # the sign bit is clear, so this is in [0, 2**15)
-        hist += torch.bincount(top, minlength=1 << 16)
+        counts = torch.bincount(top, minlength=1 << 16)
+        hist = counts if hist is None else hist.add_(counts)
         only = (b, top) if i == 0 else None
     digit, remaining, tied = _pick(hist, k)
     if bits == 32 and only is None:
-        low = torch.zeros(1 << 17, dtype=torch.int64)
+        low = None
         for b in map(bits_of, chunks()):
-            low += torch.bincount(_low_digits_in_bin(b, digit), minlength=1 << 17)
+            counts = torch.bincount(_low_digits_in_bin(b, digit), minlength=1 << 17)
+            low = counts if low is None else low.add_(counts)
         low_digit, remaining, tied = _pick(low[: 1 << 16], remaining)
         value = float(torch.tensor([(digit << 16) | low_digit], dtype=torch.int32).view(torch.float32))
         return TrimThreshold(value, ties_to_keep=remaining, ties_total=tied)
