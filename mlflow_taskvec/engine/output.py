@@ -175,6 +175,12 @@ class OutputClaim:
             self.release()
             raise
 
+    def __enter__(self) -> "OutputClaim":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
     # -- the lock ----------------------------------------------------------------------------
     def _lock(self) -> None:
         if fcntl is None:
@@ -219,8 +225,9 @@ class OutputClaim:
     def _remove_stale_partials(self) -> None:
         # We hold the lock and every writer of this output takes it first: whatever
         # temporaries of it exist now belong to writers that died without cleaning up.
-        # (Also the names earlier versions used: .partial-<hex>, .old-<hex>.)
-        ours = re.compile(rf"\.{re.escape(self.path.name)}\.(partial-(\d+-)?|old-|aside-)[0-9a-f]{{8}}")
+        # (Also the names earlier versions used: .partial-<hex>, .old-<hex>; and temporary
+        # folders made beside the output by tempfile: .partial-<pid>-<8 of [a-z0-9_]>.)
+        ours = re.compile(rf"\.{re.escape(self.path.name)}\.(partial-(\d+-)?|old-|aside-)[0-9a-z_]{{8}}")
         with contextlib.suppress(OSError):
             for leftover in self.path.parent.iterdir():
                 if ours.fullmatch(leftover.name):

@@ -22,6 +22,7 @@ import torch
 from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import Checkpoint, open_checkpoint
 from mlflow_taskvec.engine.checks import finite_number
+from mlflow_taskvec.engine.device import DeviceRunner, on_device, parse_device
 from mlflow_taskvec.engine.io import TensorSpec
 from mlflow_taskvec.engine.streaming import (
     CHUNK_ELEMENTS,
@@ -53,9 +54,9 @@ class _Term:
         if name in self.absent:
             return torch.zeros(stop - start, dtype=dtype)
         if self.stored is not None:
-            return flat_slice(self.stored.get_tensor(name), start, stop, dtype)
-        ft = flat_slice(self.finetuned.get_tensor(name), start, stop, dtype)
-        return torch.sub(ft, flat_slice(self.base.get_tensor(name), start, stop, dtype))
+            return self.stored.read_chunk(name, start, stop, dtype)
+        ft = self.finetuned.read_chunk(name, start, stop, dtype)
+        return torch.sub(ft, self.base.read_chunk(name, start, stop, dtype))
 
     def sources(self) -> list[Checkpoint]:
         return [self.stored] if self.stored is not None else [self.finetuned, self.base]
@@ -354,30 +355,42 @@ class TaskVector:
         overwrite: bool = False,
         allow_nonfinite: bool = False,
         progress=None,
+        device: "str | torch.device | None" = None,
     ) -> str:
-        """Stream the vector to ``output`` (a ``.safetensors`` file or a directory); returns its fingerprint."""
+        """Stream the vector to ``output`` (a ``.safetensors`` file or a directory); returns its fingerprint.
+        With ``device``, chunks are computed there (see ``engine.device``)."""
         out_dtype = parse_dtype(dtype, "dtype", STORAGE_DTYPES)
+        target = parse_device(device)
+        source, run = self, (lambda job: job())
+        if target is not None:
+            runner = DeviceRunner(target)
+            source, run = on_device(self, runner), runner.run
         specs = {n: TensorSpec(out_dtype or s.dtype, s.shape) for n, s in self._specs.items()}
         compute = torch.float64 if any(s.dtype == torch.float64 for s in specs.values()) else torch.float32
         inputs = [src for term in self._terms for src in term.sources()]
-        all_zero = True
+        nonzero: list[str] = []  # the first tensor seen not all zero (jobs may run on another thread)
         with CheckpointWriter(output, specs, self.metadata(), max_shard_size=max_shard_size, overwrite=overwrite, inputs=inputs) as writer, one_torch_thread():
             for name in writer.order:
                 for start, stop in chunk_ranges(specs[name].numel):
-                    values = self.chunk(name, start, stop, compute)
-                    all_zero = all_zero and not bool(values.any())
-                    stored = values.to(specs[name].dtype)
-                    if not allow_nonfinite:
-                        self.check_finite(name, start, stop, values)
-                        if stored.dtype != values.dtype:
-                            check_finite_output(stored, name, start, specs[name].numel)
-                    writer.write(name, stored)
+
+                    def job(name=name, start=start, stop=stop):
+                        values = source.chunk(name, start, stop, compute)
+                        if not nonzero and bool(values.any()):
+                            nonzero.append(name)
+                        stored = values.to(specs[name].dtype)
+                        if not allow_nonfinite:
+                            source.check_finite(name, start, stop, values)
+                            if stored.dtype != values.dtype:
+                                check_finite_output(stored, name, start, specs[name].numel)
+                        return stored
+
+                    writer.write(name, run(job))
                 if specs[name].numel > CHUNK_ELEMENTS:
                     release_free_memory()
                 if progress is not None:
                     progress(name)
             fingerprint = writer.commit()
-        if all_zero:
+        if not nonzero:
             warnings.warn(
                 TaskVecWarning(f"{output}: the task vector is all zeros: the fine-tune {self.source} equals its base on every tensor it covers"),
                 stacklevel=2,

@@ -8,6 +8,7 @@ made of.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -27,12 +28,12 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_taskvec.compose import compose_to
 from mlflow_taskvec.engine.taskvector import TaskVector
-from mlflow_taskvec.engine.output import check_output_path, refuse_aliasing
+from mlflow_taskvec.engine.output import OutputClaim, check_output_path, refuse_aliasing
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.mlflow import flavor
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.downloads import Resolved
-from mlflow_taskvec.mlflow.evaluate import composite_evaluation
+from mlflow_taskvec.mlflow.evaluate import composite_evaluation, module_builder
 from mlflow_taskvec.mlflow.inputs import resolve_inputs
 from mlflow_taskvec.mlflow.runs import owned_run
 from mlflow_taskvec.mlflow.server import check_can_register, server_error, server_errors
@@ -120,6 +121,7 @@ class Registered:
     model_id: str
     run_id: str
     tags: dict
+    compression: object = None  # for a compressed vector: the engine's CompressionResult
 
     @property
     def version_uri(self) -> str:
@@ -164,6 +166,78 @@ def register_task_vector(
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, mv.version)
     return Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
+
+
+@_asks_the_server_first
+def register_compressed_vector(
+    source_ref: str,
+    name: str,
+    layout: str,
+    density: float | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    output: "str | os.PathLike | None" = None,
+    overwrite: bool = False,
+    alias: str | None = None,
+    device: str | None = None,
+) -> Registered:
+    """Compress the task vector ``source_ref`` (``engine.compressed``) and register the result.
+
+    The compressed vector is logged in the source vector's run (else the active or a new
+    run) as a ``task_vector`` model; its version carries the source's lineage tags, its
+    own fingerprint (of the densified vector), the layout, stored and dense sizes, and
+    ``taskvec.compressed_from`` naming the source version. With ``output`` it is also
+    kept there.
+    """
+    from mlflow_taskvec.engine.compressed import check_settings, compress
+    from mlflow_taskvec.mlflow.downloads import resolve
+
+    check_settings(layout, density, rank, energy)
+    if output is not None:
+        check_output_path(output, overwrite)
+    source = resolve(source_ref)
+    vector = TaskVector.load(source.path)
+    recorded = {**(source.conf or {}), **source.tags}  # a registered version's tags, else its flavor block
+    with tempfile.TemporaryDirectory(prefix="taskvec-compress-") as tmp:
+        target = Path(output) if output is not None else Path(tmp) / "vector.safetensors"
+        result = compress(vector, target, layout, density, rank, energy, source_fingerprint=source.fingerprint, overwrite=overwrite, device=device)
+        with owned_run(source.run_id) as run:
+            lineage = {"compressed_from": source.canonical, "base_uri": recorded.get(tag.BASE_URI) or recorded.get("base_uri", "")}
+            info = flavor.log_model(str(target), name="task_vector", lineage=lineage)
+            conf = info.flavors[flavor.FLAVOR_NAME]
+            tags = {
+                tag.KIND: tag.TASK_VECTOR,
+                tag.TASK: vector.task or "",
+                tag.BASE_URI: lineage["base_uri"],
+                tag.BASE_FINGERPRINT: vector.base_fingerprint,
+                tag.FINETUNED_URI: recorded.get(tag.FINETUNED_URI) or recorded.get("finetuned_uri", ""),
+                tag.FINGERPRINT: conf["fingerprint"],
+                tag.NUM_PARAMETERS: conf["num_parameters"],
+                tag.L2_NORM: _fmt(conf["l2_norm"]),
+                tag.COMPRESSED_FROM: source.canonical,
+                tag.SOURCE_FINGERPRINT: source.fingerprint,
+                tag.LAYOUT: layout,
+                tag.LAYOUT_PARAMS: json.dumps(result.settings, sort_keys=True),
+                tag.STORED_BYTES: result.stored_bytes,
+                tag.DENSE_BYTES: result.dense_bytes,
+            }
+            MlflowClient().set_logged_model_tags(info.model_id, {k: str(v) for k, v in tags.items()})
+            setting = ", ".join(f"{k} {v:g}" for k, v in result.settings.items())
+            description = "\n".join([
+                f"**Compressed task vector** for task `{vector.task or '?'}`: `{layout}`" + (f" ({setting})" if setting else "")
+                + f" of `{source.canonical}`, {result.ratio:.1f}x smaller than the dense vector.",
+                "",
+                "| role | reference | fingerprint |",
+                "|---|---|---|",
+                f"| compressed from | `{source.canonical}` | `{source.fingerprint[:16]}` |",
+                f"| task vector (densified) | this version | `{conf['fingerprint'][:16]}` |",
+                "",
+                f"{result.stored_bytes} bytes stored for {result.dense_bytes} dense; {conf['num_parameters']} parameters in {conf['num_tensors']} tensors.",
+            ])
+            mv = _create_version(name, info, run.info.run_id, tags, description)
+    if alias:
+        MlflowClient().set_registered_model_alias(name, alias, mv.version)
+    return Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags, compression=result)
 
 
 def _vector_description(vector: TaskVector, base: Resolved, finetuned: Resolved, conf: dict) -> str:
@@ -217,10 +291,22 @@ def register_composite(
     base = inputs.base
     architecture, code_paths, signature = _architecture_of(base)
 
-    with owned_run(None) as run, tempfile.TemporaryDirectory(prefix="taskvec-compose-") as tmp:
+    # With an output, the temporary folder is beside it, so the registered composite is
+    # renamed into place at the end: a failure on the way leaves nothing there. The output
+    # is claimed (locked, its state at the start kept) from before the run to that rename.
+    scratch = {"prefix": f".{Path(output).name}.partial-{os.getpid()}-", "dir": Path(output).parent} if output is not None else {"prefix": "taskvec-compose-"}
+    claimed = OutputClaim(output, overwrite) if output is not None else contextlib.nullcontext()
+    with claimed as claim, owned_run(None) as run, tempfile.TemporaryDirectory(**scratch) as tmp:
         mlflow.log_params(_run_params(resolved))
-        weights = Path(output) if output is not None else Path(tmp) / "weights"
-        result = compose_to(inputs.local(), output=weights, overwrite=overwrite)
+        weights = Path(tmp) / "weights"
+        with inputs.named_as_references():
+            result = compose_to(inputs.local(), output=weights)
+        metrics = {}
+        if evaluate is None and resolved.evaluation is not None:
+            evaluate = composite_evaluation(inputs).evaluate
+        if evaluate is not None:
+            # evaluated before anything is logged: a failing evaluator leaves no artifact and no logged model
+            metrics = evaluate(module_builder(base)(flavor.read_state(weights)))
         recipe_path = Path(tmp) / "recipe.yaml"
         recipe_path.write_text(yaml.safe_dump(resolved.model_dump(exclude={"output", "search"}), sort_keys=False), "utf-8")
         mlflow.log_artifact(str(recipe_path))
@@ -244,11 +330,7 @@ def register_composite(
             lineage=lineage,
             signature=signature,
         )
-        metrics = {}
-        if evaluate is None and resolved.evaluation is not None:
-            evaluate = composite_evaluation(inputs).evaluate
-        if evaluate is not None:
-            metrics = evaluate(flavor.load_model(info.model_uri))
+        if metrics:
             mlflow.log_metrics(metrics, model_id=info.model_id)
         tags = {
             tag.KIND: tag.COMPOSITE,
@@ -265,6 +347,8 @@ def register_composite(
         MlflowClient().set_logged_model_tags(info.model_id, tags)
         description = composite_description(resolved, base, inputs.vectors, result.fingerprint, metrics, note)
         mv = _create_version(name, info, run.info.run_id, tags, description)
+        if claim is not None:
+            claim.move_into_place(weights)
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, mv.version)
     return Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)

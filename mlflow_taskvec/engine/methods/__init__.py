@@ -101,12 +101,15 @@ class MergeContext:
     numel: int  # size of the whole tensor
     params: dict
     prepared: Any = None  # what the method's ``prepare`` computed over the whole tensor
+    device: torch.device | None = None  # where the chunk's tensors are
+
 
     def keep_mask(self, input_index: int, length: int, keep_probability) -> torch.Tensor:
         """Bernoulli(keep_probability) mask for entries [start, start+length) of input ``input_index``
         (the seed is ``params['seed']``; see ``streaming.keep_mask``)."""
         seed = int(self.params.get("seed", 0))
-        return keep_mask(seed, input_index, self.name, self.start, length, self.numel, keep_probability)
+        mask = keep_mask(seed, input_index, self.name, self.start, length, self.numel, keep_probability)
+        return mask if self.device is None else mask.to(self.device)  # drawn on the CPU: the same masks everywhere
 
 
 MethodFn = Callable[[list[torch.Tensor], list[float], MergeContext], torch.Tensor]
