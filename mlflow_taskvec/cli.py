@@ -231,11 +231,12 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, a
 @click.option("--output", "-o", default=None, type=click.Path(path_type=Path), help="Where to write the compressed vector (optional with --register).")
 @_register
 @_alias
+@_allow_mixed
 @_overwrite
 @_quiet
 @_device
 @_fail_cleanly
-def compress(ref, layout, density, rank, energy, output, register_as, alias, overwrite, quiet, device):
+def compress(ref, layout, density, rank, energy, output, register_as, alias, allow_mixed, overwrite, quiet, device):
     """Store the task vector REF in a smaller layout (composed like any task vector)."""
     from mlflow_taskvec.engine.compressed import check_settings
 
@@ -246,7 +247,9 @@ def compress(ref, layout, density, rank, energy, output, register_as, alias, ove
     if register_as is not None:
         from mlflow_taskvec.mlflow.registry import register_compressed_vector
 
-        reg = register_compressed_vector(ref, register_as, layout, output=output, overwrite=overwrite, alias=alias, device=device, **settings)
+        reg = register_compressed_vector(
+            ref, register_as, layout, output=output, overwrite=overwrite, alias=alias, device=device, allow_mixed=allow_mixed, **settings
+        )
         if output is not None:
             _echo(quiet, f"compressed vector: {output}")
         _report_compression(quiet, reg.compression)

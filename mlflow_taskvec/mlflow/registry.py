@@ -180,6 +180,7 @@ def register_compressed_vector(
     overwrite: bool = False,
     alias: str | None = None,
     device: str | None = None,
+    allow_mixed: bool = False,
 ) -> Registered:
     """Compress the task vector ``source_ref`` (``engine.compressed``) and register the result.
 
