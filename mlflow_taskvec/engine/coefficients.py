@@ -20,7 +20,9 @@ DEFAULT_GLOB = "*"
 
 
 def _finite(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TaskVecError(f"{what}: {value!r} is not a number")
+    if not math.isfinite(value):
         raise TaskVecError(f"{what}: {value!r} is not a finite number")
     return float(value)
 
@@ -34,7 +36,9 @@ def check_coefficient(value, what: str) -> Coefficient:
         for glob, number in value.items():
             if not isinstance(glob, str) or not glob:
                 raise TaskVecError(f"{what}: key {glob!r} is not a tensor-name glob")
-            out[glob] = _finite(number, f"{what}[{glob!r}]")
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+                raise TaskVecError(f"{what}: the value of {glob!r}, {number!r}, is not a finite number")
+            out[glob] = float(number)
         return out
     return _finite(value, what)
 
@@ -49,10 +53,6 @@ def coefficient_for(value: Coefficient, name: str, what: str) -> float:
     if DEFAULT_GLOB in value:
         return value[DEFAULT_GLOB]
     raise TaskVecError(f"{what}: no glob of {list(value)} matches tensor {name!r} (add a '*' default)")
-
-
-def is_per_layer(value: Coefficient) -> bool:
-    return isinstance(value, dict)
 
 
 def describe(value: Coefficient) -> str:
