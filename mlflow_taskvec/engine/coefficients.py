@@ -45,6 +45,11 @@ def coefficient_for(value: Coefficient, name: str, what: str) -> float:
     raise TaskVecError(f"{what}: no glob of {list(value)} matches tensor {name!r} (add a '*' default)")
 
 
+def values_of(value: Coefficient) -> list[float]:
+    """Every number a coefficient can give (one, or one per glob)."""
+    return list(value.values()) if isinstance(value, dict) else [value]
+
+
 def describe(value: Coefficient) -> str:
     """Short text for logs and tables: ``0.8`` or ``{*.layers.0.*: 0.2, *: 0.8}``."""
     if isinstance(value, dict):
