@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -597,3 +598,41 @@ def test_a_bad_per_layer_weight_is_refused_naming_it_and_nothing_is_written(tmp_
         merge_to(base, vectors, [weight], output=tmp_path / "m.safetensors")
     assert str(info.value) == message or str(info.value).startswith(message)
     assert_no_output(tmp_path / "m.safetensors")
+
+
+# -- what search reads from the declarations ------------------------------------------------------
+
+
+def search_recipe(method, params, search, weight=1.0):
+    return {"base": "base.safetensors", "method": method, "params": params, "search": search,
+            "vectors": [{"vector": "a.safetensors", "weight": weight}, {"vector": "b.safetensors"}],
+            "evaluation": {"evaluator": "m:f", "tasks": ["a"]}}
+
+
+def test_the_scale_grid_reaches_two_for_the_isotropic_methods_and_one_otherwise():
+    assert parse_recipe(search_recipe("iso_c", {}, {})).search.scale.grid()[-1] == 2.0
+    assert len(parse_recipe(search_recipe("iso_cts", {}, {})).search.scale.grid()) == 41
+    assert parse_recipe(search_recipe("tsv_m", {}, {})).search.scale.grid()[-1] == 1.0
+    given = parse_recipe(search_recipe("iso_c", {}, {"scale": {"low": 0.5, "high": 1.5, "step": 0.5}}))
+    assert given.search.scale.grid() == [0.5, 1.0, 1.5]
+
+
+def test_declared_takes_each_parameters_declared_range():
+    one = parse_recipe(search_recipe("della", {"density": 0.5}, {"strategy": "optuna", "params": {"epsilon": "declared", "density": {"low": 0.3, "high": 0.7}}}))
+    assert (one.search.params["epsilon"].low, one.search.params["epsilon"].high) == (0.0, math.nextafter(0.5, 0.0))
+    assert (one.search.params["density"].low, one.search.params["density"].high) == (0.3, 0.7)
+    every = parse_recipe(search_recipe("iso_cts", {}, {"strategy": "optuna", "params": "declared"}))
+    assert list(every.search.params) == ["common_fraction"]
+
+
+@pytest.mark.parametrize(
+    "method, params, search, weight, message",
+    [
+        ("consensus_ta", {}, {"strategy": "optuna", "params": {"k": "declared"}}, 1.0, "search.params.k: consensus_ta declares no search range for 'k' (searchable: mask_lambda)"),
+        ("della", {"density": 0.5}, {"params": "declared"}, 1.0, "weights and params ranges are searched by strategy optuna"),
+        ("tsv_m", {}, {"strategy": "optuna", "weights": {"low": 0.5, "high": 1.5}}, {"*": 1.0}, "search.weights: vectors[0].weight is per layer"),
+    ],
+)
+def test_a_search_the_declarations_cannot_serve_is_refused(method, params, search, weight, message):
+    with pytest.raises(TaskVecError, match=re.escape(message)):
+        parse_recipe(search_recipe(method, params, search, weight))
