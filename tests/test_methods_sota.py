@@ -636,3 +636,23 @@ def test_declared_takes_each_parameters_declared_range():
 def test_a_search_the_declarations_cannot_serve_is_refused(method, params, search, weight, message):
     with pytest.raises(TaskVecError, match=re.escape(message)):
         parse_recipe(search_recipe(method, params, search, weight))
+
+
+@pytest.mark.parametrize("method, params", NEW_METHODS)
+def test_every_later_method_composes_through_the_cli(tmp_path, method, params):
+    from click.testing import CliRunner
+
+    from mlflow_taskvec.cli import main as cli
+
+    count, weights = inputs_for(method)
+    base, fts = random_models(17, count)
+    base_path, ft_paths = write_set(tmp_path, base, fts)
+    data = {"base": str(base_path), "method": method, "params": params, "scale": {"norm.*": 0.5, "*": 0.9},
+            "vectors": [{"finetuned": str(p), "weight": w} for p, w in zip(ft_paths, weights)]}
+    (tmp_path / "recipe.yaml").write_text(json.dumps(data))  # JSON is YAML
+    result = CliRunner().invoke(cli, ["compose", str(tmp_path / "recipe.yaml"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    vectors = [TaskVector.extract(base_path, p) for p in ft_paths]
+    expected = merge(base_path, vectors, weights, method=method, params=params, scale=data["scale"])
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert all(torch.equal(written[n], expected[n]) for n in expected)
