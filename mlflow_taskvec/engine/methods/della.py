@@ -46,7 +46,7 @@ def rank_norm(magnitude: torch.Tensor) -> torch.Tensor:
         return torch.full_like(magnitude, 0.5)
     order = torch.argsort(magnitude, dim=-1, stable=True)
     ranks = torch.empty_like(magnitude)
-    ranks.scatter_(-1, order, torch.arange(n, dtype=magnitude.dtype).expand_as(magnitude).contiguous())
+    ranks.scatter_(-1, order, torch.arange(n, dtype=magnitude.dtype).expand_as(magnitude))
     return ranks.div_(n - 1)
 
 
@@ -62,7 +62,8 @@ def della_dropped(deltas: list[torch.Tensor], ctx) -> list[torch.Tensor]:
     for i, t in enumerate(deltas):
         p = keep_probabilities(t, density, epsilon)
         keep = ctx.keep_mask(i, t.numel(), p.reshape(-1)).reshape(t.shape)
-        out.append(torch.where(keep, t / p, 0.0))
+        out.append(torch.div(t, p, out=p).mul_(keep))  # t / p where kept, else 0, in p's buffer
+        del p, keep
     return out
 
 
