@@ -656,3 +656,32 @@ def test_every_later_method_composes_through_the_cli(tmp_path, method, params):
     expected = merge(base_path, vectors, weights, method=method, params=params, scale=data["scale"])
     written = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert all(torch.equal(written[n], expected[n]) for n in expected)
+
+
+def test_della_on_a_matrix_of_more_than_a_random_block_matches_its_reference():
+    """Worked a block of rows at a time: the second block starts inside a random block."""
+    g = torch.Generator().manual_seed(18)
+    shape = (1100, 1000)
+    assert shape[0] * shape[1] > RANDOM_BLOCK
+    base = {"w": torch.randn(shape, generator=g)}
+    fts = [{"w": base["w"] + 0.1 * torch.randn(shape, generator=g)} for _ in range(2)]
+    params = {"density": 0.5, "epsilon": 0.3, "seed": 4}
+    merged = merge(base, [TaskVector.extract(base, ft) for ft in fts], [1.0, 0.5], method="della_linear", params=params, compute_dtype="float64")
+    b64 = base["w"].double()
+    expected = b64.clone()
+    for i, (ft, w) in enumerate(zip(fts, [1.0, 0.5])):
+        t = ft["w"].double() - b64
+        ranks = torch.empty_like(t)
+        ranks.scatter_(1, torch.argsort(t.abs(), dim=1, stable=True), torch.arange(shape[1], dtype=t.dtype).expand(shape))
+        p = 0.5 - 0.3 + 2 * 0.3 * ranks / (shape[1] - 1)
+        keep = ref_uniforms(4, i, "w", t.numel()).reshape(shape) < p
+        expected += w * torch.where(keep, t / p, 0.0)
+    torch.testing.assert_close(merged["w"], expected.float())
+
+
+@pytest.mark.parametrize("start, length", [(1000, 5000), (RANDOM_BLOCK - 7, 20), (RANDOM_BLOCK + 3, RANDOM_BLOCK)])
+def test_a_keep_mask_starting_inside_a_random_block_is_the_slice_of_the_whole_mask(start, length):
+    numel = 3 * RANDOM_BLOCK
+    ctx = MergeContext(name="w", start=0, numel=numel, params={"seed": 5})
+    whole = ref_uniforms(5, 1, "w", numel) < 0.4
+    assert torch.equal(ctx.keep_mask(1, length, 0.4, offset=start), whole[start : start + length])

@@ -119,11 +119,11 @@ class MergeContext:
     whole_tensor: bool = False  # the deltas are whole tensors in ``shape`` (else flat chunks)
     base: torch.Tensor | None = None  # the base's entries matching the deltas, in the compute dtype
 
-    def keep_mask(self, input_index: int, length: int, keep_probability) -> torch.Tensor:
-        """Bernoulli(keep_probability) mask for entries [start, start+length) of input ``input_index``
-        (the seed is ``params['seed']``; see ``streaming.keep_mask``)."""
+    def keep_mask(self, input_index: int, length: int, keep_probability, offset: int = 0) -> torch.Tensor:
+        """Bernoulli(keep_probability) mask for entries [start + offset, start + offset + length) of
+        input ``input_index`` (the seed is ``params['seed']``; see ``streaming.keep_mask``)."""
         seed = int(self.params.get("seed", 0))
-        return keep_mask(seed, input_index, self.name, self.start, length, self.numel, keep_probability)
+        return keep_mask(seed, input_index, self.name, self.start + offset, length, self.numel, keep_probability)
 
 
 MethodFn = Callable[[list[torch.Tensor], list[float], MergeContext], torch.Tensor]
