@@ -7,6 +7,7 @@ place only when complete. Progress bars show on a terminal only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -158,14 +159,16 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, o
             _echo(quiet, f"composite: {output}")
         _report_registration(quiet, reg)
         return
-    local = spec
+    local, named_as_given = spec, contextlib.nullcontext
     if require_alias is not None or spec.policy is not None or not all(is_local(ref) for ref in spec.references):
         from mlflow_taskvec.mlflow.inputs import resolve_inputs
 
-        local = resolve_inputs(spec, require_alias).local()  # the policy first, before anything is downloaded
+        inputs = resolve_inputs(spec, require_alias)  # the policy first, before anything is downloaded
+        local, named_as_given = inputs.local(), inputs.named_as_references
     step, close = progress_bar(len(open_base(local).keys()), spec.method, "tensor", quiet)
     try:
-        result = compose_to(local, output=output_path(spec, output), overwrite=overwrite, progress=step, recorded=spec)
+        with named_as_given():
+            result = compose_to(local, output=output_path(spec, output), overwrite=overwrite, progress=step, recorded=spec)
     finally:
         close()
     _echo(quiet, f"composite: {result.output}")

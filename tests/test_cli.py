@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from mlflow_taskvec.cli import main
 from small_models import INT_BUFFER, SHAPES, base_state, finetune_state
+from team_server import skip_or_fail
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.recipe import load_recipe
 
@@ -336,7 +337,16 @@ def test_inspect_layers_of_a_checkpoint_without_float_tensors_succeeds(models):
     result = cli("inspect", ints, "--layers")
 
     assert_ok(result)
-    assert "l2 norm by layer:" in lines_of(result)
+    assert lines_of(result) == [
+        f"source: {ints}",
+        "kind: checkpoint",
+        "tensors: 1",
+        "parameters: 4",
+        "dtypes: int64 (4)",
+        f"fingerprint: {open_checkpoint(ints).fingerprint()}",
+        "l2 norm: 0",
+        "l2 norm by layer:",
+    ]
 
 
 # -- methods ----------------------------------------------------------------------
@@ -579,7 +589,7 @@ def test_missing_required_option_is_a_usage_error(models):
 def console_script() -> str:
     found = shutil.which("mlflow-taskvec", path=str(Path(sys.executable).parent)) or shutil.which("mlflow-taskvec")
     if found is None:
-        pytest.skip("the mlflow-taskvec console script is not installed")
+        skip_or_fail("the mlflow-taskvec console script is not installed (pip install -e .)")
     return found
 
 

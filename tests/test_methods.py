@@ -21,11 +21,12 @@ from mlflow_taskvec.errors import TaskVecError
 
 
 def ref_trim(t: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the k = max(1, int(density * numel)) entries of largest magnitude."""
+    """Keep the k = max(1, int(density * numel)) entries of largest magnitude; among entries
+    tied with the k-th, the first in flattened order (a stable sort keeps that order)."""
     flat = t.reshape(-1)
     k = max(1, int(density * flat.numel()))
     keep = torch.zeros(flat.numel(), dtype=torch.bool)
-    keep[torch.topk(flat.abs(), k).indices] = True
+    keep[torch.sort(flat.abs(), descending=True, stable=True).indices[:k]] = True
     return torch.where(keep, flat, 0.0).reshape(t.shape)
 
 
@@ -154,6 +155,11 @@ def bf16_set(tmp_path_factory, model_set_factory):
 
 
 @pytest.fixture(scope="module")
+def fp16_set(tmp_path_factory, model_set_factory):
+    return model_set_factory(tmp_path_factory.mktemp("fp16"), torch.float16)
+
+
+@pytest.fixture(scope="module")
 def big_set(tmp_path_factory):
     """A base with one tensor larger than a streaming chunk, and two fine-tunes.
 
@@ -219,6 +225,41 @@ def test_method_matches_reference_on_bf16_checkpoints(bf16_set, out_dir, method,
     merged = load_file(str(output))
     assert merged["embed.weight"].dtype == torch.bfloat16
     assert_state_close(merged, expected)
+
+
+def assert_within_one_unit_in_the_last_place(actual: dict, expected: dict) -> None:
+    """Same names and dtypes; floating tensors differ by at most one unit in the last place of
+    their dtype (float32 compute rounds once more than the float64 reference), others are equal."""
+    assert sorted(actual) == sorted(expected)
+    for name, want in expected.items():
+        got = actual[name]
+        assert got.dtype == want.dtype, name
+        if not want.is_floating_point():
+            assert torch.equal(got, want), name
+            continue
+        ulp = (torch.nextafter(want.abs(), torch.tensor(float("inf"), dtype=want.dtype)) - want.abs()).double()
+        error = (got.double() - want.double()).abs()
+        assert bool((error <= ulp).all()), f"{name}: {int((error > ulp).sum())} entries off by more than one ulp"
+
+
+# Exactly representable weights: products with half-precision deltas are then exact in float32
+# too, so an entry whose weighted deltas cancel exactly elects the same sign in both computes
+# (with 0.6 and -0.4, 0.6 * 0.046875 - 0.4 * 0.0703125 is >= 0 in float32 and < 0 in float64).
+EXACT_WEIGHTS = [0.625, 1.25, -0.375]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("method, params", ALL_METHODS)
+def test_method_output_in_half_precision_is_the_float64_reference_cast_to_that_dtype(bf16_set, fp16_set, out_dir, method, params, dtype):
+    models = bf16_set if dtype == torch.bfloat16 else fp16_set
+    output = out_dir / "merged.safetensors"
+    merge_to(models.base, extract_all(models), EXACT_WEIGHTS, method=method, scale=0.8, params=params, output=output)
+    base_sd = load_file(str(models.base))
+    expected = reference_merge(base_sd, [load_file(str(p)) for p in models.finetunes], EXACT_WEIGHTS, method, 0.8, params, compute=torch.float64)
+    merged = load_file(str(output))
+
+    assert merged["embed.weight"].dtype == dtype
+    assert_within_one_unit_in_the_last_place(merged, expected)
 
 
 @pytest.mark.parametrize("method, params", ALL_METHODS)

@@ -27,14 +27,14 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from mlflow_taskvec.compose import compose_to
-from mlflow_taskvec.engine.taskvector import TaskVector
-from mlflow_taskvec.engine.writer import check_output_path
 from mlflow_taskvec.engine.coefficients import Coefficient
+from mlflow_taskvec.engine.taskvector import TaskVector
+from mlflow_taskvec.engine.writer import check_output_path, move_into_place
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.mlflow import flavor
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.downloads import Resolved
-from mlflow_taskvec.mlflow.evaluate import composite_evaluation
+from mlflow_taskvec.mlflow.evaluate import composite_evaluation, module_builder
 from mlflow_taskvec.mlflow.inputs import resolve_inputs
 from mlflow_taskvec.mlflow.server import check_can_register, server_error, server_errors
 from mlflow_taskvec.recipe import Recipe
@@ -193,10 +193,20 @@ def register_composite(
     base = inputs.base
     architecture, code_paths, signature = _architecture_of(base)
 
-    with _run_context(None) as run, tempfile.TemporaryDirectory(prefix="taskvec-compose-") as tmp:
+    # With an output, the temporary folder is beside it, so the registered composite is
+    # renamed into place at the end: a failure on the way leaves nothing there.
+    scratch = {"prefix": f".{Path(output).name}.partial-", "dir": Path(output).parent} if output is not None else {"prefix": "taskvec-compose-"}
+    with _run_context(None) as run, tempfile.TemporaryDirectory(**scratch) as tmp:
         mlflow.log_params(_run_params(resolved))
-        weights = Path(output) if output is not None else Path(tmp) / "weights"
-        result = compose_to(inputs.local(), output=weights, overwrite=overwrite)
+        weights = Path(tmp) / "weights"
+        with inputs.named_as_references():
+            result = compose_to(inputs.local(), output=weights)
+        metrics = {}
+        if evaluate is None and resolved.evaluation is not None:
+            evaluate = composite_evaluation(inputs).evaluate
+        if evaluate is not None:
+            # evaluated before anything is logged: a failing evaluator leaves no artifact and no logged model
+            metrics = evaluate(module_builder(base)(flavor.read_state(weights)))
         recipe_path = Path(tmp) / "recipe.yaml"
         recipe_path.write_text(yaml.safe_dump(resolved.model_dump(exclude={"output", "search"}), sort_keys=False), "utf-8")
         mlflow.log_artifact(str(recipe_path))
@@ -220,11 +230,7 @@ def register_composite(
             lineage=lineage,
             signature=signature,
         )
-        metrics = {}
-        if evaluate is None and resolved.evaluation is not None:
-            evaluate = composite_evaluation(inputs).evaluate
-        if evaluate is not None:
-            metrics = evaluate(flavor.load_model(info.model_uri))
+        if metrics:
             mlflow.log_metrics(metrics, model_id=info.model_id)
         tags = {
             tag.KIND: tag.COMPOSITE,
@@ -241,6 +247,8 @@ def register_composite(
         MlflowClient().set_logged_model_tags(info.model_id, tags)
         description = composite_description(resolved, base, inputs.vectors, result.fingerprint, metrics, note)
         mv = _create_version(name, info, run.info.run_id, tags, description)
+        if output is not None:
+            move_into_place(weights, Path(output))
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, mv.version)
     return Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)

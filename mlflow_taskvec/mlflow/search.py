@@ -142,7 +142,7 @@ class _Composer:
     """Builds one candidate's module, in memory or through a temporary folder."""
 
     def __init__(self, inputs: Inputs, evaluation: CompositeEvaluation, memory: str):
-        self.local, self.evaluation = inputs.local(), evaluation
+        self.inputs, self.local, self.evaluation = inputs, inputs.local(), evaluation
         if memory not in MEMORY_MODES:
             raise TaskVecError(f"memory mode {memory!r} is not one of {', '.join(MEMORY_MODES)}")
         self.in_memory = _fits_in_memory(inputs.base.path) if memory == "auto" else memory == "memory"
@@ -155,10 +155,13 @@ class _Composer:
     def module(self, cand: Candidate):
         recipe = self.candidate(cand)
         if self.in_memory:
-            return self.evaluation.build(compose(recipe))
+            with self.inputs.named_as_references():
+                state = compose(recipe)
+            return self.evaluation.build(state)
         tmp = Path(tempfile.mkdtemp(prefix="taskvec-candidate-"))
         try:
-            compose_to(recipe, output=tmp / "weights")
+            with self.inputs.named_as_references():
+                compose_to(recipe, output=tmp / "weights")
             ckpt = open_checkpoint(tmp / "weights")
             return self.evaluation.build({n: ckpt.get_tensor(n) for n in ckpt.keys()})
         finally:
