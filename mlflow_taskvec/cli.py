@@ -504,12 +504,13 @@ def report(name, fmt, metrics):
 
 @main.command("methods")
 def list_methods():
-    """List the merge methods and their parameters."""
+    """List the merge methods: a one-line summary, the paper's arXiv id and the parameters."""
     from mlflow_taskvec.engine.methods import METHODS
 
     for m in METHODS.values():
         params = ", ".join(sorted(m.param_names)) or "none"
-        click.echo(f"{m.name}: {m.summary} (params: {params})")
+        paper = f"arXiv {m.paper}" if m.paper else "no arXiv paper"
+        click.echo(f"{m.name}: {m.summary} ({paper}; params: {params})")
 
 
 # -- governance: approve, lineage, verify (mlflow_taskvec.mlflow.approval, .lineage, .verify) ---------------

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from mlflow_taskvec.engine import TaskVector, merge, merge_to, open_checkpoint
 from mlflow_taskvec.engine.checkpoint import StateDictCheckpoint
-from mlflow_taskvec.engine.methods import MergeContext
+from mlflow_taskvec.engine.methods import METHODS, MergeContext
 from mlflow_taskvec.engine.methods.trim import trim_threshold
 from mlflow_taskvec.engine.streaming import RANDOM_BLOCK, derive_seed
 from mlflow_taskvec.engine.streaming import CHUNK_ELEMENTS
@@ -126,6 +126,20 @@ ALL_METHODS = [
     pytest.param("magnitude_prune", {"density": 0.3}, id="magnitude_prune"),
     pytest.param("dare_linear", {"density": 0.4, "seed": 7}, id="dare_linear"),
     pytest.param("dare_ties", {"density": 0.4, "seed": 7}, id="dare_ties"),
+]
+# The later methods, tested against their references in tests/test_methods_sota.py; here in the
+# tests that every method must pass.
+LATER_METHODS = [
+    pytest.param("breadcrumbs", {"density": 0.5, "gamma": 0.1}, id="breadcrumbs"),
+    pytest.param("breadcrumbs_ties", {"density": 0.5, "gamma": 0.1}, id="breadcrumbs_ties"),
+    pytest.param("della", {"density": 0.5, "epsilon": 0.2}, id="della"),
+    pytest.param("della_linear", {"density": 0.5, "epsilon": 0.2}, id="della_linear"),
+    pytest.param("consensus_ta", {}, id="consensus_ta"),
+    pytest.param("consensus_ties", {"density": 0.5}, id="consensus_ties"),
+    pytest.param("tsv_m", {}, id="tsv_m"),
+    pytest.param("iso_c", {}, id="iso_c"),
+    pytest.param("iso_cts", {}, id="iso_cts"),
+    pytest.param("slerp", {"t": 0.4}, id="slerp"),
 ]
 NON_TRIMMING = [p for p in ALL_METHODS if p.id in ("task_arithmetic", "dare_linear", "dare_ties")]
 WEIGHTS = [0.6, 1.3, -0.4]
@@ -499,12 +513,13 @@ def test_merged_output_records_its_base_and_is_not_mistaken_for_a_task_vector(fp
         TaskVector.load(output)
 
 
-@pytest.mark.parametrize("method, params", ALL_METHODS)
+@pytest.mark.parametrize("method, params", ALL_METHODS + LATER_METHODS)
 def test_zero_element_tensors_merge_to_zero_element_tensors(out_dir, method, params):
     base = {"empty": torch.zeros(0, 4), "w": torch.zeros(6)}
     ft = {"empty": torch.zeros(0, 4), "w": torch.ones(6)}
     vector = TaskVector.extract(base, ft)
-    merge_to(base, [vector], [1.0], method=method, params=params, output=out_dir / "m.safetensors")
+    count = METHODS[method].inputs or 1
+    merge_to(base, [vector] * count, [1.0] * count, method=method, params=params, output=out_dir / "m.safetensors")
     assert load_file(str(out_dir / "m.safetensors"))["empty"].shape == (0, 4)
 
 
@@ -567,11 +582,13 @@ def test_unknown_method_is_refused_naming_it_and_the_known_ones(good, out_dir, a
     assert_no_output(out_dir / output_name)
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties", "magnitude_prune"])
+@pytest.mark.parametrize(
+    "method", ["ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "consensus_ties"]
+)
 @pytest.mark.parametrize("density", [0, 1.5, -0.1, float("nan"), "0.5", True])
 def test_density_outside_zero_one_is_refused(good, out_dir, assert_no_output, method, density):
     base, vectors = good
-    refused(out_dir / "m", r"params.density: .* must be a number in \(0, 1\]", base, vectors, WEIGHTS, method=method, params={"density": density})
+    refused(out_dir / "m", r"params.density: .* must be a number in \(0, 1[\])]", base, vectors, WEIGHTS, method=method, params={"density": density})
     assert_no_output(out_dir / "m")
 
 

@@ -24,6 +24,7 @@ from mlflow_helpers import (
     BASE_NAME,
     COMPOSITE_NAME,
     COMPOSITE_SCALE,
+    COMPOSITE_WEIGHTS,
     CODE_PATHS,
     FACTORY,
     FACTORY_KWARGS,
@@ -504,3 +505,67 @@ def test_cli_compose_register_with_an_output_leaves_the_registered_composite_the
     registered = client.get_model_version("cli-composite-output", "1").tags["taskvec.fingerprint"]
     assert open_checkpoint(output).fingerprint(fresh=True) == registered
     assert sorted(p.name for p in output.parent.iterdir()) == ["composite.safetensors"]
+
+
+# -- a later method with per-layer coefficients ------------------------------------------------
+
+PER_LAYER_WEIGHT = {"encoder.0.*": 0.3, "*": 1.0}
+PER_LAYER_SCALE = {"*.bias": 0.5, "*": 0.7}
+
+
+@pytest.fixture(scope="module")
+def per_layer_composite(registry):
+    recipe = composite_recipe()
+    recipe.update(method="tsv_m", scale=PER_LAYER_SCALE, params={"exclude": ["heads.*"]})
+    recipe["vectors"][0]["weight"] = PER_LAYER_WEIGHT
+    return register_composite(parse_recipe(recipe), "digits-tsv-per-layer")
+
+
+def test_per_layer_coefficients_are_recorded_in_order_in_tags_and_run_params(per_layer_composite, client):
+    version = client.get_model_version("digits-tsv-per-layer", "1")
+    run = client.get_run(per_layer_composite.run_id)
+
+    assert version.tags["taskvec.method"] == "tsv_m"
+    assert json.loads(version.tags["taskvec.params"]) == {"exclude": ["heads.*"]}
+    assert version.tags["taskvec.scale"] == json.dumps(PER_LAYER_SCALE)
+    inputs = json.loads(version.tags["taskvec.inputs"])
+    assert list(inputs[0]["weight"].items()) == list(PER_LAYER_WEIGHT.items()) and inputs[1]["weight"] == COMPOSITE_WEIGHTS["flip"]
+    assert json.loads(run.data.params["vectors.0.weight"]) == PER_LAYER_WEIGHT
+    assert json.loads(run.data.params["scale"]) == PER_LAYER_SCALE
+    assert '| {"encoder.0.*": 0.3, "*": 1.0} |' in version.description
+
+
+def test_a_per_layer_composite_holds_what_the_engine_composes_and_verifies(registry, per_layer_composite):
+    from mlflow_taskvec.engine.merge import merge
+    from mlflow_taskvec.mlflow.verify import verify
+
+    vectors = [resolve(f"models:/{vector_name(task)}/1") for task in ("rotate", "flip")]
+    expected = merge(
+        resolve(registry.base_uri).path,
+        [TaskVector.load(v.path) for v in vectors],
+        [PER_LAYER_WEIGHT, COMPOSITE_WEIGHTS["flip"]],
+        method="tsv_m",
+        scale=PER_LAYER_SCALE,
+        params={"exclude": ["heads.*"]},
+    )
+    stored = open_checkpoint(resolve(per_layer_composite.model_uri).path)
+    for name, tensor in expected.items():
+        assert torch.equal(stored.get_tensor(name), tensor), name
+    assert verify("models:/digits-tsv-per-layer/1").fingerprint == per_layer_composite.tags["taskvec.fingerprint"]
+
+
+def test_lineage_shows_per_layer_weights_and_scale(per_layer_composite):
+    from mlflow_taskvec.mlflow.lineage import lineage, render_dot, render_text
+
+    text = render_text(lineage("models:/digits-tsv-per-layer/1"))
+    assert 'method tsv_m scale {"*.bias": 0.5, "*": 0.7}' in text
+    assert "weight {encoder.0.*: 0.3, *: 1}" in text and "weight -0.5" in text
+    assert "input {encoder.0.*: 0.3, *: 1}" in render_dot(lineage("models:/digits-tsv-per-layer/1"))
+
+
+def test_the_report_lists_per_layer_weights_and_scale(per_layer_composite):
+    from mlflow_taskvec.mlflow.report import composites_frame
+
+    row = composites_frame("digits-tsv-per-layer").loc[1]
+    assert row["method"] == "tsv_m" and row["scale"] == json.dumps(PER_LAYER_SCALE)
+    assert row["weights"] == f"models:/{vector_name('rotate')}/1:{{encoder.0.*: 0.3, *: 1}}, models:/{vector_name('flip')}/1:-0.5"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -347,3 +348,19 @@ def test_auto_memory_composes_in_memory_when_three_copies_fit_in_free_ram_else_s
     assert open_checkpoint(half_of_ram).spec("w").numel == physical // 2 // 4
     assert _fits_in_memory(small) is True
     assert _fits_in_memory(half_of_ram) is False
+
+
+def test_optuna_samples_a_methods_parameters_from_their_declared_ranges(store):
+    block = {"strategy": "optuna", "trials": 10, "objective": "mean.accuracy", "scale": {"low": 0.2, "high": 1.0}, "params": "declared", "sampler": "random"}
+    data = {**recipe("peaked", ["target"], search_block=block), "method": "breadcrumbs", "params": {"density": 0.5}}
+    parsed = parse_recipe(data)
+    assert {n: (r.low, r.high) for n, r in parsed.search.params.items()} == {"density": (5e-324, 1.0), "gamma": (0.0, math.nextafter(1.0, 0.0))}
+
+    result = search(parsed)
+
+    # a sampled pair with density + gamma > 1 is refused by the method's check and pruned, not composed
+    assert 1 <= len(result.candidates) < 10
+    for c in result.candidates:
+        assert 0 < c.params["density"] <= 1 and 0 <= c.params["gamma"] < 1 and c.params["density"] + c.params["gamma"] <= 1
+    assert len({c.params["gamma"] for c in result.candidates}) == len(result.candidates)
+    assert len(children_of(store.client, result.run_id)) == len(result.candidates)

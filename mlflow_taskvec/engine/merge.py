@@ -14,7 +14,7 @@ import torch
 
 from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
-from mlflow_taskvec.engine.checks import finite_number
+from mlflow_taskvec.engine.coefficients import Coefficient, check_coefficient, coefficient_for
 from mlflow_taskvec.engine.device import DeviceCheckpoint, DeviceRunner, on_device, parse_device
 from mlflow_taskvec.engine.io import TensorSpec
 from mlflow_taskvec.engine.methods import MergeContext, get_method, validate_params
@@ -48,8 +48,8 @@ class MergeResult:
     """What ``merge_to`` wrote."""
 
     method: str
-    scale: float
-    weights: list[float]
+    scale: Coefficient
+    weights: list[Coefficient]
     params: dict
     base_fingerprint: str
     num_tensors: int
@@ -62,9 +62,9 @@ class MergeResult:
 def merge(
     base,
     vectors: "Sequence[TaskVector]",
-    weights: Sequence[float],
+    weights: Sequence[Coefficient],
     method: str = "task_arithmetic",
-    scale: float = 1.0,
+    scale: Coefficient = 1.0,
     params: dict | None = None,
     dtype: "str | torch.dtype | None" = None,
     compute_dtype: "str | torch.dtype" = "float32",
@@ -78,6 +78,8 @@ def merge(
     names) are copied unchanged. The output dtype is the base's unless ``dtype``
     is set; arithmetic runs in ``compute_dtype`` (float32 or float64), on ``device``
     (``cpu``, ``cuda``, ``cuda:N`` or ``auto``; see ``engine.device``) when it is given.
+    A weight or the scale may be a number or a mapping of tensor-name globs to numbers
+    (``engine.coefficients``: first match wins, ``"*"`` the default).
     """
     plan = _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype, device)
     return _execute(plan, MemorySink(plan.specs), allow_nonfinite, progress)
@@ -86,10 +88,10 @@ def merge(
 def merge_to(
     base,
     vectors: "Sequence[TaskVector]",
-    weights: Sequence[float],
+    weights: Sequence[Coefficient],
     output: str | os.PathLike,
     method: str = "task_arithmetic",
-    scale: float = 1.0,
+    scale: Coefficient = 1.0,
     params: dict | None = None,
     dtype: "str | torch.dtype | None" = None,
     compute_dtype: "str | torch.dtype" = "float32",
@@ -140,25 +142,29 @@ class _Plan:
     base: object  # Checkpoint
     base_fingerprint: str
     vectors: list
-    weights: list[float]
+    weights: list[Coefficient]
     method: object  # MergeMethod
-    scale: float
+    scale: Coefficient
     params: dict
     compute: torch.dtype
     specs: dict[str, TensorSpec]
     covered: set[str]
+    # per covered tensor: each input's weight and the scale, resolved from the coefficients
+    tensor_weights: dict[str, list[float]]
+    tensor_scale: dict[str, float]
     device: torch.device | None = None
 
 
 def _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype, device=None) -> _Plan:
     merge_method = get_method(method)
     params = validate_params(merge_method, dict(params or {}))
-    scale = finite_number(scale, "scale")
+    scale = check_coefficient(scale, "scale")
     if not vectors:
         raise TaskVecError("no task vectors to merge: the vector list is empty")
+    merge_method.check_input_count(len(vectors))
     if len(weights) != len(vectors):
         raise TaskVecError(f"{len(vectors)} task vectors but {len(weights)} weights")
-    weights = [finite_number(w, f"vectors[{i}].weight") for i, w in enumerate(weights)]
+    weights = [check_coefficient(w, f"vectors[{i}].weight") for i, w in enumerate(weights)]
     out_dtype = parse_dtype(dtype, "dtype", STORAGE_DTYPES)
     compute = parse_dtype(compute_dtype, "compute_dtype", COMPUTE_DTYPES)
     device = parse_device(device)
@@ -189,7 +195,14 @@ def _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype, d
             specs[name] = TensorSpec(out_dtype if (out_dtype and spec.is_floating_point) else spec.dtype, spec.shape)
     # A tensor some inputs lack counts as zero in them (what filtering one input means).
     vectors = [v.with_tensors(vector_specs) for v in vectors]
-    return _Plan(base_ckpt, base_fp, vectors, weights, merge_method, scale, params, compute, specs, set(vector_specs), device)
+    covered = set(vector_specs)
+    names = sorted(covered)
+    tensor_weights = {n: [coefficient_for(w, n, f"vectors[{i}].weight") for i, w in enumerate(weights)] for n in names}
+    tensor_scale = {n: coefficient_for(scale, n, "scale") for n in names}
+    return _Plan(
+        base_ckpt, base_fp, vectors, weights, merge_method, scale, params, compute, specs, covered, tensor_weights, tensor_scale,
+        device,
+    )
 
 
 def _execute(plan: _Plan, sink, allow_nonfinite: bool, progress):
@@ -215,11 +228,14 @@ def _execute(plan: _Plan, sink, allow_nonfinite: bool, progress):
                         for start, stop in chunk_ranges(spec.numel)
                     )
                 elif plan.method.linear:
-                    jobs = _linear_jobs(name, spec, read_base, base_ckpt.source, vectors, plan.weights, plan.scale, plan.compute, allow_nonfinite)
+                    jobs = _linear_jobs(
+                        name, spec, read_base, base_ckpt.source, vectors, plan.tensor_weights[name], plan.tensor_scale[name],
+                        plan.compute, allow_nonfinite,
+                    )
                 else:
                     jobs = _method_jobs(
-                        name, spec, base_tensor, read_base, base_ckpt.source, vectors, plan.weights, plan.method, plan.scale,
-                        plan.params, plan.compute, allow_nonfinite,
+                        name, spec, base_tensor, read_base, base_ckpt.source, vectors, plan.tensor_weights[name], plan.method,
+                        plan.tensor_scale[name], plan.params, plan.compute, allow_nonfinite,
                     )
                 for job in jobs:
                     pool.submit(name, job if run is None or name not in plan.covered else functools.partial(run, job))
@@ -261,12 +277,15 @@ def _linear_jobs(name, spec, read_base, base_source, vectors, weights, scale, co
 
 
 def _method_jobs(name, spec, base_tensor, read_base, base_source, vectors, weights, method, scale, params, compute, allow_nonfinite):
-    """One job per chunk; a method's whole-tensor pre-pass (``prepare``) comes first."""
+    """One job per chunk; a method's whole-tensor pre-pass (``prepare``) comes first. A tensor
+    the method needs whole is one job: it reads the T inputs of that tensor, and nothing else."""
     numel = spec.numel
     if numel == 0:
         yield lambda: base_tensor.to(spec.dtype)
         return
-    ranges = list(chunk_ranges(numel))
+    shape = tuple(spec.shape)
+    whole = method.takes_whole_tensor(name, shape, params)
+    ranges = [(0, numel)] if whole else list(chunk_ranges(numel))
 
     def job(start: int, stop: int, prepared, deltas=None) -> torch.Tensor:
         base_chunk = read_base(start, stop, compute)
@@ -278,9 +297,14 @@ def _method_jobs(name, spec, base_tensor, read_base, base_source, vectors, weigh
                 v.check_finite(name, start, stop, d)
         if method.prepare is not None and prepared is None:  # the whole tensor is this one chunk
             prepared = method.prepare(name, numel, params, [lambda d=d: [(0, d)] for d in deltas], compute)
-        ctx = MergeContext(name=name, start=start, numel=numel, params=params, prepared=prepared, device=base_chunk.device)
+        if whole:
+            base_chunk, deltas = base_chunk.reshape(shape), [d.reshape(shape) for d in deltas]
+        ctx = MergeContext(
+            name=name, start=start, numel=numel, params=params, prepared=prepared, shape=shape, whole_tensor=whole, base=base_chunk,
+            device=base_chunk.device,
+        )
         merged = method.fn(deltas, weights, ctx)
-        result = torch.add(base_chunk, merged, alpha=scale).to(spec.dtype)
+        result = torch.add(base_chunk, merged, alpha=scale).reshape(-1).to(spec.dtype)
         if not allow_nonfinite:
             check_finite_output(result, name, start, numel)
         return result

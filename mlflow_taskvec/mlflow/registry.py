@@ -27,6 +27,7 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from mlflow_taskvec.compose import compose_to
+from mlflow_taskvec.engine.coefficients import Coefficient
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.output import OutputClaim, check_output_path, refuse_aliasing
 from mlflow_taskvec.errors import TaskVecError
@@ -40,8 +41,9 @@ from mlflow_taskvec.mlflow.server import check_can_register, server_error, serve
 from mlflow_taskvec.recipe import Recipe
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.6g}"
+def _fmt(value: Coefficient) -> str:
+    """A number for tags and descriptions; a per-layer coefficient as JSON, its globs in order."""
+    return json.dumps(value) if isinstance(value, dict) else f"{value:.6g}"
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
@@ -374,10 +376,15 @@ def _architecture_of(base: Resolved) -> tuple[dict, list[str] | None, object]:
     return base.conf.get("architecture") or {}, code_paths, signature
 
 
+def _as_param(value: Coefficient):
+    """A number as MLflow logs numbers; a per-layer coefficient as JSON, its globs in order."""
+    return json.dumps(value) if isinstance(value, dict) else value
+
+
 def _run_params(recipe: Recipe) -> dict:
-    params = {"method": recipe.method, "scale": recipe.scale, "num_inputs": len(recipe.vectors)}
+    params = {"method": recipe.method, "scale": _as_param(recipe.scale), "num_inputs": len(recipe.vectors)}
     for i, e in enumerate(recipe.vectors):
-        params[f"vectors.{i}.weight"] = e.weight
+        params[f"vectors.{i}.weight"] = _as_param(e.weight)
         params[f"vectors.{i}.uri"] = e.ref
     for k, v in recipe.params.items():
         params[f"params.{k}"] = v

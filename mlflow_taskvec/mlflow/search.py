@@ -34,6 +34,8 @@ from mlflow.exceptions import MlflowException
 
 from mlflow_taskvec.compose import compose, compose_to
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
+from mlflow_taskvec.engine.coefficients import values_of
+from mlflow_taskvec.engine.methods import get_method, validate_params
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.evaluate import CompositeEvaluation, composite_evaluation
@@ -65,7 +67,7 @@ def make_objective(search: Search, recipe: Recipe, evaluation: CompositeEvaluati
     spec, metric = recipe.evaluation, search.metric
     kind = search.objective
     if kind == "auto":
-        if all(e.weight < 0 for e in recipe.vectors):
+        if all(max(values_of(e.weight)) < 0 for e in recipe.vectors):
             kind = "negation"
         elif set(evaluation.fine_tunes()) == set(spec.tasks) and spec.references:
             kind = "mean_normalized"
@@ -209,8 +211,8 @@ def _optuna(search, recipe, composer, evaluation, objective, labels, parent_id, 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=search.seed) if search.sampler == "tpe" else optuna.samplers.RandomSampler(seed=search.seed)
     study = _open_study(optuna, search, sampler)
-    signs = [-1.0 if e.weight < 0 else 1.0 for e in recipe.vectors]
     candidates: list[Candidate] = []
+    method = get_method(recipe.method)
     step, close = progress_bar(search.trials, "search", "candidate", quiet)
 
     def suggest(trial, name: str, r) -> float:
@@ -219,11 +221,17 @@ def _optuna(search, recipe, composer, evaluation, objective, labels, parent_id, 
     def run_trial(trial) -> float:
         scale = suggest(trial, "scale", search.scale)
         weights = [e.weight for e in recipe.vectors]
-        if search.weights is not None:
-            weights = [s * suggest(trial, f"weight.{label}", search.weights) for s, label in zip(signs, labels)]
+        if search.weights is not None:  # each weight's sign from the recipe (per-layer weights are refused there)
+            weights = [(-1.0 if w < 0 else 1.0) * suggest(trial, f"weight.{label}", search.weights) for w, label in zip(weights, labels)]
         params = dict(recipe.params)
         for name, r in search.params.items():
-            params[name] = suggest(trial, f"params.{name}", r)
+            value = suggest(trial, f"params.{name}", r)
+            params[name] = int(round(value)) if method.param(name).type is int else value
+        try:  # parameters sampled each from its own range may still not fit together (breadcrumbs: density + gamma <= 1)
+            validate_params(method, params)
+        except TaskVecError as exc:
+            trial.set_user_attr("refused", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
         cand = Candidate(len(candidates), scale, weights, params)
         _evaluate_candidate(cand, composer, evaluation, objective, search.validation_split, labels, parent_id)
         candidates.append(cand)

@@ -18,6 +18,7 @@ from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.compressed import compress
 from mlflow_taskvec.engine.taskvector import TaskVector
+from mlflow_taskvec.engine.coefficients import describe
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow import uris
@@ -161,7 +162,7 @@ def _verify_composite(client: MlflowClient, mv: ModelVersion, uri: str, tags: di
     resolved = []
     for i, (entry, row) in enumerate(zip(recipe.vectors, inputs)):
         what = f"input vectors[{i}] {entry.ref}"
-        resolved.append(_fetched_as_recorded(entry.ref, what, str(row.get("fingerprint")), replaced, checks, f"{what} (weight {entry.weight:g})"))
+        resolved.append(_fetched_as_recorded(entry.ref, what, str(row.get("fingerprint")), replaced, checks, f"{what} (weight {describe(entry.weight)})"))
     _fetched_as_recorded(uri, f"stored weights of {uri}", tags[tag.FINGERPRINT], "the composite's artifact was modified", checks, "stored weights")
 
     inputs = Inputs(recipe, base, resolved)
