@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -34,9 +35,10 @@ def _fail_cleanly(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except Terminated as exc:  # cleanup has run on the way here, as for Ctrl-C
-            click.echo(f"Error: {exc}; temporary files were removed and no output was written", err=True)
-            sys.exit(exc.exit_code)
+        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP: the cleanup has run on the way here
+            stopped = exc if isinstance(exc, Terminated) else Terminated(signal.SIGINT)
+            click.echo(f"Error: {stopped}; temporary files were removed and no output was written", err=True)
+            sys.exit(stopped.exit_code)
         except TaskVecError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:

@@ -19,7 +19,7 @@ HANDLED = (signal.SIGTERM, signal.SIGHUP)
 
 
 class Terminated(KeyboardInterrupt):
-    """The process was asked to stop by ``signum`` (SIGTERM or SIGHUP)."""
+    """The process was asked to stop by ``signum`` (SIGTERM or SIGHUP; the CLI reports Ctrl-C as SIGINT alike)."""
 
     def __init__(self, signum: int):
         self.signum = signum

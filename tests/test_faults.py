@@ -222,7 +222,7 @@ def _start_a_long_compose(tmp_path, big_inputs) -> tuple[subprocess.Popen, Path,
     return proc, out, digests
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=["SIGTERM", "SIGHUP", "SIGINT"])
 def test_a_signal_mid_compose_removes_the_partial_and_says_so_in_one_line(tmp_path, big_inputs, signum):
     proc, out, digests = _start_a_long_compose(tmp_path, big_inputs)
 
