@@ -11,14 +11,18 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import sys
+import warnings
 from pathlib import Path
 
 import click
 
 from mlflow_taskvec import __version__
-from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.errors import TaskVecError, TaskVecWarning
+from mlflow_taskvec.mlflow.patience import bounded_waiting
 from mlflow_taskvec.progress import progress_bar
+from mlflow_taskvec.signals import Terminated, terminate_like_interrupt
 
 # Each command imports what it uses when it runs: `--version` and `--help` need no
 # torch, and local work never imports MLflow (tests/test_startup.py checks both).
@@ -31,6 +35,10 @@ def _fail_cleanly(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP: the cleanup has run on the way here
+            stopped = exc if isinstance(exc, Terminated) else Terminated(signal.SIGINT)
+            click.echo(f"Error: {stopped}; temporary files were removed and no output was written", err=True)
+            sys.exit(stopped.exit_code)
         except TaskVecError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:
@@ -65,10 +73,33 @@ def main():
     """Edit models with task arithmetic: extract, compose and inspect task vectors."""
     if not sys.stderr.isatty():  # MLflow's download bars only on a terminal: errors stay one line
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    ctx = click.get_current_context()
+    ctx.with_resource(terminate_like_interrupt())
+    ctx.with_resource(_warnings_as_lines())
+    ctx.with_resource(bounded_waiting(lambda line: click.echo(f"Warning: {line}", err=True)))
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Our warnings as one ``Warning: ...`` line on stderr (others as Python prints them)."""
+    shown = warnings.showwarning
+
+    def show(message, category, *args, **kwargs):
+        if issubclass(category, TaskVecWarning):
+            click.echo(f"Warning: {message}", err=True)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 _register = click.option("--register", "register_as", default=None, metavar="NAME", help="Log to MLflow and register a version of this registered model.")
 _alias = click.option("--alias", default=None, help="With --register: point this alias at the new version.")
+_allow_mixed = click.option("--allow-mixed", is_flag=True, help="With --register: add to a registered model even if it holds versions mlflow-taskvec did not make.")
 
 REF_HELP = "a local path, models:/name/version, models:/name@alias, models:/<model_id> or runs:/<run_id>/path"
 
@@ -86,11 +117,12 @@ REF_HELP = "a local path, models:/name/version, models:/name@alias, models:/<mod
 @_register
 @_alias
 @click.option("--run-id", default=None, help="With --register: the run to log the vector in (default: the fine-tune's run).")
+@_allow_mixed
 @_overwrite
 @_quiet
 @_device
 @_fail_cleanly
-def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfinite, max_shard_size, register_as, alias, run_id, overwrite, quiet, device):
+def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfinite, max_shard_size, register_as, alias, run_id, allow_mixed, overwrite, quiet, device):
     """Extract the task vector FINETUNED - BASE."""
     from mlflow_taskvec.engine.taskvector import TaskVector
     from mlflow_taskvec.references import open_reference
@@ -99,14 +131,16 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
         raise click.UsageError("give --output, --register, or both")
     if register_as is not None:
         from mlflow_taskvec.mlflow.downloads import resolve
+        from mlflow_taskvec.mlflow.registry import check_destination
 
+        check_destination(register_as, allow_mixed)  # before the output is written
         base_ref, ft_ref = resolve(base), resolve(finetuned)
         base_ckpt, ft_ckpt = open_reference(base_ref.path), open_reference(ft_ref.path)
     else:
         base_ckpt, ft_ckpt = open_reference(base), open_reference(finetuned)
     vector = TaskVector.extract(base_ckpt, ft_ckpt, include=include or None, exclude=exclude or None, task=task or None)
     if output is None:
-        _report_registration(quiet, _register_vector(vector, register_as, base_ref, ft_ref, run_id, alias))
+        _report_registration(quiet, _register_vector(vector, register_as, base_ref, ft_ref, run_id, alias, allow_mixed))
         return
     step, close = progress_bar(len(vector.names), "extract", "tensor", quiet)
     try:
@@ -121,13 +155,13 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
     _echo(quiet, f"base fingerprint: {vector.base_fingerprint}")
     _echo(quiet, f"fingerprint: {fingerprint}")
     if register_as is not None:
-        _report_registration(quiet, _register_vector(TaskVector.load(output), register_as, base_ref, ft_ref, run_id, alias))
+        _report_registration(quiet, _register_vector(TaskVector.load(output), register_as, base_ref, ft_ref, run_id, alias, allow_mixed))
 
 
-def _register_vector(vector, name, base_ref, ft_ref, run_id, alias):
+def _register_vector(vector, name, base_ref, ft_ref, run_id, alias, allow_mixed):
     from mlflow_taskvec.mlflow.registry import register_task_vector
 
-    return register_task_vector(vector, name, base_ref, ft_ref, run_id=run_id, alias=alias)
+    return register_task_vector(vector, name, base_ref, ft_ref, run_id=run_id, alias=alias, allow_mixed=allow_mixed)
 
 
 def _report_registration(quiet: bool, reg) -> None:
@@ -141,11 +175,12 @@ def _report_registration(quiet: bool, reg) -> None:
 @_register
 @_alias
 @click.option("--require-alias", default=None, metavar="ALIAS", help="Refuse inputs whose registered version does not carry ALIAS (on top of the recipe's policy).")
+@_allow_mixed
 @_overwrite
 @_quiet
 @_device
 @_fail_cleanly
-def compose(recipe, output, max_shard_size, register_as, alias, require_alias, overwrite, quiet, device):
+def compose(recipe, output, max_shard_size, register_as, alias, require_alias, allow_mixed, overwrite, quiet, device):
     """Compose a model from a YAML merge RECIPE (references may be MLflow URIs)."""
     from mlflow_taskvec.compose import compose_to, open_base, output_path
     from mlflow_taskvec.engine.writer import parse_size
@@ -161,7 +196,9 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, o
     if register_as is not None:
         from mlflow_taskvec.mlflow.registry import register_composite
 
-        reg = register_composite(spec, register_as, alias=alias, require_alias=require_alias, output=output, overwrite=overwrite)
+        reg = register_composite(
+            spec, register_as, alias=alias, require_alias=require_alias, output=output, overwrite=overwrite, allow_mixed=allow_mixed
+        )
         _echo(quiet, f"method: {spec.method}  scale: {spec.scale}  weights: {[e.weight for e in spec.vectors]}")
         _echo(quiet, f"fingerprint: {reg.tags['taskvec.fingerprint']}")
         if output is not None:
@@ -196,11 +233,12 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, o
 @click.option("--output", "-o", default=None, type=click.Path(path_type=Path), help="Where to write the compressed vector (optional with --register).")
 @_register
 @_alias
+@_allow_mixed
 @_overwrite
 @_quiet
 @_device
 @_fail_cleanly
-def compress(ref, layout, density, rank, energy, output, register_as, alias, overwrite, quiet, device):
+def compress(ref, layout, density, rank, energy, output, register_as, alias, allow_mixed, overwrite, quiet, device):
     """Store the task vector REF in a smaller layout (composed like any task vector)."""
     from mlflow_taskvec.engine.compressed import check_settings
 
@@ -211,7 +249,9 @@ def compress(ref, layout, density, rank, energy, output, register_as, alias, ove
     if register_as is not None:
         from mlflow_taskvec.mlflow.registry import register_compressed_vector
 
-        reg = register_compressed_vector(ref, register_as, layout, output=output, overwrite=overwrite, alias=alias, device=device, **settings)
+        reg = register_compressed_vector(
+            ref, register_as, layout, output=output, overwrite=overwrite, alias=alias, device=device, allow_mixed=allow_mixed, **settings
+        )
         if output is not None:
             _echo(quiet, f"compressed vector: {output}")
         _report_compression(quiet, reg.compression)
@@ -276,10 +316,11 @@ class _Count(click.ParamType):
 @click.option("--output-recipe", type=click.Path(path_type=Path), default=None, help="Write the winning recipe (YAML) here.")
 @_register
 @_alias
+@_allow_mixed
 @_quiet
 @_device
 @_fail_cleanly
-def search_command(recipe, strategy, objective, trials, storage, study_name, memory, output_recipe, register_as, alias, quiet, device):
+def search_command(recipe, strategy, objective, trials, storage, study_name, memory, output_recipe, register_as, alias, allow_mixed, quiet, device):
     """Search a RECIPE's coefficients on a validation split; evaluate the best on the test split.
 
     The recipe needs an `evaluation` block; its optional `search` block sets the
@@ -303,7 +344,7 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
         data = spec.model_dump(exclude_unset=True)
         data["search"] = settings
         spec = parse_recipe(data, f"{recipe} (with the command's options)", spec.source_dir)
-    result = search(spec, register_as=register_as, alias=alias, memory=memory, quiet=quiet)
+    result = search(spec, register_as=register_as, alias=alias, memory=memory, quiet=quiet, allow_mixed=allow_mixed)
     best = result.best
     _echo(quiet, f"search run: {result.run_id}  candidates: {len(result.candidates)}  objective: {result.objective.describe}")
     _echo(quiet, f"best: scale {best.scale:g}  weights {[round(w, 4) for w in best.weights]}"
@@ -406,6 +447,8 @@ def similarity(refs, heatmap, fmt):
 
     if len(refs) < 2:
         raise click.UsageError("give at least two task vectors")
+    if heatmap is not None and not heatmap.parent.is_dir():  # before anything is printed
+        raise TaskVecError(f"{heatmap}: cannot write the heatmap, there is no folder {heatmap.parent}")
     vectors = [load_vector(r) for r in refs]
     labels = [v.task or Path(str(r)).name for v, r in zip(vectors, refs)]
     frame = pd.DataFrame(cosine_matrix(vectors).numpy(), index=pd.Index(labels, name="cosine"), columns=labels)
@@ -434,9 +477,14 @@ def _write_heatmap(frame, path: Path) -> None:
     fig.colorbar(im, ax=ax, label="cosine similarity")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise TaskVecError(f"{path}: cannot write the heatmap ({exc.strerror or exc})") from None
+    finally:
+        plt.close(fig)
     if os.environ.get("MLFLOW_RUN_ID"):
         import mlflow
 
@@ -498,22 +546,25 @@ def lineage(ref, fmt):
 
 @main.command()
 @click.argument("ref")
+@click.option("--recursive", is_flag=True, help="Also verify every registered composite and task vector REF is made of, down to the fine-tunes.")
 @_quiet
 @_fail_cleanly
-def verify(ref, quiet):
+def verify(ref, recursive, quiet):
     """Check that REF (a registered composite or task vector) is untampered and reproducible.
 
     Downloads the base and every input afresh, checks their fingerprints and the
     recipe's digest against what the version records, recomposes (or re-extracts)
     into a temporary folder and compares fingerprints. Exit 0 and "verified", or
-    exit 1 naming the first mismatch.
+    exit 1 naming the first mismatch. With --recursive, every registered composite
+    and task vector REF is made of is verified too, down to the fine-tunes.
     """
     from mlflow_taskvec.mlflow.verify import verify as verify_version
+    from mlflow_taskvec.mlflow.verify import verify_recursively
 
-    result = verify_version(ref)
-    click.echo(f"verified: {result.uri} ({result.kind}, fingerprint {result.fingerprint[:16]})")
-    for check in result.checks:
-        _echo(quiet, f"  ok  {check}")
+    for result in verify_recursively(ref) if recursive else [verify_version(ref)]:
+        click.echo(f"verified: {result.uri} ({result.kind}, fingerprint {result.fingerprint[:16]})")
+        for check in result.checks:
+            _echo(quiet, f"  ok  {check}")
 
 
 if __name__ == "__main__":

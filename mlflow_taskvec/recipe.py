@@ -51,6 +51,7 @@ from mlflow_taskvec.engine.methods import get_method, validate_params
 from mlflow_taskvec.engine.streaming import COMPUTE_DTYPES, STORAGE_DTYPES, parse_dtype
 from mlflow_taskvec.engine.writer import parse_size
 from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.safe_yaml import load_yaml, read_limited
 
 RECIPE_FORMAT = "1"
 
@@ -397,13 +398,13 @@ def load_recipe(path: "str | os.PathLike") -> Recipe:
     """Read and validate a recipe file; its relative references resolve against the file's folder."""
     path = Path(path)
     try:
-        text = path.read_text("utf-8")
+        text = read_limited(path)
     except FileNotFoundError:
         raise TaskVecError(f"{path}: no such recipe file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TaskVecError(f"{path}: cannot read the recipe ({exc})") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text, str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -90,7 +90,15 @@ def open_reference(ref, relative_to: Path | None = None) -> Checkpoint:
     """Open the checkpoint a reference points at (lazily)."""
     if isinstance(ref, Checkpoint):
         return ref
-    return open_checkpoint(resolve_path(ref, relative_to))
+    path = resolve_path(ref, relative_to)
+    if is_local(ref):
+        return open_checkpoint(path)
+    try:
+        ckpt = open_checkpoint(path)
+    except TaskVecError as exc:  # name what the user gave, not the download cache's folder
+        raise TaskVecError(str(exc).replace(str(path), os.fspath(ref))) from None
+    ckpt.source = os.fspath(ref)  # and so do later messages about it
+    return ckpt
 
 
 def load_vector(ref, relative_to: Path | None = None) -> TaskVector:

@@ -105,7 +105,7 @@ def write_raw_safetensors(path: Path, header: object, data: bytes, header_len: i
 
 def leftovers(parent: Path) -> list[str]:
     """Temporary files a writer may leave next to its output."""
-    return sorted(p.name for p in Path(parent).iterdir() if ".partial-" in p.name or ".old-" in p.name)
+    return sorted(p.name for p in Path(parent).iterdir() if any(mark in p.name for mark in (".partial-", ".old-", ".aside-")) or p.name.endswith(".lock"))
 
 
 def assert_no_output_at(path: Path) -> None:

@@ -28,14 +28,21 @@ folder (the current directory), ``{recipe}`` the case's recipe file,
 
 Local checkpoints (``{local}``): ``base``, ``ft`` (a fine-tune of base), ``ft.tv``
 (its task vector), ``other.tv`` (a task vector of another base), ``nan`` (a
-fine-tune with a NaN), ``truncated.tv`` (a task vector cut in half); all
-``.safetensors``.
+fine-tune with a NaN), ``truncated.tv`` (a task vector cut in half), ``zero.tv``
+(base minus itself), ``reshaped.tv`` (ft.tv with one tensor flattened),
+``base-link`` (a symlink to base), ``big16`` / ``big16-ft`` (float16 with values near
+its limit), ``ints`` / ``ints-ft`` (integer tensors only), ``fractional-shape`` (a
+header with shape [32.7, 8]); all ``.safetensors``; and ``hf/``, the base as an HF
+folder with a config, a tokenizer folder and a dot file. Every local file's sha256
+is the same after each case.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -60,11 +67,13 @@ from mlflow_helpers import (
     vector_name,
 )
 from safetensors.torch import save_file
+from conftest import write_hf_dir
 from small_models import base_state, finetune_state
 
 from mlflow_taskvec.cli import main as cli
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.taskvector import TaskVector
+from mlflow_taskvec.errors import TaskVecWarning
 from mlflow_taskvec.recipe import parse_recipe
 from mlflow_taskvec.mlflow.downloads import resolve
 from mlflow_taskvec.mlflow.registry import register_composite, register_task_vector
@@ -92,10 +101,28 @@ def _tampered_vector(world) -> None:
     flip_last_byte(stored_weights(world.client, reg.model_id))
 
 
+def _truncated_vector(world) -> None:
+    """A vector version whose stored weights file was cut in half (content of its own, as above)."""
+    if world.client.search_model_versions("name = 'bad-truncated-vector'"):
+        return
+    base_ref = resolve(BASE)
+    ft_ref = resolve(f"models:/{world.registry.finetunes['flip'].model_id}")
+    vector = TaskVector.extract(base_ref.path, ft_ref.path, include=["encoder.*"], task="flip")
+    reg = register_task_vector(vector, "bad-truncated-vector", base_ref, ft_ref)
+    weights = stored_weights(world.client, reg.model_id)
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
 def _garbled_composite(world) -> None:
     """A composite version whose taskvec.inputs tag was overwritten with something that is not a list of inputs."""
     reg = register_composite(parse_recipe(registry_recipe()), "bad-garbled")
     world.client.set_model_version_tag("bad-garbled", reg.version, "taskvec.inputs", '{"uri": "models:/x/1"}')
+
+
+def _foreign_model(world) -> None:
+    """A registered model whose version 1 is a plain MLflow model (registered without mlflow-taskvec)."""
+    if not world.client.search_model_versions("name = 'plain-model'"):
+        mlflow.register_model(f"models:/{world.registry.finetunes['rotate'].model_id}", "plain-model")
 
 
 def _nan_finetune(world) -> None:
@@ -125,6 +152,11 @@ class Case:
 
 
 COMPOSE = ["compose", "{recipe}", "-o", "out/merged"]
+# Nine levels of nine aliases: 9**9 (387 million) values once expanded, from 12 lines.
+ALIAS_BOMB = "base: ./base.safetensors\nvectors: [{vector: ./v.safetensors}]\nevaluation:\n  evaluator: m:f\n  tasks: [a]\n  factory_kwargs:\n" + "".join(
+    f"    {name}: &{name} [{', '.join([f'*{prev}'] * 9) if prev else ', '.join(['lol'] * 9)}]\n"
+    for prev, name in zip([None, *"abcdefgh"], "abcdefghi")
+)
 REGISTER = ["compose", "{recipe}", "--register", "bad-composite", "-o", "out/merged"]
 
 CASES = [
@@ -187,6 +219,41 @@ CASES = [
     Case("lineage-local-path", ["lineage", "{local}/ft.tv.safetensors"], "{local}/ft.tv.safetensors: not a registered model version"),
     Case("verify-not-a-taskvec-version", ["verify", BASE], f"{BASE}: not a composite or task vector registered by mlflow-taskvec"),
     Case("verify-garbled-inputs-tag", ["verify", "models:/bad-garbled/1"], "models:/bad-garbled/1: the taskvec.inputs tag is not a JSON list of inputs", setup=_garbled_composite),
+    # -- an output that is, contains or lies inside an input ---------------------------------
+    Case("output-is-the-base", ["compose", "{recipe}", "-o", "{local}/base.safetensors", "--overwrite"], "{local}/base.safetensors: the output is the input {local}/base.safetensors; writing it would destroy what it is computed from", recipe=local_recipe()),
+    Case("output-is-an-input-vector", ["compose", "{recipe}", "-o", "{local}/ft.tv.safetensors", "--overwrite"], "the output is the input {local}/ft.tv.safetensors", recipe=local_recipe()),
+    Case("output-is-an-input-fine-tune", ["compose", "{recipe}", "-o", "{local}/ft.safetensors", "--overwrite"], "the output is the input {local}/ft.safetensors", recipe=local_recipe({"finetuned": "{local}/ft.safetensors"})),
+    Case("output-is-the-base-folder", ["compose", "{recipe}", "-o", "{local}/hf", "--overwrite"], "{local}/hf: the output is the input {local}/hf;", recipe=local_recipe(base="{local}/hf")),
+    Case("output-inside-the-base-folder", ["compose", "{recipe}", "-o", "{local}/hf/merged"], "{local}/hf/merged: the output lies inside the input {local}/hf;", recipe=local_recipe(base="{local}/hf")),
+    Case("output-contains-the-inputs", ["compose", "{recipe}", "-o", "{local}", "--overwrite"], "the output contains the input {local}/base.safetensors", recipe=local_recipe()),
+    Case("output-is-a-link-to-the-base", ["compose", "{recipe}", "-o", "{local}/base-link.safetensors", "--overwrite"], "the output is the input {local}/base.safetensors", recipe=local_recipe()),
+    Case("base-through-a-link-is-the-output", ["compose", "{recipe}", "-o", "{local}/base.safetensors", "--overwrite"], "the output is the input {local}/base-link.safetensors", recipe=local_recipe(base="{local}/base-link.safetensors")),
+    Case("extract-output-is-the-fine-tune", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/ft.safetensors", "-o", "{local}/ft.safetensors", "--overwrite"], "the output is the input {local}/ft.safetensors", process=True),
+    Case("extract-output-is-the-base", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/ft.safetensors", "-o", "{local}/base.safetensors", "--overwrite"], "the output is the input {local}/base.safetensors"),
+    Case("register-output-exists", [*REGISTER[:-1], "{local}/ft.safetensors"], "{local}/ft.safetensors: output already exists (pass --overwrite to replace it)", recipe=registry_recipe()),
+    Case("register-output-is-the-base-folder", [*REGISTER[:-1], "{local}/hf", "--overwrite"], "{local}/hf: the output is the input {local}/hf;", recipe=local_recipe(base="{local}/hf")),
+    Case("register-into-a-foreign-model", ["compose", "{recipe}", "--register", "plain-model"], "registered model 'plain-model' holds versions mlflow-taskvec did not register (version 1 has no taskvec.kind tag); register under another name, or pass --allow-mixed", recipe=registry_recipe(), setup=_foreign_model),
+    Case("search-register-into-a-foreign-model", ["search", "{recipe}", "--register", "plain-model"], "registered model 'plain-model' holds versions mlflow-taskvec did not register", recipe=registry_recipe(evaluation={"evaluator": "search_evaluators:nowhere", "tasks": ["rotate"]}), setup=_foreign_model),
+    Case("extract-register-into-a-foreign-model", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/ft.safetensors", "-o", "out/v.safetensors", "--register", "plain-model"], "registered model 'plain-model' holds versions mlflow-taskvec did not register", setup=_foreign_model),
+    # -- inputs of the wrong kind -------------------------------------------------------------
+    Case("vector-given-as-finetuned", COMPOSE, "vectors[0]: {local}/ft.tv.safetensors: is a task vector, not a fine-tuned checkpoint (in a recipe, use vector: instead of finetuned:)", recipe=local_recipe({"finetuned": "{local}/ft.tv.safetensors"})),
+    Case("extract-vector-given-as-finetuned", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/ft.tv.safetensors", "-o", "out/v.safetensors"], "{local}/ft.tv.safetensors: is a task vector, not a fine-tuned checkpoint"),
+    Case("dev-null-as-base", COMPOSE, "/dev/null: not a regular file or a folder, so it holds no safetensors weights", recipe=local_recipe(base="/dev/null")),
+    Case("fractional-shape-in-a-header", COMPOSE, "{local}/fractional-shape.safetensors: corrupt safetensors header (entry 'w' lacks dtype, or its shape or data_offsets are not lists of whole numbers)", recipe=local_recipe({"vector": "{local}/fractional-shape.safetensors"})),
+    Case("extract-without-floating-tensors", ["extract", "--base", "{local}/ints.safetensors", "--finetuned", "{local}/ints-ft.safetensors", "-o", "out/v.safetensors"], "{local}/ints.safetensors: has no floating-point tensors, so there is no task vector to extract"),
+    Case("inputs-with-different-shapes", COMPOSE, "tensor 'model.embed.weight' has shape [8, 4] in vectors[0] (task vector from {local}/ft.tv.safetensors) but [32] in vectors[1] (task vector from {local}/reshaped.tv.safetensors)", recipe=local_recipe({"vector": "{local}/ft.tv.safetensors"}, {"vector": "{local}/reshaped.tv.safetensors"})),
+    # -- non-finite outputs -------------------------------------------------------------------
+    Case("output-overflows-float16", COMPOSE, "tensor 'w': 16 entries of the output are not finite in float16; write it as dtype: float32, or set allow_nonfinite to accept them", recipe={"base": "{local}/big16.safetensors", "scale": 2.0, "vectors": [{"finetuned": "{local}/big16-ft.safetensors"}]}),
+    Case("dtype-float16-overflows", COMPOSE, "entries of the output are not finite in float16; write it as dtype: float32", recipe=local_recipe(dtype="float16", scale=1.0e7)),
+    # -- YAML that would explode or is not what it seems ---------------------------------------
+    Case("yaml-alias-bomb", COMPOSE, "recipe.yaml: the YAML expands to more than 100000 values through its aliases", recipe=ALIAS_BOMB, process=True),
+    Case("yaml-recursive-alias", COMPOSE, "recipe.yaml: the alias *loop refers to a collection that contains it", recipe="base: x\nvectors: &loop [*loop]\n"),
+    Case("yaml-too-deep", COMPOSE, "recipe.yaml: the YAML is nested more than 50 levels deep", recipe="base: x\nvectors: " + "[" * 60 + "]" * 60 + "\n"),
+    Case("yaml-too-large", COMPOSE, "recipe.yaml: larger than 1024 KiB, which no recipe needs", recipe="base: x\n" + "# padding\n" * 120_000),
+    # -- files named in messages --------------------------------------------------------------
+    Case("similarity-of-a-zero-vector", ["similarity", "{local}/zero.tv.safetensors", "{local}/ft.tv.safetensors"], "{local}/zero.tv.safetensors: the task vector is all zeros, so its cosine similarity is undefined"),
+    Case("heatmap-into-a-missing-folder", ["similarity", "{local}/ft.tv.safetensors", "{local}/ft.tv.safetensors", "--heatmap", "/nonexistent/dir/x.png"], "/nonexistent/dir/x.png: cannot write the heatmap, there is no folder /nonexistent/dir"),
+    Case("inspect-truncated-registered-model", ["inspect", "models:/bad-truncated-vector/1"], "models:/bad-truncated-vector/1: its stored weights are unreadable: truncated safetensors file (tensor 'encoder.0.weight' ends at byte", setup=_truncated_vector),
     Case("verify-missing-version", ["verify", f"models:/{vector_name('flip')}@nope"], f"models:/{vector_name('flip')}@nope: Registered model alias nope not found"),
     # -- search, inspect, similarity, report --------------------------------------------
     Case("search-without-evaluation", ["search", "{recipe}", "--register", "bad-search"], "search needs an 'evaluation' block in the recipe (evaluator and tasks)", recipe=registry_recipe()),
@@ -236,6 +303,21 @@ def _local_checkpoints(folder: Path) -> None:
     save_file(nan, str(folder / "nan.safetensors"))
     data = (folder / "ft.tv.safetensors").read_bytes()
     (folder / "truncated.tv.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.warns(TaskVecWarning, match="all zeros"):
+        TaskVector.extract(folder / "base.safetensors", folder / "base.safetensors").save(folder / "zero.tv.safetensors")
+    vector = TaskVector.load(folder / "ft.tv.safetensors")
+    reshaped = {n: vector.get_tensor(n).reshape(-1) if n == "model.embed.weight" else vector.get_tensor(n) for n in vector.names}
+    save_file(reshaped, str(folder / "reshaped.tv.safetensors"), metadata=vector.metadata())
+    (folder / "base-link.safetensors").symlink_to("base.safetensors")
+    save_file({"w": torch.full((4, 4), 30000.0, dtype=torch.float16)}, str(folder / "big16.safetensors"))
+    save_file({"w": torch.full((4, 4), 60000.0, dtype=torch.float16)}, str(folder / "big16-ft.safetensors"))
+    save_file({"ids": torch.arange(4)}, str(folder / "ints.safetensors"))
+    save_file({"ids": torch.arange(4) + 1}, str(folder / "ints-ft.safetensors"))
+    header = json.dumps({"w": {"dtype": "F32", "shape": [32.7, 8], "data_offsets": [0, 1024]}}).encode("utf-8")
+    (folder / "fractional-shape.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(1024))
+    write_hf_dir(folder / "hf", base, extra_files={"config.json": "{}", ".gitattributes": "*.safetensors lfs\n"})
+    (folder / "hf" / "tokenizer").mkdir()
+    (folder / "hf" / "tokenizer" / "vocab.txt").write_text("a\nb\n", "utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -338,3 +420,16 @@ def test_bad_input_is_refused_with_one_clear_line_and_nothing_written(case, worl
     else:
         assert new_run_statuses == []
     assert [file_digests(f) for f in folders] == files_before
+
+
+def test_allow_mixed_registers_beside_versions_mlflow_taskvec_did_not_make(world, tmp_path, monkeypatch):
+    _foreign_model(world)
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(registry_recipe()), "utf-8")
+
+    result = CliRunner().invoke(cli, ["compose", str(recipe), "--register", "plain-model", "--allow-mixed"])
+
+    assert result.exit_code == 0, result.output
+    versions = {str(mv.version): mv.tags.get("taskvec.kind") for mv in world.client.search_model_versions("name = 'plain-model'")}
+    assert versions == {"1": None, "2": "composite"}

@@ -261,6 +261,11 @@ def _overlapping_tensors(tmp_path, raw_safetensors):
     return raw_safetensors(tmp_path / "bad.safetensors", header, b"\0" * 24)
 
 
+def _fractional_shape(tmp_path, raw_safetensors):
+    header = {"w": {"dtype": "F32", "shape": [32.7, 8], "data_offsets": [0, 1024]}}
+    return raw_safetensors(tmp_path / "bad.safetensors", header, b"\0" * 1024)
+
+
 def _unsupported_dtype(tmp_path, raw_safetensors):
     header = {"w": {"dtype": "C64", "shape": [2], "data_offsets": [0, 16]}}
     return raw_safetensors(tmp_path / "bad.safetensors", header, b"\0" * 16)
@@ -276,7 +281,8 @@ CORRUPT = [
     pytest.param(_offsets_not_matching_dtype_and_shape, r"tensor 'w' of shape \[4, 4\] F32 needs 64 bytes, offsets span 32", id="offsets-not-matching-dtype-shape"),
     pytest.param(_non_json_header, "not valid JSON", id="non-json-header"),
     pytest.param(_header_not_an_object, "not a JSON object", id="header-not-an-object"),
-    pytest.param(_entry_without_offsets, "entry 'w' lacks dtype, shape or data_offsets", id="entry-without-offsets"),
+    pytest.param(_entry_without_offsets, "entry 'w' lacks dtype, or its shape or data_offsets are not lists of whole numbers", id="entry-without-offsets"),
+    pytest.param(_fractional_shape, "entry 'w' lacks dtype, or its shape or data_offsets are not lists of whole numbers", id="fractional-shape"),
     pytest.param(_overlapping_tensors, "tensors 'w' and 'v' overlap|tensors 'v' and 'w' overlap", id="overlapping-tensors"),
     pytest.param(_unsupported_dtype, "tensor 'w' has unsupported dtype 'C64'", id="unsupported-dtype"),
 ]

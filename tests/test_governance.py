@@ -220,6 +220,13 @@ def test_approving_by_alias_and_then_another_version_moves_the_alias_and_keeps_e
     assert v1.tags["taskvec.approval.rollback.by"] == v1.tags["taskvec.approved_by"] == "carol"
     assert v2.tags["taskvec.approval.approved.by"] == "bob"
     assert "taskvec.approval.approved.note" not in v2.tags
+    at = v1.tags["taskvec.approval.approved.at"]
+    line = ok(invoke("lineage", "models:/approve-twice/1"))[0]
+    assert f"  was approved by alice at {at} (@approved has moved on)" in line
+    assert f"  rollback by carol at {v1.tags['taskvec.approval.rollback.at']}" in line
+    assert "  approved by" not in line.replace("was approved by", "")  # not shown as approved now
+    tree = json.loads("\n".join(ok(invoke("lineage", "models:/approve-twice/1", "--format", "json"))))
+    assert set(tree["approvals"]) == {"rollback"} and set(tree["past_approvals"]) == {"approved"}
 
 
 # -- lineage ---------------------------------------------------------------------------------
@@ -276,6 +283,28 @@ def test_lineage_of_a_composite_of_composites_nests_the_inner_composites_inputs(
     assert (flip["uri"], flip["weight"], flip["task"]) == (f"models:/{vector_name('flip')}/1", 0.5, "flip")
     # a fine-tune input (the inner composite) is re-extracted when verifying
     assert ok(invoke("verify", "models:/nested-composite/1", "-q")) == [f"verified: models:/nested-composite/1 (composite, fingerprint {tree['fingerprint'][:16]})"]
+
+
+def test_verify_recursive_checks_every_registered_part_and_finds_a_vector_tampered_deep_down(registry, client):
+    vector = register_vector_copy(registry, "rotate", "deep-vector")
+    inner = register_composite(parse_recipe(one_input_recipe(vector.version_uri)), "deep-inner")
+    outer_recipe = {"base": f"models:/{BASE_NAME}/1", "scale": 0.5, "vectors": [{"finetuned": inner.version_uri}, {"vector": f"models:/{vector_name('flip')}/1"}]}
+    outer = register_composite(parse_recipe(outer_recipe), "deep-outer")
+
+    lines = ok(invoke("verify", outer.version_uri, "--recursive", "-q"))
+
+    assert [line.split(" (")[0] for line in lines] == [
+        "verified: models:/deep-outer/1",
+        "verified: models:/deep-inner/1",
+        "verified: models:/deep-vector/1",
+        f"verified: models:/{vector_name('flip')}/1",
+    ]
+    # (the base is a checkpoint model and the fine-tunes logged models: checked by fingerprint in each)
+    flip_last_byte(stored_weights(client, vector.model_id))
+
+    assert ok(invoke("verify", outer.version_uri, "-q"))[0].startswith("verified: models:/deep-outer/1")  # its own check cannot see it
+    message = refused(invoke("verify", outer.version_uri, "--recursive"))
+    assert message.startswith("Error: input vectors[0] models:/deep-vector/1: downloaded weights have fingerprint ")
 
 
 def test_lineage_dot_draws_each_model_once_with_edges_from_inputs_to_results(registry):

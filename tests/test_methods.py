@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mlflow_taskvec.engine import TaskVector, merge, merge_to, open_checkpoint
+from mlflow_taskvec.engine.checkpoint import StateDictCheckpoint
 from mlflow_taskvec.engine.methods import METHODS, MergeContext
 from mlflow_taskvec.engine.methods.trim import trim_threshold
 from mlflow_taskvec.engine.streaming import RANDOM_BLOCK, derive_seed
@@ -672,10 +673,33 @@ def test_vector_from_a_different_base_is_refused_naming_both_fingerprints(good, 
     assert_no_output(out_dir / "m")
 
 
-def test_vectors_with_different_tensors_are_refused_naming_the_tensor(good, fp32_set, out_dir, assert_no_output):
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_a_tensor_an_input_lacks_counts_as_zero_in_that_input(good, fp32_set, method):
+    """The rule for inputs that cover different tensors (e.g. one extracted with exclude):
+    the same result as that input with zeros in the tensors it lacks."""
     base, vectors = good
     partial = TaskVector.extract(fp32_set.base, fp32_set.finetunes[1], exclude=["norm.weight"])
-    refused(out_dir / "m", "tensor 'norm.weight'", base, [vectors[0], partial], [1.0, 1.0])
+    zeros = {n: (torch.zeros_like(t) if n == "norm.weight" else t) for n, t in ((n, vectors[1].get_tensor(n)) for n in vectors[1].names)}
+    padded = TaskVector.load(StateDictCheckpoint(zeros, metadata=vectors[1].metadata()))
+    params = {"density": 0.5} if method == "ties" else {}
+
+    merged = merge(base, [vectors[0], partial], [1.0, -0.5], method=method, scale=0.7, params=params)
+    reference = merge(base, [vectors[0], padded], [1.0, -0.5], method=method, scale=0.7, params=params)
+
+    for name in reference:
+        assert torch.equal(merged[name], reference[name]), name
+    if method == "task_arithmetic":  # and from the formula, in float64
+        expected = fp32_set.base_sd["norm.weight"].double() + 0.7 * (fp32_set.finetune_sds[0]["norm.weight"].double() - fp32_set.base_sd["norm.weight"].double())
+        assert torch.allclose(merged["norm.weight"].double(), expected, atol=1e-6)
+
+
+def test_inputs_whose_shapes_differ_are_refused_naming_both(good, fp32_set, out_dir, assert_no_output):
+    base, vectors = good
+    reshaped = {n: (t.reshape(-1) if n == "embed.weight" else t) for n, t in ((n, vectors[1].get_tensor(n)) for n in vectors[1].names)}
+    odd = TaskVector.load(StateDictCheckpoint(reshaped, source="reshaped.safetensors", metadata=vectors[1].metadata()))
+    message = refused(out_dir / "m", "tensor 'embed.weight' has shape", base, [vectors[0], odd], [1.0, 1.0])
+    assert f"in vectors[0] (task vector from {fp32_set.finetunes[0]})" in message
+    assert "in vectors[1] (task vector from reshaped.safetensors)" in message
     assert_no_output(out_dir / "m")
 
 

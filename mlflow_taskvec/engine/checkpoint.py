@@ -98,6 +98,10 @@ class Checkpoint:
         """The HF-style directory this checkpoint came from, if any."""
         return None
 
+    def paths(self) -> list[Path]:
+        """The files and folder this checkpoint is read from (none for one in memory)."""
+        return []
+
     def __contains__(self, name: str) -> bool:
         return name in set(self.keys())
 
@@ -156,6 +160,9 @@ class SafetensorsCheckpoint(Checkpoint):
     @property
     def files(self) -> list[Path]:
         return [f.path for f in self._files]
+
+    def paths(self) -> list[Path]:
+        return ([self._directory] if self._directory is not None else []) + self.files
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -283,6 +290,8 @@ def open_checkpoint(source: "Checkpoint | Mapping[str, torch.Tensor] | str | os.
         if path.suffix in PICKLE_SUFFIXES:
             raise TaskVecError(f"{path}: pickle checkpoints are never loaded; convert it to safetensors")
         return _in_its_layout(SafetensorsCheckpoint([path], str(path)))
+    if path.exists():
+        raise TaskVecError(f"{path}: not a regular file or a folder, so it holds no safetensors weights")
     raise TaskVecError(f"{path}: no such file or directory")
 
 

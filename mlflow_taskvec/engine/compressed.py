@@ -48,7 +48,8 @@ from mlflow_taskvec.engine.device import parse_device
 from mlflow_taskvec.engine.io import DTYPE_BY_CODE, TensorSpec, dtype_code, tensor_bytes
 from mlflow_taskvec.engine.methods.trim import trim_count, trim_threshold
 from mlflow_taskvec.engine.streaming import CHUNK_ELEMENTS, flat_slice, one_torch_thread
-from mlflow_taskvec.engine.writer import CheckpointWriter, check_output_path
+from mlflow_taskvec.engine.output import check_output_path
+from mlflow_taskvec.engine.writer import CheckpointWriter
 from mlflow_taskvec.errors import TaskVecError
 
 LAYOUTS = ("sparse", "bitdelta", "lowrank")
@@ -253,7 +254,8 @@ def compress(
         }
         if source_fingerprint:
             metadata[meta_keys.SOURCE_FINGERPRINT] = source_fingerprint
-        with CheckpointWriter(output, specs, metadata, overwrite=overwrite) as writer:
+        inputs = [src for term in vector.terms for src in term.sources()]  # never written over
+        with CheckpointWriter(output, specs, metadata, overwrite=overwrite, inputs=inputs) as writer:
             seen = set()
             for part in writer.order:
                 name = owner[part]

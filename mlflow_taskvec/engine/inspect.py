@@ -10,6 +10,7 @@ import torch
 
 from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import Checkpoint
+from mlflow_taskvec.engine.merge import union_of_tensors
 from mlflow_taskvec.engine.streaming import chunk_ranges, flat_slice
 from mlflow_taskvec.errors import TaskVecError
 
@@ -93,14 +94,16 @@ def cosine_matrix(vectors) -> "torch.Tensor":
     first = vectors[0]
     for other in vectors[1:]:
         first._check_compatible(other)
+    specs = union_of_tensors(vectors)
+    vectors = [v.with_tensors(specs) for v in vectors]  # a tensor one lacks is zero there
     n = len(vectors)
     gram = torch.zeros((n, n), dtype=torch.float64)
-    for name in first.names:
-        for start, stop in chunk_ranges(first.spec(name).numel):
+    for name, spec in specs.items():
+        for start, stop in chunk_ranges(spec.numel):
             x = torch.stack([v.chunk(name, start, stop, torch.float64) for v in vectors])
             gram += x @ x.T
     norms = gram.diagonal().sqrt()
     zero = [i for i in range(n) if norms[i] == 0]
     if zero:
-        raise TaskVecError(f"vector {zero[0]} is all zeros: its cosine similarity is undefined")
+        raise TaskVecError(f"{vectors[zero[0]].source}: the task vector is all zeros, so its cosine similarity is undefined")
     return gram / torch.outer(norms, norms)

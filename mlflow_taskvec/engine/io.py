@@ -92,6 +92,10 @@ class _Entry:
     end: int
 
 
+def _whole_number(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _parse_header(path: Path, file_size: int) -> tuple[dict[str, _Entry], dict[str, str], int]:
     if file_size < 8:
         raise TaskVecError(f"{path}: truncated safetensors file ({file_size} bytes, the header length alone needs 8)")
@@ -119,10 +123,12 @@ def _parse_header(path: Path, file_size: int) -> tuple[dict[str, _Entry], dict[s
     for name, info in header.items():
         try:
             code = info["dtype"]
-            shape = tuple(int(d) for d in info["shape"])
-            start, end = (int(o) for o in info["data_offsets"])
+            shape, offsets = tuple(info["shape"]), tuple(info["data_offsets"])
+            if len(offsets) != 2 or not all(_whole_number(d) for d in shape + offsets):
+                raise TypeError
+            start, end = offsets
         except (KeyError, TypeError, ValueError):
-            raise TaskVecError(f"{path}: corrupt safetensors header (entry {name!r} lacks dtype, shape or data_offsets)") from None
+            raise TaskVecError(f"{path}: corrupt safetensors header (entry {name!r} lacks dtype, or its shape or data_offsets are not lists of whole numbers)") from None
         if code not in DTYPE_BY_CODE:
             raise TaskVecError(f"{path}: tensor {name!r} has unsupported dtype {code!r}")
         if any(d < 0 for d in shape) or start < 0 or end < start:
@@ -227,9 +233,10 @@ class StreamingWriter:
             offset += spec.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
-        self._file = open(self.path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)))
-        self._file.write(raw)
+        # Unbuffered: nothing is left in a buffer to flush on abort, which on a full
+        # disk would fail again and keep the partial file from being removed.
+        self._file = open(self.path, "wb", buffering=0)
+        self._write_all(struct.pack("<Q", len(raw)) + raw)
         self._index = 0
         self._remaining = specs[self.order[0]].nbytes if self.order else 0
 
@@ -259,20 +266,28 @@ class StreamingWriter:
         data = tensor_bytes(chunk)
         if data.nbytes > self._remaining:
             raise RuntimeError(f"tensor {name!r}: chunk overruns the tensor")
-        self._file.write(data)
+        self._write_all(data)
         self._remaining -= data.nbytes
         if self._remaining == 0:
             self._next()
         return data
+
+    def _write_all(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            view = view[self._file.write(view) :]
 
     def close(self) -> None:
         self._skip_empty_before(None)
         if not self.done:
             self._file.close()
             raise RuntimeError(f"{self.path}: closed before tensor {self.order[self._index]!r} was written")
-        self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
 
     def abort(self) -> None:
-        self._file.close()
+        """Close without writing anything more (the caller removes the file)."""
+        try:
+            self._file.close()
+        except OSError:
+            pass

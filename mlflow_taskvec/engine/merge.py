@@ -24,6 +24,7 @@ from mlflow_taskvec.engine.streaming import (
     STORAGE_DTYPES,
     OrderedPool,
     check_finite,
+    check_finite_output,
     chunk_ranges,
     flat_slice,
     one_torch_thread,
@@ -31,7 +32,8 @@ from mlflow_taskvec.engine.streaming import (
     release_free_memory,
     reuse_freed_memory,
 )
-from mlflow_taskvec.engine.writer import CheckpointWriter, MemorySink, check_output_path
+from mlflow_taskvec.engine.output import OutputClaim
+from mlflow_taskvec.engine.writer import CheckpointWriter, MemorySink
 from mlflow_taskvec.errors import TaskVecError
 
 if TYPE_CHECKING:  # the task vector module builds on this one, not the other way round
@@ -107,12 +109,17 @@ def merge_to(
     temporary name and moved into place when complete. Arguments as for ``merge``.
     """
     started = time.perf_counter()
-    check_output_path(output, overwrite)
-    plan = _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype, device)
-    metadata = {meta_keys.KIND: meta_keys.COMPOSITE, **(metadata or {}), meta_keys.BASE_FINGERPRINT: plan.base_fingerprint}
-    sink = CheckpointWriter(
-        output, plan.specs, metadata, max_shard_size=max_shard_size, copy_files_from=plan.base.directory, overwrite=overwrite
-    )
+    claim = OutputClaim(output, overwrite)  # locked from now on; the writer takes it over
+    try:
+        plan = _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype, device)
+        metadata = {meta_keys.KIND: meta_keys.COMPOSITE, **(metadata or {}), meta_keys.BASE_FINGERPRINT: plan.base_fingerprint}
+        inputs = [plan.base, *(src for v in plan.vectors for term in v.terms for src in term.sources())]
+        sink = CheckpointWriter(
+            claim, plan.specs, metadata, max_shard_size=max_shard_size, copy_files_from=plan.base.directory, inputs=inputs
+        )
+    except BaseException:
+        claim.release()
+        raise
     fingerprint = _execute(plan, sink, allow_nonfinite, progress)
     return MergeResult(
         method=plan.method.name,
@@ -169,27 +176,31 @@ def _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype, d
             raise TaskVecError(
                 f"vectors[{i}] was extracted from a different base (its base fingerprint {v.base_fingerprint[:16]}, this base {base_fp[:16]})"
             )
-        check_same_tensors(vectors[0], v)
-    covered = set(vectors[0].names)
+    vector_specs = union_of_tensors(vectors)
+    missing = sorted(set(vector_specs) - set(base_ckpt.keys()))
+    if missing:
+        i = next(i for i, v in enumerate(vectors) if missing[0] in v.names)
+        raise TaskVecError(f"tensor {missing[0]!r} of {_label(vectors[i], i)} is not in the base {base_ckpt.source}")
     specs: dict[str, TensorSpec] = {}
     for name in base_ckpt.keys():
         spec = base_ckpt.spec(name)
-        if name in covered:
-            if spec.shape != vectors[0].spec(name).shape:
+        if name in vector_specs:
+            if spec.shape != vector_specs[name].shape:
+                i = next(i for i, v in enumerate(vectors) if name in v.names)
                 raise TaskVecError(
-                    f"tensor {name!r} has shape {list(spec.shape)} in the base but {list(vectors[0].spec(name).shape)} in the task vectors"
+                    f"tensor {name!r} has shape {list(spec.shape)} in the base but {list(vector_specs[name].shape)} in {_label(vectors[i], i)}"
                 )
             specs[name] = TensorSpec(out_dtype or spec.dtype, spec.shape)
         else:
             specs[name] = TensorSpec(out_dtype if (out_dtype and spec.is_floating_point) else spec.dtype, spec.shape)
-    missing = sorted(covered - set(specs))
-    if missing:
-        raise TaskVecError(f"tensor {missing[0]!r} of the task vectors is not in the base {base_ckpt.source}")
+    # A tensor some inputs lack counts as zero in them (what filtering one input means).
+    vectors = [v.with_tensors(vector_specs) for v in vectors]
+    covered = set(vector_specs)
     names = sorted(covered)
     tensor_weights = {n: [coefficient_for(w, n, f"vectors[{i}].weight") for i, w in enumerate(weights)] for n in names}
     tensor_scale = {n: coefficient_for(scale, n, "scale") for n in names}
     return _Plan(
-        base_ckpt, base_fp, list(vectors), weights, merge_method, scale, params, compute, specs, covered, tensor_weights, tensor_scale,
+        base_ckpt, base_fp, vectors, weights, merge_method, scale, params, compute, specs, covered, tensor_weights, tensor_scale,
         device,
     )
 
@@ -241,7 +252,7 @@ def _execute(plan: _Plan, sink, allow_nonfinite: bool, progress):
 def _linear_jobs(name, spec, read_base, base_source, vectors, weights, scale, compute, allow_nonfinite):
     """``base + scale * sum_i w_i t_i`` accumulated term by term into one buffer, in
     chunks small enough that the base's chunk stays in cache while every term uses it."""
-    terms = [(scale * w * term.weight, term) for v, w in zip(vectors, weights) for term in v.terms]
+    terms = [(scale * w * term.weight, term) for v, w in zip(vectors, weights) for term in v.terms if name not in term.absent]
 
     def job(start: int, stop: int) -> torch.Tensor:
         out = read_base(start, stop, compute).clone()
@@ -255,8 +266,11 @@ def _linear_jobs(name, spec, read_base, base_source, vectors, weights, scale, co
                 for _, term in terms:
                     for src in term.sources():
                         check_finite(flat_slice(src.get_tensor(name), start, stop, compute), lambda s=src: f"tensor {name!r} of {s.source}")
-                raise TaskVecError(f"tensor {name!r}: the result overflows {str(compute).removeprefix('torch.')} (set allow_nonfinite to accept it)")
-        return out.to(spec.dtype)
+                check_finite_output(out, name, start, spec.numel)
+        result = out.to(spec.dtype)
+        if not allow_nonfinite and result.dtype != out.dtype:
+            check_finite_output(result, name, start, spec.numel)
+        return result
 
     for start, stop in chunk_ranges(spec.numel, LINEAR_CHUNK):
         yield functools.partial(job, start, stop)
@@ -290,7 +304,10 @@ def _method_jobs(name, spec, base_tensor, read_base, base_source, vectors, weigh
             device=base_chunk.device,
         )
         merged = method.fn(deltas, weights, ctx)
-        return torch.add(base_chunk, merged, alpha=scale).reshape(-1).to(spec.dtype)
+        result = torch.add(base_chunk, merged, alpha=scale).reshape(-1).to(spec.dtype)
+        if not allow_nonfinite:
+            check_finite_output(result, name, start, numel)
+        return result
 
     prepared = None
     if method.prepare is not None and len(ranges) > 1:
@@ -300,19 +317,24 @@ def _method_jobs(name, spec, base_tensor, read_base, base_source, vectors, weigh
         yield functools.partial(job, start, stop, prepared)
 
 
-def check_same_tensors(a: "TaskVector", b: "TaskVector") -> None:
-    """Raise naming the first tensor whose presence or shape differs between two vectors."""
-    names_a, names_b = set(a.names), set(b.names)
-    if names_a != names_b:
-        name = sorted(names_a ^ names_b)[0]
-        where, other = (a, b) if name in names_a else (b, a)
-        raise TaskVecError(f"tensor {name!r} is in {_label(where)} but not in {_label(other)}")
-    for name in a.names:
-        if a.spec(name).shape != b.spec(name).shape:
-            raise TaskVecError(
-                f"tensor {name!r} has shape {list(a.spec(name).shape)} in {_label(a)} but {list(b.spec(name).shape)} in {_label(b)}"
-            )
+def union_of_tensors(vectors: "Sequence[TaskVector]") -> dict[str, TensorSpec]:
+    """The tensors of all ``vectors`` (a tensor some lack counts as zero there); refuses a
+    tensor whose shape differs between two of them, naming both."""
+    specs: dict[str, TensorSpec] = {}
+    owner: dict[str, int] = {}
+    for i, v in enumerate(vectors):
+        for name in v.names:
+            spec = v.spec(name)
+            if name not in specs:
+                specs[name], owner[name] = spec, i
+            elif spec.shape != specs[name].shape:
+                j = owner[name]
+                raise TaskVecError(
+                    f"tensor {name!r} has shape {list(specs[name].shape)} in {_label(vectors[j], j)} but {list(spec.shape)} in {_label(v, i)}"
+                )
+    return dict(sorted(specs.items()))
 
 
-def _label(v: "TaskVector") -> str:
-    return f"task vector {v.task!r}" if v.task else "one task vector"
+def _label(v: "TaskVector", index: int) -> str:
+    task = f" {v.task!r}" if v.task else ""
+    return f"vectors[{index}] (task vector{task} from {v.source})"

@@ -161,6 +161,23 @@ def check_finite(chunk: torch.Tensor, describe: Callable[[], str]) -> None:
         raise TaskVecError(f"{describe()} holds NaN or Inf values (set allow_nonfinite to accept them)")
 
 
+def check_finite_output(values: torch.Tensor, name: str, start: int, numel: int) -> None:
+    """Refuse output entries [start, start + len(values)) of tensor ``name`` that are NaN or Inf
+    although every input was finite: the arithmetic overflowed, or the output dtype is too narrow."""
+    if values.numel() == 0 or bool(torch.isfinite(values.sum())):
+        return
+    bad = int(values.numel() - torch.isfinite(values).sum())
+    if not bad:
+        return
+    stop = start + values.numel()
+    where = "" if (start, stop) == (0, numel) else f" (in entries {start}..{stop - 1} of its {numel})"
+    dtype = str(values.dtype).removeprefix("torch.")
+    fix = "write it as dtype: float32" if values.dtype in (torch.float16, torch.bfloat16) else "check the scale and weights"
+    raise TaskVecError(
+        f"tensor {name!r}: {bad} entries of the output are not finite in {dtype}{where}; {fix}, or set allow_nonfinite to accept them"
+    )
+
+
 class OrderedPool:
     """Computes output chunks on worker threads and hands them to ``sink`` in order.
 

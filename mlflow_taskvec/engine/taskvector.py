@@ -13,8 +13,9 @@ import fnmatch
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -27,15 +28,16 @@ from mlflow_taskvec.engine.streaming import (
     CHUNK_ELEMENTS,
     STORAGE_DTYPES,
     check_finite,
+    check_finite_output,
     chunk_ranges,
     flat_slice,
     one_torch_thread,
     parse_dtype,
     release_free_memory,
 )
-from mlflow_taskvec.engine.merge import MergeResult, check_same_tensors, merge, merge_to
+from mlflow_taskvec.engine.merge import MergeResult, merge, merge_to, union_of_tensors
 from mlflow_taskvec.engine.writer import CheckpointWriter
-from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.errors import TaskVecError, TaskVecWarning
 
 FORMAT_VERSION = "1"
 
@@ -46,8 +48,11 @@ class _Term:
     stored: Checkpoint | None = None  # a saved task vector
     finetuned: Checkpoint | None = None  # or a fine-tune minus its base
     base: Checkpoint | None = None
+    absent: frozenset[str] = frozenset()  # tensors of the combination this term lacks: zero here
 
     def chunk(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        if name in self.absent:
+            return torch.zeros(stop - start, dtype=dtype)
         if self.stored is not None:
             return self.stored.read_chunk(name, start, stop, dtype)
         ft = self.finetuned.read_chunk(name, start, stop, dtype)
@@ -107,6 +112,11 @@ class TaskVector:
         buffers are skipped and listed in ``skipped``. Nothing is computed yet.
         """
         base_ckpt, ft_ckpt = open_checkpoint(base), open_checkpoint(finetuned)
+        for ckpt, role in ((ft_ckpt, "fine-tuned checkpoint"), (base_ckpt, "base checkpoint")):
+            if ckpt.metadata().get(meta_keys.KIND) == meta_keys.TASK_VECTOR:
+                raise TaskVecError(
+                    f"{ckpt.source}: is a task vector, not a {role} (in a recipe, use vector: instead of finetuned:)"
+                )
         base_names, ft_names = set(base_ckpt.keys()), set(ft_ckpt.keys())
         if base_names != ft_names:
             missing = sorted(ft_names - base_names)
@@ -126,6 +136,8 @@ class TaskVector:
                 continue
             specs[name] = TensorSpec(out_dtype or _default_vector_dtype(b.dtype), b.shape)
         selected = _select(specs, include, exclude)
+        if not specs:
+            raise TaskVecError(f"{base_ckpt.source}: has no floating-point tensors, so there is no task vector to extract")
         if not selected:
             raise TaskVecError(f"no floating-point tensors of {base_ckpt.source} match the include/exclude patterns")
         skipped.extend(n for n in specs if n not in set(selected))
@@ -175,6 +187,24 @@ class TaskVector:
     def terms(self) -> tuple[_Term, ...]:
         return self._terms
 
+    @property
+    def source(self) -> str:
+        """Where the vector comes from, for messages: its file, or its fine-tune's; what it combines."""
+        parts = [t.stored.source if t.stored is not None else t.finetuned.source for t in self._terms]
+        return parts[0] if len(parts) == 1 else f"{parts[0]} + {len(parts) - 1} more"
+
+    def with_tensors(self, specs: dict[str, TensorSpec]) -> "TaskVector":
+        """This vector over ``specs``' tensors too: those it lacks count as zero.
+
+        That is what a vector filtered with ``include``/``exclude`` means: it leaves
+        those tensors as they are. ``specs`` must agree with the vector's own shapes.
+        """
+        missing = frozenset(specs) - frozenset(self._specs)
+        if not missing:
+            return self
+        terms = [replace(t, absent=t.absent | missing) for t in self._terms]
+        return TaskVector(terms, {**specs, **self._specs}, self.base_fingerprint, self.task, self.skipped)
+
     def __repr__(self) -> str:
         label = f" {self.task!r}" if self.task else ""
         return f"<TaskVector{label}: {len(self._specs)} tensors, {self.num_parameters} parameters, base {self.base_fingerprint[:12]}>"
@@ -205,26 +235,31 @@ class TaskVector:
         check_finite(values, lambda: f"tensor {name!r} of {self!r}")
 
     # -- algebra ------------------------------------------------------------------
-    def _check_compatible(self, other: "TaskVector") -> None:
+    def _aligned_with(self, other: "TaskVector") -> tuple["TaskVector", "TaskVector"]:
+        """Both vectors over the union of their tensors (see ``with_tensors``), same base checked."""
         if not isinstance(other, TaskVector):
             raise TypeError(f"cannot combine a TaskVector with {type(other).__name__}")
         if self.base_fingerprint != other.base_fingerprint:
             raise TaskVecError(
                 f"task vectors come from different bases (base fingerprints {self.base_fingerprint[:16]} and {other.base_fingerprint[:16]})"
             )
-        check_same_tensors(self, other)
+        specs = union_of_tensors([self, other])
+        return self.with_tensors(specs), other.with_tensors(specs)
+
+    def _check_compatible(self, other: "TaskVector") -> None:
+        self._aligned_with(other)
 
     def _scaled(self, factor: float) -> "TaskVector":
         factor = finite_number(factor)
-        terms = [_Term(t.weight * factor, t.stored, t.finetuned, t.base) for t in self._terms]
+        terms = [replace(t, weight=t.weight * factor) for t in self._terms]
         return TaskVector(terms, self._specs, self.base_fingerprint, self.task, self.skipped)
 
     def __add__(self, other: "TaskVector") -> "TaskVector":
         if isinstance(other, (int, float)) and other == 0:
             return self
-        self._check_compatible(other)
+        a, b = self._aligned_with(other)
         task = " + ".join(t for t in (self.task, other.task) if t) or None
-        return TaskVector(self._terms + other._terms, self._specs, self.base_fingerprint, task, self.skipped)
+        return TaskVector(a._terms + b._terms, a._specs, self.base_fingerprint, task, self.skipped)
 
     def __radd__(self, other) -> "TaskVector":  # lets builtin sum() start from 0
         if isinstance(other, (int, float)) and other == 0:
@@ -261,12 +296,13 @@ class TaskVector:
     # -- reductions ---------------------------------------------------------------
     def _reduce(self, other: "TaskVector | None") -> tuple[float, float, float]:
         """(self.self, other.other, self.other) in float64, streaming."""
+        this = self
         if other is not None:
-            self._check_compatible(other)
+            this, other = self._aligned_with(other)
         aa = bb = ab = 0.0
-        for name, spec in self._specs.items():
+        for name, spec in this._specs.items():
             for start, stop in chunk_ranges(spec.numel):
-                a = self.chunk(name, start, stop, torch.float64)
+                a = this.chunk(name, start, stop, torch.float64)
                 aa += float(torch.dot(a, a))
                 if other is not None:
                     b = other.chunk(name, start, stop, torch.float64)
@@ -284,7 +320,8 @@ class TaskVector:
     def cosine(self, other: "TaskVector") -> float:
         aa, bb, ab = self._reduce(other)
         if aa == 0 or bb == 0:
-            raise TaskVecError("the cosine similarity of a zero task vector is undefined")
+            zero = self if aa == 0 else other
+            raise TaskVecError(f"{zero.source}: the task vector is all zeros, so its cosine similarity is undefined")
         return ab / math.sqrt(aa * bb)
 
     def tensor_norms(self) -> dict[str, float]:
@@ -330,22 +367,35 @@ class TaskVector:
             source, run = on_device(self, runner), runner.run
         specs = {n: TensorSpec(out_dtype or s.dtype, s.shape) for n, s in self._specs.items()}
         compute = torch.float64 if any(s.dtype == torch.float64 for s in specs.values()) else torch.float32
-        with CheckpointWriter(output, specs, self.metadata(), max_shard_size=max_shard_size, overwrite=overwrite) as writer, one_torch_thread():
+        inputs = [src for term in self._terms for src in term.sources()]
+        nonzero: list[str] = []  # the first tensor seen not all zero (jobs may run on another thread)
+        with CheckpointWriter(output, specs, self.metadata(), max_shard_size=max_shard_size, overwrite=overwrite, inputs=inputs) as writer, one_torch_thread():
             for name in writer.order:
                 for start, stop in chunk_ranges(specs[name].numel):
 
                     def job(name=name, start=start, stop=stop):
                         values = source.chunk(name, start, stop, compute)
+                        if not nonzero and bool(values.any()):
+                            nonzero.append(name)
+                        stored = values.to(specs[name].dtype)
                         if not allow_nonfinite:
                             source.check_finite(name, start, stop, values)
-                        return values.to(specs[name].dtype)
+                            if stored.dtype != values.dtype:
+                                check_finite_output(stored, name, start, specs[name].numel)
+                        return stored
 
                     writer.write(name, run(job))
                 if specs[name].numel > CHUNK_ELEMENTS:
                     release_free_memory()
                 if progress is not None:
                     progress(name)
-            return writer.commit()
+            fingerprint = writer.commit()
+        if not nonzero:
+            warnings.warn(
+                TaskVecWarning(f"{output}: the task vector is all zeros: the fine-tune {self.source} equals its base on every tensor it covers"),
+                stacklevel=2,
+            )
+        return fingerprint
 
     def apply_to(self, base, scale: float = 1.0, **options) -> dict[str, torch.Tensor]:
         """``base + scale * self`` as an in-memory state dict (options as for ``merge``)."""

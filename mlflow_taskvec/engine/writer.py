@@ -2,26 +2,29 @@
 
 Everything is written under a temporary sibling of the output path and moved
 into place only when complete, so an interrupted or failed run never leaves an
-output that looks finished. Writes and hashing run on a background thread,
+output that looks finished (``output.py`` claims the path: lock, aliasing, final move);
+a full disk is refused up front when it can be seen, and otherwise removes the partial. Writes and hashing run on a background thread,
 overlapping the computation of the next tensors.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 import tempfile
 import threading
-import uuid
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from mlflow_taskvec.engine.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, combine_digests, new_digest
+from mlflow_taskvec.engine.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, Checkpoint, combine_digests, new_digest
 from mlflow_taskvec.engine.io import StreamingWriter, TensorSpec, storage_order
+from mlflow_taskvec.engine.output import OutputClaim, refuse_aliasing, remove_path
 from mlflow_taskvec.errors import TaskVecError
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -61,27 +64,12 @@ def write_text_atomically(path: Path, text: str) -> None:
         raise
 
 
-def check_output_path(output: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing output unless asked to overwrite, before any work is done."""
-    path = Path(output)
-    if path.exists() and not overwrite:
-        raise TaskVecError(f"{path}: output already exists (pass --overwrite to replace it)")
-    return path
-
-
-def move_into_place(finished: Path, output: Path) -> None:
-    """Rename a finished file or folder (beside ``output``, on its file system) to ``output``,
-    replacing what is there: a reader sees the old output or the new one, never a mix."""
-    old = None
-    if output.exists() or output.is_symlink():
-        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(output, old)
-    os.replace(finished, output)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+def format_size(size: int) -> str:
+    """``1234567`` as ``1.2 MB`` (decimal units, as ``parse_size`` reads them)."""
+    for unit, factor in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if size >= factor:
+            return f"{size / factor:.1f} {unit}"
+    return f"{size} bytes"
 
 
 def plan_shards(specs: dict[str, TensorSpec], max_shard_size: int | None) -> list[list[str]]:
@@ -113,53 +101,91 @@ class CheckpointWriter:
 
     def __init__(
         self,
-        output: str | os.PathLike,
+        output: "str | os.PathLike | OutputClaim",
         specs: dict[str, TensorSpec],
         metadata: dict[str, str] | None = None,
         max_shard_size: int | str | None = None,
         copy_files_from: Path | None = None,
         overwrite: bool = False,
+        inputs: Iterable[Checkpoint] = (),
     ):
-        self.output = check_output_path(output, overwrite)
+        """``output`` is a path, or an ``OutputClaim`` taken before the work began (the writer
+        then owns it). ``inputs`` are the checkpoints the output is computed from: an output
+        that is, contains or lies inside one of them is refused."""
+        self._claim = output if isinstance(output, OutputClaim) else OutputClaim(output, overwrite)
+        self.output = self._claim.path
         self.specs = dict(specs)
-        shard_size = parse_size(max_shard_size)
-        self._single_file = self.output.suffix == ".safetensors"
-        if self._single_file and shard_size is not None:
-            raise TaskVecError(f"{self.output}: a sharded output must be a directory, not a .safetensors file")
-        self._metadata = {"format": "pt", **(metadata or {})}
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.output.parent / f".{self.output.name}.partial-{uuid.uuid4().hex[:8]}"
-        self._copy_from = copy_files_from
-        shards = plan_shards(self.specs, shard_size)
-        if self._single_file:
-            paths = [self._tmp]
-        else:
-            self._tmp.mkdir()
-            if len(shards) == 1:
-                paths = [self._tmp / WEIGHTS_NAME]
-            else:
-                n = len(shards)
-                paths = [self._tmp / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self._sharded = len(shards) > 1
+        self._closed = False
         self._files: list[StreamingWriter] = []
-        self._file_of: dict[str, StreamingWriter] = {}
-        self.order: list[str] = []
+        self._tmp: Path | None = None
+        self._needed = self._free_at_start = 0
         try:
+            refuse_aliasing(self.output, [p for ckpt in inputs for p in ckpt.paths()])
+            shard_size = parse_size(max_shard_size)
+            self._single_file = self.output.suffix == ".safetensors"
+            if self._single_file and shard_size is not None:
+                raise TaskVecError(f"{self.output}: a sharded output must be a directory, not a .safetensors file")
+            self._metadata = {"format": "pt", **(metadata or {})}
+            self._copy_from = copy_files_from
+            self._check_free_space()
+            self._tmp = self._claim.partial()
+            shards = plan_shards(self.specs, shard_size)
+            if self._single_file:
+                paths = [self._tmp]
+            else:
+                self._tmp.mkdir()
+                if len(shards) == 1:
+                    paths = [self._tmp / WEIGHTS_NAME]
+                else:
+                    n = len(shards)
+                    paths = [self._tmp / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            self._sharded = len(shards) > 1
+            self._file_of: dict[str, StreamingWriter] = {}
+            self.order: list[str] = []
             for path, names in zip(paths, shards):
                 w = StreamingWriter(path, {n: self.specs[n] for n in names}, self._metadata)
                 self._files.append(w)
                 for n in names:
                     self._file_of[n] = w
                 self.order.extend(storage_order({n: self.specs[n] for n in names}))
-        except BaseException:
+        except BaseException as exc:
+            self._closed = True
+            for w in self._files:
+                w.abort()
             self._discard()
+            self._claim.release()
+            if _is_disk_full(exc):
+                raise self._explain(exc) from None
             raise
         self._digests: dict[str, str] = {}
         self._hashers: dict = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskvec-writer")
         self._slots = threading.BoundedSemaphore(_MAX_PENDING)
         self._futures: list[Future] = []
-        self._closed = False
+
+    def _needed_bytes(self) -> int:
+        """Roughly what the output takes on disk: its tensors, headers, and the files copied beside them."""
+        needed = sum(s.nbytes for s in self.specs.values()) + 64 * len(self.specs) + (1 << 16)
+        if self._copy_from is not None:
+            needed += sum(item.stat().st_size for item in copyable_files(self._copy_from))
+        return needed
+
+    def _check_free_space(self) -> None:
+        self._needed = self._needed_bytes()
+        usage = shutil.disk_usage(self.output.parent)
+        self._free_at_start = usage.free
+        if usage.total and self._needed > usage.free:  # some network file systems report no sizes at all
+            raise TaskVecError(
+                f"{self.output}: not enough free space in {self.output.parent}: the output needs {format_size(self._needed)}, "
+                f"{format_size(self._free_at_start)} are free; nothing was written"
+            )
+
+    def _explain(self, exc: OSError) -> TaskVecError:
+        """A full disk as one line naming the output and the space it needs."""
+        return TaskVecError(
+            f"{self.output}: the disk of {self.output.parent} filled up while writing (the output needs {format_size(self._needed)}, "
+            f"{format_size(self._free_at_start)} were free at the start); the partial output was removed"
+        )
 
     # -- writing ---------------------------------------------------------------
     def write(self, name: str, chunk: torch.Tensor) -> None:
@@ -186,7 +212,10 @@ class CheckpointWriter:
     def _raise_pending_error(self) -> None:
         for fut in self._futures:
             if fut.done() and fut.exception() is not None:
-                raise fut.exception()
+                exc = fut.exception()
+                if _is_disk_full(exc):
+                    raise self._explain(exc) from None
+                raise exc
 
     # -- finishing -------------------------------------------------------------
     def commit(self) -> str:
@@ -210,27 +239,32 @@ class CheckpointWriter:
                     (self._tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", "utf-8")
                 if self._copy_from is not None:
                     copy_non_weight_files(self._copy_from, self._tmp)
-            move_into_place(self._tmp, self.output)
+            self._claim.move_into_place(self._tmp)
             self._closed = True
+            self._claim.release()
             return fingerprint
-        except BaseException:
+        except BaseException as exc:
             self.abort()
+            if _is_disk_full(exc):
+                raise self._explain(exc) from None
             raise
 
     def abort(self) -> None:
+        """Discard everything written: the temporary is always removed, even on a full disk."""
         if self._closed:
             return
         self._closed = True
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        for w in self._files:
-            w.abort()
-        self._discard()
+        try:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            for w in self._files:
+                w.abort()
+        finally:
+            self._discard()
+            self._claim.release()
 
     def _discard(self) -> None:
-        if self._tmp.is_dir():
-            shutil.rmtree(self._tmp, ignore_errors=True)
-        else:
-            self._tmp.unlink(missing_ok=True)
+        if self._tmp is not None:
+            remove_path(self._tmp)
 
     def __enter__(self) -> "CheckpointWriter":
         return self
@@ -274,13 +308,23 @@ class MemorySink:
 
 
 
+def copyable_files(source_dir: Path) -> list[Path]:
+    """The config, tokenizer and other non-weight files of a model folder."""
+    return [
+        item
+        for item in sorted(source_dir.iterdir())
+        if not (item.name.startswith(".") or item.name == INDEX_NAME or item.suffix in _WEIGHT_SUFFIXES) and item.is_file()
+    ]
+
+
 def copy_non_weight_files(source_dir: Path, target_dir: Path) -> list[str]:
     """Copy config, tokenizer and other non-weight files so the output is a drop-in replacement."""
     copied = []
-    for item in sorted(source_dir.iterdir()):
-        if item.name.startswith(".") or item.name == INDEX_NAME or item.suffix in _WEIGHT_SUFFIXES:
-            continue
-        if item.is_file():
-            shutil.copy2(item, target_dir / item.name)
-            copied.append(item.name)
+    for item in copyable_files(source_dir):
+        shutil.copy2(item, target_dir / item.name)
+        copied.append(item.name)
     return copied
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -200,7 +200,12 @@ def resolve(ref: str | os.PathLike, fresh: bool = False) -> Resolved:
         tmp.mkdir()
         try:
             downloaded = _download(where["artifact_uri"], tmp, text)
-            got = open_checkpoint(weights_path(downloaded, mlmodel)).fingerprint(fresh=True)
+            weights = weights_path(downloaded, mlmodel)
+            try:
+                got = open_checkpoint(weights).fingerprint(fresh=True)
+            except TaskVecError as exc:  # name the model, not the temporary download folder
+                problem = str(exc).split(": ", 1)[1] if str(exc).startswith(str(tmp)) else str(exc)
+                raise TaskVecError(f"{text}: its stored weights are unreadable: {problem}") from None
             if expected and got != expected:
                 raise TaskVecError(
                     f"{text}: downloaded weights have fingerprint {got[:16]}, the model records {expected[:16]} (tampered or incomplete artifact)"

@@ -36,7 +36,8 @@ class Node:
     scale: str | None = None
     run_id: str | None = None
     aliases: list[str] = field(default_factory=list)
-    approvals: dict = field(default_factory=dict)
+    approvals: dict = field(default_factory=dict)  # by an alias the version carries now
+    past_approvals: dict = field(default_factory=dict)  # by an alias that has since moved to another version
     problem: str | None = None  # missing version, cycle, fingerprint mismatch
     children: list["Node"] = field(default_factory=list)
 
@@ -104,7 +105,9 @@ def _walk(client: MlflowClient, uri: str, role: str, weight, recorded: str | Non
             mv = uris.get_version(uri, client)
             node.version, node.run_id, tags = str(mv.version), mv.run_id, dict(mv.tags or {})
             node.aliases = sorted(mv.aliases or [])
-            node.approvals = {a: v for a, v in approvals_of(tags).items() if a in node.aliases}
+            approvals = approvals_of(tags)
+            node.approvals = {a: v for a, v in approvals.items() if a in node.aliases}
+            node.past_approvals = {a: v for a, v in approvals.items() if a not in node.aliases}
     except (MlflowException, TaskVecError) as exc:
         node.kind, node.problem = "missing", f"missing: {str(exc).splitlines()[0].removeprefix(f'{uri}: ')}"
         return node
@@ -166,6 +169,8 @@ def _describe(node: Node) -> str:
         parts.append("@" + ",@".join(node.aliases))
     for alias, info in sorted(node.approvals.items()):
         parts.append(f"{alias} by {info.get('by', '?')} at {info.get('at', '?')}")
+    for alias, info in sorted(node.past_approvals.items()):  # the record stays; the alias is elsewhere now
+        parts.append(f"was {alias} by {info.get('by', '?')} at {info.get('at', '?')} (@{alias} has moved on)")
     if node.problem:
         parts.append(f"!! {node.problem}")
     return "  ".join(parts)

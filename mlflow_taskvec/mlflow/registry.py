@@ -29,13 +29,14 @@ from mlflow.tracking import MlflowClient
 from mlflow_taskvec.compose import compose_to
 from mlflow_taskvec.engine.coefficients import Coefficient
 from mlflow_taskvec.engine.taskvector import TaskVector
-from mlflow_taskvec.engine.writer import check_output_path, move_into_place
+from mlflow_taskvec.engine.output import OutputClaim, check_output_path, refuse_aliasing
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.mlflow import flavor
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.downloads import Resolved
 from mlflow_taskvec.mlflow.evaluate import composite_evaluation, module_builder
 from mlflow_taskvec.mlflow.inputs import resolve_inputs
+from mlflow_taskvec.mlflow.runs import owned_run
 from mlflow_taskvec.mlflow.server import check_can_register, server_error, server_errors
 from mlflow_taskvec.recipe import Recipe
 
@@ -80,12 +81,38 @@ def _asks_the_server_first(register):
 
     @functools.wraps(register)
     def wrapper(*args, **kwargs):
-        name = signature.bind(*args, **kwargs).arguments["name"]
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        name = bound.arguments["name"]
         with server_errors(f"registering {name!r} failed", name):
-            check_can_register(name)
+            check_destination(name, bound.arguments["allow_mixed"])
             return register(*args, **kwargs)
 
     return wrapper
+
+
+def check_destination(name: str, allow_mixed: bool = False) -> None:
+    """What can be known before anything is written about registering into ``name``: the user may
+    (when the server says), and its versions are ours (unless ``allow_mixed``)."""
+    with server_errors(f"registering {name!r} failed", name):
+        check_can_register(name)
+        if not allow_mixed:
+            refuse_foreign_versions(name)
+
+
+def refuse_foreign_versions(name: str) -> None:
+    """Refuse adding versions to a registered model whose versions mlflow-taskvec did not make
+    (a plain pyfunc model, say): its lineage, reports and verification would mix two worlds."""
+    try:
+        versions = MlflowClient().search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return  # no such model yet, or a name the search cannot quote: nothing to mix with
+    foreign = sorted((int(mv.version) for mv in versions if mv.name == name and tag.KIND not in (mv.tags or {})))
+    if foreign:
+        raise TaskVecError(
+            f"registered model {name!r} holds versions mlflow-taskvec did not register (version {foreign[0]} has no {tag.KIND} tag); "
+            "register under another name, or pass --allow-mixed to add to it anyway"
+        )
 
 
 @dataclass
@@ -103,14 +130,6 @@ class Registered:
         return f"models:/{self.name}/{self.version}"
 
 
-def _run_context(run_id: str | None):
-    """Resume ``run_id``, keep the active run, or start a new one."""
-    active = mlflow.active_run()
-    if active is not None and run_id in (None, active.info.run_id):
-        return contextlib.nullcontext(active)
-    return mlflow.start_run(run_id=run_id)
-
-
 @_asks_the_server_first
 def register_task_vector(
     vector: TaskVector,
@@ -119,14 +138,17 @@ def register_task_vector(
     finetuned: Resolved,
     run_id: str | None = None,
     alias: str | None = None,
+    allow_mixed: bool = False,
 ) -> Registered:
     """Log ``vector`` as a ``task_vector`` model of the fine-tune's run and register a version.
+
+    A registered model ``name`` whose versions mlflow-taskvec did not make is refused unless ``allow_mixed``.
 
     The run is ``run_id`` if given, else the fine-tune's own run when the fine-tune
     is an MLflow model or run artifact, else the active run, else a new run.
     """
     run_id = run_id or finetuned.run_id
-    with _run_context(run_id) as run:
+    with owned_run(run_id) as run:
         lineage = {"base_uri": base.canonical, "finetuned_uri": finetuned.canonical, "finetuned_fingerprint": finetuned.fingerprint}
         info = flavor.log_model(vector, name="task_vector", lineage=lineage)
         conf = info.flavors[flavor.FLAVOR_NAME]
@@ -160,6 +182,7 @@ def register_compressed_vector(
     overwrite: bool = False,
     alias: str | None = None,
     device: str | None = None,
+    allow_mixed: bool = False,
 ) -> Registered:
     """Compress the task vector ``source_ref`` (``engine.compressed``) and register the result.
 
@@ -181,7 +204,7 @@ def register_compressed_vector(
     with tempfile.TemporaryDirectory(prefix="taskvec-compress-") as tmp:
         target = Path(output) if output is not None else Path(tmp) / "vector.safetensors"
         result = compress(vector, target, layout, density, rank, energy, source_fingerprint=source.fingerprint, overwrite=overwrite, device=device)
-        with _run_context(source.run_id) as run:
+        with owned_run(source.run_id) as run:
             lineage = {"compressed_from": source.canonical, "base_uri": recorded.get(tag.BASE_URI) or recorded.get("base_uri", "")}
             info = flavor.log_model(str(target), name="task_vector", lineage=lineage)
             conf = info.flavors[flavor.FLAVOR_NAME]
@@ -247,6 +270,7 @@ def register_composite(
     require_alias: str | None = None,
     output: "str | os.PathLike | None" = None,
     overwrite: bool = False,
+    allow_mixed: bool = False,
 ) -> Registered:
     """Compose what ``recipe`` says, log it as a ``checkpoint`` model in a run, register a version.
 
@@ -256,20 +280,26 @@ def register_composite(
     into the version's description. ``extra_tags`` go on the version and the logged
     model; ``note`` is a paragraph of the version's description. ``require_alias``
     adds to the recipe's policy; with ``output`` the composite is also left there
-    (composed once; an existing output is refused before anything is registered).
+    (composed once; an existing output, or one that is an input, is refused before anything
+    is registered). A registered model ``name`` whose versions mlflow-taskvec did not make is
+    refused unless ``allow_mixed``.
     """
     if output is not None:
         check_output_path(output, overwrite)
     inputs = resolve_inputs(recipe, require_alias)
     inputs.check_same_base()  # before a run is started
+    if output is not None:  # every destination checked before a run is started or anything registered
+        refuse_aliasing(output, [r.path for r in (inputs.base, *inputs.vectors)])
     resolved = inputs.canonical()
     base = inputs.base
     architecture, code_paths, signature = _architecture_of(base)
 
     # With an output, the temporary folder is beside it, so the registered composite is
-    # renamed into place at the end: a failure on the way leaves nothing there.
-    scratch = {"prefix": f".{Path(output).name}.partial-", "dir": Path(output).parent} if output is not None else {"prefix": "taskvec-compose-"}
-    with _run_context(None) as run, tempfile.TemporaryDirectory(**scratch) as tmp:
+    # renamed into place at the end: a failure on the way leaves nothing there. The output
+    # is claimed (locked, its state at the start kept) from before the run to that rename.
+    scratch = {"prefix": f".{Path(output).name}.partial-{os.getpid()}-", "dir": Path(output).parent} if output is not None else {"prefix": "taskvec-compose-"}
+    claimed = OutputClaim(output, overwrite) if output is not None else contextlib.nullcontext()
+    with claimed as claim, owned_run(None) as run, tempfile.TemporaryDirectory(**scratch) as tmp:
         mlflow.log_params(_run_params(resolved))
         weights = Path(tmp) / "weights"
         with inputs.named_as_references():
@@ -320,8 +350,8 @@ def register_composite(
         MlflowClient().set_logged_model_tags(info.model_id, tags)
         description = composite_description(resolved, base, inputs.vectors, result.fingerprint, metrics, note)
         mv = _create_version(name, info, run.info.run_id, tags, description)
-        if output is not None:
-            move_into_place(weights, Path(output))
+        if claim is not None:
+            claim.move_into_place(weights)
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, mv.version)
     return Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)

@@ -40,7 +40,8 @@ from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.evaluate import CompositeEvaluation, composite_evaluation
 from mlflow_taskvec.mlflow.inputs import Inputs, resolve_inputs
-from mlflow_taskvec.mlflow.registry import Registered, _run_context, register_composite
+from mlflow_taskvec.mlflow.registry import Registered, check_destination, register_composite
+from mlflow_taskvec.mlflow.runs import owned_run
 from mlflow_taskvec.progress import progress_bar
 from mlflow_taskvec.recipe import Recipe, Search
 
@@ -334,11 +335,18 @@ def search(
     alias: str | None = None,
     memory: str = "auto",
     quiet: bool = True,
+    allow_mixed: bool = False,
 ) -> SearchResult:
-    """Search ``recipe``'s coefficients as its ``search`` block says (defaults: the paper's grid)."""
+    """Search ``recipe``'s coefficients as its ``search`` block says (defaults: the paper's grid).
+
+    With ``register_as``, the registered model is checked first (permission, and versions
+    mlflow-taskvec did not make unless ``allow_mixed``): a refusal comes before the search, not after it.
+    """
     settings = recipe.search or Search()
     if recipe.evaluation is None:
         raise TaskVecError("search needs an 'evaluation' block in the recipe (evaluator and tasks)")
+    if register_as is not None:
+        check_destination(register_as, allow_mixed)
     inputs = resolve_inputs(recipe)  # the policy first: before anything is downloaded or evaluated
     base = inputs.base
     evaluation = composite_evaluation(inputs)
@@ -346,7 +354,7 @@ def search(
     composer = _Composer(inputs, evaluation, memory)
     labels = _labels(recipe, evaluation)
 
-    with _run_context(None) as run, tempfile.TemporaryDirectory(prefix="taskvec-search-") as tmp:
+    with owned_run(None) as run, tempfile.TemporaryDirectory(prefix="taskvec-search-") as tmp:
         parent_id = run.info.run_id
         mlflow.set_tag(tag.SEARCH_ROLE, "search")
         mlflow.log_params(
@@ -407,6 +415,7 @@ def search(
                     evaluate=lambda model: evaluation.evaluate(model, test_split),
                     extra_tags={tag.SEARCH: json.dumps(summary, sort_keys=True)},
                     note=_note(summary, objective, settings),
+                    allow_mixed=allow_mixed,
                 )
             test_metrics = dict(mlflow.get_run(registered.run_id).data.metrics)
         else:

@@ -42,6 +42,10 @@ SEARCH_ROLE = "taskvec.search.role"  # on runs: search | candidate | winner
 SEARCH_FEASIBLE = "taskvec.search.feasible"
 SEARCH_BEST_RUN_ID = "taskvec.search.best_run_id"
 
+# runs
+RUN_PROCESS = "taskvec.process"  # on runs a command started or resumed: host:pid:start of that process
+RUN_STATUS_BEFORE = "taskvec.status_before"  # on a resumed run while it is resumed: its status before
+
 # approval
 APPROVAL_PREFIX = "taskvec.approval."  # taskvec.approval.<alias>.by / .at / .note
 APPROVED_BY = "taskvec.approved_by"

@@ -94,6 +94,48 @@ def verify(ref: str) -> Verified:
     return Verified(uri, kind, tags[tag.FINGERPRINT], checks)
 
 
+def verify_recursively(ref: str) -> list[Verified]:
+    """``verify`` ``ref``, then every registered composite or task vector it is made of, depth
+    first, down to the fine-tunes (each version once); raises TaskVecError at the first mismatch.
+
+    A composite's own check covers its inputs' fingerprints, not what those inputs were made
+    from: a task vector deep down whose weights were replaced together with its records is
+    only found here.
+    """
+    client = MlflowClient()
+    done: list[Verified] = []
+    seen: set[str] = set()
+
+    def visit(ref: str, stack: tuple[str, ...]) -> None:
+        mv = uris.get_version(ref, client)
+        uri = f"models:/{mv.name}/{mv.version}"
+        if uri in stack:
+            raise TaskVecError(f"{uri}: its lineage tags lead back to itself ({' -> '.join(stack + (uri,))})")
+        if uri in seen:
+            return
+        seen.add(uri)
+        done.append(verify(uri))
+        for part in _registered_parts(client, dict(mv.tags or {})):
+            visit(part, stack + (uri,))
+
+    visit(ref, ())
+    return done
+
+
+def _registered_parts(client: MlflowClient, tags: dict) -> list[str]:
+    """The registered composites and task vectors a version records as made of (base, inputs, fine-tune)."""
+    refs = [tags.get(tag.BASE_URI), tags.get(tag.FINETUNED_URI)] + [str(row.get("uri")) for row in recorded_inputs(tags) or []]
+    parts = []
+    for ref in filter(None, refs):
+        try:
+            kind = (uris.get_version(ref, client).tags or {}).get(tag.KIND)
+        except TaskVecError:  # a logged model, a run artifact or a path: checked by fingerprint above it
+            continue
+        if kind in (tag.COMPOSITE, tag.TASK_VECTOR):
+            parts.append(ref)
+    return parts
+
+
 def _verify_composite(client: MlflowClient, mv: ModelVersion, uri: str, tags: dict, tmp: Path) -> list[str]:
     checks = []
     recorded_sha = tags[tag.RECIPE_SHA256]

@@ -1,0 +1,522 @@
+"""Faults around a write: a second writer, things appearing at the output, signals, a full disk.
+
+Each test runs the real command (a subprocess where a signal or a second process is
+the point) on real files, and checks that nothing was lost: the inputs' bytes
+unchanged, no partial files or lock files left, and anything a user put at the
+output path kept as it was. The full-disk tests write to a real 2 MB tmpfs, which
+needs root to mount (skipped otherwise, and a failure when ``CI`` is set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from conftest import leftovers
+from safetensors.torch import load_file, save_file
+from team_server import skip_or_fail
+
+from mlflow_taskvec.cli import main as cli
+from mlflow_taskvec.engine import TaskVector, merge_to, open_checkpoint
+from mlflow_taskvec.engine.output import OutputClaim
+from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sha256_of(*paths: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+def model(seed: int, tensors: int, numel: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"layers.{i}.weight": torch.randn(numel, generator=g) for i in range(tensors)}
+
+
+def write_inputs(folder: Path, tensors: int = 4, numel: int = 1024) -> tuple[Path, Path, Path]:
+    """A base, a fine-tune of it, and a recipe adding the fine-tune's vector; in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = model(0, tensors, numel)
+    save_file(base, str(folder / "base.safetensors"))
+    save_file({n: t + 0.01 * torch.randn(t.shape, generator=torch.Generator().manual_seed(1)) for n, t in base.items()}, str(folder / "ft.safetensors"))
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"base": "base.safetensors", "scale": 0.5, "vectors": [{"finetuned": "ft.safetensors"}]}), "utf-8")
+    return folder / "base.safetensors", folder / "ft.safetensors", recipe
+
+
+def command(*args) -> list[str]:
+    return [sys.executable, "-m", "mlflow_taskvec.cli", *map(str, args)]
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def one_error_line(stderr: str) -> str:
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
+    return lines[0]
+
+
+# -- two writers, and things appearing at the output ---------------------------------------------
+
+
+def test_a_second_writer_of_the_same_output_fails_at_once_with_one_line(tmp_path):
+    base, ft, recipe = write_inputs(tmp_path / "in")
+    out = tmp_path / "out" / "merged.safetensors"
+    digests = sha256_of(base, ft)
+    first = OutputClaim(out)  # a writer holding the output, as a running compose does
+    try:
+        started = time.monotonic()
+        proc = subprocess.run(command("compose", recipe, "-o", out), env=env(), capture_output=True, text=True, timeout=120)
+        seconds = time.monotonic() - started
+    finally:
+        first.release()
+
+    assert proc.returncode == 1
+    line = one_error_line(proc.stderr)
+    assert f"{out}: another writer is writing this output (process {os.getpid()}); wait for it to finish" in line
+    assert seconds < 30  # it did not wait for the lock (the interpreter's start-up is most of this)
+    assert not out.exists() and leftovers(out.parent) == []
+    assert sha256_of(base, ft) == digests
+
+
+def test_the_lock_is_released_and_its_file_removed_after_a_write(tmp_path):
+    base, ft, recipe = write_inputs(tmp_path / "in")
+    out = tmp_path / "out" / "merged.safetensors"
+
+    assert CliRunner().invoke(cli, ["compose", str(recipe), "-o", str(out)]).exit_code == 0
+    assert CliRunner().invoke(cli, ["compose", str(recipe), "-o", str(out), "--overwrite"]).exit_code == 0
+
+    assert sorted(p.name for p in out.parent.iterdir()) == ["merged.safetensors"]
+
+
+def _vector(tmp_path) -> tuple[Path, TaskVector]:
+    base, ft, _ = write_inputs(tmp_path / "in")
+    return base, TaskVector.extract(base, ft)
+
+
+@pytest.mark.parametrize("output_name", ["merged", "merged.safetensors"])
+def test_a_folder_created_at_the_output_while_writing_is_kept_and_nothing_written(tmp_path, output_name):
+    base, vector = _vector(tmp_path)
+    out = tmp_path / "out" / output_name
+
+    def someone_creates_the_output(_name):
+        if not out.exists():
+            out.mkdir()
+            (out / "important.txt").write_text("precious", "utf-8")
+
+    with pytest.raises(TaskVecError, match="something was put at the output path while writing; it is left as it is and nothing was written") as info:
+        merge_to(base, [vector], [1.0], output=out, progress=someone_creates_the_output)
+
+    assert str(info.value).startswith(f"{out}: ")
+    assert sorted(p.name for p in out.iterdir()) == ["important.txt"]
+    assert (out / "important.txt").read_text("utf-8") == "precious"
+    assert leftovers(out.parent) == []
+
+
+def test_even_an_empty_folder_created_at_the_output_while_writing_is_not_replaced(tmp_path):
+    base, vector = _vector(tmp_path)
+    out = tmp_path / "out" / "merged"
+
+    with pytest.raises(TaskVecError, match="something was put at the output path while writing"):
+        merge_to(base, [vector], [1.0], output=out, progress=lambda _name: out.mkdir(exist_ok=True))
+
+    assert out.is_dir() and list(out.iterdir()) == []
+    assert leftovers(out.parent) == []
+
+
+def test_overwrite_replaces_only_what_was_there_at_the_start(tmp_path):
+    base, vector = _vector(tmp_path)
+    out = tmp_path / "out" / "merged.safetensors"
+    out.parent.mkdir()
+    out.write_bytes(b"the old output")
+
+    def someone_replaces_it(_name):
+        if out.read_bytes() != b"the old output":
+            return
+        replacement = out.parent / "new.tmp"
+        replacement.write_bytes(b"someone else's file")
+        os.replace(replacement, out)
+
+    with pytest.raises(TaskVecError, match="something was put at the output path while writing"):
+        merge_to(base, [vector], [1.0], output=out, overwrite=True, progress=someone_replaces_it)
+
+    assert out.read_bytes() == b"someone else's file"
+    assert leftovers(out.parent) == []
+
+
+def test_overwrite_replaces_what_was_there_at_the_start_whole(tmp_path):
+    base, vector = _vector(tmp_path)
+    out = tmp_path / "out" / "merged"
+    (out / "checkpoint-500").mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"old weights")
+    (out / "checkpoint-500" / "optimizer.pt").write_bytes(b"old state")
+
+    result = merge_to(base, [vector], [1.0], output=out, overwrite=True)
+
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert open_checkpoint(out).fingerprint() == result.fingerprint
+    assert leftovers(out.parent) == []
+
+
+def test_partials_left_by_a_killed_writer_are_removed_by_the_next_write_to_that_output(tmp_path):
+    base, ft, recipe = write_inputs(tmp_path / "in")
+    out = tmp_path / "out" / "merged"
+    out.parent.mkdir()
+    stale = [out.parent / ".merged.partial-999999-0123abcd", out.parent / ".merged.partial-89abcdef"]
+    stale[0].mkdir()
+    (stale[0] / "model.safetensors").write_bytes(b"half a model")
+    stale[1].write_bytes(b"an older version's partial")
+    unrelated = [out.parent / ".other.partial-999999-0123abcd", out.parent / ".merged.partial-notours"]
+    for path in unrelated:
+        path.write_bytes(b"not this output's")
+
+    result = CliRunner().invoke(cli, ["compose", str(recipe), "-o", str(out)])
+
+    assert result.exit_code == 0, result.output
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in unrelated)
+
+
+# -- signals ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big_inputs(tmp_path_factory) -> tuple[Path, dict]:
+    """A recipe over a base and fine-tune big enough (16 tensors of 2M entries, 128 MB out)
+    for a compose to be signalled while it writes; constant tensors, quick to make."""
+    folder = tmp_path_factory.mktemp("big")
+    base = {f"layers.{i}.weight": torch.full((1 << 21,), float(i)) for i in range(16)}
+    save_file(base, str(folder / "base.safetensors"))
+    save_file({n: t + 0.5 for n, t in base.items()}, str(folder / "ft.safetensors"))
+    (folder / "recipe.yaml").write_text("base: base.safetensors\nvectors: [{finetuned: ft.safetensors}]\n", "utf-8")
+    # the same base as an HF folder (a config.json: an architecture a registered composite can carry)
+    (folder / "hf").mkdir()
+    os.link(folder / "base.safetensors", folder / "hf" / "model.safetensors")
+    (folder / "hf" / "config.json").write_text("{}", "utf-8")
+    (folder / "hf-recipe.yaml").write_text("base: hf\nvectors: [{finetuned: ft.safetensors}]\n", "utf-8")
+    return folder / "recipe.yaml", sha256_of(folder / "base.safetensors", folder / "ft.safetensors")
+
+
+def _start_a_long_compose(tmp_path, big_inputs) -> tuple[subprocess.Popen, Path, dict]:
+    recipe, digests = big_inputs
+    out = tmp_path / "out" / "merged"
+    out.parent.mkdir()
+    proc = subprocess.Popen(command("compose", recipe, "-o", out), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(".partial-" in p.name for p in out.parent.iterdir()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the compose never started writing"
+        time.sleep(0.005)
+    return proc, out, digests
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=["SIGTERM", "SIGHUP", "SIGINT"])
+def test_a_signal_mid_compose_removes_the_partial_and_says_so_in_one_line(tmp_path, big_inputs, signum):
+    proc, out, digests = _start_a_long_compose(tmp_path, big_inputs)
+
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+
+    assert proc.returncode == 128 + signum, stderr
+    assert one_error_line(stderr) == f"Error: interrupted by {signal.Signals(signum).name}; temporary files were removed and no output was written"
+    assert stdout == ""
+    assert not out.exists() and leftovers(out.parent) == []
+    assert sha256_of(*map(Path, digests)) == digests
+
+
+def test_sigterm_mid_registration_ends_the_run_failed_and_registers_nothing(tmp_path, tmp_path_factory, big_inputs):
+    from mlflow_helpers import mlflow_store, template_db
+
+    recipe = big_inputs[0].parent / "hf-recipe.yaml"
+    scratch = tmp_path / "tmp"  # the command's temporary folders go here, to be watched
+    scratch.mkdir()
+    with mlflow_store(tmp_path / "store", template_db(tmp_path_factory)) as store:
+        proc = subprocess.Popen(
+            command("compose", recipe, "--register", "edit"), env=store.env(PYTHONPATH=env()["PYTHONPATH"], TMPDIR=str(scratch)),
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        deadline = time.monotonic() + 120
+        while not list(scratch.glob("taskvec-compose-*/.weights.partial-*")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the compose never started writing"
+            time.sleep(0.005)
+
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+
+        assert proc.returncode == 128 + signal.SIGTERM, stderr
+        assert one_error_line(stderr).startswith("Error: interrupted by SIGTERM")
+        runs = store.client.search_runs([store.experiment_id])
+        assert [r.info.status for r in runs] == ["FAILED"]
+        assert store.client.search_model_versions() == []
+        assert list(scratch.iterdir()) == []  # the temporary folder, with the partial, is gone
+
+
+def test_after_a_sigkill_the_next_compose_removes_the_partial(tmp_path, big_inputs):
+    proc, out, digests = _start_a_long_compose(tmp_path, big_inputs)
+
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert leftovers(out.parent) != []  # SIGKILL cannot be handled: its partial stays ...
+    result = CliRunner().invoke(cli, ["compose", str(big_inputs[0]), "-o", str(out)])
+
+    assert result.exit_code == 0, result.output
+    assert leftovers(out.parent) == []  # ... until the next write to that output
+    assert sha256_of(*map(Path, digests)) == digests
+    assert sorted(p.name for p in out.parent.iterdir()) == ["merged"]
+
+
+# -- a full disk ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MB file system (tmpfs), mounted for the test and unmounted after it."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        skip_or_fail(f"cannot mount a 2 MB tmpfs to fill (needs root): {done.stderr.strip() or done.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_an_output_larger_than_the_free_space_is_refused_before_writing_naming_the_space(tmp_path, small_disk):
+    base, ft, recipe = write_inputs(tmp_path / "in", tensors=2, numel=1 << 19)  # a 4 MB output
+    out = small_disk / "merged.safetensors"
+
+    proc = subprocess.run(command("compose", recipe, "-o", out), env=env(), capture_output=True, text=True, timeout=120)
+
+    assert proc.returncode == 1
+    line = one_error_line(proc.stderr)
+    assert f"{out}: not enough free space in {small_disk}: the output needs 4.3 MB, 2.1 MB are free; nothing was written" in line
+    assert list(small_disk.iterdir()) == []
+
+
+@pytest.mark.parametrize("output_name", ["merged.safetensors", "merged"])
+def test_a_disk_that_fills_up_while_writing_is_reported_and_the_partial_removed(tmp_path, small_disk, output_name):
+    base, ft, _ = write_inputs(tmp_path / "in", tensors=8, numel=1 << 15)  # a 1 MB output: it fits
+    vector = TaskVector.extract(base, ft)
+    out = small_disk / output_name
+    ballast = small_disk / "someone-elses-download"
+
+    def another_program_fills_the_disk(_name):
+        if ballast.exists():
+            return
+        with open(ballast, "wb") as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+            except OSError:
+                pass
+
+    with pytest.raises(TaskVecError) as info:
+        merge_to(base, [vector], [1.0], output=out, progress=another_program_fills_the_disk)
+
+    message = str(info.value)
+    assert message.startswith(f"{out}: the disk of {small_disk} filled up while writing (the output needs 1.1 MB, ")
+    assert message.endswith("; the partial output was removed")
+    assert sorted(p.name for p in small_disk.iterdir()) == ["someone-elses-download"]  # and the disk is usable again
+
+
+# -- recipes ----------------------------------------------------------------------------------------
+
+
+def test_a_scale_in_exponent_notation_is_a_number(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("base: b.safetensors\nscale: 1e-3\nvectors:\n  - {vector: v.safetensors, weight: -2E+1}\n", "utf-8")
+
+    spec = load_recipe(recipe)
+
+    assert spec.scale == 0.001 and spec.vectors[0].weight == -20.0
+
+
+def test_an_alias_bomb_is_refused_in_under_a_second(tmp_path):
+    from test_bad_input import ALIAS_BOMB
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(ALIAS_BOMB, "utf-8")
+
+    started = time.perf_counter()
+    with pytest.raises(TaskVecError, match="expands to more than 100000 values"):
+        load_recipe(recipe)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_allow_nonfinite_lets_an_overflowing_output_through(tmp_path):
+    save_file({"w": torch.full((4,), 30000.0, dtype=torch.float16)}, str(tmp_path / "b.safetensors"))
+    save_file({"w": torch.full((4,), 60000.0, dtype=torch.float16)}, str(tmp_path / "f.safetensors"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("base: b.safetensors\nscale: 2.0\nallow_nonfinite: true\nvectors: [{finetuned: f.safetensors}]\n", "utf-8")
+
+    result = CliRunner().invoke(cli, ["compose", str(recipe), "-o", str(tmp_path / "out.safetensors")])
+
+    assert result.exit_code == 0, result.output
+    assert torch.isinf(load_file(str(tmp_path / "out.safetensors"))["w"]).all()
+
+
+def test_extracting_a_zero_vector_warns_in_one_line_naming_the_files(tmp_path):
+    base, _, _ = write_inputs(tmp_path / "in")
+    copy = tmp_path / "in" / "copy.safetensors"
+    copy.write_bytes(base.read_bytes())
+    out = tmp_path / "zero.safetensors"
+
+    result = CliRunner().invoke(cli, ["extract", "--base", str(base), "--finetuned", str(copy), "-o", str(out)])
+
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [f"Warning: {out}: the task vector is all zeros: the fine-tune {copy} equals its base on every tensor it covers"]
+    assert out.exists()
+
+
+# -- a tracking server that does not answer ------------------------------------------------------
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _registry_recipe(tmp_path) -> Path:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("base: models:/base/1\nvectors: [{vector: models:/rotate-vector/1}]\n", "utf-8")
+    return recipe
+
+
+def _without_mlflow_settings(**extra) -> dict:
+    return {**{k: v for k, v in env().items() if not k.startswith("MLFLOW_")}, **extra}
+
+
+def test_a_dead_tracking_server_fails_within_30_s_saying_once_that_it_retries(tmp_path):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+
+    started = time.monotonic()
+    proc = subprocess.run(
+        command("compose", _registry_recipe(tmp_path), "--register", "edit"),
+        env=_without_mlflow_settings(MLFLOW_TRACKING_URI=uri), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    seconds = time.monotonic() - started
+
+    assert proc.returncode == 1
+    warning, error = proc.stderr.splitlines()
+    assert warning == f"Warning: the tracking server {uri} does not answer; retrying for up to 26 s (MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT set how long)"
+    assert error.startswith(f"Error: base: models:/base/1: the tracking server at {uri} did not answer")
+    assert seconds < 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+def test_the_users_own_mlflow_retry_settings_are_respected(tmp_path):
+    import socket
+
+    with socket.socket() as silent:  # accepts connections (the kernel does) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        proc = subprocess.run(
+            command("compose", _registry_recipe(tmp_path), "--register", "edit"),
+            env=_without_mlflow_settings(MLFLOW_TRACKING_URI=uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="1"),
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )
+        seconds = time.monotonic() - started
+
+    assert proc.returncode == 1
+    line = one_error_line(proc.stderr)  # no retries, so no retry line
+    assert line.startswith(f"Error: base: models:/base/1: the tracking server at {uri} did not answer")
+    assert seconds < 20  # one attempt of 1 s, and the interpreter's start-up
+
+
+# -- a run its process could not end -------------------------------------------------------------
+
+
+def test_a_run_left_running_by_a_process_that_died_is_ended_by_the_next_registration(tmp_path, tmp_path_factory, monkeypatch):
+    from mlflow_helpers import mlflow_store, template_db
+
+    from mlflow_taskvec.mlflow.runs import process_identity
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone_identity = process_identity(gone.pid)  # read while it lives: its start time
+    gone.wait()
+    with mlflow_store(tmp_path / "store", template_db(tmp_path_factory)) as store:
+        orphan = store.client.create_run(store.experiment_id, tags={"taskvec.process": gone_identity})
+        alive = store.client.create_run(store.experiment_id, tags={"taskvec.process": process_identity()})
+        elsewhere = store.client.create_run(store.experiment_id, tags={"taskvec.process": f"another-host:{gone.pid}:1"})
+        small = tmp_path / "small"
+        small.mkdir()
+        save_file({"w": torch.ones(4)}, str(small / "model.safetensors"))
+        (small / "config.json").write_text("{}", "utf-8")
+        save_file({"w": torch.ones(4) * 2}, str(tmp_path / "ft.safetensors"))
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text("base: small\nvectors: [{finetuned: ft.safetensors}]\n", "utf-8")
+        monkeypatch.chdir(tmp_path)
+
+        result = CliRunner().invoke(cli, ["compose", str(recipe), "--register", "edit"])
+
+        assert result.exit_code == 0, result.output
+        status = {r.info.run_id: r.info.status for r in store.client.search_runs([store.experiment_id])}
+        assert status[orphan.info.run_id] == "FAILED"
+        assert status[alive.info.run_id] == status[elsewhere.info.run_id] == "RUNNING"  # cannot tell: left alone
+        assert result.stderr.splitlines() == [
+            f"Warning: run {orphan.info.run_id} was left RUNNING by process {gone.pid}, which has ended; it is now FAILED"
+        ]
+
+
+# -- the final move, with the kernel's renameat2 and with the portable fallbacks ------------------
+
+
+@pytest.fixture(params=["renameat2", "portable"])
+def moves(request, monkeypatch):
+    from mlflow_taskvec.engine import output
+
+    if request.param == "portable":
+        monkeypatch.setattr(output, "_RENAMEAT2", None)
+    elif output._RENAMEAT2 is None:
+        pytest.skip("this C library has no renameat2")
+    return output
+
+
+def test_a_move_without_replacing_refuses_whatever_is_at_the_target(tmp_path, moves):
+    for target_kind in ("file", "folder", "empty folder"):
+        src, dst = tmp_path / f"src-{target_kind}", tmp_path / f"dst-{target_kind}"
+        src.mkdir()
+        (src / "new").write_text("new", "utf-8")
+        if target_kind == "file":
+            dst.write_text("precious", "utf-8")
+        else:
+            dst.mkdir()
+            if target_kind == "folder":
+                (dst / "important.txt").write_text("precious", "utf-8")
+        with pytest.raises(FileExistsError):
+            moves.rename_no_replace(src, dst)
+        assert (src / "new").exists()
+    moves.rename_no_replace(src, tmp_path / "free")
+    assert (tmp_path / "free" / "new").read_text("utf-8") == "new" and not src.exists()
+
+
+def test_an_exchange_swaps_a_file_and_a_folder(tmp_path, moves):
+    (tmp_path / "a").write_text("a file", "utf-8")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "inside").write_text("in b", "utf-8")
+
+    moves.exchange(tmp_path / "a", tmp_path / "b")
+
+    assert (tmp_path / "a" / "inside").read_text("utf-8") == "in b"
+    assert (tmp_path / "b").read_text("utf-8") == "a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
