@@ -7,3 +7,7 @@ tensor, a recipe field), so that front ends can print it as it is.
 
 class TaskVecError(Exception):
     """Bad input or an impossible request; the message is one line for the user."""
+
+
+class TaskVecWarning(UserWarning):
+    """Something the user should know that does not stop the work (one line, like errors)."""

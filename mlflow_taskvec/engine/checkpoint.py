@@ -79,6 +79,10 @@ class Checkpoint:
     def raw_bytes(self, name: str) -> memoryview:
         raise NotImplementedError
 
+    def chunk(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Entries [start, stop) of the flattened tensor in ``dtype`` (a view when no cast is needed)."""
+        return self.get_tensor(name).reshape(-1)[start:stop].to(dtype)
+
     def metadata(self) -> dict[str, str]:
         return {}
 
@@ -267,9 +271,22 @@ def open_checkpoint(source: "Checkpoint | Mapping[str, torch.Tensor] | str | os.
         return StateDictCheckpoint(source)
     path = Path(source)
     if path.is_dir():
-        return _open_directory(path)
+        if (path / "adapter_config.json").is_file():
+            raise TaskVecError(
+                f"{path}: is a PEFT LoRA adapter, a task vector of its base: use it as a vector (with its base), not as a checkpoint"
+            )
+        return _as_low_rank(_open_directory(path))
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             raise TaskVecError(f"{path}: pickle checkpoints are never loaded; convert it to safetensors")
-        return SafetensorsCheckpoint([path], str(path))
+        return _as_low_rank(SafetensorsCheckpoint([path], str(path)))
     raise TaskVecError(f"{path}: no such file or directory")
+
+
+def _as_low_rank(ckpt: SafetensorsCheckpoint) -> Checkpoint:
+    """A task vector stored as factors is read as the dense vector it stands for."""
+    if ckpt.metadata().get("taskvec.layout") != "low_rank":
+        return ckpt
+    from mlflow_taskvec.engine.lowrank import read_low_rank  # builds on this module
+
+    return read_low_rank(ckpt)

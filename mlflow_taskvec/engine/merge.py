@@ -232,7 +232,7 @@ def _linear_jobs(name, spec, base_tensor, base_source, vectors, weights, scale, 
                 check_finite(flat_slice(base_tensor, start, stop, compute), lambda: f"tensor {name!r} of the base {base_source}")
                 for _, term in terms:
                     for src in term.sources():
-                        check_finite(flat_slice(src.get_tensor(name), start, stop, compute), lambda s=src: f"tensor {name!r} of {s.source}")
+                        check_finite(src.chunk(name, start, stop, compute), lambda s=src: f"tensor {name!r} of {s.source}")
                 raise TaskVecError(f"tensor {name!r}: the result overflows {str(compute).removeprefix('torch.')} (set allow_nonfinite to accept it)")
         return out.to(spec.dtype)
 

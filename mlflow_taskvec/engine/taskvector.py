@@ -51,7 +51,7 @@ class _Term:
 
     def chunk(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         if self.stored is not None:
-            return flat_slice(self.stored.get_tensor(name), start, stop, dtype)
+            return self.stored.chunk(name, start, stop, dtype)
         ft = flat_slice(self.finetuned.get_tensor(name), start, stop, dtype)
         return torch.sub(ft, flat_slice(self.base.get_tensor(name), start, stop, dtype))
 
@@ -105,21 +105,27 @@ class TaskVector:
     ) -> "TaskVector":
         """The task vector ``finetuned - base`` over their floating-point tensors.
 
-        ``include``/``exclude`` are glob patterns on tensor names. Integer and bool
-        buffers are skipped and listed in ``skipped``. Nothing is computed yet.
+        ``include``/``exclude`` are glob patterns on tensor names, applied before the
+        two sides' names are compared. Integer and bool buffers are skipped and listed
+        in ``skipped``, also when only one side has them. ``finetuned`` may be a PEFT
+        LoRA adapter folder: its vector stays low-rank. Nothing is computed yet.
         """
+        if _is_adapter(finetuned):
+            if dtype is not None and parse_dtype(dtype, "dtype", STORAGE_DTYPES) != torch.float32:
+                raise TaskVecError(f"dtype: {dtype!r}: the task vector of a LoRA adapter is float32 (save it with another dtype instead)")
+            return cls.load(finetuned, base=base)._selected(include, exclude, task)
         base_ckpt, ft_ckpt = open_checkpoint(base), open_checkpoint(finetuned)
-        base_names, ft_names = set(base_ckpt.keys()), set(ft_ckpt.keys())
-        if base_names != ft_names:
-            missing = sorted(ft_names - base_names)
-            if missing:
-                raise TaskVecError(f"tensor {missing[0]!r} is in the fine-tune {ft_ckpt.source} but not in the base {base_ckpt.source}")
-            extra = sorted(base_names - ft_names)
-            raise TaskVecError(f"tensor {extra[0]!r} is in the base {base_ckpt.source} but not in the fine-tune {ft_ckpt.source}")
+        base_names = set(_select(base_ckpt.keys(), include, exclude))
+        ft_names = set(_select(ft_ckpt.keys(), include, exclude))
+        skipped = []
+        for name in sorted(base_names ^ ft_names):
+            (side, where), (other_side, other) = (("fine-tune", ft_ckpt), ("base", base_ckpt))[:: 1 if name in ft_names else -1]
+            if where.spec(name).is_floating_point:
+                raise TaskVecError(f"tensor {name!r} is in the {side} {where.source} but not in the {other_side} {other.source}")
+            skipped.append(name)  # a buffer one side's save dropped (transformers 5 drops position_ids)
         out_dtype = parse_dtype(dtype, "dtype", STORAGE_DTYPES)
         specs: dict[str, TensorSpec] = {}
-        skipped = []
-        for name in sorted(base_names):
+        for name in sorted(base_names & ft_names):
             b, f = base_ckpt.spec(name), ft_ckpt.spec(name)
             if b.shape != f.shape:
                 raise TaskVecError(f"tensor {name!r} has shape {list(b.shape)} in the base but {list(f.shape)} in the fine-tune")
@@ -127,17 +133,23 @@ class TaskVector:
                 skipped.append(name)
                 continue
             specs[name] = TensorSpec(out_dtype or _default_vector_dtype(b.dtype), b.shape)
-        selected = _select(specs, include, exclude)
-        if not selected:
+        if not specs:
             raise TaskVecError(f"no floating-point tensors of {base_ckpt.source} match the include/exclude patterns")
-        skipped.extend(n for n in specs if n not in set(selected))
-        specs = {n: specs[n] for n in selected}
+        skipped = sorted({*skipped, *(n for n in base_ckpt.keys() if n not in specs)})
         term = _Term(1.0, finetuned=ft_ckpt, base=base_ckpt)
         return cls([term], specs, base_ckpt.fingerprint(), task=task, skipped=sorted(skipped))
 
     @classmethod
-    def load(cls, source) -> "TaskVector":
-        """Open a saved task vector (a file, a directory or a Checkpoint) lazily."""
+    def load(cls, source, base=None) -> "TaskVector":
+        """Open a saved task vector (a file, a directory or a Checkpoint) lazily.
+
+        ``source`` may be a PEFT LoRA adapter folder, the task vector of ``base`` (by default
+        the adapter's ``base_model_name_or_path``, when that is a local folder).
+        """
+        if _is_adapter(source):
+            from mlflow_taskvec.engine.lora import open_adapter
+
+            source = open_adapter(source, base)
         ckpt = open_checkpoint(source)
         meta = ckpt.metadata()
         kind = meta.get(META_KIND, "task_vector")
@@ -157,7 +169,24 @@ class TaskVector:
             skipped=skipped,
         )
 
+    def _selected(self, include, exclude, task) -> "TaskVector":
+        """This vector restricted to the names the globs select (the rest listed as skipped)."""
+        names = _select(self._specs, include, exclude)
+        if not names:
+            raise TaskVecError(f"no floating-point tensors of {self!r} match the include/exclude patterns")
+        skipped = sorted({*self.skipped, *(n for n in self._specs if n not in set(names))})
+        return TaskVector(self._terms, {n: self._specs[n] for n in names}, self.base_fingerprint, task or self.task, skipped)
+
     # -- description --------------------------------------------------------------
+    @property
+    def low_rank_source(self):
+        """The low-rank checkpoint this vector is, unscaled, or None (then it is stored dense)."""
+        from mlflow_taskvec.engine.lowrank import LowRankCheckpoint
+
+        if len(self._terms) == 1 and self._terms[0].weight == 1.0 and isinstance(self._terms[0].stored, LowRankCheckpoint):
+            return self._terms[0].stored
+        return None
+
     @property
     def names(self) -> list[str]:
         return list(self._specs)
@@ -203,7 +232,7 @@ class TaskVector:
             return
         for term in self._terms:
             for src in term.sources():
-                check_finite(flat_slice(src.get_tensor(name), start, stop, values.dtype), lambda: f"tensor {name!r} of {src.source}")
+                check_finite(src.chunk(name, start, stop, values.dtype), lambda: f"tensor {name!r} of {src.source}")
         check_finite(values, lambda: f"tensor {name!r} of {self!r}")
 
     # -- algebra ------------------------------------------------------------------
@@ -320,9 +349,24 @@ class TaskVector:
         overwrite: bool = False,
         allow_nonfinite: bool = False,
         progress=None,
+        dense: bool = False,
     ) -> str:
-        """Stream the vector to ``output`` (a ``.safetensors`` file or a directory); returns its fingerprint."""
+        """Stream the vector to ``output`` (a ``.safetensors`` file or a directory); returns its fingerprint.
+
+        A vector that came from a LoRA adapter (unscaled, uncombined) is saved as its
+        factors unless ``dense``, a 16-bit ``dtype`` or ``max_shard_size`` asks otherwise;
+        the fingerprint is the dense vector's either way.
+        """
         out_dtype = parse_dtype(dtype, "dtype", STORAGE_DTYPES)
+        low_rank = self.low_rank_source
+        if low_rank is not None and not dense and out_dtype in (None, torch.float32) and max_shard_size is None:
+            from mlflow_taskvec.engine.lowrank import save_low_rank
+
+            kept = low_rank.subset(self.names)
+            if not allow_nonfinite:
+                kept.check_finite()
+            save_low_rank(kept, output, self.metadata(), overwrite=overwrite, progress=progress)
+            return kept.fingerprint()
         specs = {n: TensorSpec(out_dtype or s.dtype, s.shape) for n, s in self._specs.items()}
         compute = torch.float64 if any(s.dtype == torch.float64 for s in specs.values()) else torch.float32
         with CheckpointWriter(output, specs, self.metadata(), max_shard_size=max_shard_size, overwrite=overwrite) as writer, one_torch_thread():
@@ -345,6 +389,10 @@ class TaskVector:
     def apply_to_output(self, base, output: str | os.PathLike, scale: float = 1.0, **options) -> MergeResult:
         """``base + scale * self`` streamed into ``output`` (options as for ``merge_to``)."""
         return merge_to(base, [self], [1.0], output, method="task_arithmetic", scale=scale, **options)
+
+
+def _is_adapter(source) -> bool:
+    return isinstance(source, (str, os.PathLike)) and os.path.isfile(os.path.join(source, "adapter_config.json"))
 
 
 def _as_number(x) -> float:
