@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -21,7 +22,7 @@ from mlflow_taskvec.engine.inspect import describe
 from mlflow_taskvec.engine.methods import METHODS
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.writer import parse_size, write_text_atomically
-from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.errors import TaskVecError, TaskVecWarning
 from mlflow_taskvec.recipe import load_recipe, run_recipe
 from mlflow_taskvec.references import open_reference
 
@@ -73,9 +74,20 @@ _shards = click.option("--max-shard-size", default=None, help="Write shards of a
 @click.version_option(__version__, prog_name="mlflow-taskvec")
 def main():
     """Edit models with task arithmetic: extract, compose and inspect task vectors."""
+    warnings.showwarning = _show_warning
     if not sys.stderr.isatty():  # MLflow's download bars only on a terminal: errors stay one line
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """The project's warnings as one line on stderr; others as Python prints them."""
+    if issubclass(category, TaskVecWarning):
+        click.echo(f"Warning: {message}", err=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
 
 _register = click.option("--register", "register_as", default=None, metavar="NAME", help="Log to MLflow and register a version of this registered model.")
 _alias = click.option("--alias", default=None, help="With --register: point this alias at the new version.")
@@ -107,9 +119,11 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
         from mlflow_taskvec.mlflow.downloads import resolve
 
         base_ref, ft_ref = resolve(base), resolve(finetuned)
-        base_ckpt, ft_ckpt = open_reference(base_ref.path), open_reference(ft_ref.path)
+        base_ckpt = open_reference(base_ref.path)
+        ft_ckpt = open_reference(ft_ref.path, base=base_ckpt)
     else:
-        base_ckpt, ft_ckpt = open_reference(base), open_reference(finetuned)
+        base_ckpt = open_reference(base)
+        ft_ckpt = open_reference(finetuned, base=base_ckpt)
     vector = TaskVector.extract(base_ckpt, ft_ckpt, include=include or None, exclude=exclude or None, task=task or None)
     if output is None:
         _report_registration(quiet, _register_vector(vector, register_as, base_ref, ft_ref, run_id, alias))
@@ -123,6 +137,11 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
         close()
     _echo(quiet, f"task vector: {output}")
     _echo(quiet, f"tensors: {len(vector.names)}  parameters: {vector.num_parameters}  skipped: {len(vector.skipped)}")
+    if vector.skipped:
+        _echo(quiet, "skipped (not floating point, excluded, or on one side only): " + ", ".join(vector.skipped[:10]) + (" ..." if len(vector.skipped) > 10 else ""))
+    if vector.low_rank_source is not None:
+        stored = vector.low_rank_source.subset(vector.names)
+        _echo(quiet, f"stored low-rank: {stored.stored_nbytes()} bytes (dense: {stored.dense_nbytes()} bytes)")
     _echo(quiet, f"base fingerprint: {vector.base_fingerprint}")
     _echo(quiet, f"fingerprint: {fingerprint}")
     if register_as is not None:
@@ -254,15 +273,19 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
         _report_registration(quiet, result.registered)
 
 
+_adapter_base = click.option("--base", default=None, help="The base of a PEFT LoRA adapter (default: its base_model_name_or_path, if a local folder).")
+
+
 @main.command()
 @click.argument("ref")
 @click.option("--top", default=10, help="How many of the largest tensors (by L2 norm) to list.")
 @click.option("--layers", is_flag=True, help="Also list L2 norms per layer.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", help="Output format.")
+@_adapter_base
 @_fail_cleanly
-def inspect(ref, top, layers, fmt):
+def inspect(ref, top, layers, fmt, base):
     """Describe a checkpoint or task vector: tensors, parameters, dtypes, fingerprint, norms."""
-    d = describe(open_reference(ref))
+    d = describe(open_reference(ref, base=open_reference(base) if base else None))
     if fmt == "json":
         out = {
             "source": d.source,
@@ -275,6 +298,8 @@ def inspect(ref, top, layers, fmt):
             "largest": [{"name": n, "l2_norm": v} for n, v in d.largest(top)],
             "metadata": d.metadata,
         }
+        if d.low_rank is not None:
+            out["low_rank"] = d.low_rank
         if layers:
             out["layers"] = d.layer_norms()
         click.echo(json.dumps(out, indent=2))
@@ -288,6 +313,13 @@ def inspect(ref, top, layers, fmt):
     click.echo(f"parameters: {d.num_parameters}")
     click.echo("dtypes: " + ", ".join(f"{k} ({v})" for k, v in sorted(d.dtypes.items())))
     click.echo(f"fingerprint: {d.fingerprint}")
+    if d.low_rank is not None:
+        lr = d.low_rank
+        ranks = sorted(set(lr["ranks"].values()))
+        click.echo(
+            f"stored: low-rank, {lr['stored_bytes']} bytes (dense: {lr['dense_bytes']} bytes, {lr['dense_bytes'] / max(1, lr['stored_bytes']):.0f}x); "
+            f"{len(lr['ranks'])} low-rank tensors, rank {', '.join(map(str, ranks)) or '-'}; {lr['dense_tensors']} dense, {lr['zero_tensors']} zero"
+        )
     click.echo(f"l2 norm: {d.l2_norm:.6g}")
     if top > 0 and d.tensor_norms:
         click.echo(f"largest {min(top, len(d.tensor_norms))} tensors by l2 norm:")
@@ -323,8 +355,9 @@ def _render(frame, fmt: str) -> str:
 @click.argument("refs", nargs=-1, required=True)
 @click.option("--heatmap", type=click.Path(path_type=Path), default=None, help="Write a heatmap PNG here.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "markdown", "json"]), default="table", help="Output format.")
+@_adapter_base
 @_fail_cleanly
-def similarity(refs, heatmap, fmt):
+def similarity(refs, heatmap, fmt, base):
     """Cosine similarity matrix of task vectors REFS (as in the paper, near 0 for unrelated tasks)."""
     import pandas as pd
 
@@ -333,7 +366,8 @@ def similarity(refs, heatmap, fmt):
 
     if len(refs) < 2:
         raise click.UsageError("give at least two task vectors")
-    vectors = [load_vector(r) for r in refs]
+    base_ckpt = open_reference(base) if base else None
+    vectors = [load_vector(r, base=base_ckpt) for r in refs]
     labels = [v.task or Path(str(r)).name for v, r in zip(vectors, refs)]
     frame = pd.DataFrame(cosine_matrix(vectors).numpy(), index=pd.Index(labels, name="cosine"), columns=labels)
     click.echo(_render(frame, fmt))
@@ -438,6 +472,63 @@ def verify(ref, quiet):
     click.echo(f"verified: {result.uri} ({result.kind}, fingerprint {result.fingerprint[:16]})")
     for check in result.checks:
         _echo(quiet, f"  ok  {check}")
+
+
+@main.command("export-lora")
+@click.argument("ref")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="The adapter folder to write (adapter_config.json + adapter_model.safetensors).")
+@click.option("--base", default=None, help="With a composite or fine-tune REF: export REF - BASE. Needed for --modules-to-save and for a PEFT adapter REF.")
+@click.option("--rank", type=int, default=None, help="The rank of every module.")
+@click.option("--energy", type=float, default=None, help="Per module, the smallest rank keeping this share of the delta's squared Frobenius norm (e.g. 0.99).")
+@click.option("--modules-to-save", "modules_to_save", multiple=True, metavar="GLOB", help="Modules written whole (base + delta) under modules_to_save, e.g. '*.LayerNorm' (repeatable).")
+@click.option("--dtype", default="float32", help="The factors' dtype (float32, float16 or bfloat16).")
+@click.option("--base-name", default=None, help="base_model_name_or_path to record (default: the local --base path).")
+@_overwrite
+@_quiet
+@_fail_cleanly
+def export_lora_command(ref, output, base, rank, energy, modules_to_save, dtype, base_name, overwrite, quiet):
+    """Write a task vector REF (or REF - BASE) as a PEFT LoRA adapter by truncated SVD of each 2-D delta.
+
+    Prints each tensor's rank and relative Frobenius error ||delta - B A|| / ||delta||,
+    the total over the whole vector, and what a LoRA adapter cannot hold (1-D tensors
+    such as biases and norms, unless their modules go to --modules-to-save).
+    """
+    from mlflow_taskvec.engine.lora import export_lora
+    from mlflow_taskvec.engine.streaming import STORAGE_DTYPES, parse_dtype
+
+    factor_dtype = parse_dtype(dtype, "--dtype", {k: v for k, v in STORAGE_DTYPES.items() if k != "float64"})
+    if (rank is None) == (energy is None):
+        raise click.UsageError("give exactly one of --rank or --energy")
+    base_ckpt = open_reference(base) if base else None
+    source = open_reference(ref, base=base_ckpt)
+    if source.metadata().get("taskvec.kind") == "task_vector":
+        vector = TaskVector.load(source)
+    elif base_ckpt is not None:
+        vector = TaskVector.extract(base_ckpt, source)
+    else:
+        raise TaskVecError(f"{ref}: is a {source.metadata().get('taskvec.kind', 'checkpoint')}, not a task vector: give its --base to export REF - BASE")
+    if base_name is None and base_ckpt is not None and base_ckpt.directory is not None:
+        base_name = str(base_ckpt.directory.resolve())
+    step, close = _progress(len(vector.names), "export-lora", quiet)
+    try:
+        result = export_lora(
+            vector, output, rank=rank, energy=energy, modules_to_save=modules_to_save, base=base_ckpt,
+            base_model_name_or_path=base_name, dtype=factor_dtype, overwrite=overwrite, progress=step,
+        )
+    finally:
+        close()
+    _echo(quiet, f"adapter: {result.output}")
+    _echo(quiet, f"r: {result.r}  lora_alpha: {result.r}  modules: {len(result.tensors)}" + (f"  rank_pattern: {len(result.rank_pattern)} modules" if result.rank_pattern else ""))
+    if result.tensors:
+        width = max(len(t.name) for t in result.tensors)
+        for t in result.tensors:
+            _echo(quiet, f"  {t.name:<{width}}  rank {t.rank:>4}  relative error {t.relative_error:.4g}" + ("  (embedding)" if t.embedding else ""))
+    if result.saved_whole:
+        _echo(quiet, f"saved whole (modules_to_save): {len(result.saved_whole)} tensors")
+    if result.left_out:
+        share = sum(result.left_out.values())
+        _echo(quiet, f"not in the adapter ({share:.4%} of ||tau||^2; use --modules-to-save for them): " + ", ".join(sorted(result.left_out)))
+    _echo(quiet, f"total relative Frobenius error: {result.relative_error:.6g}")
 
 
 if __name__ == "__main__":

@@ -353,9 +353,9 @@ def build_vectors(recipe: Recipe, base, relative_to: Path | None = None) -> list
     for i, entry in enumerate(recipe.vectors):
         try:
             if entry.vector is not None:
-                v = load_vector(entry.vector, relative_to)
+                v = load_vector(entry.vector, relative_to, base=base)
             else:
-                ft = open_reference(entry.finetuned, relative_to)
+                ft = open_reference(entry.finetuned, relative_to, base=base)
                 v = TaskVector.extract(base, ft, include=entry.include, exclude=entry.exclude, task=entry.task)
         except TaskVecError as exc:
             raise TaskVecError(f"vectors[{i}]: {exc}") from None

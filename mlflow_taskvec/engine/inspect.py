@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mlflow_taskvec.engine.checkpoint import Checkpoint
+from mlflow_taskvec.engine.lowrank import LowRankCheckpoint
 from mlflow_taskvec.engine.streaming import chunk_ranges, flat_slice
 from mlflow_taskvec.errors import TaskVecError
 
@@ -24,6 +25,8 @@ class Description:
     l2_norm: float  # over floating-point tensors
     tensor_norms: dict[str, float] = field(repr=False)
     metadata: dict[str, str] = field(default_factory=dict, repr=False)
+    # for a low-rank task vector: stored_bytes, dense_bytes, ranks {name: rank}, dense_tensors, zero_tensors
+    low_rank: dict | None = None
 
     def largest(self, n: int = 10) -> list[tuple[str, float]]:
         return sorted(self.tensor_norms.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
@@ -70,7 +73,21 @@ def describe(ckpt: Checkpoint) -> Description:
         l2_norm=math.sqrt(sum(v * v for v in norms.values())),
         tensor_norms=norms,
         metadata=meta,
+        low_rank=_low_rank_summary(ckpt),
     )
+
+
+def _low_rank_summary(ckpt: Checkpoint) -> dict | None:
+    if not isinstance(ckpt, LowRankCheckpoint):
+        return None
+    ranks = {n: ckpt.rank(n) for n in ckpt.keys() if ckpt.rank(n)}
+    return {
+        "stored_bytes": ckpt.stored_nbytes(),
+        "dense_bytes": ckpt.dense_nbytes(),
+        "ranks": ranks,
+        "dense_tensors": sum(1 for n in ckpt.keys() if ckpt.rank(n) is None),
+        "zero_tensors": sum(1 for n in ckpt.keys() if ckpt.rank(n) == 0),
+    }
 
 
 def cosine_matrix(vectors) -> "torch.Tensor":

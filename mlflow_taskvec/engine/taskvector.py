@@ -146,7 +146,7 @@ class TaskVector:
         ``source`` may be a PEFT LoRA adapter folder, the task vector of ``base`` (by default
         the adapter's ``base_model_name_or_path``, when that is a local folder).
         """
-        if _is_adapter(source):
+        if _is_adapter(source) and not isinstance(source, Checkpoint):
             from mlflow_taskvec.engine.lora import open_adapter
 
             source = open_adapter(source, base)
@@ -392,6 +392,9 @@ class TaskVector:
 
 
 def _is_adapter(source) -> bool:
+    """A PEFT LoRA adapter folder, or one already opened (a task vector, not a fine-tune)."""
+    if isinstance(source, Checkpoint):
+        return "taskvec.adapter" in source.metadata()
     return isinstance(source, (str, os.PathLike)) and os.path.isfile(os.path.join(source, "adapter_config.json"))
 
 

@@ -67,6 +67,7 @@ from mlflow.utils.requirements_utils import _get_pinned_requirement
 
 from mlflow_taskvec import __version__
 from mlflow_taskvec.engine.checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
+from mlflow_taskvec.engine.lowrank import LowRankCheckpoint
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.writer import copy_non_weight_files
 from mlflow_taskvec.errors import TaskVecError
@@ -192,6 +193,13 @@ def save_model(
     if kind == "task_vector":
         vector = TaskVector.load(ckpt)
         conf.update(task=vector.task, base_fingerprint=vector.base_fingerprint, l2_norm=vector.norm())
+        if isinstance(ckpt, LowRankCheckpoint):  # stored as factors: say so, and each tensor's rank
+            conf.update(
+                layout="low_rank",
+                ranks={n: ckpt.rank(n) for n in ckpt.keys() if ckpt.rank(n)},
+                stored_bytes=ckpt.stored_nbytes(),
+                dense_bytes=ckpt.dense_nbytes(),
+            )
     else:
         conf["architecture"] = _architecture(factory, factory_kwargs, path / _DATA)
         if "taskvec.base_fingerprint" in meta:
