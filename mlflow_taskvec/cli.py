@@ -137,8 +137,9 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
         close()
     _echo(quiet, f"task vector: {output}")
     _echo(quiet, f"tensors: {len(vector.names)}  parameters: {vector.num_parameters}  skipped: {len(vector.skipped)}")
-    if vector.skipped:
-        _echo(quiet, "skipped (not floating point, excluded, or on one side only): " + ", ".join(vector.skipped[:10]) + (" ..." if len(vector.skipped) > 10 else ""))
+    one_sided = [n for n in vector.skipped if (n in base_ckpt) != (n in ft_ckpt)] if vector.low_rank_source is None else []
+    if one_sided:
+        _echo(quiet, "skipped, in one of the two only (integer or bool buffers): " + ", ".join(one_sided))
     if vector.low_rank_source is not None:
         stored = vector.low_rank_source.subset(vector.names)
         _echo(quiet, f"stored low-rank: {stored.stored_nbytes()} bytes (dense: {stored.dense_nbytes()} bytes)")
