@@ -30,7 +30,8 @@ from mlflow_taskvec.engine.lora import export_lora, open_adapter  # noqa: E402
 from mlflow_taskvec.engine.lowrank import LowRankCheckpoint  # noqa: E402
 from mlflow_taskvec.engine.streaming import chunk_ranges  # noqa: E402
 from mlflow_taskvec.errors import TaskVecError, TaskVecWarning  # noqa: E402
-from mlflow_taskvec.recipe import parse_recipe, run_recipe  # noqa: E402
+from mlflow_taskvec.compose import compose_to  # noqa: E402
+from mlflow_taskvec.recipe import parse_recipe  # noqa: E402
 
 MODEL_DIR = Path(minilm.__file__).parent / "model"
 QUERY0 = "encoder.layer.0.attention.self.query"
@@ -243,7 +244,7 @@ def test_an_adapter_composes_exactly_like_its_dense_vector(adapter, tmp_path):
     for label, entry in (("adapter", {"vector": str(adapter[0])}), ("finetuned", {"finetuned": str(adapter[0])}),
                          ("dense", {"vector": str(tmp_path / "dense.safetensors")})):
         recipe = parse_recipe({"base": str(MODEL_DIR), "scale": 0.5, "vectors": [entry]})
-        results[label] = run_recipe(recipe, output=tmp_path / label)
+        results[label] = compose_to(recipe, output=tmp_path / label)
 
     assert results["adapter"].fingerprint == results["finetuned"].fingerprint == results["dense"].fingerprint
     out, base = open_checkpoint(tmp_path / "adapter"), open_checkpoint(MODEL_DIR)

@@ -285,8 +285,6 @@ def open_checkpoint(source: "Checkpoint | Mapping[str, torch.Tensor] | str | os.
 
 def _as_low_rank(ckpt: SafetensorsCheckpoint) -> Checkpoint:
     """A task vector stored as factors is read as the dense vector it stands for."""
-    if ckpt.metadata().get("taskvec.layout") != "low_rank":
-        return ckpt
-    from mlflow_taskvec.engine.lowrank import read_low_rank  # builds on this module
+    from mlflow_taskvec.engine.lowrank import is_low_rank_file, read_low_rank  # builds on this module
 
-    return read_low_rank(ckpt)
+    return read_low_rank(ckpt) if is_low_rank_file(ckpt.metadata()) else ckpt

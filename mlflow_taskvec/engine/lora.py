@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import Checkpoint, SafetensorsCheckpoint, open_checkpoint
 from mlflow_taskvec.engine.io import TensorSpec
 from mlflow_taskvec.engine.lowrank import DENSE_DTYPE, DenseDelta, LowRankCheckpoint, LowRankTensor
@@ -224,10 +225,10 @@ def open_adapter(path: "str | os.PathLike", base: "Checkpoint | str | os.PathLik
         if spec.is_floating_point and name not in low_rank and name not in dense:
             low_rank[name] = LowRankTensor(spec.shape, 0)
     metadata = {
-        "taskvec.kind": "task_vector",
-        "taskvec.base_fingerprint": base_ckpt.fingerprint(),
-        "taskvec.skipped": json.dumps(sorted(n for n in base_ckpt.keys() if not base_ckpt.spec(n).is_floating_point)),
-        "taskvec.adapter": "peft_lora",
+        meta_keys.KIND: meta_keys.TASK_VECTOR,
+        meta_keys.BASE_FINGERPRINT: base_ckpt.fingerprint(),
+        meta_keys.SKIPPED: json.dumps(sorted(n for n in base_ckpt.keys() if not base_ckpt.spec(n).is_floating_point)),
+        meta_keys.ADAPTER: meta_keys.PEFT_LORA,
     }
     return LowRankCheckpoint(low_rank, dense, metadata, str(path), files=[factors, *_files_of(base_ckpt)])
 
@@ -446,9 +447,9 @@ def export_lora(
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    metadata = {"format": "pt", "taskvec.base_fingerprint": vector.base_fingerprint}
+    metadata = {"format": "pt", meta_keys.BASE_FINGERPRINT: vector.base_fingerprint}
     if vector.task:
-        metadata["taskvec.task"] = vector.task
+        metadata[meta_keys.TASK] = vector.task
     tmp = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:

@@ -29,15 +29,13 @@ from dataclasses import dataclass
 
 import torch
 
+from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import Checkpoint, SafetensorsCheckpoint
 from mlflow_taskvec.engine.io import TensorSpec, tensor_bytes
 from mlflow_taskvec.engine.streaming import check_finite, flat_slice
 from mlflow_taskvec.engine.writer import CheckpointWriter
 from mlflow_taskvec.errors import TaskVecError
 
-META_LAYOUT = "taskvec.layout"
-META_LOW_RANK = "taskvec.low_rank"
-LOW_RANK_LAYOUT = "low_rank"
 LEFT_SUFFIX = ".lowrank_left"
 RIGHT_SUFFIX = ".lowrank_right"
 DENSE_DTYPE = torch.float32
@@ -216,25 +214,25 @@ class LowRankCheckpoint(Checkpoint):
 
 
 def is_low_rank_file(metadata: dict[str, str]) -> bool:
-    return metadata.get(META_LAYOUT) == LOW_RANK_LAYOUT
+    return metadata.get(meta_keys.LAYOUT) == meta_keys.LOW_RANK_LAYOUT
 
 
 def read_low_rank(ckpt: SafetensorsCheckpoint) -> LowRankCheckpoint:
     """The low-rank layout stored in ``ckpt`` (a file whose metadata says ``taskvec.layout: low_rank``)."""
     meta = ckpt.metadata()
     try:
-        table = json.loads(meta[META_LOW_RANK])
+        table = json.loads(meta[meta_keys.LOW_RANK])
         if not isinstance(table, dict):
             raise TypeError
     except (KeyError, json.JSONDecodeError, TypeError):
-        raise TaskVecError(f"{ckpt.source}: a low-rank task vector needs a JSON object in its {META_LOW_RANK} metadata") from None
+        raise TaskVecError(f"{ckpt.source}: a low-rank task vector needs a JSON object in its {meta_keys.LOW_RANK} metadata") from None
     low_rank: dict[str, LowRankTensor] = {}
     factor_names = set()
     for name, entry in table.items():
         try:
             shape, rank, scaling = tuple(int(d) for d in entry["shape"]), int(entry["rank"]), float(entry["scaling"])
         except (KeyError, TypeError, ValueError):
-            raise TaskVecError(f"{ckpt.source}: {META_LOW_RANK} entry {name!r} needs shape, rank and scaling") from None
+            raise TaskVecError(f"{ckpt.source}: {meta_keys.LOW_RANK} entry {name!r} needs shape, rank and scaling") from None
         if rank == 0:
             low_rank[name] = LowRankTensor(shape, 0)
             continue
@@ -288,7 +286,7 @@ def save_low_rank(
         else:
             specs[name] = ckpt.spec(name)
             sources[name] = (lambda n=name: ckpt.get_tensor(n))
-    meta = {**metadata, META_LAYOUT: LOW_RANK_LAYOUT, META_LOW_RANK: json.dumps(table, sort_keys=True)}
+    meta = {**metadata, meta_keys.LAYOUT: meta_keys.LOW_RANK_LAYOUT, meta_keys.LOW_RANK: json.dumps(table, sort_keys=True)}
     with CheckpointWriter(output, specs, meta, overwrite=overwrite) as writer:
         for name in writer.order:
             writer.write(name, sources[name]().contiguous())

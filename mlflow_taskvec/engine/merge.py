@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -13,7 +12,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
+from mlflow_taskvec.engine.checks import finite_number
 from mlflow_taskvec.engine.io import TensorSpec
 from mlflow_taskvec.engine.methods import MergeContext, get_method, validate_params
 from mlflow_taskvec.engine.streaming import (
@@ -52,12 +53,6 @@ class MergeResult:
     seconds: float
     output: Path
     fingerprint: str
-
-
-def _number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TaskVecError(f"{what}: {value!r} is not a finite number")
-    return float(value)
 
 
 def merge(
@@ -107,7 +102,7 @@ def merge_to(
     started = time.perf_counter()
     check_output_path(output, overwrite)
     plan = _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype)
-    metadata = {"taskvec.kind": "composite", **(metadata or {}), "taskvec.base_fingerprint": plan.base_fingerprint}
+    metadata = {meta_keys.KIND: meta_keys.COMPOSITE, **(metadata or {}), meta_keys.BASE_FINGERPRINT: plan.base_fingerprint}
     sink = CheckpointWriter(
         output, plan.specs, metadata, max_shard_size=max_shard_size, copy_files_from=plan.base.directory, overwrite=overwrite
     )
@@ -145,12 +140,12 @@ class _Plan:
 def _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype) -> _Plan:
     merge_method = get_method(method)
     params = validate_params(merge_method, dict(params or {}))
-    scale = _number(scale, "scale")
+    scale = finite_number(scale, "scale")
     if not vectors:
         raise TaskVecError("no task vectors to merge: the vector list is empty")
     if len(weights) != len(vectors):
         raise TaskVecError(f"{len(vectors)} task vectors but {len(weights)} weights")
-    weights = [_number(w, f"vectors[{i}].weight") for i, w in enumerate(weights)]
+    weights = [finite_number(w, f"vectors[{i}].weight") for i, w in enumerate(weights)]
     out_dtype = parse_dtype(dtype, "dtype", STORAGE_DTYPES)
     compute = parse_dtype(compute_dtype, "compute_dtype", COMPUTE_DTYPES)
 

@@ -12,13 +12,16 @@ A method that needs something computed over the *whole* tensor of each input
 before its chunks are merged (the trim thresholds of ``ties``) declares a
 ``prepare`` pre-pass; its result reaches every chunk as ``ctx.prepared``.
 
-Adding a method: one module in this package that defines it with ``@merge_method``,
-imported at the end of this file, and a row in ``tests/test_methods.py``'s table.
+Adding a method: one module in this package that defines it with ``@merge_method``
+(every module here is imported when the package is), and a row in
+``tests/test_methods.py``'s table.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import pkgutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,20 +68,19 @@ class ParamSpec:
     def check(self, value: Any) -> Any:
         """``value`` converted to this parameter's type; raises TaskVecError naming it when invalid."""
         where = f"params.{self.name}"
-        if self.type is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-                raise TaskVecError(f"{where}: {value!r} must be a number{self._in_range()}")
-            value = float(value)
-        elif self.type is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TaskVecError(f"{where}: {value!r} must be an integer{self._in_range()}")
-        elif self.type is list:
+        if self.type is list:
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise TaskVecError(f"{where}: {value!r} must be a list of glob strings")
             return list(value)
-        if not self._contains(value):
-            raise TaskVecError(f"{where}: {value!r} must be a number in {self.describe_range()}")
-        return value
+        if self.type is float:
+            ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+            kind = "a number"
+        else:
+            ok = not isinstance(value, bool) and isinstance(value, int)
+            kind = "an integer"
+        if not ok or not self._contains(value):
+            raise TaskVecError(f"{where}: {value!r} must be {kind}{self._in_range()}")
+        return float(value) if self.type is float else value
 
     def _in_range(self) -> str:
         text = self.describe_range()
@@ -175,5 +177,10 @@ def validate_params(method: MergeMethod, params: dict) -> dict:
     return out
 
 
-# The catalogue: each module adds its methods when imported.
-from mlflow_taskvec.engine.methods import dare, linear, ties  # noqa: E402,F401
+def _load_catalogue() -> None:
+    """Import every module of this package: each adds its methods to ``METHODS``."""
+    for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_load_catalogue()
