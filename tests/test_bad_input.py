@@ -21,12 +21,14 @@ folder (the current directory), ``{recipe}`` the case's recipe file,
 
 Local checkpoints (``{local}``): ``base``, ``ft`` (a fine-tune of base), ``ft.tv``
 (its task vector), ``other.tv`` (a task vector of another base), ``nan`` (a
-fine-tune with a NaN), ``truncated.tv`` (a task vector cut in half); all
-``.safetensors``.
+fine-tune with a NaN), ``truncated.tv`` (a task vector cut in half), ``norms.tv``
+(a vector of 1-D tensors only); all ``.safetensors``; and PEFT adapter folders
+``lora`` (good) and ``lora-*`` (each wrong in one way, see ``_local_adapters``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 from mlflow_helpers import (
@@ -141,6 +144,21 @@ CASES = [
     Case("policy-runs-input", [*REGISTER, "--require-alias", "approved"], "vectors[0] (runs:/{rotate_run}/task_vector): not a registered model version", recipe=registry_recipe({"vector": "runs:/{rotate_run}/task_vector"})),
     Case("policy-missing-version", [*REGISTER, "--require-alias", "approved"], f"vectors[0]: models:/{vector_name('rotate')}/9: Model Version (name={vector_name('rotate')}, version=9) not found", recipe=registry_recipe({"vector": f"models:/{vector_name('rotate')}/9"})),
     Case("require-alias-empty", [*COMPOSE, "--require-alias", ""], "--require-alias: an alias name cannot be empty", recipe=local_recipe()),
+    # -- PEFT LoRA adapters and export-lora ---------------------------------------------------
+    Case("adapter-config-not-json", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/lora-not-json", "-o", "out/v.safetensors"], "lora-not-json/adapter_config.json: not a valid JSON adapter config"),
+    Case("adapter-without-r", COMPOSE, "vectors[0]: {local}/lora-no-r/adapter_config.json: r: required field is missing", recipe=local_recipe({"vector": "{local}/lora-no-r"})),
+    Case("adapter-r-zero", ["inspect", "{local}/lora-r-zero", "--base", "{local}/base.safetensors"], "lora-r-zero/adapter_config.json: r: 0 must be a positive integer"),
+    Case("adapter-factors-disagree-with-r", COMPOSE, "module 'model.layers.0.attn' has factors A [2, 4] and B [4, 2], which disagree with its r = 3", recipe=local_recipe({"finetuned": "{local}/lora-r-three"})),
+    Case("adapter-module-the-base-lacks", COMPOSE, "module 'model.layers.9.attn' changes 'model.layers.9.attn.weight', which the base {local}/base.safetensors lacks", recipe=local_recipe({"vector": "{local}/lora-absent"})),
+    Case("adapter-shape-differs-from-the-base", ["similarity", "{local}/lora", "{local}/lora-wide", "--base", "{local}/base.safetensors"], "gives 'model.layers.0.attn.weight' the shape [4, 5], but it is [4, 4] in the base"),
+    Case("adapter-dora", COMPOSE, "lora-dora/adapter_config.json: use_dora: DoRA adapters are not supported", recipe=local_recipe({"vector": "{local}/lora-dora"})),
+    Case("adapter-ia3", COMPOSE, "lora-ia3/adapter_config.json: peft_type: 'IA3' is not LORA", recipe=local_recipe({"vector": "{local}/lora-ia3"})),
+    Case("adapter-prompt-tuning", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/lora-prompt", "-o", "out/v.safetensors"], "peft_type: 'PROMPT_TUNING' is not LORA"),
+    Case("export-lora-rank-zero", ["export-lora", "{local}/ft.tv.safetensors", "-o", "out/adapter", "--rank", "0"], "--rank: 0 must be a positive integer"),
+    Case("export-lora-energy-above-one", ["export-lora", "{local}/ft.tv.safetensors", "-o", "out/adapter", "--energy", "1.5"], "--energy: 1.5 must be in (0, 1]"),
+    Case("export-lora-no-matrix", ["export-lora", "{local}/norms.tv.safetensors", "-o", "out/adapter", "--rank", "2"], "export-lora: the vector has no 2-D weight tensor"),
+    Case("export-lora-checkpoint-without-base", ["export-lora", "{local}/ft.safetensors", "-o", "out/adapter", "--rank", "2"], "{local}/ft.safetensors: is a checkpoint, not a task vector: give its --base"),
+    Case("export-lora-neither-rank-nor-energy", ["export-lora", "{local}/ft.tv.safetensors", "-o", "out/adapter"], "give exactly one of --rank or --energy", exit_code=2),
     # -- approve, lineage, verify ----------------------------------------------------------
     Case("approve-local-path", ["approve", "{local}/ft.tv.safetensors", "--alias", "approved"], "ft.tv.safetensors: not a registered model version", process=True),
     Case("approve-runs-reference", ["approve", "runs:/{rotate_run}/task_vector", "--alias", "approved"], "runs:/{rotate_run}/task_vector: not a registered model version"),
@@ -180,8 +198,30 @@ def _local_checkpoints(folder: Path) -> None:
     nan = finetune_state(base, 2)
     nan["model.layers.0.mlp.weight"][1, 1] = float("nan")
     save_file(nan, str(folder / "nan.safetensors"))
+    TaskVector.extract(folder / "base.safetensors", folder / "ft.safetensors", include=["model.norm.*"]).save(folder / "norms.tv.safetensors")
+    _local_adapters(folder)
     data = (folder / "ft.tv.safetensors").read_bytes()
     (folder / "truncated.tv.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _local_adapters(folder: Path) -> None:
+    """PEFT-format LoRA adapters on the local base: one good, the rest each wrong in one way."""
+    g = torch.Generator().manual_seed(5)
+    good = {"base_model.model.model.layers.0.attn.lora_A.weight": torch.randn(2, 4, generator=g),
+            "base_model.model.model.layers.0.attn.lora_B.weight": torch.randn(4, 2, generator=g)}
+    absent = {k.replace("layers.0", "layers.9"): v for k, v in good.items()}
+    wide = {**good, "base_model.model.model.layers.0.attn.lora_A.weight": torch.randn(2, 5, generator=g)}
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["attn"]}
+    for name, changes, tensors in (
+        ("lora", {}, good), ("lora-no-r", {"r": None}, good), ("lora-r-zero", {"r": 0}, good),
+        ("lora-r-three", {"r": 3}, good), ("lora-absent", {}, absent), ("lora-wide", {}, wide),
+        ("lora-dora", {"use_dora": True}, good), ("lora-ia3", {"peft_type": "IA3"}, good),
+        ("lora-prompt", {"peft_type": "PROMPT_TUNING"}, good), ("lora-not-json", None, good),
+    ):
+        (folder / name).mkdir()
+        text = "{r: 2," if changes is None else json.dumps({k: v for k, v in {**config, **changes}.items() if v is not None})
+        (folder / name / "adapter_config.json").write_text(text, "utf-8")
+        save_file(tensors, str(folder / name / "adapter_model.safetensors"))
 
 
 @pytest.fixture(scope="module")

@@ -120,3 +120,18 @@ def test_an_mlflow_transformers_model_serves_as_a_base_reference(sqlite_store, t
     vector = TaskVector.extract(resolved.path, tmp_path / "ft")
     assert vector.base_fingerprint == resolved.fingerprint
     assert vector.norm() > 0
+
+
+def test_a_finetune_saved_by_transformers_extracts_against_the_packaged_folder(tmp_path, finetuned_dir):
+    """The package's folder holds the integer buffer embeddings.position_ids; transformers'
+    save_pretrained drops it. The buffer is skipped and listed, not a reason to refuse."""
+    model = transformers.AutoModel.from_pretrained(finetuned_dir, use_safetensors=True)
+    model.save_pretrained(tmp_path / "ft")
+    assert "embeddings.position_ids" not in open_checkpoint(tmp_path / "ft").keys()
+
+    vector = TaskVector.extract(MODEL_DIR, tmp_path / "ft")
+
+    assert vector.skipped == ("embeddings.position_ids",)
+    name = "encoder.layer.0.attention.output.dense.weight"
+    expected = open_checkpoint(finetuned_dir).get_tensor(name) - open_checkpoint(MODEL_DIR).get_tensor(name)
+    torch.testing.assert_close(vector.get_tensor(name), expected)

@@ -440,3 +440,32 @@ def test_export_lora_refuses_bad_ranks_and_vectors_without_matrices(dense_finetu
     with pytest.raises(TaskVecError, match="--modules-to-save needs --base"):
         export_lora(vector, tmp_path / "a", rank=2, modules_to_save=["pooler.dense"])
     assert not (tmp_path / "a").exists() and list(tmp_path.iterdir()) == []
+
+
+# -- the command line -----------------------------------------------------------------------------------
+
+
+def test_the_cli_extracts_an_adapter_as_factors_inspects_it_and_exports_it_again(adapter, tmp_path):
+    from click.testing import CliRunner
+
+    from mlflow_taskvec.cli import main
+
+    def run(*args):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    out = run("extract", "--base", MODEL_DIR, "--finetuned", adapter[0], "-o", tmp_path / "v.safetensors", "--task", "lora")
+    stored = open_checkpoint(tmp_path / "v.safetensors")
+    assert f"stored low-rank: {stored.stored_nbytes()} bytes (dense: {stored.dense_nbytes()} bytes)" in out
+    assert f"fingerprint: {TaskVector.load(adapter[0], base=MODEL_DIR).terms[0].stored.fingerprint()}" in out
+
+    shown = run("inspect", adapter[0], "--base", MODEL_DIR, "--top", "0")
+    assert f"stored: low-rank, {stored.stored_nbytes()} bytes (dense: {stored.dense_nbytes()} bytes" in shown
+    assert "13 low-rank tensors, rank 2, 4; 0 dense, 90 zero" in shown
+
+    exported = run("export-lora", tmp_path / "v.safetensors", "-o", tmp_path / "adapter", "--rank", "4")
+    assert "r: 4  lora_alpha: 4  modules: 13" in exported
+    assert re.search(r"embeddings\.word_embeddings\.weight +rank +4 +relative error \S+  \(embedding\)", exported)
+    total = float(exported.strip().splitlines()[-1].removeprefix("total relative Frobenius error: "))
+    assert total < 1e-5
