@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from mlflow_taskvec.engine import metadata as meta_keys
-from mlflow_taskvec.engine.checkpoint import Checkpoint, SafetensorsCheckpoint, open_checkpoint
+from mlflow_taskvec.engine.checkpoint import Checkpoint, SafetensorsCheckpoint, new_digest, open_checkpoint
 from mlflow_taskvec.engine.io import TensorSpec
 from mlflow_taskvec.engine.lowrank import DENSE_DTYPE, DenseDelta, LowRankCheckpoint, LowRankTensor
 from mlflow_taskvec.engine.writer import CheckpointWriter, check_output_path
@@ -53,6 +53,19 @@ _RANDOMIZED_SVD_ABOVE = 4096 * 4096
 def is_adapter(path: "str | os.PathLike") -> bool:
     """Whether ``path`` is a PEFT adapter folder."""
     return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_fingerprint(path: "str | os.PathLike", fresh: bool = False) -> str:
+    """The content fingerprint of an adapter folder as stored: its config and its factors.
+
+    An adapter's task vector needs its base; this names the adapter alone, which is what
+    a download is checked against and cached by.
+    """
+    path = Path(path)
+    digest = new_digest()
+    digest.update((path / ADAPTER_CONFIG).read_bytes())
+    digest.update(SafetensorsCheckpoint([path / ADAPTER_WEIGHTS], str(path)).fingerprint(fresh=fresh).encode("ascii"))
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
