@@ -135,3 +135,34 @@ def test_a_finetune_saved_by_transformers_extracts_against_the_packaged_folder(t
     name = "encoder.layer.0.attention.output.dense.weight"
     expected = open_checkpoint(finetuned_dir).get_tensor(name) - open_checkpoint(MODEL_DIR).get_tensor(name)
     torch.testing.assert_close(vector.get_tensor(name), expected)
+
+
+def test_search_and_evaluation_run_on_an_hf_base(sqlite_store, tmp_path, finetuned_dir, monkeypatch):
+    """The evaluator gets a rebuilt BertModel for every candidate (transformers 5 refuses
+    from_pretrained(state_dict=...)); search_evaluators.peaked reads the scale back."""
+    from mlflow_taskvec.mlflow.search import search
+
+    vector = TaskVector.extract(MODEL_DIR, finetuned_dir, task="nudge")
+    vector.save(tmp_path / "nudge.safetensors")
+    monkeypatch.setenv("TASKVEC_TEST_BASE", str(MODEL_DIR / "model.safetensors"))
+    monkeypatch.setenv("TASKVEC_TEST_DIRECTION", str(tmp_path / "nudge.safetensors"))
+    recipe = parse_recipe({
+        "base": str(MODEL_DIR),
+        "vectors": [{"vector": str(tmp_path / "nudge.safetensors"), "task": "nudge"}],
+        "evaluation": {"evaluator": "search_evaluators:peaked", "tasks": ["nudge"]},
+        "search": {"scale": {"low": 0.0, "high": 0.7, "step": 0.35}, "objective": "mean.accuracy"},
+    })
+
+    result = search(recipe)
+
+    assert [c.scale for c in result.candidates] == pytest.approx([0.0, 0.35, 0.7])
+    assert result.best.scale == pytest.approx(0.35) and result.best.objective == pytest.approx(1.0, abs=1e-6)
+    assert result.test_metrics["nudge.accuracy"] == pytest.approx(1 - (0.35 - 0.5) ** 2, abs=1e-5)
+
+
+def test_an_hf_architecture_that_cannot_be_rebuilt_is_one_line(tmp_path):
+    folder = tmp_path / "odd"
+    shutil.copytree(MODEL_DIR, folder)
+    (folder / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(flavor.TaskVecError, match=r"odd: cannot rebuild the HF architecture from config.json: .*no-such-architecture"):
+        flavor.build_module({"architecture": {"hf_config": "config.json"}}, folder)

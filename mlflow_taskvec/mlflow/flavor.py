@@ -311,17 +311,46 @@ def build_module(conf: dict, weights_dir: Path, state: Mapping[str, torch.Tensor
     """
     arch = conf.get("architecture") or {}
     if arch.get("hf_config"):
-        try:
-            from transformers import AutoModel
-        except ImportError:
-            raise TaskVecError(f"{weights_dir}: this model is an HF checkpoint; loading it needs the transformers package") from None
-        if state is not None:
-            return AutoModel.from_pretrained(str(weights_dir), state_dict=dict(state), use_safetensors=True).eval()
-        return AutoModel.from_pretrained(str(weights_dir), use_safetensors=True).eval()
+        return _hf_module(Path(weights_dir), state)
     factory = arch.get("factory")
     if not factory:
         raise TaskVecError(f"{weights_dir}: the model records no architecture factory")
     return module_from_factory(factory, arch.get("factory_kwargs", {}), state if state is not None else read_state(weights_dir))
+
+
+def _hf_module(weights_dir: Path, state: Mapping[str, torch.Tensor] | None) -> torch.nn.Module:
+    """The HF model of ``weights_dir``'s config.json (its ``architectures`` class, else AutoModel)
+    with ``state``, or the folder's own weights, loaded.
+
+    The module is built from the config and the weights loaded into it, which works the same
+    on transformers 4 and 5 (transformers 5 refuses ``from_pretrained(state_dict=...)``). A
+    missing parameter or an unexpected tensor is refused; buffers the model rebuilds itself
+    (``position_ids``) may be absent.
+    """
+    try:
+        import transformers
+    except ImportError:
+        raise TaskVecError(f"{weights_dir}: this model is an HF checkpoint; loading it needs the transformers package") from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(weights_dir))
+        name = next((a for a in (config.architectures or []) if hasattr(transformers, a)), None)
+        cls = getattr(transformers, name) if name else transformers.AutoModel
+        module = cls.from_config(config) if cls is transformers.AutoModel else cls(config)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TaskVecError(f"{weights_dir}: cannot rebuild the HF architecture from config.json: {first}") from None
+    weights = dict(state) if state is not None else read_state(weights_dir)
+    buffers = {n for n, _ in module.named_buffers()}  # non-persistent ones too: older saves kept them
+    persistent = set(module.state_dict())
+    result = module.load_state_dict({n: t for n, t in weights.items() if n not in buffers or n in persistent}, strict=False)
+    parameters = {n for n, _ in module.named_parameters()}
+    missing = [n for n in result.missing_keys if n in parameters]
+    if missing or result.unexpected_keys:
+        what = f"parameter {missing[0]!r} is missing" if missing else f"tensor {result.unexpected_keys[0]!r} is not in the model"
+        raise TaskVecError(f"{weights_dir}: the weights do not fit {type(module).__name__} (from config.json): {what}")
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
+    return module.eval()
 
 
 def read_state(weights: "Path | str") -> dict[str, torch.Tensor]:
