@@ -14,6 +14,7 @@ import inspect
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_taskvec.compose import compose_to
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.writer import check_output_path
-from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.errors import TaskVecError, TaskVecWarning
 from mlflow_taskvec.mlflow import flavor
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.downloads import Resolved
@@ -37,6 +38,7 @@ from mlflow_taskvec.mlflow.evaluate import composite_evaluation
 from mlflow_taskvec.mlflow.inputs import resolve_inputs
 from mlflow_taskvec.mlflow.server import check_can_register, server_error, server_errors
 from mlflow_taskvec.recipe import Recipe
+from mlflow_taskvec.references import is_local
 
 
 def _fmt(value: float) -> str:
@@ -123,6 +125,7 @@ def register_task_vector(
     is an MLflow model or run artifact, else the active run, else a new run.
     """
     run_id = run_id or finetuned.run_id
+    local_paths = _local_paths([base.uri, finetuned.uri])
     with _run_context(run_id) as run:
         lineage = {"base_uri": base.canonical, "finetuned_uri": finetuned.canonical, "finetuned_fingerprint": finetuned.fingerprint}
         info = flavor.log_model(vector, name="task_vector", lineage=lineage)
@@ -136,13 +139,16 @@ def register_task_vector(
             tag.FINGERPRINT: conf["fingerprint"],
             tag.NUM_PARAMETERS: conf["num_parameters"],
             tag.L2_NORM: _fmt(conf["l2_norm"]),
+            **({tag.REPRODUCIBLE: "false"} if local_paths else {}),
         }
         MlflowClient().set_logged_model_tags(info.model_id, {k: str(v) for k, v in tags.items()})
         description = _vector_description(vector, base, finetuned, conf)
         mv = _create_version(name, info, run.info.run_id, tags, description)
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, mv.version)
-    return Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
+    registered = Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
+    _warn_not_reproducible(registered, local_paths)
+    return registered
 
 
 def _vector_description(vector: TaskVector, base: Resolved, finetuned: Resolved, conf: dict) -> str:
@@ -159,6 +165,23 @@ def _vector_description(vector: TaskVector, base: Resolved, finetuned: Resolved,
             f"{conf['num_parameters']} parameters in {conf['num_tensors']} tensors, L2 norm {_fmt(conf['l2_norm'])}, dtype {conf['dtype']}.",
         ]
     )
+
+
+def _local_paths(refs) -> list[str]:
+    """The references that are paths on this machine: a version naming them is not reproducible elsewhere."""
+    return [str(r) for r in refs if is_local(r)]
+
+
+def _warn_not_reproducible(reg: "Registered", local: list[str]) -> None:
+    """One line, once the version exists: which local paths ``verify`` elsewhere cannot fetch."""
+    if local:
+        more = f" and {len(local) - 1} more" if len(local) > 1 else ""
+        warnings.warn(
+            f"{reg.version_uri} names local paths ({local[0]}{more}) that verify on another machine cannot fetch "
+            f"(tagged {tag.REPRODUCIBLE}=false); register the inputs and use their models:/ URIs to make it reproducible",
+            TaskVecWarning,
+            stacklevel=3,
+        )
 
 
 @_asks_the_server_first
@@ -190,6 +213,7 @@ def register_composite(
     resolved = inputs.canonical()
     base = inputs.base
     architecture, code_paths, signature = _architecture_of(base)
+    local_paths = _local_paths(recipe.references)
 
     with _run_context(None) as run, tempfile.TemporaryDirectory(prefix="taskvec-compose-") as tmp:
         mlflow.log_params(_run_params(resolved))
@@ -234,6 +258,7 @@ def register_composite(
             tag.BASE_FINGERPRINT: result.base_fingerprint,
             tag.RECIPE_SHA256: resolved.sha256(),
             tag.FINGERPRINT: result.fingerprint,
+            **({tag.REPRODUCIBLE: "false"} if local_paths else {}),
             **(extra_tags or {}),
         }
         MlflowClient().set_logged_model_tags(info.model_id, tags)
@@ -241,7 +266,9 @@ def register_composite(
         mv = _create_version(name, info, run.info.run_id, tags, description)
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, mv.version)
-    return Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
+    registered = Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
+    _warn_not_reproducible(registered, local_paths)
+    return registered
 
 
 def _architecture_of(base: Resolved) -> tuple[dict, list[str] | None, object]:

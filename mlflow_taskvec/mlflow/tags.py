@@ -17,6 +17,7 @@ L2_NORM = "taskvec.l2_norm"
 SCALE = "taskvec.scale"
 PARAMS = "taskvec.params"  # JSON object of the method's parameters
 INPUTS = "taskvec.inputs"  # JSON list of {uri, weight, fingerprint}
+REPRODUCIBLE = "taskvec.reproducible"  # "false" when the version names local paths (verify elsewhere cannot fetch them)
 
 # search
 SEARCH = "taskvec.search"  # JSON summary of the search that picked a winner's coefficients
