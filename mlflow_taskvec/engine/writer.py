@@ -272,7 +272,12 @@ class MemorySink:
 
 
 def copy_non_weight_files(source_dir: Path, target_dir: Path) -> list[str]:
-    """Copy config, tokenizer and other non-weight files so the output is a drop-in replacement."""
+    """Copy config, tokenizer and other non-weight files so the output is a drop-in replacement.
+
+    Folders without weights go too (a sentence-transformers model's ``1_Pooling/``,
+    ``2_Normalize/``); a folder holding weights of its own is not the base's checkpoint
+    and is left out.
+    """
     copied = []
     for item in sorted(source_dir.iterdir()):
         if item.name.startswith(".") or item.name == INDEX_NAME or item.suffix in _WEIGHT_SUFFIXES:
@@ -280,4 +285,7 @@ def copy_non_weight_files(source_dir: Path, target_dir: Path) -> list[str]:
         if item.is_file():
             shutil.copy2(item, target_dir / item.name)
             copied.append(item.name)
+        elif item.is_dir() and not any(p.suffix in _WEIGHT_SUFFIXES for p in item.rglob("*")):
+            shutil.copytree(item, target_dir / item.name)
+            copied.append(item.name + "/")
     return copied

@@ -112,6 +112,8 @@ def weights_path(local: Path, mlmodel: dict | None) -> Path:
         flavors = mlmodel.get("flavors", {})
         if "taskvec" in flavors:
             return local / flavors["taskvec"].get("data", "data")
+        if "sentence_transformers" in flavors:
+            return local / flavors["sentence_transformers"].get("data", "model.sentence_transformer")
         if "transformers" in flavors:
             # a PEFT model: its adapter is the task vector (the weights beside it are wrapped copies)
             sub = flavors["transformers"].get("peft_adaptor") or flavors["transformers"].get("model_binary", "model")

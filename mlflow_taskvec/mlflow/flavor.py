@@ -92,6 +92,42 @@ def get_default_conda_env() -> dict:
     return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
 
 
+# The HF flavors a composite carries over from its base: flavor name -> its weights folder.
+HF_FLAVORS = {"sentence_transformers": ("data", "model.sentence_transformer"), "transformers": ("model_binary", "model")}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "spiece.model", "merges.txt")
+_ENV_FILES = (MLMODEL_FILE_NAME, _CONDA_ENV_FILE_NAME, _PYTHON_ENV_FILE_NAME, _REQUIREMENTS_FILE_NAME, _CONSTRAINTS_FILE_NAME)
+
+
+def hf_flavor_of(model_dir: "Path | None") -> tuple[str, str] | None:
+    """``(flavor, weights folder)`` when the MLflow model at ``model_dir`` is an
+    ``mlflow.transformers`` or ``mlflow.sentence_transformers`` model (not a PEFT one)."""
+    if model_dir is None or not (Path(model_dir) / MLMODEL_FILE_NAME).is_file():
+        return None
+    flavors = yaml.safe_load((Path(model_dir) / MLMODEL_FILE_NAME).read_text("utf-8")).get("flavors", {})
+    for name, (key, default) in HF_FLAVORS.items():
+        if name in flavors and not flavors[name].get("peft_adaptor"):
+            return name, flavors[name].get(key, default)
+    return None
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether an HF folder, or an MLflow transformers model folder, holds a tokenizer."""
+    folder = Path(folder)
+    return any((folder / f).is_file() or (folder / "components" / "tokenizer" / f).is_file() for f in TOKENIZER_FILES)
+
+
+def _carry_over_hf_files(hf_base: Path, weights_folder: str, path: Path) -> None:
+    """The base's MLflow files other than its weights and environment (tokenizer, components,
+    input example), copied byte for byte: the composite keeps the base's own flavor."""
+    for item in sorted(hf_base.iterdir()):
+        if item.name in _ENV_FILES or item.name == weights_folder:
+            continue
+        if item.is_dir():
+            shutil.copytree(item, path / item.name)
+        else:
+            shutil.copy2(item, path / item.name)
+
+
 def _architecture(factory: str | None, factory_kwargs: Mapping[str, Any] | None, weights: Path) -> dict:
     if factory is None:
         if (weights / "config.json").is_file():
@@ -154,6 +190,7 @@ def save_model(
     extra_pip_requirements=None,
     conda_env=None,
     metadata: dict[str, Any] | None = None,
+    hf_base: "str | os.PathLike | None" = None,
 ) -> None:
     """Save a task vector or a checkpoint as a ``taskvec`` MLflow model at ``path``.
 
@@ -166,6 +203,10 @@ def save_model(
         lineage: extra fields recorded in the flavor block (``base_uri``,
             ``finetuned_uri``, ``method``, ...).
         code_paths: local code shipped with the model (e.g. the module of ``factory``).
+        hf_base: the local MLflow model folder of an ``mlflow.transformers`` or
+            ``mlflow.sentence_transformers`` base: the checkpoint is saved in that flavor's
+            layout, with the base's tokenizer, modules and config byte for byte, and the
+            model keeps the base's flavor (and its pyfunc, which takes text) beside ``taskvec``.
 
     Example::
 
@@ -177,10 +218,16 @@ def save_model(
     if metadata is not None:
         mlflow_model.metadata = metadata
     code_subpath = _validate_and_copy_code_paths(code_paths, str(path))
-    kind, ckpt = _write_weights(model, path / _DATA)
+    carried = hf_flavor_of(hf_base) if hf_base is not None else None
+    if hf_base is not None and carried is None:
+        raise TaskVecError(f"{hf_base}: not an mlflow.transformers or mlflow.sentence_transformers model")
+    data = carried[1] if carried else _DATA
+    if carried:
+        _carry_over_hf_files(Path(hf_base), data, path)
+    kind, ckpt = _write_weights(model, path / data)
     conf: dict[str, Any] = {
         "kind": kind,
-        "data": _DATA,
+        "data": data,
         "format_version": FORMAT_VERSION,
         "fingerprint": ckpt.fingerprint(),
         "num_tensors": len(ckpt.keys()),
@@ -200,14 +247,24 @@ def save_model(
                 dense_bytes=ckpt.dense_nbytes(),
             )
     else:
-        conf["architecture"] = _architecture(factory, factory_kwargs, path / _DATA)
+        conf["architecture"] = _architecture(factory, factory_kwargs, path / data)
         if meta_keys.BASE_FINGERPRINT in meta:
             conf["base_fingerprint"] = meta[meta_keys.BASE_FINGERPRINT]
     for key, value in (lineage or {}).items():
         conf[key] = value
-    (path / _DATA / _CONF_FILE).write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n", "utf-8")
+    (path / data / _CONF_FILE).write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n", "utf-8")
 
-    if kind == "checkpoint":
+    if carried:
+        base_model = Model.load(str(Path(hf_base) / MLMODEL_FILE_NAME))
+        for name in (carried[0], pyfunc.FLAVOR_NAME):
+            if name in base_model.flavors:
+                mlflow_model.flavors[name] = base_model.flavors[name]
+        mlflow_model.signature = signature or base_model.signature
+        mlflow_model.saved_input_example_info = base_model.saved_input_example_info
+        if extra_pip_requirements is None and pip_requirements is None and (Path(hf_base) / _REQUIREMENTS_FILE_NAME).is_file():
+            lines = (Path(hf_base) / _REQUIREMENTS_FILE_NAME).read_text("utf-8").splitlines()
+            extra_pip_requirements = [line for line in lines if line.strip() and not line.startswith(("mlflow", "-"))]
+    elif kind == "checkpoint":
         if input_example is not None:
             _save_example(mlflow_model, input_example, str(path))
         if signature is not None:
@@ -262,6 +319,7 @@ def log_model(
     metadata: dict[str, Any] | None = None,
     params: dict[str, Any] | None = None,
     tags: dict[str, Any] | None = None,
+    hf_base: "str | os.PathLike | None" = None,
     **kwargs,
 ):
     """Log a task vector or checkpoint as a ``taskvec`` model of the active run.
@@ -293,6 +351,7 @@ def log_model(
         metadata=metadata,
         params=params,
         tags=tags,
+        hf_base=hf_base,
         **kwargs,
     )
 

@@ -233,6 +233,11 @@ def register_composite(
             "base_uri": base.canonical,
             "recipe_sha256": resolved.sha256(),
         }
+        hf_base = base.model_dir if flavor.hf_flavor_of(base.model_dir) else None
+        if hf_base is None and (flavor.has_tokenizer(base.path) or (base.model_dir and flavor.has_tokenizer(base.model_dir))) and not flavor.has_tokenizer(weights):
+            raise TaskVecError(
+                f"base {base.canonical} has a tokenizer that the composite would not carry: it would tokenize every word to [UNK]"
+            )
         info = flavor.log_model(
             weights,
             name="composite",
@@ -241,6 +246,7 @@ def register_composite(
             code_paths=code_paths,
             lineage=lineage,
             signature=signature,
+            hf_base=hf_base,
         )
         metrics = {}
         if evaluate is None and resolved.evaluation is not None:
