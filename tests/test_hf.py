@@ -91,8 +91,14 @@ def test_an_hf_checkpoint_logged_with_the_flavor_loads_as_automodel_and_predicts
     assert conf["kind"] == "checkpoint" and conf["architecture"] == {"hf_config": "config.json"}
     module = flavor.load_model(info.model_uri)
     assert type(module).__name__ == "BertModel"
-    predictions = mlflow.pyfunc.load_model(info.model_uri).predict(TOKENS.numpy())
-    torch.testing.assert_close(torch.from_numpy(predictions), embed(module).mean(dim=1))
+    # token ids bypass the signature (text): the flavor's own pyfunc loader takes them
+    data = Path(mlflow.artifacts.download_artifacts(info.model_uri)) / conf["data"]
+    predictions = flavor._load_pyfunc(str(data)).predict(TOKENS.numpy())
+    mask = (TOKENS != 0).float()
+    with torch.no_grad():
+        hidden = module(input_ids=TOKENS, attention_mask=TOKENS != 0).last_hidden_state
+    expected = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # padding masked out, not averaged in
+    torch.testing.assert_close(torch.from_numpy(predictions), expected)
 
 
 def test_an_mlflow_transformers_model_serves_as_a_base_reference(sqlite_store, tmp_path, finetuned_dir):
@@ -166,3 +172,65 @@ def test_an_hf_architecture_that_cannot_be_rebuilt_is_one_line(tmp_path):
     (folder / "config.json").write_text('{"model_type": "no-such-architecture"}')
     with pytest.raises(flavor.TaskVecError, match=r"odd: cannot rebuild the HF architecture from config.json: .*no-such-architecture"):
         flavor.build_module({"architecture": {"hf_config": "config.json"}}, folder)
+
+
+def test_an_hf_checkpoints_pyfunc_takes_text_as_sentence_transformers_does(sqlite_store):
+    import numpy as np
+    import pandas as pd
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["the movie was great.", "a dull, slow film that never ends"]
+    with mlflow.start_run():
+        info = flavor.log_model(MODEL_DIR, name="minilm")
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    expected = SentenceTransformer(str(MODEL_DIR), device="cpu").encode(texts)
+
+    for given in (texts, pd.DataFrame({"text": texts}), np.array(texts)):
+        np.testing.assert_allclose(model.predict(given), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.predict(texts[1]), expected[1:], rtol=1e-5, atol=1e-6)
+    assert [t.name for t in model.metadata.get_input_schema().input_types()] == ["string"]
+    assert model.metadata.saved_input_example_info is not None
+    # ragged token ids are padded and masked: each row as if alone
+    raw = flavor._load_pyfunc(str(Path(mlflow.artifacts.download_artifacts(info.model_uri)) / "data"))
+    ids = [[101, 7592, 2088, 102], [101, 2023, 2003, 1037, 3231, 102]]
+    np.testing.assert_allclose(raw.predict(ids)[0], raw.predict([ids[0]])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_mlflow_models_serve_answers_text(sqlite_store, tmp_path):
+    import json as json_module
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from sentence_transformers import SentenceTransformer
+
+    with mlflow.start_run():
+        info = flavor.log_model(MODEL_DIR, name="minilm")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]), "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", info.model_uri, "-p", str(port), "--env-manager", "local"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.time() + 120
+        body = json_module.dumps({"inputs": ["the movie was great.", "a dull film"]}).encode()
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
+                answer = json_module.loads(urllib.request.urlopen(request, timeout=30).read())
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise AssertionError(server.stderr.read().decode()[-2000:] if server.poll() is not None else "the server did not answer")
+                time.sleep(1)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    expected = SentenceTransformer(str(MODEL_DIR), device="cpu").encode(["the movie was great.", "a dull film"])
+    torch.testing.assert_close(torch.tensor(answer["predictions"]), torch.from_numpy(expected), rtol=1e-4, atol=1e-5)
