@@ -234,3 +234,20 @@ def test_mlflow_models_serve_answers_text(sqlite_store, tmp_path):
         server.wait(timeout=30)
     expected = SentenceTransformer(str(MODEL_DIR), device="cpu").encode(["the movie was great.", "a dull film"])
     torch.testing.assert_close(torch.tensor(answer["predictions"]), torch.from_numpy(expected), rtol=1e-4, atol=1e-5)
+
+
+def test_a_composite_folder_has_a_hugging_face_model_card(tmp_path, finetuned_dir):
+    import yaml
+
+    from mlflow_taskvec.compose import compose_to
+
+    recipe = parse_recipe({"base": str(MODEL_DIR), "scale": 0.5, "vectors": [{"finetuned": str(finetuned_dir), "task": "nudge"}]})
+    result = compose_to(recipe, output=tmp_path / "composite")
+
+    card = (tmp_path / "composite" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == str(MODEL_DIR) and front["tags"] == ["merge", "task-arithmetic"]
+    assert f"| fingerprint | `{result.fingerprint}` |" in card
+    assert f"| `{finetuned_dir}` | nudge | 1 | `{open_checkpoint(finetuned_dir).fingerprint()[:16]}` |" in card
+    assert "| method | `task_arithmetic` (params: none) |" in card and f"recipe sha256 | `{recipe.sha256()}`" in card
+    assert "```yaml\nbase: " in card

@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
-from mlflow_taskvec.compose import compose_to
+from mlflow_taskvec.compose import compose_to, write_model_card
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.writer import check_output_path
 from mlflow_taskvec.errors import TaskVecError, TaskVecWarning
@@ -37,6 +37,7 @@ from mlflow_taskvec.mlflow.downloads import Resolved
 from mlflow_taskvec.mlflow.evaluate import composite_evaluation
 from mlflow_taskvec.mlflow.inputs import resolve_inputs
 from mlflow_taskvec.mlflow.server import check_can_register, server_error, server_errors
+from mlflow_taskvec.modelcard import hub_name_of
 from mlflow_taskvec.recipe import Recipe
 from mlflow_taskvec.references import is_local
 
@@ -218,7 +219,7 @@ def register_composite(
     with _run_context(None) as run, tempfile.TemporaryDirectory(prefix="taskvec-compose-") as tmp:
         mlflow.log_params(_run_params(resolved))
         weights = Path(output) if output is not None else Path(tmp) / "weights"
-        result = compose_to(inputs.local(), output=weights, overwrite=overwrite)
+        result = compose_to(inputs.local(), output=weights, overwrite=overwrite, recorded=resolved)
         recipe_path = Path(tmp) / "recipe.yaml"
         recipe_path.write_text(yaml.safe_dump(resolved.model_dump(exclude={"output", "search"}), sort_keys=False), "utf-8")
         mlflow.log_artifact(str(recipe_path))
@@ -254,6 +255,11 @@ def register_composite(
         if evaluate is not None:
             metrics = evaluate(flavor.load_model(info.model_uri))
             mlflow.log_metrics(metrics, model_id=info.model_id)
+            # the model card gains the metrics, in the logged model and in the output folder
+            rows = [{"ref": r["uri"], "weight": r["weight"], "fingerprint": r["fingerprint"], "task": e.task} for r, e in zip(input_rows, resolved.vectors)]
+            if weights.is_dir():
+                card = write_model_card(weights, resolved, hub_name_of(base.path) or base.canonical, rows, result, metrics)
+                MlflowClient().log_model_artifact(info.model_id, str(card), artifact_path=info.flavors[flavor.FLAVOR_NAME]["data"])
         tags = {
             tag.KIND: tag.COMPOSITE,
             tag.METHOD: resolved.method,
