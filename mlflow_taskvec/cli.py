@@ -171,6 +171,8 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, o
     if register_as is not None:
         from mlflow_taskvec.mlflow.registry import register_composite
 
+        if output is None and spec.output is not None:  # the recipe's output: is written too
+            output = output_path(spec)
         reg = register_composite(spec, register_as, alias=alias, require_alias=require_alias, output=output, overwrite=overwrite)
         _echo(quiet, f"method: {spec.method}  scale: {spec.scale}  weights: {[e.weight for e in spec.vectors]}")
         _echo(quiet, f"fingerprint: {reg.tags['taskvec.fingerprint']}")

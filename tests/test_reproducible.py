@@ -52,3 +52,14 @@ def test_registering_a_task_vector_of_local_paths_is_tagged_not_reproducible(sto
     assert result.exit_code == 0, result.output
     assert "Warning: models:/local-vector/1 names local paths" in result.stderr
     assert store.client.get_model_version("local-vector", "1").tags["taskvec.reproducible"] == "false"
+
+
+def test_compose_register_also_writes_the_recipes_output(store, local):
+    (local / "recipe.yaml").write_text(yaml.safe_dump({"base": "base", "vectors": [{"finetuned": "ft.safetensors"}], "output": "written"}))
+
+    result = CliRunner().invoke(cli, ["compose", str(local / "recipe.yaml"), "--register", "with-output"])
+
+    assert result.exit_code == 0, result.output
+    assert f"composite: {local / 'written'}" in result.stdout
+    version = store.client.get_model_version("with-output", "1")
+    assert open_checkpoint(local / "written").fingerprint() == version.tags["taskvec.fingerprint"]

@@ -19,6 +19,7 @@ and written as a PEFT adapter with ``lora_alpha = r`` (scaling 1).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -382,8 +383,6 @@ def export_lora(
         raise TaskVecError(
             f"the base {base_ckpt.source} (fingerprint {base_ckpt.fingerprint()[:16]}) is not the vector's base ({vector.base_fingerprint[:16]})"
         )
-    import fnmatch
-
     def module_of(name: str) -> str:
         return name.rsplit(".", 1)[0] if "." in name else name
 

@@ -4,13 +4,17 @@ Two kinds of model, named by ``kind`` in the MLmodel flavor block:
 
 - ``task_vector``: a task vector's tensors in safetensors, with its lineage
   (task, base reference and fingerprint, fine-tuned reference), fingerprint,
-  counts, L2 norm and dtype. ``load_model`` returns a lazy ``TaskVector``.
+  counts, L2 norm and dtype. ``load_model`` returns a lazy ``TaskVector``. A vector
+  from a LoRA adapter is stored as its factors (``layout: low_rank``, with each
+  tensor's rank, ``stored_bytes`` and ``dense_bytes``).
 - ``checkpoint``: full model weights in safetensors plus how to build the module:
   a ``"package.module:factory"`` with JSON keyword arguments (its code shipped
   through ``code_paths`` when it is not installed), or, for an HF-style folder
   with ``config.json``, transformers' ``AutoModel`` (transformers installed). ``load_model`` returns the
   ``torch.nn.Module``; ``mlflow.pyfunc.load_model`` and ``mlflow models serve``
-  work, calling ``module(inputs, **params)``.
+  work, calling ``module(inputs, **params)`` (an HF checkpoint takes text). A
+  checkpoint saved with ``hf_base`` (an ``mlflow.transformers`` or
+  ``mlflow.sentence_transformers`` base) keeps that flavor and its pyfunc too.
 
 Weights never go through pickle.
 
