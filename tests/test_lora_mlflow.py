@@ -91,3 +91,18 @@ def test_a_peft_model_logged_with_mlflow_transformers_is_a_recipe_vector(sqlite_
     assert open_checkpoint(tmp_path / "from-mlflow").fingerprint() == open_checkpoint(tmp_path / "from-folder").fingerprint()
     name = "encoder.layer.2.attention.self.value.weight"
     assert not torch.equal(open_checkpoint(tmp_path / "from-mlflow").get_tensor(name), open_checkpoint(MODEL_DIR).get_tensor(name))
+
+
+def test_an_adapter_logged_as_a_run_artifact_is_a_recipe_vector(sqlite_store, adapter_dir, tmp_path):
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(adapter_dir), artifact_path="lora")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"base": str(MODEL_DIR), "scale": 0.5, "vectors": [{"vector": f"runs:/{run.info.run_id}/lora"}]}))
+
+    invoke("compose", recipe, "-o", tmp_path / "from-run")
+    invoke("similarity", f"runs:/{run.info.run_id}/lora", adapter_dir, "--base", MODEL_DIR)
+
+    expected = TaskVector.load(adapter_dir, base=MODEL_DIR).apply_to(MODEL_DIR, scale=0.5)
+    composite = open_checkpoint(tmp_path / "from-run")
+    for name in ("encoder.layer.3.attention.self.query.weight", "encoder.layer.3.attention.self.key.weight"):
+        assert torch.equal(composite.get_tensor(name), expected[name])
