@@ -7,6 +7,7 @@ place only when complete. Progress bars show on a terminal only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -15,19 +16,13 @@ import warnings
 from pathlib import Path
 
 import click
-import yaml
 
 from mlflow_taskvec import __version__
-from mlflow_taskvec.engine import metadata as meta_keys
-from mlflow_taskvec.engine.inspect import describe
-from mlflow_taskvec.engine.methods import METHODS
-from mlflow_taskvec.engine.taskvector import TaskVector
-from mlflow_taskvec.engine.writer import parse_size, write_text_atomically
-from mlflow_taskvec.compose import compose_to, open_base, output_path
 from mlflow_taskvec.errors import TaskVecError, TaskVecWarning
 from mlflow_taskvec.progress import progress_bar
-from mlflow_taskvec.recipe import load_recipe
-from mlflow_taskvec.references import is_local, open_reference
+
+# Each command imports what it uses when it runs: `--version` and `--help` need no
+# torch, and local work never imports MLflow (tests/test_startup.py checks both).
 
 
 def _fail_cleanly(fn):
@@ -61,6 +56,8 @@ def _echo(quiet: bool, text: str = "") -> None:
 _overwrite = click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 _quiet = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 _shards = click.option("--max-shard-size", default=None, help="Write shards of at most this size (e.g. 2GB) plus an index.")
+_device = click.option("--device", default=None, callback=lambda _c, _p, v: v or None,
+                       help="Compute on cpu, cuda, cuda:N or auto (default: the recipe's, else the streaming CPU executor).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -103,9 +100,13 @@ REF_HELP = "a local path, models:/name/version, models:/name@alias, models:/<mod
 @click.option("--run-id", default=None, help="With --register: the run to log the vector in (default: the fine-tune's run).")
 @_overwrite
 @_quiet
+@_device
 @_fail_cleanly
-def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfinite, max_shard_size, register_as, alias, run_id, overwrite, quiet):
+def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfinite, max_shard_size, register_as, alias, run_id, overwrite, quiet, device):
     """Extract the task vector FINETUNED - BASE."""
+    from mlflow_taskvec.engine.taskvector import TaskVector
+    from mlflow_taskvec.references import open_reference
+
     if output is None and register_as is None:
         raise click.UsageError("give --output, --register, or both")
     if register_as is not None:
@@ -124,7 +125,8 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
     step, close = progress_bar(len(vector.names), "extract", "tensor", quiet)
     try:
         fingerprint = vector.save(
-            output, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=step
+            output, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=step,
+            device=device,
         )
     finally:
         close()
@@ -135,7 +137,7 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
         _echo(quiet, "skipped, in one of the two only (integer or bool buffers): " + ", ".join(one_sided))
     if vector.low_rank_source is not None:
         stored = vector.low_rank_source.subset(vector.names)
-        _echo(quiet, f"stored low-rank: {stored.stored_nbytes()} bytes (dense: {stored.dense_nbytes()} bytes)")
+        _echo(quiet, f"stored low-rank: {stored.stored_bytes} bytes (dense: {stored.dense_nbytes()} bytes)")
     _echo(quiet, f"base fingerprint: {vector.base_fingerprint}")
     _echo(quiet, f"fingerprint: {fingerprint}")
     if register_as is not None:
@@ -161,10 +163,18 @@ def _report_registration(quiet: bool, reg) -> None:
 @click.option("--require-alias", default=None, metavar="ALIAS", help="Refuse inputs whose registered version does not carry ALIAS (on top of the recipe's policy).")
 @_overwrite
 @_quiet
+@_device
 @_fail_cleanly
-def compose(recipe, output, max_shard_size, register_as, alias, require_alias, overwrite, quiet):
+def compose(recipe, output, max_shard_size, register_as, alias, require_alias, overwrite, quiet, device):
     """Compose a model from a YAML merge RECIPE (references may be MLflow URIs)."""
+    from mlflow_taskvec.compose import compose_to, open_base, output_path
+    from mlflow_taskvec.engine.writer import parse_size
+    from mlflow_taskvec.recipe import load_recipe
+    from mlflow_taskvec.references import is_local
+
     spec = load_recipe(recipe)
+    if device is not None:
+        spec.device = device
     if max_shard_size is not None:
         parse_size(max_shard_size, "--max-shard-size")
         spec.max_shard_size = max_shard_size
@@ -180,20 +190,77 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, o
             _echo(quiet, f"composite: {output}")
         _report_registration(quiet, reg)
         return
-    local = spec
+    local, named_as_given = spec, contextlib.nullcontext
     if require_alias is not None or spec.policy is not None or not all(is_local(ref) for ref in spec.references):
         from mlflow_taskvec.mlflow.inputs import resolve_inputs
 
-        local = resolve_inputs(spec, require_alias).local()  # the policy first, before anything is downloaded
+        inputs = resolve_inputs(spec, require_alias)  # the policy first, before anything is downloaded
+        local, named_as_given = inputs.local(), inputs.named_as_references
     step, close = progress_bar(len(open_base(local).keys()), spec.method, "tensor", quiet)
     try:
-        result = compose_to(local, output=output_path(spec, output), overwrite=overwrite, progress=step, recorded=spec)
+        with named_as_given():
+            result = compose_to(local, output=output_path(spec, output), overwrite=overwrite, progress=step, recorded=spec)
     finally:
         close()
     _echo(quiet, f"composite: {result.output}")
     _echo(quiet, f"method: {result.method}  scale: {result.scale}  weights: {result.weights}  params: {json.dumps(result.params)}")
     _echo(quiet, f"tensors: {result.num_tensors}  parameters: {result.num_parameters}  seconds: {result.seconds:.2f}")
     _echo(quiet, f"recipe sha256: {spec.sha256()}")
+    _echo(quiet, f"fingerprint: {result.fingerprint}")
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--format", "layout", type=click.Choice(["sparse", "bitdelta", "lowrank"]), required=True, help="sparse: top-k indices and values; bitdelta: sign bits and one scale per matrix; lowrank: truncated SVD factors per matrix.")
+@click.option("--density", type=float, default=None, help="sparse: fraction of entries kept; lowrank: fraction of the dense size.")
+@click.option("--rank", type=int, default=None, help="lowrank: the rank of every matrix.")
+@click.option("--energy", type=float, default=None, help="lowrank: the fraction of each matrix's squared singular values kept.")
+@click.option("--output", "-o", default=None, type=click.Path(path_type=Path), help="Where to write the compressed vector (optional with --register).")
+@_register
+@_alias
+@_overwrite
+@_quiet
+@_device
+@_fail_cleanly
+def compress(ref, layout, density, rank, energy, output, register_as, alias, overwrite, quiet, device):
+    """Store the task vector REF in a smaller layout (composed like any task vector)."""
+    from mlflow_taskvec.engine.compressed import check_settings
+
+    if output is None and register_as is None:
+        raise click.UsageError("give --output, --register, or both")
+    check_settings(layout, density, rank, energy)  # before anything is read or downloaded
+    settings = dict(density=density, rank=rank, energy=energy)
+    if register_as is not None:
+        from mlflow_taskvec.mlflow.registry import register_compressed_vector
+
+        reg = register_compressed_vector(ref, register_as, layout, output=output, overwrite=overwrite, alias=alias, device=device, **settings)
+        if output is not None:
+            _echo(quiet, f"compressed vector: {output}")
+        _report_compression(quiet, reg.compression)
+        _report_registration(quiet, reg)
+        return
+    from mlflow_taskvec.engine.compressed import compress as compress_vector
+    from mlflow_taskvec.engine.taskvector import TaskVector
+    from mlflow_taskvec.references import open_reference
+
+    source = open_reference(ref)
+    vector = TaskVector.load(source)
+    step, close = progress_bar(len(vector.names), f"compress ({layout})", "tensor", quiet)
+    try:
+        result = compress_vector(vector, output, layout, source_fingerprint=source.fingerprint(), overwrite=overwrite, progress=step,
+                                 device=device, **settings)
+    finally:
+        close()
+    _echo(quiet, f"compressed vector: {output}")
+    _report_compression(quiet, result)
+
+
+def _report_compression(quiet: bool, result) -> None:
+    setting = ", ".join(f"{k} {v:g}" for k, v in result.settings.items())
+    _echo(quiet, f"format: {result.layout}" + (f" ({setting})" if setting else "")
+          + "  tensors: " + ", ".join(f"{n} {e}" for e, n in sorted(result.encodings.items())))
+    _echo(quiet, f"size: {result.stored_bytes} bytes stored, {result.dense_bytes} dense ({result.ratio:.1f}x smaller)")
+    _echo(quiet, f"source fingerprint: {result.source_fingerprint}")
     _echo(quiet, f"fingerprint: {result.fingerprint}")
 
 
@@ -232,18 +299,24 @@ class _Count(click.ParamType):
 @_register
 @_alias
 @_quiet
+@_device
 @_fail_cleanly
-def search_command(recipe, strategy, objective, trials, storage, study_name, memory, output_recipe, register_as, alias, quiet):
+def search_command(recipe, strategy, objective, trials, storage, study_name, memory, output_recipe, register_as, alias, quiet, device):
     """Search a RECIPE's coefficients on a validation split; evaluate the best on the test split.
 
     The recipe needs an `evaluation` block; its optional `search` block sets the
     strategy (default: the paper's grid over the scale, 0.0 to 1.0 step 0.05).
     Each candidate is a child run; the table and a plot are logged on the search's run.
     """
-    from mlflow_taskvec.recipe import parse_recipe
+    import yaml
+
+    from mlflow_taskvec.engine.writer import write_text_atomically
     from mlflow_taskvec.mlflow.search import search
+    from mlflow_taskvec.recipe import load_recipe, parse_recipe
 
     spec = load_recipe(recipe)
+    if device is not None:
+        spec.device = device
     overrides = {k: v for k, v in dict(strategy=strategy, objective=objective, trials=trials, storage=storage, study_name=study_name).items() if v is not None}
     if overrides:
         settings = {**(spec.search.model_dump(exclude_unset=True) if spec.search else {}), **overrides}
@@ -278,6 +351,10 @@ _adapter_base = click.option("--base", default=None, help="The base of a PEFT Lo
 @_fail_cleanly
 def inspect(ref, top, layers, fmt, base):
     """Describe a checkpoint or task vector: tensors, parameters, dtypes, fingerprint, norms."""
+    from mlflow_taskvec.engine import metadata as meta_keys
+    from mlflow_taskvec.engine.inspect import describe
+    from mlflow_taskvec.references import open_reference
+
     d = describe(open_reference(ref, base=open_reference(base) if base else None))
     if fmt == "json":
         out = {
@@ -290,6 +367,9 @@ def inspect(ref, top, layers, fmt, base):
             "l2_norm": d.l2_norm,
             "largest": [{"name": n, "l2_norm": v} for n, v in d.largest(top)],
             "metadata": d.metadata,
+            "layout": d.layout,
+            "stored_bytes": d.stored_bytes,
+            "dense_bytes": d.dense_bytes,
         }
         if d.low_rank is not None:
             out["low_rank"] = d.low_rank
@@ -306,14 +386,13 @@ def inspect(ref, top, layers, fmt, base):
     click.echo(f"parameters: {d.num_parameters}")
     click.echo("dtypes: " + ", ".join(f"{k} ({v})" for k, v in sorted(d.dtypes.items())))
     click.echo(f"fingerprint: {d.fingerprint}")
-    if d.low_rank is not None:
-        lr = d.low_rank
-        ranks = sorted(set(lr["ranks"].values()))
-        click.echo(
-            f"stored: low-rank, {lr['stored_bytes']} bytes (dense: {lr['dense_bytes']} bytes, {lr['dense_bytes'] / max(1, lr['stored_bytes']):.0f}x); "
-            f"{len(lr['ranks'])} low-rank tensors, rank {', '.join(map(str, ranks)) or '-'}; {lr['dense_tensors']} dense, {lr['zero_tensors']} zero"
-        )
     click.echo(f"l2 norm: {d.l2_norm:.6g}")
+    if d.layout != "dense":
+        click.echo(f"layout: {d.layout}")
+        click.echo(f"size: {d.stored_bytes} bytes stored, {d.dense_bytes} dense ({d.compression_ratio:.1f}x smaller)")
+        if d.low_rank is not None:
+            ranks = ", ".join(map(str, sorted(set(d.low_rank["ranks"].values())))) or "-"
+            click.echo(f"low-rank tensors: {len(d.low_rank['ranks'])} (rank {ranks}); dense: {d.low_rank['dense_tensors']}; zero: {d.low_rank['zero_tensors']}")
     if top > 0 and d.tensor_norms:
         click.echo(f"largest {min(top, len(d.tensor_norms))} tensors by l2 norm:")
         width = max(len(n) for n, _ in d.largest(top))
@@ -355,7 +434,7 @@ def similarity(refs, heatmap, fmt, base):
     import pandas as pd
 
     from mlflow_taskvec.engine.inspect import cosine_matrix
-    from mlflow_taskvec.references import load_vector
+    from mlflow_taskvec.references import load_vector, open_reference
 
     if len(refs) < 2:
         raise click.UsageError("give at least two task vectors")
@@ -412,10 +491,13 @@ def report(name, fmt, metrics):
 
 @main.command("methods")
 def list_methods():
-    """List the merge methods and their parameters."""
+    """List the merge methods: a one-line summary, the paper's arXiv id and the parameters."""
+    from mlflow_taskvec.engine.methods import METHODS
+
     for m in METHODS.values():
         params = ", ".join(sorted(m.param_names)) or "none"
-        click.echo(f"{m.name}: {m.summary} (params: {params})")
+        paper = f"arXiv {m.paper}" if m.paper else "no arXiv paper"
+        click.echo(f"{m.name}: {m.summary} ({paper}; params: {params})")
 
 
 # -- governance: approve, lineage, verify (mlflow_taskvec.mlflow.approval, .lineage, .verify) ---------------
@@ -489,6 +571,8 @@ def export_lora_command(ref, output, base, rank, energy, modules_to_save, dtype,
     from mlflow_taskvec.engine import metadata as meta_keys
     from mlflow_taskvec.engine.lora import export_lora
     from mlflow_taskvec.engine.streaming import STORAGE_DTYPES, parse_dtype
+    from mlflow_taskvec.engine.taskvector import TaskVector
+    from mlflow_taskvec.references import open_reference
 
     factor_dtype = parse_dtype(dtype, "--dtype", {k: v for k, v in STORAGE_DTYPES.items() if k != "float64"})
     if (rank is None) == (energy is None):

@@ -2,16 +2,17 @@
 
 ```yaml
 base: ./base                      # checkpoint reference
-method: ties                      # task_arithmetic | ties | dare_linear | dare_ties | magnitude_prune
-scale: 0.8                        # lambda
+method: ties                      # any of `mlflow-taskvec methods`
+scale: 0.8                        # lambda (or tensor-name globs -> numbers, like a weight)
 params: {density: 0.2}            # the method's parameters (dare_*: seed too)
 vectors:
   - vector: ./rotate.safetensors  # a saved task vector ...
-    weight: 1.0
+    weight: 1.0                   # or per layer: {"*.layers.0.*": 0.2, "*": 0.8} (first match, "*" the default)
   - finetuned: ./flip             # ... or a fine-tune, extracted against base on the fly
     weight: -1.0                  # a negative weight negates (forgets) a task
 dtype: bfloat16                   # output dtype (default: the base's)
 compute_dtype: float32            # or float64
+device: cuda                      # optional: cpu, cuda, cuda:N or auto (not part of the digest)
 max_shard_size: 2GB               # write shards plus an index
 output: ./merged
 policy:                           # optional: refuse inputs that lack an approval
@@ -44,6 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from mlflow_taskvec.callables import check_spec
 from mlflow_taskvec.engine.checks import finite_number
+from mlflow_taskvec.engine.device import device_name
+from mlflow_taskvec.engine.coefficients import Coefficient, check_coefficient
 from mlflow_taskvec.engine.methods import get_method, validate_params
 from mlflow_taskvec.engine.streaming import COMPUTE_DTYPES, STORAGE_DTYPES, parse_dtype
 from mlflow_taskvec.engine.writer import parse_size
@@ -63,7 +66,9 @@ def _as_taskvec_error(value: Any, check, field: str) -> Any:
     try:
         return check(value)
     except TaskVecError as exc:
-        raise ValueError(str(exc).removeprefix(f"{field}: ")) from None
+        # "field: why" -> "why"; a per-layer value's "field['glob']: why" -> "['glob']: why"
+        message = str(exc)
+        raise ValueError(message.removeprefix(f"{field}: ") if message.startswith(f"{field}: ") else message.removeprefix(field)) from None
 
 
 class VectorEntry(BaseModel):
@@ -73,7 +78,7 @@ class VectorEntry(BaseModel):
 
     vector: str | None = Field(None, description="reference to a saved task vector")
     finetuned: str | None = Field(None, description="reference to a fine-tuned checkpoint")
-    weight: float = Field(1.0, description="w_i; negative to negate")
+    weight: Coefficient = Field(1.0, description="w_i (negative to negate), or tensor-name globs -> numbers")
     task: str | None = None
     include: list[str] | None = Field(None, description="glob patterns of tensor names (finetuned only)")
     exclude: list[str] | None = None
@@ -81,7 +86,7 @@ class VectorEntry(BaseModel):
     @field_validator("weight", mode="before")
     @classmethod
     def _weight(cls, value):
-        return _finite_number(value)
+        return _as_taskvec_error(value, lambda v: check_coefficient(v, "weight"), "weight")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -168,9 +173,11 @@ class Search(BaseModel):
     strategy: Literal["grid", "optuna"] = "grid"
     objective: str = Field("auto", description="auto | mean_normalized | negation | a metric name to maximize")
     metric: str = Field("accuracy", description="the evaluator's metric the objective is about")
-    scale: Range = Field(default_factory=lambda: Range(low=0.0, high=1.0, step=0.05))
+    scale: Range = Field(default_factory=lambda: Range(low=0.0, high=1.0, step=0.05), description="default: the method's search_scale, step 0.05")
     weights: Range | None = None
-    params: dict[str, Range] = Field(default_factory=dict)
+    params: dict[str, Range | Literal["declared"]] | Literal["declared"] = Field(
+        default_factory=dict, description="ranges per parameter; 'declared' takes the method's declared range (for every searchable parameter when given alone)"
+    )
     trials: int = Field(30, ge=1)
     sampler: Literal["tpe", "random"] = "tpe"
     seed: int = 0
@@ -220,11 +227,12 @@ class Recipe(BaseModel):
 
     base: str
     method: str = "task_arithmetic"
-    scale: float = 1.0
+    scale: Coefficient = 1.0
     vectors: list[VectorEntry]
     params: dict[str, Any] = Field(default_factory=dict)
     dtype: str | None = None
     compute_dtype: str = "float32"
+    device: str | None = None  # where chunks are computed: cpu, cuda, cuda:N or auto (not part of the digest)
     max_shard_size: Any = None
     output: str | None = None
     allow_nonfinite: bool = False
@@ -241,7 +249,7 @@ class Recipe(BaseModel):
     @field_validator("scale", mode="before")
     @classmethod
     def _scale(cls, value):
-        return _finite_number(value)
+        return _as_taskvec_error(value, lambda v: check_coefficient(v, "scale"), "scale")
 
     @field_validator("method")
     @classmethod
@@ -260,6 +268,11 @@ class Recipe(BaseModel):
     def _dtype(cls, value):
         return _as_taskvec_error(value, lambda v: None if v is None else str(parse_dtype(v, "dtype", STORAGE_DTYPES)).removeprefix("torch."), "dtype")
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value):
+        return _as_taskvec_error(value, lambda v: None if v is None else device_name(v), "device")
+
     @field_validator("compute_dtype")
     @classmethod
     def _compute_dtype(cls, value):
@@ -277,9 +290,11 @@ class Recipe(BaseModel):
     def _params(self):
         try:
             self.params = validate_params(get_method(self.method), self.params)
+            get_method(self.method).check_input_count(len(self.vectors))
         except TaskVecError as exc:
             raise ValueError(str(exc)) from None
         if self.search is not None:
+            self._declared_search_ranges()
             known = set(get_method(self.method).param_names)
             unknown = sorted(set(self.search.params) - known)
             if unknown:
@@ -299,19 +314,51 @@ class Recipe(BaseModel):
         """The base and every input, as written."""
         return [self.base, *(e.ref for e in self.vectors)]
 
+    def _declared_search_ranges(self) -> None:
+        """The search's defaults from the method's declarations: its scale range, and each
+        ``declared`` parameter's range (``params: declared``: every searchable one)."""
+        method = get_method(self.method)
+        search = self.search
+        if "scale" not in search.model_fields_set:
+            low, high = method.search_scale
+            search.scale = Range(low=low, high=high, step=0.05)
+        if search.params == "declared":
+            search.params = {spec.name: "declared" for spec in method.searchable_params()}
+        searchable = {spec.name: spec for spec in method.searchable_params()}
+        for name, searched in search.params.items():
+            if searched == "declared":
+                if name not in searchable:
+                    raise ValueError(f"search.params.{name}: {self.method} declares no search range for {name!r} (searchable: {', '.join(searchable) or 'none'})")
+                low, high = searchable[name].search_bounds()
+                search.params[name] = Range(low=low, high=high, step=1 if searchable[name].type is int else None)
+        if search.weights is not None:
+            per_layer = [i for i, e in enumerate(self.vectors) if isinstance(e.weight, dict)]
+            if per_layer:
+                raise ValueError(f"search.weights: vectors[{per_layer[0]}].weight is per layer; the search samples one number per vector")
+
     # -- identity -----------------------------------------------------------------
     def canonical_json(self) -> str:
         """The recipe as canonical JSON (sorted keys, no output path, no search settings): what a composite records.
 
         ``policy`` appears only when set, so recipes without one keep the digests they always had.
+        A per-layer weight or scale is a list of [glob, value] pairs: its order (first match
+        wins) is part of what it means, and sorted keys would lose it.
         """
-        data = self.model_dump(exclude={"output", "search"})
+        data = self.model_dump(exclude={"output", "search", "device"})  # where it runs is not what it is
         if data.get("policy") is None:
             data.pop("policy", None)
+        data["scale"] = _in_order(data["scale"])
+        for entry in data["vectors"]:
+            entry["weight"] = _in_order(entry["weight"])
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def sha256(self) -> str:
         return hashlib.sha256(self.canonical_json().encode("utf-8")).hexdigest()
+
+
+def _in_order(coefficient: Coefficient):
+    """A per-layer coefficient as [glob, value] pairs in its order; a number as it is."""
+    return [[glob, value] for glob, value in coefficient.items()] if isinstance(coefficient, dict) else coefficient
 
 
 def _format_error(source: str, exc: ValidationError) -> str:

@@ -219,7 +219,7 @@ def test_a_low_rank_vector_is_stored_as_factors_and_fingerprinted_as_the_dense_v
     assert lowrank.fingerprint() == dense.fingerprint() == fingerprint
     size_lowrank, size_dense = (tmp_path / "lowrank.safetensors").stat().st_size, (tmp_path / "dense.safetensors").stat().st_size
     assert size_lowrank < size_dense / 100
-    assert lowrank.stored_nbytes() < size_lowrank <= lowrank.stored_nbytes() + 64 * 1024  # factors plus the header
+    assert lowrank.stored_bytes < size_lowrank <= lowrank.stored_bytes + 64 * 1024  # factors plus the header
     assert lowrank.dense_nbytes() == sum(dense.spec(n).nbytes for n in dense.keys())
     assert lowrank.rank(f"{QUERY0}.weight") == 2 and lowrank.rank("encoder.layer.1.attention.self.value.weight") == 4
     assert lowrank.rank("encoder.layer.0.attention.self.key.weight") == 0
@@ -233,7 +233,7 @@ def test_chunks_of_a_low_rank_tensor_equal_the_whole_tensor_bit_for_bit(adapter)
     whole = ckpt.get_tensor(name).reshape(-1)
 
     for chunk in (1 << 18, 1000, 384 * 7 + 5):
-        parts = [ckpt.chunk(name, a, b, torch.float32) for a, b in chunk_ranges(whole.numel(), chunk)]
+        parts = [ckpt.read_chunk(name, a, b, torch.float32) for a, b in chunk_ranges(whole.numel(), chunk)]
         assert torch.equal(torch.cat(parts), whole)
 
 
@@ -457,12 +457,12 @@ def test_the_cli_extracts_an_adapter_as_factors_inspects_it_and_exports_it_again
 
     out = run("extract", "--base", MODEL_DIR, "--finetuned", adapter[0], "-o", tmp_path / "v.safetensors", "--task", "lora")
     stored = open_checkpoint(tmp_path / "v.safetensors")
-    assert f"stored low-rank: {stored.stored_nbytes()} bytes (dense: {stored.dense_nbytes()} bytes)" in out
+    assert f"stored low-rank: {stored.stored_bytes} bytes (dense: {stored.dense_nbytes()} bytes)" in out
     assert f"fingerprint: {TaskVector.load(adapter[0], base=MODEL_DIR).terms[0].stored.fingerprint()}" in out
 
     shown = run("inspect", adapter[0], "--base", MODEL_DIR, "--top", "0")
-    assert f"stored: low-rank, {stored.stored_nbytes()} bytes (dense: {stored.dense_nbytes()} bytes" in shown
-    assert "13 low-rank tensors, rank 2, 4; 0 dense, 90 zero" in shown
+    assert "layout: lora" in shown and f"size: {stored.stored_bytes} bytes stored, {stored.dense_nbytes()} dense" in shown
+    assert "low-rank tensors: 13 (rank 2, 4); dense: 0; zero: 90" in shown
 
     exported = run("export-lora", tmp_path / "v.safetensors", "-o", tmp_path / "adapter", "--rank", "4")
     assert "r: 4  lora_alpha: 4  modules: 13" in exported

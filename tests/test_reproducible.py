@@ -38,7 +38,7 @@ def test_registering_a_composite_of_local_paths_warns_tags_and_still_writes_the_
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
     assert warnings == [
-        f"Warning: models:/local-composite/1 names local paths (base and 1 more) that verify on another "
+        "Warning: models:/local-composite/1 names local paths (base and 1 more) that verify on another "
         "machine cannot fetch (tagged taskvec.reproducible=false); register the inputs and use their models:/ URIs to make it reproducible"
     ]
     version = store.client.get_model_version("local-composite", "1")

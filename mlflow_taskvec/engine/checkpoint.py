@@ -27,6 +27,8 @@ from mlflow_taskvec.engine.io import (
     dtype_code,
     tensor_bytes,
 )
+from mlflow_taskvec.engine import metadata as meta_keys
+from mlflow_taskvec.engine.streaming import flat_slice
 from mlflow_taskvec.errors import TaskVecError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -79,9 +81,14 @@ class Checkpoint:
     def raw_bytes(self, name: str) -> memoryview:
         raise NotImplementedError
 
-    def chunk(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        """Entries [start, stop) of the flattened tensor in ``dtype`` (a view when no cast is needed)."""
-        return self.get_tensor(name).reshape(-1)[start:stop].to(dtype)
+    def read_chunk(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Entries [start, stop) of the flattened tensor in ``dtype`` (a read-only view when no cast is needed)."""
+        return flat_slice(self.get_tensor(name), start, stop, dtype)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of tensor data as stored (less than the tensors' own size for a compressed layout)."""
+        return sum(self.spec(n).nbytes for n in self.keys())
 
     def metadata(self) -> dict[str, str]:
         return {}
@@ -275,16 +282,23 @@ def open_checkpoint(source: "Checkpoint | Mapping[str, torch.Tensor] | str | os.
             raise TaskVecError(
                 f"{path}: is a PEFT LoRA adapter, a task vector of its base: use it as a vector (with its base), not as a checkpoint"
             )
-        return _as_low_rank(_open_directory(path))
+        return _in_its_layout(_open_directory(path))
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             raise TaskVecError(f"{path}: pickle checkpoints are never loaded; convert it to safetensors")
-        return _as_low_rank(SafetensorsCheckpoint([path], str(path)))
+        return _in_its_layout(SafetensorsCheckpoint([path], str(path)))
     raise TaskVecError(f"{path}: no such file or directory")
 
 
-def _as_low_rank(ckpt: SafetensorsCheckpoint) -> Checkpoint:
-    """A task vector stored as factors is read as the dense vector it stands for."""
-    from mlflow_taskvec.engine.lowrank import is_low_rank_file, read_low_rank  # builds on this module
+def _in_its_layout(ckpt: SafetensorsCheckpoint) -> Checkpoint:
+    """A compressed task vector (or one stored as LoRA factors) is seen as the dense tensors it stands for."""
+    layout = ckpt.metadata().get(meta_keys.LAYOUT)
+    if layout is None:
+        return ckpt
+    if layout == meta_keys.LORA_LAYOUT:
+        from mlflow_taskvec.engine.lowrank import read_low_rank  # builds on this module
 
-    return read_low_rank(ckpt) if is_low_rank_file(ckpt.metadata()) else ckpt
+        return read_low_rank(ckpt)
+    from mlflow_taskvec.engine.compressed import CompressedCheckpoint  # builds on this module
+
+    return CompressedCheckpoint(ckpt)

@@ -26,8 +26,16 @@ class Description:
     l2_norm: float  # over floating-point tensors
     tensor_norms: dict[str, float] = field(repr=False)
     metadata: dict[str, str] = field(default_factory=dict, repr=False)
-    # for a low-rank task vector: stored_bytes, dense_bytes, ranks {name: rank}, dense_tensors, zero_tensors
+    layout: str = "dense"  # how the tensors are stored (engine/compressed.py)
+    stored_bytes: int = 0  # tensor data as stored
+    dense_bytes: int = 0  # the tensors' own size
+
+    # for a vector of LoRA factors (engine/lowrank.py): ranks {name: rank}, dense_tensors, zero_tensors
     low_rank: dict | None = None
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.dense_bytes / self.stored_bytes if self.stored_bytes else 1.0
 
     def largest(self, n: int = 10) -> list[tuple[str, float]]:
         return sorted(self.tensor_norms.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
@@ -74,6 +82,9 @@ def describe(ckpt: Checkpoint) -> Description:
         l2_norm=math.sqrt(sum(v * v for v in norms.values())),
         tensor_norms=norms,
         metadata=meta,
+        layout=meta.get(meta_keys.LAYOUT, "dense"),
+        stored_bytes=ckpt.stored_bytes,
+        dense_bytes=sum(ckpt.spec(n).nbytes for n in ckpt.keys()),
         low_rank=_low_rank_summary(ckpt),
     )
 
@@ -83,8 +94,6 @@ def _low_rank_summary(ckpt: Checkpoint) -> dict | None:
         return None
     ranks = {n: ckpt.rank(n) for n in ckpt.keys() if ckpt.rank(n)}
     return {
-        "stored_bytes": ckpt.stored_nbytes(),
-        "dense_bytes": ckpt.dense_nbytes(),
         "ranks": ranks,
         "dense_tensors": sum(1 for n in ckpt.keys() if ckpt.rank(n) is None),
         "zero_tensors": sum(1 for n in ckpt.keys() if ckpt.rank(n) == 0),

@@ -243,6 +243,7 @@ def open_adapter(path: "str | os.PathLike", base: "Checkpoint | str | os.PathLik
         meta_keys.BASE_FINGERPRINT: base_ckpt.fingerprint(),
         meta_keys.SKIPPED: json.dumps(sorted(n for n in base_ckpt.keys() if not base_ckpt.spec(n).is_floating_point)),
         meta_keys.ADAPTER: meta_keys.PEFT_LORA,
+        meta_keys.LAYOUT: meta_keys.LORA_LAYOUT,
     }
     return LowRankCheckpoint(low_rank, dense, metadata, str(path), files=[factors, *_files_of(base_ckpt)])
 

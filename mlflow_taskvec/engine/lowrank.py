@@ -14,7 +14,7 @@ times ``scaling`` in float64, rounded once to float32. An entry therefore never
 depends on which rows are computed together, on threads or on the BLAS, and a
 chunk computed on its own equals the same slice of the whole tensor, bit for bit.
 
-The stored layout (``taskvec.layout = low_rank``) is one safetensors file with
+The stored layout (``taskvec.layout = lora``) is one safetensors file with
 ``NAME.lowrank_left`` and ``NAME.lowrank_right`` per low-rank tensor, ``NAME`` for a
 dense one, and ``taskvec.low_rank`` in the metadata: per tensor its shape, rank
 and scaling.
@@ -154,7 +154,7 @@ class LowRankCheckpoint(Checkpoint):
             return self.low_rank[name].dense().reshape(self.low_rank[name].shape)
         return self._entry(name).dense()
 
-    def chunk(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    def read_chunk(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         source = self.low_rank.get(name) or self._entry(name)
         return source.chunk(start, stop).to(dtype)
 
@@ -185,7 +185,7 @@ class LowRankCheckpoint(Checkpoint):
                 t = self.low_rank[name]
                 parts = [("left", t.left), ("right", t.right)] if t.rank else []
             else:
-                parts = [("delta", lambda n=name: self.chunk(n, 0, self.spec(n).numel, DENSE_DTYPE))]
+                parts = [("delta", lambda n=name: self.read_chunk(n, 0, self.spec(n).numel, DENSE_DTYPE))]
             for label, get in parts:
                 check_finite(get().reshape(-1).to(DENSE_DTYPE), lambda: f"{label} factor of tensor {name!r} of {self.source}")
 
@@ -194,10 +194,10 @@ class LowRankCheckpoint(Checkpoint):
         """The rank of a low-rank tensor; None for a dense one."""
         return self.low_rank[name].rank if name in self.low_rank else None
 
-    def stored_nbytes(self, names: Sequence[str] | None = None) -> int:
-        """Bytes the factors and dense deltas take (what the low-rank layout stores)."""
-        names = self._keys if names is None else names
-        return sum(self.low_rank[n].stored_nbytes if n in self.low_rank else self.spec(n).nbytes for n in names)
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes the factors and dense deltas take (what the lora layout stores)."""
+        return sum(self.low_rank[n].stored_nbytes if n in self.low_rank else self.spec(n).nbytes for n in self._keys)
 
     def dense_nbytes(self, names: Sequence[str] | None = None) -> int:
         names = self._keys if names is None else names
@@ -214,7 +214,7 @@ class LowRankCheckpoint(Checkpoint):
 
 
 def is_low_rank_file(metadata: dict[str, str]) -> bool:
-    return metadata.get(meta_keys.LAYOUT) == meta_keys.LOW_RANK_LAYOUT
+    return metadata.get(meta_keys.LAYOUT) == meta_keys.LORA_LAYOUT
 
 
 def read_low_rank(ckpt: SafetensorsCheckpoint) -> LowRankCheckpoint:
@@ -286,7 +286,7 @@ def save_low_rank(
         else:
             specs[name] = ckpt.spec(name)
             sources[name] = (lambda n=name: ckpt.get_tensor(n))
-    meta = {**metadata, meta_keys.LAYOUT: meta_keys.LOW_RANK_LAYOUT, meta_keys.LOW_RANK: json.dumps(table, sort_keys=True)}
+    meta = {**metadata, meta_keys.LAYOUT: meta_keys.LORA_LAYOUT, meta_keys.LOW_RANK: json.dumps(table, sort_keys=True)}
     with CheckpointWriter(output, specs, meta, overwrite=overwrite) as writer:
         for name in writer.order:
             writer.write(name, sources[name]().contiguous())

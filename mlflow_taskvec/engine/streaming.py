@@ -62,15 +62,43 @@ def one_torch_thread():
         torch.set_num_threads(previous)
 
 
-def _load_malloc_trim():
+def _load_libc_function(name: str):
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
+        return getattr(libc, name)
     except (OSError, AttributeError):  # not glibc: nothing to do
         return None
 
 
-_MALLOC_TRIM = _load_malloc_trim()
+_MALLOC_TRIM = _load_libc_function("malloc_trim")
+_MALLOPT = _load_libc_function("mallopt")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+# While streaming, freed chunk-sized buffers stay in the heap up to this much.
+_KEEP_FREED_BYTES = 64 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def reuse_freed_memory():
+    """Let the heap keep freed chunk-sized buffers while streaming.
+
+    Every elementwise op on a chunk allocates a chunk-sized result (4 MB for float32).
+    By default glibc serves such sizes with fresh mmaps, or trims them off the heap
+    when freed, so each one costs its page faults again: 3-5x the arithmetic itself
+    for the trim and election temporaries. Here they come from the heap and go back
+    to it; ``release_free_memory`` still returns the heap to the OS after each large
+    tensor. glibc's defaults are restored on exit.
+    """
+    if _MALLOPT is None:
+        yield
+        return
+    _MALLOPT(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)  # glibc's upper bound on 64-bit
+    _MALLOPT(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES)
+    try:
+        yield
+    finally:
+        _MALLOPT(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+        _MALLOPT(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
 
 
 def release_free_memory() -> None:
@@ -96,9 +124,9 @@ def keep_mask(seed: int, input_index: int, name: str, start: int, length: int, n
     """Bernoulli(keep_probability) mask for entries [start, start+length) of input ``input_index``
     of tensor ``name`` (``numel`` entries): block b's mask is ``torch.rand(block length,
     generator=manual_seed(derive_seed(seed, input_index, name, b))) < keep_probability``.
-    ``keep_probability`` may be a tensor of ``length`` entries (one probability per entry)."""
-    if start % RANDOM_BLOCK:
-        raise ValueError("chunks must start on a random-block boundary")
+    ``keep_probability`` may be a tensor of ``length`` entries (one probability per entry).
+    ``start`` may fall inside a block (the block is drawn whole and sliced: the same
+    entries get the same draws), though chunks on block boundaries draw each block once."""
     parts = []
     first = start // RANDOM_BLOCK
     last = (start + length - 1) // RANDOM_BLOCK
@@ -107,7 +135,8 @@ def keep_mask(seed: int, input_index: int, name: str, start: int, length: int, n
         gen = torch.Generator().manual_seed(derive_seed(seed, input_index, name, block))
         parts.append(torch.rand(block_len, generator=gen))
     draws = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return draws[:length] < keep_probability
+    offset = start - first * RANDOM_BLOCK
+    return draws[offset : offset + length] < keep_probability
 
 
 def chunk_ranges(numel: int, chunk: int = CHUNK_ELEMENTS) -> Iterator[tuple[int, int]]:

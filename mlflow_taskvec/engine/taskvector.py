@@ -21,13 +21,13 @@ import torch
 from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import Checkpoint, open_checkpoint
 from mlflow_taskvec.engine.checks import finite_number
+from mlflow_taskvec.engine.device import DeviceRunner, on_device, parse_device
 from mlflow_taskvec.engine.io import TensorSpec
 from mlflow_taskvec.engine.streaming import (
     CHUNK_ELEMENTS,
     STORAGE_DTYPES,
     check_finite,
     chunk_ranges,
-    flat_slice,
     one_torch_thread,
     parse_dtype,
     release_free_memory,
@@ -48,9 +48,9 @@ class _Term:
 
     def chunk(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         if self.stored is not None:
-            return self.stored.chunk(name, start, stop, dtype)
-        ft = flat_slice(self.finetuned.get_tensor(name), start, stop, dtype)
-        return torch.sub(ft, flat_slice(self.base.get_tensor(name), start, stop, dtype))
+            return self.stored.read_chunk(name, start, stop, dtype)
+        ft = self.finetuned.read_chunk(name, start, stop, dtype)
+        return torch.sub(ft, self.base.read_chunk(name, start, stop, dtype))
 
     def sources(self) -> list[Checkpoint]:
         return [self.stored] if self.stored is not None else [self.finetuned, self.base]
@@ -229,7 +229,7 @@ class TaskVector:
             return
         for term in self._terms:
             for src in term.sources():
-                check_finite(src.chunk(name, start, stop, values.dtype), lambda: f"tensor {name!r} of {src.source}")
+                check_finite(src.read_chunk(name, start, stop, values.dtype), lambda: f"tensor {name!r} of {src.source}")
         check_finite(values, lambda: f"tensor {name!r} of {self!r}")
 
     # -- algebra ------------------------------------------------------------------
@@ -347,8 +347,10 @@ class TaskVector:
         allow_nonfinite: bool = False,
         progress=None,
         dense: bool = False,
+        device: "str | torch.device | None" = None,
     ) -> str:
         """Stream the vector to ``output`` (a ``.safetensors`` file or a directory); returns its fingerprint.
+        With ``device``, chunks are computed there (see ``engine.device``).
 
         A vector that came from a LoRA adapter (unscaled, uncombined) is saved as its
         factors unless ``dense``, a 16-bit ``dtype`` or ``max_shard_size`` asks otherwise;
@@ -364,15 +366,24 @@ class TaskVector:
                 kept.check_finite()
             save_low_rank(kept, output, self.metadata(), overwrite=overwrite, progress=progress)
             return kept.fingerprint()
+        target = parse_device(device)
+        source, run = self, (lambda job: job())
+        if target is not None:
+            runner = DeviceRunner(target)
+            source, run = on_device(self, runner), runner.run
         specs = {n: TensorSpec(out_dtype or s.dtype, s.shape) for n, s in self._specs.items()}
         compute = torch.float64 if any(s.dtype == torch.float64 for s in specs.values()) else torch.float32
         with CheckpointWriter(output, specs, self.metadata(), max_shard_size=max_shard_size, overwrite=overwrite) as writer, one_torch_thread():
             for name in writer.order:
                 for start, stop in chunk_ranges(specs[name].numel):
-                    values = self.chunk(name, start, stop, compute)
-                    if not allow_nonfinite:
-                        self.check_finite(name, start, stop, values)
-                    writer.write(name, values.to(specs[name].dtype))
+
+                    def job(name=name, start=start, stop=stop):
+                        values = source.chunk(name, start, stop, compute)
+                        if not allow_nonfinite:
+                            source.check_finite(name, start, stop, values)
+                        return values.to(specs[name].dtype)
+
+                    writer.write(name, run(job))
                 if specs[name].numel > CHUNK_ELEMENTS:
                     release_free_memory()
                 if progress is not None:

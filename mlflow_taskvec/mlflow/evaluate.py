@@ -27,6 +27,7 @@ from mlflow.utils.model_utils import _add_code_from_conf_to_system_path
 from mlflow_taskvec import compose
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.mlflow import flavor
+from mlflow_taskvec.engine.coefficients import Coefficient, values_of
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.evaluation import (
     MetricCache,
@@ -71,7 +72,7 @@ class Input:
     vector: TaskVector
     fingerprint: str  # of the vector, or of the fine-tune for ``finetuned:`` inputs
     task: str | None
-    weight: float
+    weight: Coefficient
     finetuned_path: Path | None = None  # set for ``finetuned:`` inputs
 
 
@@ -96,7 +97,7 @@ class CompositeEvaluation:
         """For each evaluated task, the input that stands for its fine-tune (the first with a positive weight)."""
         found: dict[str, Input] = {}
         for item in self.inputs:
-            if item.task in self.spec.tasks and item.weight > 0 and item.task not in found:
+            if item.task in self.spec.tasks and min(values_of(item.weight)) > 0 and item.task not in found:
                 found[item.task] = item
         return found
 

@@ -28,13 +28,14 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from mlflow_taskvec.compose import compose_to, write_model_card
+from mlflow_taskvec.engine.coefficients import Coefficient
 from mlflow_taskvec.engine.taskvector import TaskVector
-from mlflow_taskvec.engine.writer import check_output_path
+from mlflow_taskvec.engine.writer import check_output_path, move_into_place
 from mlflow_taskvec.errors import TaskVecError, TaskVecWarning
 from mlflow_taskvec.mlflow import flavor
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.downloads import Resolved
-from mlflow_taskvec.mlflow.evaluate import composite_evaluation
+from mlflow_taskvec.mlflow.evaluate import composite_evaluation, module_builder
 from mlflow_taskvec.mlflow.inputs import resolve_inputs
 from mlflow_taskvec.mlflow.server import check_can_register, server_error, server_errors
 from mlflow_taskvec.modelcard import hub_name_of
@@ -42,8 +43,9 @@ from mlflow_taskvec.recipe import Recipe
 from mlflow_taskvec.references import is_local
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.6g}"
+def _fmt(value: Coefficient) -> str:
+    """A number for tags and descriptions; a per-layer coefficient as JSON, its globs in order."""
+    return json.dumps(value) if isinstance(value, dict) else f"{value:.6g}"
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
@@ -97,6 +99,7 @@ class Registered:
     model_id: str
     run_id: str
     tags: dict
+    compression: object = None  # for a compressed vector: the engine's CompressionResult
 
     @property
     def version_uri(self) -> str:
@@ -150,6 +153,78 @@ def register_task_vector(
     registered = Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
     _warn_not_reproducible(registered, local_paths)
     return registered
+
+
+@_asks_the_server_first
+def register_compressed_vector(
+    source_ref: str,
+    name: str,
+    layout: str,
+    density: float | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    output: "str | os.PathLike | None" = None,
+    overwrite: bool = False,
+    alias: str | None = None,
+    device: str | None = None,
+) -> Registered:
+    """Compress the task vector ``source_ref`` (``engine.compressed``) and register the result.
+
+    The compressed vector is logged in the source vector's run (else the active or a new
+    run) as a ``task_vector`` model; its version carries the source's lineage tags, its
+    own fingerprint (of the densified vector), the layout, stored and dense sizes, and
+    ``taskvec.compressed_from`` naming the source version. With ``output`` it is also
+    kept there.
+    """
+    from mlflow_taskvec.engine.compressed import check_settings, compress
+    from mlflow_taskvec.mlflow.downloads import resolve
+
+    check_settings(layout, density, rank, energy)
+    if output is not None:
+        check_output_path(output, overwrite)
+    source = resolve(source_ref)
+    vector = TaskVector.load(source.path)
+    recorded = {**(source.conf or {}), **source.tags}  # a registered version's tags, else its flavor block
+    with tempfile.TemporaryDirectory(prefix="taskvec-compress-") as tmp:
+        target = Path(output) if output is not None else Path(tmp) / "vector.safetensors"
+        result = compress(vector, target, layout, density, rank, energy, source_fingerprint=source.fingerprint, overwrite=overwrite, device=device)
+        with _run_context(source.run_id) as run:
+            lineage = {"compressed_from": source.canonical, "base_uri": recorded.get(tag.BASE_URI) or recorded.get("base_uri", "")}
+            info = flavor.log_model(str(target), name="task_vector", lineage=lineage)
+            conf = info.flavors[flavor.FLAVOR_NAME]
+            tags = {
+                tag.KIND: tag.TASK_VECTOR,
+                tag.TASK: vector.task or "",
+                tag.BASE_URI: lineage["base_uri"],
+                tag.BASE_FINGERPRINT: vector.base_fingerprint,
+                tag.FINETUNED_URI: recorded.get(tag.FINETUNED_URI) or recorded.get("finetuned_uri", ""),
+                tag.FINGERPRINT: conf["fingerprint"],
+                tag.NUM_PARAMETERS: conf["num_parameters"],
+                tag.L2_NORM: _fmt(conf["l2_norm"]),
+                tag.COMPRESSED_FROM: source.canonical,
+                tag.SOURCE_FINGERPRINT: source.fingerprint,
+                tag.LAYOUT: layout,
+                tag.LAYOUT_PARAMS: json.dumps(result.settings, sort_keys=True),
+                tag.STORED_BYTES: result.stored_bytes,
+                tag.DENSE_BYTES: result.dense_bytes,
+            }
+            MlflowClient().set_logged_model_tags(info.model_id, {k: str(v) for k, v in tags.items()})
+            setting = ", ".join(f"{k} {v:g}" for k, v in result.settings.items())
+            description = "\n".join([
+                f"**Compressed task vector** for task `{vector.task or '?'}`: `{layout}`" + (f" ({setting})" if setting else "")
+                + f" of `{source.canonical}`, {result.ratio:.1f}x smaller than the dense vector.",
+                "",
+                "| role | reference | fingerprint |",
+                "|---|---|---|",
+                f"| compressed from | `{source.canonical}` | `{source.fingerprint[:16]}` |",
+                f"| task vector (densified) | this version | `{conf['fingerprint'][:16]}` |",
+                "",
+                f"{result.stored_bytes} bytes stored for {result.dense_bytes} dense; {conf['num_parameters']} parameters in {conf['num_tensors']} tensors.",
+            ])
+            mv = _create_version(name, info, run.info.run_id, tags, description)
+    if alias:
+        MlflowClient().set_registered_model_alias(name, alias, mv.version)
+    return Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags, compression=result)
 
 
 def _vector_description(vector: TaskVector, base: Resolved, finetuned: Resolved, conf: dict) -> str:
@@ -216,10 +291,20 @@ def register_composite(
     architecture, code_paths, signature = _architecture_of(base)
     local_paths = _local_paths(recipe.references)
 
-    with _run_context(None) as run, tempfile.TemporaryDirectory(prefix="taskvec-compose-") as tmp:
+    # With an output, the temporary folder is beside it, so the registered composite is
+    # renamed into place at the end: a failure on the way leaves nothing there.
+    scratch = {"prefix": f".{Path(output).name}.partial-", "dir": Path(output).parent} if output is not None else {"prefix": "taskvec-compose-"}
+    with _run_context(None) as run, tempfile.TemporaryDirectory(**scratch) as tmp:
         mlflow.log_params(_run_params(resolved))
-        weights = Path(output) if output is not None else Path(tmp) / "weights"
-        result = compose_to(inputs.local(), output=weights, overwrite=overwrite, recorded=resolved)
+        weights = Path(tmp) / "weights"
+        with inputs.named_as_references():
+            result = compose_to(inputs.local(), output=weights)
+        metrics = {}
+        if evaluate is None and resolved.evaluation is not None:
+            evaluate = composite_evaluation(inputs).evaluate
+        if evaluate is not None:
+            # evaluated before anything is logged: a failing evaluator leaves no artifact and no logged model
+            metrics = evaluate(module_builder(base)(flavor.read_state(weights)))
         recipe_path = Path(tmp) / "recipe.yaml"
         recipe_path.write_text(yaml.safe_dump(resolved.model_dump(exclude={"output", "search"}), sort_keys=False), "utf-8")
         mlflow.log_artifact(str(recipe_path))
@@ -234,6 +319,9 @@ def register_composite(
             "base_uri": base.canonical,
             "recipe_sha256": resolved.sha256(),
         }
+        if metrics and weights.is_dir():  # the model card gains the metrics before it is logged
+            rows = [{"ref": r["uri"], "weight": r["weight"], "fingerprint": r["fingerprint"], "task": e.task} for r, e in zip(input_rows, resolved.vectors)]
+            write_model_card(weights, resolved, hub_name_of(base.path) or base.canonical, rows, result, metrics)
         hf_base = base.model_dir if flavor.hf_flavor_of(base.model_dir) else None
         if hf_base is None and (flavor.has_tokenizer(base.path) or (base.model_dir and flavor.has_tokenizer(base.model_dir))) and not flavor.has_tokenizer(weights):
             raise TaskVecError(
@@ -249,17 +337,8 @@ def register_composite(
             signature=signature,
             hf_base=hf_base,
         )
-        metrics = {}
-        if evaluate is None and resolved.evaluation is not None:
-            evaluate = composite_evaluation(inputs).evaluate
-        if evaluate is not None:
-            metrics = evaluate(flavor.load_model(info.model_uri))
+        if metrics:
             mlflow.log_metrics(metrics, model_id=info.model_id)
-            # the model card gains the metrics, in the logged model and in the output folder
-            rows = [{"ref": r["uri"], "weight": r["weight"], "fingerprint": r["fingerprint"], "task": e.task} for r, e in zip(input_rows, resolved.vectors)]
-            if weights.is_dir():
-                card = write_model_card(weights, resolved, hub_name_of(base.path) or base.canonical, rows, result, metrics)
-                MlflowClient().log_model_artifact(info.model_id, str(card), artifact_path=info.flavors[flavor.FLAVOR_NAME]["data"])
         tags = {
             tag.KIND: tag.COMPOSITE,
             tag.METHOD: resolved.method,
@@ -276,6 +355,8 @@ def register_composite(
         MlflowClient().set_logged_model_tags(info.model_id, tags)
         description = composite_description(resolved, base, inputs.vectors, result.fingerprint, metrics, note)
         mv = _create_version(name, info, run.info.run_id, tags, description)
+        if output is not None:
+            move_into_place(weights, Path(output))
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, mv.version)
     registered = Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
@@ -302,10 +383,15 @@ def _architecture_of(base: Resolved) -> tuple[dict, list[str] | None, object]:
     return base.conf.get("architecture") or {}, code_paths, signature
 
 
+def _as_param(value: Coefficient):
+    """A number as MLflow logs numbers; a per-layer coefficient as JSON, its globs in order."""
+    return json.dumps(value) if isinstance(value, dict) else value
+
+
 def _run_params(recipe: Recipe) -> dict:
-    params = {"method": recipe.method, "scale": recipe.scale, "num_inputs": len(recipe.vectors)}
+    params = {"method": recipe.method, "scale": _as_param(recipe.scale), "num_inputs": len(recipe.vectors)}
     for i, e in enumerate(recipe.vectors):
-        params[f"vectors.{i}.weight"] = e.weight
+        params[f"vectors.{i}.weight"] = _as_param(e.weight)
         params[f"vectors.{i}.uri"] = e.ref
     for k, v in recipe.params.items():
         params[f"params.{k}"] = v

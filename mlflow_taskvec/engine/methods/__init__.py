@@ -11,6 +11,13 @@ range); the recipe, ``validate_params``, ``mlflow-taskvec methods`` and
 A method that needs something computed over the *whole* tensor of each input
 before its chunks are merged (the trim thresholds of ``ties``) declares a
 ``prepare`` pre-pass; its result reaches every chunk as ``ctx.prepared``.
+A method that cannot work chunk by chunk at all (an SVD of a weight matrix)
+declares ``whole_tensor``: ``True``, or a predicate ``(name, shape, params) -> bool``
+choosing the tensors it needs whole; those reach it unflattened, in their shape,
+one tensor at a time (the executor holds the T inputs of that tensor, never the model).
+A method whose parameters constrain each other declares ``check(params)``,
+called by ``validate_params`` after each parameter passed its own range; a method
+that takes a fixed number of inputs declares ``inputs``.
 
 Adding a method: one module in this package that defines it with ``@merge_method``
 (every module here is imported when the package is), and a row in
@@ -55,6 +62,13 @@ class ParamSpec:
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+    def search_bounds(self) -> tuple[float, float]:
+        """The closed interval ``search`` samples from: the declared range, an open bound moved
+        inward to the nearest float (so every sample is a valid value)."""
+        low = math.nextafter(self.low, self.high) if self.low_open else self.low
+        high = math.nextafter(self.high, self.low) if self.high_open else self.high
+        return low, high
 
     def describe_range(self) -> str:
         if self.low is None and self.high is None:
@@ -101,17 +115,28 @@ class MergeContext:
     numel: int  # size of the whole tensor
     params: dict
     prepared: Any = None  # what the method's ``prepare`` computed over the whole tensor
+    shape: tuple[int, ...] = ()  # the whole tensor's shape
+    whole_tensor: bool = False  # the deltas are whole tensors in ``shape`` (else flat chunks)
+    base: torch.Tensor | None = None  # the base's entries matching the deltas, in the compute dtype
+    device: torch.device | None = None  # where the chunk's tensors are
 
-    def keep_mask(self, input_index: int, length: int, keep_probability) -> torch.Tensor:
-        """Bernoulli(keep_probability) mask for entries [start, start+length) of input ``input_index``
-        (the seed is ``params['seed']``; see ``streaming.keep_mask``)."""
+    def keep_mask(self, input_index: int, length: int, keep_probability, offset: int = 0) -> torch.Tensor:
+        """Bernoulli(keep_probability) mask for entries [start + offset, start + offset + length) of
+        input ``input_index`` (the seed is ``params['seed']``; see ``streaming.keep_mask``)."""
         seed = int(self.params.get("seed", 0))
-        return keep_mask(seed, input_index, self.name, self.start, length, self.numel, keep_probability)
+        if isinstance(keep_probability, torch.Tensor):
+            keep_probability = keep_probability.cpu()  # masks are drawn on the CPU
+        mask = keep_mask(seed, input_index, self.name, self.start + offset, length, self.numel, keep_probability)
+        return mask if self.device is None else mask.to(self.device)  # drawn on the CPU: the same masks everywhere
 
 
 MethodFn = Callable[[list[torch.Tensor], list[float], MergeContext], torch.Tensor]
 # prepare(name, numel, params, inputs, dtype): inputs[i]() yields (start, chunk) of input i, afresh, in order.
 PrepareFn = Callable[[str, int, dict, list[Callable[[], Iterable[tuple[int, torch.Tensor]]]], torch.dtype], Any]
+# whole_tensor(name, shape, params): whether the method needs tensor ``name`` whole.
+WholeTensorFn = Callable[[str, tuple[int, ...], dict], bool]
+# check(params): raise TaskVecError naming the parameters that do not fit together.
+CheckFn = Callable[[dict], None]
 
 
 @dataclass(frozen=True)
@@ -125,6 +150,19 @@ class MergeMethod:
     # buffer, with no per-vector temporaries.
     linear: bool = False
     paper: str | None = None  # arXiv id
+    whole_tensor: bool | WholeTensorFn = False
+    check: CheckFn | None = None  # a cross-parameter check, after each parameter's own
+    inputs: int | None = None  # the exact number of task vectors it takes, when fixed
+    search_scale: tuple[float, float] = (0.0, 1.0)  # the scale range ``search`` tries by default
+
+    def takes_whole_tensor(self, name: str, shape: tuple[int, ...], params: dict) -> bool:
+        if callable(self.whole_tensor):
+            return bool(self.whole_tensor(name, tuple(shape), params))
+        return bool(self.whole_tensor)
+
+    def check_input_count(self, count: int) -> None:
+        if self.inputs is not None and count != self.inputs:
+            raise TaskVecError(f"method {self.name!r} merges exactly {self.inputs} task vectors, got {count}")
 
     @property
     def param_names(self) -> list[str]:
@@ -143,11 +181,22 @@ class MergeMethod:
 METHODS: dict[str, MergeMethod] = {}
 
 
-def merge_method(name: str, summary: str, params: Iterable[ParamSpec] = (), prepare: PrepareFn | None = None, linear: bool = False, paper: str | None = None):
+def merge_method(
+    name: str,
+    summary: str,
+    params: Iterable[ParamSpec] = (),
+    prepare: PrepareFn | None = None,
+    linear: bool = False,
+    paper: str | None = None,
+    whole_tensor: bool | WholeTensorFn = False,
+    check: CheckFn | None = None,
+    inputs: int | None = None,
+    search_scale: tuple[float, float] = (0.0, 1.0),
+):
     """Add the decorated function to the method catalogue under ``name``."""
 
     def deco(fn: MethodFn) -> MethodFn:
-        METHODS[name] = MergeMethod(name, fn, summary, tuple(params), prepare, linear, paper)
+        METHODS[name] = MergeMethod(name, fn, summary, tuple(params), prepare, linear, paper, whole_tensor, check, inputs, search_scale)
         return fn
 
     return deco
@@ -174,6 +223,8 @@ def validate_params(method: MergeMethod, params: dict) -> dict:
             raise TaskVecError(f"method {method.name!r} needs parameter {spec.name!r}")
         else:
             out[spec.name] = spec.default
+    if method.check is not None:
+        method.check(out)
     return out
 
 
