@@ -7,6 +7,7 @@ their fingerprints, the method and, when there are any, the metrics.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -48,12 +49,12 @@ def model_card(
         "",
         f"# Composite of {base_model}",
         "",
-        f"Made with mlflow-taskvec by task arithmetic: `base + {recipe.scale:g} * {recipe.method}(weights, task vectors)`.",
+        f"Made with mlflow-taskvec by task arithmetic: `base + scale * {recipe.method}(weights, task vectors)`.",
         "",
         "| | |",
         "|---|---|",
         f"| method | `{recipe.method}` (params: {params}) |",
-        f"| scale | {recipe.scale:g} |",
+        f"| scale | {_coefficient(recipe.scale)} |",
         f"| base | `{recipe.base}` (fingerprint `{base_fingerprint[:16]}`) |",
         f"| fingerprint | `{fingerprint}` |",
         f"| recipe sha256 | `{recipe.sha256()}` |",
@@ -63,9 +64,14 @@ def model_card(
         "| input | task | weight | fingerprint |",
         "|---|---|---|---|",
     ]
-    lines += [f"| `{i['ref']}` | {i.get('task') or ''} | {i['weight']:g} | `{(i.get('fingerprint') or '')[:16]}` |" for i in inputs]
+    lines += [f"| `{i['ref']}` | {i.get('task') or ''} | {_coefficient(i['weight'])} | `{(i.get('fingerprint') or '')[:16]}` |" for i in inputs]
     if metrics:
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items())]
     lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe.model_dump(exclude={"output", "search"}, exclude_none=True), sort_keys=False).strip(), "```", ""]
     return "\n".join(lines)
+
+
+def _coefficient(value) -> str:
+    """A scale or weight: a number, or per-layer coefficients (a mapping) as JSON."""
+    return f"{value:g}" if isinstance(value, (int, float)) else json.dumps(value, sort_keys=True, default=str)
