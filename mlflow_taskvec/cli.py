@@ -71,6 +71,7 @@ _device = click.option("--device", default=None, callback=lambda _c, _p, v: v or
 @click.version_option(__version__, prog_name="mlflow-taskvec")
 def main():
     """Edit models with task arithmetic: extract, compose and inspect task vectors."""
+    warnings.showwarning = _show_warning
     if not sys.stderr.isatty():  # MLflow's download bars only on a terminal: errors stay one line
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     ctx = click.get_current_context()
@@ -96,6 +97,16 @@ def _warnings_as_lines():
     finally:
         warnings.showwarning = shown
 
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """The project's warnings as one line on stderr; others as Python prints them."""
+    if issubclass(category, TaskVecWarning):
+        click.echo(f"Warning: {message}", err=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
 
 _register = click.option("--register", "register_as", default=None, metavar="NAME", help="Log to MLflow and register a version of this registered model.")
 _alias = click.option("--alias", default=None, help="With --register: point this alias at the new version.")
@@ -135,9 +146,11 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
 
         check_destination(register_as, allow_mixed)  # before the output is written
         base_ref, ft_ref = resolve(base), resolve(finetuned)
-        base_ckpt, ft_ckpt = open_reference(base_ref.path), open_reference(ft_ref.path)
+        base_ckpt = open_reference(base_ref.path)
+        ft_ckpt = open_reference(ft_ref.path, base=base_ckpt)
     else:
-        base_ckpt, ft_ckpt = open_reference(base), open_reference(finetuned)
+        base_ckpt = open_reference(base)
+        ft_ckpt = open_reference(finetuned, base=base_ckpt)
     vector = TaskVector.extract(base_ckpt, ft_ckpt, include=include or None, exclude=exclude or None, task=task or None)
     if output is None:
         _report_registration(quiet, _register_vector(vector, register_as, base_ref, ft_ref, run_id, alias, allow_mixed))
@@ -152,6 +165,12 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
         close()
     _echo(quiet, f"task vector: {output}")
     _echo(quiet, f"tensors: {len(vector.names)}  parameters: {vector.num_parameters}  skipped: {len(vector.skipped)}")
+    one_sided = [n for n in vector.skipped if (n in base_ckpt) != (n in ft_ckpt)] if vector.low_rank_source is None else []
+    if one_sided:
+        _echo(quiet, "skipped, in one of the two only (integer or bool buffers): " + ", ".join(one_sided))
+    if vector.low_rank_source is not None:
+        stored = vector.low_rank_source.subset(vector.names)
+        _echo(quiet, f"stored low-rank: {stored.stored_bytes} bytes (dense: {stored.dense_nbytes()} bytes)")
     _echo(quiet, f"base fingerprint: {vector.base_fingerprint}")
     _echo(quiet, f"fingerprint: {fingerprint}")
     if register_as is not None:
@@ -196,6 +215,8 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, a
     if register_as is not None:
         from mlflow_taskvec.mlflow.registry import register_composite
 
+        if output is None and spec.output is not None:  # the recipe's output: is written too
+            output = output_path(spec)
         reg = register_composite(
             spec, register_as, alias=alias, require_alias=require_alias, output=output, overwrite=overwrite, allow_mixed=allow_mixed
         )
@@ -358,19 +379,23 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
         _report_registration(quiet, result.registered)
 
 
+_adapter_base = click.option("--base", default=None, help="The base of a PEFT LoRA adapter (default: its base_model_name_or_path, if a local folder).")
+
+
 @main.command()
 @click.argument("ref")
 @click.option("--top", default=10, help="How many of the largest tensors (by L2 norm) to list.")
 @click.option("--layers", is_flag=True, help="Also list L2 norms per layer.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", help="Output format.")
+@_adapter_base
 @_fail_cleanly
-def inspect(ref, top, layers, fmt):
+def inspect(ref, top, layers, fmt, base):
     """Describe a checkpoint or task vector: tensors, parameters, dtypes, fingerprint, norms."""
     from mlflow_taskvec.engine import metadata as meta_keys
     from mlflow_taskvec.engine.inspect import describe
     from mlflow_taskvec.references import open_reference
 
-    d = describe(open_reference(ref))
+    d = describe(open_reference(ref, base=open_reference(base) if base else None))
     if fmt == "json":
         out = {
             "source": d.source,
@@ -386,6 +411,8 @@ def inspect(ref, top, layers, fmt):
             "stored_bytes": d.stored_bytes,
             "dense_bytes": d.dense_bytes,
         }
+        if d.low_rank is not None:
+            out["low_rank"] = d.low_rank
         if layers:
             out["layers"] = d.layer_norms()
         click.echo(json.dumps(out, indent=2))
@@ -403,6 +430,9 @@ def inspect(ref, top, layers, fmt):
     if d.layout != "dense":
         click.echo(f"layout: {d.layout}")
         click.echo(f"size: {d.stored_bytes} bytes stored, {d.dense_bytes} dense ({d.compression_ratio:.1f}x smaller)")
+        if d.low_rank is not None:
+            ranks = ", ".join(map(str, sorted(set(d.low_rank["ranks"].values())))) or "-"
+            click.echo(f"low-rank tensors: {len(d.low_rank['ranks'])} (rank {ranks}); dense: {d.low_rank['dense_tensors']}; zero: {d.low_rank['zero_tensors']}")
     if top > 0 and d.tensor_norms:
         click.echo(f"largest {min(top, len(d.tensor_norms))} tensors by l2 norm:")
         width = max(len(n) for n, _ in d.largest(top))
@@ -437,19 +467,21 @@ def _render(frame, fmt: str) -> str:
 @click.argument("refs", nargs=-1, required=True)
 @click.option("--heatmap", type=click.Path(path_type=Path), default=None, help="Write a heatmap PNG here.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "markdown", "json"]), default="table", help="Output format.")
+@_adapter_base
 @_fail_cleanly
-def similarity(refs, heatmap, fmt):
+def similarity(refs, heatmap, fmt, base):
     """Cosine similarity matrix of task vectors REFS (as in the paper, near 0 for unrelated tasks)."""
     import pandas as pd
 
     from mlflow_taskvec.engine.inspect import cosine_matrix
-    from mlflow_taskvec.references import load_vector
+    from mlflow_taskvec.references import load_vector, open_reference
 
     if len(refs) < 2:
         raise click.UsageError("give at least two task vectors")
     if heatmap is not None and not heatmap.parent.is_dir():  # before anything is printed
         raise TaskVecError(f"{heatmap}: cannot write the heatmap, there is no folder {heatmap.parent}")
-    vectors = [load_vector(r) for r in refs]
+    base_ckpt = open_reference(base) if base else None
+    vectors = [load_vector(r, base=base_ckpt) for r in refs]
     labels = [v.task or Path(str(r)).name for v, r in zip(vectors, refs)]
     frame = pd.DataFrame(cosine_matrix(vectors).numpy(), index=pd.Index(labels, name="cosine"), columns=labels)
     click.echo(_render(frame, fmt))
@@ -565,6 +597,67 @@ def verify(ref, recursive, quiet):
         click.echo(f"verified: {result.uri} ({result.kind}, fingerprint {result.fingerprint[:16]})")
         for check in result.checks:
             _echo(quiet, f"  ok  {check}")
+
+
+@main.command("export-lora")
+@click.argument("ref")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="The adapter folder to write (adapter_config.json + adapter_model.safetensors).")
+@click.option("--base", default=None, help="With a composite or fine-tune REF: export REF - BASE. Needed for --modules-to-save and for a PEFT adapter REF.")
+@click.option("--rank", type=int, default=None, help="The rank of every module.")
+@click.option("--energy", type=float, default=None, help="Per module, the smallest rank keeping this share of the delta's squared Frobenius norm (e.g. 0.99).")
+@click.option("--modules-to-save", "modules_to_save", multiple=True, metavar="GLOB", help="Modules written whole (base + delta) under modules_to_save, e.g. '*.LayerNorm' (repeatable).")
+@click.option("--dtype", default="float32", help="The factors' dtype (float32, float16 or bfloat16).")
+@click.option("--base-name", default=None, help="base_model_name_or_path to record (default: the local --base path).")
+@_overwrite
+@_quiet
+@_fail_cleanly
+def export_lora_command(ref, output, base, rank, energy, modules_to_save, dtype, base_name, overwrite, quiet):
+    """Write a task vector REF (or REF - BASE) as a PEFT LoRA adapter by truncated SVD of each 2-D delta.
+
+    Prints each tensor's rank and relative Frobenius error ||delta - B A|| / ||delta||,
+    the total over the whole vector, and what a LoRA adapter cannot hold (1-D tensors
+    such as biases and norms, unless their modules go to --modules-to-save).
+    """
+    from mlflow_taskvec.engine import metadata as meta_keys
+    from mlflow_taskvec.engine.lora import export_lora
+    from mlflow_taskvec.engine.streaming import STORAGE_DTYPES, parse_dtype
+    from mlflow_taskvec.engine.taskvector import TaskVector
+    from mlflow_taskvec.references import open_reference
+
+    factor_dtype = parse_dtype(dtype, "--dtype", {k: v for k, v in STORAGE_DTYPES.items() if k != "float64"})
+    if (rank is None) == (energy is None):
+        raise click.UsageError("give exactly one of --rank or --energy")
+    base_ckpt = open_reference(base) if base else None
+    source = open_reference(ref, base=base_ckpt)
+    kind = source.metadata().get(meta_keys.KIND, "checkpoint")
+    if kind == meta_keys.TASK_VECTOR:
+        vector = TaskVector.load(source)
+    elif base_ckpt is not None:
+        vector = TaskVector.extract(base_ckpt, source)
+    else:
+        raise TaskVecError(f"{ref}: is a {kind}, not a task vector: give its --base to export REF - BASE")
+    if base_name is None and base_ckpt is not None and base_ckpt.directory is not None:
+        base_name = str(base_ckpt.directory.resolve())
+    step, close = progress_bar(len(vector.names), "export-lora", "tensor", quiet)
+    try:
+        result = export_lora(
+            vector, output, rank=rank, energy=energy, modules_to_save=modules_to_save, base=base_ckpt,
+            base_model_name_or_path=base_name, dtype=factor_dtype, overwrite=overwrite, progress=step,
+        )
+    finally:
+        close()
+    _echo(quiet, f"adapter: {result.output}")
+    _echo(quiet, f"r: {result.r}  lora_alpha: {result.r}  modules: {len(result.tensors)}" + (f"  rank_pattern: {len(result.rank_pattern)} modules" if result.rank_pattern else ""))
+    if result.tensors:
+        width = max(len(t.name) for t in result.tensors)
+        for t in result.tensors:
+            _echo(quiet, f"  {t.name:<{width}}  rank {t.rank:>4}  relative error {t.relative_error:.4g}" + ("  (embedding)" if t.embedding else ""))
+    if result.saved_whole:
+        _echo(quiet, f"saved whole (modules_to_save): {len(result.saved_whole)} tensors")
+    if result.left_out:
+        share = sum(result.left_out.values())
+        _echo(quiet, f"not in the adapter ({share:.4%} of ||tau||^2; use --modules-to-save for them): " + ", ".join(sorted(result.left_out)))
+    _echo(quiet, f"total relative Frobenius error: {result.relative_error:.6g}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import Checkpoint
 from mlflow_taskvec.engine.merge import MergeResult, merge, merge_to
 from mlflow_taskvec.engine.taskvector import TaskVector
+from mlflow_taskvec.engine.writer import write_text_atomically
 from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.modelcard import CARD_NAME, hub_name_of, model_card
 from mlflow_taskvec.recipe import RECIPE_FORMAT, Recipe
 from mlflow_taskvec.references import load_vector, open_reference
 
@@ -32,9 +34,9 @@ def vectors_of(recipe: Recipe, base: Checkpoint) -> list[TaskVector]:
     for i, entry in enumerate(recipe.vectors):
         try:
             if entry.vector is not None:
-                v = load_vector(entry.vector, recipe.source_dir)
+                v = load_vector(entry.vector, recipe.source_dir, base=base)
             else:
-                ft = open_reference(entry.finetuned, recipe.source_dir)
+                ft = open_reference(entry.finetuned, recipe.source_dir, base=base)
                 v = TaskVector.extract(base, ft, include=entry.include, exclude=entry.exclude, task=entry.task)
         except TaskVecError as exc:
             raise TaskVecError(f"vectors[{i}]: {exc}") from None
@@ -110,7 +112,7 @@ def compose_to(
         meta_keys.RECIPE_SHA256: recorded.sha256(),
         **(metadata or {}),
     }
-    return merge_to(
+    result = merge_to(
         base,
         vectors,
         [e.weight for e in recipe.vectors],
@@ -121,3 +123,23 @@ def compose_to(
         progress=progress,
         **_options(recipe),
     )
+    if target.is_dir():  # a folder output is a drop-in HF model: its card replaces the base's
+        inputs = [
+            {"ref": entry.ref, "weight": entry.weight, "task": entry.task or v.task, "fingerprint": _input_fingerprint(v)}
+            for entry, v in zip(recorded.vectors, vectors)
+        ]
+        write_model_card(target, recorded, hub_name_of(base.directory) or recorded.base, inputs, result)
+    return result
+
+
+def write_model_card(folder: Path, recipe: Recipe, base_model: str, inputs: list[dict], result: MergeResult, metrics=None) -> Path:
+    """``folder/README.md``: the composite's model card (see ``modelcard``)."""
+    card = model_card(recipe, base_model, inputs, result.fingerprint, result.base_fingerprint, metrics)
+    write_text_atomically(folder / CARD_NAME, card)
+    return folder / CARD_NAME
+
+
+def _input_fingerprint(vector: TaskVector) -> str:
+    """A saved vector's own fingerprint, or the fine-tune's a vector is extracted from."""
+    term = vector.terms[0]
+    return (term.stored or term.finetuned).fingerprint()

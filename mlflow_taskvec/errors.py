@@ -10,4 +10,4 @@ class TaskVecError(Exception):
 
 
 class TaskVecWarning(UserWarning):
-    """Something legal but almost certainly not what was meant (e.g. an all-zero task vector)."""
+    """Something the user should know that does not stop the work (one line, like errors), e.g. an all-zero task vector."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from mlflow_taskvec.engine.checkpoint import Checkpoint, open_checkpoint
+from mlflow_taskvec.engine.lora import is_adapter, open_adapter
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.errors import TaskVecError
 
@@ -86,11 +87,16 @@ def resolve_path(ref: "str | os.PathLike", relative_to: Path | None = None) -> P
     return path
 
 
-def open_reference(ref, relative_to: Path | None = None) -> Checkpoint:
-    """Open the checkpoint a reference points at (lazily)."""
+def open_reference(ref, relative_to: Path | None = None, base=None) -> Checkpoint:
+    """Open the checkpoint a reference points at (lazily).
+
+    A PEFT LoRA adapter opens as the (low-rank) task vector of ``base``.
+    """
     if isinstance(ref, Checkpoint):
         return ref
     path = resolve_path(ref, relative_to)
+    if is_adapter(path):
+        return open_adapter(path, base)
     if is_local(ref):
         return open_checkpoint(path)
     try:
@@ -101,6 +107,6 @@ def open_reference(ref, relative_to: Path | None = None) -> Checkpoint:
     return ckpt
 
 
-def load_vector(ref, relative_to: Path | None = None) -> TaskVector:
-    """Open the task vector a reference points at (lazily)."""
-    return TaskVector.load(open_reference(ref, relative_to))
+def load_vector(ref, relative_to: Path | None = None, base=None) -> TaskVector:
+    """Open the task vector a reference points at (lazily); ``base`` for a LoRA adapter."""
+    return TaskVector.load(open_reference(ref, relative_to, base))

@@ -29,12 +29,13 @@ folder (the current directory), ``{recipe}`` the case's recipe file,
 Local checkpoints (``{local}``): ``base``, ``ft`` (a fine-tune of base), ``ft.tv``
 (its task vector), ``other.tv`` (a task vector of another base), ``nan`` (a
 fine-tune with a NaN), ``truncated.tv`` (a task vector cut in half), ``zero.tv``
-(base minus itself), ``reshaped.tv`` (ft.tv with one tensor flattened),
-``base-link`` (a symlink to base), ``big16`` / ``big16-ft`` (float16 with values near
-its limit), ``ints`` / ``ints-ft`` (integer tensors only), ``fractional-shape`` (a
-header with shape [32.7, 8]); all ``.safetensors``; and ``hf/``, the base as an HF
-folder with a config, a tokenizer folder and a dot file. Every local file's sha256
-is the same after each case.
+(base minus itself), ``reshaped.tv`` (ft.tv with one tensor flattened), ``norms.tv``
+(a vector of 1-D tensors only), ``base-link`` (a symlink to base), ``big16`` /
+``big16-ft`` (float16 with values near its limit), ``ints`` / ``ints-ft`` (integer
+tensors only), ``fractional-shape`` (a header with shape [32.7, 8]); all
+``.safetensors``; ``hf/``, the base as an HF folder with a config, a tokenizer folder
+and a dot file; and PEFT adapter folders ``lora`` (good) and ``lora-*`` (each wrong in
+one way, see ``_local_adapters``). Every local file's sha256 is the same after each case.
 """
 
 from __future__ import annotations
@@ -208,6 +209,21 @@ CASES = [
     Case("policy-runs-input", [*REGISTER, "--require-alias", "approved"], "vectors[0] (runs:/{rotate_run}/task_vector): not a registered model version", recipe=registry_recipe({"vector": "runs:/{rotate_run}/task_vector"})),
     Case("policy-missing-version", [*REGISTER, "--require-alias", "approved"], f"vectors[0]: models:/{vector_name('rotate')}/9: Model Version (name={vector_name('rotate')}, version=9) not found", recipe=registry_recipe({"vector": f"models:/{vector_name('rotate')}/9"})),
     Case("require-alias-empty", [*COMPOSE, "--require-alias", ""], "--require-alias: an alias name cannot be empty", recipe=local_recipe()),
+    # -- PEFT LoRA adapters and export-lora ---------------------------------------------------
+    Case("adapter-config-not-json", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/lora-not-json", "-o", "out/v.safetensors"], "lora-not-json/adapter_config.json: not a valid JSON adapter config"),
+    Case("adapter-without-r", COMPOSE, "vectors[0]: {local}/lora-no-r/adapter_config.json: r: required field is missing", recipe=local_recipe({"vector": "{local}/lora-no-r"})),
+    Case("adapter-r-zero", ["inspect", "{local}/lora-r-zero", "--base", "{local}/base.safetensors"], "lora-r-zero/adapter_config.json: r: 0 must be a positive integer"),
+    Case("adapter-factors-disagree-with-r", COMPOSE, "module 'model.layers.0.attn' has factors A [2, 4] and B [4, 2], which disagree with its r = 3", recipe=local_recipe({"finetuned": "{local}/lora-r-three"})),
+    Case("adapter-module-the-base-lacks", COMPOSE, "module 'model.layers.9.attn' changes 'model.layers.9.attn.weight', which the base {local}/base.safetensors lacks", recipe=local_recipe({"vector": "{local}/lora-absent"})),
+    Case("adapter-shape-differs-from-the-base", ["similarity", "{local}/lora", "{local}/lora-wide", "--base", "{local}/base.safetensors"], "gives 'model.layers.0.attn.weight' the shape [4, 5], but it is [4, 4] in the base"),
+    Case("adapter-dora", COMPOSE, "lora-dora/adapter_config.json: use_dora: DoRA adapters are not supported", recipe=local_recipe({"vector": "{local}/lora-dora"})),
+    Case("adapter-ia3", COMPOSE, "lora-ia3/adapter_config.json: peft_type: 'IA3' is not LORA", recipe=local_recipe({"vector": "{local}/lora-ia3"})),
+    Case("adapter-prompt-tuning", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/lora-prompt", "-o", "out/v.safetensors"], "peft_type: 'PROMPT_TUNING' is not LORA"),
+    Case("export-lora-rank-zero", ["export-lora", "{local}/ft.tv.safetensors", "-o", "out/adapter", "--rank", "0"], "--rank: 0 must be a positive integer"),
+    Case("export-lora-energy-above-one", ["export-lora", "{local}/ft.tv.safetensors", "-o", "out/adapter", "--energy", "1.5"], "--energy: 1.5 must be in (0, 1]"),
+    Case("export-lora-no-matrix", ["export-lora", "{local}/norms.tv.safetensors", "-o", "out/adapter", "--rank", "2"], "export-lora: the vector has no 2-D weight tensor"),
+    Case("export-lora-checkpoint-without-base", ["export-lora", "{local}/ft.safetensors", "-o", "out/adapter", "--rank", "2"], "{local}/ft.safetensors: is a checkpoint, not a task vector: give its --base"),
+    Case("export-lora-neither-rank-nor-energy", ["export-lora", "{local}/ft.tv.safetensors", "-o", "out/adapter"], "give exactly one of --rank or --energy", exit_code=2),
     # -- approve, lineage, verify ----------------------------------------------------------
     Case("approve-local-path", ["approve", "{local}/ft.tv.safetensors", "--alias", "approved"], "ft.tv.safetensors: not a registered model version", process=True),
     Case("approve-runs-reference", ["approve", "runs:/{rotate_run}/task_vector", "--alias", "approved"], "runs:/{rotate_run}/task_vector: not a registered model version"),
@@ -301,6 +317,8 @@ def _local_checkpoints(folder: Path) -> None:
     nan = finetune_state(base, 2)
     nan["model.layers.0.mlp.weight"][1, 1] = float("nan")
     save_file(nan, str(folder / "nan.safetensors"))
+    TaskVector.extract(folder / "base.safetensors", folder / "ft.safetensors", include=["model.norm.*"]).save(folder / "norms.tv.safetensors")
+    _local_adapters(folder)
     data = (folder / "ft.tv.safetensors").read_bytes()
     (folder / "truncated.tv.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.warns(TaskVecWarning, match="all zeros"):
@@ -318,6 +336,26 @@ def _local_checkpoints(folder: Path) -> None:
     write_hf_dir(folder / "hf", base, extra_files={"config.json": "{}", ".gitattributes": "*.safetensors lfs\n"})
     (folder / "hf" / "tokenizer").mkdir()
     (folder / "hf" / "tokenizer" / "vocab.txt").write_text("a\nb\n", "utf-8")
+
+
+def _local_adapters(folder: Path) -> None:
+    """PEFT-format LoRA adapters on the local base: one good, the rest each wrong in one way."""
+    g = torch.Generator().manual_seed(5)
+    good = {"base_model.model.model.layers.0.attn.lora_A.weight": torch.randn(2, 4, generator=g),
+            "base_model.model.model.layers.0.attn.lora_B.weight": torch.randn(4, 2, generator=g)}
+    absent = {k.replace("layers.0", "layers.9"): v for k, v in good.items()}
+    wide = {**good, "base_model.model.model.layers.0.attn.lora_A.weight": torch.randn(2, 5, generator=g)}
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["attn"]}
+    for name, changes, tensors in (
+        ("lora", {}, good), ("lora-no-r", {"r": None}, good), ("lora-r-zero", {"r": 0}, good),
+        ("lora-r-three", {"r": 3}, good), ("lora-absent", {}, absent), ("lora-wide", {}, wide),
+        ("lora-dora", {"use_dora": True}, good), ("lora-ia3", {"peft_type": "IA3"}, good),
+        ("lora-prompt", {"peft_type": "PROMPT_TUNING"}, good), ("lora-not-json", None, good),
+    ):
+        (folder / name).mkdir()
+        text = "{r: 2," if changes is None else json.dumps({k: v for k, v in {**config, **changes}.items() if v is not None})
+        (folder / name / "adapter_config.json").write_text(text, "utf-8")
+        save_file(tensors, str(folder / name / "adapter_model.safetensors"))
 
 
 @pytest.fixture(scope="module")

@@ -241,7 +241,7 @@ def test_compose_from_an_hf_style_base_directory_carries_config_and_tokenizer(mo
 
     assert_ok(cli("compose", recipe, "--output", out))
 
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]  # README.md: its model card
     assert (out / "config.json").read_text("utf-8") == config
     assert (out / "tokenizer.json").read_text("utf-8") == tokenizer
     merged, finetuned = load_file(str(out / "model.safetensors")), load_file(str(models.a))
@@ -570,7 +570,7 @@ def test_overwrite_replaces_an_existing_output_directory_and_its_old_content_is_
     result = cli("compose", recipe, "-o", out, "--overwrite")
 
     assert_ok(result)
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.safetensors"]
     assert open_checkpoint(out).metadata()["taskvec.kind"] == "composite"
     assert leftovers(models.root) == []
 

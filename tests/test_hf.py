@@ -93,8 +93,14 @@ def test_an_hf_checkpoint_logged_with_the_flavor_loads_as_automodel_and_predicts
     assert conf["kind"] == "checkpoint" and conf["architecture"] == {"hf_config": "config.json"}
     module = flavor.load_model(info.model_uri)
     assert type(module).__name__ == "BertModel"
-    predictions = mlflow.pyfunc.load_model(info.model_uri).predict(TOKENS.numpy())
-    torch.testing.assert_close(torch.from_numpy(predictions), embed(module).mean(dim=1))
+    # token ids bypass the signature (text): the flavor's own pyfunc loader takes them
+    data = Path(mlflow.artifacts.download_artifacts(info.model_uri)) / conf["data"]
+    predictions = flavor._load_pyfunc(str(data)).predict(TOKENS.numpy())
+    mask = (TOKENS != 0).float()
+    with torch.no_grad():
+        hidden = module(input_ids=TOKENS, attention_mask=TOKENS != 0).last_hidden_state
+    expected = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # padding masked out, not averaged in
+    torch.testing.assert_close(torch.from_numpy(predictions), expected)
 
 
 def test_an_mlflow_transformers_model_serves_as_a_base_reference(sqlite_store, tmp_path, finetuned_dir):
@@ -122,3 +128,128 @@ def test_an_mlflow_transformers_model_serves_as_a_base_reference(sqlite_store, t
     vector = TaskVector.extract(resolved.path, tmp_path / "ft")
     assert vector.base_fingerprint == resolved.fingerprint
     assert vector.norm() > 0
+
+
+def test_a_finetune_saved_by_transformers_extracts_against_the_packaged_folder(tmp_path, finetuned_dir):
+    """The package's folder holds the integer buffer embeddings.position_ids; transformers'
+    save_pretrained drops it. The buffer is skipped and listed, not a reason to refuse."""
+    model = transformers.AutoModel.from_pretrained(finetuned_dir, use_safetensors=True)
+    model.save_pretrained(tmp_path / "ft")
+    assert "embeddings.position_ids" not in open_checkpoint(tmp_path / "ft").keys()
+
+    vector = TaskVector.extract(MODEL_DIR, tmp_path / "ft")
+
+    assert vector.skipped == ("embeddings.position_ids",)
+    name = "encoder.layer.0.attention.output.dense.weight"
+    expected = open_checkpoint(finetuned_dir).get_tensor(name) - open_checkpoint(MODEL_DIR).get_tensor(name)
+    torch.testing.assert_close(vector.get_tensor(name), expected)
+
+
+def test_search_and_evaluation_run_on_an_hf_base(sqlite_store, tmp_path, finetuned_dir, monkeypatch):
+    """The evaluator gets a rebuilt BertModel for every candidate (transformers 5 refuses
+    from_pretrained(state_dict=...)); search_evaluators.peaked reads the scale back."""
+    from mlflow_taskvec.mlflow.search import search
+
+    vector = TaskVector.extract(MODEL_DIR, finetuned_dir, task="nudge")
+    vector.save(tmp_path / "nudge.safetensors")
+    monkeypatch.setenv("TASKVEC_TEST_BASE", str(MODEL_DIR / "model.safetensors"))
+    monkeypatch.setenv("TASKVEC_TEST_DIRECTION", str(tmp_path / "nudge.safetensors"))
+    recipe = parse_recipe({
+        "base": str(MODEL_DIR),
+        "vectors": [{"vector": str(tmp_path / "nudge.safetensors"), "task": "nudge"}],
+        "evaluation": {"evaluator": "search_evaluators:peaked", "tasks": ["nudge"]},
+        "search": {"scale": {"low": 0.0, "high": 0.7, "step": 0.35}, "objective": "mean.accuracy"},
+    })
+
+    result = search(recipe)
+
+    assert [c.scale for c in result.candidates] == pytest.approx([0.0, 0.35, 0.7])
+    assert result.best.scale == pytest.approx(0.35) and result.best.objective == pytest.approx(1.0, abs=1e-6)
+    assert result.test_metrics["nudge.accuracy"] == pytest.approx(1 - (0.35 - 0.5) ** 2, abs=1e-5)
+
+
+def test_an_hf_architecture_that_cannot_be_rebuilt_is_one_line(tmp_path):
+    folder = tmp_path / "odd"
+    shutil.copytree(MODEL_DIR, folder)
+    (folder / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(flavor.TaskVecError, match=r"odd: cannot rebuild the HF architecture from config.json: .*no-such-architecture"):
+        flavor.build_module({"architecture": {"hf_config": "config.json"}}, folder)
+
+
+def test_an_hf_checkpoints_pyfunc_takes_text_as_sentence_transformers_does(sqlite_store):
+    import numpy as np
+    import pandas as pd
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["the movie was great.", "a dull, slow film that never ends"]
+    with mlflow.start_run():
+        info = flavor.log_model(MODEL_DIR, name="minilm")
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    expected = SentenceTransformer(str(MODEL_DIR), device="cpu").encode(texts)
+
+    for given in (texts, pd.DataFrame({"text": texts}), np.array(texts)):
+        np.testing.assert_allclose(model.predict(given), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.predict(texts[1]), expected[1:], rtol=1e-5, atol=1e-6)
+    assert [t.name for t in model.metadata.get_input_schema().input_types()] == ["string"]
+    assert model.metadata.saved_input_example_info is not None
+    # ragged token ids are padded and masked: each row as if alone
+    raw = flavor._load_pyfunc(str(Path(mlflow.artifacts.download_artifacts(info.model_uri)) / "data"))
+    ids = [[101, 7592, 2088, 102], [101, 2023, 2003, 1037, 3231, 102]]
+    np.testing.assert_allclose(raw.predict(ids)[0], raw.predict([ids[0]])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_mlflow_models_serve_answers_text(sqlite_store, tmp_path):
+    import json as json_module
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from sentence_transformers import SentenceTransformer
+
+    with mlflow.start_run():
+        info = flavor.log_model(MODEL_DIR, name="minilm")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]), "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", info.model_uri, "-p", str(port), "--env-manager", "local"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.time() + 120
+        body = json_module.dumps({"inputs": ["the movie was great.", "a dull film"]}).encode()
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
+                answer = json_module.loads(urllib.request.urlopen(request, timeout=30).read())
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise AssertionError(server.stderr.read().decode()[-2000:] if server.poll() is not None else "the server did not answer")
+                time.sleep(1)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    expected = SentenceTransformer(str(MODEL_DIR), device="cpu").encode(["the movie was great.", "a dull film"])
+    torch.testing.assert_close(torch.tensor(answer["predictions"]), torch.from_numpy(expected), rtol=1e-4, atol=1e-5)
+
+
+def test_a_composite_folder_has_a_hugging_face_model_card(tmp_path, finetuned_dir):
+    import yaml
+
+    from mlflow_taskvec.compose import compose_to
+
+    recipe = parse_recipe({"base": str(MODEL_DIR), "scale": 0.5, "vectors": [{"finetuned": str(finetuned_dir), "task": "nudge"}]})
+    result = compose_to(recipe, output=tmp_path / "composite")
+
+    card = (tmp_path / "composite" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == str(MODEL_DIR) and front["tags"] == ["merge", "task-arithmetic"]
+    assert f"| fingerprint | `{result.fingerprint}` |" in card
+    assert f"| `{finetuned_dir}` | nudge | 1 | `{open_checkpoint(finetuned_dir).fingerprint()[:16]}` |" in card
+    assert "| method | `task_arithmetic` (params: none) |" in card and f"recipe sha256 | `{recipe.sha256()}`" in card
+    assert "```yaml\nbase: " in card

@@ -406,3 +406,35 @@ def test_a_save_failing_after_it_wrote_tensors_leaves_no_output_and_no_partial_f
 
     assert written == sorted(vector.names)[:-1]  # every tensor before the last was written
     assert_no_output(out_dir / "vec.safetensors")
+
+
+# -- buffers on one side only, and filters before the comparison of names -----------------------------
+
+
+def test_an_integer_buffer_on_one_side_only_is_skipped_and_listed(fp32_models):
+    without_buffers = {n: t for n, t in fp32_models.finetune_sds[0].items() if t.is_floating_point()}
+
+    vector = TaskVector.extract(fp32_models.base, without_buffers)
+
+    assert vector.skipped == ("attn.mask", "position_ids")
+    assert set(vector.names) == {n for n, t in fp32_models.base_sd.items() if t.is_floating_point()}
+    reverse = TaskVector.extract({n: t for n, t in fp32_models.base_sd.items() if t.is_floating_point()}, fp32_models.finetunes[0])
+    assert reverse.skipped == ("attn.mask", "position_ids")
+
+
+def test_a_floating_tensor_on_one_side_only_is_still_refused(fp32_models):
+    without_norm = {n: t for n, t in fp32_models.finetune_sds[0].items() if n != "norm.weight"}
+    with pytest.raises(TaskVecError, match="tensor 'norm.weight' is in the base .* but not in the fine-tune"):
+        TaskVector.extract(fp32_models.base, without_norm)
+
+
+def test_include_and_exclude_apply_before_the_names_are_compared(fp32_models):
+    with_head = {**fp32_models.finetune_sds[0], "head.weight": torch.ones(3, 8)}
+    without_norm = {n: t for n, t in fp32_models.finetune_sds[0].items() if n != "norm.weight"}
+
+    excluded = TaskVector.extract(fp32_models.base, with_head, exclude=["head.*"])
+    included = TaskVector.extract(fp32_models.base, without_norm, include=["layers.*"])
+
+    assert "head.weight" not in excluded.names
+    assert included.names == ["layers.0.attn.bias", "layers.0.attn.weight", "layers.1.mlp.weight"]
+    torch.testing.assert_close(included.get_tensor("layers.1.mlp.weight"), delta(fp32_models, 0, "layers.1.mlp.weight"))

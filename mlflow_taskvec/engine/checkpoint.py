@@ -285,6 +285,10 @@ def open_checkpoint(source: "Checkpoint | Mapping[str, torch.Tensor] | str | os.
         return StateDictCheckpoint(source)
     path = Path(source)
     if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            raise TaskVecError(
+                f"{path}: is a PEFT LoRA adapter, a task vector of its base: use it as a vector (with its base), not as a checkpoint"
+            )
         return _in_its_layout(_open_directory(path))
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
@@ -296,9 +300,14 @@ def open_checkpoint(source: "Checkpoint | Mapping[str, torch.Tensor] | str | os.
 
 
 def _in_its_layout(ckpt: SafetensorsCheckpoint) -> Checkpoint:
-    """A compressed task vector is seen as the dense tensors it stands for."""
-    if meta_keys.LAYOUT not in ckpt.metadata():
+    """A compressed task vector (or one stored as LoRA factors) is seen as the dense tensors it stands for."""
+    layout = ckpt.metadata().get(meta_keys.LAYOUT)
+    if layout is None:
         return ckpt
+    if layout == meta_keys.LORA_LAYOUT:
+        from mlflow_taskvec.engine.lowrank import read_low_rank  # builds on this module
+
+        return read_low_rank(ckpt)
     from mlflow_taskvec.engine.compressed import CompressedCheckpoint  # builds on this module
 
     return CompressedCheckpoint(ckpt)

@@ -335,6 +335,9 @@ class CompressedCheckpoint(Checkpoint):
     def directory(self) -> Path | None:
         return self.stored.directory
 
+    def paths(self) -> list[Path]:
+        return self.stored.paths()
+
     @property
     def files(self) -> list[Path]:
         """The safetensors files that hold the stored layout (what a copy copies)."""

@@ -11,6 +11,7 @@ import torch
 from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import Checkpoint
 from mlflow_taskvec.engine.merge import union_of_tensors
+from mlflow_taskvec.engine.lowrank import LowRankCheckpoint
 from mlflow_taskvec.engine.streaming import chunk_ranges, flat_slice
 from mlflow_taskvec.errors import TaskVecError
 
@@ -29,6 +30,9 @@ class Description:
     layout: str = "dense"  # how the tensors are stored (engine/compressed.py)
     stored_bytes: int = 0  # tensor data as stored
     dense_bytes: int = 0  # the tensors' own size
+
+    # for a vector of LoRA factors (engine/lowrank.py): ranks {name: rank}, dense_tensors, zero_tensors
+    low_rank: dict | None = None
 
     @property
     def compression_ratio(self) -> float:
@@ -82,7 +86,19 @@ def describe(ckpt: Checkpoint) -> Description:
         layout=meta.get(meta_keys.LAYOUT, "dense"),
         stored_bytes=ckpt.stored_bytes,
         dense_bytes=sum(ckpt.spec(n).nbytes for n in ckpt.keys()),
+        low_rank=_low_rank_summary(ckpt),
     )
+
+
+def _low_rank_summary(ckpt: Checkpoint) -> dict | None:
+    if not isinstance(ckpt, LowRankCheckpoint):
+        return None
+    ranks = {n: ckpt.rank(n) for n in ckpt.keys() if ckpt.rank(n)}
+    return {
+        "ranks": ranks,
+        "dense_tensors": sum(1 for n in ckpt.keys() if ckpt.rank(n) is None),
+        "zero_tensors": sum(1 for n in ckpt.keys() if ckpt.rank(n) == 0),
+    }
 
 
 def cosine_matrix(vectors) -> "torch.Tensor":

@@ -265,7 +265,7 @@ def _linear_jobs(name, spec, read_base, base_source, vectors, weights, scale, co
                 check_finite(read_base(start, stop, compute), lambda: f"tensor {name!r} of the base {base_source}")
                 for _, term in terms:
                     for src in term.sources():
-                        check_finite(flat_slice(src.get_tensor(name), start, stop, compute), lambda s=src: f"tensor {name!r} of {s.source}")
+                        check_finite(src.read_chunk(name, start, stop, compute), lambda s=src: f"tensor {name!r} of {s.source}")
                 check_finite_output(out, name, start, spec.numel)
         result = out.to(spec.dtype)
         if not allow_nonfinite and result.dtype != out.dtype:

@@ -12,12 +12,16 @@ SKIPPED = "taskvec.skipped"  # JSON list of the tensor names a task vector leave
 METHOD = "taskvec.method"
 RECIPE = "taskvec.recipe"  # the recipe's canonical JSON
 RECIPE_SHA256 = "taskvec.recipe_sha256"
+LOW_RANK = "taskvec.low_rank"  # JSON {name: {shape, rank, scaling}} of a vector in the lora layout
+ADAPTER = "taskvec.adapter"  # peft_lora on a task vector read from a PEFT adapter
 
 TASK_VECTOR = "task_vector"
 COMPOSITE = "composite"
+PEFT_LORA = "peft_lora"
 
 # Compressed task vectors (engine/compressed.py): the stored layout and what it stands for.
-LAYOUT = "taskvec.layout"  # sparse | bitdelta | lowrank; absent: dense tensors
+LAYOUT = "taskvec.layout"  # sparse | bitdelta | lowrank | lora; absent: dense tensors
+LORA_LAYOUT = "lora"  # LoRA factors with a scaling per tensor, as an adapter saved them (engine/lowrank.py)
 LAYOUT_PARAMS = "taskvec.layout_params"  # JSON: the layout's setting, e.g. {"density": 0.1}
 LAYOUT_TENSORS = "taskvec.layout_tensors"  # JSON: each dense tensor's dtype, shape and encoding
 SOURCE_FINGERPRINT = "taskvec.source_fingerprint"  # the vector it was compressed from

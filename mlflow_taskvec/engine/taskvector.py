@@ -30,7 +30,6 @@ from mlflow_taskvec.engine.streaming import (
     check_finite,
     check_finite_output,
     chunk_ranges,
-    flat_slice,
     one_torch_thread,
     parse_dtype,
     release_free_memory,
@@ -108,26 +107,32 @@ class TaskVector:
     ) -> "TaskVector":
         """The task vector ``finetuned - base`` over their floating-point tensors.
 
-        ``include``/``exclude`` are glob patterns on tensor names. Integer and bool
-        buffers are skipped and listed in ``skipped``. Nothing is computed yet.
+        ``include``/``exclude`` are glob patterns on tensor names, applied before the
+        two sides' names are compared. Integer and bool buffers are skipped and listed
+        in ``skipped``, also when only one side has them. ``finetuned`` may be a PEFT
+        LoRA adapter folder: its vector stays low-rank. Nothing is computed yet.
         """
+        if _is_adapter(finetuned):
+            if dtype is not None and parse_dtype(dtype, "dtype", STORAGE_DTYPES) != torch.float32:
+                raise TaskVecError(f"dtype: {dtype!r}: the task vector of a LoRA adapter is float32 (save it with another dtype instead)")
+            return cls.load(finetuned, base=base)._selected(include, exclude, task)
         base_ckpt, ft_ckpt = open_checkpoint(base), open_checkpoint(finetuned)
         for ckpt, role in ((ft_ckpt, "fine-tuned checkpoint"), (base_ckpt, "base checkpoint")):
             if ckpt.metadata().get(meta_keys.KIND) == meta_keys.TASK_VECTOR:
                 raise TaskVecError(
                     f"{ckpt.source}: is a task vector, not a {role} (in a recipe, use vector: instead of finetuned:)"
                 )
-        base_names, ft_names = set(base_ckpt.keys()), set(ft_ckpt.keys())
-        if base_names != ft_names:
-            missing = sorted(ft_names - base_names)
-            if missing:
-                raise TaskVecError(f"tensor {missing[0]!r} is in the fine-tune {ft_ckpt.source} but not in the base {base_ckpt.source}")
-            extra = sorted(base_names - ft_names)
-            raise TaskVecError(f"tensor {extra[0]!r} is in the base {base_ckpt.source} but not in the fine-tune {ft_ckpt.source}")
+        base_names = set(_select(base_ckpt.keys(), include, exclude))
+        ft_names = set(_select(ft_ckpt.keys(), include, exclude))
+        skipped = []
+        for name in sorted(base_names ^ ft_names):
+            (side, where), (other_side, other) = (("fine-tune", ft_ckpt), ("base", base_ckpt))[:: 1 if name in ft_names else -1]
+            if where.spec(name).is_floating_point:
+                raise TaskVecError(f"tensor {name!r} is in the {side} {where.source} but not in the {other_side} {other.source}")
+            skipped.append(name)  # a buffer one side's save dropped (transformers 5 drops position_ids)
         out_dtype = parse_dtype(dtype, "dtype", STORAGE_DTYPES)
         specs: dict[str, TensorSpec] = {}
-        skipped = []
-        for name in sorted(base_names):
+        for name in sorted(base_names & ft_names):
             b, f = base_ckpt.spec(name), ft_ckpt.spec(name)
             if b.shape != f.shape:
                 raise TaskVecError(f"tensor {name!r} has shape {list(b.shape)} in the base but {list(f.shape)} in the fine-tune")
@@ -135,19 +140,25 @@ class TaskVector:
                 skipped.append(name)
                 continue
             specs[name] = TensorSpec(out_dtype or _default_vector_dtype(b.dtype), b.shape)
-        selected = _select(specs, include, exclude)
         if not specs:
+            if include or exclude:
+                raise TaskVecError(f"no floating-point tensors of {base_ckpt.source} match the include/exclude patterns")
             raise TaskVecError(f"{base_ckpt.source}: has no floating-point tensors, so there is no task vector to extract")
-        if not selected:
-            raise TaskVecError(f"no floating-point tensors of {base_ckpt.source} match the include/exclude patterns")
-        skipped.extend(n for n in specs if n not in set(selected))
-        specs = {n: specs[n] for n in selected}
+        skipped = sorted({*skipped, *(n for n in base_ckpt.keys() if n not in specs)})
         term = _Term(1.0, finetuned=ft_ckpt, base=base_ckpt)
         return cls([term], specs, base_ckpt.fingerprint(), task=task, skipped=sorted(skipped))
 
     @classmethod
-    def load(cls, source) -> "TaskVector":
-        """Open a saved task vector (a file, a directory or a Checkpoint) lazily."""
+    def load(cls, source, base=None) -> "TaskVector":
+        """Open a saved task vector (a file, a directory or a Checkpoint) lazily.
+
+        ``source`` may be a PEFT LoRA adapter folder, the task vector of ``base`` (by default
+        the adapter's ``base_model_name_or_path``, when that is a local folder).
+        """
+        if _is_adapter(source) and not isinstance(source, Checkpoint):
+            from mlflow_taskvec.engine.lora import open_adapter
+
+            source = open_adapter(source, base)
         ckpt = open_checkpoint(source)
         meta = ckpt.metadata()
         kind = meta.get(meta_keys.KIND, meta_keys.TASK_VECTOR)
@@ -167,7 +178,24 @@ class TaskVector:
             skipped=skipped,
         )
 
+    def _selected(self, include, exclude, task) -> "TaskVector":
+        """This vector restricted to the names the globs select (the rest listed as skipped)."""
+        names = _select(self._specs, include, exclude)
+        if not names:
+            raise TaskVecError(f"no floating-point tensors of {self!r} match the include/exclude patterns")
+        skipped = sorted({*self.skipped, *(n for n in self._specs if n not in set(names))})
+        return TaskVector(self._terms, {n: self._specs[n] for n in names}, self.base_fingerprint, task or self.task, skipped)
+
     # -- description --------------------------------------------------------------
+    @property
+    def low_rank_source(self):
+        """The low-rank checkpoint this vector is, unscaled, or None (then it is stored dense)."""
+        from mlflow_taskvec.engine.lowrank import LowRankCheckpoint
+
+        if len(self._terms) == 1 and self._terms[0].weight == 1.0 and isinstance(self._terms[0].stored, LowRankCheckpoint):
+            return self._terms[0].stored
+        return None
+
     @property
     def names(self) -> list[str]:
         return list(self._specs)
@@ -231,7 +259,7 @@ class TaskVector:
             return
         for term in self._terms:
             for src in term.sources():
-                check_finite(flat_slice(src.get_tensor(name), start, stop, values.dtype), lambda: f"tensor {name!r} of {src.source}")
+                check_finite(src.read_chunk(name, start, stop, values.dtype), lambda: f"tensor {name!r} of {src.source}")
         check_finite(values, lambda: f"tensor {name!r} of {self!r}")
 
     # -- algebra ------------------------------------------------------------------
@@ -355,11 +383,26 @@ class TaskVector:
         overwrite: bool = False,
         allow_nonfinite: bool = False,
         progress=None,
+        dense: bool = False,
         device: "str | torch.device | None" = None,
     ) -> str:
         """Stream the vector to ``output`` (a ``.safetensors`` file or a directory); returns its fingerprint.
-        With ``device``, chunks are computed there (see ``engine.device``)."""
+        With ``device``, chunks are computed there (see ``engine.device``).
+
+        A vector that came from a LoRA adapter (unscaled, uncombined) is saved as its
+        factors unless ``dense``, a 16-bit ``dtype`` or ``max_shard_size`` asks otherwise;
+        the fingerprint is the dense vector's either way.
+        """
         out_dtype = parse_dtype(dtype, "dtype", STORAGE_DTYPES)
+        low_rank = self.low_rank_source
+        if low_rank is not None and not dense and out_dtype in (None, torch.float32) and max_shard_size is None:
+            from mlflow_taskvec.engine.lowrank import save_low_rank
+
+            kept = low_rank.subset(self.names)
+            if not allow_nonfinite:
+                kept.check_finite()
+            save_low_rank(kept, output, self.metadata(), overwrite=overwrite, progress=progress)
+            return kept.fingerprint()
         target = parse_device(device)
         source, run = self, (lambda job: job())
         if target is not None:
@@ -404,3 +447,10 @@ class TaskVector:
     def apply_to_output(self, base, output: str | os.PathLike, scale: float = 1.0, **options) -> MergeResult:
         """``base + scale * self`` streamed into ``output`` (options as for ``merge_to``)."""
         return merge_to(base, [self], [1.0], output, method="task_arithmetic", scale=scale, **options)
+
+
+def _is_adapter(source) -> bool:
+    """A PEFT LoRA adapter folder, or one already opened (a task vector, not a fine-tune)."""
+    if isinstance(source, Checkpoint):
+        return meta_keys.ADAPTER in source.metadata()
+    return isinstance(source, (str, os.PathLike)) and os.path.isfile(os.path.join(source, "adapter_config.json"))

@@ -167,7 +167,7 @@ class CheckpointWriter:
         """Roughly what the output takes on disk: its tensors, headers, and the files copied beside them."""
         needed = sum(s.nbytes for s in self.specs.values()) + 64 * len(self.specs) + (1 << 16)
         if self._copy_from is not None:
-            needed += sum(item.stat().st_size for item in copyable_files(self._copy_from))
+            needed += sum(p.stat().st_size for item in copyable_files(self._copy_from) for p in ([item] if item.is_file() else item.rglob("*")) if p.is_file())
         return needed
 
     def _check_free_space(self) -> None:
@@ -309,20 +309,31 @@ class MemorySink:
 
 
 def copyable_files(source_dir: Path) -> list[Path]:
-    """The config, tokenizer and other non-weight files of a model folder."""
-    return [
-        item
-        for item in sorted(source_dir.iterdir())
-        if not (item.name.startswith(".") or item.name == INDEX_NAME or item.suffix in _WEIGHT_SUFFIXES) and item.is_file()
-    ]
+    """The config, tokenizer and other non-weight files of a model folder, and its folders that hold no weights."""
+    out = []
+    for item in sorted(source_dir.iterdir()):
+        if item.name.startswith(".") or item.name == INDEX_NAME or item.suffix in _WEIGHT_SUFFIXES:
+            continue
+        if item.is_file() or (item.is_dir() and not any(p.suffix in _WEIGHT_SUFFIXES for p in item.rglob("*"))):
+            out.append(item)
+    return out
 
 
 def copy_non_weight_files(source_dir: Path, target_dir: Path) -> list[str]:
-    """Copy config, tokenizer and other non-weight files so the output is a drop-in replacement."""
+    """Copy config, tokenizer and other non-weight files so the output is a drop-in replacement.
+
+    Folders without weights go too (a sentence-transformers model's ``1_Pooling/``,
+    ``2_Normalize/``); a folder holding weights of its own is not the base's checkpoint
+    and is left out.
+    """
     copied = []
     for item in copyable_files(source_dir):
-        shutil.copy2(item, target_dir / item.name)
-        copied.append(item.name)
+        if item.is_dir():
+            shutil.copytree(item, target_dir / item.name)
+            copied.append(item.name + "/")
+        else:
+            shutil.copy2(item, target_dir / item.name)
+            copied.append(item.name)
     return copied
 
 

