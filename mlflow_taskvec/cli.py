@@ -409,15 +409,28 @@ def approve(ref, alias, note):
 
 @main.command()
 @click.argument("ref")
-@click.option("--format", "fmt", type=click.Choice(["text", "json", "dot"]), default="text", help="A tree for people, JSON for scripts, Graphviz dot for pictures.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "dot", "png"]), default="text",
+              help="A tree for people, JSON for scripts, Graphviz dot, or a PNG picture (needs --output).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="Write it to this file instead of stdout.")
 @_fail_cleanly
-def lineage(ref, fmt):
+def lineage(ref, fmt, output):
     """What REF (a registered version) is made of: composite -> inputs -> task vectors -> fine-tunes and base."""
     from mlflow_taskvec.mlflow import governance
 
+    if fmt == "png" and output is None:
+        raise click.UsageError("--format png writes a picture: give --output FILE.png")
     root = governance.lineage(ref)
+    if fmt == "png":
+        from mlflow_taskvec.mlflow.lineage_plot import draw_lineage
+
+        width, height = draw_lineage(root, output)
+        click.echo(f"lineage picture: {output} ({width}x{height} pixels)", err=True)
+        return
     render = {"text": governance.render_text, "json": governance.render_json, "dot": governance.render_dot}[fmt]
-    click.echo(render(root))
+    if output is None:
+        click.echo(render(root))
+    else:
+        write_text_atomically(output, render(root) + "\n")
 
 
 @main.command()
