@@ -2,12 +2,12 @@
 
 ```yaml
 base: ./base                      # checkpoint reference
-method: ties                      # task_arithmetic | ties | dare_linear | dare_ties | magnitude_prune
-scale: 0.8                        # lambda
+method: ties                      # any of `mlflow-taskvec methods`
+scale: 0.8                        # lambda (or tensor-name globs -> numbers, like a weight)
 params: {density: 0.2}            # the method's parameters (dare_*: seed too)
 vectors:
   - vector: ./rotate.safetensors  # a saved task vector ...
-    weight: 1.0
+    weight: 1.0                   # or per layer: {"*.layers.0.*": 0.2, "*": 0.8} (first match, "*" the default)
   - finetuned: ./flip             # ... or a fine-tune, extracted against base on the fly
     weight: -1.0                  # a negative weight negates (forgets) a task
 dtype: bfloat16                   # output dtype (default: the base's)
@@ -38,6 +38,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from mlflow_taskvec.engine.coefficients import Coefficient, check_coefficient
 from mlflow_taskvec.engine.merge import MergeResult, merge_to
 from mlflow_taskvec.engine.methods import get_method, validate_params
 from mlflow_taskvec.engine.streaming import COMPUTE_DTYPES, STORAGE_DTYPES, parse_dtype
@@ -71,7 +72,7 @@ class VectorEntry(BaseModel):
 
     vector: str | None = Field(None, description="reference to a saved task vector")
     finetuned: str | None = Field(None, description="reference to a fine-tuned checkpoint")
-    weight: float = Field(1.0, description="w_i; negative to negate")
+    weight: Coefficient = Field(1.0, description="w_i (negative to negate), or tensor-name globs -> numbers")
     task: str | None = None
     include: list[str] | None = Field(None, description="glob patterns of tensor names (finetuned only)")
     exclude: list[str] | None = None
@@ -79,7 +80,7 @@ class VectorEntry(BaseModel):
     @field_validator("weight", mode="before")
     @classmethod
     def _weight(cls, value):
-        return _finite_number(value)
+        return _as_taskvec_error(value, lambda v: check_coefficient(v, "weight"), "weight")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -218,7 +219,7 @@ class Recipe(BaseModel):
 
     base: str
     method: str = "task_arithmetic"
-    scale: float = 1.0
+    scale: Coefficient = 1.0
     vectors: list[VectorEntry]
     params: dict[str, Any] = Field(default_factory=dict)
     dtype: str | None = None
@@ -239,7 +240,7 @@ class Recipe(BaseModel):
     @field_validator("scale", mode="before")
     @classmethod
     def _scale(cls, value):
-        return _finite_number(value)
+        return _as_taskvec_error(value, lambda v: check_coefficient(v, "scale"), "scale")
 
     @field_validator("method")
     @classmethod
@@ -275,6 +276,7 @@ class Recipe(BaseModel):
     def _params(self):
         try:
             self.params = validate_params(get_method(self.method), self.params)
+            get_method(self.method).check_input_count(len(self.vectors))
         except TaskVecError as exc:
             raise ValueError(str(exc)) from None
         if self.search is not None:
@@ -289,14 +291,24 @@ class Recipe(BaseModel):
         """The recipe as canonical JSON (sorted keys, no output path, no search settings): what a composite records.
 
         ``policy`` appears only when set, so recipes without one keep the digests they always had.
+        A per-layer weight or scale is a list of [glob, value] pairs: its order (first match
+        wins) is part of what it means, and sorted keys would lose it.
         """
         data = self.model_dump(exclude={"output", "search"})
         if data.get("policy") is None:
             data.pop("policy", None)
+        data["scale"] = _in_order(data["scale"])
+        for entry in data["vectors"]:
+            entry["weight"] = _in_order(entry["weight"])
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def sha256(self) -> str:
         return hashlib.sha256(self.canonical_json().encode("utf-8")).hexdigest()
+
+
+def _in_order(coefficient: Coefficient):
+    """A per-layer coefficient as [glob, value] pairs in its order; a number as it is."""
+    return [[glob, value] for glob, value in coefficient.items()] if isinstance(coefficient, dict) else coefficient
 
 
 def _format_error(source: str, exc: ValidationError) -> str:

@@ -561,13 +561,13 @@ def test_non_integer_seed_is_refused(good):
 @pytest.mark.parametrize("weight", ["heavy", None, float("nan"), float("inf"), True])
 def test_non_numeric_weight_is_refused_naming_its_position(good, out_dir, assert_no_output, weight):
     base, vectors = good
-    refused(out_dir / "m.safetensors", r"vectors\[1\].weight: .* is not a finite number", base, vectors, [1.0, weight, 1.0])
+    refused(out_dir / "m.safetensors", r"vectors\[1\].weight: .* is not a (finite )?number", base, vectors, [1.0, weight, 1.0])
     assert_no_output(out_dir / "m.safetensors")
 
 
 def test_non_numeric_scale_is_refused(good, out_dir, assert_no_output):
     base, vectors = good
-    refused(out_dir / "m.safetensors", "scale: 'big' is not a finite number", base, vectors, WEIGHTS, scale="big")
+    refused(out_dir / "m.safetensors", "scale: 'big' is not a number", base, vectors, WEIGHTS, scale="big")
     assert_no_output(out_dir / "m.safetensors")
 
 

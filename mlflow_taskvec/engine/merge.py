@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
+from mlflow_taskvec.engine.coefficients import Coefficient, check_coefficient, coefficient_for
 from mlflow_taskvec.engine.io import TensorSpec
 from mlflow_taskvec.engine.methods import MergeContext, get_method, validate_params
 from mlflow_taskvec.engine.streaming import (
@@ -43,8 +43,8 @@ class MergeResult:
     """What ``merge_to`` wrote."""
 
     method: str
-    scale: float
-    weights: list[float]
+    scale: Coefficient
+    weights: list[Coefficient]
     params: dict
     base_fingerprint: str
     num_tensors: int
@@ -54,18 +54,12 @@ class MergeResult:
     fingerprint: str
 
 
-def _number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TaskVecError(f"{what}: {value!r} is not a finite number")
-    return float(value)
-
-
 def merge(
     base,
     vectors: "Sequence[TaskVector]",
-    weights: Sequence[float],
+    weights: Sequence[Coefficient],
     method: str = "task_arithmetic",
-    scale: float = 1.0,
+    scale: Coefficient = 1.0,
     params: dict | None = None,
     dtype: "str | torch.dtype | None" = None,
     compute_dtype: "str | torch.dtype" = "float32",
@@ -76,7 +70,9 @@ def merge(
 
     Tensors of the base that the vectors do not cover (integer buffers, excluded
     names) are copied unchanged. The output dtype is the base's unless ``dtype``
-    is set; arithmetic runs in ``compute_dtype`` (float32 or float64).
+    is set; arithmetic runs in ``compute_dtype`` (float32 or float64). A weight or
+    the scale may be a number or a mapping of tensor-name globs to numbers
+    (``engine.coefficients``: first match wins, ``"*"`` the default).
     """
     plan = _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype)
     return _execute(plan, MemorySink(plan.specs), allow_nonfinite, progress)
@@ -85,10 +81,10 @@ def merge(
 def merge_to(
     base,
     vectors: "Sequence[TaskVector]",
-    weights: Sequence[float],
+    weights: Sequence[Coefficient],
     output: str | os.PathLike,
     method: str = "task_arithmetic",
-    scale: float = 1.0,
+    scale: Coefficient = 1.0,
     params: dict | None = None,
     dtype: "str | torch.dtype | None" = None,
     compute_dtype: "str | torch.dtype" = "float32",
@@ -133,24 +129,28 @@ class _Plan:
     base: object  # Checkpoint
     base_fingerprint: str
     vectors: list
-    weights: list[float]
+    weights: list[Coefficient]
     method: object  # MergeMethod
-    scale: float
+    scale: Coefficient
     params: dict
     compute: torch.dtype
     specs: dict[str, TensorSpec]
     covered: set[str]
+    # per covered tensor: each input's weight and the scale, resolved from the coefficients
+    tensor_weights: dict[str, list[float]]
+    tensor_scale: dict[str, float]
 
 
 def _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype) -> _Plan:
     merge_method = get_method(method)
     params = validate_params(merge_method, dict(params or {}))
-    scale = _number(scale, "scale")
+    scale = check_coefficient(scale, "scale")
     if not vectors:
         raise TaskVecError("no task vectors to merge: the vector list is empty")
+    merge_method.check_input_count(len(vectors))
     if len(weights) != len(vectors):
         raise TaskVecError(f"{len(vectors)} task vectors but {len(weights)} weights")
-    weights = [_number(w, f"vectors[{i}].weight") for i, w in enumerate(weights)]
+    weights = [check_coefficient(w, f"vectors[{i}].weight") for i, w in enumerate(weights)]
     out_dtype = parse_dtype(dtype, "dtype", STORAGE_DTYPES)
     compute = parse_dtype(compute_dtype, "compute_dtype", COMPUTE_DTYPES)
 
@@ -177,7 +177,12 @@ def _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype) -
     missing = sorted(covered - set(specs))
     if missing:
         raise TaskVecError(f"tensor {missing[0]!r} of the task vectors is not in the base {base_ckpt.source}")
-    return _Plan(base_ckpt, base_fp, list(vectors), weights, merge_method, scale, params, compute, specs, covered)
+    names = sorted(covered)
+    tensor_weights = {n: [coefficient_for(w, n, f"vectors[{i}].weight") for i, w in enumerate(weights)] for n in names}
+    tensor_scale = {n: coefficient_for(scale, n, "scale") for n in names}
+    return _Plan(
+        base_ckpt, base_fp, list(vectors), weights, merge_method, scale, params, compute, specs, covered, tensor_weights, tensor_scale
+    )
 
 
 def _execute(plan: _Plan, sink, allow_nonfinite: bool, progress):
@@ -198,11 +203,14 @@ def _execute(plan: _Plan, sink, allow_nonfinite: bool, progress):
                         for start, stop in chunk_ranges(spec.numel)
                     )
                 elif plan.method.linear:
-                    jobs = _linear_jobs(name, spec, base_tensor, base_ckpt.source, plan.vectors, plan.weights, plan.scale, plan.compute, allow_nonfinite)
+                    jobs = _linear_jobs(
+                        name, spec, base_tensor, base_ckpt.source, plan.vectors, plan.tensor_weights[name], plan.tensor_scale[name],
+                        plan.compute, allow_nonfinite,
+                    )
                 else:
                     jobs = _method_jobs(
-                        name, spec, base_tensor, base_ckpt.source, plan.vectors, plan.weights, plan.method, plan.scale, plan.params,
-                        plan.compute, allow_nonfinite,
+                        name, spec, base_tensor, base_ckpt.source, plan.vectors, plan.tensor_weights[name], plan.method,
+                        plan.tensor_scale[name], plan.params, plan.compute, allow_nonfinite,
                     )
                 for job in jobs:
                     pool.submit(name, job)
@@ -241,12 +249,15 @@ def _linear_jobs(name, spec, base_tensor, base_source, vectors, weights, scale, 
 
 
 def _method_jobs(name, spec, base_tensor, base_source, vectors, weights, method, scale, params, compute, allow_nonfinite):
-    """One job per chunk; a method's whole-tensor pre-pass (``prepare``) comes first."""
+    """One job per chunk; a method's whole-tensor pre-pass (``prepare``) comes first. A tensor
+    the method needs whole is one job: it reads the T inputs of that tensor, and nothing else."""
     numel = spec.numel
     if numel == 0:
         yield lambda: base_tensor.to(spec.dtype)
         return
-    ranges = list(chunk_ranges(numel))
+    shape = tuple(spec.shape)
+    whole = method.takes_whole_tensor(name, shape, params)
+    ranges = [(0, numel)] if whole else list(chunk_ranges(numel))
 
     def job(start: int, stop: int, prepared, deltas=None) -> torch.Tensor:
         base_chunk = flat_slice(base_tensor, start, stop, compute)
@@ -258,9 +269,13 @@ def _method_jobs(name, spec, base_tensor, base_source, vectors, weights, method,
                 v.check_finite(name, start, stop, d)
         if method.prepare is not None and prepared is None:  # the whole tensor is this one chunk
             prepared = method.prepare(name, numel, params, [lambda d=d: [(0, d)] for d in deltas], compute)
-        ctx = MergeContext(name=name, start=start, numel=numel, params=params, prepared=prepared)
+        if whole:
+            base_chunk, deltas = base_chunk.reshape(shape), [d.reshape(shape) for d in deltas]
+        ctx = MergeContext(
+            name=name, start=start, numel=numel, params=params, prepared=prepared, shape=shape, whole_tensor=whole, base=base_chunk
+        )
         merged = method.fn(deltas, weights, ctx)
-        return torch.add(base_chunk, merged, alpha=scale).to(spec.dtype)
+        return torch.add(base_chunk, merged, alpha=scale).reshape(-1).to(spec.dtype)
 
     prepared = None
     if method.prepare is not None and len(ranges) > 1:

@@ -11,6 +11,13 @@ range); the recipe, ``validate_params``, ``mlflow-taskvec methods`` and
 A method that needs something computed over the *whole* tensor of each input
 before its chunks are merged (the trim thresholds of ``ties``) declares a
 ``prepare`` pre-pass; its result reaches every chunk as ``ctx.prepared``.
+A method that cannot work chunk by chunk at all (an SVD of a weight matrix)
+declares ``whole_tensor``: ``True``, or a predicate ``(name, shape, params) -> bool``
+choosing the tensors it needs whole; those reach it unflattened, in their shape,
+one tensor at a time (the executor holds the T inputs of that tensor, never the model).
+A method whose parameters constrain each other declares ``check(params)``,
+called by ``validate_params`` after each parameter passed its own range; a method
+that takes a fixed number of inputs declares ``inputs``.
 
 Adding a method: one module in this package that defines it with ``@merge_method``,
 imported at the end of this file, and a row in ``tests/test_methods.py``'s table.
@@ -99,6 +106,9 @@ class MergeContext:
     numel: int  # size of the whole tensor
     params: dict
     prepared: Any = None  # what the method's ``prepare`` computed over the whole tensor
+    shape: tuple[int, ...] = ()  # the whole tensor's shape
+    whole_tensor: bool = False  # the deltas are whole tensors in ``shape`` (else flat chunks)
+    base: torch.Tensor | None = None  # the base's entries matching the deltas, in the compute dtype
 
     def keep_mask(self, input_index: int, length: int, keep_probability) -> torch.Tensor:
         """Bernoulli(keep_probability) mask for entries [start, start+length) of input ``input_index``
@@ -110,6 +120,10 @@ class MergeContext:
 MethodFn = Callable[[list[torch.Tensor], list[float], MergeContext], torch.Tensor]
 # prepare(name, numel, params, inputs, dtype): inputs[i]() yields (start, chunk) of input i, afresh, in order.
 PrepareFn = Callable[[str, int, dict, list[Callable[[], Iterable[tuple[int, torch.Tensor]]]], torch.dtype], Any]
+# whole_tensor(name, shape, params): whether the method needs tensor ``name`` whole.
+WholeTensorFn = Callable[[str, tuple[int, ...], dict], bool]
+# check(params): raise TaskVecError naming the parameters that do not fit together.
+CheckFn = Callable[[dict], None]
 
 
 @dataclass(frozen=True)
@@ -123,6 +137,18 @@ class MergeMethod:
     # buffer, with no per-vector temporaries.
     linear: bool = False
     paper: str | None = None  # arXiv id
+    whole_tensor: bool | WholeTensorFn = False
+    check: CheckFn | None = None  # a cross-parameter check, after each parameter's own
+    inputs: int | None = None  # the exact number of task vectors it takes, when fixed
+
+    def takes_whole_tensor(self, name: str, shape: tuple[int, ...], params: dict) -> bool:
+        if callable(self.whole_tensor):
+            return bool(self.whole_tensor(name, tuple(shape), params))
+        return bool(self.whole_tensor)
+
+    def check_input_count(self, count: int) -> None:
+        if self.inputs is not None and count != self.inputs:
+            raise TaskVecError(f"method {self.name!r} merges exactly {self.inputs} task vectors, got {count}")
 
     @property
     def param_names(self) -> list[str]:
@@ -141,11 +167,21 @@ class MergeMethod:
 METHODS: dict[str, MergeMethod] = {}
 
 
-def merge_method(name: str, summary: str, params: Iterable[ParamSpec] = (), prepare: PrepareFn | None = None, linear: bool = False, paper: str | None = None):
+def merge_method(
+    name: str,
+    summary: str,
+    params: Iterable[ParamSpec] = (),
+    prepare: PrepareFn | None = None,
+    linear: bool = False,
+    paper: str | None = None,
+    whole_tensor: bool | WholeTensorFn = False,
+    check: CheckFn | None = None,
+    inputs: int | None = None,
+):
     """Add the decorated function to the method catalogue under ``name``."""
 
     def deco(fn: MethodFn) -> MethodFn:
-        METHODS[name] = MergeMethod(name, fn, summary, tuple(params), prepare, linear, paper)
+        METHODS[name] = MergeMethod(name, fn, summary, tuple(params), prepare, linear, paper, whole_tensor, check, inputs)
         return fn
 
     return deco
@@ -172,8 +208,11 @@ def validate_params(method: MergeMethod, params: dict) -> dict:
             raise TaskVecError(f"method {method.name!r} needs parameter {spec.name!r}")
         else:
             out[spec.name] = spec.default
+    if method.check is not None:
+        method.check(out)
     return out
 
 
-# The catalogue: each module adds its methods when imported.
-from mlflow_taskvec.engine.methods import dare, linear, ties  # noqa: E402,F401
+# The catalogue: each module adds its methods when imported, listed in this order: the 2022-2023 methods, then the later ones.
+from mlflow_taskvec.engine.methods import linear, ties, dare  # noqa: E402,F401,I001
+from mlflow_taskvec.engine.methods import breadcrumbs, della, consensus, tsv, isotropic, slerp  # noqa: E402,F401,I001

@@ -7,7 +7,7 @@ import torch
 
 from mlflow_taskvec.engine.methods import ParamSpec, merge_method
 from mlflow_taskvec.engine.methods.linear import weighted_sum
-from mlflow_taskvec.engine.methods.trim import TrimThreshold, trim_count, trim_threshold
+from mlflow_taskvec.engine.methods.trim import TrimThreshold, top_k_rule, trim_count
 
 DENSITY = ParamSpec("density", float, low=0.0, high=1.0, low_open=True, description="fraction of each t_i's entries kept, by magnitude")
 
@@ -15,13 +15,7 @@ DENSITY = ParamSpec("density", float, low=0.0, high=1.0, low_open=True, descript
 def prepare_trim(name, numel, params, inputs, dtype) -> list[TrimThreshold]:
     """Each input's exact top-k magnitude rule over the whole tensor, k = max(1, int(density * numel))."""
     k = trim_count(params["density"], numel)
-    rules = []
-    for chunks in inputs:
-        rule = trim_threshold(lambda chunks=chunks: (c for _, c in chunks()), k, dtype)
-        if not rule.keeps_every_tie:
-            rule.plan_ties(chunks())
-        rules.append(rule)
-    return rules
+    return [top_k_rule(chunks, k, dtype) for chunks in inputs]
 
 
 def trimmed(deltas: list[torch.Tensor], ctx) -> list[torch.Tensor]:

@@ -120,3 +120,12 @@ def trim_threshold(chunks: Callable[[], Iterable[torch.Tensor]] | None, k: int, 
     ``torch.kthvalue`` on CPU, and it counts the ties at the threshold on the way.
     """
     return _radix_select((lambda: (whole,)) if whole is not None else chunks, k, dtype)
+
+
+def top_k_rule(chunks: Callable[[], Iterable[tuple[int, torch.Tensor]]], k: int, dtype: torch.dtype) -> TrimThreshold:
+    """The exact rule keeping the k largest-magnitude entries of one input given as
+    ``chunks()`` -> (start, chunk) in order, with its ties planned across the chunks."""
+    rule = trim_threshold(lambda: (c for _, c in chunks()), k, dtype)
+    if not rule.keeps_every_tie:
+        rule.plan_ties(chunks())
+    return rule
