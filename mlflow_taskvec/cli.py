@@ -208,7 +208,7 @@ class _Count(click.ParamType):
 
 @main.command("search")
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("--strategy", type=click.Choice(["grid", "optuna", ""]), default=None, callback=_unset_if_empty, help="Override search.strategy (default: grid).")
+@click.option("--strategy", type=click.Choice(["grid", "optuna", "adamerging", ""]), default=None, callback=_unset_if_empty, help="Override search.strategy (default: grid).")
 @click.option("--objective", default=None, callback=_unset_if_empty, help="Override search.objective: auto, mean_normalized, negation, or a metric name.")
 @click.option("--trials", type=_Count(), default=None, help="optuna: trials for this worker (default: search.trials).")
 @click.option("--storage", default=None, callback=_unset_if_empty, help="optuna: RDB storage URL shared by several workers (e.g. postgresql://host/db).")
@@ -226,6 +226,7 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
     strategy (default: the paper's grid over the scale, 0.0 to 1.0 step 0.05).
     Each candidate is a child run; the table and a plot are logged on the search's run.
     """
+    from mlflow_taskvec.engine.coefficients import describe
     from mlflow_taskvec.recipe import parse_recipe
     from mlflow_taskvec.mlflow.search import search
 
@@ -243,7 +244,7 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
     result = search(spec, register_as=register_as, alias=alias, memory=memory, quiet=quiet)
     best = result.best
     _echo(quiet, f"search run: {result.run_id}  candidates: {len(result.candidates)}  objective: {result.objective.describe}")
-    _echo(quiet, f"best: scale {best.scale:g}  weights {[round(w, 4) for w in best.weights]}"
+    _echo(quiet, f"best: scale {best.scale:g}  weights [{', '.join(describe(w) if isinstance(w, dict) else repr(round(w, 4)) for w in best.weights)}]"
           + (f"  params {json.dumps(best.params)}" if best.params else "") + f"  objective {best.objective:.4f} (validation)")
     keys = [k for k in sorted(result.test_metrics) if k.startswith(("mean.", "control."))] or sorted(result.test_metrics)
     _echo(quiet, "test: " + "  ".join(f"{k}={result.test_metrics[k]:.4f}" for k in keys))

@@ -24,6 +24,7 @@ import torch
 
 from mlflow.utils.model_utils import _add_code_from_conf_to_system_path
 
+from mlflow_taskvec.engine.coefficients import Coefficient
 from mlflow_taskvec.mlflow import flavor
 from mlflow_taskvec.engine.merge import merge
 from mlflow_taskvec.engine.taskvector import TaskVector
@@ -63,6 +64,12 @@ def module_builder(base: Resolved, factory: str | None = None, factory_kwargs: M
     )
 
 
+def _adds(weight: Coefficient) -> bool:
+    """Whether an input adds its task: a positive weight; per layer, no negative value and some positive one."""
+    values = list(weight.values()) if isinstance(weight, dict) else [weight]
+    return all(v >= 0 for v in values) and any(v > 0 for v in values)
+
+
 @dataclass
 class Input:
     """One input of a composite, as the evaluation sees it."""
@@ -70,7 +77,7 @@ class Input:
     vector: TaskVector
     fingerprint: str  # of the vector, or of the fine-tune for ``finetuned:`` inputs
     task: str | None
-    weight: float
+    weight: Coefficient
     finetuned_path: Path | None = None  # set for ``finetuned:`` inputs
 
 
@@ -95,7 +102,7 @@ class CompositeEvaluation:
         """For each evaluated task, the input that stands for its fine-tune (the first with a positive weight)."""
         found: dict[str, Input] = {}
         for item in self.inputs:
-            if item.task in self.spec.tasks and item.weight > 0 and item.task not in found:
+            if item.task in self.spec.tasks and _adds(item.weight) and item.task not in found:
                 found[item.task] = item
         return found
 

@@ -33,6 +33,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mlflow_taskvec.engine.coefficients import describe
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.recipe import Recipe, load_recipe, run_recipe
@@ -471,7 +472,7 @@ def _verify_composite(client: MlflowClient, mv: ModelVersion, uri: str, tags: di
     resolved = []
     for i, (entry, row) in enumerate(zip(recipe.vectors, inputs)):
         what = f"input vectors[{i}] {entry.ref}"
-        resolved.append(_fetched_as_recorded(entry.ref, what, str(row.get("fingerprint")), replaced, checks, f"{what} (weight {entry.weight:g})"))
+        resolved.append(_fetched_as_recorded(entry.ref, what, str(row.get("fingerprint")), replaced, checks, f"{what} (weight {describe(entry.weight) if isinstance(entry.weight, dict) else format(entry.weight, 'g')})"))
     _fetched_as_recorded(uri, f"stored weights of {uri}", tags["taskvec.fingerprint"], "the composite's artifact was modified", checks, "stored weights")
 
     from mlflow_taskvec.mlflow.registry import local_recipe

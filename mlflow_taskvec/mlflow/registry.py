@@ -26,6 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
+from mlflow_taskvec.engine.coefficients import Coefficient, describe
 from mlflow_taskvec.mlflow import flavor
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.errors import TaskVecError
@@ -38,6 +39,14 @@ from mlflow_taskvec.mlflow.server import check_can_register, server_error, serve
 
 def _fmt(value: float) -> str:
     return f"{value:.6g}"
+
+
+def _coefficient(value: Coefficient) -> str:
+    """A weight or scale for a table or tag: a number, or its per-layer mapping."""
+    return describe(value) if isinstance(value, dict) else _fmt(value)
+
+
+_PARAM_TEXT = 500  # a per-layer mapping longer than this is named, not spelled out, in a run param (recipe.yaml has it)
 
 
 _URI_COMPONENT_SAFE = "!*'()"  # what encodeURIComponent leaves as it is, besides letters, digits and -_.~
@@ -282,7 +291,7 @@ def register_composite(
         tags = {
             "taskvec.kind": "composite",
             "taskvec.method": resolved.method,
-            "taskvec.scale": _fmt(resolved.scale),
+            "taskvec.scale": _coefficient(resolved.scale),
             "taskvec.params": json.dumps(resolved.params, sort_keys=True),
             "taskvec.inputs": json.dumps(input_rows),
             "taskvec.base_uri": base.canonical,
@@ -329,9 +338,15 @@ def _architecture_of(base: Resolved) -> tuple[dict, list[str] | None, object]:
 
 
 def _run_params(recipe: Recipe) -> dict:
-    params = {"method": recipe.method, "scale": recipe.scale, "num_inputs": len(recipe.vectors)}
+    def text(value: Coefficient):
+        if not isinstance(value, dict):
+            return value
+        spelled = describe(value)
+        return spelled if len(spelled) <= _PARAM_TEXT else f"per layer ({len(value)} globs, see recipe.yaml)"
+
+    params = {"method": recipe.method, "scale": text(recipe.scale), "num_inputs": len(recipe.vectors)}
     for i, e in enumerate(recipe.vectors):
-        params[f"vectors.{i}.weight"] = e.weight
+        params[f"vectors.{i}.weight"] = text(e.weight)
         params[f"vectors.{i}.uri"] = e.ref
     for k, v in recipe.params.items():
         params[f"params.{k}"] = v
@@ -342,7 +357,7 @@ def composite_description(
     recipe: Recipe, base: Resolved, inputs: list[Resolved], fingerprint: str, metrics: dict, note: str | None = None
 ) -> str:
     lines = [
-        f"**Composite** by `{recipe.method}`, scale {_fmt(recipe.scale)}"
+        f"**Composite** by `{recipe.method}`, scale {_coefficient(recipe.scale)}"
         + (f", params `{json.dumps(recipe.params, sort_keys=True)}`" if recipe.params else "")
         + ".",
         "",
@@ -352,7 +367,7 @@ def composite_description(
     ]
     for e, r in zip(recipe.vectors, inputs):
         role = "task vector" if e.vector is not None else "fine-tune"
-        lines.append(f"| {role} | {_model_cell(r)} | {r.version or '-'} | {_fmt(e.weight)} | `{r.fingerprint[:16]}` |")
+        lines.append(f"| {role} | {_model_cell(r)} | {r.version or '-'} | {_coefficient(e.weight)} | `{r.fingerprint[:16]}` |")
     lines += ["", f"Output fingerprint `{fingerprint}`; recipe sha256 `{recipe.sha256()}`."]
     if note:
         lines += ["", note]
