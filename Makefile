@@ -14,6 +14,7 @@ demo: $(VENV)/.installed
 	$(PY) examples/digits/run_demo.py
 
 test: $(VENV)/.installed
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed

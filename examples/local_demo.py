@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "digits"))
 from digits_tasks import HIDDEN, accuracy, build_model, load_weights, train  # noqa: E402
 
 from mlflow_taskvec import TaskVector, open_checkpoint  # noqa: E402
-from mlflow_taskvec.recipe import load_recipe, run_recipe  # noqa: E402
+from mlflow_taskvec.compose import compose_to  # noqa: E402
+from mlflow_taskvec.recipe import load_recipe  # noqa: E402
 
 FINETUNE_TASKS = ("parity", "large", "mod3", "loop")
 EVAL_TASKS = ("digits",) + FINETUNE_TASKS
@@ -92,7 +93,7 @@ def main() -> None:
         }
         path = work / f"recipe-{i}.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        result = run_recipe(load_recipe(path), relative_to=work)
+        result = compose_to(load_recipe(path))
         print(f"  composite {label:<28} {result.method}, scale {result.scale}, fingerprint {result.fingerprint[:16]}")
         model = load_model_dir(work / "composites" / str(i), args.hidden)
         rows[label] = {t: accuracy(model, t) for t in EVAL_TASKS}

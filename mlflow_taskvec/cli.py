@@ -17,13 +17,16 @@ import click
 import yaml
 
 from mlflow_taskvec import __version__
+from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.inspect import describe
 from mlflow_taskvec.engine.methods import METHODS
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.writer import parse_size, write_text_atomically
+from mlflow_taskvec.compose import compose_to, open_base, output_path
 from mlflow_taskvec.errors import TaskVecError
-from mlflow_taskvec.recipe import load_recipe, run_recipe
-from mlflow_taskvec.references import open_reference
+from mlflow_taskvec.progress import progress_bar
+from mlflow_taskvec.recipe import load_recipe
+from mlflow_taskvec.references import is_local, open_reference
 
 
 def _fail_cleanly(fn):
@@ -47,16 +50,6 @@ def _fail_cleanly(fn):
             raise click.ClickException(str(server_error(exc, "MLflow failed"))) from None
 
     return wrapper
-
-
-def _progress(total: int, label: str, quiet: bool):
-    """A tqdm bar on a terminal, nothing otherwise; returns (callback, close)."""
-    if quiet or not sys.stderr.isatty():
-        return None, lambda: None
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=label, unit="tensor", leave=False, file=sys.stderr)
-    return (lambda _name: bar.update(1)), bar.close
 
 
 def _echo(quiet: bool, text: str = "") -> None:
@@ -114,7 +107,7 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
     if output is None:
         _report_registration(quiet, _register_vector(vector, register_as, base_ref, ft_ref, run_id, alias))
         return
-    step, close = _progress(len(vector.names), "extract", quiet)
+    step, close = progress_bar(len(vector.names), "extract", "tensor", quiet)
     try:
         fingerprint = vector.save(
             output, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=step
@@ -152,28 +145,27 @@ def _report_registration(quiet: bool, reg) -> None:
 def compose(recipe, output, max_shard_size, register_as, alias, require_alias, overwrite, quiet):
     """Compose a model from a YAML merge RECIPE (references may be MLflow URIs)."""
     spec = load_recipe(recipe)
-    if require_alias is not None:
-        if not require_alias.strip():
-            raise TaskVecError("--require-alias: an alias name cannot be empty")
-        from mlflow_taskvec.mlflow.governance import enforce_policy
-
-        enforce_policy(spec, require_alias)  # before anything is downloaded
     if max_shard_size is not None:
         parse_size(max_shard_size, "--max-shard-size")
         spec.max_shard_size = max_shard_size
     if register_as is not None:
         from mlflow_taskvec.mlflow.registry import register_composite
 
-        reg = register_composite(spec, register_as, alias=alias)
+        reg = register_composite(spec, register_as, alias=alias, require_alias=require_alias, output=output, overwrite=overwrite)
         _echo(quiet, f"method: {spec.method}  scale: {spec.scale}  weights: {[e.weight for e in spec.vectors]}")
         _echo(quiet, f"fingerprint: {reg.tags['taskvec.fingerprint']}")
+        if output is not None:
+            _echo(quiet, f"composite: {output}")
         _report_registration(quiet, reg)
-        if output is None:
-            return
-    base = open_reference(spec.base, recipe.parent)
-    step, close = _progress(len(base.keys()), spec.method, quiet)
+        return
+    local = spec
+    if require_alias is not None or spec.policy is not None or not all(is_local(ref) for ref in spec.references):
+        from mlflow_taskvec.mlflow.inputs import resolve_inputs
+
+        local = resolve_inputs(spec, require_alias).local()  # the policy first, before anything is downloaded
+    step, close = progress_bar(len(open_base(local).keys()), spec.method, "tensor", quiet)
     try:
-        result = run_recipe(spec, output=output, relative_to=recipe.parent, overwrite=overwrite, progress=step)
+        result = compose_to(local, output=output_path(spec, output), overwrite=overwrite, progress=step, recorded=spec)
     finally:
         close()
     _echo(quiet, f"composite: {result.output}")
@@ -238,9 +230,7 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
             settings["scale"] = {"low": 0.0, "high": 1.0}
         data = spec.model_dump(exclude_unset=True)
         data["search"] = settings
-        source_dir = spec.source_dir
-        spec = parse_recipe(data, f"{recipe} (with the command's options)")
-        spec._source_dir = source_dir
+        spec = parse_recipe(data, f"{recipe} (with the command's options)", spec.source_dir)
     result = search(spec, register_as=register_as, alias=alias, memory=memory, quiet=quiet)
     best = result.best
     _echo(quiet, f"search run: {result.run_id}  candidates: {len(result.candidates)}  objective: {result.objective.describe}")
@@ -282,7 +272,7 @@ def inspect(ref, top, layers, fmt):
         return
     click.echo(f"source: {d.source}")
     click.echo(f"kind: {d.kind}")
-    for key in ("taskvec.task", "taskvec.base_fingerprint", "taskvec.method", "taskvec.recipe_sha256"):
+    for key in (meta_keys.TASK, meta_keys.BASE_FINGERPRINT, meta_keys.METHOD, meta_keys.RECIPE_SHA256):
         if key in d.metadata:
             click.echo(f"{key.removeprefix('taskvec.')}: {d.metadata[key]}")
     click.echo(f"tensors: {d.num_tensors}")
@@ -392,7 +382,7 @@ def list_methods():
         click.echo(f"{m.name}: {m.summary} (params: {params})")
 
 
-# -- governance: approve, lineage, verify (logic in mlflow_taskvec.mlflow.governance) ---------------
+# -- governance: approve, lineage, verify (mlflow_taskvec.mlflow.approval, .lineage, .verify) ---------------
 
 
 @main.command()
@@ -402,7 +392,7 @@ def list_methods():
 @_fail_cleanly
 def approve(ref, alias, note):
     """Approve REF (models:/name/version or models:/name@alias): point ALIAS at it and record who and when."""
-    from mlflow_taskvec.mlflow.governance import approve as approve_version
+    from mlflow_taskvec.mlflow.approval import approve as approve_version
 
     a = approve_version(ref, alias, note)
     click.echo(f"approved: {a.version_uri} as {a.alias!r} by {a.by} at {a.at}" + (f" ({a.note})" if a.note else ""))
@@ -416,18 +406,18 @@ def approve(ref, alias, note):
 @_fail_cleanly
 def lineage(ref, fmt, output):
     """What REF (a registered version) is made of: composite -> inputs -> task vectors -> fine-tunes and base."""
-    from mlflow_taskvec.mlflow import governance
+    from mlflow_taskvec.mlflow import lineage as lineage_module
 
     if fmt == "png" and output is None:
         raise click.UsageError("--format png writes a picture: give --output FILE.png")
-    root = governance.lineage(ref)
+    root = lineage_module.lineage(ref)
     if fmt == "png":
         from mlflow_taskvec.mlflow.lineage_plot import draw_lineage
 
         width, height = draw_lineage(root, output)
         click.echo(f"lineage picture: {output} ({width}x{height} pixels)", err=True)
         return
-    render = {"text": governance.render_text, "json": governance.render_json, "dot": governance.render_dot}[fmt]
+    render = {"text": lineage_module.render_text, "json": lineage_module.render_json, "dot": lineage_module.render_dot}[fmt]
     if output is None:
         click.echo(render(root))
     else:
@@ -446,7 +436,7 @@ def verify(ref, quiet):
     into a temporary folder and compares fingerprints. Exit 0 and "verified", or
     exit 1 naming the first mismatch.
     """
-    from mlflow_taskvec.mlflow.governance import verify as verify_version
+    from mlflow_taskvec.mlflow.verify import verify as verify_version
 
     result = verify_version(ref)
     click.echo(f"verified: {result.uri} ({result.kind}, fingerprint {result.fingerprint[:16]})")

@@ -11,7 +11,6 @@ No MLflow here: the tracking layer builds the models and logs the metrics.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import json
 import math
@@ -20,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlflow_taskvec.callables import import_callable
 from mlflow_taskvec.engine.writer import write_text_atomically
 from mlflow_taskvec.errors import TaskVecError
 
@@ -27,16 +27,7 @@ Evaluator = Callable[[object, str, str], dict]
 
 
 def load_evaluator(spec: str) -> Evaluator:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise TaskVecError(f"evaluator {spec!r} must look like 'package.module:function'")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise TaskVecError(f"evaluator {spec!r} cannot be imported ({exc})") from None
-    if not callable(fn):
-        raise TaskVecError(f"evaluator {spec!r} is not callable")
-    return fn
+    return import_callable(spec, "evaluator")
 
 
 def _per_task(tasks, control_tasks, metrics_of: Callable[[str, str], dict[str, float]]) -> dict[str, float]:

@@ -24,6 +24,10 @@ evaluation:                       # optional: metrics for the registry
 ```
 
 Relative references are resolved against the recipe file's folder.
+
+This module is data only: the schema, parsing and validation. ``compose.py``
+turns a recipe into a model; the MLflow layer resolves its MLflow references and
+checks its policy.
 """
 
 from __future__ import annotations
@@ -39,24 +43,22 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from mlflow_taskvec.callables import check_spec
+from mlflow_taskvec.engine.checks import finite_number
 from mlflow_taskvec.engine.coefficients import Coefficient, check_coefficient
-from mlflow_taskvec.engine.merge import MergeResult, merge_to
 from mlflow_taskvec.engine.methods import get_method, validate_params
 from mlflow_taskvec.engine.streaming import COMPUTE_DTYPES, STORAGE_DTYPES, parse_dtype
-from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.writer import parse_size
 from mlflow_taskvec.errors import TaskVecError
-from mlflow_taskvec.references import load_vector, open_reference
 
 RECIPE_FORMAT = "1"
 
 
 def _finite_number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{value!r} is not a number")
-    if not math.isfinite(value):
-        raise ValueError(f"{value!r} is not a finite number")
-    return float(value)
+    try:
+        return finite_number(value)
+    except TaskVecError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _as_taskvec_error(value: Any, check, field: str) -> Any:
@@ -112,11 +114,11 @@ class Evaluation(BaseModel):
     @field_validator("evaluator", "factory")
     @classmethod
     def _callable_spec(cls, value):
-        if value is None:
-            return value
-        module, _, attr = value.partition(":")
-        if not module or not attr:
-            raise ValueError(f"{value!r} must look like 'package.module:function'")
+        if value is not None:
+            try:
+                check_spec(value, "")
+            except TaskVecError as exc:
+                raise ValueError(str(exc).strip()) from None
         return value
 
 
@@ -336,7 +338,20 @@ class Recipe(BaseModel):
             unknown = sorted(set(self.search.params) - known)
             if unknown:
                 raise ValueError(f"search.params: {self.method} has no parameter {unknown[0]!r} (it has: {', '.join(sorted(known)) or 'none'})")
+            method = get_method(self.method)
+            for name, searched in self.search.params.items():
+                spec = method.param(name)
+                for bound in (searched.low, searched.high):  # the searched range stays inside the declared one
+                    try:
+                        spec.check(int(bound) if spec.type is int and float(bound).is_integer() else bound)
+                    except TaskVecError as exc:
+                        raise ValueError(f"search.{exc}") from None
         return self
+
+    @property
+    def references(self) -> list[str]:
+        """The base and every input, as written."""
+        return [self.base, *(e.ref for e in self.vectors)]
 
     # -- identity -----------------------------------------------------------------
     def canonical_json(self) -> str:
@@ -383,16 +398,20 @@ def _format_error(source: str, exc: ValidationError) -> str:
     return f"{source}: {text}{more}"
 
 
-def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+def parse_recipe(data: Any, source: str = "recipe", source_dir: "str | os.PathLike | None" = None) -> Recipe:
+    """Validate a recipe given as data; relative references resolve against ``source_dir`` (default: the working folder)."""
     if not isinstance(data, dict):
         raise TaskVecError(f"{source}: a recipe must be a mapping of fields, got {type(data).__name__}")
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise TaskVecError(_format_error(source, exc)) from None
+    recipe._source_dir = Path(source_dir).resolve() if source_dir is not None else None
+    return recipe
 
 
 def load_recipe(path: "str | os.PathLike") -> Recipe:
+    """Read and validate a recipe file; its relative references resolve against the file's folder."""
     path = Path(path)
     try:
         text = path.read_text("utf-8")
@@ -406,85 +425,4 @@ def load_recipe(path: "str | os.PathLike") -> Recipe:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise TaskVecError(f"{path}: not valid YAML{where}") from None
-    recipe = parse_recipe(data, str(path))
-    recipe._source_dir = path.resolve().parent
-    return recipe
-
-
-def build_vectors(recipe: Recipe, base, relative_to: Path | None = None) -> list[TaskVector]:
-    """The recipe's inputs as lazy task vectors."""
-    vectors = []
-    for i, entry in enumerate(recipe.vectors):
-        try:
-            if entry.vector is not None:
-                v = load_vector(entry.vector, relative_to)
-            else:
-                ft = open_reference(entry.finetuned, relative_to)
-                v = TaskVector.extract(base, ft, include=entry.include, exclude=entry.exclude, task=entry.task)
-        except TaskVecError as exc:
-            raise TaskVecError(f"vectors[{i}]: {exc}") from None
-        vectors.append(v)
-    return vectors
-
-
-def check_same_base(recipe: Recipe, base_fingerprint: str, vector_base_fingerprints: list[str]) -> None:
-    """Refuse, before composing, an input extracted from another base than the recipe's."""
-    for i, (entry, fp) in enumerate(zip(recipe.vectors, vector_base_fingerprints)):
-        if fp != base_fingerprint:
-            raise TaskVecError(
-                f"vectors[{i}] was extracted from a different base: {entry.ref} records base fingerprint {fp[:16]}, "
-                f"the recipe's base {recipe.base} has {base_fingerprint[:16]}"
-            )
-
-
-def run_recipe(
-    recipe: Recipe,
-    output: "str | os.PathLike | None" = None,
-    relative_to: Path | None = None,
-    overwrite: bool = False,
-    metadata: dict[str, str] | None = None,
-    progress=None,
-) -> MergeResult:
-    """Compose what the recipe says; the output records the recipe and its digest.
-
-    Relative references resolve against ``relative_to``, by default the recipe file's folder.
-    A recipe with a ``policy`` is checked against the model registry before anything is read.
-    """
-    if relative_to is None:
-        relative_to = recipe.source_dir
-    if recipe.policy is not None:
-        from mlflow_taskvec.mlflow.governance import enforce_policy
-
-        enforce_policy(recipe, recipe.policy.require_alias)
-    target = output if output is not None else recipe.output
-    if target is None:
-        raise TaskVecError("no output: set 'output' in the recipe or pass --output")
-    if output is None and relative_to is not None and not Path(target).is_absolute():
-        target = relative_to / target
-    base = open_reference(recipe.base, relative_to)
-    vectors = build_vectors(recipe, base, relative_to)
-    check_same_base(recipe, base.fingerprint(), [v.base_fingerprint for v in vectors])
-    meta = {
-        "taskvec.format_version": RECIPE_FORMAT,
-        "taskvec.kind": "composite",
-        "taskvec.method": recipe.method,
-        "taskvec.recipe": recipe.canonical_json(),
-        "taskvec.recipe_sha256": recipe.sha256(),
-        **(metadata or {}),
-    }
-    return merge_to(
-        base,
-        vectors,
-        [e.weight for e in recipe.vectors],
-        method=recipe.method,
-        scale=recipe.scale,
-        params=recipe.params,
-        output=target,
-        dtype=recipe.dtype,
-        compute_dtype=recipe.compute_dtype,
-        max_shard_size=recipe.max_shard_size,
-        overwrite=overwrite,
-        allow_nonfinite=recipe.allow_nonfinite,
-        metadata=meta,
-        progress=progress,
-    )
+    return parse_recipe(data, str(path), path.resolve().parent)

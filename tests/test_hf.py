@@ -19,7 +19,8 @@ from mlflow_helpers import mlflow_store, template_db  # noqa: E402
 
 from mlflow_taskvec import TaskVector, open_checkpoint  # noqa: E402
 from mlflow_taskvec.mlflow import flavor  # noqa: E402
-from mlflow_taskvec.recipe import parse_recipe, run_recipe  # noqa: E402
+from mlflow_taskvec.compose import compose_to  # noqa: E402
+from mlflow_taskvec.recipe import parse_recipe  # noqa: E402
 
 MODEL_DIR = Path(minilm.__file__).parent / "model"
 TOKENS = torch.tensor([[101, 7592, 2088, 102, 0, 0], [101, 2023, 2003, 1037, 3231, 102]])
@@ -57,7 +58,7 @@ def test_a_composite_of_an_hf_folder_loads_with_from_pretrained_and_runs(tmp_pat
     recipe = parse_recipe(
         {"base": str(MODEL_DIR), "scale": 0.5, "vectors": [{"finetuned": str(finetuned_dir)}], "max_shard_size": "30MB"}
     )
-    run_recipe(recipe, output=tmp_path / "composite")
+    compose_to(recipe, output=tmp_path / "composite")
 
     files = {p.name for p in (tmp_path / "composite").iterdir()}
     assert {"config.json", "tokenizer.json", "vocab.txt", "model.safetensors.index.json"} <= files

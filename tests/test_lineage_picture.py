@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from mlflow_helpers import BASE_NAME, COMPOSITE_NAME, run_artifact, vector_name
 
 from mlflow_taskvec.cli import main as cli
-from mlflow_taskvec.mlflow.governance import lineage
+from mlflow_taskvec.mlflow.lineage import lineage
 from mlflow_taskvec.mlflow.lineage_plot import DPI, _boxes
 from mlflow_taskvec.mlflow.registry import version_page
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 import mlflow_taskvec.recipe as recipe_module
 from mlflow_taskvec import TaskVecError, TaskVector, merge, open_checkpoint
-from mlflow_taskvec.recipe import load_recipe, parse_recipe, run_recipe
+from mlflow_taskvec.compose import compose_to
+from mlflow_taskvec.recipe import load_recipe, parse_recipe
 from small_models import INT_BUFFER, SHAPES, base_state, finetune_state
 
 # -- inputs -----------------------------------------------------------------------
@@ -58,7 +59,7 @@ def compose(models, data: dict, output: str = "merged.safetensors"):
     """Write ``data`` (plus ``output``) as a recipe next to the models and run it."""
     path = write_recipe(models.folder, {**data, "output": output})
     recipe = load_recipe(path)
-    result = run_recipe(recipe, relative_to=path.parent)
+    result = compose_to(recipe)
     tensors = load_file(str(result.output)) if result.output.is_file() else None
     return recipe, result, tensors
 
@@ -70,21 +71,6 @@ def assert_composite(actual: dict[str, torch.Tensor], models, expected_delta: di
     for name in SHAPES:
         torch.testing.assert_close(actual[name], base[name] + scale * expected_delta[name], rtol=1e-6, atol=1e-6)
     assert torch.equal(actual[INT_BUFFER], base[INT_BUFFER])
-
-
-def _trim(t: torch.Tensor, density: float) -> torch.Tensor:
-    k = max(1, int(density * t.numel()))
-    threshold = t.abs().flatten().topk(k).values.min()
-    return torch.where(t.abs() >= threshold, t, torch.zeros_like(t))
-
-
-def ties_reference(deltas: list[torch.Tensor], density: float) -> torch.Tensor:
-    """TIES with unit weights: trim to the top ``density`` by magnitude, elect the sign of
-    the sum (ties go to +), average the entries that agree with it."""
-    stacked = torch.stack([_trim(t, density) for t in deltas])
-    elected = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
-    agree = torch.sign(stacked) == elected
-    return torch.where(agree, stacked, 0.0).sum(0) / agree.sum(0).clamp(min=1)
 
 
 VALID = "base: base.safetensors\nvectors:\n  - vector: a.safetensors\n"
@@ -354,68 +340,8 @@ def test_saved_vector_and_its_finetune_give_the_same_composite(models):
         assert torch.equal(from_vector[name], from_finetune[name])
 
 
-def test_ties_recipe_trims_elects_a_sign_and_averages_the_agreeing_entries(models):
-    _, _, out = compose(
-        models,
-        {
-            "base": "base.safetensors",
-            "method": "ties",
-            "scale": 0.9,
-            "params": {"density": 0.5},
-            "vectors": [{"finetuned": f"{t}.safetensors"} for t in "abc"],
-        },
-    )
-
-    deltas = [task_delta(models, t) for t in "abc"]
-    assert_composite(out, models, {n: ties_reference([d[n] for d in deltas], 0.5) for n in SHAPES}, scale=0.9)
-
-
-def test_magnitude_prune_recipe_trims_each_vector_then_adds_them(models):
-    _, _, out = compose(
-        models,
-        {
-            "base": "base.safetensors",
-            "method": "magnitude_prune",
-            "params": {"density": 0.25},
-            "vectors": [{"finetuned": "a.safetensors", "weight": 1.5}, {"finetuned": "b.safetensors", "weight": -0.5}],
-        },
-    )
-
-    ta, tb = task_delta(models, "a"), task_delta(models, "b")
-    assert_composite(out, models, {n: 1.5 * _trim(ta[n], 0.25) - 0.5 * _trim(tb[n], 0.25) for n in SHAPES}, scale=1.0)
-
-
-def test_dare_linear_keeps_each_entry_rescaled_by_one_over_density_or_drops_it(models):
-    _, _, out = compose(
-        models,
-        {"base": "base.safetensors", "method": "dare_linear", "params": {"density": 0.5, "seed": 3}, "vectors": [{"finetuned": "a.safetensors"}]},
-    )
-
-    base, ta = load_file(str(models.base)), task_delta(models, "a")
-    got = torch.cat([(out[n] - base[n]).flatten() for n in SHAPES])
-    want = torch.cat([ta[n].flatten() for n in SHAPES])
-    kept = torch.isclose(got, want / 0.5, rtol=1e-5, atol=1e-6)
-    dropped = torch.isclose(got, torch.zeros_like(got), atol=1e-6)
-    assert bool((kept | dropped).all())
-    assert 0.2 < kept.float().mean().item() < 0.8
-
-
-@pytest.mark.parametrize(
-    "dare, expected",
-    [
-        ("dare_linear", lambda deltas: sum(deltas)),
-        ("dare_ties", lambda deltas: ties_reference(deltas, 1.0)),
-    ],
-    ids=["dare_linear is task_arithmetic", "dare_ties is untrimmed ties"],
-)
-def test_dare_at_full_density_drops_nothing(models, dare, expected):
-    _, _, out = compose(
-        models,
-        {"base": "base.safetensors", "method": dare, "params": {"density": 1.0}, "vectors": [{"finetuned": f"{t}.safetensors"} for t in "ab"]},
-    )
-
-    deltas = [task_delta(models, t) for t in "ab"]
-    assert_composite(out, models, {n: expected([d[n] for d in deltas]) for n in SHAPES}, scale=1.0)
+# What each method computes is specified in test_methods.py (against float64 references);
+# here: a recipe hands the engine exactly its method, parameters, weights and scale.
 
 
 @pytest.mark.parametrize(
@@ -480,7 +406,7 @@ def test_relative_references_resolve_against_the_recipe_folder_not_the_cwd(model
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
 
-    result = run_recipe(load_recipe(path), relative_to=path.parent)
+    result = compose_to(load_recipe(path))
 
     assert result.output == models.folder / "merged.safetensors"
     assert result.output.is_file()
@@ -491,7 +417,7 @@ def test_recipe_without_any_output_is_refused(models):
     recipe = load_recipe(write_recipe(models.folder, {"base": "base.safetensors", "vectors": [{"finetuned": "a.safetensors"}]}))
 
     with pytest.raises(TaskVecError, match=r"^no output: set 'output' in the recipe or pass --output$"):
-        run_recipe(recipe, relative_to=models.folder)
+        compose_to(recipe)
 
 
 # -- provenance and reproducibility -------------------------------------------------------------

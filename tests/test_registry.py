@@ -43,7 +43,6 @@ from mlflow_taskvec.cli import main as cli
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.recipe import load_recipe, parse_recipe
-from mlflow_taskvec.mlflow import references
 from mlflow_taskvec.mlflow.downloads import resolve
 from mlflow_taskvec.mlflow.registry import register_composite
 
@@ -343,17 +342,17 @@ def test_mlflow_itself_downloads_a_logged_model_through_its_runs_uri(registry, t
 
 def test_resolving_the_same_model_again_does_not_download_it_again(registry, fresh_cache):
     uri = f"models:/{vector_name('rotate')}/1"
-    before = len(references.DOWNLOADS)
+    assert not fresh_cache.exists() or not any(fresh_cache.iterdir())
 
     first = resolve(uri)
-    after_first = len(references.DOWNLOADS)
+    marker = first.path / "marker-left-in-the-cache"
+    marker.write_text("a download would replace this folder", "utf-8")
     second = resolve(uri)
     by_alias = resolve(f"models:/{vector_name('rotate')}@current")
 
-    assert after_first == before + 1
-    assert references.DOWNLOADS[-1] == uri
-    assert len(references.DOWNLOADS) == after_first
+    assert first.canonical == second.canonical == uri
     assert second.path == first.path == by_alias.path
+    assert marker.is_file()  # the cached folder was used as it is, not fetched again
     assert first.path.is_relative_to(fresh_cache)
 
 
@@ -366,12 +365,10 @@ def test_a_tampered_cached_file_is_fetched_again_and_verified(registry, fresh_ca
     data[-1] ^= 0xFF  # the last byte belongs to a tensor's data
     weights.write_bytes(bytes(data))
     assert open_checkpoint(weights).fingerprint() != expected
-    before = len(references.DOWNLOADS)
 
     again = resolve(uri)
 
-    assert len(references.DOWNLOADS) == before + 1
-    assert references.DOWNLOADS[-1] == uri
+    assert again.path == first.path
     assert again.fingerprint == expected
     assert open_checkpoint(again.path).fingerprint() == expected
 

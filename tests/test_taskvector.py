@@ -152,9 +152,13 @@ def test_division_by_zero_is_refused(vectors):
         vectors[0] / 0
 
 
-@pytest.mark.parametrize("factor", ["2", None, float("nan"), float("inf"), True])
-def test_scaling_by_a_non_number_is_refused(vectors, factor):
-    with pytest.raises(TaskVecError, match="is not a finite number"):
+@pytest.mark.parametrize(
+    ("factor", "message"),
+    [("2", "'2' is not a number"), (None, "None is not a number"), (True, "True is not a number"),
+     (float("nan"), "nan is not a finite number"), (float("inf"), "inf is not a finite number")],
+)
+def test_scaling_by_a_non_number_is_refused(vectors, factor, message):
+    with pytest.raises(TaskVecError, match=f"^{message}$"):
         vectors[0] * factor
 
 

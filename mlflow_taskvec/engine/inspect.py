@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import Checkpoint
 from mlflow_taskvec.engine.streaming import chunk_ranges, flat_slice
 from mlflow_taskvec.errors import TaskVecError
@@ -62,7 +63,7 @@ def describe(ckpt: Checkpoint) -> Description:
             norms[name] = tensor_norm(ckpt.get_tensor(name))
     return Description(
         source=ckpt.source,
-        kind=meta.get("taskvec.kind", "checkpoint"),
+        kind=meta.get(meta_keys.KIND, "checkpoint"),
         fingerprint=ckpt.fingerprint(),
         num_tensors=len(ckpt.keys()),
         num_parameters=ckpt.num_parameters(),

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.coefficients import Coefficient, check_coefficient, coefficient_for
 from mlflow_taskvec.engine.io import TensorSpec
@@ -103,7 +104,7 @@ def merge_to(
     started = time.perf_counter()
     check_output_path(output, overwrite)
     plan = _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype)
-    metadata = {"taskvec.kind": "composite", **(metadata or {}), "taskvec.base_fingerprint": plan.base_fingerprint}
+    metadata = {meta_keys.KIND: meta_keys.COMPOSITE, **(metadata or {}), meta_keys.BASE_FINGERPRINT: plan.base_fingerprint}
     sink = CheckpointWriter(
         output, plan.specs, metadata, max_shard_size=max_shard_size, copy_files_from=plan.base.directory, overwrite=overwrite
     )

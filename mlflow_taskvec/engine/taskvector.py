@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import Checkpoint, open_checkpoint
+from mlflow_taskvec.engine.checks import finite_number
 from mlflow_taskvec.engine.io import TensorSpec
 from mlflow_taskvec.engine.streaming import (
     CHUNK_ELEMENTS,
@@ -35,11 +37,6 @@ from mlflow_taskvec.engine.writer import CheckpointWriter
 from mlflow_taskvec.errors import TaskVecError
 
 FORMAT_VERSION = "1"
-META_FORMAT = "taskvec.format_version"
-META_KIND = "taskvec.kind"
-META_BASE_FINGERPRINT = "taskvec.base_fingerprint"
-META_TASK = "taskvec.task"
-META_SKIPPED = "taskvec.skipped"
 
 
 @dataclass(frozen=True)
@@ -140,20 +137,20 @@ class TaskVector:
         """Open a saved task vector (a file, a directory or a Checkpoint) lazily."""
         ckpt = open_checkpoint(source)
         meta = ckpt.metadata()
-        kind = meta.get(META_KIND, "task_vector")
-        if kind != "task_vector":
+        kind = meta.get(meta_keys.KIND, meta_keys.TASK_VECTOR)
+        if kind != meta_keys.TASK_VECTOR:
             raise TaskVecError(f"{ckpt.source}: is a {kind} checkpoint, not a task vector")
-        if META_BASE_FINGERPRINT not in meta:
-            raise TaskVecError(f"{ckpt.source}: not a task vector (its metadata has no {META_BASE_FINGERPRINT})")
+        if meta_keys.BASE_FINGERPRINT not in meta:
+            raise TaskVecError(f"{ckpt.source}: not a task vector (its metadata has no {meta_keys.BASE_FINGERPRINT})")
         for name in ckpt.keys():
             if not ckpt.spec(name).is_floating_point:
                 raise TaskVecError(f"{ckpt.source}: tensor {name!r} of a task vector is not floating point")
-        skipped = json.loads(meta.get(META_SKIPPED, "[]"))
+        skipped = json.loads(meta.get(meta_keys.SKIPPED, "[]"))
         return cls(
             [_Term(1.0, stored=ckpt)],
             ckpt.specs(),
-            meta[META_BASE_FINGERPRINT],
-            task=meta.get(META_TASK) or None,
+            meta[meta_keys.BASE_FINGERPRINT],
+            task=meta.get(meta_keys.TASK) or None,
             skipped=skipped,
         )
 
@@ -217,7 +214,7 @@ class TaskVector:
         check_same_tensors(self, other)
 
     def _scaled(self, factor: float) -> "TaskVector":
-        factor = _as_number(factor)
+        factor = finite_number(factor)
         terms = [_Term(t.weight * factor, t.stored, t.finetuned, t.base) for t in self._terms]
         return TaskVector(terms, self._specs, self.base_fingerprint, self.task, self.skipped)
 
@@ -245,7 +242,7 @@ class TaskVector:
     __rmul__ = __mul__
 
     def __truediv__(self, divisor: float) -> "TaskVector":
-        divisor = _as_number(divisor)
+        divisor = finite_number(divisor)
         if divisor == 0:
             raise TaskVecError("cannot divide a task vector by zero")
         return self._scaled(1.0 / divisor)
@@ -303,13 +300,13 @@ class TaskVector:
     # -- writing ------------------------------------------------------------------
     def metadata(self) -> dict[str, str]:
         meta = {
-            META_FORMAT: FORMAT_VERSION,
-            META_KIND: "task_vector",
-            META_BASE_FINGERPRINT: self.base_fingerprint,
-            META_SKIPPED: json.dumps(list(self.skipped)),
+            meta_keys.FORMAT_VERSION: FORMAT_VERSION,
+            meta_keys.KIND: meta_keys.TASK_VECTOR,
+            meta_keys.BASE_FINGERPRINT: self.base_fingerprint,
+            meta_keys.SKIPPED: json.dumps(list(self.skipped)),
         }
         if self.task:
-            meta[META_TASK] = self.task
+            meta[meta_keys.TASK] = self.task
         return meta
 
     def save(
@@ -345,9 +342,3 @@ class TaskVector:
     def apply_to_output(self, base, output: str | os.PathLike, scale: float = 1.0, **options) -> MergeResult:
         """``base + scale * self`` streamed into ``output`` (options as for ``merge_to``)."""
         return merge_to(base, [self], [1.0], output, method="task_arithmetic", scale=scale, **options)
-
-
-def _as_number(x) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-        raise TaskVecError(f"{x!r} is not a finite number")
-    return float(x)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import uuid
@@ -27,13 +26,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
+from mlflow_taskvec.mlflow import tags as tag
+from mlflow_taskvec.mlflow import uris
+from mlflow_taskvec.mlflow.server import server_error
 from mlflow_taskvec.errors import TaskVecError
-from mlflow_taskvec.references import register_scheme
 from mlflow_taskvec.references import resolve_path as resolve_local_path
 
-_MODEL_ID = re.compile(r"^m-[0-9a-f]{8,}$")
-# Canonical URIs fetched from the tracking server by this process (tests and logs read it).
-DOWNLOADS: list[str] = []
 
 
 def cache_root() -> Path:
@@ -58,67 +56,41 @@ class Resolved:
     tags: dict = field(default_factory=dict)  # the registered version's tags
 
 
-def _client() -> MlflowClient:
-    return MlflowClient()
-
-
-def _mlflow_error(uri: str, exc: MlflowException) -> TaskVecError:
-    from mlflow_taskvec.mlflow.server import server_error
-
-    return server_error(exc, uri)
-
-
-def _locate_model(uri: str) -> dict:
+def _locate_model(ref: str) -> dict:
     """Where the artifacts behind an MLflow URI live, and what identifies them."""
-    client = _client()
+    uri = uris.parse(ref)
+    client = MlflowClient()
     try:
-        if uri.startswith("models:/"):
-            rest = uri[len("models:/") :].strip("/")
-            if "@" in rest:
-                name, alias = rest.split("@", 1)
-                mv = client.get_model_version_by_alias(name, alias)
-            elif "/" in rest:
-                name, version = rest.rsplit("/", 1)
-                mv = client.get_model_version(name, version)
-            elif _MODEL_ID.match(rest):
-                lm = client.get_logged_model(rest)
-                return {
-                    "canonical": f"models:/{lm.model_id}",
-                    "artifact_uri": lm.artifact_location,
-                    "model_id": lm.model_id,
-                    "run_id": lm.source_run_id,
-                }
-            else:
-                raise TaskVecError(f"{uri}: not a models:/ reference (use models:/name/version, models:/name@alias or models:/<model_id>)")
-            model_id = getattr(mv, "model_id", None)
-            artifact_uri = client.get_logged_model(model_id).artifact_location if model_id else client.get_model_version_download_uri(mv.name, mv.version)
-            return {
-                "canonical": f"models:/{mv.name}/{mv.version}",
-                "artifact_uri": artifact_uri,
-                "name": mv.name,
-                "version": str(mv.version),
-                "model_id": model_id,
-                "run_id": mv.run_id,
-                "tags": dict(mv.tags or {}),
-            }
-        if uri.startswith("runs:/"):
-            rest = uri[len("runs:/") :]
-            run_id, _, path = rest.partition("/")
-            client.get_run(run_id)  # a clear error for an unknown run
+        if uri.kind == "model_id":
+            lm = client.get_logged_model(uri.model_id)
+            return {"canonical": f"models:/{lm.model_id}", "artifact_uri": lm.artifact_location, "model_id": lm.model_id, "run_id": lm.source_run_id}
+        if uri.kind == "run":
+            client.get_run(uri.run_id)  # a clear error for an unknown run
             # MLflow resolves runs:/ itself, including MLflow 3 models logged in the run
             # (stored under models/<model_id>, not under the run's artifact folder).
-            canonical = f"runs:/{run_id}/{path}".rstrip("/")
-            return {"canonical": canonical, "artifact_uri": canonical, "run_id": run_id}
+            canonical = f"runs:/{uri.run_id}/{uri.path}".rstrip("/")
+            return {"canonical": canonical, "artifact_uri": canonical, "run_id": uri.run_id}
+        mv = client.get_model_version_by_alias(uri.name, uri.alias) if uri.kind == "alias" else client.get_model_version(uri.name, uri.version)
+        model_id = getattr(mv, "model_id", None)
+        artifact_uri = client.get_logged_model(model_id).artifact_location if model_id else client.get_model_version_download_uri(mv.name, mv.version)
+        return {
+            "canonical": f"models:/{mv.name}/{mv.version}",
+            "artifact_uri": artifact_uri,
+            "name": mv.name,
+            "version": str(mv.version),
+            "model_id": model_id,
+            "run_id": mv.run_id,
+            "tags": dict(mv.tags or {}),
+        }
     except MlflowException as exc:
-        raise _mlflow_error(uri, exc) from None
-    raise TaskVecError(f"{uri}: unsupported reference")
+        raise server_error(exc, ref) from None
 
 
 def _download(artifact_uri: str, dst: Path, uri: str) -> Path:
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst)))
     except MlflowException as exc:
-        raise _mlflow_error(uri, exc) from None
+        raise server_error(exc, uri) from None
     except OSError as exc:
         raise TaskVecError(f"{uri}: download failed ({exc})") from None
 
@@ -178,7 +150,7 @@ def _expected_fingerprint(uri: str, conf: dict | None, tags: dict) -> str | None
     was created (its ``taskvec.fingerprint`` tag, kept in the database, out of reach of
     whoever can write the artifact store), which the MLmodel file must agree with."""
     recorded = (conf or {}).get("fingerprint")
-    tagged = tags.get("taskvec.fingerprint")
+    tagged = tags.get(tag.FINGERPRINT)
     if recorded and tagged and recorded != tagged:
         raise TaskVecError(
             f"{uri}: the MLmodel file records fingerprint {recorded[:16]}, the registered version {tagged[:16]} (tampered artifact)"
@@ -193,7 +165,7 @@ def resolve(ref: str | os.PathLike, fresh: bool = False) -> Resolved:
     is checked is what the store holds now (``verify`` needs that).
     """
     text = os.fspath(ref)
-    if not (text.startswith("models:/") or text.startswith("runs:/")):
+    if not uris.is_mlflow_uri(text):
         path = resolve_local_path(text).resolve()
         conf = None
         model_dir = None
@@ -228,7 +200,6 @@ def resolve(ref: str | os.PathLike, fresh: bool = False) -> Resolved:
         tmp.mkdir()
         try:
             downloaded = _download(where["artifact_uri"], tmp, text)
-            DOWNLOADS.append(where["canonical"])
             got = open_checkpoint(weights_path(downloaded, mlmodel)).fingerprint(fresh=True)
             if expected and got != expected:
                 raise TaskVecError(
@@ -258,9 +229,6 @@ def resolve(ref: str | os.PathLike, fresh: bool = False) -> Resolved:
     )
 
 
-def _resolve_to_path(uri: str) -> Path:
+def resolve_to_path(uri: str) -> Path:
+    """The ``models`` and ``runs`` entries of the reference-scheme table (see setup.cfg)."""
     return resolve(uri).path
-
-
-register_scheme("models", _resolve_to_path)
-register_scheme("runs", _resolve_to_path)

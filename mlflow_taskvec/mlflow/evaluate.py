@@ -24,10 +24,10 @@ import torch
 
 from mlflow.utils.model_utils import _add_code_from_conf_to_system_path
 
+from mlflow_taskvec import compose
 from mlflow_taskvec.engine.coefficients import Coefficient
-from mlflow_taskvec.mlflow import flavor
-from mlflow_taskvec.engine.merge import merge
 from mlflow_taskvec.engine.taskvector import TaskVector
+from mlflow_taskvec.mlflow import flavor
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.evaluation import (
     MetricCache,
@@ -39,6 +39,7 @@ from mlflow_taskvec.evaluation import (
     load_evaluator,
 )
 from mlflow_taskvec.mlflow.downloads import Resolved, cache_root
+from mlflow_taskvec.mlflow.inputs import Inputs
 
 Builder = Callable[[Mapping[str, torch.Tensor]], torch.nn.Module]
 
@@ -141,8 +142,7 @@ class CompositeEvaluation:
     def _finetune_module(self, item: Input) -> torch.nn.Module:
         if item.finetuned_path is not None:
             return self.build(flavor.read_state(item.finetuned_path))
-        state = merge(self.base.path, [item.vector], [1.0], method="task_arithmetic", scale=1.0)
-        return self.build(state)
+        return self.build(item.vector.apply_to(self.base.path, 1.0))
 
     def evaluate(self, model, split: str | None = None) -> dict[str, float]:
         """The composite's metrics on ``split`` (default: the recipe's), with base/fine-tune comparisons."""
@@ -152,19 +152,17 @@ class CompositeEvaluation:
         return metrics
 
 
-def composite_evaluation(recipe, base: Resolved, inputs: list[Resolved], cache: MetricCache | None = None) -> CompositeEvaluation:
-    """The recipe's evaluation over resolved (local) inputs; the recipe must have an ``evaluation`` block."""
+def composite_evaluation(inputs: Inputs, cache: MetricCache | None = None) -> CompositeEvaluation:
+    """The recipe's evaluation over its resolved (local) inputs; the recipe must have an ``evaluation`` block."""
+    recipe = inputs.recipe
     if recipe.evaluation is None:
         raise TaskVecError("the recipe has no 'evaluation' block: name an evaluator and the tasks to evaluate")
+    local = inputs.local()
+    vectors = compose.vectors_of(local, compose.open_base(local))
     items = []
-    for i, (entry, res) in enumerate(zip(recipe.vectors, inputs)):
-        try:
-            if entry.vector is not None:
-                vector = TaskVector.load(res.path)
-                items.append(Input(vector, res.fingerprint, entry.task or vector.task, entry.weight))
-            else:
-                vector = TaskVector.extract(base.path, res.path, include=entry.include, exclude=entry.exclude, task=entry.task)
-                items.append(Input(vector, res.fingerprint, entry.task, entry.weight, finetuned_path=res.path))
-        except TaskVecError as exc:
-            raise TaskVecError(f"vectors[{i}]: {exc}") from None
-    return CompositeEvaluation(recipe.evaluation, base, items, cache)
+    for entry, res, vector in zip(recipe.vectors, inputs.vectors, vectors):
+        if entry.vector is not None:
+            items.append(Input(vector, res.fingerprint, entry.task or vector.task, entry.weight))
+        else:
+            items.append(Input(vector, res.fingerprint, entry.task, entry.weight, finetuned_path=res.path))
+    return CompositeEvaluation(recipe.evaluation, inputs.base, items, cache)

@@ -27,7 +27,6 @@ Example::
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -66,6 +65,8 @@ from mlflow.utils.model_utils import (
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
 from mlflow_taskvec import __version__
+from mlflow_taskvec.callables import check_spec, import_callable
+from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.writer import copy_non_weight_files
@@ -73,7 +74,6 @@ from mlflow_taskvec.errors import TaskVecError
 
 FLAVOR_NAME = "taskvec"
 FORMAT_VERSION = "1"
-KINDS = ("task_vector", "checkpoint")
 _DATA = "data"
 # A copy of the flavor block inside data/: ``_load_pyfunc`` only receives that folder.
 _CONF_FILE = "taskvec.json"
@@ -99,8 +99,7 @@ def _architecture(factory: str | None, factory_kwargs: Mapping[str, Any] | None,
         raise TaskVecError(
             "a checkpoint model needs an architecture: pass factory='package.module:function' or save an HF-style folder with config.json"
         )
-    if ":" not in factory or not all(factory.split(":", 1)):
-        raise TaskVecError(f"architecture factory {factory!r} must look like 'package.module:function'")
+    check_spec(factory, "architecture factory")
     kwargs = dict(factory_kwargs or {})
     try:
         json.dumps(kwargs)
@@ -136,7 +135,7 @@ def _write_weights(model, target: Path) -> tuple[str, Checkpoint]:
             shutil.copy2(index, target / index.name)
         if source.directory is not None:
             copy_non_weight_files(source.directory, target)
-    kind = "task_vector" if source.metadata().get("taskvec.kind") == "task_vector" else "checkpoint"
+    kind = meta_keys.TASK_VECTOR if source.metadata().get(meta_keys.KIND) == meta_keys.TASK_VECTOR else "checkpoint"
     return kind, open_checkpoint(target)
 
 
@@ -194,8 +193,8 @@ def save_model(
         conf.update(task=vector.task, base_fingerprint=vector.base_fingerprint, l2_norm=vector.norm())
     else:
         conf["architecture"] = _architecture(factory, factory_kwargs, path / _DATA)
-        if "taskvec.base_fingerprint" in meta:
-            conf["base_fingerprint"] = meta["taskvec.base_fingerprint"]
+        if meta_keys.BASE_FINGERPRINT in meta:
+            conf["base_fingerprint"] = meta[meta_keys.BASE_FINGERPRINT]
     for key, value in (lineage or {}).items():
         conf[key] = value
     (path / _DATA / _CONF_FILE).write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n", "utf-8")
@@ -325,12 +324,7 @@ def read_state(weights: "Path | str") -> dict[str, torch.Tensor]:
 
 def module_from_factory(factory: str, factory_kwargs: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
     """``package.module:factory(**factory_kwargs)`` with ``state`` loaded strictly."""
-    module_name, _, attr = factory.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise TaskVecError(f"architecture factory {factory!r} cannot be imported ({exc})") from None
-    module = fn(**dict(factory_kwargs))
+    module = import_callable(factory, "architecture factory")(**dict(factory_kwargs))
     try:
         module.load_state_dict(dict(state), strict=True)
     except RuntimeError as exc:

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlflow_taskvec.mlflow.governance import Node, lineage
+from mlflow_taskvec.mlflow.lineage import Node, lineage
 
 PICTURE_NAME = "lineage.png"
 DPI = 110

@@ -8,6 +8,7 @@ made of.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -26,15 +27,19 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
+from mlflow_taskvec.compose import compose_to
 from mlflow_taskvec.engine.coefficients import Coefficient, describe
-from mlflow_taskvec.mlflow import flavor
 from mlflow_taskvec.engine.taskvector import TaskVector
+from mlflow_taskvec.engine.writer import check_output_path
 from mlflow_taskvec.errors import TaskVecError
-from mlflow_taskvec.recipe import Recipe, check_same_base, run_recipe
+from mlflow_taskvec.mlflow import flavor
+from mlflow_taskvec.mlflow import tags as tag
+from mlflow_taskvec.mlflow.downloads import Resolved
 from mlflow_taskvec.mlflow.evaluate import composite_evaluation
+from mlflow_taskvec.mlflow.inputs import resolve_inputs
 from mlflow_taskvec.mlflow.lineage_plot import log_lineage_picture
-from mlflow_taskvec.mlflow.downloads import Resolved, resolve
 from mlflow_taskvec.mlflow.server import check_can_register, server_error, server_errors
+from mlflow_taskvec.recipe import Recipe
 
 
 def _fmt(value: float) -> str:
@@ -124,22 +129,9 @@ class Registered:
 def _run_context(run_id: str | None):
     """Resume ``run_id``, keep the active run, or start a new one."""
     active = mlflow.active_run()
-    if run_id is None and active is not None:
-        return _Keep(active)
-    if run_id is not None and active is not None and active.info.run_id == run_id:
-        return _Keep(active)
+    if active is not None and run_id in (None, active.info.run_id):
+        return contextlib.nullcontext(active)
     return mlflow.start_run(run_id=run_id)
-
-
-class _Keep:
-    def __init__(self, run):
-        self.run = run
-
-    def __enter__(self):
-        return self.run
-
-    def __exit__(self, *exc):
-        return False
 
 
 @_asks_the_server_first
@@ -162,14 +154,14 @@ def register_task_vector(
         info = flavor.log_model(vector, name="task_vector", lineage=lineage)
         conf = info.flavors[flavor.FLAVOR_NAME]
         tags = {
-            "taskvec.kind": "task_vector",
-            "taskvec.task": vector.task or "",
-            "taskvec.base_uri": base.canonical,
-            "taskvec.base_fingerprint": vector.base_fingerprint,
-            "taskvec.finetuned_uri": finetuned.canonical,
-            "taskvec.fingerprint": conf["fingerprint"],
-            "taskvec.num_parameters": conf["num_parameters"],
-            "taskvec.l2_norm": _fmt(conf["l2_norm"]),
+            tag.KIND: tag.TASK_VECTOR,
+            tag.TASK: vector.task or "",
+            tag.BASE_URI: base.canonical,
+            tag.BASE_FINGERPRINT: vector.base_fingerprint,
+            tag.FINETUNED_URI: finetuned.canonical,
+            tag.FINGERPRINT: conf["fingerprint"],
+            tag.NUM_PARAMETERS: conf["num_parameters"],
+            tag.L2_NORM: _fmt(conf["l2_norm"]),
         }
         MlflowClient().set_logged_model_tags(info.model_id, {k: str(v) for k, v in tags.items()})
         description = _vector_description(vector, base, finetuned, conf)
@@ -195,38 +187,17 @@ def _vector_description(vector: TaskVector, base: Resolved, finetuned: Resolved,
     )
 
 
-def _resolved_recipe(recipe: Recipe, base: Resolved, inputs: list[Resolved]) -> Recipe:
-    """The recipe with every reference replaced by its immutable form (aliases resolved)."""
-    data = recipe.model_dump()
-    data["base"] = base.canonical
-    for entry, res in zip(data["vectors"], inputs):
-        key = "vector" if entry.get("vector") is not None else "finetuned"
-        entry[key] = res.canonical
-    data["output"] = None
-    return Recipe.model_validate(data)
-
-
-def local_recipe(resolved: Recipe, base: Resolved, inputs: list[Resolved]) -> Recipe:
-    """``resolved`` with every reference replaced by its downloaded local path, ready to run.
-
-    Its policy, already enforced on the real references, is dropped: local paths cannot carry aliases.
-    """
-    local = resolved.model_copy(update={"base": str(base.path), "policy": None})
-    local.vectors = [
-        e.model_copy(update={("vector" if e.vector is not None else "finetuned"): str(r.path)}) for e, r in zip(resolved.vectors, inputs)
-    ]
-    return local
-
-
 @_asks_the_server_first
 def register_composite(
     recipe: Recipe,
     name: str,
-    relative_to: Path | None = None,
     alias: str | None = None,
     evaluate: Callable[[object], dict[str, float]] | None = None,
     extra_tags: dict[str, str] | None = None,
     note: str | None = None,
+    require_alias: str | None = None,
+    output: "str | os.PathLike | None" = None,
+    overwrite: bool = False,
 ) -> Registered:
     """Compose what ``recipe`` says, log it as a ``checkpoint`` model in a run, register a version.
 
@@ -234,36 +205,27 @@ def register_composite(
     (default: the recipe's ``evaluation`` block, with the base and each task's
     fine-tune as references); its metrics go on the run, on the logged model and
     into the version's description. ``extra_tags`` go on the version and the logged
-    model; ``note`` is a paragraph of the version's description.
+    model; ``note`` is a paragraph of the version's description. ``require_alias``
+    adds to the recipe's policy; with ``output`` the composite is also left there
+    (composed once; an existing output is refused before anything is registered).
     """
-    relative_to = relative_to or recipe.source_dir
-    if recipe.policy is not None:
-        from mlflow_taskvec.mlflow.governance import enforce_policy
-
-        enforce_policy(recipe, recipe.policy.require_alias)
-    base = _resolve_ref(recipe.base, relative_to, "base")
-    inputs = [_resolve_ref(e.ref, relative_to, f"vectors[{i}]") for i, e in enumerate(recipe.vectors)]
-    resolved = _resolved_recipe(recipe, base, inputs)
-    for i, (entry, res) in enumerate(zip(recipe.vectors, inputs)):
-        if entry.vector is not None and res.conf and res.conf.get("kind") not in (None, "task_vector"):
-            raise TaskVecError(f"vectors[{i}]: {res.canonical} is a {res.conf.get('kind')} model, not a task vector")
-    vector_bases = []
-    for i, (entry, res) in enumerate(zip(recipe.vectors, inputs)):
-        try:
-            vector_bases.append(TaskVector.load(res.path).base_fingerprint if entry.vector is not None else base.fingerprint)
-        except TaskVecError as exc:
-            raise TaskVecError(f"vectors[{i}]: {exc}") from None
-    check_same_base(recipe, base.fingerprint, vector_bases)  # before a run is started
+    if output is not None:
+        check_output_path(output, overwrite)
+    inputs = resolve_inputs(recipe, require_alias)
+    inputs.check_same_base()  # before a run is started
+    resolved = inputs.canonical()
+    base = inputs.base
     architecture, code_paths, signature = _architecture_of(base)
 
     with _run_context(None) as run, tempfile.TemporaryDirectory(prefix="taskvec-compose-") as tmp:
         mlflow.log_params(_run_params(resolved))
-        result = run_recipe(local_recipe(resolved, base, inputs), output=Path(tmp) / "weights", relative_to=relative_to)
+        weights = Path(output) if output is not None else Path(tmp) / "weights"
+        result = compose_to(inputs.local(), output=weights, overwrite=overwrite)
         recipe_path = Path(tmp) / "recipe.yaml"
         recipe_path.write_text(yaml.safe_dump(resolved.model_dump(exclude={"output", "search"}), sort_keys=False), "utf-8")
         mlflow.log_artifact(str(recipe_path))
         input_rows = [
-            {"uri": r.canonical, "weight": e.weight, "fingerprint": r.fingerprint} for e, r in zip(resolved.vectors, inputs)
+            {"uri": r.canonical, "weight": e.weight, "fingerprint": r.fingerprint} for e, r in zip(resolved.vectors, inputs.vectors)
         ]
         lineage = {
             "method": resolved.method,
@@ -274,7 +236,7 @@ def register_composite(
             "recipe_sha256": resolved.sha256(),
         }
         info = flavor.log_model(
-            Path(tmp) / "weights",
+            weights,
             name="composite",
             factory=architecture.get("factory"),
             factory_kwargs=architecture.get("factory_kwargs"),
@@ -284,38 +246,29 @@ def register_composite(
         )
         metrics = {}
         if evaluate is None and resolved.evaluation is not None:
-            evaluate = composite_evaluation(resolved, base, inputs).evaluate
+            evaluate = composite_evaluation(inputs).evaluate
         if evaluate is not None:
             metrics = evaluate(flavor.load_model(info.model_uri))
             mlflow.log_metrics(metrics, model_id=info.model_id)
         tags = {
-            "taskvec.kind": "composite",
-            "taskvec.method": resolved.method,
-            "taskvec.scale": _coefficient(resolved.scale),
-            "taskvec.params": json.dumps(resolved.params, sort_keys=True),
-            "taskvec.inputs": json.dumps(input_rows),
-            "taskvec.base_uri": base.canonical,
-            "taskvec.base_fingerprint": result.base_fingerprint,
-            "taskvec.recipe_sha256": resolved.sha256(),
-            "taskvec.fingerprint": result.fingerprint,
+            tag.KIND: tag.COMPOSITE,
+            tag.METHOD: resolved.method,
+            tag.SCALE: _coefficient(resolved.scale),
+            tag.PARAMS: json.dumps(resolved.params, sort_keys=True),
+            tag.INPUTS: json.dumps(input_rows),
+            tag.BASE_URI: base.canonical,
+            tag.BASE_FINGERPRINT: result.base_fingerprint,
+            tag.RECIPE_SHA256: resolved.sha256(),
+            tag.FINGERPRINT: result.fingerprint,
             **(extra_tags or {}),
         }
         MlflowClient().set_logged_model_tags(info.model_id, tags)
-        description = composite_description(resolved, base, inputs, result.fingerprint, metrics, note)
+        description = composite_description(resolved, base, inputs.vectors, result.fingerprint, metrics, note)
         mv = _create_version(name, info, run.info.run_id, tags, description)
         log_lineage_picture(f"models:/{name}/{mv.version}")
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, mv.version)
     return Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
-
-
-def _resolve_ref(ref: str, relative_to: Path | None, what: str) -> Resolved:
-    if relative_to is not None and "://" not in ref and not ref.startswith(("models:/", "runs:/")) and not os.path.isabs(ref):
-        ref = str(relative_to / ref)
-    try:
-        return resolve(ref)
-    except TaskVecError as exc:
-        raise TaskVecError(f"{what}: {exc}") from None
 
 
 def _architecture_of(base: Resolved) -> tuple[dict, list[str] | None, object]:

@@ -11,6 +11,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.mlflow import tags as tag
 
 
 def _versions(client: MlflowClient, name: str, run_of) -> tuple[list, str]:
@@ -27,7 +28,7 @@ def _versions(client: MlflowClient, name: str, run_of) -> tuple[list, str]:
         raise TaskVecError(f"{name}: no registered model or experiment of this name")
     found = []
     for mv in client.search_model_versions(""):
-        if (mv.tags or {}).get("taskvec.kind") != "composite" or not mv.run_id:
+        if (mv.tags or {}).get(tag.KIND) != tag.COMPOSITE or not mv.run_id:
             continue
         if run_of(mv.run_id).info.experiment_id == experiment.experiment_id:
             found.append(mv)
@@ -44,15 +45,15 @@ def composites_frame(name: str, metrics: list[str] | None = None) -> pd.DataFram
     rows = []
     for mv in sorted(versions, key=lambda v: (v.name, int(v.version))):
         tags = mv.tags or {}
-        if tags.get("taskvec.kind") != "composite":
+        if tags.get(tag.KIND) != tag.COMPOSITE:
             continue
-        inputs = json.loads(tags.get("taskvec.inputs", "[]"))
+        inputs = json.loads(tags.get(tag.INPUTS, "[]"))
         row = {
             "name": mv.name,
             "version": int(mv.version),
-            "method": tags.get("taskvec.method", ""),
-            "scale": float(tags.get("taskvec.scale", "nan")),
-            "params": tags.get("taskvec.params", "{}"),
+            "method": tags.get(tag.METHOD, ""),
+            "scale": float(tags.get(tag.SCALE, "nan")),
+            "params": tags.get(tag.PARAMS, "{}"),
             "weights": ", ".join(f"{i['uri']}:{i['weight']:g}" for i in inputs),
         }
         if mv.run_id:

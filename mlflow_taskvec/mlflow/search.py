@@ -20,7 +20,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,14 +32,16 @@ import yaml
 import mlflow
 from mlflow.exceptions import MlflowException
 
+from mlflow_taskvec.compose import compose, compose_to
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.coefficients import Coefficient, describe
-from mlflow_taskvec.engine.merge import merge, merge_to
 from mlflow_taskvec.errors import TaskVecError
-from mlflow_taskvec.recipe import AdaMerging, Recipe, Search
+from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.evaluate import CompositeEvaluation, composite_evaluation
-from mlflow_taskvec.mlflow.downloads import Resolved
-from mlflow_taskvec.mlflow.registry import Registered, _resolve_ref, _run_context, register_composite
+from mlflow_taskvec.mlflow.inputs import Inputs, resolve_inputs
+from mlflow_taskvec.mlflow.registry import Registered, _run_context, register_composite
+from mlflow_taskvec.progress import progress_bar
+from mlflow_taskvec.recipe import AdaMerging, Recipe, Search
 
 MEMORY_MODES = ("auto", "memory", "streamed")
 
@@ -145,22 +146,24 @@ def _fits_in_memory(base_path: Path) -> bool:
 class _Composer:
     """Builds one candidate's module, in memory or through a temporary folder."""
 
-    def __init__(self, recipe: Recipe, base: Resolved, evaluation: CompositeEvaluation, memory: str):
-        self.recipe, self.base, self.evaluation = recipe, base, evaluation
-        self.vectors = [item.vector for item in evaluation.inputs]
+    def __init__(self, inputs: Inputs, evaluation: CompositeEvaluation, memory: str):
+        self.local, self.evaluation = inputs.local(), evaluation
         if memory not in MEMORY_MODES:
             raise TaskVecError(f"memory mode {memory!r} is not one of {', '.join(MEMORY_MODES)}")
-        self.in_memory = _fits_in_memory(base.path) if memory == "auto" else memory == "memory"
+        self.in_memory = _fits_in_memory(inputs.base.path) if memory == "auto" else memory == "memory"
+
+    def candidate(self, cand: Candidate) -> Recipe:
+        """The local recipe with the candidate's coefficients."""
+        vectors = [e.model_copy(update={"weight": w}) for e, w in zip(self.local.vectors, cand.weights)]
+        return self.local.model_copy(update={"scale": cand.scale, "params": cand.params, "vectors": vectors})
 
     def module(self, cand: Candidate):
-        options = dict(method=self.recipe.method, scale=cand.scale, params=cand.params, compute_dtype=self.recipe.compute_dtype,
-                       dtype=self.recipe.dtype, allow_nonfinite=self.recipe.allow_nonfinite)
+        recipe = self.candidate(cand)
         if self.in_memory:
-            state = merge(self.base.path, self.vectors, cand.weights, **options)
-            return self.evaluation.build(state)
+            return self.evaluation.build(compose(recipe))
         tmp = Path(tempfile.mkdtemp(prefix="taskvec-candidate-"))
         try:
-            merge_to(self.base.path, self.vectors, cand.weights, output=tmp / "weights", **options)
+            compose_to(recipe, output=tmp / "weights")
             ckpt = open_checkpoint(tmp / "weights")
             return self.evaluation.build({n: ckpt.get_tensor(n) for n in ckpt.keys()})
         finally:
@@ -183,23 +186,14 @@ def _evaluate_candidate(cand, composer, evaluation, objective, split, labels, pa
     with mlflow.start_run(run_name=f"candidate-{cand.number:03d}", nested=True, parent_run_id=parent_id) as child:
         mlflow.log_params(params)
         mlflow.log_metrics({**cand.metrics, "objective": cand.objective})
-        mlflow.set_tags({"taskvec.search.role": "candidate", "taskvec.search.feasible": str(cand.feasible).lower()})
+        mlflow.set_tags({tag.SEARCH_ROLE: "candidate", tag.SEARCH_FEASIBLE: str(cand.feasible).lower()})
         cand.run_id = child.info.run_id
-
-
-def _progress(total: int, quiet: bool):
-    if quiet or not sys.stderr.isatty():
-        return lambda: None, lambda: None
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc="search", unit="candidate", leave=False, file=sys.stderr)
-    return (lambda: bar.update(1)), bar.close
 
 
 def _grid(search, recipe, composer, evaluation, objective, labels, parent_id, quiet) -> list[Candidate]:
     weights = [e.weight for e in recipe.vectors]
     scales = search.scale.grid()
-    step, close = _progress(len(scales), quiet)
+    step, close = progress_bar(len(scales), "search", "candidate", quiet)
     candidates = []
     try:
         for number, scale in enumerate(scales):
@@ -220,7 +214,7 @@ def _optuna(search, recipe, composer, evaluation, objective, labels, parent_id, 
     study = _open_study(optuna, search, sampler)
     signs = [-1.0 if e.weight < 0 else 1.0 for e in recipe.vectors]
     candidates: list[Candidate] = []
-    step, close = _progress(search.trials, quiet)
+    step, close = progress_bar(search.trials, "search", "candidate", quiet)
 
     def suggest(trial, name: str, r) -> float:
         return trial.suggest_float(name, r.low, r.high, step=None if r.log else r.step, log=r.log)
@@ -336,20 +330,14 @@ def search(
     alias: str | None = None,
     memory: str = "auto",
     quiet: bool = True,
-    relative_to: Path | None = None,
 ) -> SearchResult:
     """Search ``recipe``'s coefficients as its ``search`` block says (defaults: the paper's grid)."""
     settings = recipe.search or Search()
     if recipe.evaluation is None:
         raise TaskVecError("search needs an 'evaluation' block in the recipe (evaluator and tasks)")
-    relative_to = relative_to or recipe.source_dir
-    if recipe.policy is not None:
-        from mlflow_taskvec.mlflow.governance import enforce_policy
-
-        enforce_policy(recipe, recipe.policy.require_alias)  # before anything is downloaded or evaluated
-    base = _resolve_ref(recipe.base, relative_to, "base")
-    inputs = [_resolve_ref(e.ref, relative_to, f"vectors[{i}]") for i, e in enumerate(recipe.vectors)]
-    evaluation = composite_evaluation(recipe, base, inputs)
+    inputs = resolve_inputs(recipe)  # the policy first: before anything is downloaded or evaluated
+    base = inputs.base
+    evaluation = composite_evaluation(inputs)
     if settings.strategy == "adamerging":
         from mlflow_taskvec.mlflow import adamerging
 
@@ -357,12 +345,12 @@ def search(
         objective = ENTROPY
     else:
         objective = make_objective(settings, recipe, evaluation)
-    composer = _Composer(recipe, base, evaluation, memory)
+    composer = _Composer(inputs, evaluation, memory)
     labels = _labels(recipe, evaluation)
 
     with _run_context(None) as run, tempfile.TemporaryDirectory(prefix="taskvec-search-") as tmp:
         parent_id = run.info.run_id
-        mlflow.set_tag("taskvec.search.role", "search")
+        mlflow.set_tag(tag.SEARCH_ROLE, "search")
         mlflow.log_params(
             {
                 "search.strategy": settings.strategy,
@@ -373,7 +361,7 @@ def search(
                 "search.trials": _planned_trials(settings),
                 "method": recipe.method,
                 "base": base.canonical,
-                **{f"input.{label}": r.canonical for label, r in zip(labels, inputs)},
+                **{f"input.{label}": r.canonical for label, r in zip(labels, inputs.vectors)},
             }
         )
         args = (settings, recipe, composer, evaluation, objective, labels, parent_id, quiet)
@@ -421,18 +409,18 @@ def search(
         registered = None
         if register_as is not None:
             with mlflow.start_run(run_name="winner", nested=True, parent_run_id=parent_id):
-                mlflow.set_tag("taskvec.search.role", "winner")
+                mlflow.set_tag(tag.SEARCH_ROLE, "winner")
                 registered = register_composite(
-                    winner, register_as, relative_to=relative_to, alias=alias,
+                    winner, register_as, alias=alias,
                     evaluate=lambda model: evaluation.evaluate(model, test_split),
-                    extra_tags={"taskvec.search": json.dumps(summary, sort_keys=True)},
+                    extra_tags={tag.SEARCH: json.dumps(summary, sort_keys=True)},
                     note=_note(summary, objective, settings),
                 )
             test_metrics = dict(mlflow.get_run(registered.run_id).data.metrics)
         else:
             test_metrics = evaluation.evaluate(composer.module(best), test_split)
         mlflow.log_metrics({"best.objective": best.objective, "best.scale": best.scale, **{f"test.{k}": v for k, v in test_metrics.items()}})
-        mlflow.set_tag("taskvec.search.best_run_id", best.run_id or "")
+        mlflow.set_tag(tag.SEARCH_BEST_RUN_ID, best.run_id or "")
     return SearchResult(candidates, best, winner, test_metrics, objective, parent_id, table, registered)
 
 

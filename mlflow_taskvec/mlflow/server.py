@@ -9,6 +9,7 @@ anything is written, so a refused registration starts no run at all.
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
 import time
@@ -37,8 +38,15 @@ _ENDPOINT = re.compile(r"endpoint (\S+)")
 _UPDATE_PERMISSIONS = {"EDIT", "MANAGE"}
 
 
-def tracking_user() -> str:
-    return os.environ.get("MLFLOW_TRACKING_USERNAME") or "anonymous"
+def current_user() -> str:
+    """Who is acting: the MLflow user (``MLFLOW_TRACKING_USERNAME``), else the OS user."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if user:
+        return user
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in the environment or the password database
+        return "unknown"
 
 
 def _experiment() -> str:
@@ -63,7 +71,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def permission_denied(action: str, why: str = "HTTP 403") -> TaskVecError:
-    return TaskVecError(f"permission denied by the tracking server: user {tracking_user()!r} may not {action} ({why})")
+    return TaskVecError(f"permission denied by the tracking server: user {current_user()!r} may not {action} ({why})")
 
 
 def server_error(exc: MlflowException, what: str, name: str | None = None) -> TaskVecError:
@@ -77,7 +85,7 @@ def server_error(exc: MlflowException, what: str, name: str | None = None) -> Ta
         return permission_denied(_action(endpoint, name))
     if code == "UNAUTHENTICATED" or "error code 401" in message:
         return TaskVecError(
-            f"the tracking server at {mlflow.get_tracking_uri()} rejected the credentials of user {tracking_user()!r} (HTTP 401); "
+            f"the tracking server at {mlflow.get_tracking_uri()} rejected the credentials of user {current_user()!r} (HTTP 401); "
             "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
         )
     if "failed with exception" in message or "Max retries exceeded" in message:

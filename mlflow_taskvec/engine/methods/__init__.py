@@ -19,13 +19,16 @@ A method whose parameters constrain each other declares ``check(params)``,
 called by ``validate_params`` after each parameter passed its own range; a method
 that takes a fixed number of inputs declares ``inputs``.
 
-Adding a method: one module in this package that defines it with ``@merge_method``,
-imported at the end of this file, and a row in ``tests/test_methods.py``'s table.
+Adding a method: one module in this package that defines it with ``@merge_method``
+(every module here is imported when the package is), and a row in
+``tests/test_methods.py``'s table.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import pkgutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,20 +75,19 @@ class ParamSpec:
     def check(self, value: Any) -> Any:
         """``value`` converted to this parameter's type; raises TaskVecError naming it when invalid."""
         where = f"params.{self.name}"
-        if self.type is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-                raise TaskVecError(f"{where}: {value!r} must be a number{self._in_range()}")
-            value = float(value)
-        elif self.type is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TaskVecError(f"{where}: {value!r} must be an integer{self._in_range()}")
-        elif self.type is list:
+        if self.type is list:
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise TaskVecError(f"{where}: {value!r} must be a list of glob strings")
             return list(value)
-        if not self._contains(value):
-            raise TaskVecError(f"{where}: {value!r} must be a number in {self.describe_range()}")
-        return value
+        if self.type is float:
+            ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+            kind = "a number"
+        else:
+            ok = not isinstance(value, bool) and isinstance(value, int)
+            kind = "an integer"
+        if not ok or not self._contains(value):
+            raise TaskVecError(f"{where}: {value!r} must be {kind}{self._in_range()}")
+        return float(value) if self.type is float else value
 
     def _in_range(self) -> str:
         text = self.describe_range()
@@ -213,6 +215,10 @@ def validate_params(method: MergeMethod, params: dict) -> dict:
     return out
 
 
-# The catalogue: each module adds its methods when imported, listed in this order: the 2022-2023 methods, then the later ones.
-from mlflow_taskvec.engine.methods import linear, ties, dare  # noqa: E402,F401,I001
-from mlflow_taskvec.engine.methods import breadcrumbs, della, consensus, tsv, isotropic, slerp  # noqa: E402,F401,I001
+def _load_catalogue() -> None:
+    """Import every module of this package: each adds its methods to ``METHODS``."""
+    for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_load_catalogue()

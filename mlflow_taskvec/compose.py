@@ -1,0 +1,122 @@
+"""Composing a model from a recipe: the one place that turns a recipe's inputs into task
+vectors and calls the engine.
+
+The recipe's references must be local here (paths, or schemes of the reference table);
+the MLflow layer resolves registry references, checks the recipe's policy and hands
+over a recipe of local paths (``mlflow_taskvec.mlflow.inputs``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from mlflow_taskvec.engine import metadata as meta_keys
+from mlflow_taskvec.engine.checkpoint import Checkpoint
+from mlflow_taskvec.engine.merge import MergeResult, merge, merge_to
+from mlflow_taskvec.engine.taskvector import TaskVector
+from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.recipe import RECIPE_FORMAT, Recipe
+from mlflow_taskvec.references import load_vector, open_reference
+
+
+def open_base(recipe: Recipe) -> Checkpoint:
+    return open_reference(recipe.base, recipe.source_dir)
+
+
+def vectors_of(recipe: Recipe, base: Checkpoint) -> list[TaskVector]:
+    """The recipe's inputs as lazy task vectors: saved ones loaded, fine-tunes extracted against ``base``."""
+    vectors = []
+    for i, entry in enumerate(recipe.vectors):
+        try:
+            if entry.vector is not None:
+                v = load_vector(entry.vector, recipe.source_dir)
+            else:
+                ft = open_reference(entry.finetuned, recipe.source_dir)
+                v = TaskVector.extract(base, ft, include=entry.include, exclude=entry.exclude, task=entry.task)
+        except TaskVecError as exc:
+            raise TaskVecError(f"vectors[{i}]: {exc}") from None
+        vectors.append(v)
+    return vectors
+
+
+def check_same_base(recipe: Recipe, base_fingerprint: str, vector_base_fingerprints: list[str]) -> None:
+    """Refuse, before composing, an input extracted from another base than the recipe's."""
+    for i, (entry, fp) in enumerate(zip(recipe.vectors, vector_base_fingerprints)):
+        if fp != base_fingerprint:
+            raise TaskVecError(
+                f"vectors[{i}] was extracted from a different base: {entry.ref} records base fingerprint {fp[:16]}, "
+                f"the recipe's base {recipe.base} has {base_fingerprint[:16]}"
+            )
+
+
+def checked_inputs(recipe: Recipe) -> tuple[Checkpoint, list[TaskVector]]:
+    """The recipe's base and input vectors, every input checked to come from that base."""
+    base = open_base(recipe)
+    vectors = vectors_of(recipe, base)
+    check_same_base(recipe, base.fingerprint(), [v.base_fingerprint for v in vectors])
+    return base, vectors
+
+
+def _options(recipe: Recipe) -> dict:
+    return dict(
+        method=recipe.method,
+        scale=recipe.scale,
+        params=recipe.params,
+        dtype=recipe.dtype,
+        compute_dtype=recipe.compute_dtype,
+        allow_nonfinite=recipe.allow_nonfinite,
+    )
+
+
+def compose(recipe: Recipe) -> dict[str, torch.Tensor]:
+    """What the recipe says, as an in-memory state dict (how search candidates are built)."""
+    base, vectors = checked_inputs(recipe)
+    return merge(base, vectors, [e.weight for e in recipe.vectors], **_options(recipe))
+
+
+def output_path(recipe: Recipe, output: "str | os.PathLike | None" = None) -> Path:
+    """Where a composite goes: ``output``, else the recipe's ``output`` relative to the recipe's folder."""
+    target = output if output is not None else recipe.output
+    if target is None:
+        raise TaskVecError("no output: set 'output' in the recipe or pass --output")
+    if output is None and recipe.source_dir is not None and not Path(target).is_absolute():
+        return recipe.source_dir / target
+    return Path(target)
+
+
+def compose_to(
+    recipe: Recipe,
+    output: "str | os.PathLike | None" = None,
+    overwrite: bool = False,
+    metadata: dict[str, str] | None = None,
+    progress=None,
+    recorded: Recipe | None = None,
+) -> MergeResult:
+    """Compose what the recipe says into ``output`` (default: the recipe's ``output``, relative
+    to the recipe's folder); the output's metadata records ``recorded`` (default: the recipe)
+    and its digest."""
+    target = output_path(recipe, output)
+    base, vectors = checked_inputs(recipe)
+    recorded = recorded or recipe
+    meta = {
+        meta_keys.FORMAT_VERSION: RECIPE_FORMAT,
+        meta_keys.KIND: meta_keys.COMPOSITE,
+        meta_keys.METHOD: recorded.method,
+        meta_keys.RECIPE: recorded.canonical_json(),
+        meta_keys.RECIPE_SHA256: recorded.sha256(),
+        **(metadata or {}),
+    }
+    return merge_to(
+        base,
+        vectors,
+        [e.weight for e in recipe.vectors],
+        target,
+        max_shard_size=recipe.max_shard_size,
+        overwrite=overwrite,
+        metadata=meta,
+        progress=progress,
+        **_options(recipe),
+    )

@@ -1,0 +1,38 @@
+"""Every ``taskvec.*`` tag the MLflow layer writes on registered versions, logged models and runs.
+
+A version's tags are its lineage: written in the same call that creates it, read by
+lineage, verify, report and the download cache's integrity check.
+"""
+
+from mlflow_taskvec.engine.metadata import BASE_FINGERPRINT, COMPOSITE, KIND, METHOD, RECIPE_SHA256, TASK, TASK_VECTOR
+
+__all__ = ["BASE_FINGERPRINT", "COMPOSITE", "KIND", "METHOD", "RECIPE_SHA256", "TASK", "TASK_VECTOR"]
+
+# what the version is made of
+BASE_URI = "taskvec.base_uri"
+FINETUNED_URI = "taskvec.finetuned_uri"
+FINGERPRINT = "taskvec.fingerprint"  # of the version's own weights: downloads are checked against it
+NUM_PARAMETERS = "taskvec.num_parameters"
+L2_NORM = "taskvec.l2_norm"
+SCALE = "taskvec.scale"
+PARAMS = "taskvec.params"  # JSON object of the method's parameters
+INPUTS = "taskvec.inputs"  # JSON list of {uri, weight, fingerprint}
+
+# search
+SEARCH = "taskvec.search"  # JSON summary of the search that picked a winner's coefficients
+SEARCH_ROLE = "taskvec.search.role"  # on runs: search | candidate | winner
+SEARCH_FEASIBLE = "taskvec.search.feasible"
+SEARCH_BEST_RUN_ID = "taskvec.search.best_run_id"
+
+# approval
+APPROVAL_PREFIX = "taskvec.approval."  # taskvec.approval.<alias>.by / .at / .note
+APPROVED_BY = "taskvec.approved_by"
+APPROVED_AT = "taskvec.approved_at"
+
+COMPOSITE_TAGS = (KIND, METHOD, SCALE, PARAMS, INPUTS, BASE_URI, BASE_FINGERPRINT, RECIPE_SHA256, FINGERPRINT)
+TASK_VECTOR_TAGS = (KIND, TASK, BASE_URI, BASE_FINGERPRINT, FINETUNED_URI, FINGERPRINT, NUM_PARAMETERS, L2_NORM)
+
+
+def approval(alias: str, part: str) -> str:
+    """``taskvec.approval.<alias>.<part>`` (part: by, at, note)."""
+    return f"{APPROVAL_PREFIX}{alias}.{part}"
