@@ -245,6 +245,39 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
         _report_registration(quiet, result.registered)
 
 
+@main.command("leaderboard")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--methods", required=True, help="Comma-separated merge methods to rank, e.g. task_arithmetic,ties,tsv_m,iso_c,adamerging.")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table", help="How to print the table.")
+@click.option("--trials", type=_Count(), default=None, help="optuna trials for each method with searchable parameters (default: search.trials).")
+@click.option("--memory", type=click.Choice(["auto", "memory", "streamed"]), default="auto", help="Compose candidates in memory, or through a temporary folder.")
+@click.option("--register", "register_as", default=None, metavar="NAME", callback=_unset_if_empty, help="Register the best method's winner as a version of NAME.")
+@click.option("--register-each", is_flag=True, help="With --register: register every method's winner as a version of NAME (alias 'best' on the best).")
+@_quiet
+@_fail_cleanly
+def leaderboard_command(recipe, methods, fmt, trials, memory, register_as, register_each, quiet):
+    """Rank merge METHODS on a RECIPE's inputs: per method a child run searches its coefficients on
+    the validation split and evaluates the winner on the test split; the table and a bar chart are
+    logged on the parent run."""
+    from mlflow_taskvec.mlflow.leaderboard import leaderboard, parse_methods, render
+    from mlflow_taskvec.recipe import parse_recipe
+
+    names = parse_methods(methods)  # before the recipe is read or a run started
+    if register_each and register_as is None:
+        raise click.UsageError("--register-each needs --register NAME")
+    spec = load_recipe(recipe)
+    if trials is not None:
+        data = spec.model_dump(exclude_unset=True)
+        data["search"] = {**(spec.search.model_dump(exclude_unset=True) if spec.search else {}), "trials": trials}
+        spec = parse_recipe(data, f"{recipe} (with the command's options)", spec.source_dir)
+    board = leaderboard(spec, names, register_as=register_as, register_each=register_each, memory=memory, quiet=quiet)
+    click.echo(render(board.table, fmt))
+    if not quiet:  # the table is what stdout carries (csv and json stay parseable)
+        click.echo(f"leaderboard run: {board.run_id}  best: {board.best.method}", err=True)
+        for reg in board.registered:
+            click.echo(f"registered: {reg.version_uri}  (model {reg.model_uri}, run {reg.run_id})", err=True)
+
+
 @main.command()
 @click.argument("ref")
 @click.option("--top", default=10, help="How many of the largest tensors (by L2 norm) to list.")

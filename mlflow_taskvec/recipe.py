@@ -226,6 +226,7 @@ class Search(BaseModel):
     study_name: str | None = None
     validation_split: str = "validation"
     control_min_ratio: float = Field(0.95, gt=0, description="negation: each control task keeps this share of the base's metric")
+    # read by strategy adamerging, and by a leaderboard's adamerging row whatever the strategy
     adamerging: AdaMerging | None = Field(None, description="strategy adamerging's settings (default: AdaMerging())")
 
     @field_validator("objective")
@@ -244,8 +245,6 @@ class Search(BaseModel):
                 raise ValueError("weights and params ranges are searched by strategy optuna; grid searches the scale")
         if (self.storage or self.study_name) and self.strategy != "optuna":
             raise ValueError("storage and study_name apply to strategy optuna")
-        if self.adamerging is not None and self.strategy != "adamerging":
-            raise ValueError("the adamerging block applies to strategy adamerging")
         if self.strategy == "adamerging" and (self.weights is not None or self.params):
             raise ValueError("weights and params ranges are searched by strategy optuna; adamerging learns the weights")
         return self

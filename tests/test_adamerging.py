@@ -8,10 +8,8 @@ test split's are read.
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
-import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -20,17 +18,14 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from mlflow_helpers import BASE_NAME, digits_tasks, log_checkpoint, mlflow_store, run_artifact, signature_for, template_db, tiny_net, vector_name
+from mlflow_helpers import BASE_NAME, digits_tasks, mlflow_store, register_trained_vectors, run_artifact, template_db, tiny_net, vector_name
 
 import adamerging_evaluators
 from mlflow_taskvec.cli import main as cli
 from mlflow_taskvec.engine.merge import merge
 from mlflow_taskvec.engine.taskvector import TaskVector
-from mlflow_taskvec.errors import TaskVecError
-from mlflow_taskvec.mlflow import flavor
 from mlflow_taskvec.mlflow.adamerging import layer_groups, prediction_entropy
 from mlflow_taskvec.mlflow.downloads import resolve
-from mlflow_taskvec.mlflow.registry import register_task_vector
 from mlflow_taskvec.mlflow.search import search
 from mlflow_taskvec.recipe import parse_recipe
 
@@ -41,18 +36,8 @@ LR = 0.02
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adamerging")
-    with mlflow_store(root, template_db(tmp_path_factory)) as store:
-        base_net = tiny_net(0)
-        with mlflow.start_run(run_name="pretrain"):
-            log_checkpoint(base_net, "base", registered_model_name=BASE_NAME, signature=signature_for(base_net))
-        base = resolve(f"models:/{BASE_NAME}/1")
-        for task in TASKS:
-            net = digits_tasks.train(copy.deepcopy(base_net), task, steps=40, lr=1e-2)
-            with mlflow.start_run(run_name=f"finetune-{task}"):
-                info = log_checkpoint(net, "finetuned")
-            ft = resolve(info.model_uri)
-            register_task_vector(TaskVector.extract(base.path, ft.path, task=task), vector_name(task), base, ft)
+    with mlflow_store(tmp_path_factory.mktemp("adamerging"), template_db(tmp_path_factory)) as store:
+        register_trained_vectors(TASKS)
         yield store
 
 

@@ -35,6 +35,7 @@ from mlflow.exceptions import MlflowException
 from mlflow_taskvec.compose import compose, compose_to
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.coefficients import Coefficient, describe
+from mlflow_taskvec.engine.methods import get_method, validate_params
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.evaluate import CompositeEvaluation, composite_evaluation
@@ -44,6 +45,7 @@ from mlflow_taskvec.progress import progress_bar
 from mlflow_taskvec.recipe import AdaMerging, Recipe, Search
 
 MEMORY_MODES = ("auto", "memory", "streamed")
+MAX_DRAWS_PER_TRIAL = 10  # optuna draws per wanted trial, when drawn parameters do not fit together
 
 
 @dataclass
@@ -219,6 +221,8 @@ def _optuna(search, recipe, composer, evaluation, objective, labels, parent_id, 
     def suggest(trial, name: str, r) -> float:
         return trial.suggest_float(name, r.low, r.high, step=None if r.log else r.step, log=r.log)
 
+    method = get_method(recipe.method)
+
     def run_trial(trial) -> float:
         scale = suggest(trial, "scale", search.scale)
         weights = [e.weight for e in recipe.vectors]
@@ -227,6 +231,12 @@ def _optuna(search, recipe, composer, evaluation, objective, labels, parent_id, 
         params = dict(recipe.params)
         for name, r in search.params.items():
             params[name] = suggest(trial, f"params.{name}", r)
+        try:
+            validate_params(method, params)
+        except TaskVecError:
+            # parameters each in range that do not fit together (breadcrumbs: density + gamma > 1):
+            # no composite to evaluate, and the trial does not count as a candidate
+            raise optuna.TrialPruned() from None
         cand = Candidate(len(candidates), scale, weights, params)
         _evaluate_candidate(cand, composer, evaluation, objective, search.validation_split, labels, parent_id)
         candidates.append(cand)
@@ -238,7 +248,11 @@ def _optuna(search, recipe, composer, evaluation, objective, labels, parent_id, 
         return cand.objective
 
     try:
-        study.optimize(run_trial, n_trials=search.trials, catch=())
+        # ``trials`` evaluated candidates: a pruned trial (parameters that do not fit together) is drawn again
+        for _ in range(MAX_DRAWS_PER_TRIAL * search.trials):
+            if len(candidates) >= search.trials:
+                break
+            study.optimize(run_trial, n_trials=1, catch=())
     finally:
         close()
     # The winner over the whole study: with shared storage, other workers' trials count too.
