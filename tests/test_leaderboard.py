@@ -195,5 +195,5 @@ def test_the_mlproject_entry_point_is_the_leaderboard_command(store, tmp_path):
     assert argv[:2] == ["mlflow-taskvec", "leaderboard"]
     assert entry["parameters"]["methods"]["default"].split(",") == [
         "task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts", "breadcrumbs_ties", "della", "consensus_ta", "adamerging"]
-    result = invoke(*argv[2:])
-    assert result.exit_code == 1 and "--methods: unknown method 'no_such_method'" in result.stderr
+    result = invoke(*argv[1:])
+    assert result.exit_code == 1 and "--methods: unknown method 'no_such_method'" in result.stderr, result.output
