@@ -129,8 +129,10 @@ def test_the_learned_recipe_reproduces_its_registered_metrics_when_composed_agai
 
     assert again == {k: run.data.metrics[k] for k in again}
     assert result.test_metrics == run.data.metrics
-    assert "AdaMerging (layer-wise, 30 Adam steps at lr 0.02, no labels read)" in mlflow.tracking.MlflowClient().get_model_version(
-        "digits-adamerged", version.version).description
+    description = mlflow.tracking.MlflowClient().get_model_version("digits-adamerged", version.version).description
+    assert "AdaMerging (layer-wise, 30 Adam steps at lr 0.02, no labels read)" in description
+    weight = result.recipe.vectors[0].weight
+    assert f"| 1 | `{{encoder.0.*: {weight['encoder.0.*']:g}, encoder.2.*: {weight['encoder.2.*']:g}, *: 0.3}}` |" in description
     verified = CliRunner().invoke(cli, ["verify", version.version_uri, "-q"])
     assert verified.exit_code == 0, verified.output
     assert verified.stdout.startswith(f"verified: {version.version_uri} (composite")

@@ -294,7 +294,7 @@ def plot_coefficients(learned: Learned, path: Path) -> None:
 
     values = learned.coefficients.numpy()
     rows, cols = values.shape
-    fig, ax = plt.subplots(figsize=(min(24, 2.5 + 0.55 * cols), 1.6 + 0.45 * rows), dpi=110)
+    fig, ax = plt.subplots(figsize=(min(24, 4.5 + 0.55 * cols), 2.2 + 0.45 * rows), dpi=110)
     low, high = (0.0, 1.0) if values.min() >= 0 and values.max() <= 1 else (float(values.min()), float(values.max()))
     image = ax.imshow(values, cmap="viridis", vmin=low, vmax=high, aspect="auto")
     ax.set_xticks(range(cols), learned.layers, rotation=60, ha="right", fontsize=7)

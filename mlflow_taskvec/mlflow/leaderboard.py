@@ -136,8 +136,9 @@ def _score(metrics: dict[str, float], metric: str) -> float:
 def _coefficients(result: SearchResult) -> str:
     recipe = result.recipe
     parts = [f"scale {describe(recipe.scale)}"]
-    if recipe.params:
-        parts.append(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in recipe.params.items()))
+    shown = {k: v for k, v in recipe.params.items() if v not in ([], None)}  # an empty exclude list says nothing
+    if shown:
+        parts.append(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
     weights = [e.weight for e in recipe.vectors]
     if any(isinstance(w, dict) for w in weights):
         layers = [w for w in weights if isinstance(w, dict)]

@@ -51,6 +51,11 @@ def _coefficient(value: Coefficient) -> str:
     return describe(value) if isinstance(value, dict) else _fmt(value)
 
 
+def _coefficient_cell(value: Coefficient) -> str:
+    """A weight in a Markdown table: a per-layer mapping as code, so that its globs' ``*`` stay asterisks."""
+    return f"`{describe(value)}`" if isinstance(value, dict) else _fmt(value)
+
+
 _PARAM_TEXT = 500  # a per-layer mapping longer than this is named, not spelled out, in a run param (recipe.yaml has it)
 
 
@@ -320,7 +325,7 @@ def composite_description(
     ]
     for e, r in zip(recipe.vectors, inputs):
         role = "task vector" if e.vector is not None else "fine-tune"
-        lines.append(f"| {role} | {_model_cell(r)} | {r.version or '-'} | {_coefficient(e.weight)} | `{r.fingerprint[:16]}` |")
+        lines.append(f"| {role} | {_model_cell(r)} | {r.version or '-'} | {_coefficient_cell(e.weight)} | `{r.fingerprint[:16]}` |")
     lines += ["", f"Output fingerprint `{fingerprint}`; recipe sha256 `{recipe.sha256()}`."]
     if note:
         lines += ["", note]
