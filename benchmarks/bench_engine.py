@@ -8,10 +8,15 @@ every operation in a fresh subprocess and reports, per model size:
 - ``extract``          ``TaskVector.extract(base, ft1).save(out)``
 - ``task_arithmetic``  ``merge(base, [extract(base, ft_i)], [1, 1, 1], scale=0.5)``
 - ``ties``             the same inputs, ``method="ties"``, ``density``
-- ``floor2/floor4``    the I/O floor: read every byte of 2 (base, ft1) or 4 inputs
+- ``floor2/3/4``      the I/O floor: read every byte of 2 (base, ft1), 3 or 4 inputs
                        from their mmap views (chunk copies, the engine's chunk size)
                        and write one base-sized file through ``StreamingWriter``;
                        no method logic, no hashing
+- the later methods    ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``,
+                       ``consensus_ta``, ``consensus_ties`` (vs floor4), ``slerp`` (two
+                       fine-tunes, vs floor3), ``tsv_m``, ``iso_c``, ``iso_cts`` (vs svd_floor)
+- ``svd_floor``        the SVD methods' floor: one ``torch.linalg.svd`` per 2-D tensor per
+                       input (of ``ft_i - base``, 3 inputs), reading as the floors do, nothing written
 - ``naive_*``          what reference code does: ``safetensors.torch.load_file``
                        everything, task vectors as dicts, merge whole tensors in
                        memory, ``save_file`` (+ fsync, as the engine does)
@@ -50,11 +55,23 @@ SCALE = 0.5
 # (largest size in GB, hidden, intermediate): Llama-like proportions per size class.
 SHAPE_CLASSES = [(0.2, 256, 688), (1.0, 768, 2048), (4.0, 1536, 4096), (12.0, 2048, 5632), (math.inf, 4096, 11008)]
 
-OPS = ["floor2", "extract", "floor4", "task_arithmetic", "ties", "naive_task_arithmetic", "naive_ties"]
+ELEMENTWISE = ["breadcrumbs", "breadcrumbs_ties", "consensus_ta", "consensus_ties"]
+WHOLE_TENSOR = ["della", "della_linear", "slerp"]  # ranks per row / one angle per tensor: a tensor at a time
+SVD = ["tsv_m", "iso_c", "iso_cts"]
+OPS = ["floor2", "extract", "floor3", "floor4", "task_arithmetic", "ties", *ELEMENTWISE, *WHOLE_TENSOR, "svd_floor", *SVD,
+       "naive_task_arithmetic", "naive_ties"]
 FLOOR_OF = {"extract": "floor2", "task_arithmetic": "floor4", "ties": "floor4",
-            "naive_task_arithmetic": "floor4", "naive_ties": "floor4"}
+            "naive_task_arithmetic": "floor4", "naive_ties": "floor4",
+            **{op: "floor4" for op in ELEMENTWISE + WHOLE_TENSOR}, "slerp": "floor3", **{op: "svd_floor" for op in SVD}}
 # op: (max ratio to its floor or None, max peak anon MB or None)
-TARGETS = {"extract": (None, 300), "task_arithmetic": (1.3, 300), "ties": (3.0, 300)}
+TARGETS = {"extract": (None, 300), "task_arithmetic": (1.3, 300), "ties": (3.0, 300),
+           **{op: (3.0, 300) for op in ELEMENTWISE}, **{op: (3.0, None) for op in WHOLE_TENSOR}, **{op: (1.5, None) for op in SVD}}
+# the parameters each method runs with (ties: --density)
+METHOD_PARAMS = {
+    "breadcrumbs": {"density": 0.2, "gamma": 0.01}, "breadcrumbs_ties": {"density": 0.2, "gamma": 0.01},
+    "della": {"density": 0.4, "epsilon": 0.1}, "della_linear": {"density": 0.4, "epsilon": 0.1},
+    "consensus_ta": {}, "consensus_ties": {"density": 0.2}, "slerp": {"t": 0.5}, "tsv_m": {}, "iso_c": {}, "iso_cts": {},
+}
 # Rough peak of the naive ops in model sizes (3 task vectors + sum + base + merged + temporaries).
 NAIVE_MEMORY_FACTOR = {"naive_task_arithmetic": 7.0, "naive_ties": 6.5}
 # Engine output vs naive output (same maths, whole tensors instead of chunks).
@@ -174,7 +191,7 @@ def _fsync(path: Path) -> None:
 def run_op(op: str, base: str, fts: list[str], out: str, density: float) -> None:
     import torch
 
-    from mlflow_taskvec.engine import TaskVector, merge, open_checkpoint
+    from mlflow_taskvec.engine import TaskVector, merge_to, open_checkpoint
     from mlflow_taskvec.engine.io import StreamingWriter
     from mlflow_taskvec.engine.streaming import chunk_ranges
 
@@ -184,8 +201,22 @@ def run_op(op: str, base: str, fts: list[str], out: str, density: float) -> None
         vectors = [TaskVector.extract(base, ft) for ft in fts]
         params = {"density": density} if op == "ties" else {}
         merge_to(base, vectors, [1.0] * len(vectors), method=op, scale=SCALE, params=params, output=out)
-    elif op in ("floor2", "floor4"):
-        inputs = [open_checkpoint(p) for p in [base] + fts[: 1 if op == "floor2" else 3]]
+    elif op in METHOD_PARAMS:
+        vectors = [TaskVector.extract(base, ft) for ft in fts[: 2 if op == "slerp" else 3]]
+        merge_to(base, vectors, [1.0] * len(vectors), method=op, scale=SCALE, params=METHOD_PARAMS[op], output=out)
+    elif op == "svd_floor":
+        from mlflow_taskvec.engine.streaming import one_torch_thread
+
+        inputs = [open_checkpoint(p) for p in [base] + fts]
+        specs = inputs[0].specs()
+        with one_torch_thread():  # as the engine computes
+            for name in sorted(specs):
+                if len(specs[name].shape) == 2:
+                    b = inputs[0].get_tensor(name)
+                    for ft in inputs[1:]:
+                        torch.linalg.svd(ft.get_tensor(name) - b, full_matrices=False)
+    elif op in ("floor2", "floor3", "floor4"):
+        inputs = [open_checkpoint(p) for p in [base] + fts[: int(op[-1]) - 1]]
         specs = inputs[0].specs()
         writer = StreamingWriter(out, specs)
         for name in writer.order:
@@ -406,6 +437,10 @@ def bench_size(size_gb: float, args: argparse.Namespace, workdir: Path) -> list[
             print(f"  check: {eng} vs {naive}: max |diff| = {d:.3g}")
     for out in outputs.values():
         remove(out)
+    for r in rows:  # what the measured SVD work is: SVDs per input and m x n of the largest
+        if r["op"] == "svd_floor":
+            matrices = [s for s in plan["shapes"].values() if len(s) == 2]
+            print(f"  svd_floor: {len(matrices)} matrices x {N_FINETUNES} inputs, largest {list(max(matrices, key=math.prod))}")
     if not args.keep:
         remove(directory)
     return rows
@@ -566,7 +601,9 @@ def main() -> None:
     print(f"\nmachine: {machine}; engine: git {engine_version()}")
     print(f"{cache}; wall s: best of {args.repeat}; peak anon MB: RssAnon above the post-import baseline, worst of "
           f"{args.repeat}; x floor: extract vs floor2 (read 2 inputs, write 1), merges vs floor4 (read 4, write 1); "
-          f"ties density {args.density:g}, 3 fine-tunes, scale {SCALE:g}\n")
+          f"slerp vs floor3 (read 3, write 1), the SVD methods vs svd_floor (one torch.linalg.svd per matrix per input); "
+          f"ties density {args.density:g}, the later methods' parameters {json.dumps(METHOD_PARAMS)}, 3 fine-tunes (slerp 2), "
+          f"scale {SCALE:g}\n")
     print_table(rows, args.markdown)
     noisy = [f"{r['op']} @ {r['size_gb']:g} GB ({100 * r['others_share']:.0f}%)" for r in rows if r.get("others_share", 0) > args.max_noise]
     if noisy:

@@ -7,6 +7,7 @@ place only when complete. Progress bars show on a terminal only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -158,14 +159,16 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, o
             _echo(quiet, f"composite: {output}")
         _report_registration(quiet, reg)
         return
-    local = spec
+    local, named_as_given = spec, contextlib.nullcontext
     if require_alias is not None or spec.policy is not None or not all(is_local(ref) for ref in spec.references):
         from mlflow_taskvec.mlflow.inputs import resolve_inputs
 
-        local = resolve_inputs(spec, require_alias).local()  # the policy first, before anything is downloaded
+        inputs = resolve_inputs(spec, require_alias)  # the policy first, before anything is downloaded
+        local, named_as_given = inputs.local(), inputs.named_as_references
     step, close = progress_bar(len(open_base(local).keys()), spec.method, "tensor", quiet)
     try:
-        result = compose_to(local, output=output_path(spec, output), overwrite=overwrite, progress=step, recorded=spec)
+        with named_as_given():
+            result = compose_to(local, output=output_path(spec, output), overwrite=overwrite, progress=step, recorded=spec)
     finally:
         close()
     _echo(quiet, f"composite: {result.output}")
@@ -409,10 +412,11 @@ def report(name, fmt, metrics):
 
 @main.command("methods")
 def list_methods():
-    """List the merge methods and their parameters."""
+    """List the merge methods: a one-line summary, the paper's arXiv id and the parameters."""
     for m in METHODS.values():
         params = ", ".join(sorted(m.param_names)) or "none"
-        click.echo(f"{m.name}: {m.summary} (params: {params})")
+        paper = f"arXiv {m.paper}" if m.paper else "no arXiv paper"
+        click.echo(f"{m.name}: {m.summary} ({paper}; params: {params})")
 
 
 # -- governance: approve, lineage, verify (mlflow_taskvec.mlflow.approval, .lineage, .verify) ---------------

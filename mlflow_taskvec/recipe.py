@@ -65,7 +65,9 @@ def _as_taskvec_error(value: Any, check, field: str) -> Any:
     try:
         return check(value)
     except TaskVecError as exc:
-        raise ValueError(str(exc).removeprefix(f"{field}: ")) from None
+        # "field: why" -> "why"; a per-layer value's "field['glob']: why" -> "['glob']: why"
+        message = str(exc)
+        raise ValueError(message.removeprefix(f"{field}: ") if message.startswith(f"{field}: ") else message.removeprefix(field)) from None
 
 
 class VectorEntry(BaseModel):
@@ -216,9 +218,11 @@ class Search(BaseModel):
     strategy: Literal["grid", "optuna", "adamerging"] = "grid"
     objective: str = Field("auto", description="auto | mean_normalized | negation | a metric name to maximize")
     metric: str = Field("accuracy", description="the evaluator's metric the objective is about")
-    scale: Range = Field(default_factory=lambda: Range(low=0.0, high=1.0, step=0.05))
+    scale: Range = Field(default_factory=lambda: Range(low=0.0, high=1.0, step=0.05), description="default: the method's search_scale, step 0.05")
     weights: Range | None = None
-    params: dict[str, Range] = Field(default_factory=dict)
+    params: dict[str, Range | Literal["declared"]] | Literal["declared"] = Field(
+        default_factory=dict, description="ranges per parameter; 'declared' takes the method's declared range (for every searchable parameter when given alone)"
+    )
     trials: int = Field(30, ge=1)
     sampler: Literal["tpe", "random"] = "tpe"
     seed: int = 0
@@ -333,6 +337,7 @@ class Recipe(BaseModel):
         except TaskVecError as exc:
             raise ValueError(str(exc)) from None
         if self.search is not None:
+            self._declared_search_ranges()
             known = set(get_method(self.method).param_names)
             unknown = sorted(set(self.search.params) - known)
             if unknown:
@@ -351,6 +356,28 @@ class Recipe(BaseModel):
     def references(self) -> list[str]:
         """The base and every input, as written."""
         return [self.base, *(e.ref for e in self.vectors)]
+
+    def _declared_search_ranges(self) -> None:
+        """The search's defaults from the method's declarations: its scale range, and each
+        ``declared`` parameter's range (``params: declared``: every searchable one)."""
+        method = get_method(self.method)
+        search = self.search
+        if "scale" not in search.model_fields_set:
+            low, high = method.search_scale
+            search.scale = Range(low=low, high=high, step=0.05)
+        if search.params == "declared":
+            search.params = {spec.name: "declared" for spec in method.searchable_params()}
+        searchable = {spec.name: spec for spec in method.searchable_params()}
+        for name, searched in search.params.items():
+            if searched == "declared":
+                if name not in searchable:
+                    raise ValueError(f"search.params.{name}: {self.method} declares no search range for {name!r} (searchable: {', '.join(searchable) or 'none'})")
+                low, high = searchable[name].search_bounds()
+                search.params[name] = Range(low=low, high=high, step=1 if searchable[name].type is int else None)
+        if search.weights is not None:
+            per_layer = [i for i, e in enumerate(self.vectors) if isinstance(e.weight, dict)]
+            if per_layer:
+                raise ValueError(f"search.weights: vectors[{per_layer[0]}].weight is per layer; the search samples one number per vector")
 
     # -- identity -----------------------------------------------------------------
     def canonical_json(self) -> str:

@@ -11,13 +11,21 @@ their helpers only when a test asks for them.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 from safetensors.torch import save_file
+
+# In CI the property tests draw the same examples every run (a failure there replays locally
+# with CI=1), and a failing example prints the blob that reproduces it.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 # Files an HF model directory carries besides its weights.
 NON_WEIGHT_FILES = {

@@ -345,6 +345,21 @@ def flip_last_byte(path: Path) -> None:
     Path(path).write_bytes(bytes(data))
 
 
+def replace_weights_with_matching_records(client: MlflowClient, model_id: str) -> str:
+    """Change one byte of a logged model's weights and rewrite the fingerprint its MLmodel and
+    taskvec.json record to match (a replacement only a check against the registry can see);
+    returns the new fingerprint."""
+    from mlflow_taskvec.engine.checkpoint import open_checkpoint
+
+    weights = stored_weights(client, model_id)
+    old = open_checkpoint(weights).fingerprint(fresh=True)
+    flip_last_byte(weights)
+    new = open_checkpoint(weights).fingerprint(fresh=True)
+    for record in (weights.parent.parent / "MLmodel", weights.parent / "taskvec.json"):
+        record.write_text(record.read_text("utf-8").replace(old, new), "utf-8")
+    return new
+
+
 def all_versions(client: MlflowClient) -> list[tuple[str, str]]:
     return sorted((mv.name, str(mv.version)) for mv in client.search_model_versions())
 

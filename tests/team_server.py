@@ -38,11 +38,23 @@ ADMIN_PASSWORD = "admin-password-" + secrets.token_hex(4)
 STARTUP_TIMEOUT_S = 180
 
 
-def skip_or_fail(reason: str) -> None:
-    """Skip a test whose infrastructure is missing; in CI (``CI`` set) fail instead."""
+def skip_or_fail(reason: str, allow_module_level: bool = False) -> None:
+    """Skip a test (or, with ``allow_module_level``, a whole module) whose infrastructure is
+    missing; in CI (``CI`` set) fail instead."""
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)", pytrace=False)
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=allow_module_level)
+
+
+def import_or_skip_or_fail(module: str, install: str):
+    """``pytest.importorskip`` under the skip-or-fail rule: the module, or a module-level skip
+    naming what to install (a failure in CI)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        skip_or_fail(f"{module} is not importable ({exc}): {install}", allow_module_level=True)
 
 
 def _pg_connect(dbname: str = "postgres"):

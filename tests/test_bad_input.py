@@ -7,15 +7,22 @@ and a real MLflow sqlite store. Every case must end the same way:
 - a non-zero exit (1 for bad input, 2 for bad usage);
 - exactly one line on stderr, ``Error: ...``, containing the expected fragment
   (and no traceback), and nothing on stdout;
-- nothing registered or changed in the registry (every version, its tags and
-  aliases are the same afterwards), no new run;
-- nothing written: the case's working folder (where outputs would go) holds only
-  what the case put there, and no temporary leftovers.
+- nothing registered or changed in the registry: every registered model, every
+  version with its tags and aliases, every logged model and every run are the same
+  afterwards (so no empty registered model and no logged model left without a
+  version); a case marked ``fails_in_run`` fails inside the run it started, which
+  must then be its only new run and end FAILED;
+- nothing written: every file under the case's working folder (where outputs would
+  go), the local checkpoints, the store's artifact root and the download cache
+  (``MLFLOW_TASKVEC_CACHE``) has the same sha256 afterwards, and no file appeared or
+  went. The cache already holds every valid registered input, so a case that reads
+  them has nothing left to fetch.
 
 To add a case, add a row to CASES. Placeholders in ``args`` and ``recipe``:
 ``{local}`` the folder of local checkpoints below, ``{work}`` the case's working
 folder (the current directory), ``{recipe}`` the case's recipe file,
 ``{rotate_run}`` / ``{rotate_model}`` the rotate fine-tune's run and logged model ids,
+``{nan_model}`` a logged fine-tune holding a NaN,
 ``{base_fp}`` / ``{other_base_fp}`` the first 16 hex digits of the local bases' fingerprints.
 ``SHOW_MESSAGES=1 pytest tests/test_bad_input.py -s`` prints every case's message.
 
@@ -27,6 +34,7 @@ fine-tune with a NaN), ``truncated.tv`` (a task vector cut in half); all
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -34,13 +42,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlflow
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 from mlflow_helpers import (
     BASE_NAME,
+    COMPOSITE_NAME,
     build_registry,
+    finetune_of,
     flip_last_byte,
+    log_checkpoint,
     mlflow_store,
     stored_weights,
     template_db,
@@ -85,6 +98,19 @@ def _garbled_composite(world) -> None:
     world.client.set_model_version_tag("bad-garbled", reg.version, "taskvec.inputs", '{"uri": "models:/x/1"}')
 
 
+def _nan_finetune(world) -> None:
+    """A logged fine-tune (no version) with a NaN in its weights: refused while composing, inside the run."""
+    net = finetune_of(world.registry.base_net, seed=9)
+    with torch.no_grad():
+        net.encoder[0].weight[0, 0] = float("nan")
+    with mlflow.start_run(run_name="finetune-nan"):
+        world.names["nan_model"] = log_checkpoint(net, "finetuned").model_id
+    resolve(f"models:/{world.names['nan_model']}")  # a valid download (its fingerprint is as recorded): cached, like the others
+
+
+FAILING_EVALUATION = {"evaluator": "digits_tasks:evaluate", "tasks": ["no-such-task"]}
+
+
 @dataclass
 class Case:
     id: str
@@ -95,6 +121,7 @@ class Case:
     exit_code: int = 1
     process: bool = False  # run as a real subprocess
     env: dict = field(default_factory=dict)
+    fails_in_run: bool = False  # refused inside the run it started: that run ends FAILED
 
 
 COMPOSE = ["compose", "{recipe}", "-o", "out/merged"]
@@ -110,7 +137,15 @@ CASES = [
     Case("recipe-empty-vectors", COMPOSE, "recipe.yaml: vectors: the list is empty", recipe={"base": "{local}/base.safetensors", "vectors": []}),
     Case("recipe-weight-not-a-number", COMPOSE, "vectors[0].weight: 'abc' is not a number", recipe=local_recipe({"vector": "{local}/ft.tv.safetensors", "weight": "abc"})),
     Case("recipe-unknown-method", COMPOSE, "method: unknown merge method 'tiez'", recipe=local_recipe(method="tiez")),
-    Case("recipe-density-above-one", COMPOSE, "params.density: 1.5 ", recipe=local_recipe(method="ties", params={"density": 1.5})),
+    Case("recipe-density-above-one", COMPOSE, "recipe.yaml: params.density: 1.5 must be a number in (0, 1]", recipe=local_recipe(method="ties", params={"density": 1.5})),
+    Case("recipe-breadcrumbs-density-and-gamma-past-one", COMPOSE, "recipe.yaml: params.gamma: density 0.95 + gamma 0.1 = 1.05 is more than 1", recipe=local_recipe(method="breadcrumbs", params={"density": 0.95, "gamma": 0.1})),
+    Case("recipe-della-epsilon-too-large", COMPOSE, "recipe.yaml: params.epsilon: 0.3 with density 0.2 gives keep probabilities from -0.1 to 0.5, not inside (0, 1)", recipe=local_recipe(method="della", params={"density": 0.2, "epsilon": 0.3})),
+    Case("recipe-slerp-three-inputs", COMPOSE, "recipe.yaml: method 'slerp' merges exactly 2 task vectors, got 3", recipe=local_recipe(*[{"vector": "{local}/ft.tv.safetensors"}] * 3, method="slerp", params={"t": 0.5})),
+    Case("recipe-slerp-t-outside-zero-one", COMPOSE, "recipe.yaml: params.t: 1.5 must be a number in [0, 1]", recipe=local_recipe(*[{"vector": "{local}/ft.tv.safetensors"}] * 2, method="slerp", params={"t": 1.5})),
+    Case("recipe-iso-cts-common-fraction-outside", COMPOSE, "recipe.yaml: params.common_fraction: 1 must be a number in (0, 1)", recipe=local_recipe(method="iso_cts", params={"common_fraction": 1})),
+    Case("recipe-exclude-glob-not-a-string", COMPOSE, "recipe.yaml: params.exclude: ['model.embed.*', 3] must be a list of glob strings", recipe=local_recipe(method="tsv_m", params={"exclude": ["model.embed.*", 3]})),
+    Case("recipe-per-layer-weight-not-a-number", COMPOSE, "recipe.yaml: vectors[0].weight: ['*.attn.*']: 'x' is not a number", recipe=local_recipe({"vector": "{local}/ft.tv.safetensors", "weight": {"*.attn.*": "x", "*": 1.0}})),
+    Case("per-layer-weight-leaves-a-tensor-without-a-value", COMPOSE, "vectors[0].weight: no glob of ['*.attn.*', '*.mlp.*'] matches tensor 'model.embed.weight' (add a '*' default)", recipe=local_recipe({"vector": "{local}/ft.tv.safetensors", "weight": {"*.attn.*": 0.5, "*.mlp.*": 1.5}})),
     Case("recipe-vector-and-finetuned", COMPOSE, "vectors[0]: give exactly one of 'vector' or 'finetuned'", recipe=local_recipe({"vector": "{local}/ft.tv.safetensors", "finetuned": "{local}/ft.safetensors"})),
     Case("recipe-bad-dtype", COMPOSE, "recipe.yaml: dtype: 'int8' is not one of float32, float16, bfloat16, float64", recipe=local_recipe(dtype="int8")),
     Case("recipe-policy-unknown-field", COMPOSE, "recipe.yaml: policy.require: unknown field", recipe=local_recipe(policy={"require": "approved"})),
@@ -130,12 +165,12 @@ CASES = [
     Case("truncated-vector-file", COMPOSE, "vectors[0]: {local}/truncated.tv.safetensors: truncated safetensors file", recipe=local_recipe({"vector": "{local}/truncated.tv.safetensors"})),
     Case("checkpoint-file-as-vector", COMPOSE, "vectors[0]: {local}/ft.safetensors: not a task vector", recipe=local_recipe({"vector": "{local}/ft.safetensors"})),
     Case("vector-from-another-base", COMPOSE, "vectors[1] was extracted from a different base: {local}/other.tv.safetensors records base fingerprint {other_base_fp}, the recipe's base {local}/base.safetensors has {base_fp}", recipe=local_recipe({"vector": "{local}/ft.tv.safetensors"}, {"vector": "{local}/other.tv.safetensors"})),
-    Case("nan-in-a-fine-tune", COMPOSE, "nan.safetensors holds NaN or Inf values", recipe=local_recipe({"finetuned": "{local}/nan.safetensors"})),
+    Case("nan-in-a-fine-tune", COMPOSE, "tensor 'model.layers.0.mlp.weight' of {local}/nan.safetensors holds NaN or Inf values", recipe=local_recipe({"finetuned": "{local}/nan.safetensors"})),
     Case("output-exists", ["compose", "{recipe}", "-o", "{local}/ft.safetensors"], "ft.safetensors: output already exists", recipe=local_recipe()),
     Case("tampered-stored-input", REGISTER, "vectors[0]: models:/bad-tampered-vector/1: downloaded weights have fingerprint ", recipe=registry_recipe({"vector": "models:/bad-tampered-vector/1"}), setup=_tampered_vector),
     # -- policy (permission-like refusals) ---------------------------------------------------
     Case("require-alias-unapproved", [*REGISTER, "--require-alias", "approved"], f"vectors[0] ({ROTATE}): version 1 of '{vector_name('rotate')}' does not carry the alias 'approved' the policy requires", recipe=registry_recipe(), process=True),
-    Case("policy-unapproved-by-alias", REGISTER, "does not carry the alias 'approved'", recipe=registry_recipe({"vector": FLIP}, {"vector": f"models:/{vector_name('rotate')}@current"}, policy={"require_alias": "approved"})),
+    Case("policy-unapproved-by-alias", REGISTER, f"vectors[0] ({FLIP}): version 1 of '{vector_name('flip')}' does not carry the alias 'approved' the policy requires", recipe=registry_recipe({"vector": FLIP}, {"vector": f"models:/{vector_name('rotate')}@current"}, policy={"require_alias": "approved"})),
     Case("policy-local-input", COMPOSE, "vectors[0] ({local}/ft.tv.safetensors): not a registered model version, so it cannot carry the alias 'approved'", recipe=local_recipe(policy={"require_alias": "approved"})),
     Case("policy-logged-model-input", [*REGISTER, "--require-alias", "approved"], "models:/{rotate_model}: a logged model, not a registered model version", recipe=registry_recipe({"finetuned": "models:/{rotate_model}"})),
     Case("policy-runs-input", [*REGISTER, "--require-alias", "approved"], "vectors[0] (runs:/{rotate_run}/task_vector): not a registered model version", recipe=registry_recipe({"vector": "runs:/{rotate_run}/task_vector"})),
@@ -153,6 +188,19 @@ CASES = [
     Case("verify-not-a-taskvec-version", ["verify", BASE], f"{BASE}: not a composite or task vector registered by mlflow-taskvec"),
     Case("verify-garbled-inputs-tag", ["verify", "models:/bad-garbled/1"], "models:/bad-garbled/1: the taskvec.inputs tag is not a JSON list of inputs", setup=_garbled_composite),
     Case("verify-missing-version", ["verify", f"models:/{vector_name('flip')}@nope"], f"models:/{vector_name('flip')}@nope: Registered model alias nope not found"),
+    # -- search, inspect, similarity, report --------------------------------------------
+    Case("search-without-evaluation", ["search", "{recipe}", "--register", "bad-search"], "search needs an 'evaluation' block in the recipe (evaluator and tasks)", recipe=registry_recipe()),
+    Case("search-failing-evaluator", ["search", "{recipe}", "--register", "bad-search"], "digits_tasks:evaluate failed on task 'no-such-task': ValueError: unknown task", recipe=registry_recipe(evaluation=FAILING_EVALUATION), fails_in_run=True),
+    Case("inspect-missing", ["inspect", "{local}/missing.safetensors"], "{local}/missing.safetensors: no such file or directory"),
+    Case("inspect-truncated", ["inspect", "{local}/truncated.tv.safetensors", "--layers"], "{local}/truncated.tv.safetensors: truncated safetensors file"),
+    Case("similarity-checkpoint-as-vector", ["similarity", "{local}/ft.tv.safetensors", "{local}/ft.safetensors", "--heatmap", "out/sim.png"], "{local}/ft.safetensors: not a task vector (its metadata has no taskvec.base_fingerprint)"),
+    Case("similarity-one-vector", ["similarity", "{local}/ft.tv.safetensors"], "give at least two task vectors", exit_code=2),
+    Case("report-unknown-name", ["report", "no-such-model"], "no-such-model: no registered model or experiment of this name"),
+    Case("report-bad-format", ["report", COMPOSITE_NAME, "--format", "xml"], "Invalid value for '--format'", exit_code=2),
+    # -- refused inside a run: the run ends FAILED, nothing logged stays ---------------------
+    Case("nan-in-a-registered-fine-tune", REGISTER, "tensor 'encoder.0.weight' of models:/{nan_model} holds NaN or Inf values", recipe=registry_recipe({"finetuned": "models:/{nan_model}"}), setup=_nan_finetune, fails_in_run=True),
+    Case("nan-in-a-registered-fine-tune-composed-locally", COMPOSE, "tensor 'encoder.0.weight' of models:/{nan_model} holds NaN or Inf values", recipe=registry_recipe({"finetuned": "models:/{nan_model}"}), setup=_nan_finetune),
+    Case("compose-failing-evaluator", REGISTER, "digits_tasks:evaluate failed on task 'no-such-task': ValueError: unknown task", recipe=registry_recipe(evaluation=FAILING_EVALUATION), fails_in_run=True),
 ]
 
 
@@ -165,6 +213,12 @@ class World:
     client: object
     local: Path
     names: dict
+
+    @property
+    def written_folders(self) -> list[Path]:
+        """Where a command may write: the local checkpoints, the store's artifact root, the download cache."""
+        store = self.registry.store
+        return [self.local, store.artifacts, store.cache]
 
 
 def _local_checkpoints(folder: Path) -> None:
@@ -197,6 +251,8 @@ def world(tmp_path_factory):
             "base_fp": open_checkpoint(root / "local" / "base.safetensors").fingerprint()[:16],
             "other_base_fp": open_checkpoint(root / "local" / "other.safetensors").fingerprint()[:16],
         }
+        for valid_input in (BASE, ROTATE, FLIP, f"models:/{registry.finetunes['rotate'].model_id}"):
+            resolve(valid_input)  # cached now: a case that reads it has no reason to write the cache
         yield World(registry, store.client, root / "local", names)
 
 
@@ -210,15 +266,23 @@ def _fill(value, names: dict):
     return value
 
 
-def registry_state(client) -> list:
-    """Every version with its tags and aliases, and the number of runs."""
-    versions = sorted((mv.name, str(mv.version), sorted((mv.tags or {}).items()), sorted(mv.aliases or [])) for mv in client.search_model_versions())
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    return [versions, len(runs)]
+def registry_state(client) -> dict:
+    """Every registered model, every version with its tags and aliases, every logged model, and every run with its status."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return {
+        "registered models": sorted((rm.name, sorted((rm.tags or {}).items())) for rm in client.search_registered_models()),
+        "versions": sorted((mv.name, str(mv.version), sorted((mv.tags or {}).items()), sorted(mv.aliases or [])) for mv in client.search_model_versions()),
+        "logged models": sorted(m.model_id for m in client.search_logged_models(experiments)),
+        "runs": {r.info.run_id: r.info.status for r in client.search_runs(experiments)},
+    }
 
 
-def files_under(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (and every folder, as ``dir``), by relative path."""
+    return {
+        str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(folder).rglob("*"))
+    }
 
 
 def run_case(case: Case, args: list[str], work: Path) -> tuple[int, str, str]:
@@ -242,13 +306,14 @@ def test_bad_input_is_refused_with_one_clear_line_and_nothing_written(case, worl
     work = tmp_path / "work"
     (work / "out").mkdir(parents=True)
     monkeypatch.chdir(work)
+    if case.setup is not None:
+        case.setup(world)
     names = {"local": str(world.local), "work": str(work), "recipe": str(work / "recipe.yaml"), **world.names}
     if case.recipe is not None:
         text = case.recipe if isinstance(case.recipe, str) else yaml.safe_dump(_fill(case.recipe, names), sort_keys=False)
         (work / "recipe.yaml").write_text(text, "utf-8")
-    if case.setup is not None:
-        case.setup(world)
-    before, local_before, work_before = registry_state(world.client), files_under(world.local), files_under(work)
+    folders = [work, *world.written_folders]
+    before, files_before = registry_state(world.client), [file_digests(f) for f in folders]
 
     code, stdout, stderr = run_case(case, _fill(case.args, names), work)
 
@@ -263,6 +328,13 @@ def test_bad_input_is_refused_with_one_clear_line_and_nothing_written(case, worl
     else:
         assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
         assert _fill(case.expected, names) in lines[0], lines[0]
-    assert registry_state(world.client) == before
-    assert files_under(work) == work_before
-    assert files_under(world.local) == local_before
+    after = registry_state(world.client)
+    runs_before, runs_after = before.pop("runs"), after.pop("runs")
+    assert after == before
+    assert {run: status for run, status in runs_after.items() if run in runs_before} == runs_before
+    new_run_statuses = [status for run, status in runs_after.items() if run not in runs_before]
+    if case.fails_in_run:
+        assert new_run_statuses and set(new_run_statuses) == {"FAILED"}, new_run_statuses
+    else:
+        assert new_run_statuses == []
+    assert [file_digests(f) for f in folders] == files_before

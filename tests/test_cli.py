@@ -25,13 +25,17 @@ from safetensors.torch import load_file, save_file
 
 from mlflow_taskvec.cli import main
 from small_models import INT_BUFFER, SHAPES, base_state, finetune_state
+from team_server import skip_or_fail
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.recipe import load_recipe
 
 # -- inputs -----------------------------------------------------------------------
 
 FLOAT_PARAMS = sum(math.prod(s) for s in SHAPES.values())  # 116
-METHOD_NAMES = ["task_arithmetic", "ties", "magnitude_prune", "dare_linear", "dare_ties"]
+METHOD_NAMES = [
+    "task_arithmetic", "ties", "magnitude_prune", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
+    "della", "della_linear", "consensus_ta", "consensus_ties", "tsv_m", "iso_c", "iso_cts", "slerp",
+]
 
 
 @pytest.fixture
@@ -333,21 +337,34 @@ def test_inspect_layers_of_a_checkpoint_without_float_tensors_succeeds(models):
     result = cli("inspect", ints, "--layers")
 
     assert_ok(result)
-    assert "l2 norm by layer:" in lines_of(result)
+    assert lines_of(result) == [
+        f"source: {ints}",
+        "kind: checkpoint",
+        "tensors: 1",
+        "parameters: 4",
+        "dtypes: int64 (4)",
+        f"fingerprint: {open_checkpoint(ints).fingerprint()}",
+        "l2 norm: 0",
+        "l2 norm by layer:",
+    ]
 
 
 # -- methods ----------------------------------------------------------------------
 
 
-def test_methods_lists_all_five_with_their_parameters():
+def test_methods_lists_all_fifteen_with_their_paper_and_parameters():
     result = cli("methods")
 
     assert_ok(result)
     listed = {line.split(":")[0]: line for line in lines_of(result)}
     assert sorted(listed) == sorted(METHOD_NAMES)
-    assert listed["task_arithmetic"].endswith("(params: none)")
-    assert listed["ties"].endswith("(params: density)")
-    assert listed["dare_ties"].endswith("(params: density, seed)")
+    assert listed["task_arithmetic"].endswith("(arXiv 2212.04089; params: none)")
+    assert listed["ties"].endswith("(arXiv 2306.01708; params: density)")
+    assert listed["dare_ties"].endswith("(arXiv 2311.03099; params: density, seed)")
+    assert listed["tsv_m"].endswith("(arXiv 2412.00081; params: exclude)")
+    assert listed["iso_cts"].endswith("(arXiv 2502.04959; params: common_fraction, exclude)")
+    assert listed["della"].endswith("(arXiv 2406.11617; params: density, epsilon, seed)")
+    assert listed["slerp"].endswith("(no arXiv paper; params: t)")
 
 
 # -- bad input: exit 1, one line, nothing left behind ---------------------------------------
@@ -572,7 +589,7 @@ def test_missing_required_option_is_a_usage_error(models):
 def console_script() -> str:
     found = shutil.which("mlflow-taskvec", path=str(Path(sys.executable).parent)) or shutil.which("mlflow-taskvec")
     if found is None:
-        pytest.skip("the mlflow-taskvec console script is not installed")
+        skip_or_fail("the mlflow-taskvec console script is not installed (pip install -e .)")
     return found
 
 

@@ -76,6 +76,19 @@ def test_similarity_prints_the_matrix_labelled_by_task_and_writes_a_heatmap(vect
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 
 
+def test_similarity_inside_an_mlflow_run_logs_its_heatmap_to_that_run(vectors, tmp_path, tmp_path_factory):
+    from mlflow_helpers import run_artifact
+
+    with mlflow_store(tmp_path / "store", template_db(tmp_path_factory)) as store:
+        run_id = store.client.create_run(store.experiment_id).info.run_id
+        # how `mlflow run` tells an entry point's command which run it is in
+        result = CliRunner().invoke(main, ["similarity", *map(str, vectors), "--heatmap", str(tmp_path / "sim.png")], env={"MLFLOW_RUN_ID": run_id})
+
+        assert result.exit_code == 0, result.output
+        assert [a.path for a in store.client.list_artifacts(run_id)] == ["sim.png"]
+        assert run_artifact(store.client, run_id, "sim.png").read_bytes() == (tmp_path / "sim.png").read_bytes()
+
+
 def test_similarity_of_vectors_from_different_bases_fails_in_one_line(vectors, tmp_path):
     other = base_state(5)
     save_file(other, str(tmp_path / "other.safetensors"))

@@ -14,6 +14,7 @@ import json
 from datetime import datetime, timedelta, timezone
 
 import mlflow
+import pytest
 import yaml
 from click.testing import CliRunner
 from mlflow_helpers import (
@@ -23,6 +24,7 @@ from mlflow_helpers import (
     composite_recipe,
     flip_last_byte,
     register_vector_copy,
+    replace_weights_with_matching_records,
     run_artifact,
     stored_weights,
     vector_name,
@@ -30,7 +32,9 @@ from mlflow_helpers import (
 
 from mlflow_taskvec.cli import main as cli
 from mlflow_taskvec.recipe import load_recipe, parse_recipe
-from mlflow_taskvec.mlflow.registry import register_composite
+from mlflow_taskvec.engine.taskvector import TaskVector
+from mlflow_taskvec.mlflow.downloads import resolve
+from mlflow_taskvec.mlflow.registry import register_composite, register_task_vector
 
 
 def invoke(*args, **env):
@@ -392,14 +396,8 @@ def test_verify_detects_a_modified_byte_in_the_composites_own_weights(registry, 
 
 def test_verify_detects_weights_and_records_replaced_together_by_recomposing(registry, client):
     """Someone rewrote the composite's weights and its MLmodel fingerprint consistently: only recomposing shows it."""
-    from mlflow_taskvec.engine.checkpoint import open_checkpoint
-
     _, composite = composite_of_copy(registry, "rewritten")
-    weights = stored_weights(client, composite.model_id)
-    flip_last_byte(weights)
-    new_fp = open_checkpoint(weights).fingerprint(fresh=True)
-    for mlmodel in (weights.parent.parent / "MLmodel", weights.parent / "taskvec.json"):
-        mlmodel.write_text(mlmodel.read_text("utf-8").replace(composite.tags["taskvec.fingerprint"], new_fp), "utf-8")
+    new_fp = replace_weights_with_matching_records(client, composite.model_id)
     client.set_model_version_tag("rewritten", composite.version, "taskvec.fingerprint", new_fp)
 
     message = refused(invoke("verify", composite.version_uri))
@@ -408,3 +406,124 @@ def test_verify_detects_weights_and_records_replaced_together_by_recomposing(reg
         f"Error: the recomposed model has fingerprint {composite.tags['taskvec.fingerprint'][:16]}, "
         f"the version records {new_fp[:16]} (the recipe and inputs do not reproduce it)"
     )
+
+
+def test_verify_detects_a_task_vectors_fine_tune_replaced_by_other_weights_with_matching_records(registry, client):
+    from mlflow_helpers import finetune_of, log_checkpoint
+
+    with mlflow.start_run(run_name="finetune-to-replace"):
+        ft_info = log_checkpoint(finetune_of(registry.base_net, seed=42), "finetuned")
+    base_ref, ft_ref = resolve(registry.base_uri), resolve(ft_info.model_uri)
+    vector = register_task_vector(TaskVector.extract(base_ref.path, ft_ref.path, task="rotate"), "finetune-replaced-vector", base_ref, ft_ref)
+    new_fp = replace_weights_with_matching_records(client, ft_info.model_id)
+
+    message = refused(invoke("verify", vector.version_uri))
+
+    assert message == (
+        f"Error: fine-tune {vector.tags['taskvec.finetuned_uri']} has fingerprint {new_fp[:16]}, "
+        f"the version records {ft_ref.fingerprint[:16]} (the fine-tune was replaced or its artifact modified)"
+    )
+
+
+def test_verify_detects_a_task_vector_that_its_base_and_fine_tune_do_not_reproduce(registry):
+    """Registered with the rotate fine-tune's lineage but holding the flip vector: every input
+    is as recorded, only re-extracting shows the mismatch."""
+    base_ref = resolve(registry.base_uri)
+    rotate_ft, flip_ft = (resolve(f"models:/{registry.finetunes[task].model_id}") for task in ("rotate", "flip"))
+    flip_weights = TaskVector.extract(base_ref.path, flip_ft.path, task="rotate")
+    vector = register_task_vector(flip_weights, "not-reproduced-vector", base_ref, rotate_ft)
+
+    message = refused(invoke("verify", vector.version_uri))
+
+    assert message == (
+        f"Error: the re-extracted task vector has fingerprint {registry.vectors['rotate'].tags['taskvec.fingerprint'][:16]}, "
+        f"the version records {vector.tags['taskvec.fingerprint'][:16]} (the base and fine-tune do not reproduce it)"
+    )
+
+
+@pytest.mark.parametrize("tag", ["taskvec.inputs", "taskvec.base_uri"])
+def test_verify_refuses_a_composite_whose_tags_name_other_models_than_its_recipe(registry, client, tag):
+    _, composite = composite_of_copy(registry, f"edited-{tag.rpartition('.')[2]}")
+    other = f"models:/{vector_name('flip')}/1"
+    edited = json.dumps([{**json.loads(composite.tags[tag])[0], "uri": other}]) if tag == "taskvec.inputs" else other
+    client.set_model_version_tag(composite.name, composite.version, tag, edited)
+
+    message = refused(invoke("verify", composite.version_uri))
+
+    assert message == (
+        f"Error: {composite.version_uri}: the taskvec.inputs / taskvec.base_uri tags name other models than its recipe.yaml (a tag was edited)"
+    )
+
+
+def test_verify_refuses_a_version_missing_any_tag_it_verifies_against_naming_the_tag(registry, client):
+    vector, composite = composite_of_copy(registry, "untagged")
+    required = [
+        (composite, ["taskvec.fingerprint", "taskvec.base_uri", "taskvec.base_fingerprint", "taskvec.inputs", "taskvec.recipe_sha256"]),
+        (vector, ["taskvec.fingerprint", "taskvec.base_uri", "taskvec.base_fingerprint", "taskvec.finetuned_uri"]),
+    ]
+    messages = {}
+    for version, tags in required:
+        for tag in tags:
+            client.delete_model_version_tag(version.name, version.version, tag)
+            messages[version.version_uri, tag] = refused(invoke("verify", version.version_uri))
+            client.set_model_version_tag(version.name, version.version, tag, version.tags[tag])
+
+    assert messages == {
+        (version.version_uri, tag): f"Error: {version.version_uri}: the version has no {tag} tag, so there is nothing to verify against"
+        for version, tags in required
+        for tag in tags
+    }
+    assert ok(invoke("verify", composite.version_uri, "-q"))[0].startswith(f"verified: {composite.version_uri}")
+
+
+def test_verify_refuses_a_composite_whose_run_lost_its_recipe_yaml(registry, client):
+    _, composite = composite_of_copy(registry, "recipe-deleted")
+    run_artifact(client, composite.run_id, "recipe.yaml").unlink()
+
+    message = refused(invoke("verify", composite.version_uri))
+
+    assert message == f"Error: {composite.version_uri}: run {composite.run_id} has no recipe.yaml artifact to recompose from"
+
+
+@pytest.mark.parametrize(
+    "destination",
+    [
+        pytest.param(["--register", "download-refused"], id="register"),
+        pytest.param(["-o", "{tmp}/refused.safetensors"], id="local-output"),
+    ],
+)
+def test_the_policy_is_checked_before_anything_is_downloaded(registry, tmp_path, destination):
+    approved = register_vector_copy(registry, "rotate", f"download-approved-{destination[0].strip('-')}")
+    unapproved = register_vector_copy(registry, "flip", f"download-unapproved-{destination[0].strip('-')}")
+    ok(invoke("approve", approved.version_uri, "--alias", "approved"))
+    data = {
+        "base": f"models:/{BASE_NAME}/1",
+        "scale": 0.5,
+        "vectors": [{"vector": approved.version_uri}, {"vector": unapproved.version_uri, "weight": -0.5}],
+    }
+    with_policy = write_recipe(tmp_path / "with-policy.yaml", {**data, "policy": {"require_alias": "approved"}})
+    without_policy = write_recipe(tmp_path / "without-policy.yaml", data)
+    refused_cache, compose_cache = tmp_path / "cache-refused", tmp_path / "cache-composed"
+
+    message = refused(invoke("compose", with_policy, *(a.format(tmp=tmp_path) for a in destination), MLFLOW_TASKVEC_CACHE=str(refused_cache)))
+    ok(invoke("compose", without_policy, "-o", tmp_path / "composed.safetensors", MLFLOW_TASKVEC_CACHE=str(compose_cache)))
+
+    assert message.startswith(f"Error: vectors[1] ({unapproved.version_uri}): version 1 of '{unapproved.name}' does not carry the alias 'approved'")
+    assert not refused_cache.exists() or list(refused_cache.rglob("*")) == []
+    # the same inputs, without the policy, are downloaded into that cache: the check above can fail
+    assert len(list(compose_cache.glob("fp-*.json"))) == 3  # the base and both vectors
+
+
+def test_require_alias_is_enforced_but_not_recorded_in_the_logged_recipe(registry, client, tmp_path):
+    vector = register_vector_copy(registry, "rotate", "require-alias-unrecorded")
+    ok(invoke("approve", vector.version_uri, "--alias", "approved"))
+    data = one_input_recipe(vector.version_uri)
+    recipe = write_recipe(tmp_path / "recipe.yaml", data)
+
+    ok(invoke("compose", recipe, "--register", "require-alias-composite", "--require-alias", "approved"))
+
+    version = client.get_model_version("require-alias-composite", "1")
+    logged = load_recipe(run_artifact(client, version.run_id, "recipe.yaml"))
+    assert logged.policy is None
+    assert "policy" not in json.loads(logged.canonical_json())
+    assert version.tags["taskvec.recipe_sha256"] == logged.sha256() == parse_recipe(data).sha256()

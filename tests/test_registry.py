@@ -24,6 +24,7 @@ from mlflow_helpers import (
     BASE_NAME,
     COMPOSITE_NAME,
     COMPOSITE_SCALE,
+    COMPOSITE_WEIGHTS,
     CODE_PATHS,
     FACTORY,
     FACTORY_KWARGS,
@@ -44,6 +45,7 @@ from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.recipe import load_recipe, parse_recipe
 from mlflow_taskvec.mlflow.downloads import resolve
+from mlflow_taskvec.mlflow.inputs import resolve_inputs
 from mlflow_taskvec.mlflow.registry import register_composite
 
 
@@ -270,28 +272,112 @@ def test_reference_metrics_are_cached_by_fingerprint_across_composites(registry,
     from mlflow_taskvec.evaluation import MetricCache
     from mlflow_taskvec.mlflow.evaluate import composite_evaluation
 
-    recipe = parse_recipe(_recipe_with_evaluation(["rotate", "flip"]))
-    base = resolve(recipe.base)
-    inputs = [resolve(e.ref) for e in recipe.vectors]
+    inputs = resolve_inputs(parse_recipe(_recipe_with_evaluation(["rotate", "flip"])))
     cache = MetricCache(registry.store.root / "metric-cache")
-    first = composite_evaluation(recipe, base, inputs, cache).references("test")
+    first = composite_evaluation(inputs, cache).references("test")
     assert (cache.hits, cache.misses) == (0, 4)  # base on rotate, flip, digits; rotate's fine-tune
 
-    again = composite_evaluation(recipe, base, inputs, cache).references("test")
+    again = composite_evaluation(inputs, cache).references("test")
     assert (cache.hits, cache.misses) == (4, 4)
     assert again == first
     assert first.base["digits"]["accuracy"] == pytest.approx(digits_tasks.accuracy(registry.base_net, "digits"))
     assert first.finetuned == {"rotate": {"accuracy": pytest.approx(digits_tasks.accuracy(registry.finetunes["rotate"].net, "rotate"))}}
 
 
+def new_runs_since(client, run_ids_before: set[str]) -> list:
+    return [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()]) if r.info.run_id not in run_ids_before]
+
+
+def run_ids(client) -> set[str]:
+    return {r.info.run_id for r in new_runs_since(client, set())}
+
+
 def test_a_failing_evaluator_raises_a_clear_error_and_registers_nothing(registry, client):
     recipe = parse_recipe(_recipe_with_evaluation(["no-such-task"]))
+    before = run_ids(client)
 
-    with pytest.raises(TaskVecError, match=r"digits_tasks:evaluate failed on task 'no-such-task': ValueError: unknown task"):
+    with pytest.raises(TaskVecError, match=r"^digits_tasks:evaluate failed on task 'no-such-task': ValueError: unknown task"):
         register_composite(recipe, "digits-broken")
 
     assert client.search_model_versions("name='digits-broken'") == []
+    assert client.search_registered_models("name='digits-broken'") == []
     assert mlflow.active_run() is None
+    assert [r.info.status for r in new_runs_since(client, before)] == ["FAILED"]  # the compose run, ended by the error
+
+
+def write_evaluator(directory: Path, module: str, returns: str) -> str:
+    """A module ``module.py`` in ``directory`` whose ``evaluate`` returns the Python expression ``returns``."""
+    (directory / f"{module}.py").write_text(f"def evaluate(model, task, split):\n    return {returns}\n", "utf-8")
+    return f"{module}:evaluate"
+
+
+@pytest.mark.parametrize(
+    "returns, shown",
+    [
+        ('{"accuracy": float("nan")}', "accuracy=nan"),
+        ('{"accuracy": float("-inf")}', "accuracy=-inf"),
+        ('{"accuracy": "0.9"}', "accuracy='0.9'"),
+        ('{"accuracy": None}', "accuracy=None"),
+        ('{"accuracy": True}', "accuracy=True"),
+    ],
+    ids=["nan", "inf", "string", "none", "bool"],
+)
+def test_an_evaluator_returning_anything_but_finite_numbers_is_refused_naming_it_and_the_task(registry, client, tmp_path, monkeypatch, returns, shown, request):
+    module = f"evaluator_{request.node.callspec.id}"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = write_evaluator(tmp_path, module, returns)
+    recipe = {**composite_recipe(), "evaluation": {"evaluator": spec, "tasks": ["rotate"]}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe), "utf-8")
+    name = f"nonfinite-{request.node.callspec.id}"
+    before = run_ids(client)
+
+    result = CliRunner().invoke(cli, ["compose", str(tmp_path / "recipe.yaml"), "--register", name])
+
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines() == [f"Error: {spec} returned {shown} for task 'rotate', not a finite number"]
+    assert client.search_registered_models(f"name='{name}'") == []
+    assert [r.info.status for r in new_runs_since(client, before)] == ["FAILED"]  # the compose run, ended by the error
+
+
+def test_an_evaluator_returning_no_dict_is_refused_naming_what_it_returned(registry, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = write_evaluator(tmp_path, "evaluator_returning_a_list", "[0.5]")
+    recipe = parse_recipe({**composite_recipe(), "evaluation": {"evaluator": spec, "tasks": ["rotate"]}})
+
+    with pytest.raises(TaskVecError, match=r"^evaluator_returning_a_list:evaluate returned list for task 'rotate', not a dict of metrics$"):
+        register_composite(recipe, "no-dict-evaluated")
+
+
+def references_all_scoring(accuracy: float):
+    """The references (the base, and rotate's fine-tune) on task rotate, all scoring ``accuracy``."""
+    from mlflow_taskvec.evaluation import References
+
+    return References(base={"rotate": {"accuracy": accuracy}}, finetuned={"rotate": {"accuracy": accuracy}})
+
+
+def test_editing_the_evaluators_file_misses_the_metric_cache(registry, tmp_path, monkeypatch):
+    import sys
+
+    from mlflow_taskvec.evaluation import MetricCache
+    from mlflow_taskvec.mlflow.evaluate import composite_evaluation
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = write_evaluator(tmp_path, "evaluator_to_edit", '{"accuracy": 0.25}')
+    inputs = resolve_inputs(parse_recipe({**composite_recipe(), "evaluation": {"evaluator": spec, "tasks": ["rotate"]}}))
+    cache = MetricCache(tmp_path / "metric-cache")
+
+    first = composite_evaluation(inputs, cache).references("test")
+    again = composite_evaluation(inputs, cache).references("test")
+    assert (cache.hits, cache.misses) == (2, 2)  # the base and rotate's fine-tune, on rotate
+
+    write_evaluator(tmp_path, "evaluator_to_edit", '{"accuracy": 0.75}')
+    monkeypatch.delitem(sys.modules, "evaluator_to_edit")  # as a new process would import it
+    edited = composite_evaluation(inputs, cache).references("test")
+
+    assert (cache.hits, cache.misses) == (2, 4)
+    assert first == again == references_all_scoring(0.25)
+    assert edited == references_all_scoring(0.75)
+
 
 
 # -- references and the download cache ---------------------------------------------------------
@@ -404,3 +490,82 @@ def test_cli_compose_register_registers_the_composite_and_reports_its_version(re
     assert tags["taskvec.fingerprint"] == plain["taskvec.fingerprint"]
     assert tags["taskvec.recipe_sha256"] == plain["taskvec.recipe_sha256"]
     assert f"fingerprint: {plain['taskvec.fingerprint']}" in result.stdout.splitlines()
+
+
+def test_cli_compose_register_with_an_output_leaves_the_registered_composite_there_and_nothing_else(registry, client, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(composite_recipe(), sort_keys=False), "utf-8")
+    output = tmp_path / "out" / "composite.safetensors"
+    output.parent.mkdir()
+    output.write_bytes(b"an older output")
+
+    result = CliRunner().invoke(cli, ["compose", str(recipe), "--register", "cli-composite-output", "-o", str(output), "--overwrite"])
+
+    assert result.exit_code == 0, result.output
+    registered = client.get_model_version("cli-composite-output", "1").tags["taskvec.fingerprint"]
+    assert open_checkpoint(output).fingerprint(fresh=True) == registered
+    assert sorted(p.name for p in output.parent.iterdir()) == ["composite.safetensors"]
+
+
+# -- a later method with per-layer coefficients ------------------------------------------------
+
+PER_LAYER_WEIGHT = {"encoder.0.*": 0.3, "*": 1.0}
+PER_LAYER_SCALE = {"*.bias": 0.5, "*": 0.7}
+
+
+@pytest.fixture(scope="module")
+def per_layer_composite(registry):
+    recipe = composite_recipe()
+    recipe.update(method="tsv_m", scale=PER_LAYER_SCALE, params={"exclude": ["heads.*"]})
+    recipe["vectors"][0]["weight"] = PER_LAYER_WEIGHT
+    return register_composite(parse_recipe(recipe), "digits-tsv-per-layer")
+
+
+def test_per_layer_coefficients_are_recorded_in_order_in_tags_and_run_params(per_layer_composite, client):
+    version = client.get_model_version("digits-tsv-per-layer", "1")
+    run = client.get_run(per_layer_composite.run_id)
+
+    assert version.tags["taskvec.method"] == "tsv_m"
+    assert json.loads(version.tags["taskvec.params"]) == {"exclude": ["heads.*"]}
+    assert version.tags["taskvec.scale"] == json.dumps(PER_LAYER_SCALE)
+    inputs = json.loads(version.tags["taskvec.inputs"])
+    assert list(inputs[0]["weight"].items()) == list(PER_LAYER_WEIGHT.items()) and inputs[1]["weight"] == COMPOSITE_WEIGHTS["flip"]
+    assert json.loads(run.data.params["vectors.0.weight"]) == PER_LAYER_WEIGHT
+    assert json.loads(run.data.params["scale"]) == PER_LAYER_SCALE
+    assert '| {"encoder.0.*": 0.3, "*": 1.0} |' in version.description
+
+
+def test_a_per_layer_composite_holds_what_the_engine_composes_and_verifies(registry, per_layer_composite):
+    from mlflow_taskvec.engine.merge import merge
+    from mlflow_taskvec.mlflow.verify import verify
+
+    vectors = [resolve(f"models:/{vector_name(task)}/1") for task in ("rotate", "flip")]
+    expected = merge(
+        resolve(registry.base_uri).path,
+        [TaskVector.load(v.path) for v in vectors],
+        [PER_LAYER_WEIGHT, COMPOSITE_WEIGHTS["flip"]],
+        method="tsv_m",
+        scale=PER_LAYER_SCALE,
+        params={"exclude": ["heads.*"]},
+    )
+    stored = open_checkpoint(resolve(per_layer_composite.model_uri).path)
+    for name, tensor in expected.items():
+        assert torch.equal(stored.get_tensor(name), tensor), name
+    assert verify("models:/digits-tsv-per-layer/1").fingerprint == per_layer_composite.tags["taskvec.fingerprint"]
+
+
+def test_lineage_shows_per_layer_weights_and_scale(per_layer_composite):
+    from mlflow_taskvec.mlflow.lineage import lineage, render_dot, render_text
+
+    text = render_text(lineage("models:/digits-tsv-per-layer/1"))
+    assert 'method tsv_m scale {"*.bias": 0.5, "*": 0.7}' in text
+    assert "weight {encoder.0.*: 0.3, *: 1}" in text and "weight -0.5" in text
+    assert "input {encoder.0.*: 0.3, *: 1}" in render_dot(lineage("models:/digits-tsv-per-layer/1"))
+
+
+def test_the_report_lists_per_layer_weights_and_scale(per_layer_composite):
+    from mlflow_taskvec.mlflow.report import composites_frame
+
+    row = composites_frame("digits-tsv-per-layer").loc[1]
+    assert row["method"] == "tsv_m" and row["scale"] == json.dumps(PER_LAYER_SCALE)
+    assert row["weights"] == f"models:/{vector_name('rotate')}/1:{{encoder.0.*: 0.3, *: 1}}, models:/{vector_name('flip')}/1:-0.5"

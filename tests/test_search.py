@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -309,3 +310,57 @@ def test_a_winner_from_another_worker_brings_its_runs_validation_metrics(store):
     assert (unreadable.number, unreadable.scale, unreadable.metrics) == (-1, 0.35, {})
     # The study's best is this worker's own candidate: it is picked as it is.
     assert _pick([mine], {**shared, "run_id": "mine"}) is mine
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_optuna_with_the_same_seed_proposes_the_same_candidates_and_another_seed_others(store, sampler):
+    def proposed(seed: int) -> list[tuple[float, tuple[float, ...]]]:
+        block = {"strategy": "optuna", "sampler": sampler, "seed": seed, "trials": 5, "objective": "mean.accuracy",
+                 "scale": {"low": 0.0, "high": 1.0}, "weights": {"low": 0.5, "high": 1.5}}
+        result = search(parse_recipe(recipe("peaked", ["target"], search_block=block)))
+        return [(c.scale, tuple(c.weights)) for c in result.candidates]
+
+    first, again, other = proposed(3), proposed(3), proposed(4)
+
+    assert len(first) == 5 and len(set(first)) == 5
+    assert again == first
+    assert other != first
+
+
+def sparse_checkpoint(path: Path, numel: int) -> Path:
+    """A valid safetensors file of one float32 tensor of ``numel`` entries whose data is a hole
+    (a sparse file: no disk or memory is used until read)."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [numel], "data_offsets": [0, 4 * numel]}}).encode("utf-8")
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + 4 * numel)
+    return path
+
+
+def test_auto_memory_composes_in_memory_when_three_copies_fit_in_free_ram_else_streams(store, tmp_path):
+    from mlflow_taskvec.mlflow.search import _fits_in_memory
+
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    half_of_ram = sparse_checkpoint(tmp_path / "half-of-ram.safetensors", physical // 2 // 4)  # 3 copies: 1.5x all RAM
+    small = sparse_checkpoint(tmp_path / "small.safetensors", 1024)
+
+    assert open_checkpoint(half_of_ram).spec("w").numel == physical // 2 // 4
+    assert _fits_in_memory(small) is True
+    assert _fits_in_memory(half_of_ram) is False
+
+
+def test_optuna_samples_a_methods_parameters_from_their_declared_ranges(store):
+    block = {"strategy": "optuna", "trials": 10, "objective": "mean.accuracy", "scale": {"low": 0.2, "high": 1.0}, "params": "declared", "sampler": "random"}
+    data = {**recipe("peaked", ["target"], search_block=block), "method": "breadcrumbs", "params": {"density": 0.5}}
+    parsed = parse_recipe(data)
+    assert {n: (r.low, r.high) for n, r in parsed.search.params.items()} == {"density": (5e-324, 1.0), "gamma": (0.0, math.nextafter(1.0, 0.0))}
+
+    result = search(parsed)
+
+    # a sampled pair with density + gamma > 1 is refused by the method's check and pruned, not composed
+    assert 1 <= len(result.candidates) < 10
+    for c in result.candidates:
+        assert 0 < c.params["density"] <= 1 and 0 <= c.params["gamma"] < 1 and c.params["density"] + c.params["gamma"] <= 1
+    assert len({c.params["gamma"] for c in result.candidates}) == len(result.candidates)
+    assert len(children_of(store.client, result.run_id)) == len(result.candidates)

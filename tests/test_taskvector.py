@@ -367,10 +367,28 @@ def test_save_of_a_vector_with_nan_is_refused_naming_tensor_and_file_and_leaves_
     assert torch.isnan(load_file(str(out_dir / "vec.safetensors"))["norm.weight"][3])
 
 
-def test_extract_then_save_with_mismatched_inputs_leaves_no_output(tmp_path, fp32_models, out_dir, assert_no_output):
+def test_extract_refuses_mismatched_inputs_naming_the_tensor_and_both_shapes_before_a_save_can_start(tmp_path, fp32_models):
     ft = dict(fp32_models.finetune_sds[0])
     ft["norm.weight"] = torch.zeros(9)
     save_file(ft, str(tmp_path / "ft.safetensors"))
-    with pytest.raises(TaskVecError, match="tensor 'norm.weight'"):
-        TaskVector.extract(fp32_models.base, tmp_path / "ft.safetensors").save(out_dir / "vec.safetensors")
+
+    with pytest.raises(TaskVecError, match=r"^tensor 'norm.weight' has shape \[8\] in the base but \[9\] in the fine-tune$"):
+        TaskVector.extract(fp32_models.base, tmp_path / "ft.safetensors")
+
+
+def test_a_save_failing_after_it_wrote_tensors_leaves_no_output_and_no_partial_file(tmp_path, fp32_models, out_dir, assert_no_output):
+    """The NaN is in the last tensor written, so the writer has streamed every other tensor
+    into its temporary file when the check fails."""
+    ft = dict(fp32_models.finetune_sds[0])
+    last = sorted(name for name, t in ft.items() if t.is_floating_point())[-1]
+    ft[last] = ft[last].clone()
+    ft[last].view(-1)[-1] = float("inf")
+    save_file(ft, str(tmp_path / "ft_inf.safetensors"))
+    vector = TaskVector.extract(fp32_models.base, tmp_path / "ft_inf.safetensors")
+    written = []
+
+    with pytest.raises(TaskVecError, match=f"tensor '{last}' of .*ft_inf.safetensors holds NaN or Inf"):
+        vector.save(out_dir / "vec.safetensors", progress=written.append)
+
+    assert written == sorted(vector.names)[:-1]  # every tensor before the last was written
     assert_no_output(out_dir / "vec.safetensors")

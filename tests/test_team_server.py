@@ -264,6 +264,7 @@ def test_concurrent_creates_of_one_registered_model_all_succeed(team):
     for t in threads:
         t.join(timeout=120)
 
+    assert [t.name for t in threads if t.is_alive()] == []  # none still waiting on the server
     assert errors == []
     assert team.admin().get_registered_model("team-raced").name == "team-raced"
 

@@ -9,22 +9,14 @@ is the default wherever it appears. Every merged tensor must get a value.
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Mapping
 from typing import Union
 
+from mlflow_taskvec.engine.checks import finite_number
 from mlflow_taskvec.errors import TaskVecError
 
 Coefficient = Union[float, dict[str, float]]
 DEFAULT_GLOB = "*"
-
-
-def _finite(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TaskVecError(f"{what}: {value!r} is not a number")
-    if not math.isfinite(value):
-        raise TaskVecError(f"{what}: {value!r} is not a finite number")
-    return float(value)
 
 
 def check_coefficient(value, what: str) -> Coefficient:
@@ -36,11 +28,9 @@ def check_coefficient(value, what: str) -> Coefficient:
         for glob, number in value.items():
             if not isinstance(glob, str) or not glob:
                 raise TaskVecError(f"{what}: key {glob!r} is not a tensor-name glob")
-            if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
-                raise TaskVecError(f"{what}: the value of {glob!r}, {number!r}, is not a finite number")
-            out[glob] = float(number)
+            out[glob] = finite_number(number, f"{what}[{glob!r}]")
         return out
-    return _finite(value, what)
+    return finite_number(value, what)
 
 
 def coefficient_for(value: Coefficient, name: str, what: str) -> float:
@@ -53,6 +43,11 @@ def coefficient_for(value: Coefficient, name: str, what: str) -> float:
     if DEFAULT_GLOB in value:
         return value[DEFAULT_GLOB]
     raise TaskVecError(f"{what}: no glob of {list(value)} matches tensor {name!r} (add a '*' default)")
+
+
+def values_of(value: Coefficient) -> list[float]:
+    """Every number a coefficient can give (one, or one per glob)."""
+    return list(value.values()) if isinstance(value, dict) else [value]
 
 
 def describe(value: Coefficient) -> str:

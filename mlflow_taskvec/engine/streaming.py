@@ -96,9 +96,9 @@ def keep_mask(seed: int, input_index: int, name: str, start: int, length: int, n
     """Bernoulli(keep_probability) mask for entries [start, start+length) of input ``input_index``
     of tensor ``name`` (``numel`` entries): block b's mask is ``torch.rand(block length,
     generator=manual_seed(derive_seed(seed, input_index, name, b))) < keep_probability``.
-    ``keep_probability`` may be a tensor of ``length`` entries (one probability per entry)."""
-    if start % RANDOM_BLOCK:
-        raise ValueError("chunks must start on a random-block boundary")
+    ``keep_probability`` may be a tensor of ``length`` entries (one probability per entry).
+    ``start`` may fall inside a block (the block is drawn whole and sliced: the same
+    entries get the same draws), though chunks on block boundaries draw each block once."""
     parts = []
     first = start // RANDOM_BLOCK
     last = (start + length - 1) // RANDOM_BLOCK
@@ -107,7 +107,8 @@ def keep_mask(seed: int, input_index: int, name: str, start: int, length: int, n
         gen = torch.Generator().manual_seed(derive_seed(seed, input_index, name, block))
         parts.append(torch.rand(block_len, generator=gen))
     draws = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return draws[:length] < keep_probability
+    offset = start - first * RANDOM_BLOCK
+    return draws[offset : offset + length] < keep_probability
 
 
 def chunk_ranges(numel: int, chunk: int = CHUNK_ELEMENTS) -> Iterator[tuple[int, int]]:

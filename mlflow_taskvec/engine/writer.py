@@ -69,6 +69,21 @@ def check_output_path(output: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
+def move_into_place(finished: Path, output: Path) -> None:
+    """Rename a finished file or folder (beside ``output``, on its file system) to ``output``,
+    replacing what is there: a reader sees the old output or the new one, never a mix."""
+    old = None
+    if output.exists() or output.is_symlink():
+        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(output, old)
+    os.replace(finished, output)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
 def plan_shards(specs: dict[str, TensorSpec], max_shard_size: int | None) -> list[list[str]]:
     """Greedy shards in name order, each at most ``max_shard_size`` bytes (a larger tensor gets its own)."""
     names = sorted(specs)
@@ -195,24 +210,12 @@ class CheckpointWriter:
                     (self._tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", "utf-8")
                 if self._copy_from is not None:
                     copy_non_weight_files(self._copy_from, self._tmp)
-            self._move_into_place()
+            move_into_place(self._tmp, self.output)
             self._closed = True
             return fingerprint
         except BaseException:
             self.abort()
             raise
-
-    def _move_into_place(self) -> None:
-        old = None
-        if self.output.exists() or self.output.is_symlink():
-            old = self.output.parent / f".{self.output.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.output, old)
-        os.replace(self._tmp, self.output)
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
 
     def abort(self) -> None:
         if self._closed:

@@ -25,9 +25,9 @@ import torch
 from mlflow.utils.model_utils import _add_code_from_conf_to_system_path
 
 from mlflow_taskvec import compose
-from mlflow_taskvec.engine.coefficients import Coefficient
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.mlflow import flavor
+from mlflow_taskvec.engine.coefficients import Coefficient, values_of
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.evaluation import (
     MetricCache,
@@ -65,12 +65,6 @@ def module_builder(base: Resolved, factory: str | None = None, factory_kwargs: M
     )
 
 
-def _adds(weight: Coefficient) -> bool:
-    """Whether an input adds its task: a positive weight; per layer, no negative value and some positive one."""
-    values = list(weight.values()) if isinstance(weight, dict) else [weight]
-    return all(v >= 0 for v in values) and any(v > 0 for v in values)
-
-
 @dataclass
 class Input:
     """One input of a composite, as the evaluation sees it."""
@@ -103,7 +97,7 @@ class CompositeEvaluation:
         """For each evaluated task, the input that stands for its fine-tune (the first with a positive weight)."""
         found: dict[str, Input] = {}
         for item in self.inputs:
-            if item.task in self.spec.tasks and _adds(item.weight) and item.task not in found:
+            if item.task in self.spec.tasks and min(values_of(item.weight)) > 0 and item.task not in found:
                 found[item.task] = item
         return found
 

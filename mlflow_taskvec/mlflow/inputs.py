@@ -9,6 +9,8 @@ references starts here.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from mlflow.tracking import MlflowClient
@@ -91,6 +93,20 @@ class Inputs:
         ]
         return local
 
+    @contextmanager
+    def named_as_references(self) -> Iterator[None]:
+        """Errors raised while the local copies are read (a NaN, a bad tensor) name each input
+        by its reference, not by its path in the download cache, which the user never gave."""
+        try:
+            yield
+        except TaskVecError as exc:
+            message = str(exc)
+            for res in sorted((self.base, *self.vectors), key=lambda r: len(str(r.path)), reverse=True):
+                message = message.replace(str(res.path), res.canonical)
+            if message == str(exc):
+                raise
+            raise TaskVecError(message) from None
+
     def check_same_base(self) -> None:
         """Refuse an input that is not a task vector, or comes from another base, naming it as the recipe does."""
         for i, (entry, res) in enumerate(zip(self.recipe.vectors, self.vectors)):
@@ -98,7 +114,8 @@ class Inputs:
             if entry.vector is not None and kind not in (None, tag.TASK_VECTOR):
                 raise TaskVecError(f"vectors[{i}]: {res.canonical} is a {kind} model, not a task vector")
         local = self.local()
-        vectors = compose.vectors_of(local, compose.open_base(local))
+        with self.named_as_references():
+            vectors = compose.vectors_of(local, compose.open_base(local))
         compose.check_same_base(self.recipe, self.base.fingerprint, [v.base_fingerprint for v in vectors])
 
 

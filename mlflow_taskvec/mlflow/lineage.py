@@ -12,6 +12,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mlflow_taskvec.engine.coefficients import Coefficient, check_coefficient, describe
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow import uris
@@ -27,7 +28,7 @@ class Node:
     uri: str
     kind: str  # composite, task_vector, model, logged model, run artifact, path, missing, cycle
     version: str | None = None
-    weight: float | None = None
+    weight: Coefficient | None = None  # a number, or tensor-name globs -> numbers
     fingerprint: str | None = None  # what the model records for itself, else what its parent recorded
     recorded: str | None = None  # what the parent recorded for this input
     task: str | None = None
@@ -127,8 +128,7 @@ def _walk(client: MlflowClient, uri: str, role: str, weight, recorded: str | Non
         if inputs is None:
             inputs, node.problem = [], "unreadable taskvec.inputs tag"
         for row in inputs:
-            weight = row.get("weight")
-            weight = float(weight) if isinstance(weight, (int, float)) and not isinstance(weight, bool) else None
+            weight = _recorded_weight(row.get("weight"))
             fingerprint = row.get("fingerprint") if isinstance(row.get("fingerprint"), str) else None
             node.children.append(_walk(client, str(row.get("uri")), "input", weight, fingerprint, below))
     elif kind == tag.TASK_VECTOR:
@@ -139,6 +139,14 @@ def _walk(client: MlflowClient, uri: str, role: str, weight, recorded: str | Non
     return node
 
 
+def _recorded_weight(value) -> Coefficient | None:
+    """An input's recorded weight: a number or a per-layer mapping; None when the tag holds anything else."""
+    try:
+        return check_coefficient(value, "weight")
+    except TaskVecError:
+        return None
+
+
 def _describe(node: Node) -> str:
     parts = [f"{node.role}: {node.uri}" if node.role != node.kind else node.uri, f"[{node.kind}]"]
     if node.method:
@@ -146,7 +154,7 @@ def _describe(node: Node) -> str:
     if node.task:
         parts.append(f"task {node.task}")
     if node.weight is not None:
-        parts.append(f"weight {node.weight:g}")
+        parts.append(f"weight {describe(node.weight)}")
     if node.fingerprint:
         parts.append(f"fp {node.fingerprint[:16]}")
     if node.run_id and node.role in ("fine-tune", node.kind):
@@ -201,7 +209,7 @@ def render_dot(root: Node) -> str:
         nodes.append(f"  {ids[key]} [label={quote(chr(10).join(label))}, shape={shape}{style}];")
         for child in node.children:
             child_id = visit(child)
-            edge = child.role + (f" {child.weight:g}" if child.weight is not None else "")
+            edge = child.role + (f" {describe(child.weight)}" if child.weight is not None else "")
             edges.append(f"  {child_id} -> {ids[key]} [label={quote(edge)}];")
         return ids[key]
 

@@ -28,35 +28,23 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from mlflow_taskvec.compose import compose_to
-from mlflow_taskvec.engine.coefficients import Coefficient, describe
+from mlflow_taskvec.engine.coefficients import Coefficient
 from mlflow_taskvec.engine.taskvector import TaskVector
-from mlflow_taskvec.engine.writer import check_output_path
+from mlflow_taskvec.engine.writer import check_output_path, move_into_place
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.mlflow import flavor
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.downloads import Resolved
-from mlflow_taskvec.mlflow.evaluate import composite_evaluation
+from mlflow_taskvec.mlflow.evaluate import composite_evaluation, module_builder
 from mlflow_taskvec.mlflow.inputs import resolve_inputs
 from mlflow_taskvec.mlflow.lineage_plot import log_lineage_picture
 from mlflow_taskvec.mlflow.server import check_can_register, server_error, server_errors
 from mlflow_taskvec.recipe import Recipe
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.6g}"
-
-
-def _coefficient(value: Coefficient) -> str:
-    """A weight or scale for a table or tag: a number, or its per-layer mapping."""
-    return describe(value) if isinstance(value, dict) else _fmt(value)
-
-
-def _coefficient_cell(value: Coefficient) -> str:
-    """A weight in a Markdown table: a per-layer mapping as code, so that its globs' ``*`` stay asterisks."""
-    return f"`{describe(value)}`" if isinstance(value, dict) else _fmt(value)
-
-
-_PARAM_TEXT = 500  # a per-layer mapping longer than this is named, not spelled out, in a run param (recipe.yaml has it)
+def _fmt(value: Coefficient) -> str:
+    """A number for tags and descriptions; a per-layer coefficient as JSON, its globs in order."""
+    return json.dumps(value) if isinstance(value, dict) else f"{value:.6g}"
 
 
 _URI_COMPONENT_SAFE = "!*'()"  # what encodeURIComponent leaves as it is, besides letters, digits and -_.~
@@ -222,10 +210,20 @@ def register_composite(
     base = inputs.base
     architecture, code_paths, signature = _architecture_of(base)
 
-    with _run_context(None) as run, tempfile.TemporaryDirectory(prefix="taskvec-compose-") as tmp:
+    # With an output, the temporary folder is beside it, so the registered composite is
+    # renamed into place at the end: a failure on the way leaves nothing there.
+    scratch = {"prefix": f".{Path(output).name}.partial-", "dir": Path(output).parent} if output is not None else {"prefix": "taskvec-compose-"}
+    with _run_context(None) as run, tempfile.TemporaryDirectory(**scratch) as tmp:
         mlflow.log_params(_run_params(resolved))
-        weights = Path(output) if output is not None else Path(tmp) / "weights"
-        result = compose_to(inputs.local(), output=weights, overwrite=overwrite)
+        weights = Path(tmp) / "weights"
+        with inputs.named_as_references():
+            result = compose_to(inputs.local(), output=weights)
+        metrics = {}
+        if evaluate is None and resolved.evaluation is not None:
+            evaluate = composite_evaluation(inputs).evaluate
+        if evaluate is not None:
+            # evaluated before anything is logged: a failing evaluator leaves no artifact and no logged model
+            metrics = evaluate(module_builder(base)(flavor.read_state(weights)))
         recipe_path = Path(tmp) / "recipe.yaml"
         recipe_path.write_text(yaml.safe_dump(resolved.model_dump(exclude={"output", "search"}), sort_keys=False), "utf-8")
         mlflow.log_artifact(str(recipe_path))
@@ -249,16 +247,12 @@ def register_composite(
             lineage=lineage,
             signature=signature,
         )
-        metrics = {}
-        if evaluate is None and resolved.evaluation is not None:
-            evaluate = composite_evaluation(inputs).evaluate
-        if evaluate is not None:
-            metrics = evaluate(flavor.load_model(info.model_uri))
+        if metrics:
             mlflow.log_metrics(metrics, model_id=info.model_id)
         tags = {
             tag.KIND: tag.COMPOSITE,
             tag.METHOD: resolved.method,
-            tag.SCALE: _coefficient(resolved.scale),
+            tag.SCALE: _fmt(resolved.scale),
             tag.PARAMS: json.dumps(resolved.params, sort_keys=True),
             tag.INPUTS: json.dumps(input_rows),
             tag.BASE_URI: base.canonical,
@@ -270,6 +264,8 @@ def register_composite(
         MlflowClient().set_logged_model_tags(info.model_id, tags)
         description = composite_description(resolved, base, inputs.vectors, result.fingerprint, metrics, note)
         mv = _create_version(name, info, run.info.run_id, tags, description)
+        if output is not None:
+            move_into_place(weights, Path(output))
         log_lineage_picture(f"models:/{name}/{mv.version}")
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, mv.version)
@@ -295,16 +291,15 @@ def _architecture_of(base: Resolved) -> tuple[dict, list[str] | None, object]:
     return base.conf.get("architecture") or {}, code_paths, signature
 
 
-def _run_params(recipe: Recipe) -> dict:
-    def text(value: Coefficient):
-        if not isinstance(value, dict):
-            return value
-        spelled = describe(value)
-        return spelled if len(spelled) <= _PARAM_TEXT else f"per layer ({len(value)} globs, see recipe.yaml)"
+def _as_param(value: Coefficient):
+    """A number as MLflow logs numbers; a per-layer coefficient as JSON, its globs in order."""
+    return json.dumps(value) if isinstance(value, dict) else value
 
-    params = {"method": recipe.method, "scale": text(recipe.scale), "num_inputs": len(recipe.vectors)}
+
+def _run_params(recipe: Recipe) -> dict:
+    params = {"method": recipe.method, "scale": _as_param(recipe.scale), "num_inputs": len(recipe.vectors)}
     for i, e in enumerate(recipe.vectors):
-        params[f"vectors.{i}.weight"] = text(e.weight)
+        params[f"vectors.{i}.weight"] = _as_param(e.weight)
         params[f"vectors.{i}.uri"] = e.ref
     for k, v in recipe.params.items():
         params[f"params.{k}"] = v
@@ -315,7 +310,7 @@ def composite_description(
     recipe: Recipe, base: Resolved, inputs: list[Resolved], fingerprint: str, metrics: dict, note: str | None = None
 ) -> str:
     lines = [
-        f"**Composite** by `{recipe.method}`, scale {_coefficient(recipe.scale)}"
+        f"**Composite** by `{recipe.method}`, scale {_fmt(recipe.scale)}"
         + (f", params `{json.dumps(recipe.params, sort_keys=True)}`" if recipe.params else "")
         + ".",
         "",
@@ -325,7 +320,7 @@ def composite_description(
     ]
     for e, r in zip(recipe.vectors, inputs):
         role = "task vector" if e.vector is not None else "fine-tune"
-        lines.append(f"| {role} | {_model_cell(r)} | {r.version or '-'} | {_coefficient_cell(e.weight)} | `{r.fingerprint[:16]}` |")
+        lines.append(f"| {role} | {_model_cell(r)} | {r.version or '-'} | {_fmt(e.weight)} | `{r.fingerprint[:16]}` |")
     lines += ["", f"Output fingerprint `{fingerprint}`; recipe sha256 `{recipe.sha256()}`."]
     if note:
         lines += ["", note]

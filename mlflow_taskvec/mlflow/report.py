@@ -10,6 +10,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mlflow_taskvec.engine.coefficients import describe
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.mlflow import tags as tag
 
@@ -35,6 +36,14 @@ def _versions(client: MlflowClient, name: str, run_of) -> tuple[list, str]:
     return found, "experiment"
 
 
+def _scale(text: str):
+    """The taskvec.scale tag: a number, or a per-layer mapping's JSON text kept as it is."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def composites_frame(name: str, metrics: list[str] | None = None) -> pd.DataFrame:
     """One row per composite registered under model ``name`` (or composed in experiment ``name``):
     method, scale, params, inputs with weights, and the metrics of the run that composed it
@@ -52,9 +61,9 @@ def composites_frame(name: str, metrics: list[str] | None = None) -> pd.DataFram
             "name": mv.name,
             "version": int(mv.version),
             "method": tags.get(tag.METHOD, ""),
-            "scale": float(tags.get(tag.SCALE, "nan")),
+            "scale": _scale(tags.get(tag.SCALE, "nan")),
             "params": tags.get(tag.PARAMS, "{}"),
-            "weights": ", ".join(f"{i['uri']}:{i['weight']:g}" for i in inputs),
+            "weights": ", ".join(f"{i['uri']}:{describe(i['weight'])}" for i in inputs),
         }
         if mv.run_id:
             values = run_of(mv.run_id).data.metrics

@@ -34,7 +34,7 @@ from mlflow.exceptions import MlflowException
 
 from mlflow_taskvec.compose import compose, compose_to
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
-from mlflow_taskvec.engine.coefficients import Coefficient, describe
+from mlflow_taskvec.engine.coefficients import Coefficient, describe, values_of
 from mlflow_taskvec.engine.methods import get_method, validate_params
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.mlflow import tags as tag
@@ -45,7 +45,6 @@ from mlflow_taskvec.progress import progress_bar
 from mlflow_taskvec.recipe import AdaMerging, Recipe, Search
 
 MEMORY_MODES = ("auto", "memory", "streamed")
-MAX_DRAWS_PER_TRIAL = 10  # optuna draws per wanted trial, when drawn parameters do not fit together
 
 
 @dataclass
@@ -67,7 +66,7 @@ def make_objective(search: Search, recipe: Recipe, evaluation: CompositeEvaluati
     spec, metric = recipe.evaluation, search.metric
     kind = search.objective
     if kind == "auto":
-        if all(e.weight < 0 for e in recipe.vectors):
+        if all(max(values_of(e.weight)) < 0 for e in recipe.vectors):
             kind = "negation"
         elif set(evaluation.fine_tunes()) == set(spec.tasks) and spec.references:
             kind = "mean_normalized"
@@ -149,7 +148,7 @@ class _Composer:
     """Builds one candidate's module, in memory or through a temporary folder."""
 
     def __init__(self, inputs: Inputs, evaluation: CompositeEvaluation, memory: str):
-        self.local, self.evaluation = inputs.local(), evaluation
+        self.inputs, self.local, self.evaluation = inputs, inputs.local(), evaluation
         if memory not in MEMORY_MODES:
             raise TaskVecError(f"memory mode {memory!r} is not one of {', '.join(MEMORY_MODES)}")
         self.in_memory = _fits_in_memory(inputs.base.path) if memory == "auto" else memory == "memory"
@@ -162,10 +161,13 @@ class _Composer:
     def module(self, cand: Candidate):
         recipe = self.candidate(cand)
         if self.in_memory:
-            return self.evaluation.build(compose(recipe))
+            with self.inputs.named_as_references():
+                state = compose(recipe)
+            return self.evaluation.build(state)
         tmp = Path(tempfile.mkdtemp(prefix="taskvec-candidate-"))
         try:
-            compose_to(recipe, output=tmp / "weights")
+            with self.inputs.named_as_references():
+                compose_to(recipe, output=tmp / "weights")
             ckpt = open_checkpoint(tmp / "weights")
             return self.evaluation.build({n: ckpt.get_tensor(n) for n in ckpt.keys()})
         finally:
@@ -214,8 +216,8 @@ def _optuna(search, recipe, composer, evaluation, objective, labels, parent_id, 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=search.seed) if search.sampler == "tpe" else optuna.samplers.RandomSampler(seed=search.seed)
     study = _open_study(optuna, search, sampler)
-    signs = [-1.0 if e.weight < 0 else 1.0 for e in recipe.vectors]
     candidates: list[Candidate] = []
+    method = get_method(recipe.method)
     step, close = progress_bar(search.trials, "search", "candidate", quiet)
 
     def suggest(trial, name: str, r) -> float:
@@ -226,17 +228,17 @@ def _optuna(search, recipe, composer, evaluation, objective, labels, parent_id, 
     def run_trial(trial) -> float:
         scale = suggest(trial, "scale", search.scale)
         weights = [e.weight for e in recipe.vectors]
-        if search.weights is not None:
-            weights = [s * suggest(trial, f"weight.{label}", search.weights) for s, label in zip(signs, labels)]
+        if search.weights is not None:  # each weight's sign from the recipe (per-layer weights are refused there)
+            weights = [(-1.0 if w < 0 else 1.0) * suggest(trial, f"weight.{label}", search.weights) for w, label in zip(weights, labels)]
         params = dict(recipe.params)
         for name, r in search.params.items():
-            params[name] = suggest(trial, f"params.{name}", r)
-        try:
+            value = suggest(trial, f"params.{name}", r)
+            params[name] = int(round(value)) if method.param(name).type is int else value
+        try:  # parameters sampled each from its own range may still not fit together (breadcrumbs: density + gamma <= 1)
             validate_params(method, params)
-        except TaskVecError:
-            # parameters each in range that do not fit together (breadcrumbs: density + gamma > 1):
-            # no composite to evaluate, and the trial does not count as a candidate
-            raise optuna.TrialPruned() from None
+        except TaskVecError as exc:
+            trial.set_user_attr("refused", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
         cand = Candidate(len(candidates), scale, weights, params)
         _evaluate_candidate(cand, composer, evaluation, objective, search.validation_split, labels, parent_id)
         candidates.append(cand)
@@ -248,11 +250,7 @@ def _optuna(search, recipe, composer, evaluation, objective, labels, parent_id, 
         return cand.objective
 
     try:
-        # ``trials`` evaluated candidates: a pruned trial (parameters that do not fit together) is drawn again
-        for _ in range(MAX_DRAWS_PER_TRIAL * search.trials):
-            if len(candidates) >= search.trials:
-                break
-            study.optimize(run_trial, n_trials=1, catch=())
+        study.optimize(run_trial, n_trials=search.trials, catch=())
     finally:
         close()
     # The winner over the whole study: with shared storage, other workers' trials count too.

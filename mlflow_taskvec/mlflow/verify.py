@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_taskvec.compose import compose_to
 from mlflow_taskvec.engine.coefficients import describe
 from mlflow_taskvec.engine.taskvector import TaskVector
+from mlflow_taskvec.engine.coefficients import describe
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow import uris
@@ -108,10 +109,12 @@ def _verify_composite(client: MlflowClient, mv: ModelVersion, uri: str, tags: di
     resolved = []
     for i, (entry, row) in enumerate(zip(recipe.vectors, inputs)):
         what = f"input vectors[{i}] {entry.ref}"
-        resolved.append(_fetched_as_recorded(entry.ref, what, str(row.get("fingerprint")), replaced, checks, f"{what} (weight {describe(entry.weight) if isinstance(entry.weight, dict) else format(entry.weight, 'g')})"))
+        resolved.append(_fetched_as_recorded(entry.ref, what, str(row.get("fingerprint")), replaced, checks, f"{what} (weight {describe(entry.weight)})"))
     _fetched_as_recorded(uri, f"stored weights of {uri}", tags[tag.FINGERPRINT], "the composite's artifact was modified", checks, "stored weights")
 
-    result = compose_to(Inputs(recipe, base, resolved).local(), output=tmp / "recomposed")
+    inputs = Inputs(recipe, base, resolved)
+    with inputs.named_as_references():
+        result = compose_to(inputs.local(), output=tmp / "recomposed")
     _same("the recomposed model", result.fingerprint, tags[tag.FINGERPRINT], "the recipe and inputs do not reproduce it")
     checks.append(f"recomposed from the recipe: fingerprint {result.fingerprint[:16]} as recorded")
     return checks

@@ -63,6 +63,13 @@ class ParamSpec:
     def required(self) -> bool:
         return self.default is REQUIRED
 
+    def search_bounds(self) -> tuple[float, float]:
+        """The closed interval ``search`` samples from: the declared range, an open bound moved
+        inward to the nearest float (so every sample is a valid value)."""
+        low = math.nextafter(self.low, self.high) if self.low_open else self.low
+        high = math.nextafter(self.high, self.low) if self.high_open else self.high
+        return low, high
+
     def describe_range(self) -> str:
         if self.low is None and self.high is None:
             return ""
@@ -112,11 +119,11 @@ class MergeContext:
     whole_tensor: bool = False  # the deltas are whole tensors in ``shape`` (else flat chunks)
     base: torch.Tensor | None = None  # the base's entries matching the deltas, in the compute dtype
 
-    def keep_mask(self, input_index: int, length: int, keep_probability) -> torch.Tensor:
-        """Bernoulli(keep_probability) mask for entries [start, start+length) of input ``input_index``
-        (the seed is ``params['seed']``; see ``streaming.keep_mask``)."""
+    def keep_mask(self, input_index: int, length: int, keep_probability, offset: int = 0) -> torch.Tensor:
+        """Bernoulli(keep_probability) mask for entries [start + offset, start + offset + length) of
+        input ``input_index`` (the seed is ``params['seed']``; see ``streaming.keep_mask``)."""
         seed = int(self.params.get("seed", 0))
-        return keep_mask(seed, input_index, self.name, self.start, length, self.numel, keep_probability)
+        return keep_mask(seed, input_index, self.name, self.start + offset, length, self.numel, keep_probability)
 
 
 MethodFn = Callable[[list[torch.Tensor], list[float], MergeContext], torch.Tensor]
@@ -142,6 +149,7 @@ class MergeMethod:
     whole_tensor: bool | WholeTensorFn = False
     check: CheckFn | None = None  # a cross-parameter check, after each parameter's own
     inputs: int | None = None  # the exact number of task vectors it takes, when fixed
+    search_scale: tuple[float, float] = (0.0, 1.0)  # the scale range ``search`` tries by default
 
     def takes_whole_tensor(self, name: str, shape: tuple[int, ...], params: dict) -> bool:
         if callable(self.whole_tensor):
@@ -179,11 +187,12 @@ def merge_method(
     whole_tensor: bool | WholeTensorFn = False,
     check: CheckFn | None = None,
     inputs: int | None = None,
+    search_scale: tuple[float, float] = (0.0, 1.0),
 ):
     """Add the decorated function to the method catalogue under ``name``."""
 
     def deco(fn: MethodFn) -> MethodFn:
-        METHODS[name] = MergeMethod(name, fn, summary, tuple(params), prepare, linear, paper, whole_tensor, check, inputs)
+        METHODS[name] = MergeMethod(name, fn, summary, tuple(params), prepare, linear, paper, whole_tensor, check, inputs, search_scale)
         return fn
 
     return deco

@@ -10,7 +10,8 @@ mean, ``della_linear`` the weighted sum. The masks are DARE's order-independent 
 (``streaming.keep_mask`` with one probability per entry): the same seed gives the same
 result whatever the chunking, threads or tensor order.
 
-Ranks need a whole row, so tensors reach this method whole (one at a time).
+Ranks need whole rows, so tensors reach this method whole (one at a time); it works
+through them a block of rows at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from mlflow_taskvec.engine.methods import ParamSpec, merge_method
 from mlflow_taskvec.engine.methods.dare import SEED
 from mlflow_taskvec.engine.methods.linear import weighted_sum
 from mlflow_taskvec.engine.methods.ties import elect_and_mean, weighted_in_place
+from mlflow_taskvec.engine.streaming import RANDOM_BLOCK
 from mlflow_taskvec.errors import TaskVecError
 
 DENSITY = ParamSpec("density", float, low=0.0, high=1.0, low_open=True, high_open=True, description="mean keep probability of each entry")
@@ -46,7 +48,7 @@ def rank_norm(magnitude: torch.Tensor) -> torch.Tensor:
         return torch.full_like(magnitude, 0.5)
     order = torch.argsort(magnitude, dim=-1, stable=True)
     ranks = torch.empty_like(magnitude)
-    ranks.scatter_(-1, order, torch.arange(n, dtype=magnitude.dtype).expand_as(magnitude).contiguous())
+    ranks.scatter_(-1, order, torch.arange(n, dtype=magnitude.dtype).expand_as(magnitude))
     return ranks.div_(n - 1)
 
 
@@ -56,14 +58,28 @@ def keep_probabilities(t: torch.Tensor, density: float, epsilon: float) -> torch
     return rank_norm(rows.abs()).mul_(2 * epsilon).add_(density - epsilon).reshape(t.shape)
 
 
-def della_dropped(deltas: list[torch.Tensor], ctx) -> list[torch.Tensor]:
+def della_merge(deltas: list[torch.Tensor], weights: list[float], ctx, combine) -> torch.Tensor:
+    """Drop, rescale and ``combine(dropped, weights)`` a block of rows at a time (about a random
+    block's worth of entries), so the temporaries stay block-sized whatever the tensor's size."""
     density, epsilon = ctx.params["density"], ctx.params["epsilon"]
-    out = []
-    for i, t in enumerate(deltas):
-        p = keep_probabilities(t, density, epsilon)
-        keep = ctx.keep_mask(i, t.numel(), p.reshape(-1)).reshape(t.shape)
-        out.append(torch.where(keep, t / p, 0.0))
-    return out
+    rows = [d.reshape(1, -1) if d.dim() != 2 else d for d in deltas]
+    count, width = rows[0].shape
+    step = count if deltas[0].dim() != 2 else max(1, RANDOM_BLOCK // max(1, width))
+    merged = torch.empty_like(rows[0])
+    for top in range(0, count, step):
+        bottom = min(count, top + step)
+        dropped = []
+        for i, t in enumerate(rows):
+            block = t[top:bottom]
+            p = keep_probabilities(block, density, epsilon)
+            keep = ctx.keep_mask(i, block.numel(), p.reshape(-1), offset=top * width).reshape(block.shape)
+            dropped.append(torch.div(block, p, out=p).mul_(keep))  # t / p where kept, else 0, in p's buffer
+        merged[top:bottom] = combine(dropped, weights)
+    return merged.reshape(deltas[0].shape)
+
+
+def _ties(dropped, weights):
+    return elect_and_mean(weighted_in_place(dropped, weights), weights)
 
 
 @merge_method(
@@ -75,7 +91,7 @@ def della_dropped(deltas: list[torch.Tensor], ctx) -> list[torch.Tensor]:
     paper="2406.11617",
 )
 def della(deltas, weights, ctx):
-    return elect_and_mean(weighted_in_place(della_dropped(deltas, ctx), weights), weights)
+    return della_merge(deltas, weights, ctx, _ties)
 
 
 @merge_method(
@@ -87,4 +103,4 @@ def della(deltas, weights, ctx):
     paper="2406.11617",
 )
 def della_linear(deltas, weights, ctx):
-    return weighted_sum(della_dropped(deltas, ctx), weights)
+    return della_merge(deltas, weights, ctx, weighted_sum)

@@ -69,6 +69,7 @@ def iso_cts_merge(deltas: list[torch.Tensor], common_fraction: float, svd: SVD =
     params=(EXCLUDE,),
     whole_tensor=is_svd_tensor,
     paper="2502.04959",
+    search_scale=(0.0, 2.0),  # the paper's scale is about 1.3-1.5
 )
 def iso_c(deltas, weights, ctx):
     if not ctx.whole_tensor:
@@ -82,6 +83,7 @@ def iso_c(deltas, weights, ctx):
     params=(COMMON_FRACTION, EXCLUDE),
     whole_tensor=is_svd_tensor,
     paper="2502.04959",
+    search_scale=(0.0, 2.0),
 )
 def iso_cts(deltas, weights, ctx):
     if not ctx.whole_tensor:
