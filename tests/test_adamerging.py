@@ -134,6 +134,8 @@ def test_the_learned_recipe_reproduces_its_registered_metrics_when_composed_agai
     assert "AdaMerging (layer-wise, 30 Adam steps at lr 0.02, no labels read)" in description
     weight = result.recipe.vectors[0].weight
     assert f"| 1 | {json.dumps(weight)} |" in description
+    # its lineage picture is drawn with per-layer weights on its arrows
+    assert run_artifact(mlflow.tracking.MlflowClient(), version.run_id, "lineage.png").read_bytes()[:4] == b"\x89PNG"
     verified = CliRunner().invoke(cli, ["verify", version.version_uri, "-q"])
     assert verified.exit_code == 0, verified.output
     assert verified.stdout.startswith(f"verified: {version.version_uri} (composite")

@@ -39,7 +39,7 @@ def recipe_data() -> dict:
         "base": f"models:/{BASE_NAME}/1",
         "vectors": [{"vector": f"models:/{vector_name(t)}/1", "weight": 1.0} for t in TASKS],
         "evaluation": {"evaluator": "digits_tasks:evaluate", "tasks": list(TASKS)},
-        "search": {"trials": 3, "adamerging": {"steps": 10, "lr": 0.02}},
+        "search": {"trials": 6, "adamerging": {"steps": 10, "lr": 0.02}},
     }
 
 
@@ -88,7 +88,7 @@ def test_each_row_is_its_method_runs_test_split_winner(board, store):
         if row["method"] == "adamerging":
             assert strategy == "adamerging" and "weights per layer" in row["coefficients"]
         elif METHODS[row["method"]].searchable_params():
-            assert (strategy, run.data.params["search.trials"]) == ("optuna", "3")
+            assert (strategy, run.data.params["search.trials"]) == ("optuna", "6")
         else:
             assert (strategy, run.data.params["search.scale"]) == ("grid", "0..2 step 0.05")
 

@@ -14,7 +14,8 @@ from mlflow_helpers import BASE_NAME, COMPOSITE_NAME, run_artifact, vector_name
 
 from mlflow_taskvec.cli import main as cli
 from mlflow_taskvec.mlflow.lineage import lineage
-from mlflow_taskvec.mlflow.lineage_plot import DPI, _boxes
+from mlflow_taskvec.mlflow.lineage import Node
+from mlflow_taskvec.mlflow.lineage_plot import DPI, _boxes, _edge_label
 from mlflow_taskvec.mlflow.registry import version_page
 
 
@@ -109,3 +110,9 @@ def test_the_link_is_the_route_of_the_installed_registry_ui():
     assert "createHashRouter" in ui
     assert '"/models/:modelName/versions/:version"' in ui
     assert "modelName:encodeURIComponent(e),version:t" in ui
+
+
+def test_an_arrow_names_the_role_and_the_weight_or_that_it_is_per_layer():
+    assert _edge_label(Node(role="input", uri="a", kind="task_vector", weight=-0.5)) == "input -0.5"
+    assert _edge_label(Node(role="input", uri="a", kind="task_vector", weight={"encoder.0.*": 0.2, "*": 0.3})) == "input per layer (2 globs)"
+    assert _edge_label(Node(role="base", uri="b", kind="model")) == "base"

@@ -256,7 +256,10 @@ def leaderboard(
             with mlflow.start_run(run_name=f"method-{method}", nested=True, parent_run_id=parent_id) as child:
                 mlflow.set_tags({ROLE_TAG: "method", METHOD_TAG: method})
                 start = time.perf_counter()
-                result = search(plans[method], memory=memory, quiet=quiet)
+                try:
+                    result = search(plans[method], memory=memory, quiet=quiet)
+                except TaskVecError as exc:
+                    raise TaskVecError(f"leaderboard method {method}: {exc}") from None
                 seconds = time.perf_counter() - start
                 entries.append(Entry(method, child.info.run_id, result, seconds, _compose_seconds(result.recipe)))
         entries.sort(key=lambda e: _score(e.metrics, metric), reverse=True)

@@ -129,6 +129,8 @@ def _label(node: Node) -> str:
 
 
 def _edge_label(node: Node) -> str:
+    if isinstance(node.weight, dict):  # a per-layer weight: too long for an arrow (the description has it)
+        return f"{node.role} per layer ({len(node.weight)} globs)"
     return node.role + (f" {node.weight:g}" if node.weight is not None else "")
 
 
