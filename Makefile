@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-peers bench-compress clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,14 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_engine.py $(BENCH_ARGS)
+
+# mergekit (pinned) in its own virtualenv under bench-out/peers, against us on the same checkpoints
+bench-peers: $(VENV)/.installed
+	$(PY) benchmarks/bench_peers.py $(BENCH_ARGS)
+
+# compressed task vectors on the digits example: size against accuracy
+bench-compress: $(VENV)/.installed
+	$(PY) benchmarks/bench_compress.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -8,6 +8,12 @@ every operation in a fresh subprocess and reports, per model size:
 - ``extract``          ``TaskVector.extract(base, ft1).save(out)``
 - ``task_arithmetic``  ``merge(base, [extract(base, ft_i)], [1, 1, 1], scale=0.5)``
 - ``ties``             the same inputs, ``method="ties"``, ``density``
+- ``magnitude_prune``  the same inputs, the ties trim then task arithmetic
+- ``compose_copy``     a recipe of the same task arithmetic composed into a folder, then
+                       the folder copied (what keeping a composite somewhere else costs)
+- ``compose_register`` the same recipe through ``compose --register``: composed, logged
+                       and registered on a sqlite store beside the checkpoints (MLflow
+                       imported before the clock starts, the store created by the warm-up)
 - ``floor2/3/4``      the I/O floor: read every byte of 2 (base, ft1), 3 or 4 inputs
                        from their mmap views (chunk copies, the engine's chunk size)
                        and write one base-sized file through ``StreamingWriter``;
@@ -58,15 +64,17 @@ SHAPE_CLASSES = [(0.2, 256, 688), (1.0, 768, 2048), (4.0, 1536, 4096), (12.0, 20
 ELEMENTWISE = ["breadcrumbs", "breadcrumbs_ties", "consensus_ta", "consensus_ties"]
 WHOLE_TENSOR = ["della", "della_linear", "slerp"]  # ranks per row / one angle per tensor: a tensor at a time
 SVD = ["tsv_m", "iso_c", "iso_cts"]
-OPS = ["floor2", "extract", "floor3", "floor4", "task_arithmetic", "ties", *ELEMENTWISE, *WHOLE_TENSOR, "svd_floor", *SVD,
-       "naive_task_arithmetic", "naive_ties"]
-FLOOR_OF = {"extract": "floor2", "task_arithmetic": "floor4", "ties": "floor4",
-            "naive_task_arithmetic": "floor4", "naive_ties": "floor4",
+OPS = ["floor2", "extract", "floor3", "floor4", "task_arithmetic", "ties", "magnitude_prune", *ELEMENTWISE, *WHOLE_TENSOR, "svd_floor", *SVD,
+       "naive_task_arithmetic", "naive_ties", "compose_copy", "compose_register"]
+# The engine's merge ops (method names), as the peers benchmark runs them too.
+MERGE_OPS = ("task_arithmetic", "ties", "magnitude_prune")
+FLOOR_OF = {"extract": "floor2", "task_arithmetic": "floor4", "ties": "floor4", "magnitude_prune": "floor4",
+            "naive_task_arithmetic": "floor4", "naive_ties": "floor4", "compose_register": "compose_copy",
             **{op: "floor4" for op in ELEMENTWISE + WHOLE_TENSOR}, "slerp": "floor3", **{op: "svd_floor" for op in SVD}}
 # op: (max ratio to its floor or None, max peak anon MB or None)
-TARGETS = {"extract": (None, 300), "task_arithmetic": (1.3, 300), "ties": (3.0, 300),
+TARGETS = {"extract": (None, 300), "task_arithmetic": (1.3, 300), "ties": (3.0, 300), "magnitude_prune": (3.0, 300), "compose_register": (1.5, None),
            **{op: (3.0, 300) for op in ELEMENTWISE}, **{op: (3.0, None) for op in WHOLE_TENSOR}, **{op: (1.5, None) for op in SVD}}
-# the parameters each method runs with (ties: --density)
+# the parameters each method runs with (ties and magnitude_prune: --density)
 METHOD_PARAMS = {
     "breadcrumbs": {"density": 0.2, "gamma": 0.01}, "breadcrumbs_ties": {"density": 0.2, "gamma": 0.01},
     "della": {"density": 0.4, "epsilon": 0.1}, "della_linear": {"density": 0.4, "epsilon": 0.1},
@@ -188,22 +196,40 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def run_op(op: str, base: str, fts: list[str], out: str, density: float) -> None:
+def run_op(op: str, base: str, fts: list[str], out: str, density: float, device: str | None = None) -> None:
     import torch
 
     from mlflow_taskvec.engine import TaskVector, merge_to, open_checkpoint
     from mlflow_taskvec.engine.io import StreamingWriter
     from mlflow_taskvec.engine.streaming import chunk_ranges
 
+    on = {"device": device} if device else {}  # none: the default streaming executor
     if op == "extract":
-        TaskVector.extract(base, fts[0]).save(out)
-    elif op in ("task_arithmetic", "ties"):
+        TaskVector.extract(base, fts[0]).save(out, **on)
+    elif op in MERGE_OPS:
         vectors = [TaskVector.extract(base, ft) for ft in fts]
-        params = {"density": density} if op == "ties" else {}
-        merge_to(base, vectors, [1.0] * len(vectors), method=op, scale=SCALE, params=params, output=out)
+        params = {"density": density} if op != "task_arithmetic" else {}
+        merge_to(base, vectors, [1.0] * len(vectors), method=op, scale=SCALE, params=params, output=out, **on)
+    elif op in ("compose_copy", "compose_register"):
+        from mlflow_taskvec.compose import compose_to
+        from mlflow_taskvec.recipe import parse_recipe
+
+        base_dir = hf_folder(Path(base))  # an architecture to register the composite with
+        recipe = parse_recipe({"base": str(base_dir), "scale": SCALE, "vectors": [{"finetuned": ft} for ft in fts],
+                               **({"device": device} if device else {})}, "bench recipe")
+        if op == "compose_copy":
+            folder, copy = Path(out).with_suffix(""), Path(out).with_suffix(".copy")
+            remove(folder)
+            remove(copy)
+            compose_to(recipe, output=folder)
+            shutil.copytree(folder, copy)
+        else:
+            from mlflow_taskvec.mlflow.registry import register_composite
+
+            register_composite(recipe, "bench-composite")
     elif op in METHOD_PARAMS:
         vectors = [TaskVector.extract(base, ft) for ft in fts[: 2 if op == "slerp" else 3]]
-        merge_to(base, vectors, [1.0] * len(vectors), method=op, scale=SCALE, params=METHOD_PARAMS[op], output=out)
+        merge_to(base, vectors, [1.0] * len(vectors), method=op, scale=SCALE, params=METHOD_PARAMS[op], output=out, **on)
     elif op == "svd_floor":
         from mlflow_taskvec.engine.streaming import one_torch_thread
 
@@ -267,6 +293,23 @@ def run_op(op: str, base: str, fts: list[str], out: str, density: float) -> None
         raise SystemExit(f"unknown op {op!r}")
 
 
+def hf_folder(checkpoint: Path) -> Path:
+    """A generated checkpoint as an HF-style folder: a link to its weights beside a Llama config.json."""
+    from mlflow_taskvec.engine import open_checkpoint
+
+    folder = checkpoint.with_suffix("")
+    folder.mkdir(exist_ok=True)
+    if not (folder / "model.safetensors").exists():
+        (folder / "model.safetensors").symlink_to(checkpoint.resolve())
+    plan = plan_model(float(open_checkpoint(checkpoint).metadata()["bench.size_gb"]))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": plan["hidden"],
+              "intermediate_size": plan["intermediate"], "num_hidden_layers": plan["layers"],
+              "num_attention_heads": plan["hidden"] // 64, "num_key_value_heads": plan["hidden"] // 64,
+              "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "float32"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
 def child_main(args: argparse.Namespace) -> None:
     import resource
 
@@ -278,6 +321,9 @@ def child_main(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.add(torch.ones(8), torch.ones(8))  # lazy torch initialisation, before the baseline
+    if args.child == "compose_register":
+        os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path(args.out).parent / 'mlflow.db'}")
+        import mlflow_taskvec.mlflow.registry  # noqa: F401  (MLflow's import is not what is measured)
     profiler = None
     if args.profile_out:
         import cProfile
@@ -290,7 +336,7 @@ def child_main(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     if profiler:
         profiler.enable()
-    run_op(args.child, args.base, args.ft, args.out, args.density)
+    run_op(args.child, args.base, args.ft, args.out, args.density, args.device)
     if profiler:
         profiler.disable()
     wall = time.perf_counter() - t0
@@ -336,10 +382,12 @@ def run_child(op: str, paths: list[Path], out: Path, args: argparse.Namespace, p
            "--ft", *map(str, paths[1:]), "--out", str(out), "--density", str(args.density)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.device:
+        cmd += ["--device", args.device]
     if profile_out:
         cmd += ["--profile-out", str(profile_out)]
     busy0, ru0, t0 = system_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent)  # an MLflow store goes beside the checkpoints
     busy1, ru1, t1 = system_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     if proc.returncode != 0:
         raise RuntimeError(f"{op} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -499,7 +547,8 @@ def machine_info() -> dict:
         st = safetensors.__version__
     except Exception:
         st = "?"
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "ram_gb": mem / 2**30,
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "gpu": gpu, "cores": len(os.sched_getaffinity(0)), "ram_gb": mem / 2**30,
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "safetensors": st}
 
@@ -510,7 +559,8 @@ def fmt_rows(rows: list[dict]) -> list[list[str]]:
         if "skipped" in r:
             out.append([r["op"], f"{r['size_gb']:g} GB", "-", "-", "-", "-", "-", "skipped: " + r["skipped"]])
             continue
-        ratio = f"{r['ratio']:.2f}x" if r.get("ratio") is not None else ("1.00x" if r["op"].startswith("floor") else "-")
+        is_floor = r["op"].startswith("floor") or r["op"] in FLOOR_OF.values()
+        ratio = f"{r['ratio']:.2f}x" if r.get("ratio") is not None else ("1.00x" if is_floor else "-")
         out.append([r["op"], f"{r['size_gb']:g} GB", f"{r['wall_s']:.2f}", ratio, f"{r['cpu_s']:.2f}",
                     f"{r['peak_anon_mb']:.0f}", r["target"], r["result"]])
     return out
@@ -554,7 +604,9 @@ def main() -> None:
     p.add_argument("--retries", type=int, default=1, help="at most this many reruns of a noisy timed run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch intra-op threads in the measured process (default: torch's)")
+    p.add_argument("--device", help="compute the engine's ops on this device (cpu, cuda, cuda:N; default: the streaming executor)")
     p.add_argument("--markdown", action="store_true", help="print a README-ready markdown table")
+    p.add_argument("--json", type=Path, help="also write the rows and the machine to this JSON file")
     # internal: one measured operation in a fresh process
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--base", help=argparse.SUPPRESS)
@@ -581,7 +633,8 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     info = machine_info()
     machine = (f"{info['cpu']}, {info['cores']} cores, {info['ram_gb']:.0f} GiB RAM; torch {info['torch']} "
-               f"({args.threads or info['torch_threads']} threads), safetensors {info['safetensors']}, Python {info['python']}")
+               f"({args.threads or info['torch_threads']} threads), safetensors {info['safetensors']}, Python {info['python']}"
+               + (f"; device {args.device}" + (f" ({info['gpu']})" if info["gpu"] and args.device.startswith("cuda") else "") if args.device else ""))
     cache = ("warm page cache: each op ran once untimed before timing" if args.warm
              else "no warm-up run: inputs are in the page cache only if something read them before")
     print(f"machine: {machine}")
@@ -605,6 +658,8 @@ def main() -> None:
           f"ties density {args.density:g}, the later methods' parameters {json.dumps(METHOD_PARAMS)}, 3 fine-tunes (slerp 2), "
           f"scale {SCALE:g}\n")
     print_table(rows, args.markdown)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "engine": engine_version(), "rows": rows}, indent=2))
     noisy = [f"{r['op']} @ {r['size_gb']:g} GB ({100 * r['others_share']:.0f}%)" for r in rows if r.get("others_share", 0) > args.max_noise]
     if noisy:
         print(f"\nnoisy: other processes used over {100 * args.max_noise:.0f}% of the CPUs during: " + ", ".join(noisy))

@@ -15,19 +15,13 @@ import sys
 from pathlib import Path
 
 import click
-import yaml
 
 from mlflow_taskvec import __version__
-from mlflow_taskvec.engine import metadata as meta_keys
-from mlflow_taskvec.engine.inspect import describe
-from mlflow_taskvec.engine.methods import METHODS
-from mlflow_taskvec.engine.taskvector import TaskVector
-from mlflow_taskvec.engine.writer import parse_size, write_text_atomically
-from mlflow_taskvec.compose import compose_to, open_base, output_path
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.progress import progress_bar
-from mlflow_taskvec.recipe import load_recipe
-from mlflow_taskvec.references import is_local, open_reference
+
+# Each command imports what it uses when it runs: `--version` and `--help` need no
+# torch, and local work never imports MLflow (tests/test_startup.py checks both).
 
 
 def _fail_cleanly(fn):
@@ -61,6 +55,8 @@ def _echo(quiet: bool, text: str = "") -> None:
 _overwrite = click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 _quiet = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 _shards = click.option("--max-shard-size", default=None, help="Write shards of at most this size (e.g. 2GB) plus an index.")
+_device = click.option("--device", default=None, callback=lambda _c, _p, v: v or None,
+                       help="Compute on cpu, cuda, cuda:N or auto (default: the recipe's, else the streaming CPU executor).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -92,9 +88,13 @@ REF_HELP = "a local path, models:/name/version, models:/name@alias, models:/<mod
 @click.option("--run-id", default=None, help="With --register: the run to log the vector in (default: the fine-tune's run).")
 @_overwrite
 @_quiet
+@_device
 @_fail_cleanly
-def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfinite, max_shard_size, register_as, alias, run_id, overwrite, quiet):
+def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfinite, max_shard_size, register_as, alias, run_id, overwrite, quiet, device):
     """Extract the task vector FINETUNED - BASE."""
+    from mlflow_taskvec.engine.taskvector import TaskVector
+    from mlflow_taskvec.references import open_reference
+
     if output is None and register_as is None:
         raise click.UsageError("give --output, --register, or both")
     if register_as is not None:
@@ -111,7 +111,8 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
     step, close = progress_bar(len(vector.names), "extract", "tensor", quiet)
     try:
         fingerprint = vector.save(
-            output, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=step
+            output, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=step,
+            device=device,
         )
     finally:
         close()
@@ -142,10 +143,18 @@ def _report_registration(quiet: bool, reg) -> None:
 @click.option("--require-alias", default=None, metavar="ALIAS", help="Refuse inputs whose registered version does not carry ALIAS (on top of the recipe's policy).")
 @_overwrite
 @_quiet
+@_device
 @_fail_cleanly
-def compose(recipe, output, max_shard_size, register_as, alias, require_alias, overwrite, quiet):
+def compose(recipe, output, max_shard_size, register_as, alias, require_alias, overwrite, quiet, device):
     """Compose a model from a YAML merge RECIPE (references may be MLflow URIs)."""
+    from mlflow_taskvec.compose import compose_to, open_base, output_path
+    from mlflow_taskvec.engine.writer import parse_size
+    from mlflow_taskvec.recipe import load_recipe
+    from mlflow_taskvec.references import is_local
+
     spec = load_recipe(recipe)
+    if device is not None:
+        spec.device = device
     if max_shard_size is not None:
         parse_size(max_shard_size, "--max-shard-size")
         spec.max_shard_size = max_shard_size
@@ -175,6 +184,61 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, o
     _echo(quiet, f"method: {result.method}  scale: {result.scale}  weights: {result.weights}  params: {json.dumps(result.params)}")
     _echo(quiet, f"tensors: {result.num_tensors}  parameters: {result.num_parameters}  seconds: {result.seconds:.2f}")
     _echo(quiet, f"recipe sha256: {spec.sha256()}")
+    _echo(quiet, f"fingerprint: {result.fingerprint}")
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--format", "layout", type=click.Choice(["sparse", "bitdelta", "lowrank"]), required=True, help="sparse: top-k indices and values; bitdelta: sign bits and one scale per matrix; lowrank: truncated SVD factors per matrix.")
+@click.option("--density", type=float, default=None, help="sparse: fraction of entries kept; lowrank: fraction of the dense size.")
+@click.option("--rank", type=int, default=None, help="lowrank: the rank of every matrix.")
+@click.option("--energy", type=float, default=None, help="lowrank: the fraction of each matrix's squared singular values kept.")
+@click.option("--output", "-o", default=None, type=click.Path(path_type=Path), help="Where to write the compressed vector (optional with --register).")
+@_register
+@_alias
+@_overwrite
+@_quiet
+@_device
+@_fail_cleanly
+def compress(ref, layout, density, rank, energy, output, register_as, alias, overwrite, quiet, device):
+    """Store the task vector REF in a smaller layout (composed like any task vector)."""
+    from mlflow_taskvec.engine.compressed import check_settings
+
+    if output is None and register_as is None:
+        raise click.UsageError("give --output, --register, or both")
+    check_settings(layout, density, rank, energy)  # before anything is read or downloaded
+    settings = dict(density=density, rank=rank, energy=energy)
+    if register_as is not None:
+        from mlflow_taskvec.mlflow.registry import register_compressed_vector
+
+        reg = register_compressed_vector(ref, register_as, layout, output=output, overwrite=overwrite, alias=alias, device=device, **settings)
+        if output is not None:
+            _echo(quiet, f"compressed vector: {output}")
+        _report_compression(quiet, reg.compression)
+        _report_registration(quiet, reg)
+        return
+    from mlflow_taskvec.engine.compressed import compress as compress_vector
+    from mlflow_taskvec.engine.taskvector import TaskVector
+    from mlflow_taskvec.references import open_reference
+
+    source = open_reference(ref)
+    vector = TaskVector.load(source)
+    step, close = progress_bar(len(vector.names), f"compress ({layout})", "tensor", quiet)
+    try:
+        result = compress_vector(vector, output, layout, source_fingerprint=source.fingerprint(), overwrite=overwrite, progress=step,
+                                 device=device, **settings)
+    finally:
+        close()
+    _echo(quiet, f"compressed vector: {output}")
+    _report_compression(quiet, result)
+
+
+def _report_compression(quiet: bool, result) -> None:
+    setting = ", ".join(f"{k} {v:g}" for k, v in result.settings.items())
+    _echo(quiet, f"format: {result.layout}" + (f" ({setting})" if setting else "")
+          + "  tensors: " + ", ".join(f"{n} {e}" for e, n in sorted(result.encodings.items())))
+    _echo(quiet, f"size: {result.stored_bytes} bytes stored, {result.dense_bytes} dense ({result.ratio:.1f}x smaller)")
+    _echo(quiet, f"source fingerprint: {result.source_fingerprint}")
     _echo(quiet, f"fingerprint: {result.fingerprint}")
 
 
@@ -213,19 +277,25 @@ class _Count(click.ParamType):
 @_register
 @_alias
 @_quiet
+@_device
 @_fail_cleanly
-def search_command(recipe, strategy, objective, trials, storage, study_name, memory, output_recipe, register_as, alias, quiet):
+def search_command(recipe, strategy, objective, trials, storage, study_name, memory, output_recipe, register_as, alias, quiet, device):
     """Search a RECIPE's coefficients on a validation split; evaluate the best on the test split.
 
     The recipe needs an `evaluation` block; its optional `search` block sets the
     strategy (default: the paper's grid over the scale, 0.0 to 1.0 step 0.05).
     Each candidate is a child run; the table and a plot are logged on the search's run.
     """
+    import yaml
+
     from mlflow_taskvec.engine.coefficients import describe
-    from mlflow_taskvec.recipe import parse_recipe
+    from mlflow_taskvec.engine.writer import write_text_atomically
     from mlflow_taskvec.mlflow.search import search
+    from mlflow_taskvec.recipe import load_recipe, parse_recipe
 
     spec = load_recipe(recipe)
+    if device is not None:
+        spec.device = device
     overrides = {k: v for k, v in dict(strategy=strategy, objective=objective, trials=trials, storage=storage, study_name=study_name).items() if v is not None}
     if overrides:
         settings = {**(spec.search.model_dump(exclude_unset=True) if spec.search else {}), **overrides}
@@ -263,7 +333,7 @@ def leaderboard_command(recipe, methods, fmt, trials, memory, register_as, regis
     the validation split and evaluates the winner on the test split; the table and a bar chart are
     logged on the parent run."""
     from mlflow_taskvec.mlflow.leaderboard import leaderboard, parse_methods, render
-    from mlflow_taskvec.recipe import parse_recipe
+    from mlflow_taskvec.recipe import load_recipe, parse_recipe
 
     names = parse_methods(methods)  # before the recipe is read or a run started
     if register_each and register_as is None:
@@ -289,6 +359,10 @@ def leaderboard_command(recipe, methods, fmt, trials, memory, register_as, regis
 @_fail_cleanly
 def inspect(ref, top, layers, fmt):
     """Describe a checkpoint or task vector: tensors, parameters, dtypes, fingerprint, norms."""
+    from mlflow_taskvec.engine import metadata as meta_keys
+    from mlflow_taskvec.engine.inspect import describe
+    from mlflow_taskvec.references import open_reference
+
     d = describe(open_reference(ref))
     if fmt == "json":
         out = {
@@ -301,6 +375,9 @@ def inspect(ref, top, layers, fmt):
             "l2_norm": d.l2_norm,
             "largest": [{"name": n, "l2_norm": v} for n, v in d.largest(top)],
             "metadata": d.metadata,
+            "layout": d.layout,
+            "stored_bytes": d.stored_bytes,
+            "dense_bytes": d.dense_bytes,
         }
         if layers:
             out["layers"] = d.layer_norms()
@@ -316,6 +393,9 @@ def inspect(ref, top, layers, fmt):
     click.echo("dtypes: " + ", ".join(f"{k} ({v})" for k, v in sorted(d.dtypes.items())))
     click.echo(f"fingerprint: {d.fingerprint}")
     click.echo(f"l2 norm: {d.l2_norm:.6g}")
+    if d.layout != "dense":
+        click.echo(f"layout: {d.layout}")
+        click.echo(f"size: {d.stored_bytes} bytes stored, {d.dense_bytes} dense ({d.compression_ratio:.1f}x smaller)")
     if top > 0 and d.tensor_norms:
         click.echo(f"largest {min(top, len(d.tensor_norms))} tensors by l2 norm:")
         width = max(len(n) for n, _ in d.largest(top))
@@ -413,6 +493,8 @@ def report(name, fmt, metrics):
 @main.command("methods")
 def list_methods():
     """List the merge methods: a one-line summary, the paper's arXiv id and the parameters."""
+    from mlflow_taskvec.engine.methods import METHODS
+
     for m in METHODS.values():
         params = ", ".join(sorted(m.param_names)) or "none"
         paper = f"arXiv {m.paper}" if m.paper else "no arXiv paper"
@@ -458,6 +540,8 @@ def lineage(ref, fmt, output):
     if output is None:
         click.echo(render(root))
     else:
+        from mlflow_taskvec.engine.writer import write_text_atomically
+
         write_text_atomically(output, render(root) + "\n")
 
 

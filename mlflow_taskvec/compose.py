@@ -68,6 +68,7 @@ def _options(recipe: Recipe) -> dict:
         dtype=recipe.dtype,
         compute_dtype=recipe.compute_dtype,
         allow_nonfinite=recipe.allow_nonfinite,
+        device=recipe.device,
     )
 
 

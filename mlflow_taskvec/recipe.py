@@ -12,6 +12,7 @@ vectors:
     weight: -1.0                  # a negative weight negates (forgets) a task
 dtype: bfloat16                   # output dtype (default: the base's)
 compute_dtype: float32            # or float64
+device: cuda                      # optional: cpu, cuda, cuda:N or auto (not part of the digest)
 max_shard_size: 2GB               # write shards plus an index
 output: ./merged
 policy:                           # optional: refuse inputs that lack an approval
@@ -45,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from mlflow_taskvec.callables import check_spec
 from mlflow_taskvec.engine.checks import finite_number
+from mlflow_taskvec.engine.device import device_name
 from mlflow_taskvec.engine.coefficients import Coefficient, check_coefficient
 from mlflow_taskvec.engine.methods import get_method, validate_params
 from mlflow_taskvec.engine.streaming import COMPUTE_DTYPES, STORAGE_DTYPES, parse_dtype
@@ -281,6 +283,7 @@ class Recipe(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     dtype: str | None = None
     compute_dtype: str = "float32"
+    device: str | None = None  # where chunks are computed: cpu, cuda, cuda:N or auto (not part of the digest)
     max_shard_size: Any = None
     output: str | None = None
     allow_nonfinite: bool = False
@@ -315,6 +318,11 @@ class Recipe(BaseModel):
     @classmethod
     def _dtype(cls, value):
         return _as_taskvec_error(value, lambda v: None if v is None else str(parse_dtype(v, "dtype", STORAGE_DTYPES)).removeprefix("torch."), "dtype")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value):
+        return _as_taskvec_error(value, lambda v: None if v is None else device_name(v), "device")
 
     @field_validator("compute_dtype")
     @classmethod
@@ -387,7 +395,7 @@ class Recipe(BaseModel):
         A per-layer weight or scale is a list of [glob, value] pairs: its order (first match
         wins) is part of what it means, and sorted keys would lose it.
         """
-        data = self.model_dump(exclude={"output", "search"})
+        data = self.model_dump(exclude={"output", "search", "device"})  # where it runs is not what it is
         if data.get("policy") is None:
             data.pop("policy", None)
         data["scale"] = _in_order(data["scale"])

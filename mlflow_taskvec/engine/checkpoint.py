@@ -27,6 +27,8 @@ from mlflow_taskvec.engine.io import (
     dtype_code,
     tensor_bytes,
 )
+from mlflow_taskvec.engine import metadata as meta_keys
+from mlflow_taskvec.engine.streaming import flat_slice
 from mlflow_taskvec.errors import TaskVecError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -78,6 +80,15 @@ class Checkpoint:
 
     def raw_bytes(self, name: str) -> memoryview:
         raise NotImplementedError
+
+    def read_chunk(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Entries [start, stop) of the flattened tensor in ``dtype`` (a read-only view when no cast is needed)."""
+        return flat_slice(self.get_tensor(name), start, stop, dtype)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of tensor data as stored (less than the tensors' own size for a compressed layout)."""
+        return sum(self.spec(n).nbytes for n in self.keys())
 
     def metadata(self) -> dict[str, str]:
         return {}
@@ -267,9 +278,18 @@ def open_checkpoint(source: "Checkpoint | Mapping[str, torch.Tensor] | str | os.
         return StateDictCheckpoint(source)
     path = Path(source)
     if path.is_dir():
-        return _open_directory(path)
+        return _in_its_layout(_open_directory(path))
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             raise TaskVecError(f"{path}: pickle checkpoints are never loaded; convert it to safetensors")
-        return SafetensorsCheckpoint([path], str(path))
+        return _in_its_layout(SafetensorsCheckpoint([path], str(path)))
     raise TaskVecError(f"{path}: no such file or directory")
+
+
+def _in_its_layout(ckpt: SafetensorsCheckpoint) -> Checkpoint:
+    """A compressed task vector is seen as the dense tensors it stands for."""
+    if meta_keys.LAYOUT not in ckpt.metadata():
+        return ckpt
+    from mlflow_taskvec.engine.compressed import CompressedCheckpoint  # builds on this module
+
+    return CompressedCheckpoint(ckpt)

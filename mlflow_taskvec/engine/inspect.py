@@ -25,6 +25,13 @@ class Description:
     l2_norm: float  # over floating-point tensors
     tensor_norms: dict[str, float] = field(repr=False)
     metadata: dict[str, str] = field(default_factory=dict, repr=False)
+    layout: str = "dense"  # how the tensors are stored (engine/compressed.py)
+    stored_bytes: int = 0  # tensor data as stored
+    dense_bytes: int = 0  # the tensors' own size
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.dense_bytes / self.stored_bytes if self.stored_bytes else 1.0
 
     def largest(self, n: int = 10) -> list[tuple[str, float]]:
         return sorted(self.tensor_norms.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
@@ -71,6 +78,9 @@ def describe(ckpt: Checkpoint) -> Description:
         l2_norm=math.sqrt(sum(v * v for v in norms.values())),
         tensor_norms=norms,
         metadata=meta,
+        layout=meta.get(meta_keys.LAYOUT, "dense"),
+        stored_bytes=ckpt.stored_bytes,
+        dense_bytes=sum(ckpt.spec(n).nbytes for n in ckpt.keys()),
     )
 
 

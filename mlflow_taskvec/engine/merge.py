@@ -15,6 +15,7 @@ import torch
 from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.coefficients import Coefficient, check_coefficient, coefficient_for
+from mlflow_taskvec.engine.device import DeviceCheckpoint, DeviceRunner, on_device, parse_device
 from mlflow_taskvec.engine.io import TensorSpec
 from mlflow_taskvec.engine.methods import MergeContext, get_method, validate_params
 from mlflow_taskvec.engine.streaming import (
@@ -28,6 +29,7 @@ from mlflow_taskvec.engine.streaming import (
     one_torch_thread,
     parse_dtype,
     release_free_memory,
+    reuse_freed_memory,
 )
 from mlflow_taskvec.engine.writer import CheckpointWriter, MemorySink, check_output_path
 from mlflow_taskvec.errors import TaskVecError
@@ -66,16 +68,18 @@ def merge(
     compute_dtype: "str | torch.dtype" = "float32",
     allow_nonfinite: bool = False,
     progress: Callable[[str], None] | None = None,
+    device: "str | torch.device | None" = None,
 ) -> dict[str, torch.Tensor]:
     """``base + scale * method(weights, vectors)`` as an in-memory state dict.
 
     Tensors of the base that the vectors do not cover (integer buffers, excluded
     names) are copied unchanged. The output dtype is the base's unless ``dtype``
-    is set; arithmetic runs in ``compute_dtype`` (float32 or float64). A weight or
-    the scale may be a number or a mapping of tensor-name globs to numbers
+    is set; arithmetic runs in ``compute_dtype`` (float32 or float64), on ``device``
+    (``cpu``, ``cuda``, ``cuda:N`` or ``auto``; see ``engine.device``) when it is given.
+    A weight or the scale may be a number or a mapping of tensor-name globs to numbers
     (``engine.coefficients``: first match wins, ``"*"`` the default).
     """
-    plan = _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype)
+    plan = _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype, device)
     return _execute(plan, MemorySink(plan.specs), allow_nonfinite, progress)
 
 
@@ -94,6 +98,7 @@ def merge_to(
     allow_nonfinite: bool = False,
     metadata: dict[str, str] | None = None,
     progress: Callable[[str], None] | None = None,
+    device: "str | torch.device | None" = None,
 ) -> MergeResult:
     """Compose ``base + scale * method(weights, vectors)`` into ``output``, streamed tensor by tensor.
 
@@ -103,7 +108,7 @@ def merge_to(
     """
     started = time.perf_counter()
     check_output_path(output, overwrite)
-    plan = _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype)
+    plan = _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype, device)
     metadata = {meta_keys.KIND: meta_keys.COMPOSITE, **(metadata or {}), meta_keys.BASE_FINGERPRINT: plan.base_fingerprint}
     sink = CheckpointWriter(
         output, plan.specs, metadata, max_shard_size=max_shard_size, copy_files_from=plan.base.directory, overwrite=overwrite
@@ -140,9 +145,10 @@ class _Plan:
     # per covered tensor: each input's weight and the scale, resolved from the coefficients
     tensor_weights: dict[str, list[float]]
     tensor_scale: dict[str, float]
+    device: torch.device | None = None
 
 
-def _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype) -> _Plan:
+def _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype, device=None) -> _Plan:
     merge_method = get_method(method)
     params = validate_params(merge_method, dict(params or {}))
     scale = check_coefficient(scale, "scale")
@@ -154,6 +160,7 @@ def _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype) -
     weights = [check_coefficient(w, f"vectors[{i}].weight") for i, w in enumerate(weights)]
     out_dtype = parse_dtype(dtype, "dtype", STORAGE_DTYPES)
     compute = parse_dtype(compute_dtype, "compute_dtype", COMPUTE_DTYPES)
+    device = parse_device(device)
 
     base_ckpt = open_checkpoint(base)
     base_fp = base_ckpt.fingerprint()
@@ -182,22 +189,28 @@ def _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype) -
     tensor_weights = {n: [coefficient_for(w, n, f"vectors[{i}].weight") for i, w in enumerate(weights)] for n in names}
     tensor_scale = {n: coefficient_for(scale, n, "scale") for n in names}
     return _Plan(
-        base_ckpt, base_fp, list(vectors), weights, merge_method, scale, params, compute, specs, covered, tensor_weights, tensor_scale
+        base_ckpt, base_fp, list(vectors), weights, merge_method, scale, params, compute, specs, covered, tensor_weights, tensor_scale,
+        device,
     )
 
 
 def _execute(plan: _Plan, sink, allow_nonfinite: bool, progress):
     """Stream every output tensor into ``sink`` (a CheckpointWriter or a MemorySink); returns its commit."""
-    base_ckpt, specs = plan.base, plan.specs
+    base_ckpt, specs, vectors = plan.base, plan.specs, plan.vectors
+    reader, run = base_ckpt, None  # chunks are computed where they are read: on the host by default
+    if plan.device is not None:
+        runner = DeviceRunner(plan.device)
+        reader, vectors, run = DeviceCheckpoint(base_ckpt, runner), [on_device(v, runner) for v in vectors], runner.run
     try:
         # Task arithmetic is memory-bound with small temporaries: two workers pay.
         # The other methods hold several chunk-sized temporaries per input; a second
         # worker bought them ~12% and cost ~2x the peak memory, so they use one.
         workers = 2 if plan.method.linear else 1
-        with one_torch_thread(), OrderedPool(sink, workers=workers) as pool:
+        with one_torch_thread(), reuse_freed_memory(), OrderedPool(sink, workers=workers) as pool:
             for name in sink.order:
                 spec = specs[name]
                 base_tensor = base_ckpt.get_tensor(name)
+                read_base = functools.partial(reader.read_chunk, name)
                 if name not in plan.covered:
                     jobs = (
                         functools.partial(flat_slice, base_tensor, start, stop, spec.dtype)
@@ -205,16 +218,16 @@ def _execute(plan: _Plan, sink, allow_nonfinite: bool, progress):
                     )
                 elif plan.method.linear:
                     jobs = _linear_jobs(
-                        name, spec, base_tensor, base_ckpt.source, plan.vectors, plan.tensor_weights[name], plan.tensor_scale[name],
+                        name, spec, read_base, base_ckpt.source, vectors, plan.tensor_weights[name], plan.tensor_scale[name],
                         plan.compute, allow_nonfinite,
                     )
                 else:
                     jobs = _method_jobs(
-                        name, spec, base_tensor, base_ckpt.source, plan.vectors, plan.tensor_weights[name], plan.method,
+                        name, spec, base_tensor, read_base, base_ckpt.source, vectors, plan.tensor_weights[name], plan.method,
                         plan.tensor_scale[name], plan.params, plan.compute, allow_nonfinite,
                     )
                 for job in jobs:
-                    pool.submit(name, job)
+                    pool.submit(name, job if run is None or name not in plan.covered else functools.partial(run, job))
                 if spec.numel > CHUNK_ELEMENTS:
                     release_free_memory()
                 if progress is not None:
@@ -225,20 +238,20 @@ def _execute(plan: _Plan, sink, allow_nonfinite: bool, progress):
         raise
 
 
-def _linear_jobs(name, spec, base_tensor, base_source, vectors, weights, scale, compute, allow_nonfinite):
+def _linear_jobs(name, spec, read_base, base_source, vectors, weights, scale, compute, allow_nonfinite):
     """``base + scale * sum_i w_i t_i`` accumulated term by term into one buffer, in
     chunks small enough that the base's chunk stays in cache while every term uses it."""
     terms = [(scale * w * term.weight, term) for v, w in zip(vectors, weights) for term in v.terms]
 
     def job(start: int, stop: int) -> torch.Tensor:
-        out = flat_slice(base_tensor, start, stop, compute).clone()
+        out = read_base(start, stop, compute).clone()
         for coef, term in terms:
             out.add_(term.chunk(name, start, stop, compute), alpha=coef)
         # NaN and Inf propagate through a weighted sum (even times 0), so a finite
         # result proves every input finite; only a non-finite one needs a closer look.
         if not allow_nonfinite and out.numel() and not bool(torch.isfinite(out.sum())):
             if not bool(torch.isfinite(out).all()):
-                check_finite(flat_slice(base_tensor, start, stop, compute), lambda: f"tensor {name!r} of the base {base_source}")
+                check_finite(read_base(start, stop, compute), lambda: f"tensor {name!r} of the base {base_source}")
                 for _, term in terms:
                     for src in term.sources():
                         check_finite(flat_slice(src.get_tensor(name), start, stop, compute), lambda s=src: f"tensor {name!r} of {s.source}")
@@ -249,7 +262,7 @@ def _linear_jobs(name, spec, base_tensor, base_source, vectors, weights, scale, 
         yield functools.partial(job, start, stop)
 
 
-def _method_jobs(name, spec, base_tensor, base_source, vectors, weights, method, scale, params, compute, allow_nonfinite):
+def _method_jobs(name, spec, base_tensor, read_base, base_source, vectors, weights, method, scale, params, compute, allow_nonfinite):
     """One job per chunk; a method's whole-tensor pre-pass (``prepare``) comes first. A tensor
     the method needs whole is one job: it reads the T inputs of that tensor, and nothing else."""
     numel = spec.numel
@@ -261,7 +274,7 @@ def _method_jobs(name, spec, base_tensor, base_source, vectors, weights, method,
     ranges = [(0, numel)] if whole else list(chunk_ranges(numel))
 
     def job(start: int, stop: int, prepared, deltas=None) -> torch.Tensor:
-        base_chunk = flat_slice(base_tensor, start, stop, compute)
+        base_chunk = read_base(start, stop, compute)
         if deltas is None:
             deltas = [v.chunk(name, start, stop, compute) for v in vectors]
         if not allow_nonfinite:
@@ -273,7 +286,8 @@ def _method_jobs(name, spec, base_tensor, base_source, vectors, weights, method,
         if whole:
             base_chunk, deltas = base_chunk.reshape(shape), [d.reshape(shape) for d in deltas]
         ctx = MergeContext(
-            name=name, start=start, numel=numel, params=params, prepared=prepared, shape=shape, whole_tensor=whole, base=base_chunk
+            name=name, start=start, numel=numel, params=params, prepared=prepared, shape=shape, whole_tensor=whole, base=base_chunk,
+            device=base_chunk.device,
         )
         merged = method.fn(deltas, weights, ctx)
         return torch.add(base_chunk, merged, alpha=scale).reshape(-1).to(spec.dtype)

@@ -15,3 +15,9 @@ RECIPE_SHA256 = "taskvec.recipe_sha256"
 
 TASK_VECTOR = "task_vector"
 COMPOSITE = "composite"
+
+# Compressed task vectors (engine/compressed.py): the stored layout and what it stands for.
+LAYOUT = "taskvec.layout"  # sparse | bitdelta | lowrank; absent: dense tensors
+LAYOUT_PARAMS = "taskvec.layout_params"  # JSON: the layout's setting, e.g. {"density": 0.1}
+LAYOUT_TENSORS = "taskvec.layout_tensors"  # JSON: each dense tensor's dtype, shape and encoding
+SOURCE_FINGERPRINT = "taskvec.source_fingerprint"  # the vector it was compressed from

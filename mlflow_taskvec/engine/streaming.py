@@ -62,15 +62,43 @@ def one_torch_thread():
         torch.set_num_threads(previous)
 
 
-def _load_malloc_trim():
+def _load_libc_function(name: str):
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
+        return getattr(libc, name)
     except (OSError, AttributeError):  # not glibc: nothing to do
         return None
 
 
-_MALLOC_TRIM = _load_malloc_trim()
+_MALLOC_TRIM = _load_libc_function("malloc_trim")
+_MALLOPT = _load_libc_function("mallopt")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+# While streaming, freed chunk-sized buffers stay in the heap up to this much.
+_KEEP_FREED_BYTES = 64 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def reuse_freed_memory():
+    """Let the heap keep freed chunk-sized buffers while streaming.
+
+    Every elementwise op on a chunk allocates a chunk-sized result (4 MB for float32).
+    By default glibc serves such sizes with fresh mmaps, or trims them off the heap
+    when freed, so each one costs its page faults again: 3-5x the arithmetic itself
+    for the trim and election temporaries. Here they come from the heap and go back
+    to it; ``release_free_memory`` still returns the heap to the OS after each large
+    tensor. glibc's defaults are restored on exit.
+    """
+    if _MALLOPT is None:
+        yield
+        return
+    _MALLOPT(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)  # glibc's upper bound on 64-bit
+    _MALLOPT(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES)
+    try:
+        yield
+    finally:
+        _MALLOPT(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+        _MALLOPT(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
 
 
 def release_free_memory() -> None:

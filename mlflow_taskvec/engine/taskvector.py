@@ -21,6 +21,7 @@ import torch
 from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import Checkpoint, open_checkpoint
 from mlflow_taskvec.engine.checks import finite_number
+from mlflow_taskvec.engine.device import DeviceRunner, on_device, parse_device
 from mlflow_taskvec.engine.io import TensorSpec
 from mlflow_taskvec.engine.streaming import (
     CHUNK_ELEMENTS,
@@ -48,9 +49,9 @@ class _Term:
 
     def chunk(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         if self.stored is not None:
-            return flat_slice(self.stored.get_tensor(name), start, stop, dtype)
-        ft = flat_slice(self.finetuned.get_tensor(name), start, stop, dtype)
-        return torch.sub(ft, flat_slice(self.base.get_tensor(name), start, stop, dtype))
+            return self.stored.read_chunk(name, start, stop, dtype)
+        ft = self.finetuned.read_chunk(name, start, stop, dtype)
+        return torch.sub(ft, self.base.read_chunk(name, start, stop, dtype))
 
     def sources(self) -> list[Checkpoint]:
         return [self.stored] if self.stored is not None else [self.finetuned, self.base]
@@ -317,18 +318,29 @@ class TaskVector:
         overwrite: bool = False,
         allow_nonfinite: bool = False,
         progress=None,
+        device: "str | torch.device | None" = None,
     ) -> str:
-        """Stream the vector to ``output`` (a ``.safetensors`` file or a directory); returns its fingerprint."""
+        """Stream the vector to ``output`` (a ``.safetensors`` file or a directory); returns its fingerprint.
+        With ``device``, chunks are computed there (see ``engine.device``)."""
         out_dtype = parse_dtype(dtype, "dtype", STORAGE_DTYPES)
+        target = parse_device(device)
+        source, run = self, (lambda job: job())
+        if target is not None:
+            runner = DeviceRunner(target)
+            source, run = on_device(self, runner), runner.run
         specs = {n: TensorSpec(out_dtype or s.dtype, s.shape) for n, s in self._specs.items()}
         compute = torch.float64 if any(s.dtype == torch.float64 for s in specs.values()) else torch.float32
         with CheckpointWriter(output, specs, self.metadata(), max_shard_size=max_shard_size, overwrite=overwrite) as writer, one_torch_thread():
             for name in writer.order:
                 for start, stop in chunk_ranges(specs[name].numel):
-                    values = self.chunk(name, start, stop, compute)
-                    if not allow_nonfinite:
-                        self.check_finite(name, start, stop, values)
-                    writer.write(name, values.to(specs[name].dtype))
+
+                    def job(name=name, start=start, stop=stop):
+                        values = source.chunk(name, start, stop, compute)
+                        if not allow_nonfinite:
+                            source.check_finite(name, start, stop, values)
+                        return values.to(specs[name].dtype)
+
+                    writer.write(name, run(job))
                 if specs[name].numel > CHUNK_ELEMENTS:
                     release_free_memory()
                 if progress is not None:

@@ -188,6 +188,8 @@ def save_model(
         "code": code_subpath,
     }
     meta = ckpt.metadata()
+    if meta_keys.LAYOUT in meta:  # a compressed vector: the layout and both sizes
+        conf.update(layout=meta[meta_keys.LAYOUT], stored_bytes=ckpt.stored_bytes, dense_bytes=sum(ckpt.spec(n).nbytes for n in ckpt.keys()))
     if kind == "task_vector":
         vector = TaskVector.load(ckpt)
         conf.update(task=vector.task, base_fingerprint=vector.base_fingerprint, l2_norm=vector.norm())

@@ -131,6 +131,9 @@ def _walk(client: MlflowClient, uri: str, role: str, weight, recorded: str | Non
             weight = _recorded_weight(row.get("weight"))
             fingerprint = row.get("fingerprint") if isinstance(row.get("fingerprint"), str) else None
             node.children.append(_walk(client, str(row.get("uri")), "input", weight, fingerprint, below))
+    elif kind == tag.TASK_VECTOR and tags.get(tag.COMPRESSED_FROM):  # its source carries base and fine-tune
+        source = _walk(client, tags[tag.COMPRESSED_FROM], "compressed from", None, tags.get(tag.SOURCE_FINGERPRINT), below)
+        node.children.append(source)
     elif kind == tag.TASK_VECTOR:
         if tags.get(tag.BASE_URI):
             node.children.append(_walk(client, tags[tag.BASE_URI], "base", None, tags.get(tag.BASE_FINGERPRINT), below))

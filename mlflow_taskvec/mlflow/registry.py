@@ -113,6 +113,7 @@ class Registered:
     model_id: str
     run_id: str
     tags: dict
+    compression: object = None  # for a compressed vector: the engine's CompressionResult
 
     @property
     def version_uri(self) -> str:
@@ -162,6 +163,78 @@ def register_task_vector(
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, mv.version)
     return Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
+
+
+@_asks_the_server_first
+def register_compressed_vector(
+    source_ref: str,
+    name: str,
+    layout: str,
+    density: float | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    output: "str | os.PathLike | None" = None,
+    overwrite: bool = False,
+    alias: str | None = None,
+    device: str | None = None,
+) -> Registered:
+    """Compress the task vector ``source_ref`` (``engine.compressed``) and register the result.
+
+    The compressed vector is logged in the source vector's run (else the active or a new
+    run) as a ``task_vector`` model; its version carries the source's lineage tags, its
+    own fingerprint (of the densified vector), the layout, stored and dense sizes, and
+    ``taskvec.compressed_from`` naming the source version. With ``output`` it is also
+    kept there.
+    """
+    from mlflow_taskvec.engine.compressed import check_settings, compress
+    from mlflow_taskvec.mlflow.downloads import resolve
+
+    check_settings(layout, density, rank, energy)
+    if output is not None:
+        check_output_path(output, overwrite)
+    source = resolve(source_ref)
+    vector = TaskVector.load(source.path)
+    recorded = {**(source.conf or {}), **source.tags}  # a registered version's tags, else its flavor block
+    with tempfile.TemporaryDirectory(prefix="taskvec-compress-") as tmp:
+        target = Path(output) if output is not None else Path(tmp) / "vector.safetensors"
+        result = compress(vector, target, layout, density, rank, energy, source_fingerprint=source.fingerprint, overwrite=overwrite, device=device)
+        with _run_context(source.run_id) as run:
+            lineage = {"compressed_from": source.canonical, "base_uri": recorded.get(tag.BASE_URI) or recorded.get("base_uri", "")}
+            info = flavor.log_model(str(target), name="task_vector", lineage=lineage)
+            conf = info.flavors[flavor.FLAVOR_NAME]
+            tags = {
+                tag.KIND: tag.TASK_VECTOR,
+                tag.TASK: vector.task or "",
+                tag.BASE_URI: lineage["base_uri"],
+                tag.BASE_FINGERPRINT: vector.base_fingerprint,
+                tag.FINETUNED_URI: recorded.get(tag.FINETUNED_URI) or recorded.get("finetuned_uri", ""),
+                tag.FINGERPRINT: conf["fingerprint"],
+                tag.NUM_PARAMETERS: conf["num_parameters"],
+                tag.L2_NORM: _fmt(conf["l2_norm"]),
+                tag.COMPRESSED_FROM: source.canonical,
+                tag.SOURCE_FINGERPRINT: source.fingerprint,
+                tag.LAYOUT: layout,
+                tag.LAYOUT_PARAMS: json.dumps(result.settings, sort_keys=True),
+                tag.STORED_BYTES: result.stored_bytes,
+                tag.DENSE_BYTES: result.dense_bytes,
+            }
+            MlflowClient().set_logged_model_tags(info.model_id, {k: str(v) for k, v in tags.items()})
+            setting = ", ".join(f"{k} {v:g}" for k, v in result.settings.items())
+            description = "\n".join([
+                f"**Compressed task vector** for task `{vector.task or '?'}`: `{layout}`" + (f" ({setting})" if setting else "")
+                + f" of `{source.canonical}`, {result.ratio:.1f}x smaller than the dense vector.",
+                "",
+                "| role | reference | fingerprint |",
+                "|---|---|---|",
+                f"| compressed from | `{source.canonical}` | `{source.fingerprint[:16]}` |",
+                f"| task vector (densified) | this version | `{conf['fingerprint'][:16]}` |",
+                "",
+                f"{result.stored_bytes} bytes stored for {result.dense_bytes} dense; {conf['num_parameters']} parameters in {conf['num_tensors']} tensors.",
+            ])
+            mv = _create_version(name, info, run.info.run_id, tags, description)
+    if alias:
+        MlflowClient().set_registered_model_alias(name, alias, mv.version)
+    return Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags, compression=result)
 
 
 def _vector_description(vector: TaskVector, base: Resolved, finetuned: Resolved, conf: dict) -> str:

@@ -4,9 +4,22 @@ A version's tags are its lineage: written in the same call that creates it, read
 lineage, verify, report and the download cache's integrity check.
 """
 
-from mlflow_taskvec.engine.metadata import BASE_FINGERPRINT, COMPOSITE, KIND, METHOD, RECIPE_SHA256, TASK, TASK_VECTOR
+from mlflow_taskvec.engine.metadata import (
+    BASE_FINGERPRINT,
+    COMPOSITE,
+    KIND,
+    LAYOUT,
+    LAYOUT_PARAMS,
+    METHOD,
+    RECIPE_SHA256,
+    SOURCE_FINGERPRINT,
+    TASK,
+    TASK_VECTOR,
+)
 
-__all__ = ["BASE_FINGERPRINT", "COMPOSITE", "KIND", "METHOD", "RECIPE_SHA256", "TASK", "TASK_VECTOR"]
+__all__ = [
+    "BASE_FINGERPRINT", "COMPOSITE", "KIND", "LAYOUT", "LAYOUT_PARAMS", "METHOD", "RECIPE_SHA256", "SOURCE_FINGERPRINT", "TASK", "TASK_VECTOR",
+]
 
 # what the version is made of
 BASE_URI = "taskvec.base_uri"
@@ -17,6 +30,11 @@ L2_NORM = "taskvec.l2_norm"
 SCALE = "taskvec.scale"
 PARAMS = "taskvec.params"  # JSON object of the method's parameters
 INPUTS = "taskvec.inputs"  # JSON list of {uri, weight, fingerprint}
+
+# compressed task vectors (also LAYOUT, LAYOUT_PARAMS and SOURCE_FINGERPRINT, as in the weights' header)
+COMPRESSED_FROM = "taskvec.compressed_from"  # the version (or reference) the vector was compressed from
+STORED_BYTES = "taskvec.stored_bytes"  # tensor bytes as stored
+DENSE_BYTES = "taskvec.dense_bytes"  # tensor bytes of the dense vector it stands for
 
 # search
 SEARCH = "taskvec.search"  # JSON summary of the search that picked a winner's coefficients

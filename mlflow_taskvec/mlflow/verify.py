@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_taskvec.compose import compose_to
-from mlflow_taskvec.engine.coefficients import describe
+from mlflow_taskvec.engine import metadata as meta_keys
+from mlflow_taskvec.engine.checkpoint import open_checkpoint
+from mlflow_taskvec.engine.compressed import compress
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.coefficients import describe
 from mlflow_taskvec.errors import TaskVecError
@@ -61,7 +64,9 @@ def verify(ref: str) -> Verified:
     every input, downloaded afresh, have the fingerprints the version records; the stored
     weights have ``taskvec.fingerprint``; recomposing the recipe from those inputs gives
     that fingerprint again. Task vector: base and fine-tune as recorded, stored weights, and
-    re-extraction gives ``taskvec.fingerprint``.
+    re-extraction gives ``taskvec.fingerprint``. Compressed task vector: stored weights, the
+    source vector as its weights record, and compressing the source again gives
+    ``taskvec.fingerprint``.
     """
     client = MlflowClient()
     mv = uris.get_version(ref, client)
@@ -70,14 +75,20 @@ def verify(ref: str) -> Verified:
     kind = tags.get(tag.KIND)
     if kind not in (tag.COMPOSITE, tag.TASK_VECTOR):
         raise TaskVecError(f"{uri}: not a composite or task vector registered by mlflow-taskvec (no taskvec.kind tag)")
-    required = [tag.FINGERPRINT, tag.BASE_URI, tag.BASE_FINGERPRINT]
-    required += [tag.INPUTS, tag.RECIPE_SHA256] if kind == tag.COMPOSITE else [tag.FINETUNED_URI]
+    compressed = kind == tag.TASK_VECTOR and tag.COMPRESSED_FROM in tags
+    required = [tag.FINGERPRINT, tag.BASE_FINGERPRINT]
+    if compressed:
+        required += [tag.COMPRESSED_FROM, tag.LAYOUT, tag.LAYOUT_PARAMS]
+    else:
+        required += [tag.BASE_URI] + ([tag.INPUTS, tag.RECIPE_SHA256] if kind == tag.COMPOSITE else [tag.FINETUNED_URI])
     for key in required:
         if not tags.get(key):
             raise TaskVecError(f"{uri}: the version has no {key} tag, so there is nothing to verify against")
     with tempfile.TemporaryDirectory(prefix="taskvec-verify-") as tmp:
         if kind == tag.COMPOSITE:
             checks = _verify_composite(client, mv, uri, tags, Path(tmp))
+        elif compressed:
+            checks = _verify_compressed(uri, tags, Path(tmp))
         else:
             checks = _verify_vector(uri, tags, Path(tmp))
     return Verified(uri, kind, tags[tag.FINGERPRINT], checks)
@@ -137,4 +148,20 @@ def _verify_vector(uri: str, tags: dict, tmp: Path) -> list[str]:
     fingerprint = again.save(tmp / "reextracted.safetensors")
     _same("the re-extracted task vector", fingerprint, tags[tag.FINGERPRINT], "the base and fine-tune do not reproduce it")
     checks.append(f"re-extracted from base and fine-tune: fingerprint {fingerprint[:16]} as recorded")
+    return checks
+
+
+def _verify_compressed(uri: str, tags: dict, tmp: Path) -> list[str]:
+    checks = []
+    stored = _fetched_as_recorded(uri, f"stored weights of {uri}", tags[tag.FINGERPRINT], "the task vector's artifact was modified", checks, "stored weights")
+    source_uri = tags[tag.COMPRESSED_FROM]
+    recorded_source = open_checkpoint(stored.path).metadata().get(meta_keys.SOURCE_FINGERPRINT, "")
+    source = _fetched_as_recorded(source_uri, f"source {source_uri}", recorded_source, "the source vector was replaced or its artifact modified", checks)
+    try:
+        settings = json.loads(tags[tag.LAYOUT_PARAMS])
+    except json.JSONDecodeError:
+        raise TaskVecError(f"{uri}: the {tag.LAYOUT_PARAMS} tag is not JSON (a tag was edited)") from None
+    again = compress(TaskVector.load(source.path), tmp / "recompressed.safetensors", tags[tag.LAYOUT], source_fingerprint=source.fingerprint, **settings)
+    _same("the recompressed task vector", again.fingerprint, tags[tag.FINGERPRINT], "the source and the layout do not reproduce it")
+    checks.append(f"compressed again from the source ({tags[tag.LAYOUT]}): fingerprint {again.fingerprint[:16]} as recorded")
     return checks

@@ -118,12 +118,16 @@ class MergeContext:
     shape: tuple[int, ...] = ()  # the whole tensor's shape
     whole_tensor: bool = False  # the deltas are whole tensors in ``shape`` (else flat chunks)
     base: torch.Tensor | None = None  # the base's entries matching the deltas, in the compute dtype
+    device: torch.device | None = None  # where the chunk's tensors are
 
     def keep_mask(self, input_index: int, length: int, keep_probability, offset: int = 0) -> torch.Tensor:
         """Bernoulli(keep_probability) mask for entries [start + offset, start + offset + length) of
         input ``input_index`` (the seed is ``params['seed']``; see ``streaming.keep_mask``)."""
         seed = int(self.params.get("seed", 0))
-        return keep_mask(seed, input_index, self.name, self.start + offset, length, self.numel, keep_probability)
+        if isinstance(keep_probability, torch.Tensor):
+            keep_probability = keep_probability.cpu()  # masks are drawn on the CPU
+        mask = keep_mask(seed, input_index, self.name, self.start + offset, length, self.numel, keep_probability)
+        return mask if self.device is None else mask.to(self.device)  # drawn on the CPU: the same masks everywhere
 
 
 MethodFn = Callable[[list[torch.Tensor], list[float], MergeContext], torch.Tensor]

@@ -41,40 +41,61 @@ class TrimThreshold:
         """Split ``ties_to_keep`` over the chunks (given as (start, chunk) in order)."""
         left = self.ties_to_keep
         for start, chunk in chunks:
-            tied = int((chunk.abs() == self.value).sum())
+            # entries equal to the threshold: numel minus those where |x| - value has a sign
+            # (float arithmetic; a comparison to a bool mask costs several times more on CPU)
+            differ = chunk.abs().sub_(self.value).abs_().sign_().sum(dtype=torch.float64)
+            tied = chunk.numel() - int(differ)
             self.tie_budget[start] = min(left, tied)
             left -= self.tie_budget[start]
 
     def apply(self, chunk: torch.Tensor, start: int = 0) -> torch.Tensor:
         """``chunk`` with the entries the trim drops set to zero (a new tensor)."""
         magnitude = chunk.abs()
-        if self.keeps_every_tie:
-            # keep |x| >= value: an arithmetic 0/1 indicator, several times faster
-            # than boolean masks and torch.where on CPU
-            below = torch.nextafter(torch.tensor(self.value, dtype=chunk.dtype), torch.tensor(-1.0, dtype=chunk.dtype))
-            keep = magnitude.sub_(below).sign_().clamp_(min=0)
+        if self.keeps_every_tie or self._budget(start) == 0:
+            # keep |x| >= value (every tie kept) or |x| > value (none in this chunk): an
+            # arithmetic 0/1 indicator, several times faster than boolean masks and
+            # torch.where on CPU (x - y is 0 only when x == y, subnormals included)
+            if self.keeps_every_tie:
+                cut = torch.nextafter(torch.tensor(self.value, dtype=chunk.dtype), torch.tensor(-1.0, dtype=chunk.dtype))
+            else:
+                cut = torch.tensor(self.value, dtype=chunk.dtype)
+            keep = magnitude.sub_(cut).sign_().clamp_(min=0)
             return keep.mul_(chunk)
+        return torch.where(self._keep_mask(magnitude, start), chunk, 0.0)
+
+    def keep_mask(self, chunk: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """True at the entries of ``chunk`` (a flat slice starting at ``start``) that the trim keeps."""
+        return self._keep_mask(chunk.abs(), start)
+
+    def _budget(self, start: int) -> int:
+        """How many ties the chunk starting at ``start`` keeps."""
+        return self.tie_budget.get(start, self.ties_to_keep if start == 0 and not self.tie_budget else 0)
+
+    def _keep_mask(self, magnitude: torch.Tensor, start: int) -> torch.Tensor:
         keep = magnitude > self.value
-        budget = self.tie_budget.get(start, self.ties_to_keep if start == 0 and not self.tie_budget else 0)
+        budget = self._budget(start)
         if budget > 0:
             tied = magnitude == self.value
             keep |= tied & (tied.cumsum(0) <= budget)
-        return torch.where(keep, chunk, 0.0)
+        return keep
 
 
 def _radix_select(chunks: Callable[[], Iterable[torch.Tensor]], k: int, dtype: torch.dtype) -> TrimThreshold:
     """Exact k-th largest magnitude by a radix select over the float bit patterns
     (non-negative floats order like integers).
 
-    Pass 1 histograms the top 16 bits over every chunk; pass 2 gathers the few
-    entries that share the winning top bits; the remaining digits are resolved on
-    that small set in memory. A tensor given as one chunk is scanned only once.
+    Pass 1 histograms the top 16 bits over every chunk. For float32, pass 2
+    histograms the low 16 bits of the entries in the winning bin (all integer
+    arithmetic, no boolean masks), which fixes the value. Otherwise pass 2 gathers
+    the few entries that share the winning top bits, and the remaining digits are
+    resolved on that small set in memory. A tensor given as one chunk is scanned
+    only once.
     """
     float_dtype, int_dtype, bits = (
         (torch.float64, torch.int64, 64) if dtype == torch.float64 else (torch.float32, torch.int32, 32)
     )
     top_shift = bits - 16
-    hist = torch.zeros(1 << 16, dtype=torch.int64)
+    hist = None  # the histograms live where the chunks do (the CPU, or a GPU)
     only = None
 
     def bits_of(chunk: torch.Tensor) -> torch.Tensor:
@@ -83,9 +104,18 @@ def _radix_select(chunks: Callable[[], Iterable[torch.Tensor]], k: int, dtype: t
     for i, chunk in enumerate(chunks()):
         b = bits_of(chunk)
         top = b >> top_shift  # the sign bit is clear, so this is in [0, 2**15)
-        hist += torch.bincount(top, minlength=1 << 16)
+        counts = torch.bincount(top, minlength=1 << 16)
+        hist = counts if hist is None else hist.add_(counts)
         only = (b, top) if i == 0 else None
     digit, remaining, tied = _pick(hist, k)
+    if bits == 32 and only is None:
+        low = None
+        for b in map(bits_of, chunks()):
+            counts = torch.bincount(_low_digits_in_bin(b, digit), minlength=1 << 17)
+            low = counts if low is None else low.add_(counts)
+        low_digit, remaining, tied = _pick(low[: 1 << 16], remaining)
+        value = float(torch.tensor([(digit << 16) | low_digit], dtype=torch.int32).view(torch.float32))
+        return TrimThreshold(value, ties_to_keep=remaining, ties_total=tied)
     if only is not None:
         b, top = only
         candidates = b[top == digit]
@@ -99,6 +129,13 @@ def _radix_select(chunks: Callable[[], Iterable[torch.Tensor]], k: int, dtype: t
         prefix = (prefix << 16) | digit
     value = float(torch.tensor([prefix], dtype=torch.int64).to(int_dtype).view(float_dtype))
     return TrimThreshold(value, ties_to_keep=remaining, ties_total=tied)
+
+
+def _low_digits_in_bin(b: torch.Tensor, digit: int) -> torch.Tensor:
+    """Float32 bit patterns ``b`` as histogram keys: the low 16 bits where the top 16 bits
+    are ``digit``, 2**16 or more elsewhere."""
+    outside = (b >> 16).sub_(digit).abs_().clamp_(max=1)  # 0 in the bin, 1 outside
+    return (b & 0xFFFF).add_(outside.mul_(1 << 16))
 
 
 def _pick(hist: torch.Tensor, k: int) -> tuple[int, int, int]:

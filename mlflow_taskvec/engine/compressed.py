@@ -1,0 +1,425 @@
+"""Compressed task vectors: smaller stored layouts of the ``task_vector`` kind.
+
+A compressed vector is one safetensors file whose metadata records its layout
+(``taskvec.layout``) and, per tensor of the vector it stands for, that tensor's
+dtype, shape and encoding (``taskvec.layout_tensors``). Its stored tensors are
+named ``<tensor>/<part>``:
+
+- ``sparse`` (``density`` D): the top ``k = max(1, int(D * numel))`` entries by
+  magnitude of every tensor (exactly k, ties broken by flattened order, as the
+  ``ties`` trim), as ascending flat ``indices`` (int32, or int64 past 2**31
+  entries) and their ``values``;
+- ``bitdelta`` (BitDelta, Liu et al., arXiv 2402.10193): per 2-D tensor its
+  ``signs`` packed 8 per byte (entry ``8j + b`` is bit ``b`` of byte ``j``,
+  1 where the entry is > 0) and one ``scale``, the mean of ``|t|``; the tensor
+  reads back as ``+scale`` / ``-scale``. Other tensors are stored dense;
+- ``lowrank`` (``rank`` R, ``energy`` E or ``density`` D): per 2-D tensor
+  ``t`` (m x n) the truncated SVD ``t ~ B @ A`` with ``B = U_r diag(S_r)`` (m x r)
+  and ``A = Vh_r`` (r x n); the rank is R, the fewest singular values holding a
+  fraction E of ``sum S^2``, or ``int(D * m * n / (m + n))`` (D of the dense size);
+  a tensor whose factors would not be smaller, and every other tensor, is stored dense.
+
+In every layout a tensor that is all zeros (a layer the fine-tune froze) is stored as
+its shape alone (encoding ``zero``).
+
+Reading goes through ``CompressedCheckpoint``, which ``open_checkpoint`` returns
+for such a file: it shows the dense tensors, densified block by block when read
+(so composing from it keeps memory flat), and its fingerprint is that of the
+densified vector. ``TaskVector.load`` and everything built on it take it as they
+take a dense vector.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mlflow_taskvec.engine import metadata as meta_keys
+from mlflow_taskvec.engine.checkpoint import Checkpoint, SafetensorsCheckpoint, open_checkpoint
+from mlflow_taskvec.engine.device import parse_device
+from mlflow_taskvec.engine.io import DTYPE_BY_CODE, TensorSpec, dtype_code, tensor_bytes
+from mlflow_taskvec.engine.methods.trim import trim_count, trim_threshold
+from mlflow_taskvec.engine.streaming import CHUNK_ELEMENTS, flat_slice, one_torch_thread
+from mlflow_taskvec.engine.writer import CheckpointWriter, check_output_path
+from mlflow_taskvec.errors import TaskVecError
+
+LAYOUTS = ("sparse", "bitdelta", "lowrank")
+# Which of density / rank / energy each layout accepts.
+LAYOUT_SETTINGS = {"sparse": ("density",), "bitdelta": (), "lowrank": ("density", "rank", "energy")}
+_INT32_LIMIT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """How one tensor of the vector is stored: its dense spec, encoding and parts."""
+
+    spec: TensorSpec
+    encoding: str  # dense | zero | sparse | bitdelta | lowrank
+    parts: dict[str, TensorSpec]  # part name -> stored spec
+
+    def describe(self) -> dict:
+        return {"dtype": dtype_code(self.spec.dtype), "shape": list(self.spec.shape), "encoding": self.encoding}
+
+
+def part_name(name: str, part: str) -> str:
+    return f"{name}/{part}"
+
+
+def check_settings(layout: str, density: float | None = None, rank: int | None = None, energy: float | None = None) -> dict:
+    """The layout's setting as a dict (``{'density': 0.1}``); raises naming the option that does not fit."""
+    if layout not in LAYOUTS:
+        raise TaskVecError(f"--format: {layout!r} is not one of {', '.join(LAYOUTS)}")
+    given = {k: v for k, v in dict(density=density, rank=rank, energy=energy).items() if v is not None}
+    accepted = LAYOUT_SETTINGS[layout]
+    for key in given:
+        if key not in accepted:
+            takes = " or ".join(f"--{a}" for a in accepted) if accepted else "no setting"
+            raise TaskVecError(f"--{key}: the {layout} format takes {takes}")
+    if accepted and len(given) != 1:
+        raise TaskVecError(f"the {layout} format needs exactly one of {', '.join('--' + a for a in accepted)}")
+    if "density" in given and not (0 < given["density"] <= 1):
+        raise TaskVecError(f"--density: {given['density']!r} must be a number in (0, 1]")
+    if "energy" in given and not (0 < given["energy"] <= 1):
+        raise TaskVecError(f"--energy: {given['energy']!r} must be a number in (0, 1]")
+    if "rank" in given and (isinstance(given["rank"], bool) or not isinstance(given["rank"], int) or given["rank"] < 1):
+        raise TaskVecError(f"--rank: {given['rank']!r} must be a positive whole number")
+    return given
+
+
+# -- encoding ---------------------------------------------------------------------
+
+
+def sparse_indices(flat: torch.Tensor, density: float) -> torch.Tensor:
+    """Ascending flat indices of the top ``max(1, int(density * numel))`` entries by magnitude
+    (exactly that many: among entries tied with the last one kept, the first in flattened order)."""
+    rule = trim_threshold(None, trim_count(density, flat.numel()), flat.dtype, whole=flat)
+    return rule.keep_mask(flat).nonzero().reshape(-1)
+
+
+def pack_signs(flat: torch.Tensor) -> torch.Tensor:
+    """Bit ``b`` of byte ``j`` is 1 where entry ``8j + b`` is > 0; the last byte is padded with 0."""
+    bits = (flat > 0).to(torch.uint8)
+    bits = torch.nn.functional.pad(bits, (0, -bits.numel() % 8)).reshape(-1, 8)
+    weights = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8)
+    return (bits * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_signs(packed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Entries [start, stop) of the sign bits (0 or 1, uint8) packed by ``pack_signs``."""
+    first, last = start // 8, (stop + 7) // 8
+    shifts = torch.arange(8, dtype=torch.uint8)
+    bits = (packed[first:last].unsqueeze(1) >> shifts) & 1
+    return bits.reshape(-1)[start - 8 * first : stop - 8 * first]
+
+
+def lowrank_rank(singular_values: torch.Tensor, shape: tuple[int, int], settings: dict) -> int:
+    """The rank the ``lowrank`` layout keeps for a tensor of ``shape`` with these singular values."""
+    m, n = shape
+    if "rank" in settings:
+        return min(settings["rank"], min(m, n))
+    if "density" in settings:
+        return max(1, min(min(m, n), int(settings["density"] * m * n / (m + n))))
+    energy = singular_values.to(torch.float64).square()
+    total = float(energy.sum())
+    if total == 0:
+        return 0
+    reached = energy.cumsum(0) >= settings["energy"] * total
+    return int(reached.nonzero()[0]) + 1 if bool(reached.any()) else len(energy)
+
+
+class _Encoder:
+    """Encodes one tensor at a time; plans every tensor's parts before writing."""
+
+    def __init__(self, vector, layout: str, settings: dict, device: torch.device | None = None):
+        self.vector, self.layout, self.settings, self.device = vector, layout, settings, device
+        self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+
+    def compute_dtype(self, spec: TensorSpec) -> torch.dtype:
+        return torch.float64 if spec.dtype == torch.float64 else torch.float32
+
+    def dense(self, name: str) -> torch.Tensor:
+        spec = self.vector.spec(name)
+        return self.vector.get_tensor(name, self.compute_dtype(spec)).reshape(spec.shape)
+
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Where the decompositions run (the vector's host memory when no device is given)."""
+        return t if self.device is None else t.to(self.device)
+
+    def plan(self, name: str) -> _Encoded:
+        spec = self.vector.spec(name)
+        dense = _Encoded(spec, "dense", {part_name(name, "dense"): spec})
+        value_dtype = spec.dtype
+        if spec.numel and not bool(self.dense(name).any()):
+            return _Encoded(spec, "zero", {})
+        if self.layout == "sparse":
+            k = trim_count(self.settings["density"], spec.numel) if spec.numel else 0
+            index_dtype = torch.int32 if spec.numel <= _INT32_LIMIT else torch.int64
+            return _Encoded(spec, "sparse", {part_name(name, "indices"): TensorSpec(index_dtype, (k,)), part_name(name, "values"): TensorSpec(value_dtype, (k,))})
+        if len(spec.shape) != 2 or spec.numel == 0:
+            return dense
+        m, n = spec.shape
+        if self.layout == "bitdelta":
+            return _Encoded(spec, "bitdelta", {part_name(name, "signs"): TensorSpec(torch.uint8, ((spec.numel + 7) // 8,)), part_name(name, "scale"): TensorSpec(value_dtype, ())})
+        # lowrank: the rank from density or rank needs no decomposition; energy needs the singular values
+        singular = torch.linalg.svdvals(self._on_device(self.dense(name))).cpu() if "energy" in self.settings else None
+        r = lowrank_rank(singular, (m, n), self.settings)
+        if r * (m + n) >= m * n:
+            return dense
+        return _Encoded(spec, "lowrank", {part_name(name, "A"): TensorSpec(value_dtype, (r, n)), part_name(name, "B"): TensorSpec(value_dtype, (m, r))})
+
+    def parts(self, name: str, encoded: _Encoded) -> dict[str, torch.Tensor]:
+        """The stored tensors of ``name``; the last two tensors' are kept, since the
+        writer asks for parts in its storage order, not tensor by tensor."""
+        if name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        t = self.dense(name)
+        dtype = encoded.spec.dtype
+        if encoded.encoding == "zero":
+            out = {}
+        elif encoded.encoding == "dense":
+            out = {"dense": t.to(dtype)}
+        elif encoded.encoding == "sparse":
+            flat = t.reshape(-1)
+            idx = sparse_indices(flat, self.settings["density"]) if flat.numel() else torch.zeros(0, dtype=torch.int64)
+            out = {"indices": idx.to(encoded.parts[part_name(name, "indices")].dtype), "values": flat[idx].to(dtype)}
+        elif encoded.encoding == "bitdelta":
+            scale = t.abs().to(torch.float64).mean()
+            out = {"signs": pack_signs(t.reshape(-1)), "scale": scale.to(dtype)}
+        else:
+            r = encoded.parts[part_name(name, "A")].shape[0]
+            u, s, vh = torch.linalg.svd(self._on_device(t), full_matrices=False)
+            out = {"B": (u[:, :r] * s[:r]).to(dtype).cpu().contiguous(), "A": vh[:r].to(dtype).cpu().contiguous()}
+        self._cache[name] = out
+        while len(self._cache) > 2:
+            self._cache.popitem(last=False)
+        return out
+
+
+@dataclass
+class CompressionResult:
+    """What ``compress`` wrote."""
+
+    output: Path
+    layout: str
+    settings: dict
+    fingerprint: str  # of the densified vector
+    source_fingerprint: str | None
+    stored_bytes: int
+    dense_bytes: int
+    encodings: dict[str, int]  # encoding -> number of tensors
+
+    @property
+    def ratio(self) -> float:
+        return self.dense_bytes / self.stored_bytes if self.stored_bytes else math.inf
+
+
+def compress(
+    vector,
+    output: str | os.PathLike,
+    layout: str,
+    density: float | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    source_fingerprint: str | None = None,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+    device: "str | torch.device | None" = None,
+) -> CompressionResult:
+    """Store the task vector ``vector`` in a compressed ``layout`` at ``output`` (a
+    ``.safetensors`` file or a folder), one tensor at a time; returns sizes and the
+    densified vector's fingerprint. ``source_fingerprint`` (the stored vector's) is
+    recorded in the metadata. With ``device`` the SVDs of ``lowrank`` run there."""
+    settings = check_settings(layout, density, rank, energy)
+    check_output_path(output, overwrite)
+    encoder = _Encoder(vector, layout, settings, parse_device(device))
+    with one_torch_thread():  # decompositions give the same bits run after run
+        plans = {name: encoder.plan(name) for name in vector.names}
+        specs = {part: spec for p in plans.values() for part, spec in p.parts.items()}
+        owner = {part: name for name, p in plans.items() for part in p.parts}
+        metadata = {
+            **vector.metadata(),
+            meta_keys.LAYOUT: layout,
+            meta_keys.LAYOUT_PARAMS: json.dumps(settings, sort_keys=True),
+            meta_keys.LAYOUT_TENSORS: json.dumps({n: p.describe() for n, p in plans.items()}, sort_keys=True, separators=(",", ":")),
+        }
+        if source_fingerprint:
+            metadata[meta_keys.SOURCE_FINGERPRINT] = source_fingerprint
+        with CheckpointWriter(output, specs, metadata, overwrite=overwrite) as writer:
+            seen = set()
+            for part in writer.order:
+                name = owner[part]
+                writer.write(part, encoder.parts(name, plans[name])[part.rsplit("/", 1)[1]])
+                if progress is not None and name not in seen:
+                    seen.add(name)
+                    progress(name)
+            writer.commit()
+    stored = open_checkpoint(output)  # a CompressedCheckpoint: the densified view
+    counts: dict[str, int] = {}
+    for p in plans.values():
+        counts[p.encoding] = counts.get(p.encoding, 0) + 1
+    return CompressionResult(
+        output=Path(output),
+        layout=layout,
+        settings=settings,
+        fingerprint=stored.fingerprint(),
+        source_fingerprint=source_fingerprint,
+        stored_bytes=stored.stored_bytes,
+        dense_bytes=stored.dense_bytes,
+        encodings=counts,
+    )
+
+
+# -- reading ----------------------------------------------------------------------
+
+
+class CompressedCheckpoint(Checkpoint):
+    """A compressed task vector seen as its dense tensors, densified block by block.
+
+    Blocks are fixed runs of ``CHUNK_ELEMENTS`` entries of the flattened tensor, so a
+    value reads back with the same bits whatever chunks ask for it; the last few
+    blocks are kept, for the executor's chunks that share one.
+    """
+
+    _KEPT_BLOCKS = 4
+
+    def __init__(self, stored: SafetensorsCheckpoint):
+        self.stored = stored
+        self.source = stored.source
+        meta = stored.metadata()
+        self.layout = meta[meta_keys.LAYOUT]
+        try:
+            table = json.loads(meta[meta_keys.LAYOUT_TENSORS])
+            self._specs = {n: TensorSpec(DTYPE_BY_CODE[t["dtype"]], tuple(int(d) for d in t["shape"])) for n, t in table.items()}
+            self._encoding = {n: str(t["encoding"]) for n, t in table.items()}
+            self.settings = json.loads(meta.get(meta_keys.LAYOUT_PARAMS, "{}"))
+        except (KeyError, TypeError, ValueError):
+            raise TaskVecError(f"{self.source}: corrupt compressed task vector (its {meta_keys.LAYOUT_TENSORS} metadata is missing or malformed)") from None
+        for name, encoding in self._encoding.items():
+            for part in _PARTS.get(encoding, ()):
+                if part_name(name, part) not in stored:
+                    raise TaskVecError(f"{self.source}: compressed tensor {name!r} ({encoding}) lacks its stored part {part!r}")
+            if encoding not in _PARTS:
+                raise TaskVecError(f"{self.source}: tensor {name!r} has unknown encoding {encoding!r}")
+        self._blocks: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def keys(self) -> list[str]:
+        return sorted(self._specs)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._specs
+
+    def spec(self, name: str) -> TensorSpec:
+        self._check(name)
+        return self._specs[name]
+
+    def encoding(self, name: str) -> str:
+        self._check(name)
+        return self._encoding[name]
+
+    def metadata(self) -> dict[str, str]:
+        return self.stored.metadata()
+
+    @property
+    def directory(self) -> Path | None:
+        return self.stored.directory
+
+    @property
+    def files(self) -> list[Path]:
+        """The safetensors files that hold the stored layout (what a copy copies)."""
+        return self.stored.files
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.stored.stored_bytes
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(s.nbytes for s in self._specs.values())
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """The whole dense tensor (a new tensor)."""
+        spec = self.spec(name)
+        return self.read_chunk(name, 0, spec.numel, spec.dtype).clone().reshape(spec.shape)
+
+    def raw_bytes(self, name: str) -> memoryview:
+        return tensor_bytes(self.get_tensor(name))
+
+    def read_chunk(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        spec = self.spec(name)
+        if self._encoding[name] == "dense":
+            return flat_slice(self.stored.get_tensor(part_name(name, "dense")), start, stop, dtype)
+        if stop <= start:
+            return torch.empty(0, dtype=dtype)
+        pieces = []
+        for block in range(start // CHUNK_ELEMENTS, (stop - 1) // CHUNK_ELEMENTS + 1):
+            lo = block * CHUNK_ELEMENTS
+            values = self._block(name, block, lo, min(spec.numel, lo + CHUNK_ELEMENTS))
+            pieces.append(values[max(start, lo) - lo : min(stop, lo + CHUNK_ELEMENTS) - lo])
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return out.to(dtype)
+
+    def _block(self, name: str, block: int, lo: int, hi: int) -> torch.Tensor:
+        key = (name, block)
+        with self._lock:
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
+                return self._blocks[key]
+        values = _DENSIFY[self._encoding[name]](self, name, lo, hi)
+        with self._lock:
+            self._blocks[key] = values
+            while len(self._blocks) > self._KEPT_BLOCKS:
+                self._blocks.popitem(last=False)
+        return values
+
+    def _part(self, name: str, part: str) -> torch.Tensor:
+        return self.stored.get_tensor(part_name(name, part))
+
+    def _zero(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        return torch.zeros(hi - lo, dtype=self._specs[name].dtype)
+
+    def _sparse(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        indices, values = self._part(name, "indices"), self._part(name, "values")
+        first = int(torch.searchsorted(indices, lo))
+        last = int(torch.searchsorted(indices, hi))
+        out = torch.zeros(hi - lo, dtype=self._specs[name].dtype)
+        out[indices[first:last].to(torch.int64) - lo] = values[first:last]
+        return out
+
+    def _bitdelta(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        scale = self._part(name, "scale").to(self._specs[name].dtype)
+        bits = unpack_signs(self._part(name, "signs"), lo, hi)
+        return (bits.to(scale.dtype) * 2 - 1) * scale  # exactly +scale or -scale
+
+    def _lowrank(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        a, b = self._part(name, "A"), self._part(name, "B")
+        cols = a.shape[1]
+        first_row, last_row = lo // cols, (hi + cols - 1) // cols
+        rows = b[first_row:last_row] @ a
+        return rows.reshape(-1)[lo - first_row * cols : hi - first_row * cols]
+
+    def _file_key(self) -> tuple | None:
+        key = self.stored._file_key()
+        return None if key is None else (*key, "densified")
+
+    def _check(self, name: str) -> None:
+        if name not in self._specs:
+            raise TaskVecError(f"{self.source}: no tensor named {name!r}")
+
+
+_PARTS = {"dense": ("dense",), "zero": (), "sparse": ("indices", "values"), "bitdelta": ("signs", "scale"), "lowrank": ("A", "B")}
+_DENSIFY = {
+    "zero": CompressedCheckpoint._zero,
+    "sparse": CompressedCheckpoint._sparse,
+    "bitdelta": CompressedCheckpoint._bitdelta,
+    "lowrank": CompressedCheckpoint._lowrank,
+}

@@ -1,0 +1,75 @@
+"""Start-up: commands import only what they use.
+
+Each check runs in a fresh interpreter and reads its ``sys.modules``: local work
+never imports MLflow (nor optuna, pandas, matplotlib or transformers), and
+``--version`` does not even import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("mlflow", "optuna", "pandas", "matplotlib", "transformers")
+
+
+def _loaded_after(code: str, cwd: Path) -> set[str]:
+    """Top-level package names in ``sys.modules`` after running ``code`` in a fresh interpreter."""
+    script = code + "\nimport json, sys\nprint(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_importing_the_cli_loads_neither_mlflow_nor_torch(tmp_path):
+    loaded = _loaded_after("import mlflow_taskvec.cli", tmp_path)
+    assert "mlflow_taskvec" in loaded
+    assert not loaded & {*HEAVY, "torch", "pydantic"}
+
+
+def test_version_does_not_import_torch(tmp_path):
+    code = (
+        "from mlflow_taskvec.cli import main\n"
+        "try:\n    main(['--version'])\nexcept SystemExit as exc:\n    assert exc.code == 0\n"
+    )
+    loaded = _loaded_after(code, tmp_path)
+    assert not loaded & {*HEAVY, "torch"}
+
+
+def test_local_compose_does_not_import_mlflow(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(4, 4, generator=g), "b": torch.randn(4, generator=g)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file({k: v + 0.1 for k, v in base.items()}, str(tmp_path / "ft.safetensors"))
+    (tmp_path / "recipe.yaml").write_text("base: base.safetensors\nscale: 0.5\nvectors:\n  - {finetuned: ft.safetensors}\n")
+    code = (
+        "from mlflow_taskvec.cli import main\n"
+        "main(['compose', 'recipe.yaml', '-o', 'out.safetensors', '-q'], standalone_mode=False)\n"
+    )
+    loaded = _loaded_after(code, tmp_path)
+    assert (tmp_path / "out.safetensors").is_file()  # it really composed
+    assert "torch" in loaded
+    assert not loaded & set(HEAVY)
+
+
+def test_local_inspect_and_extract_do_not_import_mlflow(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(4, 4, generator=g)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file({"w": base["w"] * 2}, str(tmp_path / "ft.safetensors"))
+    code = (
+        "from mlflow_taskvec.cli import main\n"
+        "main(['extract', '--base', 'base.safetensors', '--finetuned', 'ft.safetensors', '-o', 'tv.safetensors', '-q'], standalone_mode=False)\n"
+        "main(['inspect', 'tv.safetensors'], standalone_mode=False)\n"
+        "main(['methods'], standalone_mode=False)\n"
+    )
+    loaded = _loaded_after(code, tmp_path)
+    assert (tmp_path / "tv.safetensors").is_file()
+    assert not loaded & set(HEAVY)
