@@ -180,7 +180,12 @@ class AdaMerging(BaseModel):
     batch_size: int | None = Field(None, ge=1, description="at most this many rows per step and task (default: the batches as given)")
     clamp: tuple[float, float] | None = Field((0.0, 1.0), description="[low, high] after each step; null: unbounded")
     groups: list[str] | None = Field(None, description="tensor-name regexes (default: one layer per name prefix up to its layer index)")
-    device: str | None = Field(None, description="torch device for the learning, e.g. cuda (default: cpu)")
+    device: str | None = Field(None, description="where the learning runs: cpu, cuda, cuda:N or auto (default: the recipe's device, else cpu)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value):
+        return _as_taskvec_error(value, lambda v: None if v is None else device_name(v), "device")
 
     @field_validator("init", "lr", mode="before")
     @classmethod

@@ -197,8 +197,9 @@ def refused(tmp_path: Path, data: dict) -> str:
         (recipe(clamp=[1, 0]), "search.adamerging.clamp: [1.0, 0.0] is not [low, high] with low <= high"),
         ({**recipe(), "method": "ties", "params": {"density": 0.5}}, "adamerging learns task-arithmetic coefficients: the recipe's method is 'ties'"),
         (recipe("adamerging_evaluators:no_batches"), "unlabeled('parity', 'validation') yielded no batch"),
+        (recipe(device="tpu"), "search.adamerging.device: 'tpu' is not one of cpu, cuda, cuda:N or auto"),
     ],
-    ids=["no-unlabeled", "steps-0", "lr-0", "lr-negative", "group-matches-nothing", "group-not-a-regex", "clamp-reversed", "not-task-arithmetic", "no-batches"],
+    ids=["no-unlabeled", "steps-0", "lr-0", "lr-negative", "group-matches-nothing", "group-not-a-regex", "clamp-reversed", "not-task-arithmetic", "no-batches", "unknown-device"],
 )
 def test_bad_adamerging_input_is_one_line_and_registers_nothing(store, tmp_path, data, fragment):
     client = mlflow.tracking.MlflowClient()

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from mlflow_taskvec.engine.coefficients import DEFAULT_GLOB, Coefficient
+from mlflow_taskvec.engine.device import parse_device
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.recipe import AdaMerging
 
@@ -195,7 +196,7 @@ def learn_coefficients(
     quiet: bool = True,
 ) -> Learned:
     """Learn ``lambda`` (see the module's docstring); ``on_step(step, entropy, per_task)`` after each step."""
-    device = torch.device(settings.device or "cpu")
+    device = parse_device(settings.device, "search.adamerging.device") or torch.device("cpu")
     names = sorted({n for v in vectors for n in v})
     moving = [n for n in names if any(bool(v[n].any()) for v in vectors if n in v)]  # all-zero tensors learn nothing
     if settings.layerwise:
@@ -330,6 +331,12 @@ def plot_entropy(learned: Learned, path: Path) -> None:
 # -- inside a search run ---------------------------------------------------------------------------
 
 
+def _settings(recipe) -> AdaMerging:
+    """The recipe's AdaMerging settings; the learning runs on the recipe's device unless they name one."""
+    settings = recipe.search.adamerging or AdaMerging()
+    return settings if settings.device is not None else settings.model_copy(update={"device": recipe.device})
+
+
 def check_can_learn(recipe, evaluation) -> None:
     """Refuse, before any run starts, what AdaMerging cannot learn from."""
     if getattr(evaluation.evaluator, "unlabeled", None) is None or not callable(evaluation.evaluator.unlabeled):
@@ -341,7 +348,8 @@ def check_can_learn(recipe, evaluation) -> None:
         raise TaskVecError(f"search strategy adamerging learns task-arithmetic coefficients: the recipe's method is {recipe.method!r}")
     if any(isinstance(e.weight, dict) for e in recipe.vectors) or isinstance(recipe.scale, dict):
         raise TaskVecError("search strategy adamerging learns per-layer weights: give each vector a plain weight (its sign is kept)")
-    settings = recipe.search.adamerging or AdaMerging()
+    settings = _settings(recipe)
+    parse_device(settings.device, "search.adamerging.device")  # one that this machine lacks: refused now
     if settings.groups:
         layer_groups(sorted({n for item in evaluation.inputs for n in item.vector.names}), settings.groups)
 
@@ -356,7 +364,7 @@ def learn_in_run(recipe, base_path: Path, evaluation, labels: list[str], folder:
     from mlflow_taskvec.mlflow import flavor
 
     search = recipe.search
-    settings = search.adamerging or AdaMerging()
+    settings = _settings(recipe)
     base = flavor.read_state(base_path)
     vectors = [{n: item.vector.get_tensor(n) for n in item.vector.names} for item in evaluation.inputs]
     signs = [-1.0 if e.weight < 0 else 1.0 for e in recipe.vectors]
