@@ -328,7 +328,7 @@ class _Count(click.ParamType):
 
 @main.command("search")
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("--strategy", type=click.Choice(["grid", "optuna", ""]), default=None, callback=_unset_if_empty, help="Override search.strategy (default: grid).")
+@click.option("--strategy", type=click.Choice(["grid", "optuna", "adamerging", ""]), default=None, callback=_unset_if_empty, help="Override search.strategy (default: grid).")
 @click.option("--objective", default=None, callback=_unset_if_empty, help="Override search.objective: auto, mean_normalized, negation, or a metric name.")
 @click.option("--trials", type=_Count(), default=None, help="optuna: trials for this worker (default: search.trials).")
 @click.option("--storage", default=None, callback=_unset_if_empty, help="optuna: RDB storage URL shared by several workers (e.g. postgresql://host/db).")
@@ -350,6 +350,7 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
     """
     import yaml
 
+    from mlflow_taskvec.engine.coefficients import describe
     from mlflow_taskvec.engine.writer import write_text_atomically
     from mlflow_taskvec.mlflow.search import search
     from mlflow_taskvec.recipe import load_recipe, parse_recipe
@@ -368,7 +369,7 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
     result = search(spec, register_as=register_as, alias=alias, memory=memory, quiet=quiet, allow_mixed=allow_mixed)
     best = result.best
     _echo(quiet, f"search run: {result.run_id}  candidates: {len(result.candidates)}  objective: {result.objective.describe}")
-    _echo(quiet, f"best: scale {best.scale:g}  weights {[round(w, 4) for w in best.weights]}"
+    _echo(quiet, f"best: scale {best.scale:g}  weights [{', '.join(describe(w) if isinstance(w, dict) else repr(round(w, 4)) for w in best.weights)}]"
           + (f"  params {json.dumps(best.params)}" if best.params else "") + f"  objective {best.objective:.4f} (validation)")
     keys = [k for k in sorted(result.test_metrics) if k.startswith(("mean.", "control."))] or sorted(result.test_metrics)
     _echo(quiet, "test: " + "  ".join(f"{k}={result.test_metrics[k]:.4f}" for k in keys))
@@ -377,6 +378,40 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
         _echo(quiet, f"winning recipe: {output_recipe}")
     if result.registered is not None:
         _report_registration(quiet, result.registered)
+
+
+@main.command("leaderboard")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--methods", required=True, help="Comma-separated merge methods to rank, e.g. task_arithmetic,ties,tsv_m,iso_c,adamerging.")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table", help="How to print the table.")
+@click.option("--trials", type=_Count(), default=None, help="optuna trials for each method with searchable parameters (default: search.trials).")
+@click.option("--memory", type=click.Choice(["auto", "memory", "streamed"]), default="auto", help="Compose candidates in memory, or through a temporary folder.")
+@click.option("--register", "register_as", default=None, metavar="NAME", callback=_unset_if_empty, help="Register the best method's winner as a version of NAME.")
+@click.option("--register-each", is_flag=True, help="With --register: register every method's winner as a version of NAME (alias 'best' on the best).")
+@_allow_mixed
+@_quiet
+@_fail_cleanly
+def leaderboard_command(recipe, methods, fmt, trials, memory, register_as, register_each, allow_mixed, quiet):
+    """Rank merge METHODS on a RECIPE's inputs: per method a child run searches its coefficients on
+    the validation split and evaluates the winner on the test split; the table and a bar chart are
+    logged on the parent run."""
+    from mlflow_taskvec.mlflow.leaderboard import leaderboard, parse_methods, render
+    from mlflow_taskvec.recipe import load_recipe, parse_recipe
+
+    names = parse_methods(methods)  # before the recipe is read or a run started
+    if register_each and register_as is None:
+        raise click.UsageError("--register-each needs --register NAME")
+    spec = load_recipe(recipe)
+    if trials is not None:
+        data = spec.model_dump(exclude_unset=True)
+        data["search"] = {**(spec.search.model_dump(exclude_unset=True) if spec.search else {}), "trials": trials}
+        spec = parse_recipe(data, f"{recipe} (with the command's options)", spec.source_dir)
+    board = leaderboard(spec, names, register_as=register_as, register_each=register_each, memory=memory, quiet=quiet, allow_mixed=allow_mixed)
+    click.echo(render(board.table, fmt))
+    if not quiet:  # the table is what stdout carries (csv and json stay parseable)
+        click.echo(f"leaderboard run: {board.run_id}  best: {board.best.method}", err=True)
+        for reg in board.registered:
+            click.echo(f"registered: {reg.version_uri}  (model {reg.model_uri}, run {reg.run_id})", err=True)
 
 
 _adapter_base = click.option("--base", default=None, help="The base of a PEFT LoRA adapter (default: its base_model_name_or_path, if a local folder).")
@@ -565,15 +600,30 @@ def approve(ref, alias, note):
 
 @main.command()
 @click.argument("ref")
-@click.option("--format", "fmt", type=click.Choice(["text", "json", "dot"]), default="text", help="A tree for people, JSON for scripts, Graphviz dot for pictures.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "dot", "png"]), default="text",
+              help="A tree for people, JSON for scripts, Graphviz dot, or a PNG picture (needs --output).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="Write it to this file instead of stdout.")
 @_fail_cleanly
-def lineage(ref, fmt):
+def lineage(ref, fmt, output):
     """What REF (a registered version) is made of: composite -> inputs -> task vectors -> fine-tunes and base."""
     from mlflow_taskvec.mlflow import lineage as lineage_module
 
+    if fmt == "png" and output is None:
+        raise click.UsageError("--format png writes a picture: give --output FILE.png")
     root = lineage_module.lineage(ref)
+    if fmt == "png":
+        from mlflow_taskvec.mlflow.lineage_plot import draw_lineage
+
+        width, height = draw_lineage(root, output)
+        click.echo(f"lineage picture: {output} ({width}x{height} pixels)", err=True)
+        return
     render = {"text": lineage_module.render_text, "json": lineage_module.render_json, "dot": lineage_module.render_dot}[fmt]
-    click.echo(render(root))
+    if output is None:
+        click.echo(render(root))
+    else:
+        from mlflow_taskvec.engine.writer import write_text_atomically
+
+        write_text_atomically(output, render(root) + "\n")
 
 
 @main.command()

@@ -37,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -161,6 +162,57 @@ class Range(BaseModel):
         return [round(self.low + i * self.step, 10) for i in range(count)]
 
 
+class AdaMerging(BaseModel):
+    """``search.strategy: adamerging``: coefficients learned on unlabeled inputs (Yang et al., arXiv 2310.02575).
+
+    ``lambda[i, layer]`` (task-wise: ``lambda[i]`` when ``layerwise`` is false) is learned by
+    Adam, minimizing the mean Shannon entropy of the composite's predictions on the
+    evaluator's ``unlabeled(task, split)`` inputs of the validation split. ``groups`` are
+    tensor-name regexes: a tensor belongs to the first that matches, and the match's
+    first capture group (else the whole match) names its layer.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    layerwise: bool = True
+    steps: int = Field(200, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    init: float = 0.3
+    batch_size: int | None = Field(None, ge=1, description="at most this many rows per step and task (default: the batches as given)")
+    clamp: tuple[float, float] | None = Field((0.0, 1.0), description="[low, high] after each step; null: unbounded")
+    groups: list[str] | None = Field(None, description="tensor-name regexes (default: one layer per name prefix up to its layer index)")
+    device: str | None = Field(None, description="where the learning runs: cpu, cuda, cuda:N or auto (default: the recipe's device, else cpu)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value):
+        return _as_taskvec_error(value, lambda v: None if v is None else device_name(v), "device")
+
+    @field_validator("init", "lr", mode="before")
+    @classmethod
+    def _numbers(cls, value):
+        return _finite_number(value)
+
+    @field_validator("clamp")
+    @classmethod
+    def _clamp(cls, value):
+        if value is not None and (not all(math.isfinite(v) for v in value) or value[0] > value[1]):
+            raise ValueError(f"{list(value)} is not [low, high] with low <= high")
+        return value
+
+    @field_validator("groups")
+    @classmethod
+    def _regexes(cls, value):
+        if value is not None and not value:
+            raise ValueError("an empty list names no layer (leave it out for the default)")
+        for i, pattern in enumerate(value or []):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"[{i}] {pattern!r} is not a regular expression ({exc})") from None
+        return value
+
+
 class Search(BaseModel):
     """How ``mlflow-taskvec search`` picks coefficients (see the README).
 
@@ -171,7 +223,7 @@ class Search(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    strategy: Literal["grid", "optuna"] = "grid"
+    strategy: Literal["grid", "optuna", "adamerging"] = "grid"
     objective: str = Field("auto", description="auto | mean_normalized | negation | a metric name to maximize")
     metric: str = Field("accuracy", description="the evaluator's metric the objective is about")
     scale: Range = Field(default_factory=lambda: Range(low=0.0, high=1.0, step=0.05), description="default: the method's search_scale, step 0.05")
@@ -186,6 +238,8 @@ class Search(BaseModel):
     study_name: str | None = None
     validation_split: str = "validation"
     control_min_ratio: float = Field(0.95, gt=0, description="negation: each control task keeps this share of the base's metric")
+    # read by strategy adamerging, and by a leaderboard's adamerging row whatever the strategy
+    adamerging: AdaMerging | None = Field(None, description="strategy adamerging's settings (default: AdaMerging())")
 
     @field_validator("objective")
     @classmethod
@@ -203,6 +257,8 @@ class Search(BaseModel):
                 raise ValueError("weights and params ranges are searched by strategy optuna; grid searches the scale")
         if (self.storage or self.study_name) and self.strategy != "optuna":
             raise ValueError("storage and study_name apply to strategy optuna")
+        if self.strategy == "adamerging" and (self.weights is not None or self.params):
+            raise ValueError("weights and params ranges are searched by strategy optuna; adamerging learns the weights")
         return self
 
 

@@ -362,3 +362,22 @@ def replace_weights_with_matching_records(client: MlflowClient, model_id: str) -
 
 def all_versions(client: MlflowClient) -> list[tuple[str, str]]:
     return sorted((mv.name, str(mv.version)) for mv in client.search_model_versions())
+
+
+# -- a base and real fine-tunes (for searches whose winner must make sense) -------------------
+
+
+def register_trained_vectors(tasks, steps: int = 40, lr: float = 1e-2) -> torch.nn.Module:
+    """Register ``digits-base`` and, per task, a real fine-tune of its encoder (``steps`` full-batch
+    Adam steps) as the task vector ``digits-<task>-vector`` version 1; returns the base net."""
+    base_net = tiny_net(0)
+    with mlflow.start_run(run_name="pretrain"):
+        log_checkpoint(base_net, "base", registered_model_name=BASE_NAME, signature=signature_for(base_net))
+    base = resolve(f"models:/{BASE_NAME}/1")
+    for task in tasks:
+        net = digits_tasks.train(copy.deepcopy(base_net), task, steps=steps, lr=lr)
+        with mlflow.start_run(run_name=f"finetune-{task}"):
+            info = log_checkpoint(net, "finetuned")
+        ft = resolve(info.model_uri)
+        register_task_vector(TaskVector.extract(base.path, ft.path, task=task), vector_name(task), base, ft)
+    return base_net

@@ -10,7 +10,7 @@ import yaml
 from mlflow_helpers import ROOT
 from packaging.requirements import Requirement
 
-ENTRY_POINTS = {"main", "pretrain", "finetune", "extract", "compose", "search"}
+ENTRY_POINTS = {"main", "pretrain", "finetune", "extract", "compose", "search", "leaderboard"}
 
 
 def normalized(requirement: str) -> str:
@@ -48,7 +48,7 @@ def test_conda_env_provides_python_and_pip():
     assert any(isinstance(d, str) and d.startswith("python") for d in env["dependencies"])
 
 
-def test_mlproject_declares_the_six_entry_points_and_the_conda_env():
+def test_mlproject_declares_the_seven_entry_points_and_the_conda_env():
     project = yaml.safe_load((ROOT / "MLproject").read_text("utf-8"))
 
     assert set(project["entry_points"]) == ENTRY_POINTS

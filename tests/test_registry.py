@@ -124,7 +124,7 @@ def test_a_task_vector_description_tabulates_base_fine_tune_and_vector(registry,
 
     assert text.startswith("**Task vector** for task `rotate`")
     assert "| role | reference | fingerprint |" in text
-    assert f"| base | `models:/{BASE_NAME}/1` | `{tags['taskvec.base_fingerprint'][:16]}` |" in text
+    assert f"| base | [`models:/{BASE_NAME}/1`](#/models/{BASE_NAME}/versions/1) | `{tags['taskvec.base_fingerprint'][:16]}` |" in text
     assert f"| fine-tune | `models:/{registry.finetunes['rotate'].model_id}` |" in text
     assert f"| task vector | this version | `{tags['taskvec.fingerprint'][:16]}` |" in text
 
@@ -189,9 +189,9 @@ def test_the_composite_description_is_a_markdown_lineage_table(registry, client)
 
     assert text.startswith("**Composite** by `task_arithmetic`, scale 0.7.")
     assert "| role | model | version | weight | fingerprint |" in text
-    assert f"| base | `{BASE_NAME}` | 1 | - |" in text
-    assert f"| task vector | `{vector_name('rotate')}` | 1 | 1 | `{fp['rotate']}` |" in text
-    assert f"| task vector | `{vector_name('flip')}` | 1 | -0.5 | `{fp['flip']}` |" in text
+    assert f"| base | [`{BASE_NAME}`](#/models/{BASE_NAME}/versions/1) | 1 | - |" in text
+    assert f"| task vector | [`{vector_name('rotate')}`](#/models/{vector_name('rotate')}/versions/1) | 1 | 1 | `{fp['rotate']}` |" in text
+    assert f"| task vector | [`{vector_name('flip')}`](#/models/{vector_name('flip')}/versions/1) | 1 | -0.5 | `{fp['flip']}` |" in text
 
 
 def test_composite_weights_equal_base_plus_scale_times_the_weighted_sum_of_vectors(registry):

@@ -159,6 +159,16 @@ def evaluate(model: DigitsNet, task: str, split: str = "test") -> dict[str, floa
     return {"accuracy": accuracy(model, task, split)}
 
 
+def unlabeled(task: str, split: str = "validation"):
+    """The evaluator's unlabeled inputs (what ``search`` strategy ``adamerging`` learns from):
+    one batch, the arguments of the model's forward, ``(images, task)``; the labels stay here."""
+    x, _ = load_task(task, split)
+    yield (x, task)
+
+
+evaluate.unlabeled = unlabeled
+
+
 def load_weights(state_dict: dict[str, torch.Tensor], hidden: int = HIDDEN) -> DigitsNet:
     model = DigitsNet(hidden)
     model.load_state_dict(state_dict)

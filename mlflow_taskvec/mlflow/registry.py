@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import yaml
 
@@ -37,6 +38,7 @@ from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.downloads import Resolved
 from mlflow_taskvec.mlflow.evaluate import composite_evaluation, module_builder
 from mlflow_taskvec.mlflow.inputs import resolve_inputs
+from mlflow_taskvec.mlflow.lineage_plot import log_lineage_picture
 from mlflow_taskvec.mlflow.runs import owned_run
 from mlflow_taskvec.mlflow.server import check_can_register, server_error, server_errors
 from mlflow_taskvec.modelcard import hub_name_of
@@ -47,6 +49,21 @@ from mlflow_taskvec.references import is_local
 def _fmt(value: Coefficient) -> str:
     """A number for tags and descriptions; a per-layer coefficient as JSON, its globs in order."""
     return json.dumps(value) if isinstance(value, dict) else f"{value:.6g}"
+
+
+_URI_COMPONENT_SAFE = "!*'()"  # what encodeURIComponent leaves as it is, besides letters, digits and -_.~
+
+
+def version_page(name: str, version: str) -> str:
+    """The registry UI's page of a model version, relative to the UI (its hash router's route,
+    with the name encoded as the UI's own links encode it: encodeURIComponent)."""
+    return f"#/models/{quote(name, safe=_URI_COMPONENT_SAFE)}/versions/{version}"
+
+
+def _model_cell(res: Resolved, text: str | None = None) -> str:
+    """A description table's cell naming ``res``: a link to its version page when it is a registered version."""
+    shown = f"`{text or res.name or res.canonical}`"
+    return f"[{shown}]({version_page(res.name, res.version)})" if res.name and res.version else shown
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
@@ -257,8 +274,8 @@ def _vector_description(vector: TaskVector, base: Resolved, finetuned: Resolved,
             "",
             "| role | reference | fingerprint |",
             "|---|---|---|",
-            f"| base | `{base.canonical}` | `{base.fingerprint[:16]}` |",
-            f"| fine-tune | `{finetuned.canonical}` | `{finetuned.fingerprint[:16]}` |",
+            f"| base | {_model_cell(base, base.canonical)} | `{base.fingerprint[:16]}` |",
+            f"| fine-tune | {_model_cell(finetuned, finetuned.canonical)} | `{finetuned.fingerprint[:16]}` |",
             f"| task vector | this version | `{conf['fingerprint'][:16]}` |",
             "",
             f"{conf['num_parameters']} parameters in {conf['num_tensors']} tensors, L2 norm {_fmt(conf['l2_norm'])}, dtype {conf['dtype']}.",
@@ -387,6 +404,7 @@ def register_composite(
         mv = _create_version(name, info, run.info.run_id, tags, description)
         if claim is not None:
             claim.move_into_place(weights)
+        log_lineage_picture(f"models:/{name}/{mv.version}")
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, mv.version)
     registered = Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
@@ -438,11 +456,11 @@ def composite_description(
         "",
         "| role | model | version | weight | fingerprint |",
         "|---|---|---|---|---|",
-        f"| base | `{base.name or base.canonical}` | {base.version or '-'} | - | `{base.fingerprint[:16]}` |",
+        f"| base | {_model_cell(base)} | {base.version or '-'} | - | `{base.fingerprint[:16]}` |",
     ]
     for e, r in zip(recipe.vectors, inputs):
         role = "task vector" if e.vector is not None else "fine-tune"
-        lines.append(f"| {role} | `{r.name or r.canonical}` | {r.version or '-'} | {_fmt(e.weight)} | `{r.fingerprint[:16]}` |")
+        lines.append(f"| {role} | {_model_cell(r)} | {r.version or '-'} | {_fmt(e.weight)} | `{r.fingerprint[:16]}` |")
     lines += ["", f"Output fingerprint `{fingerprint}`; recipe sha256 `{recipe.sha256()}`."]
     if note:
         lines += ["", note]

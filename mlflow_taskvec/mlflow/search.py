@@ -34,7 +34,7 @@ from mlflow.exceptions import MlflowException
 
 from mlflow_taskvec.compose import compose, compose_to
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
-from mlflow_taskvec.engine.coefficients import values_of
+from mlflow_taskvec.engine.coefficients import Coefficient, describe, values_of
 from mlflow_taskvec.engine.methods import get_method, validate_params
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.mlflow import tags as tag
@@ -43,7 +43,7 @@ from mlflow_taskvec.mlflow.inputs import Inputs, resolve_inputs
 from mlflow_taskvec.mlflow.registry import Registered, check_destination, register_composite
 from mlflow_taskvec.mlflow.runs import owned_run
 from mlflow_taskvec.progress import progress_bar
-from mlflow_taskvec.recipe import Recipe, Search
+from mlflow_taskvec.recipe import AdaMerging, Recipe, Search
 
 MEMORY_MODES = ("auto", "memory", "streamed")
 
@@ -104,11 +104,17 @@ def make_objective(search: Search, recipe: Recipe, evaluation: CompositeEvaluati
     return Objective("metric", kind, f"maximize {kind}", plain)
 
 
+ENTROPY = Objective(
+    "entropy", "entropy", "minimize the mean entropy of the composite's predictions on unlabeled inputs (AdaMerging)",
+    lambda m: (-m["entropy"], True),
+)
+
+
 @dataclass
 class Candidate:
     number: int
     scale: float
-    weights: list[float]
+    weights: list[Coefficient]
     params: dict
     metrics: dict[str, float] = field(default_factory=dict)
     objective: float = float("nan")
@@ -218,6 +224,8 @@ def _optuna(search, recipe, composer, evaluation, objective, labels, parent_id, 
     def suggest(trial, name: str, r) -> float:
         return trial.suggest_float(name, r.low, r.high, step=None if r.log else r.step, log=r.log)
 
+    method = get_method(recipe.method)
+
     def run_trial(trial) -> float:
         scale = suggest(trial, "scale", search.scale)
         weights = [e.weight for e in recipe.vectors]
@@ -290,7 +298,7 @@ def _table(candidates: list[Candidate], labels: list[str]) -> pd.DataFrame:
     rows = []
     for c in candidates:
         row = {"candidate": c.number, "scale": c.scale}
-        row.update({f"weight.{label}": w for label, w in zip(labels, c.weights)})
+        row.update({f"weight.{label}": w if isinstance(w, float) else describe(w) for label, w in zip(labels, c.weights)})
         row.update({f"params.{k}": v for k, v in c.params.items()})
         row.update({"objective": c.objective, "feasible": c.feasible})
         row.update(dict(sorted(c.metrics.items())))
@@ -350,7 +358,13 @@ def search(
     inputs = resolve_inputs(recipe)  # the policy first: before anything is downloaded or evaluated
     base = inputs.base
     evaluation = composite_evaluation(inputs)
-    objective = make_objective(settings, recipe, evaluation)
+    if settings.strategy == "adamerging":
+        from mlflow_taskvec.mlflow import adamerging
+
+        adamerging.check_can_learn(recipe, evaluation)  # before a run starts
+        objective = ENTROPY
+    else:
+        objective = make_objective(settings, recipe, evaluation)
     composer = _Composer(inputs, evaluation, memory)
     labels = _labels(recipe, evaluation)
 
@@ -364,7 +378,7 @@ def search(
                 "search.metric": settings.metric,
                 "search.validation_split": settings.validation_split,
                 "search.scale": str(settings.scale),
-                "search.trials": settings.trials if settings.strategy == "optuna" else len(settings.scale.grid()),
+                "search.trials": _planned_trials(settings),
                 "method": recipe.method,
                 "base": base.canonical,
                 **{f"input.{label}": r.canonical for label, r in zip(labels, inputs.vectors)},
@@ -372,10 +386,17 @@ def search(
         )
         args = (settings, recipe, composer, evaluation, objective, labels, parent_id, quiet)
         shared = None
+        folder = Path(tmp) / "search"
+        folder.mkdir()
         if settings.strategy == "grid":
             candidates = _grid(*args)
-        else:
+        elif settings.strategy == "optuna":
             candidates, shared = _optuna(*args)
+        else:
+            weights, learned = adamerging.learn_in_run(recipe, base.path, evaluation, labels, folder, quiet)
+            # the learned composite is the one candidate; no labels are read before the test split
+            metrics = {"entropy": learned.final_entropy, "initial_entropy": learned.initial_entropy}
+            candidates = [Candidate(0, 1.0, weights, dict(recipe.params), metrics, -learned.final_entropy, True)]
         best = _pick(candidates, shared)
         winner = recipe.model_copy(update={"scale": best.scale, "params": best.params, "search": None}, deep=True)
         for entry, weight in zip(winner.vectors, best.weights):
@@ -385,10 +406,9 @@ def search(
 
         # A winner from another worker of a shared study is listed too, as candidate -1.
         table = _table(candidates if best.number >= 0 else [*candidates, best], labels)
-        folder = Path(tmp) / "search"
-        folder.mkdir()
         table.to_csv(folder / "candidates.csv", index=False)
-        _plot(table, objective, best, recipe.evaluation, settings.metric, folder / "objective_vs_scale.png")
+        if settings.strategy != "adamerging":  # one learned candidate: its pictures are the coefficients and the entropy curve
+            _plot(table, objective, best, recipe.evaluation, settings.metric, folder / "objective_vs_scale.png")
         (folder / "best_recipe.yaml").write_text(yaml.safe_dump(winner.model_dump(exclude={"output", "search"}), sort_keys=False), "utf-8")
         mlflow.log_artifacts(str(folder), artifact_path="search")
 
@@ -455,12 +475,23 @@ def _pick(candidates: list[Candidate], shared: dict | None) -> Candidate:
     return best
 
 
+def _planned_trials(settings: Search) -> int:
+    """Candidates of a grid, trials of optuna, steps of AdaMerging."""
+    if settings.strategy == "optuna":
+        return settings.trials
+    if settings.strategy == "adamerging":
+        return (settings.adamerging or AdaMerging()).steps
+    return len(settings.scale.grid())
+
+
 def _note(summary: dict, objective: Objective, settings: Search) -> str:
-    how = (
-        f"a grid over scale {settings.scale}"
-        if settings.strategy == "grid"
-        else f"optuna ({settings.sampler}, {summary.get('trials_in_study', summary['candidates'])} trials)"
-    )
+    if settings.strategy == "grid":
+        how = f"a grid over scale {settings.scale}"
+    elif settings.strategy == "optuna":
+        how = f"optuna ({settings.sampler}, {summary.get('trials_in_study', summary['candidates'])} trials)"
+    else:
+        ada = settings.adamerging or AdaMerging()
+        how = f"AdaMerging ({'layer-wise' if ada.layerwise else 'task-wise'}, {ada.steps} Adam steps at lr {ada.lr:g}, no labels read)"
     return (
         f"Coefficients picked by search: {how}, {objective.describe} on the {summary['validation_split']} split "
         f"(best {summary['best_value']:.4g}); metrics below are on the {summary['test_split']} split. "

@@ -42,6 +42,7 @@ SEARCH = "taskvec.search"  # JSON summary of the search that picked a winner's c
 SEARCH_ROLE = "taskvec.search.role"  # on runs: search | candidate | winner
 SEARCH_FEASIBLE = "taskvec.search.feasible"
 SEARCH_BEST_RUN_ID = "taskvec.search.best_run_id"
+LEADERBOARD = "taskvec.leaderboard"  # JSON: the method a version won for, and the leaderboard's run
 
 # runs
 RUN_PROCESS = "taskvec.process"  # on runs a command started or resumed: host:pid:start of that process
