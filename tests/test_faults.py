@@ -473,9 +473,11 @@ def test_a_run_left_running_by_a_process_that_died_is_ended_by_the_next_registra
         status = {r.info.run_id: r.info.status for r in store.client.search_runs([store.experiment_id])}
         assert status[orphan.info.run_id] == "FAILED"
         assert status[alive.info.run_id] == status[elsewhere.info.run_id] == "RUNNING"  # cannot tell: left alone
-        assert result.stderr.splitlines() == [
-            f"Warning: run {orphan.info.run_id} was left RUNNING by process {gone.pid}, which has ended; it is now FAILED"
-        ]
+        stale, local = result.stderr.splitlines()
+        assert stale == f"Warning: run {orphan.info.run_id} was left RUNNING by process {gone.pid}, which has ended; it is now FAILED"
+        # and, the recipe naming local files, the version's reproducibility warning
+        assert local.startswith("Warning: models:/edit/") and " names local paths (" in local
+        assert local.endswith("register the inputs and use their models:/ URIs to make it reproducible")
 
 
 # -- the final move, with the kernel's renameat2 and with the portable fallbacks ------------------

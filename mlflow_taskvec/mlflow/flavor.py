@@ -114,6 +114,17 @@ def hf_flavor_of(model_dir: "Path | None") -> tuple[str, str] | None:
     return None
 
 
+def _known_architecture(folder: Path) -> bool:
+    """Whether the installed transformers can build the model a folder's ``config.json`` names: only
+    then is a text input example given (MLflow serves it to check it, and would warn otherwise)."""
+    try:
+        from transformers import CONFIG_MAPPING
+
+        return json.loads((folder / "config.json").read_text("utf-8")).get("model_type") in CONFIG_MAPPING
+    except (ImportError, OSError, ValueError):
+        return False
+
+
 def has_tokenizer(folder: Path) -> bool:
     """Whether an HF folder, or an MLflow transformers model folder, holds a tokenizer."""
     folder = Path(folder)
@@ -271,7 +282,7 @@ def save_model(
             lines = (Path(hf_base) / _REQUIREMENTS_FILE_NAME).read_text("utf-8").splitlines()
             extra_pip_requirements = [line for line in lines if line.strip() and not line.startswith(("mlflow", "-"))]
     elif kind == "checkpoint":
-        if conf["architecture"].get("hf_config") and has_tokenizer(path / data):
+        if conf["architecture"].get("hf_config") and has_tokenizer(path / data) and _known_architecture(path / data):
             signature = signature or text_signature(path / data)
             input_example = input_example if input_example is not None else ["The quick brown fox jumps over the lazy dog."]
         if input_example is not None:
