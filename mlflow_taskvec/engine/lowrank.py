@@ -83,10 +83,7 @@ class LowRankTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return TensorSpec(DENSE_DTYPE, self.shape).numel
 
     def rows(self, first: int, last: int) -> torch.Tensor:
         """Rows [first, last) of the dense float32 delta (rank > 0; see the module docstring)."""
