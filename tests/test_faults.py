@@ -194,10 +194,11 @@ def test_partials_left_by_a_killed_writer_are_removed_by_the_next_write_to_that_
 
 @pytest.fixture(scope="module")
 def big_inputs(tmp_path_factory) -> tuple[Path, dict]:
-    """A recipe over a base and fine-tune big enough (16 tensors of 2M entries, 128 MB out)
-    for a compose to be signalled while it writes; constant tensors, quick to make."""
+    """A recipe over a base and fine-tune big enough (48 tensors of 2M entries, 384 MB out)
+    for a compose to be still writing when it is signalled, on a quiet machine too (the
+    signal is sent once the partial appears); constant tensors, quick to make."""
     folder = tmp_path_factory.mktemp("big")
-    base = {f"layers.{i}.weight": torch.full((1 << 21,), float(i)) for i in range(16)}
+    base = {f"layers.{i}.weight": torch.full((1 << 21,), float(i)) for i in range(48)}
     save_file(base, str(folder / "base.safetensors"))
     save_file({n: t + 0.5 for n, t in base.items()}, str(folder / "ft.safetensors"))
     (folder / "recipe.yaml").write_text("base: base.safetensors\nvectors: [{finetuned: ft.safetensors}]\n", "utf-8")
