@@ -182,8 +182,8 @@ def log_bases(args, result: Result) -> None:
     print(f"bases: {result.base_st} (sentence_transformers), {result.base_hf} (transformers)", flush=True)
 
 
-def finetune(args, result: Result, task: str, lora: bool):
-    """Fine-tune, log (its own run), register its task vector; returns the in-memory model."""
+def finetune(args, result: Result, task: str, lora: bool) -> None:
+    """Fine-tune, evaluate on every task and log (its own run), register its task vector."""
     import mlflow
 
     key, steps, lr = (f"{task}-lora", args.lora_steps, args.lora_lr) if lora else (task, args.steps, args.lr)
@@ -193,7 +193,8 @@ def finetune(args, result: Result, task: str, lora: bool):
         model = T.train(lora_model(args.lora_rank, args.seed) if lora else sentence_transformer(), task, steps, lr, args.batch_size, args.seed)
         seconds = time.perf_counter() - start
         info = log_hf(model, "finetuned") if lora else log_st(model, "finetuned")
-        mlflow.log_metrics({"train_seconds": seconds, f"{task}.accuracy": T.accuracy(model, task, "test", args.eval_limit)}, model_id=info.model_id)
+        acc = result.accuracy[f"fine-tune {task}{' LoRA' if lora else ''}"] = accuracies(model, result.tasks, args.eval_limit)
+        mlflow.log_metrics({"train_seconds": seconds, **{f"{t}.accuracy": a for t, a in acc.items()}}, model_id=info.model_id)
         run_id = run.info.run_id
     print(f"fine-tuned {key} in {seconds:.1f} s: {info.model_uri}", flush=True)
     result.finetunes[key] = info.model_uri
@@ -201,7 +202,6 @@ def finetune(args, result: Result, task: str, lora: bool):
     name = f"{args.prefix}-{task}-{'lora-' if lora else ''}vector"
     out = taskvec("extract", "--base", base, "--finetuned", info.model_uri, "--task", task, "--register", name, "--run-id", run_id)
     result.vectors[key] = registered(out)
-    return model
 
 
 def compose(args, result: Result, kind: str, folder: Path) -> None:
@@ -310,14 +310,12 @@ def run(args) -> Result:
         warnings.simplefilter("ignore")  # transformers' and MLflow's advice on every log_model call
         with timed("log bases"):
             log_bases(args, result)
-        with timed("evaluate"):
+        with timed("evaluate the base"):
             result.accuracy["base"] = accuracies(sentence_transformer(), result.tasks, args.eval_limit)
         for lora in (False, True):
             for task in result.tasks:
-                with timed("fine-tune, log, extract"):
-                    model = finetune(args, result, task, lora)
-                with timed("evaluate"):
-                    result.accuracy[f"fine-tune {task}{' LoRA' if lora else ''}"] = accuracies(model, result.tasks, args.eval_limit)
+                with timed("fine-tune, evaluate, log, extract"):
+                    finetune(args, result, task, lora)
         result.inspect_lora = taskvec("inspect", result.vectors[f"{result.tasks[0]}-lora"], "--top", "0")
         with timed("compose, register"):
             for kind in ("full", "lora"):

@@ -218,9 +218,11 @@ def logits(model, task: str, texts: list[str]) -> torch.Tensor:
 
 
 def train(model, task: str, steps: int = 60, lr: float = 5e-5, batch_size: int = 32, seed: int = 0, limit: int | None = None):
-    """AdamW on ``task``'s training split for ``steps`` mini-batches; the head stays frozen and
-    only the model's trainable parameters learn (all of them, or a PeftModel's LoRA factors)."""
+    """AdamW on ``task``'s training split for ``steps`` mini-batches of ``batch_size`` (drawn with
+    replacement), deterministic in ``seed``; the head stays frozen and only the model's trainable
+    parameters learn (all of them, or a PeftModel's LoRA factors)."""
     texts, labels = load_task(task, "train", limit)
+    torch.manual_seed(seed)  # dropout draws from torch's global generator
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
