@@ -63,6 +63,8 @@ def test_each_task_vector_is_registered_with_its_lineage(result):
             assert tags["taskvec.base_uri"] == base
             assert tags["taskvec.finetuned_uri"] == result.finetunes[key]
             assert tags.get("taskvec.reproducible") != "false"  # every input is a models:/ URI
+            flavors = mlflow.models.get_model_info(result.finetunes[key]).flavors
+            assert ("peft_adaptor" in flavors["transformers"]) if lora else ("sentence_transformers" in flavors)
 
 
 def test_lora_vectors_stay_low_rank_and_full_ones_dense(result):
