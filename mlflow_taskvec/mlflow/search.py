@@ -30,7 +30,9 @@ import pandas as pd
 import yaml
 
 import mlflow
+from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from mlflow_taskvec.compose import compose, compose_to
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
@@ -188,10 +190,15 @@ def _evaluate_candidate(cand, composer, evaluation, objective, split, labels, pa
     cand.objective, cand.feasible = objective.score(cand.metrics)
     params = {"scale": cand.scale, **{f"weight.{label}": w for label, w in zip(labels, cand.weights)}}
     params.update({f"params.{k}": v for k, v in cand.params.items()})
-    with mlflow.start_run(run_name=f"candidate-{cand.number:03d}", nested=True, parent_run_id=parent_id) as child:
-        mlflow.log_params(params)
-        mlflow.log_metrics({**cand.metrics, "objective": cand.objective})
-        mlflow.set_tags({tag.SEARCH_ROLE: "candidate", tag.SEARCH_FEASIBLE: str(cand.feasible).lower()})
+    tags = {tag.SEARCH_ROLE: "candidate", tag.SEARCH_FEASIBLE: str(cand.feasible).lower()}
+    with mlflow.start_run(run_name=f"candidate-{cand.number:03d}", nested=True, parent_run_id=parent_id, tags=tags) as child:
+        # one write for the candidate's params and metrics (a grid logs dozens of candidates)
+        now = int(time.time() * 1000)
+        MlflowClient().log_batch(
+            child.info.run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in {**cand.metrics, "objective": cand.objective}.items()],
+            params=[Param(k, str(v)) for k, v in params.items()],
+        )
         cand.run_id = child.info.run_id
 
 
