@@ -187,7 +187,10 @@ def render(table: pd.DataFrame, fmt: str) -> str:
                 if col == "run":
                     continue
                 value = row[col]
-                cells.append(f"{value:.2f}" if col.endswith(" s") else f"{value:.3f}" if isinstance(value, float) else str(value))
+                if value is None or (isinstance(value, float) and math.isnan(value)):
+                    cells.append("")  # e.g. "registered" for a method whose winner was not registered
+                else:
+                    cells.append(f"{value:.2f}" if col.endswith(" s") else f"{value:.3f}" if isinstance(value, float) else str(value))
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
     return table.drop(columns=["run"]).to_string(float_format=lambda v: f"{v:.3f}")
