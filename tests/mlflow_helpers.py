@@ -5,7 +5,7 @@ local artifact folder under a temporary directory. Creating and migrating an
 MLflow sqlite database takes seconds, so one empty, migrated database is made
 per test session and copied for each store (a copy takes milliseconds).
 
-The model is the digits example's MLP with ``hidden=16`` (1635 parameters: 1312 in the encoder, 323 in the five frozen heads);
+The model is the digits example's MLP with ``hidden=16`` (2145 parameters: 1312 in the encoder, 833 in the eight frozen heads);
 fine-tunes are the base plus small random noise on the encoder, as in the
 task-arithmetic setting where only the encoder is fine-tuned. Import what you
 need explicitly: ``from mlflow_helpers import ...``.

@@ -86,8 +86,8 @@ def test_saved_task_vector_records_kind_lineage_and_statistics_in_the_flavor_blo
     assert block["task"] == "rotate"
     assert block["base_fingerprint"] == open_checkpoint(state_of(base)).fingerprint()
     assert block["fingerprint"] == independent_fingerprint
-    assert block["num_tensors"] == len(base.state_dict()) == 14
-    assert block["num_parameters"] == sum(p.numel() for p in base.parameters()) == 1635
+    assert block["num_tensors"] == len(base.state_dict()) == 20
+    assert block["num_parameters"] == sum(p.numel() for p in base.parameters()) == 2145
     assert block["l2_norm"] == pytest.approx(vector.norm(), rel=1e-12)
     assert block["l2_norm"] == pytest.approx(math.sqrt(sum(float((d * d).sum()) for d in deltas)), rel=1e-6)
     assert block["dtype"] == "float32"
@@ -131,7 +131,7 @@ def test_saved_checkpoint_records_its_architecture_and_fingerprint(models, tmp_p
     assert block["kind"] == "checkpoint"
     assert block["architecture"] == {"factory": "digits_tasks:build_model", "factory_kwargs": {"hidden": 16}}
     assert block["fingerprint"] == open_checkpoint(state_of(base)).fingerprint()
-    assert (block["num_tensors"], block["num_parameters"], block["dtype"]) == (14, 1635, "float32")
+    assert (block["num_tensors"], block["num_parameters"], block["dtype"]) == (20, 2145, "float32")
     assert (tmp_path / "model" / block["code"] / "digits_tasks.py").is_file()
 
 

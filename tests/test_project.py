@@ -7,8 +7,9 @@ instant), and the test checks what it registered.
 
 from __future__ import annotations
 
-import os
+import copy
 import json
+import os
 import re
 import subprocess
 import sys
@@ -27,6 +28,7 @@ sys.path.insert(0, str(DIGITS))
 import digits_tasks  # noqa: E402
 import paper_results  # noqa: E402
 import pipeline  # noqa: E402
+import run_demo  # noqa: E402
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 PROJECT_EXPERIMENT = "project-tests"
@@ -96,6 +98,27 @@ def test_finetune_registers_the_task_vector_against_the_current_base(store, fine
     assert entry_point_of(store, version.run_id) == "finetune"
     fine_tune = resolve(version.tags["taskvec.finetuned_uri"])
     assert fine_tune.run_id == version.run_id
+
+
+def test_finetune_of_several_tasks_registers_each_vector_from_its_own_nested_run(store, pretrained):
+    mlflow_run(store, "finetune", task="parity,large", steps=5, vector_name="multi-{task}-vector")
+    for task in ("parity", "large"):
+        (version,) = store.client.search_model_versions(f"name='multi-{task}-vector'")
+        assert version.tags["taskvec.task"] == task
+        run = store.client.get_run(version.run_id)
+        assert run.data.params["task"] == task and run.info.run_name == f"finetune-{task}"
+        parent = store.client.get_run(run.data.tags["mlflow.parentRunId"])
+        assert entry_point_of(store, parent.info.run_id) == "finetune"
+        assert parent.data.params["task"] == "parity,large"
+        assert resolve(version.tags["taskvec.finetuned_uri"]).conf["kind"] == "checkpoint"
+
+
+def test_finetune_of_several_tasks_into_one_name_is_refused_before_any_run(store):
+    args = [sys.executable, str(DIGITS / "pipeline.py"), "finetune", "--task", "parity,large", "--base", "models:/digits-base/1", "--vector-name", "one-vector"]
+    done = subprocess.run(args, env=store.env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == "finetune: --vector-name 'one-vector' names one model, but 2 tasks are given: put {task} in it"
+    assert not store.client.search_registered_models("name = 'one-vector'")
 
 
 def test_extract_registers_the_vector_between_two_mlflow_models(store, finetuned):
@@ -171,13 +194,17 @@ def test_search_registers_the_best_composite_of_a_grid(store, finetuned, tmp_pat
 # How far a figure of the README's results table may be from a fresh run's on another CPU.
 FIGURE_TOLERANCE = 0.02
 
+# The leaderboard's figures come from optuna searches as well as grids: a different CPU's last
+# digits can steer optuna to other coefficients, so they are compared more loosely.
+BOARD_TOLERANCE = 0.05
+
+PAPER_COMPOSITES = ("digits-addition", "digits-addition-ties", "digits-negation", "digits-analogy")
 MAIN_MODELS = {
     "digits-base": "checkpoint",
-    **{f"digits-{task}-vector": "task_vector" for task in pipeline.FINETUNE_TASKS},
-    "digits-addition": "composite",
-    "digits-addition-ties": "composite",
-    "digits-negation": "composite",
-    "digits-analogy": "composite",
+    **{pipeline.vector_name(task): "task_vector" for task in pipeline.FINETUNE_TASKS},
+    **{pipeline.vector_name(task, board=True): "task_vector" for task in pipeline.LEADERBOARD_TASKS},
+    **dict.fromkeys(PAPER_COMPOSITES, "composite"),
+    pipeline.LEADERBOARD_NAME: "composite",
 }
 
 
@@ -197,7 +224,7 @@ def test_main_runs_the_whole_pipeline_and_reproduces_the_readmes_results(tmp_pat
             f"models:/digits-{task}-vector/1" for task in ("parity", "large", "mod3", "loop")
         ]
         # Every composite is a search's winner: grids of step 0.05 up to 1 (analogy: 2), 30 optuna trials for TIES.
-        searches = {name: json.loads(store.client.get_model_version(name, "1").tags["taskvec.search"]) for name in MAIN_MODELS if MAIN_MODELS[name] == "composite"}
+        searches = {name: json.loads(store.client.get_model_version(name, "1").tags["taskvec.search"]) for name in PAPER_COMPOSITES}
         assert {name: (s["strategy"], s["candidates"]) for name, s in searches.items()} == {
             "digits-addition": ("grid", 21),
             "digits-addition-ties": ("optuna", 30),
@@ -240,6 +267,29 @@ def test_main_runs_the_whole_pipeline_and_reproduces_the_readmes_results(tmp_pat
                 assert len(got_figures) == len(want_figures), hint
                 for a, b in zip(got_figures, want_figures):
                     assert abs(a - b) <= FIGURE_TOLERANCE, f"{got['figure']}: {column} {got[column]} vs the README's {want[column]}; {hint}"
+
+        # The leaderboard: one child run per method on the eight harder fine-tunes, its table logged
+        # to the parent run; the README's copy has the same methods with figures near the fresh run's.
+        board_text = run_demo.leaderboard_table(store.client, store.client.get_experiment_by_name(PROJECT_EXPERIMENT).experiment_id)
+        board = {row["method"]: row for row in paper_results.parse_markdown(board_text)}
+        assert sorted(board) == sorted(pipeline.LEADERBOARD_METHODS), board_text
+        best = store.client.get_model_version(pipeline.LEADERBOARD_NAME, "1")
+        assert [row["uri"] for row in json.loads(best.tags["taskvec.inputs"])] == [
+            f"models:/{pipeline.vector_name(t, board=True)}/1" for t in pipeline.LEADERBOARD_TASKS
+        ]
+        first = next(row for row in board.values() if row["rank"] == "1")
+        assert first["registered"] == f"models:/{pipeline.LEADERBOARD_NAME}/1", board_text
+        readme_board = {row["method"]: row for row in paper_results.parse_markdown(readme_leaderboard((ROOT / "README.md").read_text("utf-8")))}
+        assert sorted(readme_board) == sorted(board), f"fresh leaderboard (seed 0), for the README's leaderboard markers:\n{board_text}"
+        for method, row in board.items():
+            got, want = float(row["mean normalized accuracy"]), float(readme_board[method]["mean normalized accuracy"])
+            assert abs(got - want) <= BOARD_TOLERANCE, f"{method}: {got} vs the README's {want}; fresh leaderboard:\n{board_text}"
+
+
+def readme_leaderboard(text: str) -> str:
+    """The leaderboard table the README holds between its ``leaderboard`` markers."""
+    begin, end = text.index("<!-- leaderboard:begin"), text.index("<!-- leaderboard:end -->")
+    return text[text.index("\n", begin) + 1 : end].strip()
 
 
 # -- the example's tasks ----------------------------------------------------------------
@@ -323,3 +373,48 @@ def test_the_local_files_demo_runs_without_mlflow(tmp_path):
     assert sorted(p.name for p in (tmp_path / "local" / "vectors").iterdir()) == [f"{t}.safetensors" for t in ("large", "loop", "mod3", "parity")]
     rows = [line.split()[0] for line in done.stdout.splitlines() if line.startswith(("base ", "fine-tuned", "addition", "negation"))]
     assert rows == ["base", "fine-tuned", "fine-tuned", "fine-tuned", "fine-tuned", "addition", "addition", "negation"]
+
+
+def test_the_fine_tunes_momentum_sgd_is_torchs_sgd_bit_for_bit():
+    torch.manual_seed(0)
+    base = digits_tasks.train(digits_tasks.build_model(0, hidden=16), "digits", steps=20)
+    ours = digits_tasks.train(copy.deepcopy(base), "parity", steps=15, lr=0.1, optimizer="sgd")
+    theirs = copy.deepcopy(base)
+    x, y = digits_tasks.load_task("parity", "train")
+    opt = torch.optim.SGD(theirs.encoder.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(15):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(theirs(x, "parity"), y).backward()
+        opt.step()
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for name, value in ours.state_dict().items():
+        assert torch.equal(value, theirs.state_dict()[name]), name
+    assert not torch.equal(ours.state_dict()["encoder.0.weight"], base.state_dict()["encoder.0.weight"])
+
+
+def test_an_unknown_optimizer_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"^unknown optimizer 'rmsprop' \(known: adam, sgd\)$"):
+        digits_tasks.train(digits_tasks.build_model(0, hidden=16), "parity", steps=1, optimizer="rmsprop")
+
+
+def test_each_transform_of_the_ten_digits_reads_a_head_of_its_own_and_the_other_label_spaces_share_one():
+    assert [digits_tasks.head_of(t) for t in ("digits", "rotate", "flip_digits", "invert", "parity", "flip_parity", "rotate_mod3")] == [
+        "digits", "rotate", "flip", "invert", "parity", "parity", "mod3"]
+    net = digits_tasks.build_model(0)
+    heads = {name: head.weight for name, head in net.heads.items()}
+    assert set(heads) == set(digits_tasks.HEADS)
+    rows = torch.cat(list(heads.values()))
+    gram = rows @ rows.T
+    start = 0
+    for name, weight in heads.items():  # rows of different heads are orthogonal
+        stop = start + len(weight)
+        off = torch.cat([gram[start:stop, :start], gram[start:stop, stop:]], dim=1)
+        assert off.abs().max() < 1e-5, name
+        start = stop
+    # the logits are cosine similarities times LOGIT_SCALE: scaling the embedding changes nothing
+    x, _ = digits_tasks.load_task("rotate", "test")
+    before = net(x[:8], "rotate")
+    with torch.no_grad():
+        net.encoder[-1].weight.mul_(7.0)
+        net.encoder[-1].bias.mul_(7.0)
+    assert torch.allclose(net(x[:8], "rotate"), before, atol=1e-5)

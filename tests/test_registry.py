@@ -88,7 +88,7 @@ def test_a_registered_task_vector_carries_every_lineage_tag(registry, client, tm
     assert tags["taskvec.base_fingerprint"] == open_checkpoint(state_of(registry.base_net)).fingerprint()
     assert tags["taskvec.finetuned_uri"] == f"models:/{registry.finetunes[task].model_id}"
     assert tags["taskvec.fingerprint"] == fingerprint
-    assert tags["taskvec.num_parameters"] == str(sum(p.numel() for p in registry.base_net.parameters())) == "1635"
+    assert tags["taskvec.num_parameters"] == str(sum(p.numel() for p in registry.base_net.parameters())) == "2145"  # encoder 64x16+16 + 16x16+16, heads 49 classes x (16+1)
     assert float(tags["taskvec.l2_norm"]) == pytest.approx(norm, rel=1e-5)
 
 

@@ -1,11 +1,13 @@
 """`make demo`: the whole digits pipeline through `mlflow run`, on a local sqlite store.
 
 Creates ``demo/`` (an sqlite tracking store and an artifact folder), runs the
-MLproject's ``main`` entry point (each step a child run: pre-training, seven
-fine-tunes, and a coefficient search per composite), then prints the registered
-versions with their lineage and metrics, the paper's three results read back
-from the registry (``paper_results.py``), and the command that opens the MLflow
-UI on that store. Exits non-zero when a result misses its target.
+MLproject's ``main`` entry point (each step a child run: pre-training, eight
+fine-tunes, a coefficient search per composite of the paper's results, and the
+method leaderboard on all eight task vectors), then prints the registered
+versions with their lineage and metrics, the leaderboard's table (as logged to
+its run), the paper's three results read back from the registry
+(``paper_results.py``), and the command that opens the MLflow UI on that store.
+Exits non-zero when a result misses its target.
 """
 
 from __future__ import annotations
@@ -54,6 +56,16 @@ def registry_table(client) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def leaderboard_table(client, experiment_id: str) -> str:
+    """The markdown table the newest leaderboard run logged (``leaderboard/leaderboard.md``)."""
+    import mlflow
+
+    runs = client.search_runs([experiment_id], "tags.`taskvec.leaderboard.role` = 'leaderboard'", order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise LookupError("no leaderboard run in the experiment: run the digits pipeline (make demo) first")
+    return Path(mlflow.artifacts.download_artifacts(run_id=runs[0].info.run_id, artifact_path="leaderboard/leaderboard.md")).read_text("utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=ROOT / "demo")
@@ -80,7 +92,7 @@ def main() -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    client.create_experiment(EXPERIMENT, artifact_location=(demo / "artifacts").as_uri())
+    experiment_id = client.create_experiment(EXPERIMENT, artifact_location=(demo / "artifacts").as_uri())
     started = time.perf_counter()
     cmd = ["mlflow", "run", str(ROOT), "-e", "main", "--env-manager", "local", "--experiment-name", EXPERIMENT, "-P", f"steps={args.steps}", "-P", f"seed={args.seed}"]
     print("$", " ".join(cmd), flush=True)
@@ -92,6 +104,8 @@ def main() -> None:
     pd.set_option("display.max_colwidth", 90)
     print(f"\nregistered model versions ({elapsed:.0f} s):")
     print(table.to_string(index=False))
+    print(f"\nthe method leaderboard (seed {args.seed}, 8 tasks, test split, coefficients searched on the validation split):")
+    print(leaderboard_table(client, experiment_id))
     results = paper_results.results_table(client)
     print(f"\nthe paper's three results (seed {args.seed}, test split, coefficients searched on the validation split):")
     print(results.to_string(index=False))
