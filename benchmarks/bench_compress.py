@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import digits_tasks as D  # noqa: E402
+from pipeline import FINETUNE_LR, FINETUNE_STEPS  # noqa: E402  (the fine-tunes of the paper's results)
 from mlflow_taskvec import TaskVector, merge  # noqa: E402
 from mlflow_taskvec.engine.compressed import compress  # noqa: E402
 
@@ -67,7 +68,7 @@ def run(work: Path) -> list[dict]:
     save_file(base_model.state_dict(), str(work / "base.safetensors"))
     finetuned_accuracy, dense = {}, []
     for task in TASKS:
-        model = D.train(copy.deepcopy(base_model), task, steps=100)
+        model = D.train(copy.deepcopy(base_model), task, steps=FINETUNE_STEPS, lr=FINETUNE_LR, optimizer="sgd")
         finetuned_accuracy[task] = {split: D.accuracy(model, task, split) for split in ("validation", "test")}
         save_file(model.state_dict(), str(work / f"{task}.safetensors"))
         TaskVector.extract(work / "base.safetensors", work / f"{task}.safetensors", task=task).save(work / f"{task}-vector.safetensors")
