@@ -38,7 +38,13 @@ def _fail_cleanly(fn):
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP: the cleanup has run on the way here
             stopped = exc if isinstance(exc, Terminated) else Terminated(signal.SIGINT)
             click.echo(f"Error: {stopped}; temporary files were removed and no output was written", err=True)
-            sys.exit(stopped.exit_code)
+            # Every cleanup ran while the exception unwound (partials removed, a run ended FAILED).
+            # Leave without the interpreter's finalization: a signal that landed while native
+            # threads (torch's, the compute pool's) were being set up or torn down can make
+            # their destructors abort the process ("terminate called without an active exception").
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(stopped.exit_code)
         except TaskVecError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:

@@ -110,6 +110,7 @@ def merge_to(
     """
     started = time.perf_counter()
     claim = OutputClaim(output, overwrite)  # locked from now on; the writer takes it over
+    sink = None
     try:
         plan = _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype, device)
         metadata = {meta_keys.KIND: meta_keys.COMPOSITE, **(metadata or {}), meta_keys.BASE_FINGERPRINT: plan.base_fingerprint}
@@ -117,10 +118,14 @@ def merge_to(
         sink = CheckpointWriter(
             claim, plan.specs, metadata, max_shard_size=max_shard_size, copy_files_from=plan.base.directory, inputs=inputs
         )
+        fingerprint = _execute(plan, sink, allow_nonfinite, progress)
     except BaseException:
-        claim.release()
+        # abort() is idempotent; it also covers a signal between the writer's creation and _execute's own guard
+        if sink is not None:
+            sink.abort()
+        else:
+            claim.release()
         raise
-    fingerprint = _execute(plan, sink, allow_nonfinite, progress)
     return MergeResult(
         method=plan.method.name,
         scale=plan.scale,

@@ -118,6 +118,13 @@ class CheckpointWriter:
         self._closed = False
         self._files: list[StreamingWriter] = []
         self._tmp: Path | None = None
+        # Everything else is set up before the partial exists: a signal that lands once it
+        # exists (a test sends one exactly then) always finds a writer that abort() can undo.
+        self._digests: dict[str, str] = {}
+        self._hashers: dict = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskvec-writer")  # starts no thread yet
+        self._slots = threading.BoundedSemaphore(_MAX_PENDING)
+        self._futures: list[Future] = []
         self._needed = self._free_at_start = 0
         try:
             refuse_aliasing(self.output, [p for ckpt in inputs for p in ckpt.paths()])
@@ -157,11 +164,6 @@ class CheckpointWriter:
             if _is_disk_full(exc):
                 raise self._explain(exc) from None
             raise
-        self._digests: dict[str, str] = {}
-        self._hashers: dict = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskvec-writer")
-        self._slots = threading.BoundedSemaphore(_MAX_PENDING)
-        self._futures: list[Future] = []
 
     def _needed_bytes(self) -> int:
         """Roughly what the output takes on disk: its tensors, headers, and the files copied beside them."""
