@@ -5,6 +5,7 @@ served by a real ``mlflow models serve`` answering text."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import warnings
@@ -27,7 +28,17 @@ from mlflow_taskvec.mlflow import flavor  # noqa: E402
 TEXT = Path(__file__).resolve().parents[1] / "examples" / "text"
 sys.path.insert(0, str(TEXT))
 
-import pipeline  # noqa: E402
+
+def _load(name: str, path: Path):
+    """The text example's pipeline under a name of its own (the digits example has a ``pipeline`` too)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+pipeline = _load("text_pipeline", TEXT / "pipeline.py")
 import text_tasks  # noqa: E402
 
 TASKS = ["sentiment", "question", "tense"]

@@ -85,7 +85,7 @@ def main() -> None:
         "PYTHONWARNINGS": "ignore",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
-    os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TASKVEC_CACHE")})
+    os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TASKVEC_CACHE", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")})
 
     import mlflow
     import paper_results
