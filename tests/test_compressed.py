@@ -229,14 +229,14 @@ def test_sizes_stored_and_dense(vector, tmp_path):
 @pytest.mark.parametrize(
     "layout, setting, message",
     [
-        ("bitdelta", {"density": 0.1}, "--density: the bitdelta format takes no setting"),
-        ("sparse", {"rank": 4}, "--rank: the sparse format takes --density"),
-        ("sparse", {}, "the sparse format needs exactly one of --density"),
-        ("lowrank", {"rank": 2, "energy": 0.9}, "the lowrank format needs exactly one of --density, --rank, --energy"),
-        ("sparse", {"density": 0.0}, "--density: 0.0 must be a number in (0, 1]"),
-        ("lowrank", {"energy": 1.5}, "--energy: 1.5 must be a number in (0, 1]"),
-        ("lowrank", {"rank": 0}, "--rank: 0 must be a positive whole number"),
-        ("zip", {}, "--format: 'zip' is not one of sparse, bitdelta, lowrank"),
+        ("bitdelta", {"density": 0.1}, "density: the bitdelta format takes no setting"),
+        ("sparse", {"rank": 4}, "rank: the sparse format takes density"),
+        ("sparse", {}, "density: the sparse format needs exactly one of density"),
+        ("lowrank", {"rank": 2, "energy": 0.9}, "density: the lowrank format needs exactly one of density, rank, energy"),
+        ("sparse", {"density": 0.0}, "density: 0.0 must be a number in (0, 1]"),
+        ("lowrank", {"energy": 1.5}, "energy: 1.5 must be a number in (0, 1]"),
+        ("lowrank", {"rank": 0}, "rank: 0 must be a positive whole number"),
+        ("zip", {}, "layout: 'zip' is not one of sparse, bitdelta, lowrank"),
     ],
 )
 def test_a_setting_that_does_not_fit_the_format_is_refused_before_anything_is_written(vector, tmp_path, layout, setting, message):

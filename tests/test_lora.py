@@ -287,7 +287,7 @@ def _copy_with_config(adapter_dir: Path, target: Path, **changes) -> Path:
     "changes, message",
     [
         ({"r": None}, "adapter_config.json: r: required field is missing"),
-        ({"r": 0}, "adapter_config.json: r: 0 must be a positive integer"),
+        ({"r": 0}, "adapter_config.json: r: 0 must be a positive whole number"),
         ({"r": 3}, "module 'embeddings.word_embeddings' has factors A [4, 30522] and B [384, 4], which disagree with its r = 3"),
         ({"use_dora": True}, "adapter_config.json: use_dora: DoRA adapters are not supported"),
         ({"peft_type": "IA3"}, "adapter_config.json: peft_type: 'IA3' is not LORA"),
@@ -435,13 +435,13 @@ def test_export_lora_refuses_bad_ranks_and_vectors_without_matrices(dense_finetu
     vector = TaskVector.extract(MODEL_DIR, dense_finetune)
     norms_only = TaskVector.extract(MODEL_DIR, dense_finetune, include=["*LayerNorm*"])
 
-    with pytest.raises(TaskVecError, match="--rank: 0 must be a positive integer"):
+    with pytest.raises(TaskVecError, match="^rank: 0 must be a positive whole number"):
         export_lora(vector, tmp_path / "a", rank=0)
-    with pytest.raises(TaskVecError, match=r"--energy: 1.5 must be in \(0, 1\]"):
+    with pytest.raises(TaskVecError, match=r"^energy: 1.5 must be a number in \(0, 1\]"):
         export_lora(vector, tmp_path / "a", energy=1.5)
     with pytest.raises(TaskVecError, match="has no 2-D weight tensor"):
         export_lora(norms_only, tmp_path / "a", rank=2)
-    with pytest.raises(TaskVecError, match="--modules-to-save needs --base"):
+    with pytest.raises(TaskVecError, match="^modules_to_save: needs the base"):
         export_lora(vector, tmp_path / "a", rank=2, modules_to_save=["pooler.dense"])
     assert not (tmp_path / "a").exists() and list(tmp_path.iterdir()) == []
 

@@ -34,6 +34,12 @@ from mlflow_taskvec.errors import TaskVecError
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder has it (engine/lora.py reads one)
+
+
+def is_adapter(path: "str | os.PathLike") -> bool:
+    """Whether ``path`` is a PEFT adapter folder."""
+    return isinstance(path, (str, os.PathLike)) and (Path(path) / ADAPTER_CONFIG).is_file()
 
 
 def new_digest():
@@ -290,7 +296,7 @@ def open_checkpoint(source: "Checkpoint | Mapping[str, torch.Tensor] | str | os.
         return StateDictCheckpoint(source)
     path = Path(source)
     if path.is_dir():
-        if (path / "adapter_config.json").is_file():
+        if is_adapter(path):
             raise TaskVecError(
                 f"{path}: is a PEFT LoRA adapter, a task vector of its base: use it as a vector (with its base), not as a checkpoint"
             )

@@ -47,16 +47,17 @@ from pathlib import Path
 import torch
 
 from mlflow_taskvec.engine import metadata as meta_keys
+from mlflow_taskvec.engine.checks import fraction, positive_int
 from mlflow_taskvec.engine.checkpoint import Checkpoint, SafetensorsCheckpoint, open_checkpoint, register_layout
 from mlflow_taskvec.engine.device import parse_device
 from mlflow_taskvec.engine.io import TensorSpec, dtype_code, tensor_bytes
 from mlflow_taskvec.engine.layouts import check_part, corrupt, entry_spec, layout_table, part_name, refuse_unclaimed
-from mlflow_taskvec.engine.lowrank import DenseDelta, LowRankCheckpoint, LowRankTensor, save_low_rank
+from mlflow_taskvec.engine.lowrank import DenseDelta, LowRankCheckpoint, LowRankTensor, rank_for_energy, save_low_rank
 from mlflow_taskvec.engine.methods.trim import trim_count, trim_threshold
 from mlflow_taskvec.engine.streaming import CHUNK_ELEMENTS, flat_slice, one_torch_thread
 from mlflow_taskvec.engine.output import check_output_path
 from mlflow_taskvec.engine.writer import CheckpointWriter
-from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.errors import ParameterError, TaskVecError
 
 LAYOUTS = ("sparse", "bitdelta", "lowrank")
 # Which of density / rank / energy each layout accepts.
@@ -77,23 +78,22 @@ class _Encoded:
 
 
 def check_settings(layout: str, density: float | None = None, rank: int | None = None, energy: float | None = None) -> dict:
-    """The layout's setting as a dict (``{'density': 0.1}``); raises naming the option that does not fit."""
+    """The layout's setting as a dict (``{'density': 0.1}``); raises naming the parameter that does not fit."""
     if layout not in LAYOUTS:
-        raise TaskVecError(f"--format: {layout!r} is not one of {', '.join(LAYOUTS)}")
+        raise ParameterError("layout", f"{layout!r} is not one of {', '.join(LAYOUTS)}")
     given = {k: v for k, v in dict(density=density, rank=rank, energy=energy).items() if v is not None}
     accepted = LAYOUT_SETTINGS[layout]
     for key in given:
         if key not in accepted:
-            takes = " or ".join(f"--{a}" for a in accepted) if accepted else "no setting"
-            raise TaskVecError(f"--{key}: the {layout} format takes {takes}")
+            raise ParameterError(key, f"the {layout} format takes {' or '.join(accepted) if accepted else 'no setting'}")
     if accepted and len(given) != 1:
-        raise TaskVecError(f"the {layout} format needs exactly one of {', '.join('--' + a for a in accepted)}")
-    if "density" in given and not (0 < given["density"] <= 1):
-        raise TaskVecError(f"--density: {given['density']!r} must be a number in (0, 1]")
-    if "energy" in given and not (0 < given["energy"] <= 1):
-        raise TaskVecError(f"--energy: {given['energy']!r} must be a number in (0, 1]")
-    if "rank" in given and (isinstance(given["rank"], bool) or not isinstance(given["rank"], int) or given["rank"] < 1):
-        raise TaskVecError(f"--rank: {given['rank']!r} must be a positive whole number")
+        raise ParameterError(accepted[0], f"the {layout} format needs exactly one of {', '.join(accepted)}")
+    if "density" in given:
+        fraction(given["density"], "density")
+    if "energy" in given:
+        fraction(given["energy"], "energy")
+    if "rank" in given:
+        positive_int(given["rank"], "rank")
     return given
 
 
@@ -130,12 +130,7 @@ def lowrank_rank(singular_values: torch.Tensor, shape: tuple[int, int], settings
         return min(settings["rank"], min(m, n))
     if "density" in settings:
         return max(1, min(min(m, n), int(settings["density"] * m * n / (m + n))))
-    energy = singular_values.to(torch.float64).square()
-    total = float(energy.sum())
-    if total == 0:
-        return 0
-    reached = energy.cumsum(0) >= settings["energy"] * total
-    return int(reached.nonzero()[0]) + 1 if bool(reached.any()) else len(energy)
+    return rank_for_energy(singular_values, settings["energy"])
 
 
 class _Encoder:

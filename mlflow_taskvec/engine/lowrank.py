@@ -278,6 +278,18 @@ class LowRankCheckpoint(Checkpoint):
         )
 
 
+def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
+    """The fewest leading singular values whose squares hold ``energy`` of their sum (0 for a zero
+    matrix); sums in float64, with 1e-12 of slack so that ``energy = 1`` keeps every nonzero one."""
+    squares = singular_values.to(torch.float64).square()
+    total = float(squares.sum())
+    if total == 0:
+        return 0
+    cumulative = torch.cumsum(squares, 0) / total
+    found = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=torch.float64) - 1e-12).item()) + 1
+    return min(found, len(squares))
+
+
 def _getter(ckpt: Checkpoint, name: str) -> Callable[[], torch.Tensor]:
     return lambda: ckpt.get_tensor(name)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from mlflow_taskvec.engine import metadata as meta_keys
-from mlflow_taskvec.engine.checkpoint import Checkpoint, open_checkpoint
+from mlflow_taskvec.engine.checkpoint import Checkpoint, is_adapter, open_checkpoint
 from mlflow_taskvec.engine.checks import finite_number
 from mlflow_taskvec.engine.device import DeviceCheckpoint, DeviceRunner, parse_device
 from mlflow_taskvec.engine.io import TensorSpec
@@ -36,7 +36,7 @@ from mlflow_taskvec.engine.streaming import (
 )
 from mlflow_taskvec.engine.lora import open_adapter
 from mlflow_taskvec.engine.lowrank import LowRankCheckpoint, save_low_rank
-from mlflow_taskvec.engine.merge import MergeResult, merge, merge_to, union_of_tensors
+from mlflow_taskvec.engine.merging import MergeResult, merge, merge_to, union_of_tensors
 from mlflow_taskvec.engine.writer import CheckpointWriter
 from mlflow_taskvec.errors import TaskVecError, TaskVecWarning
 
@@ -458,4 +458,4 @@ def _is_adapter(source) -> bool:
     """A PEFT LoRA adapter folder, or one already opened (a task vector, not a fine-tune)."""
     if isinstance(source, Checkpoint):
         return meta_keys.ADAPTER in source.metadata()
-    return isinstance(source, (str, os.PathLike)) and os.path.isfile(os.path.join(source, "adapter_config.json"))
+    return is_adapter(source)

@@ -10,7 +10,7 @@ import torch
 
 from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import Checkpoint
-from mlflow_taskvec.engine.merge import union_of_tensors
+from mlflow_taskvec.engine.merging import union_of_tensors
 from mlflow_taskvec.engine.lowrank import LowRankCheckpoint
 from mlflow_taskvec.engine.streaming import chunk_ranges, flat_slice
 from mlflow_taskvec.errors import TaskVecError
