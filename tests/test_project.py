@@ -33,6 +33,10 @@ import run_demo  # noqa: E402
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 PROJECT_EXPERIMENT = "project-tests"
 
+# The whole digits demo and the MLproject's steps (the longest file): collected first under
+# `make test`'s pytest -n (tests/conftest.py), so it starts at once and the rest runs beside it.
+pytestmark = pytest.mark.pipeline
+
 # -- entry points through `mlflow run` -------------------------------------------------------
 
 
