@@ -15,7 +15,8 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	$(VENV)/bin/mkdocs build --strict --quiet
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_engine.py $(BENCH_ARGS)
@@ -29,4 +30,4 @@ bench-compress: $(VENV)/.installed
 	$(PY) benchmarks/bench_compress.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build site *.egg-info

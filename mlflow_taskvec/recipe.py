@@ -214,7 +214,7 @@ class AdaMerging(BaseModel):
 
 
 class Search(BaseModel):
-    """How ``mlflow-taskvec search`` picks coefficients (see the README).
+    """How ``mlflow-taskvec search`` picks coefficients (see docs/search.md).
 
     ``grid`` (the paper's protocol) tries every scale of ``scale``; ``optuna``
     samples the scale, each vector's weight (its magnitude in ``weights``, its

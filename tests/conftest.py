@@ -27,6 +27,15 @@ settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+
+def pytest_collection_modifyitems(config, items):
+    """The ``pipeline`` files first, in their order: under ``make test``'s ``pytest -n auto
+    --dist loadfile --no-loadscope-reorder`` each file runs whole on one worker and files go
+    out in collection order, so the pipelines start at once, each on a worker of its own
+    (CONTRIBUTING.md, "Running the tests in parallel"). Without ``-n`` only the order changes."""
+    items.sort(key=lambda item: item.get_closest_marker("pipeline") is None)
+
+
 # Files an HF model directory carries besides its weights.
 NON_WEIGHT_FILES = {
     "config.json": json.dumps({"model_type": "tiny", "hidden_size": 8}),

@@ -1,5 +1,5 @@
 """The later merge methods (TSV-M, Iso-C, Iso-CTS, breadcrumbs, DELLA, consensus, SLERP) and
-per-layer coefficients, against plain float64 references written from the README's formulas."""
+per-layer coefficients, against plain float64 references written from the formulas of docs/methods.md."""
 
 from __future__ import annotations
 

@@ -33,6 +33,10 @@ import run_demo  # noqa: E402
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 PROJECT_EXPERIMENT = "project-tests"
 
+# The whole digits demo and the MLproject's steps (the longest file): collected first under
+# `make test`'s pytest -n (tests/conftest.py), so it starts at once and the rest runs beside it.
+pytestmark = pytest.mark.pipeline
+
 # -- entry points through `mlflow run` -------------------------------------------------------
 
 
@@ -191,7 +195,7 @@ def test_search_registers_the_best_composite_of_a_grid(store, finetuned, tmp_pat
     assert "test.rotate.normalized_accuracy" in parent.data.metrics
 
 
-# How far a figure of the README's results table may be from a fresh run's on another CPU.
+# How far a figure of docs/results.md's results table may be from a fresh run's on another CPU.
 FIGURE_TOLERANCE = 0.02
 
 # The leaderboard's figures come from optuna searches as well as grids: a different CPU's last
@@ -210,7 +214,7 @@ MAIN_MODELS = {
 
 def test_main_runs_the_whole_pipeline_and_reproduces_the_readmes_results(tmp_path, tmp_path_factory):
     """``main`` with its defaults (what ``make demo`` runs, seed 0): every model is
-    registered, and the paper's results read back match the README's table."""
+    registered, and the paper's results read back match docs/results.md's table."""
     with project_store(tmp_path / "main", tmp_path_factory) as store:
         mlflow_run(store, "main", timeout=900)
 
@@ -248,14 +252,14 @@ def test_main_runs_the_whole_pipeline_and_reproduces_the_readmes_results(tmp_pat
             assert row.value == f"{target.sign * metrics[target.metric]:.3f}"
             assert row.met == ("yes" if target.passes(target.sign * metrics[target.metric]) else "NO")
         assert table.loc[0, "inputs"] == "-1 parity" and table.loc[4, "inputs"] == "+1 rotate, +1 flip_parity, -1 flip"
-        # The README's table holds on every CPU up to training noise: the same rows, composites,
+        # The table of docs/results.md holds on every CPU up to training noise: the same rows, composites,
         # methods, inputs and targets, each target met, and each figure within FIGURE_TOLERANCE of
-        # the README's (training on another CPU's kernels moves the third decimal, and the search may
+        # docs/results.md's (training on another CPU's kernels moves the third decimal, and the search may
         # then pick other coefficients, which are not compared). Regenerate it with:
         # python examples/digits/paper_results.py --tracking-uri ... --format markdown
-        readme = paper_results.parse_markdown(paper_results.readme_table((ROOT / "README.md").read_text("utf-8")))
+        readme = paper_results.parse_markdown(paper_results.docs_table((ROOT / "docs" / "results.md").read_text("utf-8")))
         fresh = paper_results.parse_markdown(paper_results.markdown(table))
-        hint = f"fresh run of main (seed 0), to paste between the README's paper-results markers if intended:\n{paper_results.markdown(table)}"
+        hint = f"fresh run of main (seed 0), to paste between docs/results.md's paper-results markers if intended:\n{paper_results.markdown(table)}"
         assert len(fresh) == len(readme), hint
         for got, want in zip(fresh, readme):
             for column in ("result", "composite", "inputs", "figure", "target"):
@@ -266,10 +270,10 @@ def test_main_runs_the_whole_pipeline_and_reproduces_the_readmes_results(tmp_pat
                 got_figures, want_figures = paper_results.figures(got[column]), paper_results.figures(want[column])
                 assert len(got_figures) == len(want_figures), hint
                 for a, b in zip(got_figures, want_figures):
-                    assert abs(a - b) <= FIGURE_TOLERANCE, f"{got['figure']}: {column} {got[column]} vs the README's {want[column]}; {hint}"
+                    assert abs(a - b) <= FIGURE_TOLERANCE, f"{got['figure']}: {column} {got[column]} vs docs/results.md's {want[column]}; {hint}"
 
         # The leaderboard: one child run per method on the eight harder fine-tunes, its table logged
-        # to the parent run; the README's copy has the same methods with figures near the fresh run's.
+        # to the parent run; docs/results.md's copy has the same methods with figures near the fresh run's.
         board_text = run_demo.leaderboard_table(store.client, store.client.get_experiment_by_name(PROJECT_EXPERIMENT).experiment_id)
         board = {row["method"]: row for row in paper_results.parse_markdown(board_text)}
         assert sorted(board) == sorted(pipeline.LEADERBOARD_METHODS), board_text
@@ -279,15 +283,15 @@ def test_main_runs_the_whole_pipeline_and_reproduces_the_readmes_results(tmp_pat
         ]
         first = next(row for row in board.values() if row["rank"] == "1")
         assert first["registered"] == f"models:/{pipeline.LEADERBOARD_NAME}/1", board_text
-        readme_board = {row["method"]: row for row in paper_results.parse_markdown(readme_leaderboard((ROOT / "README.md").read_text("utf-8")))}
-        assert sorted(readme_board) == sorted(board), f"fresh leaderboard (seed 0), for the README's leaderboard markers:\n{board_text}"
+        readme_board = {row["method"]: row for row in paper_results.parse_markdown(docs_leaderboard((ROOT / "docs" / "results.md").read_text("utf-8")))}
+        assert sorted(readme_board) == sorted(board), f"fresh leaderboard (seed 0), for docs/results.md's leaderboard markers:\n{board_text}"
         for method, row in board.items():
             got, want = float(row["mean normalized accuracy"]), float(readme_board[method]["mean normalized accuracy"])
-            assert abs(got - want) <= BOARD_TOLERANCE, f"{method}: {got} vs the README's {want}; fresh leaderboard:\n{board_text}"
+            assert abs(got - want) <= BOARD_TOLERANCE, f"{method}: {got} vs docs/results.md's {want}; fresh leaderboard:\n{board_text}"
 
 
-def readme_leaderboard(text: str) -> str:
-    """The leaderboard table the README holds between its ``leaderboard`` markers."""
+def docs_leaderboard(text: str) -> str:
+    """The leaderboard table docs/results.md holds between its ``leaderboard`` markers."""
     begin, end = text.index("<!-- leaderboard:begin"), text.index("<!-- leaderboard:end -->")
     return text[text.index("\n", begin) + 1 : end].strip()
 

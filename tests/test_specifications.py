@@ -1,4 +1,4 @@
-"""The two byte-level promises the README specifies, computed here from that text alone:
+"""The two byte-level promises docs/specifications.md specifies, computed here from that text alone:
 the content fingerprint and the DARE keep masks.
 
 Nothing here calls the code under test to build an expected value: the fingerprint is
@@ -41,7 +41,7 @@ FIXED_FINGERPRINT = "3a01bc00000fb56d0b80a9f2d2882acc070b82f76fb1f6ff968cd82ba68
 
 
 def fingerprint_by_the_specification(tensors: dict[str, tuple[str, str, bytes]]) -> str:
-    """README, "Fingerprint": one record ``name NUL dtype NUL shape NUL hex(blake3(bytes)) LF`` per
+    """docs/specifications.md, "Fingerprint": one record ``name NUL dtype NUL shape NUL hex(blake3(bytes)) LF`` per
     tensor, sorted by name, UTF-8, hashed with BLAKE3 (hex)."""
     text = "".join(f"{name}\0{code}\0{shape}\0{blake3.blake3(data).hexdigest()}\n" for name, (code, shape, data) in sorted(tensors.items()))
     return blake3.blake3(text.encode("utf-8")).hexdigest()
@@ -112,7 +112,7 @@ RANDOM_BLOCK_BY_THE_SPECIFICATION = 2**20
 
 
 def mask_by_the_specification(seed: int, input_index: int, name: str, numel: int, keep_probability: float) -> torch.Tensor:
-    """README, "DARE masks": per block of 2**20 entries, torch.rand(block length) from a fresh
+    """docs/specifications.md, "DARE masks": per block of 2**20 entries, torch.rand(block length) from a fresh
     torch.Generator seeded with the first 8 bytes (little-endian, top bit cleared) of
     sha256("{seed}\\0{input index}\\0{name}\\0{block}"); an entry is kept where its draw < p."""
     parts = []

@@ -41,6 +41,9 @@ def _load(name: str, path: Path):
 pipeline = _load("text_pipeline", TEXT / "pipeline.py")
 import text_tasks  # noqa: E402
 
+# The text pipeline (the module's `result`, about 1.5 minutes) runs whole and first under pytest -n.
+pytestmark = pytest.mark.pipeline
+
 TASKS = ["sentiment", "question", "tense"]
 RANK = 4
 ARGS = ["--tasks", ",".join(TASKS), "--lora-rank", str(RANK), "--prefix", "tx"]

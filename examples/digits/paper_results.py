@@ -108,8 +108,8 @@ def results_table(client: MlflowClient, negation_task: str = NEGATION_TASK, anal
     return pd.DataFrame(rows)
 
 
-def readme_table(text: str) -> str:
-    """The results table the README holds between its ``paper-results`` markers."""
+def docs_table(text: str) -> str:
+    """The results table docs/results.md holds between its ``paper-results`` markers."""
     begin, end = text.index("<!-- paper-results:begin"), text.index("<!-- paper-results:end -->")
     return text[text.index("\n", begin) + 1 : end].strip()
 

@@ -1,7 +1,7 @@
 """The text example: MiniLM fine-tuned on template-generated tasks, fully and with LoRA, edited by task arithmetic.
 
     python examples/text/pipeline.py                      # small: seconds per fine-tune (what the tests run)
-    python examples/text/pipeline.py --full               # the README's table
+    python examples/text/pipeline.py --full               # the table of docs/lora-hf.md
     python examples/text/pipeline.py --tasks sentiment,question --steps 20 --lora-rank 4
 
 Against the tracking store of ``--tracking-uri`` (default: ``MLFLOW_TRACKING_URI``), it
@@ -356,7 +356,7 @@ def _positive(kind):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="The README's setting: every task, 40 steps of 16, the whole test split, evaluation on registration.")
+    parser.add_argument("--full", action="store_true", help="The setting of docs/lora-hf.md's table: every task, 40 steps of 16, the whole test split, evaluation on registration.")
     parser.add_argument("--tasks", type=_tasks, default=None, help=f"Comma-separated tasks of {', '.join(T.TASKS)} (small: {SMALL['tasks']}).")
     parser.add_argument("--steps", type=_positive(int), default=None, help=f"Full fine-tuning steps (small: {SMALL['steps']}, full: {FULL['steps']}).")
     parser.add_argument("--lora-steps", type=_positive(int), default=None, help=f"LoRA fine-tuning steps (small: {SMALL['lora_steps']}, full: {FULL['lora_steps']}).")
