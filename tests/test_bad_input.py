@@ -136,6 +136,17 @@ def _nan_finetune(world) -> None:
     resolve(f"models:/{world.names['nan_model']}")  # a valid download (its fingerprint is as recorded): cached, like the others
 
 
+def _existing_side_outputs(world) -> None:
+    """Files a side output must not replace without --overwrite (the case's working folder is the current one)."""
+    for name in ("sim.png", "lineage.txt", "best.yaml"):
+        Path("out", name).write_bytes(b"kept\n")
+
+
+def _fifo(world) -> None:
+    """A FIFO where the output goes: an output replaces only a regular file or a folder."""
+    os.mkfifo("out/fifo")
+
+
 FAILING_EVALUATION = {"evaluator": "digits_tasks:evaluate", "tasks": ["no-such-task"]}
 
 
@@ -159,6 +170,9 @@ ALIAS_BOMB = "base: ./base.safetensors\nvectors: [{vector: ./v.safetensors}]\nev
     for prev, name in zip([None, *"abcdefgh"], "abcdefghi")
 )
 REGISTER = ["compose", "{recipe}", "--register", "bad-composite", "-o", "out/merged"]
+SIMILARITY = ["similarity", "{local}/ft.tv.safetensors", "{local}/other.tv.safetensors"]
+SEARCH = ["search", "{recipe}"]
+SEARCH_RECIPE = registry_recipe(evaluation={"evaluator": "search_evaluators:nowhere", "tasks": ["rotate"]})
 
 CASES = [
     # -- recipes -----------------------------------------------------------------------------
@@ -251,6 +265,27 @@ CASES = [
     Case("register-into-a-foreign-model", ["compose", "{recipe}", "--register", "plain-model"], "registered model 'plain-model' holds versions mlflow-taskvec did not register (version 1 has no taskvec.kind tag); register under another name, or pass --allow-mixed", recipe=registry_recipe(), setup=_foreign_model),
     Case("search-register-into-a-foreign-model", ["search", "{recipe}", "--register", "plain-model"], "registered model 'plain-model' holds versions mlflow-taskvec did not register", recipe=registry_recipe(evaluation={"evaluator": "search_evaluators:nowhere", "tasks": ["rotate"]}), setup=_foreign_model),
     Case("extract-register-into-a-foreign-model", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/ft.safetensors", "-o", "out/v.safetensors", "--register", "plain-model"], "registered model 'plain-model' holds versions mlflow-taskvec did not register", setup=_foreign_model),
+    # -- side outputs (heatmap, lineage file and picture, winning recipe): the one output claim ----
+    Case("heatmap-is-an-input-vector", [*SIMILARITY, "--heatmap", "{local}/ft.tv.safetensors"], "{local}/ft.tv.safetensors: the output is the input {local}/ft.tv.safetensors"),
+    Case("heatmap-is-an-input-vector-with-overwrite", [*SIMILARITY, "--heatmap", "{local}/other.tv.safetensors", "--overwrite"], "the output is the input {local}/other.tv.safetensors"),
+    Case("heatmap-is-the-adapter-base", ["similarity", "{local}/lora", "{local}/lora", "--base", "{local}/base.safetensors", "--heatmap", "{local}/base.safetensors", "--overwrite"], "the output is the input {local}/base.safetensors"),
+    Case("heatmap-inside-an-adapter-folder", ["similarity", "{local}/lora", "{local}/lora", "--base", "{local}/base.safetensors", "--heatmap", "{local}/lora/sim.png"], "{local}/lora/sim.png: the output lies inside the input {local}/lora"),
+    Case("heatmap-exists", [*SIMILARITY, "--heatmap", "out/sim.png"], "out/sim.png: output already exists (pass --overwrite to replace it)", setup=_existing_side_outputs),
+    Case("heatmap-is-a-folder", [*SIMILARITY, "--heatmap", "out", "--overwrite"], "out: is a folder; the heatmap is a file (give a file path)"),
+    Case("heatmap-is-a-fifo", [*SIMILARITY, "--heatmap", "out/fifo", "--overwrite"], "out/fifo: is a FIFO, not a regular file or folder; it is left as it is", setup=_fifo),
+    Case("output-recipe-is-the-recipe", [*SEARCH, "--output-recipe", "{recipe}", "--overwrite"], "{recipe}: the output is the input {recipe}", recipe=SEARCH_RECIPE),
+    Case("output-recipe-is-an-input-vector", [*SEARCH, "--output-recipe", "{local}/ft.tv.safetensors", "--overwrite"], "the output is the input {local}/ft.tv.safetensors",
+         recipe=local_recipe(evaluation={"evaluator": "search_evaluators:nowhere", "tasks": ["rotate"]})),
+    Case("output-recipe-exists", [*SEARCH, "--output-recipe", "out/best.yaml"], "out/best.yaml: output already exists (pass --overwrite to replace it)", recipe=SEARCH_RECIPE, setup=_existing_side_outputs),
+    Case("output-recipe-into-a-missing-folder", [*SEARCH, "--output-recipe", "out/new/best.yaml"], "out/new/best.yaml: cannot write the winning recipe, there is no folder out/new", recipe=SEARCH_RECIPE),
+    Case("output-recipe-is-a-folder", [*SEARCH, "--output-recipe", "out", "--overwrite"], "out: is a folder; the winning recipe is a file (give a file path)", recipe=SEARCH_RECIPE),
+    Case("lineage-output-exists", ["lineage", ROTATE, "-o", "out/lineage.txt"], "out/lineage.txt: output already exists (pass --overwrite to replace it)", setup=_existing_side_outputs),
+    Case("lineage-output-is-a-folder", ["lineage", ROTATE, "-o", "out"], "out: is a folder; the lineage file is a file (give a file path)"),
+    Case("lineage-picture-is-a-folder", ["lineage", ROTATE, "--format", "png", "-o", "out", "--overwrite"], "out: is a folder; the lineage picture is a file (give a file path)"),
+    Case("lineage-output-into-a-missing-folder", ["lineage", ROTATE, "-o", "out/new/lineage.txt"], "out/new/lineage.txt: cannot write the lineage file, there is no folder out/new"),
+    Case("lineage-picture-is-a-fifo", ["lineage", ROTATE, "--format", "png", "-o", "out/fifo", "--overwrite"], "out/fifo: is a FIFO, not a regular file or folder", setup=_fifo),
+    Case("compose-over-a-fifo", [*COMPOSE[:-1], "out/fifo", "--overwrite"], "out/fifo: is a FIFO, not a regular file or folder; it is left as it is", recipe=local_recipe(), setup=_fifo),
+    Case("extract-over-a-fifo", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/ft.safetensors", "-o", "out/fifo", "--overwrite"], "out/fifo: is a FIFO", setup=_fifo),
     # -- inputs of the wrong kind -------------------------------------------------------------
     Case("vector-given-as-finetuned", COMPOSE, "vectors[0]: {local}/ft.tv.safetensors: is a task vector, not a fine-tuned checkpoint (in a recipe, use vector: instead of finetuned:)", recipe=local_recipe({"finetuned": "{local}/ft.tv.safetensors"})),
     Case("extract-vector-given-as-finetuned", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/ft.tv.safetensors", "-o", "out/v.safetensors"], "{local}/ft.tv.safetensors: is a task vector, not a fine-tuned checkpoint"),
@@ -400,7 +435,7 @@ def registry_state(client) -> dict:
 def file_digests(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder`` (and every folder, as ``dir``), by relative path."""
     return {
-        str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "not a file"
         for p in sorted(Path(folder).rglob("*"))
     }
 
