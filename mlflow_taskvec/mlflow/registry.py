@@ -41,7 +41,7 @@ from mlflow_taskvec.mlflow.inputs import resolve_inputs
 from mlflow_taskvec.mlflow.lineage_plot import log_lineage_picture
 from mlflow_taskvec.mlflow.runs import owned_run
 from mlflow_taskvec.mlflow.server import check_can_register, server_error, server_errors
-from mlflow_taskvec.modelcard import hub_name_of
+from mlflow_taskvec.modelcard import hub_name_of, md_code, md_text
 from mlflow_taskvec.recipe import Recipe
 from mlflow_taskvec.references import is_local
 
@@ -62,7 +62,7 @@ def version_page(name: str, version: str) -> str:
 
 def _model_cell(res: Resolved, text: str | None = None) -> str:
     """A description table's cell naming ``res``: a link to its version page when it is a registered version."""
-    shown = f"`{text or res.name or res.canonical}`"
+    shown = md_code(text or res.name or res.canonical)
     return f"[{shown}]({version_page(res.name, res.version)})" if res.name and res.version else shown
 
 
@@ -251,12 +251,12 @@ def register_compressed_vector(
             MlflowClient().set_logged_model_tags(info.model_id, {k: str(v) for k, v in tags.items()})
             setting = ", ".join(f"{k} {v:g}" for k, v in result.settings.items())
             description = "\n".join([
-                f"**Compressed task vector** for task `{vector.task or '?'}`: `{layout}`" + (f" ({setting})" if setting else "")
-                + f" of `{source.canonical}`, {result.ratio:.1f}x smaller than the dense vector.",
+                f"**Compressed task vector** for task {md_code(vector.task or '?')}: `{layout}`" + (f" ({setting})" if setting else "")
+                + f" of {md_code(source.canonical)}, {result.ratio:.1f}x smaller than the dense vector.",
                 "",
                 "| role | reference | fingerprint |",
                 "|---|---|---|",
-                f"| compressed from | `{source.canonical}` | `{source.fingerprint[:16]}` |",
+                f"| compressed from | {md_code(source.canonical)} | `{source.fingerprint[:16]}` |",
                 f"| task vector (densified) | this version | `{conf['fingerprint'][:16]}` |",
                 "",
                 f"{result.stored_bytes} bytes stored for {result.dense_bytes} dense; {conf['num_parameters']} parameters in {conf['num_tensors']} tensors.",
@@ -270,7 +270,7 @@ def register_compressed_vector(
 def _vector_description(vector: TaskVector, base: Resolved, finetuned: Resolved, conf: dict) -> str:
     return "\n".join(
         [
-            f"**Task vector** for task `{vector.task or '?'}`: fine-tune minus base.",
+            f"**Task vector** for task {md_code(vector.task or '?')}: fine-tune minus base.",
             "",
             "| role | reference | fingerprint |",
             "|---|---|---|",
@@ -344,8 +344,8 @@ def register_composite(
     with claimed as claim, owned_run(None) as run, tempfile.TemporaryDirectory(**scratch) as tmp:
         mlflow.log_params(_run_params(resolved))
         weights = Path(tmp) / "weights"
-        with inputs.named_as_references():
-            result = compose_to(inputs.local(), output=weights)
+        with inputs.named_as_references():  # the weights' metadata and card record the references, as the tags do
+            result = compose_to(inputs.local(), output=weights, recorded=resolved)
         metrics = {}
         if evaluate is None and resolved.evaluation is not None:
             evaluate = composite_evaluation(inputs).evaluate
@@ -451,7 +451,7 @@ def composite_description(
 ) -> str:
     lines = [
         f"**Composite** by `{recipe.method}`, scale {_fmt(recipe.scale)}"
-        + (f", params `{json.dumps(recipe.params, sort_keys=True)}`" if recipe.params else "")
+        + (f", params {md_code(json.dumps(recipe.params, sort_keys=True))}" if recipe.params else "")
         + ".",
         "",
         "| role | model | version | weight | fingerprint |",
@@ -460,7 +460,7 @@ def composite_description(
     ]
     for e, r in zip(recipe.vectors, inputs):
         role = "task vector" if e.vector is not None else "fine-tune"
-        lines.append(f"| {role} | {_model_cell(r)} | {r.version or '-'} | {_fmt(e.weight)} | `{r.fingerprint[:16]}` |")
+        lines.append(f"| {role} | {_model_cell(r)} | {r.version or '-'} | {md_text(_fmt(e.weight))} | `{r.fingerprint[:16]}` |")
     lines += ["", f"Output fingerprint `{fingerprint}`; recipe sha256 `{recipe.sha256()}`."]
     if note:
         lines += ["", note]
@@ -477,7 +477,7 @@ def _metrics_table(metrics: dict[str, float]) -> str:
         rows.setdefault(head or "-", {})[kind] = value
     kinds = sorted({k for r in rows.values() for k in r}, key=lambda k: (k.split("_")[-1], k.count("_"), k))
     order = sorted(rows, key=lambda t: (t == "mean", t.startswith("control."), t))
-    lines = ["| task | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    lines = ["| task | " + " | ".join(md_text(k) for k in kinds) + " |", "|---|" + "---|" * len(kinds)]
     for task in order:
-        lines.append(f"| {task} | " + " | ".join(_fmt(rows[task][k]) if k in rows[task] else "" for k in kinds) + " |")
+        lines.append(f"| {md_text(task)} | " + " | ".join(_fmt(rows[task][k]) if k in rows[task] else "" for k in kinds) + " |")
     return "\n".join(lines)
