@@ -161,6 +161,7 @@ class Case:
     process: bool = False  # run as a real subprocess
     env: dict = field(default_factory=dict)
     fails_in_run: bool = False  # refused inside the run it started: that run ends FAILED
+    warning: bool = False  # accepted with one "Warning: ..." line (exit 0); only the output under out/ may appear
 
 
 COMPOSE = ["compose", "{recipe}", "-o", "out/merged"]
@@ -286,6 +287,17 @@ CASES = [
     Case("lineage-picture-is-a-fifo", ["lineage", ROTATE, "--format", "png", "-o", "out/fifo", "--overwrite"], "out/fifo: is a FIFO, not a regular file or folder", setup=_fifo),
     Case("compose-over-a-fifo", [*COMPOSE[:-1], "out/fifo", "--overwrite"], "out/fifo: is a FIFO, not a regular file or folder; it is left as it is", recipe=local_recipe(), setup=_fifo),
     Case("extract-over-a-fifo", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/ft.safetensors", "-o", "out/fifo", "--overwrite"], "out/fifo: is a FIFO", setup=_fifo),
+    # -- accepted, with one warning line: what would otherwise pass unnoticed ------------------
+    Case("compose-an-all-zero-vector", COMPOSE, "vectors[0] (task vector from {local}/zero.tv.safetensors): the task vector is all zeros, so it changes nothing", recipe=local_recipe({"vector": "{local}/zero.tv.safetensors"}), warning=True),
+    Case("compose-an-adapter-with-lora-alpha-zero", COMPOSE, "vectors[0] (task vector from {local}/lora-alpha-zero): the task vector is all zeros", recipe=local_recipe({"vector": "{local}/lora-alpha-zero"}), warning=True),
+    Case("compose-an-adapter-without-weights", COMPOSE, "vectors[0] (task vector from {local}/lora-no-weights): the task vector is all zeros, so it changes nothing", recipe=local_recipe({"vector": "{local}/lora-no-weights"}), warning=True),
+    Case("per-layer-glob-matching-no-tensor", COMPOSE, "vectors[0].weight: the glob 'model.nope.*' matches no tensor of the inputs, so its value 2 is unused", recipe=local_recipe({"vector": "{local}/ft.tv.safetensors", "weight": {"model.nope.*": 2, "*": 1}}), warning=True),
+    Case("per-layer-scale-glob-matching-no-tensor", COMPOSE, "scale: the glob '*.nope' matches no tensor of the inputs", recipe=local_recipe(scale={"*.nope": 0.5, "*": 1.0}), warning=True),
+    # -- numbers beyond what the computation can hold ------------------------------------------
+    Case("scale-beyond-float32", COMPOSE, "scale: 1e+39 is beyond the largest float32 (3.4e+38) for tensor", recipe=local_recipe(scale=1e39)),
+    Case("weight-beyond-float32", COMPOSE, "vectors[0].weight: 1e+39 is beyond the largest float32 (3.4e+38) for tensor", recipe=local_recipe({"vector": "{local}/ft.tv.safetensors", "weight": 1e39})),
+    Case("weight-times-scale-beyond-float32", COMPOSE, "vectors[0].weight: 1e+30 (times scale 1e+30: 1e+60) is beyond the largest float32", recipe=local_recipe({"vector": "{local}/ft.tv.safetensors", "weight": 1e30}, scale=1e30)),
+    Case("per-layer-weight-beyond-float32", COMPOSE, "vectors[0].weight: 1e+39 is beyond the largest float32", recipe=local_recipe({"vector": "{local}/ft.tv.safetensors", "weight": {"model.embed.*": 1e39, "*": 1.0}}), process=True),
     # -- inputs of the wrong kind -------------------------------------------------------------
     Case("vector-given-as-finetuned", COMPOSE, "vectors[0]: {local}/ft.tv.safetensors: is a task vector, not a fine-tuned checkpoint (in a recipe, use vector: instead of finetuned:)", recipe=local_recipe({"finetuned": "{local}/ft.tv.safetensors"})),
     Case("extract-vector-given-as-finetuned", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/ft.tv.safetensors", "-o", "out/v.safetensors"], "{local}/ft.tv.safetensors: is a task vector, not a fine-tuned checkpoint"),
@@ -386,6 +398,7 @@ def _local_adapters(folder: Path) -> None:
         ("lora-r-three", {"r": 3}, good), ("lora-absent", {}, absent), ("lora-wide", {}, wide),
         ("lora-dora", {"use_dora": True}, good), ("lora-ia3", {"peft_type": "IA3"}, good),
         ("lora-prompt", {"peft_type": "PROMPT_TUNING"}, good), ("lora-not-json", None, good),
+        ("lora-alpha-zero", {"lora_alpha": 0}, good), ("lora-no-weights", {}, {}),
     ):
         (folder / name).mkdir()
         text = "{r: 2," if changes is None else json.dumps({k: v for k, v in {**config, **changes}.items() if v is not None})
@@ -475,6 +488,13 @@ def test_bad_input_is_refused_with_one_clear_line_and_nothing_written(case, worl
     lines = stderr.splitlines()
     if os.environ.get("SHOW_MESSAGES"):
         print(f"\nMSG {case.id}: {stderr.strip()}")
+    if case.warning:
+        assert code == 0, stderr
+        assert len(lines) == 1 and lines[0].startswith("Warning: ") and _fill(case.expected, names) in lines[0], stderr
+        assert registry_state(world.client) == before
+        assert [file_digests(f) for f in world.written_folders] == files_before[1:]
+        assert {k: v for k, v in file_digests(work).items() if not k.startswith("out/")} == {k: v for k, v in files_before[0].items() if not k.startswith("out/")}
+        return
     assert code == case.exit_code, stderr
     assert stdout == ""
     assert "Traceback" not in stderr
