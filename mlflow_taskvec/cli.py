@@ -258,6 +258,7 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, a
 @click.option("--rank", type=int, default=None, help="lowrank: the rank of every matrix.")
 @click.option("--energy", type=float, default=None, help="lowrank: the fraction of each matrix's squared singular values kept.")
 @click.option("--output", "-o", default=None, type=click.Path(path_type=Path), help="Where to write the compressed vector (optional with --register).")
+@click.option("--base", default=None, help="The base of a PEFT LoRA adapter REF (default: its base_model_name_or_path, if a local folder).")
 @_register
 @_alias
 @_allow_mixed
@@ -265,7 +266,7 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, a
 @_quiet
 @_device
 @_fail_cleanly
-def compress(ref, layout, density, rank, energy, output, register_as, alias, allow_mixed, overwrite, quiet, device):
+def compress(ref, layout, density, rank, energy, output, base, register_as, alias, allow_mixed, overwrite, quiet, device):
     """Store the task vector REF in a smaller layout (composed like any task vector)."""
     from mlflow_taskvec.engine.compressed import check_settings
 
@@ -277,7 +278,8 @@ def compress(ref, layout, density, rank, energy, output, register_as, alias, all
         from mlflow_taskvec.mlflow.registry import register_compressed_vector
 
         reg = register_compressed_vector(
-            ref, register_as, layout, output=output, overwrite=overwrite, alias=alias, device=device, allow_mixed=allow_mixed, **settings
+            ref, register_as, layout, output=output, overwrite=overwrite, alias=alias, device=device, allow_mixed=allow_mixed, base=base,
+            **settings,
         )
         if output is not None:
             _echo(quiet, f"compressed vector: {output}")
@@ -288,7 +290,7 @@ def compress(ref, layout, density, rank, energy, output, register_as, alias, all
     from mlflow_taskvec.engine.taskvector import TaskVector
     from mlflow_taskvec.references import open_reference
 
-    source = open_reference(ref)
+    source = open_reference(ref, base=open_reference(base) if base else None)
     vector = TaskVector.load(source)
     step, close = progress_bar(len(vector.names), f"compress ({layout})", "tensor", quiet)
     try:

@@ -287,6 +287,13 @@ CASES = [
     Case("lineage-picture-is-a-fifo", ["lineage", ROTATE, "--format", "png", "-o", "out/fifo", "--overwrite"], "out/fifo: is a FIFO, not a regular file or folder", setup=_fifo),
     Case("compose-over-a-fifo", [*COMPOSE[:-1], "out/fifo", "--overwrite"], "out/fifo: is a FIFO, not a regular file or folder; it is left as it is", recipe=local_recipe(), setup=_fifo),
     Case("extract-over-a-fifo", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/ft.safetensors", "-o", "out/fifo", "--overwrite"], "out/fifo: is a FIFO", setup=_fifo),
+    # -- checks that come before any run --------------------------------------------------------
+    Case("search-on-a-missing-device", [*SEARCH, "--device", "cuda:99", "--register", "bad-search"], "device: 'cuda:99'", recipe=SEARCH_RECIPE),
+    Case("compose-register-on-a-missing-device", [*REGISTER, "--device", "cuda:99"], "device: 'cuda:99'", recipe=registry_recipe()),
+    Case("search-register-a-name-mlflow-refuses", [*SEARCH, "--register", "bad/name"], "registered model name 'bad/name': Invalid model name 'bad/name'. Names cannot contain '/' or ':'.", recipe=SEARCH_RECIPE),
+    Case("compose-register-a-name-mlflow-refuses", ["compose", "{recipe}", "--register", "bad:name"], "registered model name 'bad:name': Invalid model name", recipe=registry_recipe()),
+    Case("extract-register-a-name-mlflow-refuses", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/ft.safetensors", "--register", "a/b"], "registered model name 'a/b': Invalid model name"),
+    Case("compress-an-adapter-without-its-base", ["compress", "{local}/lora", "--format", "sparse", "--density", "0.5", "-o", "out/c.safetensors"], "{local}/lora: a LoRA adapter is a task vector of its base: give the base"),
     # -- accepted, with one warning line: what would otherwise pass unnoticed ------------------
     Case("compose-an-all-zero-vector", COMPOSE, "vectors[0] (task vector from {local}/zero.tv.safetensors): the task vector is all zeros, so it changes nothing", recipe=local_recipe({"vector": "{local}/zero.tv.safetensors"}), warning=True),
     Case("compose-an-adapter-with-lora-alpha-zero", COMPOSE, "vectors[0] (task vector from {local}/lora-alpha-zero): the task vector is all zeros", recipe=local_recipe({"vector": "{local}/lora-alpha-zero"}), warning=True),

@@ -27,9 +27,11 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import _validate_model_name
 
 from mlflow_taskvec.compose import compose_to, write_model_card
 from mlflow_taskvec.engine.coefficients import Coefficient
+from mlflow_taskvec.engine.device import parse_device
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.output import OutputClaim, check_output_path, refuse_aliasing
 from mlflow_taskvec.errors import TaskVecError, TaskVecWarning
@@ -43,7 +45,7 @@ from mlflow_taskvec.mlflow.runs import owned_run
 from mlflow_taskvec.mlflow.server import check_can_register, server_error, server_errors
 from mlflow_taskvec.modelcard import hub_name_of, md_code, md_text
 from mlflow_taskvec.recipe import Recipe
-from mlflow_taskvec.references import is_local
+from mlflow_taskvec.references import is_local, open_reference
 
 
 def _fmt(value: Coefficient) -> str:
@@ -114,10 +116,24 @@ def _asks_the_server_first(register):
 def check_destination(name: str, allow_mixed: bool = False) -> None:
     """What can be known before anything is written about registering into ``name``: the user may
     (when the server says), and its versions are ours (unless ``allow_mixed``)."""
+    check_model_name(name)
     with server_errors(f"registering {name!r} failed", name):
         check_can_register(name)
         if not allow_mixed:
             refuse_foreign_versions(name)
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a registered model name MLflow would refuse, before any run is started (MLflow's own rule)."""
+    try:
+        _validate_model_name(name)
+    except MlflowException as exc:
+        raise TaskVecError(f"registered model name {name!r}: {exc.message}") from None
+
+
+def check_recipe_device(recipe: Recipe) -> None:
+    """Refuse, before any run is started, a recipe device this machine does not have."""
+    parse_device(recipe.device)
 
 
 def refuse_foreign_versions(name: str) -> None:
@@ -207,8 +223,9 @@ def register_compressed_vector(
     alias: str | None = None,
     device: str | None = None,
     allow_mixed: bool = False,
+    base: str | None = None,
 ) -> Registered:
-    """Compress the task vector ``source_ref`` (``engine.compressed``) and register the result.
+    """Compress the task vector ``source_ref`` (a PEFT LoRA adapter's with its ``base``) (``engine.compressed``) and register the result.
 
     The compressed vector is logged in the source vector's run (else the active or a new
     run) as a ``task_vector`` model; its version carries the source's lineage tags, its
@@ -223,7 +240,7 @@ def register_compressed_vector(
     if output is not None:
         check_output_path(output, overwrite)
     source = resolve(source_ref)
-    vector = TaskVector.load(source.path)
+    vector = TaskVector.load(open_reference(source.path, base=open_reference(resolve(base).path) if base else None))
     recorded = {**(source.conf or {}), **source.tags}  # a registered version's tags, else its flavor block
     with tempfile.TemporaryDirectory(prefix="taskvec-compress-") as tmp:
         target = Path(output) if output is not None else Path(tmp) / "vector.safetensors"
@@ -325,6 +342,7 @@ def register_composite(
     is registered). A registered model ``name`` whose versions mlflow-taskvec did not make is
     refused unless ``allow_mixed``.
     """
+    check_recipe_device(recipe)
     if output is not None:
         check_output_path(output, overwrite)
     inputs = resolve_inputs(recipe, require_alias)

@@ -42,7 +42,7 @@ from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.evaluate import CompositeEvaluation, composite_evaluation
 from mlflow_taskvec.mlflow.inputs import Inputs, resolve_inputs
-from mlflow_taskvec.mlflow.registry import Registered, check_destination, register_composite
+from mlflow_taskvec.mlflow.registry import Registered, check_destination, check_recipe_device, register_composite
 from mlflow_taskvec.mlflow.runs import owned_run
 from mlflow_taskvec.progress import progress_bar
 from mlflow_taskvec.recipe import AdaMerging, Recipe, Search
@@ -360,6 +360,7 @@ def search(
     settings = recipe.search or Search()
     if recipe.evaluation is None:
         raise TaskVecError("search needs an 'evaluation' block in the recipe (evaluator and tasks)")
+    check_recipe_device(recipe)  # before a run is started
     if register_as is not None:
         check_destination(register_as, allow_mixed)
     inputs = resolve_inputs(recipe)  # the policy first: before anything is downloaded or evaluated
