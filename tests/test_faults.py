@@ -417,9 +417,31 @@ def test_a_dead_tracking_server_fails_within_30_s_saying_once_that_it_retries(tm
 
     assert proc.returncode == 1
     warning, error = proc.stderr.splitlines()
-    assert warning == f"Warning: the tracking server {uri} does not answer; retrying for up to 26 s (MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT set how long)"
-    assert error.startswith(f"Error: base: models:/base/1: the tracking server at {uri} did not answer")
+    assert warning == f"Warning: the tracking server {uri} does not answer; retrying for up to 17 s (MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT set how long)"
+    assert error.startswith(f"Error: registering 'edit' failed: the tracking server at {uri} did not answer")
     assert seconds < 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+def test_a_server_that_accepts_connections_and_never_answers_fails_within_30_s(tmp_path):
+    import socket
+
+    with socket.socket() as silent:  # accepts connections (the kernel does) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        proc = subprocess.run(
+            command("compose", _registry_recipe(tmp_path), "--register", "edit"),
+            env=_without_mlflow_settings(MLFLOW_TRACKING_URI=uri), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )
+        seconds = time.monotonic() - started
+
+    assert proc.returncode == 1
+    warning, error = proc.stderr.splitlines()
+    assert warning.startswith(f"Warning: the tracking server {uri} does not answer; retrying for up to 17 s")
+    assert error.startswith(f"Error: registering 'edit' failed: the tracking server at {uri} did not answer"), error
+    assert seconds < 30, seconds
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
@@ -440,7 +462,7 @@ def test_the_users_own_mlflow_retry_settings_are_respected(tmp_path):
 
     assert proc.returncode == 1
     line = one_error_line(proc.stderr)  # no retries, so no retry line
-    assert line.startswith(f"Error: base: models:/base/1: the tracking server at {uri} did not answer")
+    assert line.startswith(f"Error: registering 'edit' failed: the tracking server at {uri} did not answer")
     assert seconds < 20  # one attempt of 1 s, and the interpreter's start-up
 
 

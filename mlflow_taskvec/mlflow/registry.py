@@ -42,7 +42,7 @@ from mlflow_taskvec.mlflow.evaluate import composite_evaluation, module_builder
 from mlflow_taskvec.mlflow.inputs import resolve_inputs
 from mlflow_taskvec.mlflow.lineage_plot import log_lineage_picture
 from mlflow_taskvec.mlflow.runs import owned_run
-from mlflow_taskvec.mlflow.server import check_can_register, server_error, server_errors
+from mlflow_taskvec.mlflow.server import check_can_register, server_error, server_errors, unanswered
 from mlflow_taskvec.modelcard import hub_name_of, md_code, md_text
 from mlflow_taskvec.recipe import Recipe
 from mlflow_taskvec.references import is_local, open_reference
@@ -141,7 +141,9 @@ def refuse_foreign_versions(name: str) -> None:
     (a plain pyfunc model, say): its lineage, reports and verification would mix two worlds."""
     try:
         versions = MlflowClient().search_model_versions(f"name = '{name}'")
-    except MlflowException:
+    except MlflowException as exc:
+        if unanswered(exc):  # a server that does not answer: fail now, not after every later request
+            raise
         return  # no such model yet, or a name the search cannot quote: nothing to mix with
     foreign = sorted((int(mv.version) for mv in versions if mv.name == name and tag.KIND not in (mv.tags or {})))
     if foreign:
