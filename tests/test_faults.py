@@ -237,6 +237,28 @@ def test_a_signal_mid_compose_removes_the_partial_and_says_so_in_one_line(tmp_pa
     assert sha256_of(*map(Path, digests)) == digests
 
 
+def test_sigterm_in_an_optuna_trial_is_one_line_without_optunas_traceback(tmp_path, registry):
+    from mlflow_helpers import BASE_NAME, vector_name
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "base": f"models:/{BASE_NAME}/1", "vectors": [{"vector": f"models:/{vector_name('rotate')}/1"}],
+        "evaluation": {"evaluator": "search_evaluators:stops_itself", "tasks": ["rotate"]},
+        "search": {"strategy": "optuna", "trials": 2},
+    }), "utf-8")
+    tests = str(ROOT / "tests")
+
+    proc = subprocess.run(
+        command("search", recipe), env=registry.store.env(PYTHONPATH=os.pathsep.join([env()["PYTHONPATH"], tests])),
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert one_error_line(proc.stderr).startswith("Error: interrupted by SIGTERM")
+    runs = registry.store.client.search_runs([registry.store.experiment_id], filter_string="tags.`taskvec.search.role` = 'search'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
 def test_sigterm_mid_registration_ends_the_run_failed_and_registers_nothing(tmp_path, tmp_path_factory, big_inputs):
     from mlflow_helpers import mlflow_store, template_db
 

@@ -16,6 +16,7 @@ objective against the scale, and the winning recipe.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -257,9 +258,13 @@ def _optuna(search, recipe, composer, evaluation, objective, labels, parent_id, 
         step()
         return cand.objective
 
+    quiet_interrupts = _NoInterruptTracebacks()
+    optuna_log = logging.getLogger("optuna.study._optimize")  # logs a trial a signal stopped, with its traceback
+    optuna_log.addFilter(quiet_interrupts)
     try:
         study.optimize(run_trial, n_trials=search.trials, catch=())
     finally:
+        optuna_log.removeFilter(quiet_interrupts)
         close()
     # The winner over the whole study: with shared storage, other workers' trials count too.
     done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
@@ -279,6 +284,18 @@ def _optuna(search, recipe, composer, evaluation, objective, labels, parent_id, 
             "trials_in_study": len(done),
         }
     return candidates, shared
+
+
+class _NoInterruptTracebacks(logging.Filter):
+    """Drop optuna's records of a trial that Ctrl-C, SIGTERM or SIGHUP stopped (its traceback, then
+    "failed with value None"): the command says it in one line."""
+
+    stopped = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            self.stopped = True
+        return not self.stopped
 
 
 def _open_study(optuna, search: Search, sampler):
