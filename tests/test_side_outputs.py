@@ -20,9 +20,11 @@ from mlflow_taskvec.cli import main as cli
 from mlflow_taskvec.compose import compose_to
 from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
+from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.mlflow.downloads import resolve
 from mlflow_taskvec.modelcard import md_code, md_text
 from mlflow_taskvec.recipe import parse_recipe
+from mlflow_taskvec.references import open_reference
 
 
 def _cells(row: str) -> list[str]:
@@ -99,3 +101,25 @@ def test_a_model_name_with_a_backtick_cannot_inject_markup_into_a_description(re
     assert "<img" not in described and "&lt;img src=x onerror=alert(1)&gt;" in described
     row = next(line for line in described.splitlines() if line.startswith("| task vector |"))
     assert len(_cells(row)) == 5
+
+
+def test_compress_takes_the_base_of_a_lora_adapter(tmp_path):
+    import torch
+
+    base = base_state(0)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    g = torch.Generator().manual_seed(5)
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["attn"]}), "utf-8")
+    save_file({"base_model.model.model.layers.0.attn.lora_A.weight": torch.randn(2, 4, generator=g),
+               "base_model.model.model.layers.0.attn.lora_B.weight": torch.randn(4, 2, generator=g)}, str(adapter / "adapter_model.safetensors"))
+    out = tmp_path / "c.safetensors"
+
+    result = CliRunner().invoke(cli, ["compress", str(adapter), "--base", str(tmp_path / "base.safetensors"), "--format", "lowrank", "--rank", "2", "-o", str(out)])
+
+    assert result.exit_code == 0, result.output
+    dense = TaskVector.load(open_reference(str(adapter), base=open_reference(str(tmp_path / "base.safetensors"))))
+    stored = TaskVector.load(out)
+    name = "model.layers.0.attn.weight"
+    assert torch.allclose(stored.get_tensor(name), dense.get_tensor(name), atol=1e-5)
