@@ -264,6 +264,7 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, a
 @click.option("--rank", type=int, default=None, help="lowrank: the rank of every matrix.")
 @click.option("--energy", type=float, default=None, help="lowrank: the fraction of each matrix's squared singular values kept.")
 @click.option("--output", "-o", default=None, type=click.Path(path_type=Path), help="Where to write the compressed vector (optional with --register).")
+@click.option("--base", default=None, help="The base of a PEFT LoRA adapter REF (default: its base_model_name_or_path, if a local folder).")
 @_register
 @_alias
 @_allow_mixed
@@ -271,7 +272,7 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, a
 @_quiet
 @_device
 @_fail_cleanly
-def compress(ref, layout, density, rank, energy, output, register_as, alias, allow_mixed, overwrite, quiet, device):
+def compress(ref, layout, density, rank, energy, output, base, register_as, alias, allow_mixed, overwrite, quiet, device):
     """Store the task vector REF in a smaller layout (composed like any task vector)."""
     from mlflow_taskvec.engine.compressed import check_settings
 
@@ -283,7 +284,8 @@ def compress(ref, layout, density, rank, energy, output, register_as, alias, all
         from mlflow_taskvec.mlflow.registry import register_compressed_vector
 
         reg = register_compressed_vector(
-            ref, register_as, layout, output=output, overwrite=overwrite, alias=alias, device=device, allow_mixed=allow_mixed, **settings
+            ref, register_as, layout, output=output, overwrite=overwrite, alias=alias, device=device, allow_mixed=allow_mixed, base=base,
+            **settings,
         )
         if output is not None:
             _echo(quiet, f"compressed vector: {output}")
@@ -294,7 +296,7 @@ def compress(ref, layout, density, rank, energy, output, register_as, alias, all
     from mlflow_taskvec.engine.taskvector import TaskVector
     from mlflow_taskvec.references import open_reference
 
-    source = open_reference(ref)
+    source = open_reference(ref, base=open_reference(base) if base else None)
     vector = TaskVector.load(source)
     step, close = progress_bar(len(vector.names), f"compress ({layout})", "tensor", quiet)
     try:
@@ -347,13 +349,14 @@ class _Count(click.ParamType):
 @click.option("--study-name", default=None, callback=_unset_if_empty, help="optuna: the study's name in the storage.")
 @click.option("--memory", type=click.Choice(["auto", "memory", "streamed"]), default="auto", help="Compose candidates in memory, or through a temporary folder.")
 @click.option("--output-recipe", type=click.Path(path_type=Path), default=None, help="Write the winning recipe (YAML) here.")
+@click.option("--overwrite", is_flag=True, help="Replace the --output-recipe file if it exists.")
 @_register
 @_alias
 @_allow_mixed
 @_quiet
 @_device
 @_fail_cleanly
-def search_command(recipe, strategy, objective, trials, storage, study_name, memory, output_recipe, register_as, alias, allow_mixed, quiet, device):
+def search_command(recipe, strategy, objective, trials, storage, study_name, memory, output_recipe, overwrite, register_as, alias, allow_mixed, quiet, device):
     """Search a RECIPE's coefficients on a validation split; evaluate the best on the test split.
 
     The recipe needs an `evaluation` block; its optional `search` block sets the
@@ -363,11 +366,15 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
     import yaml
 
     from mlflow_taskvec.engine.coefficients import describe
-    from mlflow_taskvec.engine.writer import write_text_atomically
+    from mlflow_taskvec.engine.output import check_output_path, write_text
     from mlflow_taskvec.mlflow.search import search
     from mlflow_taskvec.recipe import load_recipe
+    from mlflow_taskvec.references import local_paths
 
     spec = load_recipe(recipe)
+    protected = [recipe, *local_paths(spec.references, spec.source_dir)]  # the winning recipe never replaces these
+    if output_recipe is not None:  # before the search's run is started
+        check_output_path(output_recipe, overwrite, inputs=protected, what="winning recipe")
     if device is not None:
         spec.device = device
     overrides = {k: v for k, v in dict(strategy=strategy, objective=objective, trials=trials, storage=storage, study_name=study_name).items() if v is not None}
@@ -384,7 +391,8 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
     keys = [k for k in sorted(result.test_metrics) if k.startswith(("mean.", "control."))] or sorted(result.test_metrics)
     _echo(quiet, "test: " + "  ".join(f"{k}={result.test_metrics[k]:.4f}" for k in keys))
     if output_recipe is not None:
-        write_text_atomically(output_recipe, yaml.safe_dump(result.recipe.model_dump(exclude={"output", "search"}), sort_keys=False))
+        write_text(output_recipe, yaml.safe_dump(result.recipe.model_dump(exclude={"output", "search"}), sort_keys=False), "winning recipe",
+                   overwrite=overwrite, inputs=protected)
         _echo(quiet, f"winning recipe: {output_recipe}")
     if result.registered is not None:
         _report_registration(quiet, result.registered)
@@ -496,34 +504,38 @@ def inspect(ref, top, layers, fmt, base):
 @click.option("--heatmap", type=click.Path(path_type=Path), default=None, help="Write a heatmap PNG here.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "markdown", "json"]), default="table", help="Output format.")
 @_adapter_base
+@click.option("--overwrite", is_flag=True, help="Replace the --heatmap file if it exists.")
 @_fail_cleanly
-def similarity(refs, heatmap, fmt, base):
+def similarity(refs, heatmap, fmt, base, overwrite):
     """Cosine similarity matrix of task vectors REFS (as in the paper, near 0 for unrelated tasks)."""
     import pandas as pd
 
     from mlflow_taskvec.engine.describe import cosine_matrix
-    from mlflow_taskvec.references import load_vector, open_reference
+    from mlflow_taskvec.engine.output import check_output_path
+    from mlflow_taskvec.references import load_vector, local_paths, open_reference
 
     if len(refs) < 2:
         raise click.UsageError("give at least two task vectors")
-    if heatmap is not None and not heatmap.parent.is_dir():  # before anything is printed
-        raise TaskVecError(f"{heatmap}: cannot write the heatmap, there is no folder {heatmap.parent}")
+    if heatmap is not None:  # before anything is read or printed
+        check_output_path(heatmap, overwrite, inputs=local_paths([*refs, base]), what="heatmap")
     base_ckpt = open_reference(base) if base else None
     vectors = [load_vector(r, base=base_ckpt) for r in refs]
     labels = [v.task or Path(str(r)).name for v, r in zip(vectors, refs)]
     frame = pd.DataFrame(cosine_matrix(vectors).numpy(), index=pd.Index(labels, name="cosine"), columns=labels)
     click.echo(render_table(frame, fmt))
     if heatmap is not None:
-        _write_heatmap(frame, heatmap)
+        _write_heatmap(frame, heatmap, overwrite, local_paths([*refs, base]))
         click.echo(f"heatmap: {heatmap}", err=True)
 
 
-def _write_heatmap(frame, path: Path) -> None:
+def _write_heatmap(frame, path: Path, overwrite: bool, inputs: list[Path]) -> None:
     """Save the matrix as a PNG (and log it to the active MLflow run, if any)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from mlflow_taskvec.engine.output import write_file
 
     n = len(frame)
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n, 1 + 0.8 * n))
@@ -536,13 +548,8 @@ def _write_heatmap(frame, path: Path) -> None:
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="white" if abs(value) > 0.6 else "black")
     fig.colorbar(im, ax=ax, label="cosine similarity")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.partial.png")
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise TaskVecError(f"{path}: cannot write the heatmap ({exc.strerror or exc})") from None
+        write_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), "heatmap", overwrite=overwrite, inputs=inputs)
     finally:
         plt.close(fig)
     if os.environ.get("MLFLOW_RUN_ID"):
@@ -596,27 +603,30 @@ def approve(ref, alias, note):
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "dot", "png"]), default="text",
               help="A tree for people, JSON for scripts, Graphviz dot, or a PNG picture (needs --output).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="Write it to this file instead of stdout.")
+@click.option("--overwrite", is_flag=True, help="Replace the --output file if it exists.")
 @_fail_cleanly
-def lineage(ref, fmt, output):
+def lineage(ref, fmt, output, overwrite):
     """What REF (a registered version) is made of: composite -> inputs -> task vectors -> fine-tunes and base."""
+    from mlflow_taskvec.engine.output import check_output_path, write_text
     from mlflow_taskvec.mlflow import lineage as lineage_module
 
     if fmt == "png" and output is None:
         raise click.UsageError("--format png writes a picture: give --output FILE.png")
+    what = "lineage picture" if fmt == "png" else "lineage file"
+    if output is not None:
+        check_output_path(output, overwrite, what=what)  # before anything is fetched
     root = lineage_module.lineage(ref)
     if fmt == "png":
         from mlflow_taskvec.mlflow.lineage_plot import draw_lineage
 
-        width, height = draw_lineage(root, output)
+        width, height = draw_lineage(root, output, overwrite=overwrite)
         click.echo(f"lineage picture: {output} ({width}x{height} pixels)", err=True)
         return
     render = {"text": lineage_module.render_text, "json": lineage_module.render_json, "dot": lineage_module.render_dot}[fmt]
     if output is None:
         click.echo(render(root))
     else:
-        from mlflow_taskvec.engine.writer import write_text_atomically
-
-        write_text_atomically(output, render(root) + "\n")
+        write_text(output, render(root) + "\n", what, overwrite=overwrite)
 
 
 @main.command()

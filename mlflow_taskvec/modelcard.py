@@ -8,6 +8,7 @@ their fingerprints, the method and, when there are any, the metrics.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,6 +18,30 @@ from mlflow_taskvec.recipe import Recipe
 
 CARD_NAME = "README.md"
 TAGS = ["merge", "task-arithmetic"]
+
+
+# What users name (model names, tasks, paths) goes into Markdown that the registry UI and the Hub
+# render: it must stay text. A name without these characters is shown as it always was.
+_CODE_BREAKERS = re.compile(r"[`|\n\r]")  # end a code span or a table cell
+_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "&#124;", "`": "&#96;", "[": "&#91;", "]": "&#93;", "\\": "&#92;", "\n": " ", "\r": " "}
+
+
+def md_text(value) -> str:
+    """``value`` as plain text in a Markdown table cell or heading: no HTML, link or code markup, one line."""
+    return "".join(_ENTITIES.get(c, c) for c in str(value))
+
+
+def md_code(value) -> str:
+    """``value`` as an inline code span; as escaped text when it holds what would end the span or the cell."""
+    text = str(value)
+    return md_text(text) if _CODE_BREAKERS.search(text) else f"`{text}`"
+
+
+def md_fence(text: str, info: str = "") -> list[str]:
+    """``text`` in a fenced code block whose fence no line of ``text`` can close."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + info, text, fence]
 
 
 def hub_name_of(folder: Path | None) -> str | None:
@@ -47,15 +72,15 @@ def model_card(
         yaml.safe_dump(front, sort_keys=False).strip(),
         "---",
         "",
-        f"# Composite of {base_model}",
+        f"# Composite of {md_text(base_model)}",
         "",
         f"Made with mlflow-taskvec by task arithmetic: `base + scale * {recipe.method}(weights, task vectors)`.",
         "",
         "| | |",
         "|---|---|",
-        f"| method | `{recipe.method}` (params: {params}) |",
+        f"| method | `{recipe.method}` (params: {md_text(params)}) |",
         f"| scale | {_coefficient(recipe.scale)} |",
-        f"| base | `{recipe.base}` (fingerprint `{base_fingerprint[:16]}`) |",
+        f"| base | {md_code(recipe.base)} (fingerprint `{base_fingerprint[:16]}`) |",
         f"| fingerprint | `{fingerprint}` |",
         f"| recipe sha256 | `{recipe.sha256()}` |",
         "",
@@ -64,11 +89,15 @@ def model_card(
         "| input | task | weight | fingerprint |",
         "|---|---|---|---|",
     ]
-    lines += [f"| `{i['ref']}` | {i.get('task') or ''} | {_coefficient(i['weight'])} | `{(i.get('fingerprint') or '')[:16]}` |" for i in inputs]
+    lines += [
+        f"| {md_code(i['ref'])} | {md_text(i.get('task') or '')} | {md_text(_coefficient(i['weight']))} | `{(i.get('fingerprint') or '')[:16]}` |"
+        for i in inputs
+    ]
     if metrics:
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items())]
-    lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe.model_dump(exclude={"output", "search"}, exclude_none=True), sort_keys=False).strip(), "```", ""]
+        lines += [f"| {md_text(name)} | {value:.4f} |" for name, value in sorted(metrics.items())]
+    recipe_yaml = yaml.safe_dump(recipe.model_dump(exclude={"output", "search"}, exclude_none=True), sort_keys=False).strip()
+    lines += ["", "## Recipe", "", *md_fence(recipe_yaml, "yaml"), ""]
     return "\n".join(lines)
 
 

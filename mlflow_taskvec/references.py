@@ -48,6 +48,12 @@ def is_local(ref: "str | os.PathLike") -> bool:
     return scheme_of(ref) in (None, "file")
 
 
+def local_paths(refs, relative_to: Path | None = None) -> list[Path]:
+    """The references among ``refs`` that are paths on this machine (relative ones against ``relative_to``):
+    what an output must never replace."""
+    return [Path(absolute(ref, relative_to)) for ref in refs if ref is not None and is_local(ref) and scheme_of(ref) != "file"]
+
+
 def absolute(ref: "str | os.PathLike", relative_to: Path | None) -> str:
     """``ref`` with a relative local path made absolute against ``relative_to``; URIs unchanged."""
     text = os.fspath(ref)

@@ -43,3 +43,11 @@ def forgetting(model, task: str, split: str) -> dict[str, float]:
 
 def broken(model, task: str, split: str) -> dict[str, float]:
     raise RuntimeError("the evaluation data is missing")
+
+
+def stops_itself(model, task: str, split: str) -> dict[str, float]:
+    """Sends its own process SIGTERM (what ``kill`` or a CI timeout does), deterministically mid-trial."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    return {"accuracy": 0.0}

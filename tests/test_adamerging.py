@@ -181,7 +181,7 @@ def refused(tmp_path: Path, data: dict) -> str:
     result = CliRunner().invoke(cli, ["search", str(write(tmp_path, data))])
     assert result.exit_code == 1, result.output
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("Error: "), (result.stderr, repr(result.exception))
     return lines[0]
 
 
@@ -198,8 +198,11 @@ def refused(tmp_path: Path, data: dict) -> str:
         ({**recipe(), "method": "ties", "params": {"density": 0.5}}, "adamerging learns task-arithmetic coefficients: the recipe's method is 'ties'"),
         (recipe("adamerging_evaluators:no_batches"), "unlabeled('parity', 'validation') yielded no batch"),
         (recipe(device="tpu"), "search.adamerging.device: 'tpu' is not one of cpu, cuda, cuda:N or auto"),
+        (recipe(lr=1e39), "search.adamerging.lr: 1e+39 is beyond the largest float32 (3.4e+38)"),
+        (recipe(lr=1e38, clamp=None), "(try a smaller lr)"),
     ],
-    ids=["no-unlabeled", "steps-0", "lr-0", "lr-negative", "group-matches-nothing", "group-not-a-regex", "clamp-reversed", "not-task-arithmetic", "no-batches", "unknown-device"],
+    ids=["no-unlabeled", "steps-0", "lr-0", "lr-negative", "group-matches-nothing", "group-not-a-regex", "clamp-reversed", "not-task-arithmetic", "no-batches", "unknown-device",
+         "lr-beyond-float32", "lr-huge"],
 )
 def test_bad_adamerging_input_is_one_line_and_registers_nothing(store, tmp_path, data, fragment):
     client = mlflow.tracking.MlflowClient()
@@ -211,5 +214,5 @@ def test_bad_adamerging_input_is_one_line_and_registers_nothing(store, tmp_path,
     assert fragment in message
     new_runs = [r for r in client.search_runs([store.experiment_id]) if r.info.run_id not in runs_before]
     # refused before a run starts; a failure found only while learning (no batches) leaves its run FAILED
-    assert [r.info.status for r in new_runs] == (["FAILED"] if "yielded no batch" in fragment else [])
+    assert [r.info.status for r in new_runs] == (["FAILED"] if "yielded no batch" in fragment or "smaller lr" in fragment else [])
     assert len(client.search_model_versions()) == versions_before

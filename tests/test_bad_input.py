@@ -136,6 +136,17 @@ def _nan_finetune(world) -> None:
     resolve(f"models:/{world.names['nan_model']}")  # a valid download (its fingerprint is as recorded): cached, like the others
 
 
+def _existing_side_outputs(world) -> None:
+    """Files a side output must not replace without --overwrite (the case's working folder is the current one)."""
+    for name in ("sim.png", "lineage.txt", "best.yaml"):
+        Path("out", name).write_bytes(b"kept\n")
+
+
+def _fifo(world) -> None:
+    """A FIFO where the output goes: an output replaces only a regular file or a folder."""
+    os.mkfifo("out/fifo")
+
+
 FAILING_EVALUATION = {"evaluator": "digits_tasks:evaluate", "tasks": ["no-such-task"]}
 
 
@@ -150,6 +161,7 @@ class Case:
     process: bool = False  # run as a real subprocess
     env: dict = field(default_factory=dict)
     fails_in_run: bool = False  # refused inside the run it started: that run ends FAILED
+    warning: bool = False  # accepted with one "Warning: ..." line (exit 0); only the output under out/ may appear
 
 
 COMPOSE = ["compose", "{recipe}", "-o", "out/merged"]
@@ -159,6 +171,9 @@ ALIAS_BOMB = "base: ./base.safetensors\nvectors: [{vector: ./v.safetensors}]\nev
     for prev, name in zip([None, *"abcdefgh"], "abcdefghi")
 )
 REGISTER = ["compose", "{recipe}", "--register", "bad-composite", "-o", "out/merged"]
+SIMILARITY = ["similarity", "{local}/ft.tv.safetensors", "{local}/other.tv.safetensors"]
+SEARCH = ["search", "{recipe}"]
+SEARCH_RECIPE = registry_recipe(evaluation={"evaluator": "search_evaluators:nowhere", "tasks": ["rotate"]})
 
 CASES = [
     # -- recipes -----------------------------------------------------------------------------
@@ -251,6 +266,45 @@ CASES = [
     Case("register-into-a-foreign-model", ["compose", "{recipe}", "--register", "plain-model"], "registered model 'plain-model' holds versions mlflow-taskvec did not register (version 1 has no taskvec.kind tag); register under another name, or pass --allow-mixed", recipe=registry_recipe(), setup=_foreign_model),
     Case("search-register-into-a-foreign-model", ["search", "{recipe}", "--register", "plain-model"], "registered model 'plain-model' holds versions mlflow-taskvec did not register", recipe=registry_recipe(evaluation={"evaluator": "search_evaluators:nowhere", "tasks": ["rotate"]}), setup=_foreign_model),
     Case("extract-register-into-a-foreign-model", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/ft.safetensors", "-o", "out/v.safetensors", "--register", "plain-model"], "registered model 'plain-model' holds versions mlflow-taskvec did not register", setup=_foreign_model),
+    # -- side outputs (heatmap, lineage file and picture, winning recipe): the one output claim ----
+    Case("heatmap-is-an-input-vector", [*SIMILARITY, "--heatmap", "{local}/ft.tv.safetensors"], "{local}/ft.tv.safetensors: the output is the input {local}/ft.tv.safetensors"),
+    Case("heatmap-is-an-input-vector-with-overwrite", [*SIMILARITY, "--heatmap", "{local}/other.tv.safetensors", "--overwrite"], "the output is the input {local}/other.tv.safetensors"),
+    Case("heatmap-is-the-adapter-base", ["similarity", "{local}/lora", "{local}/lora", "--base", "{local}/base.safetensors", "--heatmap", "{local}/base.safetensors", "--overwrite"], "the output is the input {local}/base.safetensors"),
+    Case("heatmap-inside-an-adapter-folder", ["similarity", "{local}/lora", "{local}/lora", "--base", "{local}/base.safetensors", "--heatmap", "{local}/lora/sim.png"], "{local}/lora/sim.png: the output lies inside the input {local}/lora"),
+    Case("heatmap-exists", [*SIMILARITY, "--heatmap", "out/sim.png"], "out/sim.png: output already exists (pass --overwrite to replace it)", setup=_existing_side_outputs),
+    Case("heatmap-is-a-folder", [*SIMILARITY, "--heatmap", "out", "--overwrite"], "out: is a folder; the heatmap is a file (give a file path)"),
+    Case("heatmap-is-a-fifo", [*SIMILARITY, "--heatmap", "out/fifo", "--overwrite"], "out/fifo: is a FIFO, not a regular file or folder; it is left as it is", setup=_fifo),
+    Case("output-recipe-is-the-recipe", [*SEARCH, "--output-recipe", "{recipe}", "--overwrite"], "{recipe}: the output is the input {recipe}", recipe=SEARCH_RECIPE),
+    Case("output-recipe-is-an-input-vector", [*SEARCH, "--output-recipe", "{local}/ft.tv.safetensors", "--overwrite"], "the output is the input {local}/ft.tv.safetensors",
+         recipe=local_recipe(evaluation={"evaluator": "search_evaluators:nowhere", "tasks": ["rotate"]})),
+    Case("output-recipe-exists", [*SEARCH, "--output-recipe", "out/best.yaml"], "out/best.yaml: output already exists (pass --overwrite to replace it)", recipe=SEARCH_RECIPE, setup=_existing_side_outputs),
+    Case("output-recipe-into-a-missing-folder", [*SEARCH, "--output-recipe", "out/new/best.yaml"], "out/new/best.yaml: cannot write the winning recipe, there is no folder out/new", recipe=SEARCH_RECIPE),
+    Case("output-recipe-is-a-folder", [*SEARCH, "--output-recipe", "out", "--overwrite"], "out: is a folder; the winning recipe is a file (give a file path)", recipe=SEARCH_RECIPE),
+    Case("lineage-output-exists", ["lineage", ROTATE, "-o", "out/lineage.txt"], "out/lineage.txt: output already exists (pass --overwrite to replace it)", setup=_existing_side_outputs),
+    Case("lineage-output-is-a-folder", ["lineage", ROTATE, "-o", "out"], "out: is a folder; the lineage file is a file (give a file path)"),
+    Case("lineage-picture-is-a-folder", ["lineage", ROTATE, "--format", "png", "-o", "out", "--overwrite"], "out: is a folder; the lineage picture is a file (give a file path)"),
+    Case("lineage-output-into-a-missing-folder", ["lineage", ROTATE, "-o", "out/new/lineage.txt"], "out/new/lineage.txt: cannot write the lineage file, there is no folder out/new"),
+    Case("lineage-picture-is-a-fifo", ["lineage", ROTATE, "--format", "png", "-o", "out/fifo", "--overwrite"], "out/fifo: is a FIFO, not a regular file or folder", setup=_fifo),
+    Case("compose-over-a-fifo", [*COMPOSE[:-1], "out/fifo", "--overwrite"], "out/fifo: is a FIFO, not a regular file or folder; it is left as it is", recipe=local_recipe(), setup=_fifo),
+    Case("extract-over-a-fifo", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/ft.safetensors", "-o", "out/fifo", "--overwrite"], "out/fifo: is a FIFO", setup=_fifo),
+    # -- checks that come before any run --------------------------------------------------------
+    Case("search-on-a-missing-device", [*SEARCH, "--device", "cuda:99", "--register", "bad-search"], "device: 'cuda:99'", recipe=SEARCH_RECIPE),
+    Case("compose-register-on-a-missing-device", [*REGISTER, "--device", "cuda:99"], "device: 'cuda:99'", recipe=registry_recipe()),
+    Case("search-register-a-name-mlflow-refuses", [*SEARCH, "--register", "bad/name"], "registered model name 'bad/name': Invalid model name 'bad/name'. Names cannot contain '/' or ':'.", recipe=SEARCH_RECIPE),
+    Case("compose-register-a-name-mlflow-refuses", ["compose", "{recipe}", "--register", "bad:name"], "registered model name 'bad:name': Invalid model name", recipe=registry_recipe()),
+    Case("extract-register-a-name-mlflow-refuses", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/ft.safetensors", "--register", "a/b"], "registered model name 'a/b': Invalid model name"),
+    Case("compress-an-adapter-without-its-base", ["compress", "{local}/lora", "--format", "sparse", "--density", "0.5", "-o", "out/c.safetensors"], "{local}/lora: a LoRA adapter is a task vector of its base: give the base"),
+    # -- accepted, with one warning line: what would otherwise pass unnoticed ------------------
+    Case("compose-an-all-zero-vector", COMPOSE, "vectors[0] (task vector from {local}/zero.tv.safetensors): the task vector is all zeros, so it changes nothing", recipe=local_recipe({"vector": "{local}/zero.tv.safetensors"}), warning=True),
+    Case("compose-an-adapter-with-lora-alpha-zero", COMPOSE, "vectors[0] (task vector from {local}/lora-alpha-zero): the task vector is all zeros", recipe=local_recipe({"vector": "{local}/lora-alpha-zero"}), warning=True),
+    Case("compose-an-adapter-without-weights", COMPOSE, "vectors[0] (task vector from {local}/lora-no-weights): the task vector is all zeros, so it changes nothing", recipe=local_recipe({"vector": "{local}/lora-no-weights"}), warning=True),
+    Case("per-layer-glob-matching-no-tensor", COMPOSE, "vectors[0].weight: the glob 'model.nope.*' matches no tensor of the inputs, so its value 2 is unused", recipe=local_recipe({"vector": "{local}/ft.tv.safetensors", "weight": {"model.nope.*": 2, "*": 1}}), warning=True),
+    Case("per-layer-scale-glob-matching-no-tensor", COMPOSE, "scale: the glob '*.nope' matches no tensor of the inputs", recipe=local_recipe(scale={"*.nope": 0.5, "*": 1.0}), warning=True),
+    # -- numbers beyond what the computation can hold ------------------------------------------
+    Case("scale-beyond-float32", COMPOSE, "scale: 1e+39 is beyond the largest float32 (3.4e+38) for tensor", recipe=local_recipe(scale=1e39)),
+    Case("weight-beyond-float32", COMPOSE, "vectors[0].weight: 1e+39 is beyond the largest float32 (3.4e+38) for tensor", recipe=local_recipe({"vector": "{local}/ft.tv.safetensors", "weight": 1e39})),
+    Case("weight-times-scale-beyond-float32", COMPOSE, "vectors[0].weight: 1e+30 (times scale 1e+30: 1e+60) is beyond the largest float32", recipe=local_recipe({"vector": "{local}/ft.tv.safetensors", "weight": 1e30}, scale=1e30)),
+    Case("per-layer-weight-beyond-float32", COMPOSE, "vectors[0].weight: 1e+39 is beyond the largest float32", recipe=local_recipe({"vector": "{local}/ft.tv.safetensors", "weight": {"model.embed.*": 1e39, "*": 1.0}}), process=True),
     # -- inputs of the wrong kind -------------------------------------------------------------
     Case("vector-given-as-finetuned", COMPOSE, "vectors[0]: {local}/ft.tv.safetensors: is a task vector, not a fine-tuned checkpoint (in a recipe, use vector: instead of finetuned:)", recipe=local_recipe({"finetuned": "{local}/ft.tv.safetensors"})),
     Case("extract-vector-given-as-finetuned", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/ft.tv.safetensors", "-o", "out/v.safetensors"], "{local}/ft.tv.safetensors: is a task vector, not a fine-tuned checkpoint"),
@@ -351,6 +405,7 @@ def _local_adapters(folder: Path) -> None:
         ("lora-r-three", {"r": 3}, good), ("lora-absent", {}, absent), ("lora-wide", {}, wide),
         ("lora-dora", {"use_dora": True}, good), ("lora-ia3", {"peft_type": "IA3"}, good),
         ("lora-prompt", {"peft_type": "PROMPT_TUNING"}, good), ("lora-not-json", None, good),
+        ("lora-alpha-zero", {"lora_alpha": 0}, good), ("lora-no-weights", {}, {}),
     ):
         (folder / name).mkdir()
         text = "{r: 2," if changes is None else json.dumps({k: v for k, v in {**config, **changes}.items() if v is not None})
@@ -400,7 +455,7 @@ def registry_state(client) -> dict:
 def file_digests(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder`` (and every folder, as ``dir``), by relative path."""
     return {
-        str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "not a file"
         for p in sorted(Path(folder).rglob("*"))
     }
 
@@ -440,6 +495,13 @@ def test_bad_input_is_refused_with_one_clear_line_and_nothing_written(case, worl
     lines = stderr.splitlines()
     if os.environ.get("SHOW_MESSAGES"):
         print(f"\nMSG {case.id}: {stderr.strip()}")
+    if case.warning:
+        assert code == 0, stderr
+        assert len(lines) == 1 and lines[0].startswith("Warning: ") and _fill(case.expected, names) in lines[0], stderr
+        assert registry_state(world.client) == before
+        assert [file_digests(f) for f in world.written_folders] == files_before[1:]
+        assert {k: v for k, v in file_digests(work).items() if not k.startswith("out/")} == {k: v for k, v in files_before[0].items() if not k.startswith("out/")}
+        return
     assert code == case.exit_code, stderr
     assert stdout == ""
     assert "Traceback" not in stderr

@@ -237,6 +237,28 @@ def test_a_signal_mid_compose_removes_the_partial_and_says_so_in_one_line(tmp_pa
     assert sha256_of(*map(Path, digests)) == digests
 
 
+def test_sigterm_in_an_optuna_trial_is_one_line_without_optunas_traceback(tmp_path, registry):
+    from mlflow_helpers import BASE_NAME, vector_name
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "base": f"models:/{BASE_NAME}/1", "vectors": [{"vector": f"models:/{vector_name('rotate')}/1"}],
+        "evaluation": {"evaluator": "search_evaluators:stops_itself", "tasks": ["rotate"]},
+        "search": {"strategy": "optuna", "trials": 2},
+    }), "utf-8")
+    tests = str(ROOT / "tests")
+
+    proc = subprocess.run(
+        command("search", recipe), env=registry.store.env(PYTHONPATH=os.pathsep.join([env()["PYTHONPATH"], tests])),
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert one_error_line(proc.stderr).startswith("Error: interrupted by SIGTERM")
+    runs = registry.store.client.search_runs([registry.store.experiment_id], filter_string="tags.`taskvec.search.role` = 'search'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
 def test_sigterm_mid_registration_ends_the_run_failed_and_registers_nothing(tmp_path, tmp_path_factory, big_inputs):
     from mlflow_helpers import mlflow_store, template_db
 
@@ -417,9 +439,31 @@ def test_a_dead_tracking_server_fails_within_30_s_saying_once_that_it_retries(tm
 
     assert proc.returncode == 1
     warning, error = proc.stderr.splitlines()
-    assert warning == f"Warning: the tracking server {uri} does not answer; retrying for up to 26 s (MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT set how long)"
-    assert error.startswith(f"Error: base: models:/base/1: the tracking server at {uri} did not answer")
+    assert warning == f"Warning: the tracking server {uri} does not answer; retrying for up to 17 s (MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT set how long)"
+    assert error.startswith(f"Error: registering 'edit' failed: the tracking server at {uri} did not answer")
     assert seconds < 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+def test_a_server_that_accepts_connections_and_never_answers_fails_within_30_s(tmp_path):
+    import socket
+
+    with socket.socket() as silent:  # accepts connections (the kernel does) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        proc = subprocess.run(
+            command("compose", _registry_recipe(tmp_path), "--register", "edit"),
+            env=_without_mlflow_settings(MLFLOW_TRACKING_URI=uri), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )
+        seconds = time.monotonic() - started
+
+    assert proc.returncode == 1
+    warning, error = proc.stderr.splitlines()
+    assert warning.startswith(f"Warning: the tracking server {uri} does not answer; retrying for up to 17 s")
+    assert error.startswith(f"Error: registering 'edit' failed: the tracking server at {uri} did not answer"), error
+    assert seconds < 30, seconds
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
@@ -440,7 +484,7 @@ def test_the_users_own_mlflow_retry_settings_are_respected(tmp_path):
 
     assert proc.returncode == 1
     line = one_error_line(proc.stderr)  # no retries, so no retry line
-    assert line.startswith(f"Error: base: models:/base/1: the tracking server at {uri} did not answer")
+    assert line.startswith(f"Error: registering 'edit' failed: the tracking server at {uri} did not answer")
     assert seconds < 20  # one attempt of 1 s, and the interpreter's start-up
 
 

@@ -37,6 +37,7 @@ def test_a_registered_composite_logs_its_lineage_picture_to_its_run(registry, cl
 
 def test_lineage_png_writes_the_same_picture_as_the_one_logged(registry, client, tmp_path):
     out = tmp_path / "pictures" / "composite.png"
+    out.parent.mkdir()  # a side output's folder must exist: none is created (tests/test_bad_input.py)
 
     result = invoke("lineage", f"models:/{COMPOSITE_NAME}@champion", "--format", "png", "-o", out)
 

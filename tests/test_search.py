@@ -272,6 +272,7 @@ def test_the_search_command_prints_the_winner_and_writes_its_recipe(store, tmp_p
     path.write_text(yaml.safe_dump(recipe("peaked", ["target"], search_block={"objective": "mean.accuracy"})), "utf-8")
     env = store.env(**store.files, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
 
+    (tmp_path / "out").mkdir()  # a side output creates no folder
     done = subprocess.run([CLI, "search", str(path), "--output-recipe", str(tmp_path / "out" / "best.yaml")], env=env, capture_output=True, text=True, timeout=300)
 
     assert done.returncode == 0, done.stderr

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,7 @@ import torch
 
 from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
-from mlflow_taskvec.engine.coefficients import Coefficient, check_coefficient, coefficient_for
+from mlflow_taskvec.engine.coefficients import DEFAULT_GLOB, Coefficient, check_coefficient, coefficient_for
 from mlflow_taskvec.engine.device import DeviceCheckpoint, DeviceRunner, parse_device
 from mlflow_taskvec.engine.io import TensorSpec
 from mlflow_taskvec.engine.methods import MergeContext, get_method, validate_params
@@ -34,7 +36,7 @@ from mlflow_taskvec.engine.streaming import (
 )
 from mlflow_taskvec.engine.output import OutputClaim
 from mlflow_taskvec.engine.writer import CheckpointWriter, MemorySink
-from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.errors import TaskVecError, TaskVecWarning
 
 if TYPE_CHECKING:  # the task vector module builds on this one, not the other way round
     from mlflow_taskvec.engine.taskvector import TaskVector
@@ -198,16 +200,52 @@ def _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype, d
             specs[name] = TensorSpec(out_dtype or spec.dtype, spec.shape)
         else:
             specs[name] = TensorSpec(out_dtype if (out_dtype and spec.is_floating_point) else spec.dtype, spec.shape)
+    _warn_zero_inputs(vectors)
     # A tensor some inputs lack counts as zero in them (what filtering one input means).
     vectors = [v.with_tensors(vector_specs) for v in vectors]
     covered = set(vector_specs)
     names = sorted(covered)
     tensor_weights = {n: [coefficient_for(w, n, f"vectors[{i}].weight") for i, w in enumerate(weights)] for n in names}
     tensor_scale = {n: coefficient_for(scale, n, "scale") for n in names}
+    _check_representable(tensor_weights, tensor_scale, compute)
+    _warn_unused_globs(names, [("scale", scale)] + [(f"vectors[{i}].weight", w) for i, w in enumerate(weights)])
     return _Plan(
         base_ckpt, base_fp, vectors, weights, merge_method, scale, params, compute, specs, covered, tensor_weights, tensor_scale,
         device,
     )
+
+
+def _warn_unused_globs(names: list[str], coefficients: list[tuple[str, Coefficient]]) -> None:
+    """One warning per glob of a per-layer coefficient that matches none of the merged tensors."""
+    for what, value in coefficients:
+        if not isinstance(value, dict):
+            continue
+        for glob in value:
+            if glob != DEFAULT_GLOB and not any(fnmatch.fnmatchcase(n, glob) for n in names):
+                warnings.warn(TaskVecWarning(f"{what}: the glob {glob!r} matches no tensor of the inputs, so its value {value[glob]:g} is unused"), stacklevel=4)
+
+
+def _warn_zero_inputs(vectors: list["TaskVector"]) -> None:
+    """One warning per input that is all zeros (e.g. a LoRA adapter with lora_alpha 0, or no weights): it changes
+    nothing. Reading stops at an input's first nonzero chunk, so a usual input costs one chunk."""
+    for i, v in enumerate(vectors):
+        if not v.names:
+            warnings.warn(TaskVecWarning(f"{_label(v, i)}: the task vector holds no tensors, so it changes nothing in the composite"), stacklevel=4)
+        elif not any(bool(v.chunk(n, start, stop).any()) for n in sorted(v.names, key=lambda n: v.spec(n).numel) for start, stop in chunk_ranges(v.spec(n).numel)):
+            warnings.warn(TaskVecWarning(f"{_label(v, i)}: the task vector is all zeros, so it changes nothing in the composite"), stacklevel=4)
+
+
+def _check_representable(tensor_weights: dict[str, list[float]], tensor_scale: dict[str, float], compute: torch.dtype) -> None:
+    """Refuse, before anything is computed, a scale or weight (or their product) beyond the compute dtype's range."""
+    limit = torch.finfo(compute).max
+    kind = str(compute).removeprefix("torch.")
+    for name, scale in tensor_scale.items():
+        if abs(scale) > limit:
+            raise TaskVecError(f"scale: {scale:g} is beyond the largest {kind} ({limit:.3g}) for tensor {name!r}")
+        for i, w in enumerate(tensor_weights[name]):
+            if abs(w) > limit or abs(w * scale) > limit:
+                product = f" (times scale {scale:g}: {w * scale:g})" if abs(w) <= limit else ""
+                raise TaskVecError(f"vectors[{i}].weight: {w:g}{product} is beyond the largest {kind} ({limit:.3g}) for tensor {name!r}")
 
 
 def _execute(plan: _Plan, sink, allow_nonfinite: bool, progress):

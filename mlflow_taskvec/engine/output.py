@@ -10,7 +10,15 @@ Nothing a user already has may be lost by writing an output:
   since the start, and with ``overwrite`` it replaces only what stood there at the start;
 - temporaries are named ``.NAME.partial-<pid>-<random>``. Only the lock holder writes
   them, so any found by the next holder were left by a writer that was killed
-  (SIGKILL, power loss) and are removed.
+  (SIGKILL, power loss) and are removed;
+- only a regular file, a folder or a symlink is ever replaced: a device, a FIFO or a
+  socket at the path is refused, ``overwrite`` or not.
+
+Every file a command writes goes through this claim: the main outputs (checkpoints,
+task vectors, adapters) and the side outputs (heatmaps, lineage pictures and texts,
+winning recipes) alike. ``write_file`` is the side outputs' path through it: a side
+output is one file, whose folder must exist (none is created), that never replaces
+a folder.
 """
 
 from __future__ import annotations
@@ -22,8 +30,9 @@ import errno
 import os
 import re
 import shutil
+import stat
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from mlflow_taskvec.errors import TaskVecError
@@ -142,12 +151,62 @@ def refuse_aliasing(output: str | os.PathLike, inputs: Iterable[str | os.PathLik
             raise TaskVecError(f"{output}: the output {why} {given}; writing it would destroy what it is computed from (choose another output path)")
 
 
-def check_output_path(output: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse, before any work, an output that exists (unless ``overwrite``) or that another
-    writer holds: what a writer would refuse at its start, checked ahead (e.g. before a run)."""
-    claim = OutputClaim(output, overwrite)
+def check_output_path(
+    output: str | os.PathLike,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
+    what: str | None = None,
+) -> Path:
+    """Refuse, before any work, an output that exists (unless ``overwrite``), that another
+    writer holds, that is an input, or (for a side output: ``what`` names it, e.g. "heatmap")
+    whose folder is missing or that is a folder: what a writer would refuse at its start,
+    checked ahead (e.g. before a run)."""
+    claim = OutputClaim(output, overwrite, inputs=inputs, what=what)
     claim.release()
     return claim.path
+
+
+def write_file(
+    output: str | os.PathLike,
+    write: Callable[[Path], None],
+    what: str,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
+) -> Path:
+    """Write the side output ``what`` (a "heatmap", a "lineage picture") at ``output``, whole or
+    not at all: ``write(tmp)`` writes the file under a temporary name beside it, then the
+    claim's checked final move puts it in place. Nothing is left behind on failure."""
+    with OutputClaim(output, overwrite, inputs=inputs, what=what) as claim:
+        tmp = claim.partial()
+        try:
+            write(tmp)
+            claim.move_into_place(tmp)
+        except OSError as exc:
+            remove_path(tmp)
+            raise TaskVecError(f"{claim.path}: cannot write the {what} ({exc.strerror or exc})") from None
+        except BaseException:
+            remove_path(tmp)
+            raise
+    return claim.path
+
+
+def write_text(output: str | os.PathLike, text: str, what: str, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """``write_file`` for a text (UTF-8)."""
+    return write_file(output, lambda tmp: tmp.write_text(text, "utf-8"), what, overwrite=overwrite, inputs=inputs)
+
+
+_KINDS = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
+
+
+def _refuse_special(path: Path) -> None:
+    """Refuse a path that holds something other than a regular file, a folder or a symlink."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return
+    kind = _KINDS.get(stat.S_IFMT(mode))
+    if kind is not None:
+        raise TaskVecError(f"{path}: is {kind}, not a regular file or folder; it is left as it is (choose another output path)")
 
 
 class OutputClaim:
@@ -157,11 +216,28 @@ class OutputClaim:
     ``move_into_place(tmp)`` finishes, ``release()`` lets go (both idempotent).
     """
 
-    def __init__(self, output: str | os.PathLike, overwrite: bool = False):
+    def __init__(
+        self,
+        output: str | os.PathLike,
+        overwrite: bool = False,
+        inputs: Iterable[str | os.PathLike] = (),
+        what: str | None = None,
+    ):
+        """``inputs``: what the output is computed from (refused as the output, see
+        ``refuse_aliasing``). ``what``: for a side output, what it is ("heatmap"): its folder
+        must exist, and it never replaces a folder. Without it (a main output), a missing
+        folder is created."""
         self.path = Path(output)
         self.overwrite = overwrite
         self._lock_path = self.path.parent / f".{self.path.name}.lock"
         self._lock_fd: int | None = None
+        _refuse_special(self.path)
+        refuse_aliasing(self.path, inputs)
+        if what is not None:
+            if self.path.is_dir():
+                raise TaskVecError(f"{self.path}: is a folder; the {what} is a file (give a file path)")
+            if not self.path.parent.is_dir():
+                raise TaskVecError(f"{self.path}: cannot write the {what}, there is no folder {self.path.parent}")
         if os.path.lexists(self.path) and not overwrite:
             raise TaskVecError(f"{self.path}: output already exists (pass --overwrite to replace it)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,6 +246,7 @@ class OutputClaim:
             self.start = _identity(self.path)
             if self.start is not None and not overwrite:  # appeared between the check and the lock
                 raise TaskVecError(f"{self.path}: output already exists (pass --overwrite to replace it)")
+            _refuse_special(self.path)
             self._remove_stale_partials()
         except BaseException:
             self.release()

@@ -28,6 +28,7 @@ import glob
 import math
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,6 +257,9 @@ def learn_coefficients(
         from tqdm import tqdm
 
         bar = tqdm(total=settings.steps, desc="adamerging", unit="step", leave=False, file=sys.stderr)
+    caught = warnings.catch_warnings(record=True)
+    shown = caught.__enter__()  # what torch warns about while learning: shown below only if the learning succeeds
+    warnings.simplefilter("always")
     try:
         for step in range(settings.steps):
             optimizer.zero_grad()
@@ -265,7 +269,12 @@ def learn_coefficients(
             if not torch.isfinite(loss):
                 raise TaskVecError(f"adamerging: the entropy became {float(loss)} at step {step} (try a smaller lr)")
             loss.backward()
-            optimizer.step()
+            try:
+                optimizer.step()
+            except RuntimeError as exc:  # lr / (1 - beta1**t) beyond float32: torch refuses the update
+                raise TaskVecError(f"adamerging: the Adam update at step {step} failed: {exc} (try a smaller lr)") from None
+            if not bool(torch.isfinite(lam).all()):
+                raise TaskVecError(f"adamerging: the coefficients became non-finite at step {step} (try a smaller lr)")
             loss = loss.detach()
             if settings.clamp is not None:
                 with torch.no_grad():
@@ -276,8 +285,11 @@ def learn_coefficients(
             if bar is not None:
                 bar.update(1)
     finally:
+        caught.__exit__(None, None, None)
         if bar is not None:
             bar.close()
+    for w in shown:  # the learning succeeded: its warnings are worth a look; a failure's message says it all
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     result.coefficients = lam.detach().double().cpu()
     result.final_entropy = full_pass()
     return result
@@ -350,6 +362,9 @@ def check_can_learn(recipe, evaluation) -> None:
         raise TaskVecError("search strategy adamerging learns per-layer weights: give each vector a plain weight (its sign is kept)")
     settings = _settings(recipe)
     parse_device(settings.device, "search.adamerging.device")  # one that this machine lacks: refused now
+    largest = torch.finfo(torch.float32).max
+    if settings.lr > largest:
+        raise TaskVecError(f"search.adamerging.lr: {settings.lr:g} is beyond the largest float32 ({largest:.3g}), the coefficients' dtype")
     if settings.groups:
         layer_groups(sorted({n for item in evaluation.inputs for n in item.vector.names}), settings.groups)
 

@@ -39,7 +39,7 @@ from mlflow_taskvec.engine.methods import METHODS, get_method
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.mlflow.inputs import resolve_inputs
 from mlflow_taskvec.mlflow import tags as tag
-from mlflow_taskvec.mlflow.registry import Registered, check_destination, register_composite
+from mlflow_taskvec.mlflow.registry import Registered, check_destination, check_recipe_device, register_composite
 from mlflow_taskvec.mlflow.runs import owned_run
 from mlflow_taskvec.mlflow.search import SearchResult, search
 from mlflow_taskvec.recipe import Range, Recipe, Search
@@ -228,6 +228,7 @@ def leaderboard(
         raise TaskVecError("leaderboard needs an 'evaluation' block in the recipe (evaluator and tasks)")
     if register_each and register_as is None:
         raise TaskVecError("--register-each needs --register NAME")
+    check_recipe_device(recipe)  # before a run is started
     if register_as is not None:
         check_destination(register_as, allow_mixed)
     plans = {}

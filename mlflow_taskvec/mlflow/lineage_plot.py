@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlflow_taskvec.engine.output import write_file
 from mlflow_taskvec.mlflow.lineage import Node, lineage
 
 PICTURE_NAME = "lineage.png"
@@ -134,7 +135,7 @@ def _edge_label(node: Node) -> str:
     return node.role + (f" {node.weight:g}" if node.weight is not None else "")
 
 
-def draw_lineage(root: Node, path: "str | os.PathLike") -> tuple[int, int]:
+def draw_lineage(root: Node, path: "str | os.PathLike", overwrite: bool = False) -> tuple[int, int]:
     """Draw ``root``'s lineage as a PNG at ``path`` (written whole or not at all); returns its (width, height) in pixels."""
     import matplotlib
 
@@ -188,16 +189,8 @@ def draw_lineage(root: Node, path: "str | os.PathLike") -> tuple[int, int]:
             (x1, _), y1 = sides[edge.target], edge.target.row
         ax.text(x0 + _LABEL_AT * (x1 - x0), y0 + _LABEL_AT * (y1 - y0), _edge_label(edge.node), ha="center", va="center", fontsize=6.5, color="#222222",
                 bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none"))
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=DPI)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        write_file(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"), "lineage picture", overwrite=overwrite)
     finally:
         plt.close(fig)
     return round(size[0] * DPI), round(size[1] * DPI)

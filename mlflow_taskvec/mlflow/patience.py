@@ -5,7 +5,9 @@ MLflow retries a failed request 7 times with a backoff factor of 2 and waits up 
 without a word. Unless the user chose MLflow's own settings
 (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``,
 ``MLFLOW_HTTP_REQUEST_TIMEOUT``; when any is set, all are left as they are), a command
-uses bounded ones: 2 retries, 8 s per attempt, under 30 s in all. Either way one
+uses bounded ones: 2 retries, 5 s per attempt, 17 s for a request, so that with the
+interpreter's start-up a command fails in under 30 s (a request the server did not
+answer is not followed by others: ``server.unanswered``). Either way one
 line is printed when a request to the server is first retried.
 
 Nothing here imports MLflow: the front end sets this up before MLflow is loaded.
@@ -21,7 +23,7 @@ from collections.abc import Callable, Iterator
 BOUNDED = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "8",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
 }
 # MLflow's defaults, for the estimate of how long it may take when the user set only some.
 _MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": 7, "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": 2, "MLFLOW_HTTP_REQUEST_TIMEOUT": 120}

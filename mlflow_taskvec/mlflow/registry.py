@@ -27,9 +27,11 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import _validate_model_name
 
 from mlflow_taskvec.compose import compose_to, write_model_card
 from mlflow_taskvec.engine.coefficients import Coefficient
+from mlflow_taskvec.engine.device import parse_device
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.output import OutputClaim, check_output_path, refuse_aliasing
 from mlflow_taskvec.errors import TaskVecError, TaskVecWarning
@@ -40,10 +42,10 @@ from mlflow_taskvec.mlflow.evaluate import composite_evaluation, module_builder
 from mlflow_taskvec.mlflow.inputs import resolve_inputs
 from mlflow_taskvec.mlflow.lineage_plot import log_lineage_picture
 from mlflow_taskvec.mlflow.runs import owned_run
-from mlflow_taskvec.mlflow.server import check_can_register, server_error, server_errors
-from mlflow_taskvec.modelcard import hub_name_of
+from mlflow_taskvec.mlflow.server import check_can_register, server_error, server_errors, unanswered
+from mlflow_taskvec.modelcard import hub_name_of, md_code, md_text
 from mlflow_taskvec.recipe import Recipe
-from mlflow_taskvec.references import is_local
+from mlflow_taskvec.references import is_local, open_reference
 
 
 def _fmt(value: Coefficient) -> str:
@@ -62,7 +64,7 @@ def version_page(name: str, version: str) -> str:
 
 def _model_cell(res: Resolved, text: str | None = None) -> str:
     """A description table's cell naming ``res``: a link to its version page when it is a registered version."""
-    shown = f"`{text or res.name or res.canonical}`"
+    shown = md_code(text or res.name or res.canonical)
     return f"[{shown}]({version_page(res.name, res.version)})" if res.name and res.version else shown
 
 
@@ -114,10 +116,24 @@ def _asks_the_server_first(register):
 def check_destination(name: str, allow_mixed: bool = False) -> None:
     """What can be known before anything is written about registering into ``name``: the user may
     (when the server says), and its versions are ours (unless ``allow_mixed``)."""
+    check_model_name(name)
     with server_errors(f"registering {name!r} failed", name):
         check_can_register(name)
         if not allow_mixed:
             refuse_foreign_versions(name)
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a registered model name MLflow would refuse, before any run is started (MLflow's own rule)."""
+    try:
+        _validate_model_name(name)
+    except MlflowException as exc:
+        raise TaskVecError(f"registered model name {name!r}: {exc.message}") from None
+
+
+def check_recipe_device(recipe: Recipe) -> None:
+    """Refuse, before any run is started, a recipe device this machine does not have."""
+    parse_device(recipe.device)
 
 
 def refuse_foreign_versions(name: str) -> None:
@@ -125,7 +141,9 @@ def refuse_foreign_versions(name: str) -> None:
     (a plain pyfunc model, say): its lineage, reports and verification would mix two worlds."""
     try:
         versions = MlflowClient().search_model_versions(f"name = '{name}'")
-    except MlflowException:
+    except MlflowException as exc:
+        if unanswered(exc):  # a server that does not answer: fail now, not after every later request
+            raise
         return  # no such model yet, or a name the search cannot quote: nothing to mix with
     foreign = sorted((int(mv.version) for mv in versions if mv.name == name and tag.KIND not in (mv.tags or {})))
     if foreign:
@@ -207,8 +225,9 @@ def register_compressed_vector(
     alias: str | None = None,
     device: str | None = None,
     allow_mixed: bool = False,
+    base: str | None = None,
 ) -> Registered:
-    """Compress the task vector ``source_ref`` (``engine.compressed``) and register the result.
+    """Compress the task vector ``source_ref`` (a PEFT LoRA adapter's with its ``base``) (``engine.compressed``) and register the result.
 
     The compressed vector is logged in the source vector's run (else the active or a new
     run) as a ``task_vector`` model; its version carries the source's lineage tags, its
@@ -223,7 +242,7 @@ def register_compressed_vector(
     if output is not None:
         check_output_path(output, overwrite)
     source = resolve(source_ref)
-    vector = TaskVector.load(source.path)
+    vector = TaskVector.load(open_reference(source.path, base=open_reference(resolve(base).path) if base else None))
     recorded = {**(source.conf or {}), **source.tags}  # a registered version's tags, else its flavor block
     with tempfile.TemporaryDirectory(prefix="taskvec-compress-") as tmp:
         target = Path(output) if output is not None else Path(tmp) / "vector.safetensors"
@@ -251,12 +270,12 @@ def register_compressed_vector(
             MlflowClient().set_logged_model_tags(info.model_id, {k: str(v) for k, v in tags.items()})
             setting = ", ".join(f"{k} {v:g}" for k, v in result.settings.items())
             description = "\n".join([
-                f"**Compressed task vector** for task `{vector.task or '?'}`: `{layout}`" + (f" ({setting})" if setting else "")
-                + f" of `{source.canonical}`, {result.ratio:.1f}x smaller than the dense vector.",
+                f"**Compressed task vector** for task {md_code(vector.task or '?')}: `{layout}`" + (f" ({setting})" if setting else "")
+                + f" of {md_code(source.canonical)}, {result.ratio:.1f}x smaller than the dense vector.",
                 "",
                 "| role | reference | fingerprint |",
                 "|---|---|---|",
-                f"| compressed from | `{source.canonical}` | `{source.fingerprint[:16]}` |",
+                f"| compressed from | {md_code(source.canonical)} | `{source.fingerprint[:16]}` |",
                 f"| task vector (densified) | this version | `{conf['fingerprint'][:16]}` |",
                 "",
                 f"{result.stored_bytes} bytes stored for {result.dense_bytes} dense; {conf['num_parameters']} parameters in {conf['num_tensors']} tensors.",
@@ -270,7 +289,7 @@ def register_compressed_vector(
 def _vector_description(vector: TaskVector, base: Resolved, finetuned: Resolved, conf: dict) -> str:
     return "\n".join(
         [
-            f"**Task vector** for task `{vector.task or '?'}`: fine-tune minus base.",
+            f"**Task vector** for task {md_code(vector.task or '?')}: fine-tune minus base.",
             "",
             "| role | reference | fingerprint |",
             "|---|---|---|",
@@ -325,6 +344,7 @@ def register_composite(
     is registered). A registered model ``name`` whose versions mlflow-taskvec did not make is
     refused unless ``allow_mixed``.
     """
+    check_recipe_device(recipe)
     if output is not None:
         check_output_path(output, overwrite)
     inputs = resolve_inputs(recipe, require_alias)
@@ -344,8 +364,8 @@ def register_composite(
     with claimed as claim, owned_run(None) as run, tempfile.TemporaryDirectory(**scratch) as tmp:
         mlflow.log_params(_run_params(resolved))
         weights = Path(tmp) / "weights"
-        with inputs.named_as_references():
-            result = compose_to(inputs.local(), output=weights)
+        with inputs.named_as_references():  # the weights' metadata and card record the references, as the tags do
+            result = compose_to(inputs.local(), output=weights, recorded=resolved)
         metrics = {}
         if evaluate is None and resolved.evaluation is not None:
             evaluate = composite_evaluation(inputs).evaluate
@@ -451,7 +471,7 @@ def composite_description(
 ) -> str:
     lines = [
         f"**Composite** by `{recipe.method}`, scale {_fmt(recipe.scale)}"
-        + (f", params `{json.dumps(recipe.params, sort_keys=True)}`" if recipe.params else "")
+        + (f", params {md_code(json.dumps(recipe.params, sort_keys=True))}" if recipe.params else "")
         + ".",
         "",
         "| role | model | version | weight | fingerprint |",
@@ -460,7 +480,7 @@ def composite_description(
     ]
     for e, r in zip(recipe.vectors, inputs):
         role = "task vector" if e.vector is not None else "fine-tune"
-        lines.append(f"| {role} | {_model_cell(r)} | {r.version or '-'} | {_fmt(e.weight)} | `{r.fingerprint[:16]}` |")
+        lines.append(f"| {role} | {_model_cell(r)} | {r.version or '-'} | {md_text(_fmt(e.weight))} | `{r.fingerprint[:16]}` |")
     lines += ["", f"Output fingerprint `{fingerprint}`; recipe sha256 `{recipe.sha256()}`."]
     if note:
         lines += ["", note]
@@ -477,7 +497,7 @@ def _metrics_table(metrics: dict[str, float]) -> str:
         rows.setdefault(head or "-", {})[kind] = value
     kinds = sorted({k for r in rows.values() for k in r}, key=lambda k: (k.split("_")[-1], k.count("_"), k))
     order = sorted(rows, key=lambda t: (t == "mean", t.startswith("control."), t))
-    lines = ["| task | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    lines = ["| task | " + " | ".join(md_text(k) for k in kinds) + " |", "|---|" + "---|" * len(kinds)]
     for task in order:
-        lines.append(f"| {task} | " + " | ".join(_fmt(rows[task][k]) if k in rows[task] else "" for k in kinds) + " |")
+        lines.append(f"| {md_text(task)} | " + " | ".join(_fmt(rows[task][k]) if k in rows[task] else "" for k in kinds) + " |")
     return "\n".join(lines)

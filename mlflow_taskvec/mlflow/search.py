@@ -16,6 +16,7 @@ objective against the scale, and the winning recipe.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -42,7 +43,7 @@ from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.evaluate import CompositeEvaluation, composite_evaluation
 from mlflow_taskvec.mlflow.inputs import Inputs, resolve_inputs
-from mlflow_taskvec.mlflow.registry import Registered, check_destination, register_composite
+from mlflow_taskvec.mlflow.registry import Registered, check_destination, check_recipe_device, register_composite
 from mlflow_taskvec.mlflow.runs import owned_run
 from mlflow_taskvec.progress import progress_bar
 from mlflow_taskvec.recipe import AdaMerging, Recipe, Search
@@ -257,9 +258,13 @@ def _optuna(search, recipe, composer, evaluation, objective, labels, parent_id, 
         step()
         return cand.objective
 
+    quiet_interrupts = _NoInterruptTracebacks()
+    optuna_log = logging.getLogger("optuna.study._optimize")  # logs a trial a signal stopped, with its traceback
+    optuna_log.addFilter(quiet_interrupts)
     try:
         study.optimize(run_trial, n_trials=search.trials, catch=())
     finally:
+        optuna_log.removeFilter(quiet_interrupts)
         close()
     # The winner over the whole study: with shared storage, other workers' trials count too.
     done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
@@ -279,6 +284,18 @@ def _optuna(search, recipe, composer, evaluation, objective, labels, parent_id, 
             "trials_in_study": len(done),
         }
     return candidates, shared
+
+
+class _NoInterruptTracebacks(logging.Filter):
+    """Drop optuna's records of a trial that Ctrl-C, SIGTERM or SIGHUP stopped (its traceback, then
+    "failed with value None"): the command says it in one line."""
+
+    stopped = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            self.stopped = True
+        return not self.stopped
 
 
 def _open_study(optuna, search: Search, sampler):
@@ -360,6 +377,7 @@ def search(
     settings = recipe.search or Search()
     if recipe.evaluation is None:
         raise TaskVecError("search needs an 'evaluation' block in the recipe (evaluator and tasks)")
+    check_recipe_device(recipe)  # before a run is started
     if register_as is not None:
         check_destination(register_as, allow_mixed)
     inputs = resolve_inputs(recipe)  # the policy first: before anything is downloaded or evaluated

@@ -74,6 +74,15 @@ def permission_denied(action: str, why: str = "HTTP 403") -> TaskVecError:
     return TaskVecError(f"permission denied by the tracking server: user {current_user()!r} may not {action} ({why})")
 
 
+def unanswered(exc: BaseException) -> bool:
+    """True when a request failed because the server did not answer or dropped the connection
+    (not because it answered with a refusal): nothing later in the command would fare better."""
+    if isinstance(exc, requests.exceptions.RequestException):
+        return True
+    message = _first_line(exc)
+    return "failed with exception" in message or "Max retries exceeded" in message
+
+
 def server_error(exc: MlflowException, what: str, name: str | None = None) -> TaskVecError:
     """One sentence for an MlflowException; ``what`` prefixes it unless it is a refusal
     (e.g. "registering 'x' failed", or the reference being resolved)."""
@@ -88,7 +97,7 @@ def server_error(exc: MlflowException, what: str, name: str | None = None) -> Ta
             f"the tracking server at {mlflow.get_tracking_uri()} rejected the credentials of user {current_user()!r} (HTTP 401); "
             "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
         )
-    if "failed with exception" in message or "Max retries exceeded" in message:
+    if unanswered(exc):
         return TaskVecError(
             f"{what}: the tracking server at {mlflow.get_tracking_uri()} did not answer or dropped the connection "
             f"({'while trying to ' + _action(endpoint, name) if endpoint else message})"
@@ -109,6 +118,9 @@ def server_errors(what: str, name: str | None = None) -> Iterator[None]:
         ) from None
 
 
+_ATTEMPT_SECONDS = 5  # the permission lookups are optional: no longer than one bounded attempt (patience.py)
+
+
 def own_permission(resource_type: str, resource_id: str) -> str | None:
     """The current user's permission on a resource as a basic-auth server reports it.
 
@@ -124,7 +136,7 @@ def own_permission(resource_type: str, resource_id: str) -> str | None:
 
     creds = get_default_host_creds(uri)
     try:
-        me = http_request(creds, "/api/2.0/mlflow/users/get", "GET", params={"username": user}, max_retries=0, timeout=30)
+        me = http_request(creds, "/api/2.0/mlflow/users/get", "GET", params={"username": user}, max_retries=0, timeout=_ATTEMPT_SECONDS)
         if me.status_code != 200 or me.json().get("user", {}).get("is_admin"):
             return None
         resp = http_request(
@@ -133,7 +145,7 @@ def own_permission(resource_type: str, resource_id: str) -> str | None:
             "GET",
             params={"username": user, "resource_type": resource_type, "resource_id": resource_id},
             max_retries=0,
-            timeout=30,
+            timeout=_ATTEMPT_SECONDS,
         )
         return resp.json().get("permission") if resp.status_code == 200 else None
     except Exception:  # the server answers the real request anyway
@@ -149,7 +161,9 @@ def check_can_register(name: str) -> None:
         return
     try:
         model = mlflow.MlflowClient().get_registered_model(name)
-    except MlflowException:
+    except MlflowException as exc:
+        if unanswered(exc):  # a server that does not answer fails the command now, not after every later request
+            raise
         return
     permission = own_permission("registered_model", name)
     # The server grants the creator MANAGE just after creating the model; a model made a
