@@ -335,7 +335,7 @@ class _Count(click.ParamType):
 @main.command("search")
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--strategy", type=click.Choice(["grid", "optuna", "adamerging", ""]), default=None, callback=_unset_if_empty, help="Override search.strategy (default: grid).")
-@click.option("--objective", default=None, callback=_unset_if_empty, help="Override search.objective: auto, mean_normalized, negation, or a metric name.")
+@click.option("--objective", default=None, callback=_unset_if_empty, help="Override search.objective: auto, mean_normalized, negation, analogy, or a metric name.")
 @click.option("--trials", type=_Count(), default=None, help="optuna: trials for this worker (default: search.trials).")
 @click.option("--storage", default=None, callback=_unset_if_empty, help="optuna: RDB storage URL shared by several workers (e.g. postgresql://host/db).")
 @click.option("--study-name", default=None, callback=_unset_if_empty, help="optuna: the study's name in the storage.")

@@ -197,7 +197,10 @@ def recipes(base: str, grid_step: float = 0.05, trials: int = 30, board_trials: 
             "base": base,
             "vectors": [vec(c), vec(b), vec(a, -1.0)],
             "evaluation": evaluation(target),
-            "search": {**grid(2.0), "objective": f"{target}.accuracy"},
+            # The gain over the base, keeping the control task at 95% of the base's accuracy at least
+            # (the default control_min_ratio, as the negation's objective): maximizing the target
+            # alone took plain digits from 0.978 to 0.531.
+            "search": {**grid(2.0), "objective": "analogy"},
         },
     }
 
