@@ -326,6 +326,8 @@ def check_can_learn(recipe, evaluation) -> None:
             f"search strategy adamerging needs unlabeled inputs: evaluator {evaluation.name!r} has no unlabeled(task, split) "
             "(give the evaluator an 'unlabeled' attribute that yields input batches)"
         )
+    if evaluation.linear:
+        raise TaskVecError("search strategy adamerging does not learn coefficients of linearized fine-tunes' vectors (taskvec.fine_tuning=linear)")
     if recipe.method != "task_arithmetic":
         raise TaskVecError(f"search strategy adamerging learns task-arithmetic coefficients: the recipe's method is {recipe.method!r}")
     if any(isinstance(e.weight, dict) for e in recipe.vectors) or isinstance(recipe.scale, dict):

@@ -29,7 +29,6 @@ from mlflow_taskvec.disentanglement import (
 )
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.mlflow import flavor
-from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.evaluate import composite_evaluation
 from mlflow_taskvec.mlflow.inputs import resolve_inputs
 from mlflow_taskvec.mlflow.runs import owned_run
@@ -45,14 +44,6 @@ class DisentanglementRun:
     @property
     def unit_box_mean(self) -> float:
         return sum(r.unit_box_mean for r in self.results) / len(self.results)
-
-
-def fine_tuning_of(resolved_vectors) -> str:
-    """``linear`` when every input is a linearized fine-tune's vector, ``standard`` when none is."""
-    kinds = {r.tags.get(tag.FINE_TUNING, "standard") for r in resolved_vectors}
-    if len(kinds) > 1:
-        raise TaskVecError("the recipe mixes task vectors of linearized and standard fine-tunes (taskvec.fine_tuning): they live in different models")
-    return kinds.pop() if kinds else "standard"
 
 
 def labels_of(evaluation) -> list[str]:
@@ -83,10 +74,10 @@ def measure(recipe: Recipe, pair: tuple[str, str] | None = None, all_pairs: bool
         )
     labels = labels_of(evaluation)
     pairs = pairs_of(labels, pair, all_pairs)
-    linear = fine_tuning_of(inputs.vectors) == "linear"
+    linear = evaluation.linear
     split = split or recipe.evaluation.split
     base = flavor.read_state(inputs.base.path)
-    module = evaluation.build(base)
+    module = evaluation.build_plain(base)  # linearized, when it is, by disentanglement_error
     tensors: dict[int, dict] = {}
 
     def vector(i: int) -> dict:
