@@ -19,6 +19,7 @@ _LAZY = {
     "load_recipe": "mlflow_taskvec.recipe",
     "parse_recipe": "mlflow_taskvec.recipe",
     "compose_to": "mlflow_taskvec.compose",
+    "linearize": "mlflow_taskvec.engine.linearize",
 }
 
 __all__ = ["TaskVecError", "TaskVecWarning", *sorted(_LAZY), "__version__"]

@@ -343,7 +343,7 @@ class _Count(click.ParamType):
 @main.command("search")
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--strategy", type=click.Choice(["grid", "optuna", "adamerging", ""]), default=None, callback=_unset_if_empty, help="Override search.strategy (default: grid).")
-@click.option("--objective", default=None, callback=_unset_if_empty, help="Override search.objective: auto, mean_normalized, negation, or a metric name.")
+@click.option("--objective", default=None, callback=_unset_if_empty, help="Override search.objective: auto, mean_normalized, negation, analogy, or a metric name.")
 @click.option("--trials", type=_Count(), default=None, help="optuna: trials for this worker (default: search.trials).")
 @click.option("--storage", default=None, callback=_unset_if_empty, help="optuna: RDB storage URL shared by several workers (e.g. postgresql://host/db).")
 @click.option("--study-name", default=None, callback=_unset_if_empty, help="optuna: the study's name in the storage.")
@@ -711,6 +711,35 @@ def export_lora_command(ref, output, base, rank, energy, modules_to_save, dtype,
         share = sum(result.left_out.values())
         _echo(quiet, f"not in the adapter ({share:.4%} of ||tau||^2; use --modules-to-save for them): " + ", ".join(sorted(result.left_out)))
     _echo(quiet, f"total relative Frobenius error: {result.relative_error:.6g}")
+
+
+@main.command("disentanglement")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--pair", nargs=2, default=None, metavar="I J", help="Two of the recipe's vectors, by position (0-based) or task.")
+@click.option("--all-pairs", is_flag=True, help="Every pair of the recipe's vectors.")
+@click.option("--low", type=float, default=-3.0, help="The smallest coefficient of the grid (both axes).")
+@click.option("--high", type=float, default=3.0, help="The largest coefficient of the grid.")
+@click.option("--step", type=float, default=0.5, help="The grid's step.")
+@click.option("--split", default=None, callback=_unset_if_empty, help="Whose inputs are read (default: the evaluation's split).")
+@_quiet
+@_fail_cleanly
+def disentanglement_command(recipe, pair, all_pairs, low, high, step, split, quiet):
+    """The weight disentanglement error of pairs of a RECIPE's task vectors (arXiv 2305.12827).
+
+    xi(a1, a2) sums, over the two tasks, the share of the task's inputs (the evaluator's
+    unlabeled batches) where base + a1 t_I + a2 t_J predicts otherwise than base + a_k t_k;
+    the matrix, a heatmap and the mean inside |a1|, |a2| <= 1 are logged on a new run
+    (docs/disentanglement.md).
+    """
+    from mlflow_taskvec.mlflow.disentanglement import measure
+    from mlflow_taskvec.recipe import load_recipe
+
+    result = measure(load_recipe(recipe), pair=tuple(pair) if pair else None, all_pairs=all_pairs, grid=(low, high, step), split=split)
+    for r in result.results:
+        click.echo(f"{r.labels[0]} + {r.labels[1]}: unit-box mean {r.unit_box_mean:.4f}  grid mean {r.grid_mean:.4f}"
+                   f"  ({len(r.alphas)}x{len(r.alphas)} points, {r.inputs[0]} + {r.inputs[1]} inputs)")
+    _echo(quiet, f"disentanglement run: {result.run_id}  fine-tuning: {'linear' if result.linear else 'standard'}"
+          f"  mean unit-box error: {result.unit_box_mean:.4f}")
 
 
 if __name__ == "__main__":

@@ -132,9 +132,9 @@ def compose_to(
     return result
 
 
-def write_model_card(folder: Path, recipe: Recipe, base_model: str, inputs: list[dict], result: MergeResult, metrics=None) -> Path:
+def write_model_card(folder: Path, recipe: Recipe, base_model: str, inputs: list[dict], result: MergeResult, metrics=None, linear: bool = False) -> Path:
     """``folder/README.md``: the composite's model card (see ``modelcard``)."""
-    card = model_card(recipe, base_model, inputs, result.fingerprint, result.base_fingerprint, metrics)
+    card = model_card(recipe, base_model, inputs, result.fingerprint, result.base_fingerprint, metrics, linear=linear)
     write_text_atomically(folder / CARD_NAME, card)
     return folder / CARD_NAME
 

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from mlflow_taskvec.callables import import_callable
 from mlflow_taskvec.engine.writer import write_text_atomically
 from mlflow_taskvec.errors import TaskVecError
@@ -50,6 +52,31 @@ def _per_task(tasks, control_tasks, metrics_of: Callable[[str, str], dict[str, f
 def evaluate_model(model, evaluator: Evaluator, tasks, control_tasks=(), split: str = "test", name: str = "evaluator") -> dict[str, float]:
     """Run ``evaluator`` on every task; raises TaskVecError naming the task when it fails."""
     return _per_task(tasks, control_tasks, lambda prefix, task: task_metrics(evaluator, model, task, split, name))
+
+
+# -- a module's forward on an evaluator's unlabeled batch -----------------------------------
+
+
+def call_args(batch, device=None) -> tuple[tuple, dict]:
+    """An ``evaluator.unlabeled`` batch as (args, kwargs) of the module's forward, tensors on
+    ``device``: a dict is keyword arguments, a tuple or list positional ones, anything else the one argument."""
+    move = lambda v: v.to(device) if isinstance(v, torch.Tensor) and device is not None else v  # noqa: E731
+    if isinstance(batch, dict):
+        return (), {k: move(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return tuple(move(v) for v in batch), {}
+    return (move(batch),), {}
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits a forward returned: the tensor, its ``.logits``, or the first tensor of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if getattr(output, "logits", None) is not None:
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TaskVecError(f"the module's forward returned {type(output).__name__}, not logits (a tensor, or an output with .logits)")
 
 
 # -- references: the base and each fine-tune, cached by fingerprint ------------------------

@@ -17,6 +17,12 @@ import yaml
 from mlflow_taskvec.recipe import Recipe
 
 CARD_NAME = "README.md"
+LINEAR_NOTE = (
+    "Fine-tuning: **linear** (`taskvec.fine_tuning=linear`). The inputs are task vectors of fine-tunes trained "
+    "linearized at the base (arXiv 2305.12827), so these weights `w` are meant for the base's first-order Taylor "
+    "model `f(x; b) + J(b)(w - b)`: `mlflow_taskvec.linearize(module, base_weights)` with `module` holding `w`; "
+    "the metrics are of that model."
+)
 TAGS = ["merge", "task-arithmetic"]
 
 
@@ -63,8 +69,10 @@ def model_card(
     fingerprint: str,
     base_fingerprint: str,
     metrics: Mapping[str, float] | None = None,
+    linear: bool = False,
 ) -> str:
-    """The card's text. ``inputs``: one ``{"ref", "weight", "fingerprint", "task"}`` per vector."""
+    """The card's text. ``inputs``: one ``{"ref", "weight", "fingerprint", "task"}`` per vector;
+    ``linear``: the inputs are linearized fine-tunes' vectors (a paragraph says how to evaluate it)."""
     front = {"base_model": base_model, "tags": TAGS, "library_name": "mlflow-taskvec"}
     params = ", ".join(f"{k}={v}" for k, v in sorted(recipe.params.items())) or "none"
     lines = [
@@ -83,6 +91,7 @@ def model_card(
         f"| base | {md_code(recipe.base)} (fingerprint `{base_fingerprint[:16]}`) |",
         f"| fingerprint | `{fingerprint}` |",
         f"| recipe sha256 | `{recipe.sha256()}` |",
+        *(["", LINEAR_NOTE] if linear else []),
         "",
         "## Inputs",
         "",

@@ -224,7 +224,7 @@ class Search(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     strategy: Literal["grid", "optuna", "adamerging"] = "grid"
-    objective: str = Field("auto", description="auto | mean_normalized | negation | a metric name to maximize")
+    objective: str = Field("auto", description="auto | mean_normalized | negation | analogy | a metric name to maximize")
     metric: str = Field("accuracy", description="the evaluator's metric the objective is about")
     scale: Range = Field(default_factory=lambda: Range(low=0.0, high=1.0, step=0.05), description="default: the method's search_scale, step 0.05")
     weights: Range | None = None
@@ -237,7 +237,7 @@ class Search(BaseModel):
     storage: str | None = Field(None, description="optuna RDB URL, shared by several workers")
     study_name: str | None = None
     validation_split: str = "validation"
-    control_min_ratio: float = Field(0.95, gt=0, description="negation: each control task keeps this share of the base's metric")
+    control_min_ratio: float = Field(0.95, gt=0, description="negation and analogy: each control task keeps this share of the base's metric")
     # read by strategy adamerging, and by a leaderboard's adamerging row whatever the strategy
     adamerging: AdaMerging | None = Field(None, description="strategy adamerging's settings (default: AdaMerging())")
 
@@ -245,7 +245,7 @@ class Search(BaseModel):
     @classmethod
     def _objective(cls, value):
         if not value or value.strip() != value:
-            raise ValueError(f"{value!r} is not an objective (auto, mean_normalized, negation, or a metric name)")
+            raise ValueError(f"{value!r} is not an objective (auto, mean_normalized, negation, analogy, or a metric name)")
         return value
 
     @model_validator(mode="after")

@@ -41,6 +41,16 @@ def forgetting(model, task: str, split: str) -> dict[str, float]:
     raise ValueError(f"unknown task {task!r}")
 
 
+def lifting(model, task: str, split: str) -> dict[str, float]:
+    """``target`` gains 0.5 per unit of ``c`` from 0.3; ``control`` holds until c = 0.62, then falls."""
+    c = coefficient(model)
+    if task == "target":
+        return {"accuracy": min(1.0, max(0.0, 0.3 + 0.5 * c))}
+    if task == "control":
+        return {"accuracy": 1.0 - max(0.0, c - 0.62)}
+    raise ValueError(f"unknown task {task!r}")
+
+
 def broken(model, task: str, split: str) -> dict[str, float]:
     raise RuntimeError("the evaluation data is missing")
 

@@ -7,7 +7,7 @@ import sys
 
 import mlflow_taskvec
 
-API = ["MergeResult", "TaskVecError", "TaskVecWarning", "TaskVector", "compose_to", "compress", "export_lora",
+API = ["MergeResult", "TaskVecError", "TaskVecWarning", "TaskVector", "compose_to", "compress", "export_lora", "linearize",
        "load_recipe", "merge", "merge_to", "open_adapter", "open_checkpoint", "parse_recipe"]
 
 

@@ -154,6 +154,27 @@ def test_negation_takes_the_largest_drop_that_keeps_the_control_task(store):
     assert [c.scale for c in infeasible] == GRID[14:]
 
 
+@pytest.mark.parametrize("ratio, scale", [(None, 0.65), (0.9, 0.7), (0.6, 1.0)])
+def test_analogy_takes_the_largest_gain_that_keeps_the_control_task(store, ratio, scale):
+    block = {"objective": "analogy", **({"control_min_ratio": ratio} if ratio is not None else {})}
+    spec = parse_recipe(recipe("lifting", ["target"], control_tasks=["control"], search_block=block))
+
+    result = search(spec)
+
+    assert result.objective.kind == "analogy"
+    ratio = 0.95 if ratio is None else ratio  # the default, as the negation's
+    assert result.objective.describe == f"maximize the gain of mean.accuracy over the base, keeping each control task's accuracy at least {ratio:g} x the base's"
+    # control = 1 - max(0, c - 0.62) >= ratio x the base's 1.0 up to c = 1.62 - ratio; the gain is 0.5 c
+    assert result.best.scale == pytest.approx(scale)
+    assert result.best.objective == pytest.approx(0.5 * scale, abs=1e-6)
+    assert result.test_metrics["target.delta_accuracy"] == pytest.approx(0.5 * scale, abs=1e-6)
+    assert result.test_metrics["control.control.accuracy"] >= ratio - 1e-9
+    assert [c.scale for c in result.candidates if not c.feasible] == [c for c in GRID if c > 1.62 - ratio + 1e-9]
+    # the plain metric objective, which this replaces, takes the whole grid's best target: the control falls
+    plain = search(parse_recipe(recipe("lifting", ["target"], control_tasks=["control"], search_block={"objective": "target.accuracy"})))
+    assert plain.best.scale == pytest.approx(1.0) and plain.test_metrics["control.control.accuracy"] == pytest.approx(0.62, abs=1e-6)
+
+
 def test_candidates_composed_in_memory_and_through_a_temporary_folder_score_the_same(store):
     spec = parse_recipe(recipe("peaked", ["target"], search_block={"objective": "mean.accuracy", "scale": {"low": 0, "high": 1, "step": 0.25}}))
 

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mlflow_taskvec.engine.linearize import linearize
+
 TRANSFORMS = ("rotate", "flip", "invert")
 LOOPED = (0, 6, 8, 9)
 LABELS = {"digits": 10, "parity": 2, "large": 2, "mod3": 3, "loop": 2}
@@ -160,10 +162,17 @@ def build_model(seed: int = 0, hidden: int = HIDDEN) -> DigitsNet:
 
 
 OPTIMIZERS = ("adam", "sgd")
+MODES = ("standard", "linear")
 
 
-def train(model: DigitsNet, task: str, steps: int = 100, lr: float = 1e-3, seed: int = 0, optimizer: str = "adam") -> DigitsNet:
+def train(model: DigitsNet, task: str, steps: int = 100, lr: float = 1e-3, seed: int = 0, optimizer: str = "adam",
+          mode: str = "standard") -> DigitsNet:
     """Full-batch training on the task's training split; only the encoder learns.
+
+    ``mode``: ``standard``, or ``linear``: the loss is the first-order Taylor model's around
+    the weights ``model`` starts from (``mlflow_taskvec.linearize``: ``f(x; b) + J(b)(w - b)``),
+    as the tangent-space fine-tunes of arXiv 2305.12827; the weights ``w`` it learns are
+    ``model``'s, and are meant for that linearized model (``linearized``).
 
     ``optimizer``: ``adam`` (pre-training) or ``sgd`` (with momentum 0.9: the
     example's fine-tunes, whose updates stay in the few directions the task's
@@ -172,19 +181,27 @@ def train(model: DigitsNet, task: str, steps: int = 100, lr: float = 1e-3, seed:
     ``evaluate`` reads."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r} (known: {', '.join(OPTIMIZERS)})")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
     torch.manual_seed(seed)
     x, y = load_task(task, "train")
+    forward = linearize(model) if mode == "linear" else model
     params = list(model.encoder.parameters())
     step = torch.optim.Adam(params, lr=lr).step if optimizer == "adam" else _momentum_sgd(params, lr)
     model.train()
     for _ in range(steps):
         for p in params:
             p.grad = None
-        loss = nn.functional.cross_entropy(model(x, task), y)
+        loss = nn.functional.cross_entropy(forward(x, task), y)
         loss.backward()
         step()
     model.eval()
     return model
+
+
+def linearized(model: DigitsNet, base: DigitsNet) -> nn.Module:
+    """A linear fine-tune ``model`` as it was trained: linearized around ``base``'s weights."""
+    return linearize(model, dict(base.named_parameters())).eval()
 
 
 def _momentum_sgd(params: list[torch.Tensor], lr: float, momentum: float = 0.9):

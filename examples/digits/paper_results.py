@@ -14,7 +14,8 @@ the fine-tunes' mean) and then the composite:
   accuracy (composite / each task's fine-tune) of at least 0.90; task
   arithmetic and TIES side by side;
 - analogy: a task with no training data of its own gains at least 10 points
-  over the base from ``C + (B - A)``.
+  over the base from ``C + (B - A)``, while the control task keeps 95% of the
+  base's accuracy (the search's ``control_min_ratio``; about 5 points).
 
 Exits 1 when a target is missed (the table still printed), 2 when a composite
 or one of its metrics is missing.
@@ -69,6 +70,9 @@ def targets(negation_task: str = NEGATION_TASK, analogy_task: str = ANALOGY[3]) 
         Target("analogy", "digits-analogy", f"{analogy_task} accuracy gain over the base",
                f"{analogy_task}.delta_accuracy", 1, ">= 0.10", lambda v: v >= 0.10,
                f"{analogy_task}.base_accuracy", f"{analogy_task}.accuracy"),
+        Target("analogy", "digits-analogy", "digits (control) accuracy change vs the base",
+               "control.digits.delta_accuracy", 1, ">= -0.05", lambda v: v >= -0.05,
+               "control.digits.base_accuracy", "control.digits.accuracy"),
     ]
 
 

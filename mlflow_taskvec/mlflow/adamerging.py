@@ -38,6 +38,8 @@ import torch
 from mlflow_taskvec.engine.coefficients import DEFAULT_GLOB, Coefficient
 from mlflow_taskvec.engine.device import parse_device
 from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.evaluation import call_args as _as_call
+from mlflow_taskvec.evaluation import logits_of as _logits
 from mlflow_taskvec.recipe import AdaMerging
 
 DEFAULT_GROUPS = (r"^(.*?\.\d+)(?:\.|$)", r"^.*$")  # up to the first layer index; else the whole name
@@ -76,26 +78,6 @@ def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
     """The mean over rows of the Shannon entropy (nats) of ``softmax(logits)`` along the last dimension."""
     log_p = torch.log_softmax(logits.float(), dim=-1)
     return -(log_p.exp() * log_p).sum(-1).mean()
-
-
-def _logits(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if getattr(output, "logits", None) is not None:
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TaskVecError(f"the module's forward returned {type(output).__name__}, not logits (a tensor, or an output with .logits)")
-
-
-def _as_call(batch, device) -> tuple[tuple, dict]:
-    """A batch as (args, kwargs) of the forward, tensors on ``device``."""
-    move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
-    if isinstance(batch, dict):
-        return (), {k: move(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return tuple(move(v) for v in batch), {}
-    return (move(batch),), {}
 
 
 def _rows(batch, batch_size: int | None) -> Iterator:
@@ -356,6 +338,8 @@ def check_can_learn(recipe, evaluation) -> None:
             f"search strategy adamerging needs unlabeled inputs: evaluator {evaluation.name!r} has no unlabeled(task, split) "
             "(give the evaluator an 'unlabeled' attribute that yields input batches)"
         )
+    if evaluation.linear:
+        raise TaskVecError("search strategy adamerging does not learn coefficients of linearized fine-tunes' vectors (taskvec.fine_tuning=linear)")
     if recipe.method != "task_arithmetic":
         raise TaskVecError(f"search strategy adamerging learns task-arithmetic coefficients: the recipe's method is {recipe.method!r}")
     if any(isinstance(e.weight, dict) for e in recipe.vectors) or isinstance(recipe.scale, dict):

@@ -25,6 +25,7 @@ import torch
 from mlflow.utils.model_utils import _add_code_from_conf_to_system_path
 
 from mlflow_taskvec import compose
+from mlflow_taskvec.engine.linearize import linearize
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.mlflow import flavor
 from mlflow_taskvec.engine.coefficients import Coefficient, values_of
@@ -38,18 +39,45 @@ from mlflow_taskvec.evaluation import (
     evaluator_identity,
     load_evaluator,
 )
+from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.downloads import Resolved, cache_root
 from mlflow_taskvec.mlflow.inputs import Inputs
 
 Builder = Callable[[Mapping[str, torch.Tensor]], torch.nn.Module]
 
 
-def module_builder(base: Resolved, factory: str | None = None, factory_kwargs: Mapping | None = None) -> Builder:
+def fine_tuning_of(vectors: list[Resolved]) -> str:
+    """``linear`` when every input is a linearized fine-tune's vector (tag ``taskvec.fine_tuning``),
+    ``standard`` when none is; a mix is refused (the two live in different models)."""
+    kinds = {r.tags.get(tag.FINE_TUNING, "standard") for r in vectors}
+    if len(kinds) > 1:
+        raise TaskVecError("the recipe mixes task vectors of linearized and standard fine-tunes (taskvec.fine_tuning): they live in different models")
+    return kinds.pop() if kinds else "standard"
+
+
+def module_builder(base: Resolved, factory: str | None = None, factory_kwargs: Mapping | None = None, linear: bool = False) -> Builder:
     """How to turn a state dict of ``base``'s architecture into a module.
 
     The recipe's ``evaluation.factory`` wins; else the base's own architecture
     (a ``checkpoint``-kind taskvec model, or an HF folder with ``config.json``).
+    With ``linear`` (composites of linearized fine-tunes' vectors) the module is the
+    first-order Taylor model around the base's weights, ``f(x; b) + J(b)(w - b)``, with
+    ``w`` the state dict (``engine.linearize``).
     """
+    plain = _plain_builder(base, factory, factory_kwargs)
+    if not linear:
+        return plain
+    base_state: dict = {}
+
+    def linearized(state):
+        if not base_state:
+            base_state.update(flavor.read_state(base.path))
+        return linearize(plain(state), base_state)
+
+    return linearized
+
+
+def _plain_builder(base: Resolved, factory: str | None, factory_kwargs: Mapping | None) -> Builder:
     if factory:
         return lambda state: flavor.module_from_factory(factory, factory_kwargs or {}, state)
     if base.conf and base.conf.get("kind") == "checkpoint" and base.model_dir is not None:
@@ -79,11 +107,13 @@ class Input:
 class CompositeEvaluation:
     """The recipe's evaluation: ``evaluate(model, split)`` gives the composite's metrics and the derived ones."""
 
-    def __init__(self, spec, base: Resolved, inputs: list[Input], cache: MetricCache | None = None):
+    def __init__(self, spec, base: Resolved, inputs: list[Input], cache: MetricCache | None = None, linear: bool = False):
         self.spec = spec
         self.base = base
         self.inputs = inputs
-        self.build = module_builder(base, spec.factory, spec.factory_kwargs)  # first: puts the model's code on sys.path
+        self.linear = linear  # the inputs are linearized fine-tunes' vectors: every model is linearized at the base
+        self.build_plain = module_builder(base, spec.factory, spec.factory_kwargs)  # first: puts the model's code on sys.path
+        self.build = module_builder(base, spec.factory, spec.factory_kwargs, linear=True) if linear else self.build_plain
         self.evaluator = load_evaluator(spec.evaluator)
         self.identity = evaluator_identity(spec.evaluator)
         self.cache = cache if cache is not None else MetricCache(cache_root() / "metrics")
@@ -159,4 +189,4 @@ def composite_evaluation(inputs: Inputs, cache: MetricCache | None = None) -> Co
             items.append(Input(vector, res.fingerprint, entry.task or vector.task, entry.weight))
         else:
             items.append(Input(vector, res.fingerprint, entry.task, entry.weight, finetuned_path=res.path))
-    return CompositeEvaluation(recipe.evaluation, inputs.base, items, cache)
+    return CompositeEvaluation(recipe.evaluation, inputs.base, items, cache, linear=fine_tuning_of(inputs.vectors) == "linear")

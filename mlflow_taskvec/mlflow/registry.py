@@ -38,14 +38,16 @@ from mlflow_taskvec.errors import TaskVecError, TaskVecWarning
 from mlflow_taskvec.mlflow import flavor
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.downloads import Resolved
-from mlflow_taskvec.mlflow.evaluate import composite_evaluation, module_builder
+from mlflow_taskvec.mlflow.evaluate import composite_evaluation, fine_tuning_of, module_builder
 from mlflow_taskvec.mlflow.inputs import resolve_inputs
 from mlflow_taskvec.mlflow.lineage_plot import log_lineage_picture
 from mlflow_taskvec.mlflow.runs import owned_run
 from mlflow_taskvec.mlflow.server import check_can_register, server_error, server_errors, unanswered
-from mlflow_taskvec.modelcard import hub_name_of, md_code, md_text
+from mlflow_taskvec.modelcard import LINEAR_NOTE, hub_name_of, md_code, md_text
 from mlflow_taskvec.recipe import Recipe
 from mlflow_taskvec.references import is_local, open_reference
+
+FINE_TUNINGS = ("standard", "linear")
 
 
 def _fmt(value: Coefficient) -> str:
@@ -177,14 +179,19 @@ def register_task_vector(
     run_id: str | None = None,
     alias: str | None = None,
     allow_mixed: bool = False,
+    fine_tuning: str = "standard",
 ) -> Registered:
     """Log ``vector`` as a ``task_vector`` model of the fine-tune's run and register a version.
 
     A registered model ``name`` whose versions mlflow-taskvec did not make is refused unless ``allow_mixed``.
+    ``fine_tuning="linear"``: the fine-tune was trained linearized at the base (``engine.linearize``);
+    the version is tagged ``taskvec.fine_tuning=linear`` and composites of it are evaluated linearized.
 
     The run is ``run_id`` if given, else the fine-tune's own run when the fine-tune
     is an MLflow model or run artifact, else the active run, else a new run.
     """
+    if fine_tuning not in FINE_TUNINGS:
+        raise TaskVecError(f"fine_tuning {fine_tuning!r} is not one of {', '.join(FINE_TUNINGS)}")
     run_id = run_id or finetuned.run_id
     local_paths = _local_paths([base.uri, finetuned.uri])
     with owned_run(run_id) as run:
@@ -201,6 +208,7 @@ def register_task_vector(
             tag.NUM_PARAMETERS: conf["num_parameters"],
             tag.L2_NORM: _fmt(conf["l2_norm"]),
             **({tag.REPRODUCIBLE: "false"} if local_paths else {}),
+            **({tag.FINE_TUNING: fine_tuning} if fine_tuning != "standard" else {}),
         }
         MlflowClient().set_logged_model_tags(info.model_id, {k: str(v) for k, v in tags.items()})
         description = _vector_description(vector, base, finetuned, conf)
@@ -349,6 +357,7 @@ def register_composite(
         check_output_path(output, overwrite)
     inputs = resolve_inputs(recipe, require_alias)
     inputs.check_same_base()  # before a run is started
+    linear = fine_tuning_of(inputs.vectors) == "linear"  # a mix of linear and standard vectors: refused here too
     if output is not None:  # every destination checked before a run is started or anything registered
         refuse_aliasing(output, [r.path for r in (inputs.base, *inputs.vectors)])
     resolved = inputs.canonical()
@@ -371,7 +380,7 @@ def register_composite(
             evaluate = composite_evaluation(inputs).evaluate
         if evaluate is not None:
             # evaluated before anything is logged: a failing evaluator leaves no artifact and no logged model
-            metrics = evaluate(module_builder(base)(flavor.read_state(weights)))
+            metrics = evaluate(module_builder(base, linear=linear)(flavor.read_state(weights)))
         recipe_path = Path(tmp) / "recipe.yaml"
         recipe_path.write_text(yaml.safe_dump(resolved.model_dump(exclude={"output", "search"}), sort_keys=False), "utf-8")
         mlflow.log_artifact(str(recipe_path))
@@ -388,7 +397,7 @@ def register_composite(
         }
         if metrics and weights.is_dir():  # the model card gains the metrics before it is logged
             rows = [{"ref": r["uri"], "weight": r["weight"], "fingerprint": r["fingerprint"], "task": e.task} for r, e in zip(input_rows, resolved.vectors)]
-            write_model_card(weights, resolved, hub_name_of(base.path) or base.canonical, rows, result, metrics)
+            write_model_card(weights, resolved, hub_name_of(base.path) or base.canonical, rows, result, metrics, linear=linear)
         hf_base = base.model_dir if flavor.hf_flavor_of(base.model_dir) else None
         if hf_base is None and (flavor.has_tokenizer(base.path) or (base.model_dir and flavor.has_tokenizer(base.model_dir))) and not flavor.has_tokenizer(weights):
             raise TaskVecError(
@@ -417,10 +426,11 @@ def register_composite(
             tag.RECIPE_SHA256: resolved.sha256(),
             tag.FINGERPRINT: result.fingerprint,
             **({tag.REPRODUCIBLE: "false"} if local_paths else {}),
+            **({tag.FINE_TUNING: "linear"} if linear else {}),
             **(extra_tags or {}),
         }
         MlflowClient().set_logged_model_tags(info.model_id, tags)
-        description = composite_description(resolved, base, inputs.vectors, result.fingerprint, metrics, note)
+        description = composite_description(resolved, base, inputs.vectors, result.fingerprint, metrics, note, linear=linear)
         mv = _create_version(name, info, run.info.run_id, tags, description)
         if claim is not None:
             claim.move_into_place(weights)
@@ -467,7 +477,7 @@ def _run_params(recipe: Recipe) -> dict:
 
 
 def composite_description(
-    recipe: Recipe, base: Resolved, inputs: list[Resolved], fingerprint: str, metrics: dict, note: str | None = None
+    recipe: Recipe, base: Resolved, inputs: list[Resolved], fingerprint: str, metrics: dict, note: str | None = None, linear: bool = False
 ) -> str:
     lines = [
         f"**Composite** by `{recipe.method}`, scale {_fmt(recipe.scale)}"
@@ -482,6 +492,8 @@ def composite_description(
         role = "task vector" if e.vector is not None else "fine-tune"
         lines.append(f"| {role} | {_model_cell(r)} | {r.version or '-'} | {md_text(_fmt(e.weight))} | `{r.fingerprint[:16]}` |")
     lines += ["", f"Output fingerprint `{fingerprint}`; recipe sha256 `{recipe.sha256()}`."]
+    if linear:
+        lines += ["", LINEAR_NOTE]
     if note:
         lines += ["", note]
     if metrics:

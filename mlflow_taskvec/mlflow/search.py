@@ -55,7 +55,7 @@ MEMORY_MODES = ("auto", "memory", "streamed")
 class Objective:
     """What a candidate is scored by; ``score(metrics) -> (value, feasible)``, higher is better."""
 
-    kind: str  # mean_normalized | negation | metric
+    kind: str  # mean_normalized | negation | analogy | metric
     key: str  # the metric read
     describe: str
     score: Callable[[dict[str, float]], tuple[float, bool]]
@@ -83,21 +83,23 @@ def make_objective(search: Search, recipe: Recipe, evaluation: CompositeEvaluati
             raise TaskVecError(f"objective mean_normalized needs a fine-tune for every evaluated task: {why}")
         key = f"mean.normalized_{metric}"
         return Objective("mean_normalized", key, f"maximize {key} (composite / fine-tune, averaged over tasks)", lambda m: (m[key], True))
-    if kind == "negation":
+    if kind in ("negation", "analogy"):
         target, base = f"mean.{metric}", f"mean.base_{metric}"
         controls = [f"control.{t}.{metric}" for t in spec.control_tasks]
         ratio = search.control_min_ratio
+        sign = -1.0 if kind == "negation" else 1.0  # negation: the drop below the base; analogy: the gain over it
 
-        def negation(m: dict[str, float]) -> tuple[float, bool]:
-            drop = m[base] - m[target]
+        def keeping_controls(m: dict[str, float]) -> tuple[float, bool]:
+            change = sign * (m[target] - m[base])
             shortfall = sum(max(0.0, ratio * m[f"{c[:-len(metric)]}base_{metric}"] - m[c]) for c in controls)
             # Infeasible candidates rank below every feasible one (metrics in [0, 1]).
-            return (drop, True) if shortfall == 0 else (min(drop, 0.0) - 1.0 - shortfall, False)
+            return (change, True) if shortfall == 0 else (min(change, 0.0) - 1.0 - shortfall, False)
 
-        text = f"maximize the drop of {target} below the base" + (
+        what = "the drop of {t} below the base" if kind == "negation" else "the gain of {t} over the base"
+        text = f"maximize {what.format(t=target)}" + (
             f", keeping each control task's {metric} at least {ratio:g} x the base's" if controls else ""
         )
-        return Objective("negation", target, text, negation)
+        return Objective(kind, target, text, keeping_controls)
 
     def plain(m: dict[str, float]) -> tuple[float, bool]:
         if kind not in m:

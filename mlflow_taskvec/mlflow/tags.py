@@ -30,6 +30,7 @@ L2_NORM = "taskvec.l2_norm"
 SCALE = "taskvec.scale"
 PARAMS = "taskvec.params"  # JSON object of the method's parameters
 INPUTS = "taskvec.inputs"  # JSON list of {uri, weight, fingerprint}
+FINE_TUNING = "taskvec.fine_tuning"  # on task vectors (and composites of them): "linear" for linearized fine-tunes
 REPRODUCIBLE = "taskvec.reproducible"  # "false" when the version names local paths (verify elsewhere cannot fetch them)
 
 # compressed task vectors (also LAYOUT, LAYOUT_PARAMS and SOURCE_FINGERPRINT, as in the weights' header)
