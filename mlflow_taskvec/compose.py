@@ -152,6 +152,8 @@ def compose_to_adapter(
 ) -> AdapterMergeResult:
     """Compose what the recipe says into one PEFT LoRA adapter folder (``output_format: peft``;
     ``engine.adapter_merge``), never the dense model; its weights' metadata records ``recorded``."""
+    if recipe.max_shard_size is not None:
+        raise TaskVecError("max_shard_size: a PEFT adapter (output_format: peft) is one file, not shards")
     target = output_path(recipe, output)
     base, vectors = checked_inputs(recipe)
     recorded = recorded or recipe

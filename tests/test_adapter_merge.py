@@ -137,3 +137,85 @@ def test_task_arithmetic_equals_peft_add_weighted_adapter_cat(adapters, tmp_path
             mine = module.get_delta_weight("default")
             other = dict(model.named_modules())[name].get_delta_weight("cat")
             torch.testing.assert_close(mine, other, rtol=1e-5, atol=1e-7)
+
+
+def peft_merge(adapters, weights, combination_type, tmp_path: Path, **kwargs) -> dict[str, torch.Tensor]:
+    """PEFT's add_weighted_adapter on the same adapters: each LoRA module's delta."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.PeftModel.from_pretrained(fresh_base(), adapters[0], adapter_name="in0")
+        for i, a in enumerate(adapters[1:], 1):
+            model.load_adapter(a, adapter_name=f"in{i}")
+        model.add_weighted_adapter([f"in{i}" for i in range(len(adapters))], weights, "merged", combination_type=combination_type, **kwargs)
+    return {
+        f"{name.removeprefix(PREFIX)}.weight": module.get_delta_weight("merged").double()
+        for name, module in model.named_modules()
+        if isinstance(module, peft.tuners.lora.LoraLayer)
+    }
+
+
+def test_ties_is_peft_ties_svd(adapters, tmp_path):
+    a, _, c = adapters
+    recipe = recipe_of(tmp_path, [a, c], [1.0, 1.0], method="ties", params={"density": 0.5}, output_rank=6)
+    result = compose_to_adapter(recipe)
+    assert {m.rank for m in result.modules} == {6} and not any(m.exact for m in result.modules)
+    theirs = peft_merge([a, c], [1.0, 1.0], "ties_svd", tmp_path, density=0.5, svd_rank=6)
+    ours = merged_delta(tmp_path / "merged")
+    assert sorted(theirs) == sorted(n for n, d in ours.items() if d.abs().max() > 0)
+    for name, delta in theirs.items():
+        assert relative(ours[name], delta) < 1e-4, name
+    # each module's relative error against the dense ties delta, printed and recorded
+    reference = dense_delta([a, c], [1.0, 1.0], method="ties", params={"density": 0.5})
+    recorded = json.loads(load_file_metadata(tmp_path / "merged")[RELATIVE_ERRORS])
+    for m in result.modules:
+        assert m.relative_error == pytest.approx(relative(ours[m.name], reference[m.name]), rel=1e-3)
+        assert recorded[m.module] == m.relative_error
+        assert 0 < m.relative_error < 1
+
+
+def load_file_metadata(folder: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        return f.metadata()
+
+
+def test_the_default_rank_of_another_method_is_the_sum_of_the_input_ranks(adapters, tmp_path):
+    a, _, c = adapters
+    result = compose_to_adapter(recipe_of(tmp_path, [a, c], [1.0, 0.5], method="ties", params={"density": 0.3}))
+    ranks = {m.module: m.rank for m in result.modules}
+    assert ranks.pop("encoder.layer.0.attention.self.query") == 6  # 4 + 2 (c's rank_pattern)
+    assert set(ranks.values()) == {8}
+
+
+def test_dare_at_full_rank_is_the_dense_composites_dare_and_at_density_one_peft_dare_linear_svd(adapters, tmp_path):
+    a, b = adapters[:2]
+    params = {"density": 0.6, "seed": 3}
+    compose_to_adapter(recipe_of(tmp_path, [a, b], [0.8, 1.2], method="dare_linear", params=params, output_rank=384))
+    reference = dense_delta([a, b], [0.8, 1.2], method="dare_linear", params=params)
+    ours = merged_delta(tmp_path / "merged")
+    for name, delta in reference.items():
+        if delta.abs().max() > 0:
+            assert relative(ours[name], delta) < 1e-5, name  # the same masks as the dense composite
+    # PEFT draws its own masks: at density 1 nothing is dropped, and both are the SVD of the weighted sum
+    compose_to_adapter(recipe_of(tmp_path, [a, b], [0.8, 1.2], method="dare_linear", params={"density": 1.0}, output_rank=4), overwrite=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft_merge([a, b], [0.8, 1.2], "dare_linear_svd", tmp_path, density=1.0, svd_rank=4)
+    ours = merged_delta(tmp_path / "merged")
+    for name, delta in theirs.items():
+        assert relative(ours[name], delta) < 1e-4, name
+
+
+def test_a_dense_vector_among_the_inputs_is_truncated_by_svd(adapters, tmp_path):
+    a, b = adapters[:2]
+    dense = tmp_path / "b-dense.safetensors"
+    TaskVector.load(b, MODEL_DIR).save(dense, dense=True)
+    assert TaskVector.load(dense).low_rank_source is None
+    with pytest.raises(TaskVecError, match=r"vectors\[1\] .* is a dense task vector: give --rank or --energy"):
+        compose_to_adapter(recipe_of(tmp_path, [a, dense], [1.0, 1.0]))
+    assert not (tmp_path / "merged").exists()
+    result = compose_to_adapter(recipe_of(tmp_path, [a, dense], [1.0, 1.0], output_rank=6))
+    assert {m.rank for m in result.modules} == {6} and max(m.relative_error for m in result.modules) < 1e-5
+    result = compose_to_adapter(recipe_of(tmp_path, [a, dense], [1.0, 1.0], output_energy=0.5), overwrite=True)
+    assert all(1 <= m.rank < 6 for m in result.modules)
