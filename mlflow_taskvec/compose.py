@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from mlflow_taskvec.engine import metadata as meta_keys
-from mlflow_taskvec.engine.adapter_merge import AdapterMergeResult, merge_to_adapter
+from mlflow_taskvec.engine.adapter_merge import AdapterMergeResult, check_adapter_bases, merge_to_adapter
 from mlflow_taskvec.engine.checkpoint import Checkpoint
 from mlflow_taskvec.engine.merge import MergeResult, merge, merge_to
 from mlflow_taskvec.engine.streaming import STORAGE_DTYPES, parse_dtype
@@ -23,7 +23,7 @@ from mlflow_taskvec.engine.writer import write_text_atomically
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.modelcard import CARD_NAME, hub_name_of, model_card
 from mlflow_taskvec.recipe import RECIPE_FORMAT, Recipe
-from mlflow_taskvec.references import load_vector, open_reference
+from mlflow_taskvec.references import absolute, is_local, load_vector, open_reference
 
 
 def open_base(recipe: Recipe) -> Checkpoint:
@@ -155,6 +155,7 @@ def compose_to_adapter(
     if recipe.max_shard_size is not None:
         raise TaskVecError("max_shard_size: a PEFT adapter (output_format: peft) is one file, not shards")
     target = output_path(recipe, output)
+    check_adapter_bases([(i, absolute(e.ref, recipe.source_dir)) for i, e in enumerate(recipe.vectors) if is_local(e.ref)])
     base, vectors = checked_inputs(recipe)
     recorded = recorded or recipe
     meta = {

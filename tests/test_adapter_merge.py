@@ -219,3 +219,101 @@ def test_a_dense_vector_among_the_inputs_is_truncated_by_svd(adapters, tmp_path)
     assert {m.rank for m in result.modules} == {6} and max(m.relative_error for m in result.modules) < 1e-5
     result = compose_to_adapter(recipe_of(tmp_path, [a, dense], [1.0, 1.0], output_energy=0.5), overwrite=True)
     assert all(1 <= m.rank < 6 for m in result.modules)
+
+
+# -- the command line and bad input ------------------------------------------------------------------
+
+
+def run_cli(*args):
+    from click.testing import CliRunner
+
+    from mlflow_taskvec.cli import main as cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def write_recipe(tmp_path: Path, adapters, weights=None, **extra) -> Path:
+    data = {
+        "base": str(MODEL_DIR),
+        "vectors": [{"vector": str(a), "weight": w} for a, w in zip(adapters, weights or [1.0] * len(adapters))],
+        "output": "merged",
+        **extra,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data), "utf-8")
+    return path
+
+
+def test_compose_format_peft_prints_each_module_and_never_writes_the_dense_model(adapters, tmp_path):
+    code, out, err = run_cli("compose", write_recipe(tmp_path, adapters[:2], method="ties", params={"density": 0.5}), "--format", "peft", "--rank", "3")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    lines = out.splitlines()
+    assert lines[0] == f"adapter: {tmp_path / 'merged'}"
+    rows = [line for line in lines if line.startswith("  encoder.")]
+    assert len(rows) == 12 and all("rank    3  relative error " in row for row in rows)
+    assert lines[-1].startswith("recipe sha256: ")
+    code, out, err = run_cli("compose", write_recipe(tmp_path, adapters[:2], output_format="peft"), "--overwrite")
+    assert code == 0, err
+    assert "concatenated (exact)" in out and "r: 6  lora_alpha: 6  modules: 12" in out
+
+
+def test_output_format_is_part_of_the_recipe_digest_only_when_set(adapters, tmp_path):
+    plain = parse_recipe({"base": "b", "vectors": [{"vector": "v"}]})
+    assert "output_format" not in plain.canonical_json()
+    peft_recipe = parse_recipe({"base": "b", "vectors": [{"vector": "v"}], "output_format": "peft", "output_rank": 8})
+    assert '"output_format":"peft"' in peft_recipe.canonical_json() and '"output_rank":8' in peft_recipe.canonical_json()
+    assert peft_recipe.sha256() != plain.sha256()
+
+
+def other_shaped_base(tmp_path: Path) -> Path:
+    """MiniLM with layer 0's query cut to 200 rows."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "narrow-base"
+    folder.mkdir()
+    state = load_file(MODEL_DIR / "model.safetensors")
+    key = next(k for k in state if k.endswith("layer.0.attention.self.query.weight"))
+    state[key] = state[key][:200].clone()
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text((MODEL_DIR / "config.json").read_text())
+    return folder
+
+
+def renamed_base(adapter: Path, tmp_path: Path, name: str | None = "someone/another-model") -> Path:
+    """A copy of ``adapter`` whose config names another base (none with ``name=None``)."""
+    import shutil
+
+    folder = tmp_path / f"adapter-of-{name}".replace("/", "-")
+    shutil.copytree(adapter, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = name
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+BAD = [
+    ("a base whose shape does not fit", lambda t, ad: write_recipe(t, [renamed_base(ad[0], t, None)], base=str(other_shaped_base(t)), output_format="peft"), (), "shape [384, 384], but it is [200, 384] in the base"),
+    ("adapters of different bases", lambda t, ad: write_recipe(t, [ad[0], renamed_base(ad[1], t)], output_format="peft"), (), "the adapters name different bases"),
+    ("DoRA", lambda t, ad: write_recipe(t, [ad[0], make_adapter(t / "dora", 5, use_dora=True)], output_format="peft"), (), "DoRA adapters are not supported"),
+    ("a rank larger than the module", lambda t, ad: write_recipe(t, [ad[0], make_adapter(t / "huge", 6, rank_pattern={"layer.0.attention.self.query": 400})], output_format="peft"), (), "has rank 400, more than its size [384, 384] allows"),
+    ("--rank 0", lambda t, ad: write_recipe(t, ad[:2], method="ties", params={"density": 0.5}), ("--format", "peft", "--rank", "0"), "--rank: 0 must be a positive integer"),
+    ("output_rank: 0", lambda t, ad: write_recipe(t, ad[:2], output_format="peft", output_rank=0), (), "output_rank: 0: Input should be greater than or equal to 1"),
+    ("--rank without peft", lambda t, ad: write_recipe(t, ad[:2]), ("--rank", "4"), "--rank and --energy apply to --format peft"),
+    ("shards", lambda t, ad: write_recipe(t, ad[:2], output_format="peft", max_shard_size="1MB"), (), "a PEFT adapter (output_format: peft) is one file"),
+]
+
+
+@pytest.mark.parametrize("case, make, args, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_and_nothing_is_written(adapters, tmp_path, case, make, args, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = make(tmp_path, adapters)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code, out, err = run_cli("compose", recipe, *args)
+    assert code in (1, 2)
+    lines = err.splitlines() if code == 1 else [line for line in err.splitlines() if line.startswith("Error: ")]  # exit 2: click's usage text too
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], err
+    assert "Traceback" not in err and out == ""
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert not (tmp_path / "merged").exists()

@@ -103,22 +103,28 @@ def _low_rank_of(vector):
     return vector.low_rank_source
 
 
+def check_adapter_bases(folders: "Sequence[tuple[int, str | os.PathLike]]") -> None:
+    """Refuse PEFT adapter folders (``(input index, folder)``) whose ``base_model_name_or_path``
+    name two different bases (before they are opened, so before any warning about them)."""
+    named: dict[str, int] = {}
+    for i, folder in folders:
+        if not is_adapter(folder):
+            continue
+        base_name = read_adapter_config(Path(folder)).base_model_name_or_path
+        if base_name:
+            named.setdefault(base_name, i)
+            if len(named) > 1:
+                (first, j), (other, _) = list(named.items())[:2]
+                raise TaskVecError(f"vectors[{i}]: the adapters name different bases: vectors[{j}] {first!r}, vectors[{i}] {other!r}")
+
+
 def _check_adapter_inputs(vectors) -> None:
     """Refuse adapters that name two different bases, and an input module whose rank exceeds its size."""
-    named: dict[str, int] = {}
+    check_adapter_bases([(i, v.low_rank_source.source) for i, v in enumerate(vectors) if v.low_rank_source is not None])
     for i, v in enumerate(vectors):
         low = _low_rank_of(v)
         if low is None:
             continue
-        if is_adapter(low.source):
-            base_name = read_adapter_config(Path(low.source)).base_model_name_or_path
-            if base_name:
-                named.setdefault(base_name, i)
-                if len(named) > 1:
-                    (first, j), (other, _) = list(named.items())[:2]
-                    raise TaskVecError(
-                        f"vectors[{i}]: the adapters name different bases: vectors[{j}] {first!r}, vectors[{i}] {other!r}"
-                    )
         for name in v.names:
             t = low.low_rank.get(name)
             if t is not None and t.rank > 0 and len(t.shape) == 2 and t.rank > min(t.shape):
