@@ -317,3 +317,61 @@ def test_bad_input_is_one_line_and_nothing_is_written(adapters, tmp_path, case, 
     assert "Traceback" not in err and out == ""
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert not (tmp_path / "merged").exists()
+
+
+# -- registration: an mlflow.transformers PEFT model with lineage --------------------------------------
+
+
+@pytest.fixture
+def sqlite_store(tmp_path, tmp_path_factory):
+    from mlflow_helpers import mlflow_store, template_db
+
+    with mlflow_store(tmp_path / "mlflow", template_db(tmp_path_factory)) as store:
+        yield store
+
+
+def test_a_registered_peft_composite_loads_as_a_peft_model_answers_text_and_verifies(adapters, tmp_path, sqlite_store):
+    import mlflow
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_taskvec.mlflow.registry import register_composite
+    from mlflow_taskvec.mlflow.verify import verify, verify_recursively
+
+    recipe = recipe_of(tmp_path, adapters[:2], [1.0, 0.5], method="ties", params={"density": 0.5}, output_rank=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reg = register_composite(recipe, "minilm-peft-ties", output=tmp_path / "kept")
+    mv = MlflowClient().get_model_version("minilm-peft-ties", reg.version)
+    tags = mv.tags
+    assert tags["taskvec.kind"] == "composite" and tags["taskvec.output_format"] == "peft" and tags["taskvec.adapter_rank"] == "4"
+    assert tags["taskvec.method"] == "ties" and json.loads(tags["taskvec.params"]) == {"density": 0.5}
+    assert [row["weight"] for row in json.loads(tags["taskvec.inputs"])] == [1.0, 0.5]
+    assert 0 < float(tags["taskvec.relative_error"]) < 1
+    assert "PEFT LoRA adapter (r 4, 12 modules" in mv.description and "| base |" in mv.description
+    # the adapter, kept at --output as composed
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # logged without the base's weights: the adapter, the tokenizer, the base as a reference
+    local = Path(mlflow.artifacts.download_artifacts(reg.model_uri))
+    assert not list(local.rglob("model.safetensors")) and (local / "peft" / "adapter_model.safetensors").is_file()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = mlflow.transformers.load_model(reg.version_uri, return_type="components")
+    model = loaded["model"]
+    assert isinstance(model, peft.PeftModel)
+    ours = merged_delta(tmp_path / "kept")
+    for name, module in model.named_modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            delta = module.get_delta_weight("default").double()
+            torch.testing.assert_close(delta, ours[f"{name.removeprefix(PREFIX)}.weight"], rtol=1e-5, atol=1e-7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        answer = np.asarray(mlflow.pyfunc.load_model(reg.version_uri).predict("the movie was great."))
+    assert answer.size > 0 and np.isfinite(answer).all()
+
+    checks = verify(reg.version_uri).checks
+    assert checks[-1].startswith("recomposed from the recipe: adapter factors and config")
+    assert [v.uri for v in verify_recursively(reg.version_uri)] == [reg.version_uri]
+    artifacts = [a.path for a in MlflowClient().list_artifacts(reg.run_id)]
+    assert any("lineage" in a for a in artifacts), artifacts

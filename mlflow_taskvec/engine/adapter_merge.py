@@ -25,6 +25,7 @@ LoRA adapter: where their merged delta is not zero they are left out and listed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -36,8 +37,10 @@ from pathlib import Path
 import torch
 
 from mlflow_taskvec.engine import metadata as meta_keys
+from mlflow_taskvec.engine.checkpoint import SafetensorsCheckpoint, new_digest
 from mlflow_taskvec.engine.coefficients import Coefficient
 from mlflow_taskvec.engine.lora import (
+    ADAPTER_WEIGHTS,
     adapter_config,
     is_embedding_module,
     is_adapter,
@@ -301,3 +304,15 @@ def _merged_delta(plan, name: str, shape: tuple[int, ...], compute: torch.dtype,
         check_finite_output(delta.reshape(-1), name, 0, numel)
     return delta
 
+
+
+def adapter_delta_fingerprint(folder: "str | os.PathLike") -> str:
+    """What decides an adapter's deltas, as one fingerprint: the config's ranks, alphas and
+    layout (not the base's name, nor how the config file is written) and the factors' tensors
+    (not the file's metadata). Equal for a merged adapter and the copy PEFT saves of it."""
+    folder = Path(folder)
+    config = dataclasses.replace(read_adapter_config(folder), base_model_name_or_path=None)
+    digest = new_digest()
+    digest.update(json.dumps(dataclasses.asdict(config), sort_keys=True).encode("utf-8"))
+    digest.update(SafetensorsCheckpoint([folder / ADAPTER_WEIGHTS], str(folder)).fingerprint(fresh=True).encode("ascii"))
+    return digest.hexdigest()
