@@ -51,7 +51,7 @@ from mlflow_taskvec.engine.lora import (
 )
 from mlflow_taskvec.engine.merge import merge_tensor, plan_merge
 from mlflow_taskvec.engine.output import OutputClaim, refuse_aliasing
-from mlflow_taskvec.engine.streaming import check_finite, check_finite_output
+from mlflow_taskvec.engine.streaming import check_finite, check_finite_output, one_torch_thread
 from mlflow_taskvec.errors import TaskVecError
 
 RELATIVE_ERRORS = "taskvec.relative_errors"  # JSON {module: ||delta - B A|| / ||delta||} of a merged adapter
@@ -169,7 +169,8 @@ def merge_to_adapter(
                 f"vectors[{i}] ({vectors[i].source}) is a dense task vector: give --rank or --energy to cut it to a LoRA adapter"
             )
         refuse_aliasing(claim.path, [p for v in plan.vectors for term in v.terms for src in term.sources() for p in src.paths()] + plan.base.paths())
-        result = _merge(plan, list(vectors), rank, energy, dtype, allow_nonfinite, progress)
+        with one_torch_thread():  # intra-op threads fork/join per module and stall on a busy machine (as in merge_to)
+            result = _merge(plan, list(vectors), rank, energy, dtype, allow_nonfinite, progress)
         tensors, ranks = result.pop("tensors"), result.pop("ranks")
         if not ranks:
             raise TaskVecError("the merged delta is zero on every 2-D weight: there is no adapter to write")
