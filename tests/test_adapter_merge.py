@@ -173,6 +173,15 @@ def test_ties_is_peft_ties_svd(adapters, tmp_path):
         assert 0 < m.relative_error < 1
 
 
+def test_magnitude_prune_is_peft_magnitude_prune_svd_with_any_weights(adapters, tmp_path):
+    a, b = adapters[:2]
+    compose_to_adapter(recipe_of(tmp_path, [a, b], [0.7, -1.2], method="magnitude_prune", params={"density": 0.3}, output_rank=5))
+    theirs = peft_merge([a, b], [0.7, -1.2], "magnitude_prune_svd", tmp_path, density=0.3, svd_rank=5)
+    ours = merged_delta(tmp_path / "merged")
+    for name, delta in theirs.items():
+        assert relative(ours[name], delta) < 1e-4, name
+
+
 def load_file_metadata(folder: Path) -> dict:
     from safetensors import safe_open
 
