@@ -15,10 +15,12 @@ Against the tracking store of ``--tracking-uri`` (default: ``MLFLOW_TRACKING_URI
    as their low-rank factors, which ``inspect`` reports);
 4. composes the tasks' vectors by task arithmetic with ``mlflow-taskvec compose --register``:
    the full vectors on the sentence-transformers base, the LoRA vectors on the transformers base;
-5. loads both composites back through ``mlflow.sentence_transformers.load_model`` /
-   ``mlflow.transformers.load_model`` and through pyfunc (text in);
+   and, LoRA to LoRA (``output_format: peft``, docs/lora-merging.md), the LoRA vectors into one PEFT
+   adapter by task arithmetic (exact) and by ties, registered as ``mlflow.transformers`` PEFT models;
+5. loads the composites back through ``mlflow.sentence_transformers.load_model`` /
+   ``mlflow.transformers.load_model`` (the LoRA-to-LoRA ones as ``PeftModel``) and through pyfunc (text in);
 6. serves the full composite with ``mlflow models serve`` on 127.0.0.1 and posts sentences to it;
-7. prints each task's test accuracy for the base, every fine-tune and both composites.
+7. prints each task's test accuracy for the base, every fine-tune and every composite.
 
 The ``mlflow-taskvec`` commands run in this process (the command line is printed before each),
 so the models, tokenizer and tasks are loaded once.
