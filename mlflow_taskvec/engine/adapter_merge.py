@@ -101,11 +101,6 @@ def check_rank_settings(rank: int | None, energy: float | None) -> None:
         raise TaskVecError(f"--energy: {energy!r} must be in (0, 1]")
 
 
-def _low_rank_of(vector):
-    """The low-rank checkpoint ``vector`` is (unscaled), or None for a dense vector."""
-    return vector.low_rank_source
-
-
 def check_adapter_bases(folders: "Sequence[tuple[int, str | os.PathLike]]") -> None:
     """Refuse PEFT adapter folders (``(input index, folder)``) whose ``base_model_name_or_path``
     name two different bases (before they are opened, so before any warning about them)."""
@@ -125,7 +120,7 @@ def _check_adapter_inputs(vectors) -> None:
     """Refuse adapters that name two different bases, and an input module whose rank exceeds its size."""
     check_adapter_bases([(i, v.low_rank_source.source) for i, v in enumerate(vectors) if v.low_rank_source is not None])
     for i, v in enumerate(vectors):
-        low = _low_rank_of(v)
+        low = v.low_rank_source
         if low is None:
             continue
         for name in v.names:
@@ -162,7 +157,7 @@ def merge_to_adapter(
     try:
         plan = plan_merge(base, vectors, weights, method, scale, params, compute_dtype)
         _check_adapter_inputs(vectors)
-        dense_inputs = [i for i, v in enumerate(vectors) if _low_rank_of(v) is None]
+        dense_inputs = [i for i, v in enumerate(vectors) if v.low_rank_source is None]
         if dense_inputs and rank is None and energy is None:
             i = dense_inputs[0]
             raise TaskVecError(
@@ -278,7 +273,7 @@ def _factors(originals, name: str) -> list:
         if name not in v.names:
             out.append(None)
             continue
-        low = _low_rank_of(v)
+        low = v.low_rank_source
         t = low.low_rank.get(name) if low is not None else None
         if t is None:
             out.append("dense")
