@@ -428,3 +428,20 @@ def test_mlflow_models_serve_answers_text_with_a_registered_peft_composite(adapt
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
     np.testing.assert_allclose(np.asarray(answer["predictions"]).reshape(expected.shape), expected, rtol=1e-4, atol=1e-5)
+
+
+REGISTERED_BAD = [b for b in BAD if b[0] in ("adapters of different bases", "DoRA", "a rank larger than the module", "--rank 0")]
+
+
+@pytest.mark.parametrize("case, make, args, message", REGISTERED_BAD, ids=[b[0] for b in REGISTERED_BAD])
+def test_bad_input_with_register_registers_nothing(adapters, tmp_path, case, make, args, message, monkeypatch, sqlite_store):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    recipe = make(tmp_path, adapters)
+    code, out, err = run_cli("compose", recipe, *args, "--register", "never-registered")
+    assert code == 1 and message in err.strip().splitlines()[-1], err
+    client = MlflowClient()
+    assert client.search_registered_models() == [] and client.search_logged_models(experiment_ids=[sqlite_store.experiment_id]) == []
+    assert all(r.info.status == "FAILED" for r in client.search_runs([sqlite_store.experiment_id]))
+    assert not (tmp_path / "merged").exists()
