@@ -422,6 +422,7 @@ def register_composite(
 
 
 PEFT_PIP_REQUIREMENTS = ["torch", "transformers", "peft"]
+PEFT_COMPONENTS = ("tokenizer", "feature_extractor", "image_processor")  # what log_model takes beside the model
 
 
 def _log_adapter_composite(base: Resolved, adapter: Path, lineage: dict):
@@ -439,10 +440,10 @@ def _log_adapter_composite(base: Resolved, adapter: Path, lineage: dict):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' and MLflow's advice on loading and logging
         if "transformers" in flavors:
-            components = mlflow.transformers.load_model(str(base.model_dir), return_type="components")
-            model = components.pop("model")
+            loaded = mlflow.transformers.load_model(str(base.model_dir), return_type="components")
+            model = loaded["model"]
             task = flavors["transformers"].get("task") or task
-            components.pop("task", None)
+            components = {k: v for k, v in loaded.items() if k in PEFT_COMPONENTS}
         else:
             if not (base_dir / "config.json").is_file():
                 raise TaskVecError(f"base {base.canonical} is no Hugging Face model folder (config.json), so a PEFT adapter has no model to wrap")
