@@ -20,6 +20,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_engine.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_peft.py $(BENCH_PEFT_ARGS)
 
 # mergekit (pinned) in its own virtualenv under bench-out/peers, against us on the same checkpoints
 bench-peers: $(VENV)/.installed

@@ -207,11 +207,15 @@ def _report_registration(quiet: bool, reg) -> None:
 @_alias
 @click.option("--require-alias", default=None, metavar="ALIAS", help="Refuse inputs whose registered version does not carry ALIAS (on top of the recipe's policy).")
 @_allow_mixed
+@click.option("--format", "output_format", type=click.Choice(["safetensors", "peft"]), default=None,
+              help="peft: write one PEFT LoRA adapter, never the dense model (default: the recipe's output_format, else the dense model).")
+@click.option("--rank", type=int, default=None, help="With --format peft: the rank of every merged module (default: the sum of the inputs' ranks).")
+@click.option("--energy", type=float, default=None, help="With --format peft: per module, the smallest rank keeping this share of its squared Frobenius norm.")
 @_overwrite
 @_quiet
 @_device
 @_fail_cleanly
-def compose(recipe, output, max_shard_size, register_as, alias, require_alias, allow_mixed, overwrite, quiet, device):
+def compose(recipe, output, max_shard_size, register_as, alias, require_alias, allow_mixed, output_format, rank, energy, overwrite, quiet, device):
     """Compose a model from a YAML merge RECIPE (references may be MLflow URIs)."""
     from mlflow_taskvec.compose import compose_to, open_base, output_path
     from mlflow_taskvec.engine.writer import parse_size
@@ -219,6 +223,15 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, a
     from mlflow_taskvec.references import is_local
 
     spec = load_recipe(recipe)
+    if output_format is not None:
+        spec.output_format = output_format
+    if rank is not None or energy is not None:
+        if spec.output_format != "peft":
+            raise click.UsageError("--rank and --energy apply to --format peft")
+        from mlflow_taskvec.engine.adapter_merge import check_rank_settings
+
+        check_rank_settings(rank, energy)
+        spec.output_rank, spec.output_energy = rank, energy
     if device is not None:
         spec.device = device
     if max_shard_size is not None:
@@ -244,6 +257,18 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, a
 
         inputs = resolve_inputs(spec, require_alias)  # the policy first, before anything is downloaded
         local, named_as_given = inputs.local(), inputs.named_as_references
+    if spec.output_format == "peft":
+        from mlflow_taskvec.compose import compose_to_adapter
+
+        step, close = progress_bar(len(open_base(local).keys()), spec.method, "tensor", quiet)
+        try:
+            with named_as_given():
+                merged = compose_to_adapter(local, output=output_path(spec, output), overwrite=overwrite, progress=step, recorded=spec)
+        finally:
+            close()
+        _report_adapter_merge(quiet, merged)
+        _echo(quiet, f"recipe sha256: {spec.sha256()}")
+        return
     step, close = progress_bar(len(open_base(local).keys()), spec.method, "tensor", quiet)
     try:
         with named_as_given():
@@ -255,6 +280,20 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, a
     _echo(quiet, f"tensors: {result.num_tensors}  parameters: {result.num_parameters}  seconds: {result.seconds:.2f}")
     _echo(quiet, f"recipe sha256: {spec.sha256()}")
     _echo(quiet, f"fingerprint: {result.fingerprint}")
+
+
+def _report_adapter_merge(quiet: bool, merged) -> None:
+    """What ``compose --format peft`` prints: the adapter, each module's rank and relative error."""
+    _echo(quiet, f"adapter: {merged.output}")
+    _echo(quiet, f"method: {merged.method}  scale: {merged.scale}  weights: {merged.weights}  params: {json.dumps(merged.params)}")
+    _echo(quiet, f"r: {merged.r}  lora_alpha: {merged.r}  modules: {len(merged.modules)}" + (f"  rank_pattern: {len(merged.rank_pattern)} modules" if merged.rank_pattern else ""))
+    width = max(len(m.name) for m in merged.modules)
+    for m in merged.modules:
+        how = "concatenated (exact)" if m.exact else f"relative error {m.relative_error:.4g}"
+        _echo(quiet, f"  {m.name:<{width}}  rank {m.rank:>4}  {how}" + ("  (embedding)" if m.embedding else ""))
+    if merged.left_out:
+        _echo(quiet, "not in the adapter (1-D deltas a LoRA adapter cannot hold): " + ", ".join(sorted(merged.left_out)))
+    _echo(quiet, f"largest relative Frobenius error: {merged.relative_error:.6g}  bytes written: {merged.bytes_written}  seconds: {merged.seconds:.2f}")
 
 
 @main.command()

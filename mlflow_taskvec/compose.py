@@ -14,14 +14,16 @@ from pathlib import Path
 import torch
 
 from mlflow_taskvec.engine import metadata as meta_keys
+from mlflow_taskvec.engine.adapter_merge import AdapterMergeResult, check_adapter_bases, merge_to_adapter
 from mlflow_taskvec.engine.checkpoint import Checkpoint
 from mlflow_taskvec.engine.merging import MergeResult, merge, merge_to
+from mlflow_taskvec.engine.streaming import STORAGE_DTYPES, parse_dtype
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.writer import write_text_atomically
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.modelcard import CARD_NAME, hub_name_of, model_card
 from mlflow_taskvec.recipe import RECIPE_FORMAT, Recipe
-from mlflow_taskvec.references import load_vector, open_reference
+from mlflow_taskvec.references import absolute, is_local, load_vector, open_reference
 
 
 def open_base(recipe: Recipe) -> Checkpoint:
@@ -130,6 +132,56 @@ def compose_to(
         ]
         write_model_card(target, recorded, hub_name_of(base.directory) or recorded.base, inputs, result)
     return result
+
+
+def base_model_name(recipe: Recipe, base: Checkpoint) -> str:
+    """What a PEFT adapter records as ``base_model_name_or_path``: the base's Hub name when its
+    folder says it, else the base folder's absolute path, else the recipe's reference."""
+    if base.directory is not None:
+        return hub_name_of(base.directory) or str(Path(base.directory).resolve())
+    return recipe.base
+
+
+def compose_to_adapter(
+    recipe: Recipe,
+    output: "str | os.PathLike | None" = None,
+    overwrite: bool = False,
+    progress=None,
+    recorded: Recipe | None = None,
+    base_model_name_or_path: str | None = None,
+) -> AdapterMergeResult:
+    """Compose what the recipe says into one PEFT LoRA adapter folder (``output_format: peft``;
+    ``engine.adapter_merge``), never the dense model; its weights' metadata records ``recorded``."""
+    if recipe.max_shard_size is not None:
+        raise TaskVecError("max_shard_size: a PEFT adapter (output_format: peft) is one file, not shards")
+    target = output_path(recipe, output)
+    check_adapter_bases([(i, absolute(e.ref, recipe.source_dir)) for i, e in enumerate(recipe.vectors) if is_local(e.ref)])
+    base, vectors = checked_inputs(recipe)
+    recorded = recorded or recipe
+    meta = {
+        meta_keys.FORMAT_VERSION: RECIPE_FORMAT,
+        meta_keys.METHOD: recorded.method,
+        meta_keys.RECIPE: recorded.canonical_json(),
+        meta_keys.RECIPE_SHA256: recorded.sha256(),
+    }
+    return merge_to_adapter(
+        base,
+        vectors,
+        [e.weight for e in recipe.vectors],
+        target,
+        method=recipe.method,
+        scale=recipe.scale,
+        params=recipe.params,
+        rank=recipe.output_rank,
+        energy=recipe.output_energy,
+        base_model_name_or_path=base_model_name_or_path or base_model_name(recorded, base),
+        compute_dtype=recipe.compute_dtype,
+        dtype=parse_dtype(recipe.dtype, "dtype", STORAGE_DTYPES) if recipe.dtype else torch.float32,
+        allow_nonfinite=recipe.allow_nonfinite,
+        overwrite=overwrite,
+        metadata=meta,
+        progress=progress,
+    )
 
 
 def write_model_card(folder: Path, recipe: Recipe, base_model: str, inputs: list[dict], result: MergeResult, metrics=None, linear: bool = False) -> Path:

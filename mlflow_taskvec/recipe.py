@@ -15,6 +15,8 @@ compute_dtype: float32            # or float64
 device: cuda                      # optional: cpu, cuda, cuda:N or auto (not part of the digest)
 max_shard_size: 2GB               # write shards plus an index
 output: ./merged
+output_format: peft               # optional: one PEFT LoRA adapter, not the dense model (docs/lora-merging.md)
+output_rank: 16                   # optional with peft: the rank of every module (or output_energy: 0.99)
 policy:                           # optional: refuse inputs that lack an approval
   require_alias: approved         # every input must be a registered version carrying this alias
 evaluation:                       # optional: metrics for the registry
@@ -293,6 +295,9 @@ class Recipe(BaseModel):
     max_shard_size: Any = None
     output: str | None = None
     allow_nonfinite: bool = False
+    output_format: Literal["safetensors", "peft"] | None = Field(None, description="peft: write one PEFT LoRA adapter (docs/lora-merging.md); default: the dense model")
+    output_rank: int | None = Field(None, ge=1, description="output_format peft: the rank of every merged module (default: the sum of the inputs' ranks)")
+    output_energy: float | None = Field(None, gt=0, le=1, description="output_format peft: per module, the smallest rank keeping this share of ||delta||^2")
     evaluation: Evaluation | None = None
     search: Search | None = None
     policy: Policy | None = None
@@ -362,6 +367,10 @@ class Recipe(BaseModel):
             get_method(self.method).check_input_count(len(self.vectors))
         except TaskVecError as exc:
             raise ValueError(str(exc)) from None
+        if (self.output_rank is not None or self.output_energy is not None) and self.output_format != "peft":
+            raise ValueError("output_rank and output_energy apply to output_format: peft")
+        if self.output_rank is not None and self.output_energy is not None:
+            raise ValueError("give at most one of output_rank or output_energy")
         if self.search is not None:
             self._declared_search_ranges()
             known = set(get_method(self.method).param_names)
@@ -416,6 +425,9 @@ class Recipe(BaseModel):
         data = self.model_dump(exclude={"output", "search", "device"})  # where it runs is not what it is
         if data.get("policy") is None:
             data.pop("policy", None)
+        for key in ("output_format", "output_rank", "output_energy"):  # only when set: older digests stay as they were
+            if data.get(key) is None:
+                data.pop(key, None)
         data["scale"] = _in_order(data["scale"])
         for entry in data["vectors"]:
             entry["weight"] = _in_order(entry["weight"])

@@ -115,6 +115,26 @@ def test_the_composites_keep_the_tasks_better_than_the_base(result):
     assert result.normalized("composite (full)", "full") > 0.8
 
 
+def test_the_lora_to_lora_composites_are_peft_models_of_the_lora_vectors(result):
+    for kind, method in (("lora-peft", "task_arithmetic"), ("lora-peft-ties", "ties")):
+        assert result.composites[kind] == f"models:/tx-composite-{kind}/1"
+        tags = version(result.composites[kind]).tags
+        assert tags["taskvec.output_format"] == "peft" and tags["taskvec.method"] == method
+        assert tags["taskvec.base_uri"] == result.base_hf
+        assert sorted(i["uri"] for i in json.loads(tags["taskvec.inputs"])) == sorted(result.vectors[f"{t}-lora"] for t in TASKS)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = mlflow.transformers.load_model(result.composites[kind], return_type="components")["model"]
+        assert isinstance(model, peft.PeftModel)
+        # task arithmetic of the LoRA vectors: rank = the sum of the inputs' ranks, as the dense LoRA composite
+        assert model.peft_config["default"].r == len(TASKS) * RANK
+    base_mean = np.mean([result.accuracy["base"][t] for t in TASKS])
+    exact = result.accuracy[pipeline.ROWS["lora-peft"]]
+    for t in TASKS:  # the exact adapter is the dense LoRA composite's delta
+        assert exact[t] == pytest.approx(result.accuracy["composite (LoRA)"][t], abs=0.02), t
+    assert np.mean([result.accuracy[pipeline.ROWS["lora-peft-ties"]][t] for t in TASKS]) > base_mean
+
+
 def test_the_composites_load_through_both_flavors_and_their_pyfunc_takes_strings(result):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

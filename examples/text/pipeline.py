@@ -15,10 +15,12 @@ Against the tracking store of ``--tracking-uri`` (default: ``MLFLOW_TRACKING_URI
    as their low-rank factors, which ``inspect`` reports);
 4. composes the tasks' vectors by task arithmetic with ``mlflow-taskvec compose --register``:
    the full vectors on the sentence-transformers base, the LoRA vectors on the transformers base;
-5. loads both composites back through ``mlflow.sentence_transformers.load_model`` /
-   ``mlflow.transformers.load_model`` and through pyfunc (text in);
+   and, LoRA to LoRA (``output_format: peft``, docs/lora-merging.md), the LoRA vectors into one PEFT
+   adapter by task arithmetic (exact) and by ties, registered as ``mlflow.transformers`` PEFT models;
+5. loads the composites back through ``mlflow.sentence_transformers.load_model`` /
+   ``mlflow.transformers.load_model`` (the LoRA-to-LoRA ones as ``PeftModel``) and through pyfunc (text in);
 6. serves the full composite with ``mlflow models serve`` on 127.0.0.1 and posts sentences to it;
-7. prints each task's test accuracy for the base, every fine-tune and both composites.
+7. prints each task's test accuracy for the base, every fine-tune and every composite.
 
 The ``mlflow-taskvec`` commands run in this process (the command line is printed before each),
 so the models, tokenizer and tasks are loaded once.
@@ -69,7 +71,7 @@ class Result:
     base_hf: str = ""
     finetunes: dict[str, str] = field(default_factory=dict)  # "<task>" / "<task>-lora" -> logged model URI
     vectors: dict[str, str] = field(default_factory=dict)  # same keys -> registered vector version
-    composites: dict[str, str] = field(default_factory=dict)  # "full" / "lora" -> registered composite version
+    composites: dict[str, str] = field(default_factory=dict)  # "full" / "lora" / "lora-peft" / "lora-peft-ties" -> registered composite version
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # row -> task -> accuracy
     inspect_lora: str = ""  # `inspect` of one LoRA vector
     pyfunc: dict[str, list] = field(default_factory=dict)  # "full" / "lora" -> pyfunc answer to EXAMPLE
@@ -204,14 +206,24 @@ def finetune(args, result: Result, task: str, lora: bool) -> None:
     result.vectors[key] = registered(out)
 
 
+# LoRA-to-LoRA composites (output_format: peft): the LoRA vectors merged into one PEFT adapter on the
+# transformers base, registered as an mlflow.transformers PEFT model (docs/lora-merging.md)
+PEFT_KINDS = {"lora-peft": ("task_arithmetic", {}), "lora-peft-ties": ("ties", {"density": 0.5})}
+ROWS = {"full": "composite (full)", "lora": "composite (LoRA)", "lora-peft": "composite (LoRA to LoRA, task arithmetic)", "lora-peft-ties": "composite (LoRA to LoRA, ties)"}
+
+
 def compose(args, result: Result, kind: str, folder: Path) -> None:
-    base = result.base_hf if kind == "lora" else result.base_st
-    suffix = "-lora" if kind == "lora" else ""
+    lora = kind.startswith("lora")
+    base = result.base_hf if lora else result.base_st
+    suffix = f"-{kind}" if lora else ""
+    method, params = PEFT_KINDS.get(kind, ("task_arithmetic", {}))
     recipe = {
         "base": base,
-        "method": "task_arithmetic",
+        "method": method,
         "scale": args.scale,
-        "vectors": [{"vector": result.vectors[f"{t}{suffix}"]} for t in result.tasks],
+        "vectors": [{"vector": result.vectors[f"{t}{'-lora' if lora else ''}"]} for t in result.tasks],
+        **({"params": params} if params else {}),
+        **({"output_format": "peft"} if kind in PEFT_KINDS else {}),
     }
     if args.evaluate:  # the registered version then carries each task's metrics against the base and fine-tunes
         recipe["evaluation"] = {"evaluator": "text_tasks:evaluate", "tasks": result.tasks, "split": "test"}
@@ -232,6 +244,10 @@ def load_back(args, result: Result) -> None:
         components = mlflow.transformers.load_model(result.composites["lora"], return_type="components")
         result.accuracy["composite (full)"] = accuracies(st, result.tasks, args.eval_limit)
         result.accuracy["composite (LoRA)"] = accuracies(components["model"], result.tasks, args.eval_limit)
+        for kind in PEFT_KINDS:  # a PeftModel on the base, its adapter the merged one
+            if kind in result.composites:
+                peft_model = mlflow.transformers.load_model(result.composites[kind], return_type="components")["model"]
+                result.accuracy[ROWS[kind]] = accuracies(peft_model, result.tasks, args.eval_limit)
         # sentence-transformers' pyfunc embeds each sentence; MLflow's feature-extraction pyfunc of the
         # transformers flavor answers one text with its token features
         for kind, text in (("full", EXAMPLE), ("lora", EXAMPLE[0])):
@@ -318,7 +334,7 @@ def run(args) -> Result:
                     finetune(args, result, task, lora)
         result.inspect_lora = taskvec("inspect", result.vectors[f"{result.tasks[0]}-lora"], "--top", "0")
         with timed("compose, register"):
-            for kind in ("full", "lora"):
+            for kind in ("full", "lora", *(PEFT_KINDS if args.lora_to_lora else ())):
                 compose(args, result, kind, Path(tmp))
         with timed("load back, evaluate"):
             load_back(args, result)
@@ -371,6 +387,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--serve-timeout", type=_positive(int), default=120, help="Seconds to wait for the server to answer /ping.")
     parser.add_argument("--prefix", default="text", help="Registered model names start with this.")
     parser.add_argument("--seed", type=int, default=0, help="Mini-batch order and LoRA initialisation.")
+    parser.add_argument("--no-lora-to-lora", dest="lora_to_lora", action="store_false",
+                        help="Skip the LoRA-to-LoRA composites (the LoRA vectors merged into one PEFT adapter: task arithmetic, ties).")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI).")
     parser.add_argument("--experiment", default=None, help="Experiment name (default: MLFLOW_EXPERIMENT_ID / the default experiment).")
     args = parser.parse_args(argv)

@@ -314,12 +314,12 @@ class LoraExport:
     relative_error: float = 0.0  # ||tau - adapter||_F / ||tau||_F over the whole vector
 
 
-def _is_embedding(module: str) -> bool:
+def is_embedding_module(module: str) -> bool:
     last = module.rsplit(".", 1)[-1].lower()
     return any(h in last for h in _EMBEDDING_HINTS)
 
 
-def _truncated_svd(delta: torch.Tensor, rank: int | None, energy: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncated_svd(delta: torch.Tensor, rank: int | None, energy: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U_k, S_k, Vh_k of the best rank-k approximation (k = rank, or the smallest keeping ``energy`` of ||delta||^2)."""
     full = min(delta.shape)
     if rank is not None and delta.numel() > _RANDOMIZED_SVD_ABOVE and rank < full // 4:
@@ -330,6 +330,70 @@ def _truncated_svd(delta: torch.Tensor, rank: int | None, energy: float | None) 
         rank = rank_for_energy(s, energy)
     k = min(rank, full)
     return u[:, :k], s[:k], vh[:k]
+
+
+def svd_factors(delta: torch.Tensor, rank: int | None, energy: float | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """LoRA factors ``B (rows, k)`` and ``A (k, cols)`` in ``dtype`` of the truncated SVD of the 2-D
+    ``delta`` (``truncated_svd``; sqrt(S) on each side), and ``||delta - B A||_F^2``."""
+    u, s, vh = truncated_svd(delta, rank, energy)
+    root = s.sqrt()
+    b_factor, a_factor = (u * root).to(dtype), (root[:, None] * vh).to(dtype)
+    approx = b_factor.double() @ a_factor.double()
+    return b_factor, a_factor, float((delta.double() - approx).square().sum())
+
+
+def peft_factor_tensors(module: str, b_factor: torch.Tensor, a_factor: torch.Tensor, embedding: bool) -> dict[str, torch.Tensor]:
+    """The saved tensors of one module whose delta is ``b_factor @ a_factor`` at scaling 1."""
+    prefix = f"{PEFT_PREFIX}{module}"
+    if embedding:  # PEFT's embedding LoRA: delta = (B_e @ A_e).T, A_e (r, num_embeddings)
+        return {f"{prefix}.lora_embedding_A": b_factor.T.contiguous(), f"{prefix}.lora_embedding_B": a_factor.T.contiguous()}
+    return {f"{prefix}.lora_A.weight": a_factor.contiguous(), f"{prefix}.lora_B.weight": b_factor.contiguous()}
+
+
+def adapter_config(ranks: dict[str, int], base_model_name_or_path: str | None, modules_to_save: list[str] | None = None) -> tuple[int, dict[str, int], dict]:
+    """``(r, rank_pattern, config)`` of an adapter whose modules have ``ranks`` at scaling 1:
+    ``r`` the most common rank (the larger on a tie), the others in ``rank_pattern`` and
+    ``alpha_pattern`` alike."""
+    counts = list(ranks.values())
+    r = max(set(counts), key=lambda k: (counts.count(k), k))
+    rank_pattern = {re.escape(module): k for module, k in ranks.items() if k != r}
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": dict(rank_pattern),
+        "target_modules": sorted(ranks),
+        "modules_to_save": modules_to_save,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    return r, rank_pattern, config
+
+
+def write_adapter(claim: OutputClaim, tensors: dict[str, torch.Tensor], config: dict, metadata: dict[str, str]) -> None:
+    """Write an adapter folder (``adapter_model.safetensors`` + ``adapter_config.json``) under a
+    temporary name beside ``claim``'s path and move it into place when complete."""
+    tmp = claim.partial()
+    tmp.mkdir(parents=True)
+    try:
+        specs = {n: TensorSpec(t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+        with CheckpointWriter(tmp / ADAPTER_WEIGHTS, specs, metadata) as writer:
+            for n in writer.order:
+                writer.write(n, tensors[n])
+            writer.commit()
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", "utf-8")
+        claim.move_into_place(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def export_lora(
@@ -411,63 +475,23 @@ def _export(vector, claim, rank, energy, modules_to_save, base_ckpt, base_model_
         elif norm_sq == 0:
             zero.append(name)
         else:
-            u, s, vh = _truncated_svd(delta, rank, energy)
-            root = s.sqrt()
-            b_factor, a_factor = (u * root).to(dtype), (root[:, None] * vh).to(dtype)
-            approx = b_factor.double() @ a_factor.double()
-            err_sq = float((delta.double() - approx).square().sum())
+            b_factor, a_factor, err_sq = svd_factors(delta, rank, energy, dtype)
             error_sq += err_sq
-            embedding = _is_embedding(module)
-            prefix = f"{PEFT_PREFIX}{module}"
-            if embedding:  # PEFT's embedding LoRA: delta = (B_e @ A_e).T, A_e (r, num_embeddings)
-                tensors[f"{prefix}.lora_embedding_A"] = b_factor.T.contiguous()
-                tensors[f"{prefix}.lora_embedding_B"] = a_factor.T.contiguous()
-            else:
-                tensors[f"{prefix}.lora_A.weight"] = a_factor.contiguous()
-                tensors[f"{prefix}.lora_B.weight"] = b_factor.contiguous()
-            exported.append(ExportedTensor(name, module, int(s.numel()), math.sqrt(err_sq / norm_sq), embedding))
+            embedding = is_embedding_module(module)
+            tensors.update(peft_factor_tensors(module, b_factor, a_factor, embedding))
+            exported.append(ExportedTensor(name, module, int(b_factor.shape[1]), math.sqrt(err_sq / norm_sq), embedding))
         if progress is not None:
             progress(name)
     if not exported:
         raise TaskVecError("export-lora: every 2-D weight delta of the vector is zero: there is nothing to factor")
 
-    ranks = [t.rank for t in exported]
-    r = max(set(ranks), key=lambda k: (ranks.count(k), k))
-    rank_pattern = {re.escape(t.module): t.rank for t in exported if t.rank != r}
-    config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": r,
-        "lora_alpha": r,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": dict(rank_pattern),
-        "target_modules": sorted(t.module for t in exported),
-        "modules_to_save": sorted({module_of(n) for n in saved_whole}) or None,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
+    r, rank_pattern, config = adapter_config(
+        {t.module: t.rank for t in exported}, base_model_name_or_path, sorted({module_of(n) for n in saved_whole}) or None
+    )
     metadata = {"format": "pt", meta_keys.BASE_FINGERPRINT: vector.base_fingerprint}
     if vector.task:
         metadata[meta_keys.TASK] = vector.task
-    tmp = claim.partial()
-    tmp.mkdir(parents=True)
-    try:
-        specs = {n: TensorSpec(t.dtype, tuple(t.shape)) for n, t in tensors.items()}
-        with CheckpointWriter(tmp / ADAPTER_WEIGHTS, specs, metadata) as writer:
-            for n in writer.order:
-                writer.write(n, tensors[n])
-            writer.commit()
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", "utf-8")
-        claim.move_into_place(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_adapter(claim, tensors, config, metadata)
     return LoraExport(
         output=output,
         r=r,

@@ -338,15 +338,7 @@ def _method_jobs(name, spec, base_tensor, read_base, base_source, vectors, weigh
             check_finite(base_chunk, lambda: f"tensor {name!r} of the base {base_source}")
             for v, d in zip(vectors, deltas):
                 v.check_finite(name, start, stop, d)
-        if method.prepare is not None and prepared is None:  # the whole tensor is this one chunk
-            prepared = method.prepare(name, numel, params, [lambda d=d: [(0, d)] for d in deltas], compute)
-        if whole:
-            base_chunk, deltas = base_chunk.reshape(shape), [d.reshape(shape) for d in deltas]
-        ctx = MergeContext(
-            name=name, start=start, numel=numel, params=params, prepared=prepared, shape=shape, whole_tensor=whole, base=base_chunk,
-            device=base_chunk.device,
-        )
-        merged = method.fn(deltas, weights, ctx)
+        base_chunk, merged = _merged_chunk(method, name, start, numel, shape, whole, params, prepared, base_chunk, deltas, weights, compute)
         result = torch.add(base_chunk, merged, alpha=scale).reshape(-1).to(spec.dtype)
         if not allow_nonfinite:
             check_finite_output(result, name, start, numel)
@@ -358,6 +350,39 @@ def _method_jobs(name, spec, base_tensor, read_base, base_source, vectors, weigh
         prepared = method.prepare(name, numel, params, inputs, compute)
     for start, stop in ranges:
         yield functools.partial(job, start, stop, prepared)
+
+
+def _merged_chunk(method, name, start, numel, shape, whole, params, prepared, base_chunk, deltas, weights, compute):
+    """``(base_chunk, method(weights, deltas))`` of one chunk (both in the tensor's shape when ``whole``);
+    a chunk that is the whole tensor runs the method's pre-pass itself."""
+    if method.prepare is not None and prepared is None:  # the whole tensor is this one chunk
+        prepared = method.prepare(name, numel, params, [lambda d=d: [(0, d)] for d in deltas], compute)
+    if whole:
+        base_chunk, deltas = base_chunk.reshape(shape), [d.reshape(shape) for d in deltas]
+    ctx = MergeContext(
+        name=name, start=start, numel=numel, params=params, prepared=prepared, shape=shape, whole_tensor=whole, base=base_chunk,
+        device=base_chunk.device,
+    )
+    return base_chunk, method.fn(deltas, weights, ctx)
+
+
+def merge_tensor(method, name: str, base_tensor: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float], params: dict, compute: torch.dtype = torch.float32) -> torch.Tensor:
+    """``method(weights, deltas)`` of the one tensor ``name``, its inputs' deltas given whole: the
+    merged delta that ``merge``/``merge_to`` scale and add to the base (entries never depend on
+    chunking: masks and thresholds are by position over the whole tensor). In ``base_tensor``'s shape."""
+    shape = tuple(base_tensor.shape)
+    numel = base_tensor.numel()
+    whole = method.takes_whole_tensor(name, shape, params)
+    flat = [d.reshape(-1).to(compute) for d in deltas]
+    _, merged = _merged_chunk(method, name, 0, numel, shape, whole, params, None, base_tensor.reshape(-1).to(compute), flat, list(weights), compute)
+    return merged.reshape(shape)
+
+
+def plan_merge(base, vectors, weights, method="task_arithmetic", scale: Coefficient = 1.0, params=None, compute_dtype="float32") -> _Plan:
+    """The checked merge ``merge``/``merge_to`` execute: the method and its parameters, every input
+    from the base, shapes agreeing, each tensor's weights and scale resolved (inputs lacking a
+    tensor count as zero there: ``plan.vectors``)."""
+    return _plan(base, vectors, weights, method, scale, params, None, compute_dtype)
 
 
 def union_of_tensors(vectors: "Sequence[TaskVector]") -> dict[str, TensorSpec]:

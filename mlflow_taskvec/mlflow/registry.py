@@ -29,7 +29,8 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import _validate_model_name
 
-from mlflow_taskvec.compose import compose_to, write_model_card
+from mlflow_taskvec.compose import compose_to, compose_to_adapter, write_model_card
+from mlflow_taskvec.engine.merging import merge
 from mlflow_taskvec.engine.coefficients import Coefficient
 from mlflow_taskvec.engine.device import parse_device
 from mlflow_taskvec.engine.taskvector import TaskVector
@@ -37,7 +38,7 @@ from mlflow_taskvec.engine.output import OutputClaim, check_output_path, refuse_
 from mlflow_taskvec.errors import TaskVecError, TaskVecWarning
 from mlflow_taskvec.mlflow import flavor
 from mlflow_taskvec.mlflow import tags as tag
-from mlflow_taskvec.mlflow.downloads import Resolved
+from mlflow_taskvec.mlflow.downloads import Resolved, resolve
 from mlflow_taskvec.mlflow.evaluate import composite_evaluation, fine_tuning_of, module_builder
 from mlflow_taskvec.mlflow.inputs import resolve_inputs
 from mlflow_taskvec.mlflow.lineage_plot import log_lineage_picture
@@ -373,14 +374,16 @@ def register_composite(
     with claimed as claim, owned_run(None) as run, tempfile.TemporaryDirectory(**scratch) as tmp:
         mlflow.log_params(_run_params(resolved))
         weights = Path(tmp) / "weights"
+        as_adapter = resolved.output_format == "peft"  # one PEFT LoRA adapter, logged with mlflow.transformers
         with inputs.named_as_references():  # the weights' metadata and card record the references, as the tags do
-            result = compose_to(inputs.local(), output=weights, recorded=resolved)
+            result = (compose_to_adapter if as_adapter else compose_to)(inputs.local(), output=weights, recorded=resolved)
         metrics = {}
         if evaluate is None and resolved.evaluation is not None:
             evaluate = composite_evaluation(inputs).evaluate
         if evaluate is not None:
             # evaluated before anything is logged: a failing evaluator leaves no artifact and no logged model
-            metrics = evaluate(module_builder(base, linear=linear)(flavor.read_state(weights)))
+            state = merge(base.path, [TaskVector.load(weights, base=base.path)], [1.0]) if as_adapter else flavor.read_state(weights)
+            metrics = evaluate(module_builder(base, linear=linear)(state))
         recipe_path = Path(tmp) / "recipe.yaml"
         recipe_path.write_text(yaml.safe_dump(resolved.model_dump(exclude={"output", "search"}), sort_keys=False), "utf-8")
         mlflow.log_artifact(str(recipe_path))
@@ -395,24 +398,29 @@ def register_composite(
             "base_uri": base.canonical,
             "recipe_sha256": resolved.sha256(),
         }
-        if metrics and weights.is_dir():  # the model card gains the metrics before it is logged
-            rows = [{"ref": r["uri"], "weight": r["weight"], "fingerprint": r["fingerprint"], "task": e.task} for r, e in zip(input_rows, resolved.vectors)]
-            write_model_card(weights, resolved, hub_name_of(base.path) or base.canonical, rows, result, metrics, linear=linear)
-        hf_base = base.model_dir if flavor.hf_flavor_of(base.model_dir) else None
-        if hf_base is None and (flavor.has_tokenizer(base.path) or (base.model_dir and flavor.has_tokenizer(base.model_dir))) and not flavor.has_tokenizer(weights):
-            raise TaskVecError(
-                f"base {base.canonical} has a tokenizer that the composite would not carry: it would tokenize every word to [UNK]"
+        if as_adapter:
+            info, fingerprint = _log_adapter_composite(base, weights, lineage)
+            note = "\n\n".join(filter(None, [_adapter_note(result), note]))
+        else:
+            if metrics and weights.is_dir():  # the model card gains the metrics before it is logged
+                rows = [{"ref": r["uri"], "weight": r["weight"], "fingerprint": r["fingerprint"], "task": e.task} for r, e in zip(input_rows, resolved.vectors)]
+                write_model_card(weights, resolved, hub_name_of(base.path) or base.canonical, rows, result, metrics, linear=linear)
+            hf_base = base.model_dir if flavor.hf_flavor_of(base.model_dir) else None
+            if hf_base is None and (flavor.has_tokenizer(base.path) or (base.model_dir and flavor.has_tokenizer(base.model_dir))) and not flavor.has_tokenizer(weights):
+                raise TaskVecError(
+                    f"base {base.canonical} has a tokenizer that the composite would not carry: it would tokenize every word to [UNK]"
+                )
+            info = flavor.log_model(
+                weights,
+                name="composite",
+                factory=architecture.get("factory"),
+                factory_kwargs=architecture.get("factory_kwargs"),
+                code_paths=code_paths,
+                lineage=lineage,
+                signature=signature,
+                hf_base=hf_base,
             )
-        info = flavor.log_model(
-            weights,
-            name="composite",
-            factory=architecture.get("factory"),
-            factory_kwargs=architecture.get("factory_kwargs"),
-            code_paths=code_paths,
-            lineage=lineage,
-            signature=signature,
-            hf_base=hf_base,
-        )
+            fingerprint = result.fingerprint
         if metrics:
             mlflow.log_metrics(metrics, model_id=info.model_id)
         tags = {
@@ -424,13 +432,14 @@ def register_composite(
             tag.BASE_URI: base.canonical,
             tag.BASE_FINGERPRINT: result.base_fingerprint,
             tag.RECIPE_SHA256: resolved.sha256(),
-            tag.FINGERPRINT: result.fingerprint,
+            tag.FINGERPRINT: fingerprint,
+            **({tag.OUTPUT_FORMAT: "peft", tag.ADAPTER_RANK: str(result.r), tag.RELATIVE_ERROR: f"{result.relative_error:.6g}"} if as_adapter else {}),
             **({tag.REPRODUCIBLE: "false"} if local_paths else {}),
             **({tag.FINE_TUNING: "linear"} if linear else {}),
             **(extra_tags or {}),
         }
         MlflowClient().set_logged_model_tags(info.model_id, tags)
-        description = composite_description(resolved, base, inputs.vectors, result.fingerprint, metrics, note, linear=linear)
+        description = composite_description(resolved, base, inputs.vectors, fingerprint, metrics, note, linear=linear)
         mv = _create_version(name, info, run.info.run_id, tags, description)
         if claim is not None:
             claim.move_into_place(weights)
@@ -440,6 +449,57 @@ def register_composite(
     registered = Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
     _warn_not_reproducible(registered, local_paths)
     return registered
+
+
+PEFT_PIP_REQUIREMENTS = ["torch", "transformers", "peft"]
+PEFT_COMPONENTS = ("tokenizer", "feature_extractor", "image_processor")  # what log_model takes beside the model
+
+
+def _log_adapter_composite(base: Resolved, adapter: Path, lineage: dict):
+    """Log the merged ``adapter`` as an ``mlflow.transformers`` PEFT model on ``base``: its
+    ``peft_adaptor`` folder and the base folder as its reference (``base_model_path``: the base's
+    weights are not copied), with the base's tokenizer. Returns the logged model's info and the
+    fingerprint a download of it is checked against (the stored adapter's)."""
+    import peft
+    import transformers
+
+    base_dir = base.path
+    task = "feature-extraction"
+    components: dict = {}
+    flavors = yaml.safe_load((base.model_dir / "MLmodel").read_text("utf-8")).get("flavors", {}) if base.model_dir else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' and MLflow's advice on loading and logging
+        if "transformers" in flavors:
+            loaded = mlflow.transformers.load_model(str(base.model_dir), return_type="components")
+            model = loaded["model"]
+            task = flavors["transformers"].get("task") or task
+            components = {k: v for k, v in loaded.items() if k in PEFT_COMPONENTS}
+        else:
+            if not (base_dir / "config.json").is_file():
+                raise TaskVecError(f"base {base.canonical} is no Hugging Face model folder (config.json), so a PEFT adapter has no model to wrap")
+            model = transformers.AutoModel.from_pretrained(str(base_dir), use_safetensors=True)
+            if flavor.has_tokenizer(base_dir):
+                components["tokenizer"] = transformers.AutoTokenizer.from_pretrained(str(base_dir))
+        if "tokenizer" not in components:
+            raise TaskVecError(f"base {base.canonical} has no tokenizer, which an mlflow.transformers PEFT model needs")
+        peft_model = peft.PeftModel.from_pretrained(model, str(adapter))
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": peft_model, **components},
+            name="composite",
+            task=task,
+            base_model_path=str(base_dir),
+            metadata={"taskvec": lineage},
+            pip_requirements=PEFT_PIP_REQUIREMENTS,
+        )
+    return info, resolve(info.model_uri, fresh=True).fingerprint
+
+
+def _adapter_note(result) -> str:
+    exact = sum(m.exact for m in result.modules)
+    return (
+        f"PEFT LoRA adapter (r {result.r}, {len(result.modules)} modules, {exact} of them concatenated exactly); "
+        f"largest relative Frobenius error {result.relative_error:.4g}."
+    )
 
 
 def _architecture_of(base: Resolved) -> tuple[dict, list[str] | None, object]:

@@ -31,6 +31,9 @@ SCALE = "taskvec.scale"
 PARAMS = "taskvec.params"  # JSON object of the method's parameters
 INPUTS = "taskvec.inputs"  # JSON list of {uri, weight, fingerprint}
 FINE_TUNING = "taskvec.fine_tuning"  # on task vectors (and composites of them): "linear" for linearized fine-tunes
+OUTPUT_FORMAT = "taskvec.output_format"  # "peft" on a composite logged as a PEFT LoRA adapter (mlflow.transformers)
+ADAPTER_RANK = "taskvec.adapter_rank"  # a PEFT composite's r (the most common module rank)
+RELATIVE_ERROR = "taskvec.relative_error"  # a PEFT composite's largest per-module relative Frobenius error
 REPRODUCIBLE = "taskvec.reproducible"  # "false" when the version names local paths (verify elsewhere cannot fetch them)
 
 # compressed task vectors (also LAYOUT, LAYOUT_PARAMS and SOURCE_FINGERPRINT, as in the weights' header)

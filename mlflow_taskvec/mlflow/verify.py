@@ -13,7 +13,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mlflow_taskvec.compose import compose_to
+from mlflow_taskvec.compose import compose_to, compose_to_adapter
+from mlflow_taskvec.engine.adapter_merge import adapter_delta_fingerprint
 from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.compressed import compress
@@ -163,9 +164,16 @@ def _verify_composite(client: MlflowClient, mv: ModelVersion, uri: str, tags: di
     for i, (entry, row) in enumerate(zip(recipe.vectors, inputs)):
         what = f"input vectors[{i}] {entry.ref}"
         resolved.append(_fetched_as_recorded(entry.ref, what, str(row.get("fingerprint")), replaced, checks, f"{what} (weight {describe(entry.weight)})"))
-    _fetched_as_recorded(uri, f"stored weights of {uri}", tags[tag.FINGERPRINT], "the composite's artifact was modified", checks, "stored weights")
+    stored = _fetched_as_recorded(uri, f"stored weights of {uri}", tags[tag.FINGERPRINT], "the composite's artifact was modified", checks, "stored weights")
 
     inputs = Inputs(recipe, base, resolved)
+    if recipe.output_format == "peft":  # a PEFT adapter as PEFT saved it: the same ranks, alphas and factors
+        with inputs.named_as_references():
+            compose_to_adapter(inputs.local(), output=tmp / "recomposed")
+        again, stored_delta = adapter_delta_fingerprint(tmp / "recomposed"), adapter_delta_fingerprint(stored.path)
+        _same("the recomposed adapter", again, stored_delta, "the recipe and inputs do not reproduce it")
+        checks.append(f"recomposed from the recipe: adapter factors and config {again[:16]} as stored")
+        return checks
     with inputs.named_as_references():
         result = compose_to(inputs.local(), output=tmp / "recomposed")
     _same("the recomposed model", result.fingerprint, tags[tag.FINGERPRINT], "the recipe and inputs do not reproduce it")
