@@ -176,7 +176,7 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
         _echo(quiet, "skipped, in one of the two only (integer or bool buffers): " + ", ".join(one_sided))
     if vector.low_rank_source is not None:
         stored = vector.low_rank_source.subset(vector.names)
-        _echo(quiet, f"stored low-rank: {stored.stored_bytes} bytes (dense: {stored.dense_nbytes()} bytes)")
+        _echo(quiet, f"stored low-rank: {stored.stored_bytes} bytes (dense: {stored.dense_bytes} bytes)")
     _echo(quiet, f"base fingerprint: {vector.base_fingerprint}")
     _echo(quiet, f"fingerprint: {fingerprint}")
     if register_as is not None:

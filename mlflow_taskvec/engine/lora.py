@@ -211,7 +211,7 @@ def open_adapter(path: "str | os.PathLike", base: "Checkpoint | str | os.PathLik
             left, right = _transposed(factors, a_key), _transposed(factors, b_key)
         else:
             left, right = _getter(factors, b_key), _getter(factors, a_key)
-        low_rank[name] = LowRankTensor(shape, rank, scaling, left=left, right=right)
+        low_rank[name] = LowRankTensor(shape, rank, scaling, left=left, right=right, stored_nbytes=a.nbytes + b.nbytes)
         if "lora_B.bias" in parts:
             bias_addends[f"{module}.bias"] = (parts["lora_B.bias"], scaling)
 
@@ -243,7 +243,7 @@ def open_adapter(path: "str | os.PathLike", base: "Checkpoint | str | os.PathLik
         meta_keys.BASE_FINGERPRINT: base_ckpt.fingerprint(),
         meta_keys.SKIPPED: json.dumps(sorted(n for n in base_ckpt.keys() if not base_ckpt.spec(n).is_floating_point)),
         meta_keys.ADAPTER: meta_keys.PEFT_LORA,
-        meta_keys.LAYOUT: meta_keys.LORA_LAYOUT,
+        meta_keys.LAYOUT: meta_keys.LOWRANK_LAYOUT,
     }
     return LowRankCheckpoint(low_rank, dense, metadata, str(path), files=[factors, *_files_of(base_ckpt)])
 

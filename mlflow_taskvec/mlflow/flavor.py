@@ -251,18 +251,13 @@ def save_model(
         "code": code_subpath,
     }
     meta = ckpt.metadata()
-    if meta_keys.LAYOUT in meta:  # a compressed vector: the layout and both sizes
-        conf.update(layout=meta[meta_keys.LAYOUT], stored_bytes=ckpt.stored_bytes, dense_bytes=sum(ckpt.spec(n).nbytes for n in ckpt.keys()))
+    if meta_keys.LAYOUT in meta:  # a stored layout (compressed, low-rank): the layout and both sizes
+        conf.update(layout=meta[meta_keys.LAYOUT], stored_bytes=ckpt.stored_bytes, dense_bytes=ckpt.dense_bytes)
+    if isinstance(ckpt, LowRankCheckpoint):  # stored as factors: each tensor's rank
+        conf["ranks"] = {n: ckpt.rank(n) for n in ckpt.keys() if ckpt.rank(n)}
     if kind == "task_vector":
         vector = TaskVector.load(ckpt)
         conf.update(task=vector.task, base_fingerprint=vector.base_fingerprint, l2_norm=vector.norm())
-        if isinstance(ckpt, LowRankCheckpoint):  # stored as factors: say so, and each tensor's rank
-            conf.update(
-                layout=meta_keys.LORA_LAYOUT,
-                ranks={n: ckpt.rank(n) for n in ckpt.keys() if ckpt.rank(n)},
-                stored_bytes=ckpt.stored_bytes,
-                dense_bytes=ckpt.dense_nbytes(),
-            )
     else:
         conf["architecture"] = _architecture(factory, factory_kwargs, path / data)
         if meta_keys.BASE_FINGERPRINT in meta:
