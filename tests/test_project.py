@@ -216,7 +216,8 @@ def test_main_runs_the_whole_pipeline_and_reproduces_the_readmes_results(tmp_pat
     """``main`` with its defaults (what ``make demo`` runs, seed 0): every model is
     registered, and the paper's results read back match docs/results.md's table."""
     with project_store(tmp_path / "main", tmp_path_factory) as store:
-        mlflow_run(store, "main", timeout=900)
+        # 223 s alone on a quiet machine; under `make test` it shares the CPUs with a second worker.
+        mlflow_run(store, "main", timeout=1800)
 
         assert {m.name for m in store.client.search_registered_models()} == set(MAIN_MODELS)
         for name, kind in MAIN_MODELS.items():
