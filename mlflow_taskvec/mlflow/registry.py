@@ -312,6 +312,7 @@ def register_composite(
     output: "str | os.PathLike | None" = None,
     overwrite: bool = False,
     allow_mixed: bool = False,
+    threads: int | None = None,
 ) -> Registered:
     """Compose what ``recipe`` says, log it as a ``checkpoint`` model in a run, register a version.
 
@@ -323,7 +324,7 @@ def register_composite(
     adds to the recipe's policy; with ``output`` the composite is also left there
     (composed once; an existing output, or one that is an input, is refused before anything
     is registered). A registered model ``name`` whose versions mlflow-taskvec did not make is
-    refused unless ``allow_mixed``.
+    refused unless ``allow_mixed``. ``threads``: the engine's compute threads (default: the cores).
     """
     if output is not None:
         check_output_path(output, overwrite)
@@ -345,7 +346,7 @@ def register_composite(
         mlflow.log_params(_run_params(resolved))
         weights = Path(tmp) / "weights"
         with inputs.named_as_references():
-            result = compose_to(inputs.local(), output=weights)
+            result = compose_to(inputs.local(), output=weights, threads=threads)
         metrics = {}
         if evaluate is None and resolved.evaluation is not None:
             evaluate = composite_evaluation(inputs).evaluate
