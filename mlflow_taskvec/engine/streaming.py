@@ -80,11 +80,14 @@ def one_torch_thread():
 
 
 def _load_libc_function(name: str):
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return getattr(libc, name)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        return None
+    # glibc's soname first: find_library runs ldconfig in a subprocess (milliseconds at every start-up)
+    for soname in ("libc.so.6", None):
+        try:
+            libc = ctypes.CDLL(soname or ctypes.util.find_library("c") or "libc.so.6")
+            return getattr(libc, name)
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            continue
+    return None
 
 
 _MALLOC_TRIM = _load_libc_function("malloc_trim")
