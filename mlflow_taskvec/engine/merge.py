@@ -42,6 +42,8 @@ if TYPE_CHECKING:  # the task vector module builds on this one, not the other wa
 
 # Elementwise sums stream best in chunks that stay in the CPU's cache.
 LINEAR_CHUNK = 1 << 18
+# A tensor a method takes whole and that is larger than this (entries) is computed alone.
+WHOLE_ALONE = 8 * CHUNK_ELEMENTS
 
 
 @dataclass
@@ -250,8 +252,18 @@ def _execute(plan: _Plan, sink, allow_nonfinite: bool, progress):
                         name, spec, base_tensor, read_base, base_ckpt.source, vectors, plan.tensor_weights[name], plan.method,
                         plan.tensor_scale[name], plan.params, plan.compute, allow_nonfinite, pool.map,
                     )
+                # A large tensor that a method needs whole holds its T inputs and temporaries at
+                # once: it runs alone, so the peak is one such tensor's, whatever the thread count.
+                alone = (
+                    name in plan.covered and not plan.method.linear and spec.numel > WHOLE_ALONE
+                    and plan.method.takes_whole_tensor(name, tuple(spec.shape), plan.params)
+                )
+                if alone:
+                    pool.drain()
                 for job in jobs:
                     pool.submit(name, job if run is None or name not in plan.covered else functools.partial(run, job))
+                if alone:
+                    pool.drain()
                 if spec.numel > CHUNK_ELEMENTS:
                     release_free_memory()
                 if progress is not None:
