@@ -25,7 +25,7 @@ def _tied_input(numel: int, seed: int) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("keep_low_bits", [1 << 16, 0])  # 0: every chunk's low bits kept as a histogram
+@pytest.mark.parametrize("keep_low_bits", [1 << 16, 0])  # 0: no chunk keeps its low bits (the tie-planning pass)
 def test_shared_pass_rules_equal_the_reference(monkeypatch, keep_low_bits):
     monkeypatch.setattr(trim, "_KEEP_LOW_BITS", keep_low_bits)
     x = _tied_input(50_000, 3)

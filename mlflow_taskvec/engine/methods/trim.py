@@ -174,23 +174,25 @@ def top_k_rule(chunks: Callable[[], Iterable[tuple[int, torch.Tensor]]], k: int,
     return top_k_rules(chunks, [k], dtype)[0]
 
 
-# Above this many entries of a chunk in the threshold's top-16-bit bin, pass 2 keeps the
-# chunk's histogram of their low bits instead of the bits themselves (bounded memory).
-_KEEP_LOW_BITS = 1 << 16
+# Up to this many entries of a chunk in the threshold's top-16-bit bin, pass 2 keeps their
+# low bits to count the chunk's ties (32 KB a chunk at most); a chunk with more sends the
+# rule to the tie-planning pass instead.
+_KEEP_LOW_BITS = 1 << 13
 
 
 def top_k_rules(chunks: Callable[[], Iterable[tuple[int, torch.Tensor]]], ks: list[int], dtype: torch.dtype) -> list[TrimThreshold]:
     """``top_k_rule`` for several k of the same input, sharing its passes over the chunks.
 
     For float32 over several chunks: pass 1 histograms the magnitudes' top 16 bits; pass 2
-    keeps, per chunk, the low 16 bits of its entries in each rule's winning bin, which fixes
-    each threshold and, on the same data, counts each chunk's ties at it (no third pass).
+    histograms the low 16 bits of the entries in each rule's winning bin, which fixes each
+    threshold, and keeps those low bits per chunk where they are few, which counts each
+    chunk's ties at the threshold on the same data (no third pass unless a chunk had many).
     Otherwise (one chunk, float64) each rule is ``trim_threshold`` plus ``plan_ties``.
     """
     if dtype == torch.float64:
         return [_rule_with_ties(chunks, k, dtype) for k in ks]
-    hist, starts, single = None, [], False
-    for i, (start, chunk) in enumerate(chunks()):
+    hist, starts = None, []
+    for start, chunk in chunks():
         counts = torch.bincount(_bits32(chunk) >> 16, minlength=1 << 16)
         hist = counts if hist is None else hist.add_(counts)
         starts.append(start)
@@ -198,31 +200,29 @@ def top_k_rules(chunks: Callable[[], Iterable[tuple[int, torch.Tensor]]], ks: li
         return [_rule_with_ties(chunks, k, dtype) for k in ks]
     picks = [_pick(hist, k) for k in ks]
     digits = sorted({digit for digit, _, _ in picks})
-    low_bits: dict[int, list[tuple[str, torch.Tensor]]] = {d: [] for d in digits}  # per digit, per chunk in order
+    low_hist = {d: torch.zeros(1 << 16, dtype=torch.int64) for d in digits}
+    low_bits: dict[int, list[torch.Tensor | None]] = {d: [] for d in digits}  # per digit, per chunk in order (None: too many)
     for _, chunk in chunks():
         b = _bits32(chunk)
         top = b >> 16
         for digit in digits:
             low = b[top == digit] & 0xFFFF
-            if low.numel() > _KEEP_LOW_BITS:
-                low_bits[digit].append(("hist", torch.bincount(low, minlength=1 << 16)))
-            else:
-                low_bits[digit].append(("bits", low))
+            low_hist[digit].add_(torch.bincount(low, minlength=1 << 16))
+            low_bits[digit].append(low if low.numel() <= _KEEP_LOW_BITS else None)
     rules = []
     for digit, remaining, _ in picks:
-        per_chunk = low_bits[digit]
-        low_hist = torch.zeros(1 << 16, dtype=torch.int64)
-        for kind, data in per_chunk:
-            low_hist.add_(data if kind == "hist" else torch.bincount(data, minlength=1 << 16))
-        low_digit, remaining, tied = _pick(low_hist, remaining)
+        low_digit, remaining, tied = _pick(low_hist[digit], remaining)
         value = float(torch.tensor([(digit << 16) | low_digit], dtype=torch.int32).view(torch.float32))
         rule = TrimThreshold(value, ties_to_keep=remaining, ties_total=tied)
         if not rule.keeps_every_tie:
-            left = remaining
-            for start, (kind, data) in zip(starts, per_chunk):
-                in_chunk = int(data[low_digit]) if kind == "hist" else int((data == low_digit).sum())
-                rule.tie_budget[start] = min(left, in_chunk)
-                left -= rule.tie_budget[start]
+            per_chunk = low_bits[digit]
+            if any(low is None for low in per_chunk):
+                rule.plan_ties(chunks())
+            else:
+                left = remaining
+                for start, low in zip(starts, per_chunk):
+                    rule.tie_budget[start] = min(left, int((low == low_digit).sum()))
+                    left -= rule.tie_budget[start]
         rules.append(rule)
     return rules
 
