@@ -18,8 +18,9 @@ test: $(VENV)/.installed
 	$(VENV)/bin/mkdocs build --strict --quiet
 	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
+# the fp32 model and the TinyLlama shape (bf16, HF-sharded; ~11 GB of disk), best of 3: docs/benchmarks.md
 bench: $(VENV)/.installed
-	$(PY) benchmarks/bench_engine.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_engine.py $(or $(BENCH_ARGS),--sizes 0.5 --shapes tinyllama-1.1b --repeat 3 --markdown)
 	$(PY) benchmarks/bench_peft.py $(BENCH_PEFT_ARGS)
 
 # mergekit (pinned) in its own virtualenv under bench-out/peers, against us on the same checkpoints

@@ -81,6 +81,8 @@ def _echo(quiet: bool, text: str = "") -> None:
 _overwrite = click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 _quiet = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 _shards = click.option("--max-shard-size", default=None, help="Write shards of at most this size (e.g. 2GB) plus an index.")
+_threads = click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="Compute threads (default: the machine's cores); the output is the same bits for any number.")
 _device = click.option("--device", default=None, callback=lambda _c, _p, v: v or None,
                        help="Compute on cpu, cuda, cuda:N or auto (default: the recipe's, else the streaming CPU executor).")
 
@@ -214,8 +216,9 @@ def _report_registration(quiet: bool, reg) -> None:
 @_overwrite
 @_quiet
 @_device
+@_threads
 @_fail_cleanly
-def compose(recipe, output, max_shard_size, register_as, alias, require_alias, allow_mixed, output_format, rank, energy, overwrite, quiet, device):
+def compose(recipe, output, max_shard_size, register_as, alias, require_alias, allow_mixed, output_format, rank, energy, overwrite, quiet, device, threads):
     """Compose a model from a YAML merge RECIPE (references may be MLflow URIs)."""
     from mlflow_taskvec.compose import compose_to, open_base, output_path
     from mlflow_taskvec.engine.writer import parse_size
@@ -243,7 +246,8 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, a
         if output is None and spec.output is not None:  # the recipe's output: is written too
             output = output_path(spec)
         reg = register_composite(
-            spec, register_as, alias=alias, require_alias=require_alias, output=output, overwrite=overwrite, allow_mixed=allow_mixed
+            spec, register_as, alias=alias, require_alias=require_alias, output=output, overwrite=overwrite, allow_mixed=allow_mixed,
+            threads=threads,
         )
         _echo(quiet, f"method: {spec.method}  scale: {spec.scale}  weights: {[e.weight for e in spec.vectors]}")
         _echo(quiet, f"fingerprint: {reg.tags['taskvec.fingerprint']}")
@@ -272,7 +276,7 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, a
     step, close = progress_bar(len(open_base(local).keys()), spec.method, "tensor", quiet)
     try:
         with named_as_given():
-            result = compose_to(local, output=output_path(spec, output), overwrite=overwrite, progress=step, recorded=spec)
+            result = compose_to(local, output=output_path(spec, output), overwrite=overwrite, progress=step, recorded=spec, threads=threads)
     finally:
         close()
     _echo(quiet, f"composite: {result.output}")

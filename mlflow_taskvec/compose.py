@@ -76,10 +76,11 @@ def _options(recipe: Recipe) -> dict:
     )
 
 
-def compose(recipe: Recipe) -> dict[str, torch.Tensor]:
-    """What the recipe says, as an in-memory state dict (how search candidates are built)."""
+def compose(recipe: Recipe, threads: int | None = None) -> dict[str, torch.Tensor]:
+    """What the recipe says, as an in-memory state dict (how search candidates are built);
+    ``threads`` as for ``merge`` (where it runs, not what it is: not in the recipe)."""
     base, vectors = checked_inputs(recipe)
-    return merge(base, vectors, [e.weight for e in recipe.vectors], **_options(recipe))
+    return merge(base, vectors, [e.weight for e in recipe.vectors], threads=threads, **_options(recipe))
 
 
 def output_path(recipe: Recipe, output: "str | os.PathLike | None" = None) -> Path:
@@ -99,10 +100,12 @@ def compose_to(
     metadata: dict[str, str] | None = None,
     progress=None,
     recorded: Recipe | None = None,
+    threads: int | None = None,
 ) -> MergeResult:
     """Compose what the recipe says into ``output`` (default: the recipe's ``output``, relative
     to the recipe's folder); the output's metadata records ``recorded`` (default: the recipe)
-    and its digest."""
+    and its digest. ``threads``: the engine's compute threads (default: the machine's cores;
+    the output is the same bits for any number)."""
     target = output_path(recipe, output)
     base, vectors = checked_inputs(recipe)
     recorded = recorded or recipe
@@ -123,6 +126,7 @@ def compose_to(
         overwrite=overwrite,
         metadata=meta,
         progress=progress,
+        threads=threads,
         **_options(recipe),
     )
     if target.is_dir():  # a folder output is a drop-in HF model: its card replaces the base's

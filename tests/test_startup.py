@@ -43,6 +43,16 @@ def test_version_does_not_import_torch(tmp_path):
     assert not loaded & {*HEAVY, "torch"}
 
 
+def test_help_imports_neither_mlflow_nor_torch(tmp_path):
+    code = (
+        "from mlflow_taskvec.cli import main\n"
+        "for args in (['--help'], ['compose', '--help']):\n"
+        "    try:\n        main(args)\n    except SystemExit as exc:\n        assert exc.code == 0\n"
+    )
+    loaded = _loaded_after(code, tmp_path)
+    assert not loaded & {*HEAVY, "torch", "pydantic"}
+
+
 def test_local_compose_does_not_import_mlflow(tmp_path):
     g = torch.Generator().manual_seed(0)
     base = {"w": torch.randn(4, 4, generator=g), "b": torch.randn(4, generator=g)}

@@ -31,6 +31,7 @@ from mlflow_taskvec.engine.streaming import (
     flat_slice,
     one_torch_thread,
     parse_dtype,
+    parse_threads,
     release_free_memory,
     reuse_freed_memory,
 )
@@ -43,6 +44,8 @@ if TYPE_CHECKING:  # the task vector module builds on this one, not the other wa
 
 # Elementwise sums stream best in chunks that stay in the CPU's cache.
 LINEAR_CHUNK = 1 << 18
+# A tensor a method takes whole and that is larger than this (entries) is computed alone.
+WHOLE_ALONE = 8 * CHUNK_ELEMENTS
 
 
 @dataclass
@@ -73,6 +76,7 @@ def merge(
     allow_nonfinite: bool = False,
     progress: Callable[[str], None] | None = None,
     device: "str | torch.device | None" = None,
+    threads: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """``base + scale * method(weights, vectors)`` as an in-memory state dict.
 
@@ -81,9 +85,11 @@ def merge(
     is set; arithmetic runs in ``compute_dtype`` (float32 or float64), on ``device``
     (``cpu``, ``cuda``, ``cuda:N`` or ``auto``; see ``engine.device``) when it is given.
     A weight or the scale may be a number or a mapping of tensor-name globs to numbers
-    (``engine.coefficients``: first match wins, ``"*"`` the default).
+    (``engine.coefficients``: first match wins, ``"*"`` the default). ``threads`` compute
+    threads run independent chunks and tensors (default: the machine's cores); the
+    output is the same bits for any number.
     """
-    plan = _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype, device)
+    plan = _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype, device, threads)
     return _execute(plan, MemorySink(plan.specs), allow_nonfinite, progress)
 
 
@@ -103,6 +109,7 @@ def merge_to(
     metadata: dict[str, str] | None = None,
     progress: Callable[[str], None] | None = None,
     device: "str | torch.device | None" = None,
+    threads: int | None = None,
 ) -> MergeResult:
     """Compose ``base + scale * method(weights, vectors)`` into ``output``, streamed tensor by tensor.
 
@@ -114,7 +121,7 @@ def merge_to(
     claim = OutputClaim(output, overwrite)  # locked from now on; the writer takes it over
     sink = None
     try:
-        plan = _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype, device)
+        plan = _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype, device, threads)
         metadata = {meta_keys.KIND: meta_keys.COMPOSITE, **(metadata or {}), meta_keys.BASE_FINGERPRINT: plan.base_fingerprint}
         inputs = [plan.base, *(src for v in plan.vectors for term in v.terms for src in term.sources())]
         sink = CheckpointWriter(
@@ -160,9 +167,10 @@ class _Plan:
     tensor_weights: dict[str, list[float]]
     tensor_scale: dict[str, float]
     device: torch.device | None = None
+    threads: int = 1
 
 
-def _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype, device=None) -> _Plan:
+def _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype, device=None, threads=None) -> _Plan:
     merge_method = get_method(method)
     params = validate_params(merge_method, dict(params or {}))
     scale = check_coefficient(scale, "scale")
@@ -175,6 +183,7 @@ def _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype, d
     out_dtype = parse_dtype(dtype, "dtype", STORAGE_DTYPES)
     compute = parse_dtype(compute_dtype, "compute_dtype", COMPUTE_DTYPES)
     device = parse_device(device)
+    threads = parse_threads(threads)
 
     base_ckpt = open_checkpoint(base)
     base_fp = base_ckpt.fingerprint()
@@ -211,7 +220,7 @@ def _plan(base, vectors, weights, method, scale, params, dtype, compute_dtype, d
     _warn_unused_globs(names, [("scale", scale)] + [(f"vectors[{i}].weight", w) for i, w in enumerate(weights)])
     return _Plan(
         base_ckpt, base_fp, vectors, weights, merge_method, scale, params, compute, specs, covered, tensor_weights, tensor_scale,
-        device,
+        device, threads,
     )
 
 
@@ -256,10 +265,11 @@ def _execute(plan: _Plan, sink, allow_nonfinite: bool, progress):
         runner = DeviceRunner(plan.device)
         reader, vectors, run = DeviceCheckpoint(base_ckpt, runner), [v.on_device(runner) for v in vectors], runner.run
     try:
-        # Task arithmetic is memory-bound with small temporaries: two workers pay.
-        # The other methods hold several chunk-sized temporaries per input; a second
-        # worker bought them ~12% and cost ~2x the peak memory, so they use one.
-        workers = 2 if plan.method.linear else 1
+        # Every chunk and every input's pre-pass is independent of the others and runs
+        # single-threaded torch ops, so the output is the same bits for any thread count.
+        # A device computes one job at a time on its runner's thread: a second worker
+        # prepares task arithmetic's next chunk meanwhile, as before threads existed.
+        workers = plan.threads if plan.device is None else (2 if plan.method.linear else 1)
         with one_torch_thread(), reuse_freed_memory(), OrderedPool(sink, workers=workers) as pool:
             for name in sink.order:
                 spec = specs[name]
@@ -278,10 +288,20 @@ def _execute(plan: _Plan, sink, allow_nonfinite: bool, progress):
                 else:
                     jobs = _method_jobs(
                         name, spec, base_tensor, read_base, base_ckpt.source, vectors, plan.tensor_weights[name], plan.method,
-                        plan.tensor_scale[name], plan.params, plan.compute, allow_nonfinite,
+                        plan.tensor_scale[name], plan.params, plan.compute, allow_nonfinite, pool.map,
                     )
+                # A large tensor that a method needs whole holds its T inputs and temporaries at
+                # once: it runs alone, so the peak is one such tensor's, whatever the thread count.
+                alone = (
+                    name in plan.covered and not plan.method.linear and spec.numel > WHOLE_ALONE
+                    and plan.method.takes_whole_tensor(name, tuple(spec.shape), plan.params)
+                )
+                if alone:
+                    pool.drain()
                 for job in jobs:
                     pool.submit(name, job if run is None or name not in plan.covered else functools.partial(run, job))
+                if alone:
+                    pool.drain()
                 if spec.numel > CHUNK_ELEMENTS:
                     release_free_memory()
                 if progress is not None:
@@ -319,9 +339,11 @@ def _linear_jobs(name, spec, read_base, base_source, vectors, weights, scale, co
         yield functools.partial(job, start, stop)
 
 
-def _method_jobs(name, spec, base_tensor, read_base, base_source, vectors, weights, method, scale, params, compute, allow_nonfinite):
-    """One job per chunk; a method's whole-tensor pre-pass (``prepare``) comes first. A tensor
-    the method needs whole is one job: it reads the T inputs of that tensor, and nothing else."""
+def _method_jobs(name, spec, base_tensor, read_base, base_source, vectors, weights, method, scale, params, compute, allow_nonfinite,
+                 run_all=None):
+    """One job per chunk; a method's whole-tensor pre-pass (``prepare``) comes first, one input
+    per job through ``run_all`` (each input's entry of the result depends on that input alone).
+    A tensor the method needs whole is one job: it reads the T inputs of that tensor, and nothing else."""
     numel = spec.numel
     if numel == 0:
         yield lambda: base_tensor.to(spec.dtype)
@@ -347,7 +369,8 @@ def _method_jobs(name, spec, base_tensor, read_base, base_source, vectors, weigh
     prepared = None
     if method.prepare is not None and len(ranges) > 1:
         inputs = [lambda v=v: ((a, v.chunk(name, a, b, compute)) for a, b in ranges) for v in vectors]
-        prepared = method.prepare(name, numel, params, inputs, compute)
+        per_input = [functools.partial(_prepare_one, method, name, numel, params, chunks, compute) for chunks in inputs]
+        prepared = (run_all or (lambda jobs: [job() for job in jobs]))(per_input)
     for start, stop in ranges:
         yield functools.partial(job, start, stop, prepared)
 
@@ -383,6 +406,12 @@ def plan_merge(base, vectors, weights, method="task_arithmetic", scale: Coeffici
     from the base, shapes agreeing, each tensor's weights and scale resolved (inputs lacking a
     tensor count as zero there: ``plan.vectors``)."""
     return _plan(base, vectors, weights, method, scale, params, None, compute_dtype)
+
+
+def _prepare_one(method, name, numel, params, chunks, compute):
+    """``method.prepare`` of one input: its one entry of the per-input list."""
+    (entry,) = method.prepare(name, numel, params, [chunks], compute)
+    return entry
 
 
 def union_of_tensors(vectors: "Sequence[TaskVector]") -> dict[str, TensorSpec]:

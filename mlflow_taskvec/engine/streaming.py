@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import hashlib
+import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,14 +46,30 @@ def parse_dtype(value: "str | torch.dtype | None", what: str, allowed: dict[str,
     return allowed[key]
 
 
+def parse_threads(value: "int | None", what: str = "threads") -> int:
+    """How many compute threads the engine runs: ``value``, or the machine's cores when None.
+
+    The thread count never changes a bit of the output: the work is cut into independent
+    tensors and chunks, each computed by one single-threaded torch call sequence, and
+    written in a fixed order.
+    """
+    if value is None:
+        return max(1, os.cpu_count() or 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TaskVecError(f"{what}: {value!r} must be a positive integer (the number of compute threads)")
+    return value
+
+
 @contextlib.contextmanager
 def one_torch_thread():
     """Run torch ops on one thread while streaming.
 
-    The parallelism that pays here is a pipeline: this thread computes while the
-    writer thread writes and hashes. Torch's own intra-op threads would compete
-    with it for the same cores, and OpenMP's fork/join on chunk-sized ops then
-    costs more than it gains (10x slower when the machine is busy).
+    The parallelism that pays here is over independent chunks and tensors: the
+    compute pool's workers each run one chunk's ops, and the writer thread writes
+    and hashes. Torch's own intra-op threads would compete with them for the same
+    cores, OpenMP's fork/join on chunk-sized ops costs more than it gains (10x
+    slower when the machine is busy), and a reduction's result could then depend
+    on the thread count.
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -63,11 +80,14 @@ def one_torch_thread():
 
 
 def _load_libc_function(name: str):
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return getattr(libc, name)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        return None
+    # glibc's soname first: find_library runs ldconfig in a subprocess (milliseconds at every start-up)
+    for soname in ("libc.so.6", None):
+        try:
+            libc = ctypes.CDLL(soname or ctypes.util.find_library("c") or "libc.so.6")
+            return getattr(libc, name)
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            continue
+    return None
 
 
 _MALLOC_TRIM = _load_libc_function("malloc_trim")
@@ -182,15 +202,32 @@ class OrderedPool:
     """Computes output chunks on worker threads and hands them to ``sink`` in order.
 
     Each job is a callable returning one chunk of tensor ``name``; at most
-    ``max_pending`` jobs are in flight, which bounds memory. Torch ops release the
-    GIL, so two single-threaded workers keep both cores busy.
+    ``max_pending`` jobs are in flight (default: twice the workers, at least 6),
+    which bounds memory. Torch ops release the GIL, so single-threaded workers keep
+    every core busy; the results reach ``sink`` in submission order whatever the
+    number of workers.
     """
 
-    def __init__(self, sink, workers: int = 2, max_pending: int = 6):
+    def __init__(self, sink, workers: int = 2, max_pending: int | None = None):
         self.sink = sink
+        self.workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="taskvec-compute")
         self._pending: deque[tuple[str, Future]] = deque()
-        self._max_pending = max_pending
+        self._max_pending = max_pending if max_pending is not None else max(6, 2 * workers)
+
+    def map(self, jobs: "list[Callable[[], object]]") -> list:
+        """Run independent ``jobs`` and return their results in order: the first on this thread,
+        the others on the workers (beside the chunks in flight; all here with one worker)."""
+        if self.workers == 1 or len(jobs) <= 1:
+            return [job() for job in jobs]
+        futures = [self._pool.submit(job) for job in jobs[1:]]
+        try:
+            first = jobs[0]()
+            return [first, *(f.result() for f in futures)]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
     def submit(self, name: str, job: Callable[[], torch.Tensor]) -> None:
         self._pending.append((name, self._pool.submit(job)))

@@ -340,6 +340,7 @@ def register_composite(
     output: "str | os.PathLike | None" = None,
     overwrite: bool = False,
     allow_mixed: bool = False,
+    threads: int | None = None,
 ) -> Registered:
     """Compose what ``recipe`` says, log it as a ``checkpoint`` model in a run, register a version.
 
@@ -351,7 +352,7 @@ def register_composite(
     adds to the recipe's policy; with ``output`` the composite is also left there
     (composed once; an existing output, or one that is an input, is refused before anything
     is registered). A registered model ``name`` whose versions mlflow-taskvec did not make is
-    refused unless ``allow_mixed``.
+    refused unless ``allow_mixed``. ``threads``: the engine's compute threads (default: the cores).
     """
     check_recipe_device(recipe)
     if output is not None:
@@ -376,7 +377,10 @@ def register_composite(
         weights = Path(tmp) / "weights"
         as_adapter = resolved.output_format == "peft"  # one PEFT LoRA adapter, logged with mlflow.transformers
         with inputs.named_as_references():  # the weights' metadata and card record the references, as the tags do
-            result = (compose_to_adapter if as_adapter else compose_to)(inputs.local(), output=weights, recorded=resolved)
+            if as_adapter:
+                result = compose_to_adapter(inputs.local(), output=weights, recorded=resolved)
+            else:
+                result = compose_to(inputs.local(), output=weights, recorded=resolved, threads=threads)
         metrics = {}
         if evaluate is None and resolved.evaluation is not None:
             evaluate = composite_evaluation(inputs).evaluate

@@ -10,7 +10,9 @@ range); the recipe, ``validate_params``, ``mlflow-taskvec methods`` and
 ``search`` read them from there, and the executor never names a parameter.
 A method that needs something computed over the *whole* tensor of each input
 before its chunks are merged (the trim thresholds of ``ties``) declares a
-``prepare`` pre-pass; its result reaches every chunk as ``ctx.prepared``.
+``prepare`` pre-pass; its result, a list with one entry per input computed from that
+input alone (the executor calls it for one input at a time, inputs in parallel),
+reaches every chunk as ``ctx.prepared``.
 A method that cannot work chunk by chunk at all (an SVD of a weight matrix)
 declares ``whole_tensor``: ``True``, or a predicate ``(name, shape, params) -> bool``
 choosing the tensors it needs whole; those reach it unflattened, in their shape,

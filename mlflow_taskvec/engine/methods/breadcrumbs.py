@@ -21,7 +21,7 @@ import torch
 from mlflow_taskvec.engine.methods import ParamSpec, merge_method
 from mlflow_taskvec.engine.methods.linear import weighted_sum
 from mlflow_taskvec.engine.methods.ties import elect_and_mean, weighted_in_place
-from mlflow_taskvec.engine.methods.trim import TrimThreshold, top_k_rule
+from mlflow_taskvec.engine.methods.trim import TrimThreshold, top_k_rule, top_k_rules
 from mlflow_taskvec.errors import TaskVecError
 
 DENSITY = ParamSpec("density", float, low=0.0, high=1.0, low_open=True, description="fraction of each t_i's entries kept")
@@ -68,10 +68,14 @@ def prepare_band(name, numel, params, inputs, dtype) -> list[Band]:
     # ascending ranks [bottom, bottom + keep) are, from the top, the n - bottom largest
     # entries less the n - bottom - keep largest (``top`` of them, or fewer where bottom is 0)
     outlier_count = numel - bottom - keep
-    return [
-        Band(top_k_rule(chunks, numel - bottom, dtype), top_k_rule(chunks, outlier_count, dtype) if outlier_count else None)
-        for chunks in inputs
-    ]
+    bands = []
+    for chunks in inputs:  # both rules of an input from the same passes over it
+        if outlier_count:
+            upper, outliers = top_k_rules(chunks, [numel - bottom, outlier_count], dtype)
+        else:
+            upper, outliers = top_k_rule(chunks, numel - bottom, dtype), None
+        bands.append(Band(upper, outliers))
+    return bands
 
 
 def banded(deltas: list[torch.Tensor], ctx) -> list[torch.Tensor]:

@@ -61,6 +61,14 @@ class TrimThreshold:
                 cut = torch.tensor(self.value, dtype=chunk.dtype)
             keep = magnitude.sub_(cut).sign_().clamp_(min=0)
             return keep.mul_(chunk)
+        if self.value > 0 and bool(torch.isfinite(chunk.sum())):
+            # |x| > value by the same arithmetic, then the chunk's first ``budget`` ties put
+            # back: what torch.where on the mask gives (dropped entries +0: x * 0 may be -0,
+            # and -0 + 0 is +0 while a kept x, never 0 here, is unchanged), in a third of the time
+            ties = torch.nonzero(magnitude.reshape(-1) == self.value).reshape(-1)[: self._budget(start)]
+            kept = magnitude.sub_(torch.tensor(self.value, dtype=chunk.dtype)).sign_().clamp_(min=0).mul_(chunk).add_(0.0)
+            kept.view(-1)[ties] = chunk.reshape(-1)[ties]
+            return kept
         return torch.where(self._keep_mask(magnitude, start), chunk, 0.0)
 
     def keep_mask(self, chunk: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -75,8 +83,9 @@ class TrimThreshold:
         keep = magnitude > self.value
         budget = self._budget(start)
         if budget > 0:
-            tied = magnitude == self.value
-            keep |= tied & (tied.cumsum(0) <= budget)
+            # the first ``budget`` ties in flattened order (nonzero lists them in order)
+            first = torch.nonzero(magnitude.reshape(-1) == self.value).reshape(-1)[:budget]
+            keep.view(-1)[first] = True
         return keep
 
 
@@ -162,6 +171,67 @@ def trim_threshold(chunks: Callable[[], Iterable[torch.Tensor]] | None, k: int, 
 def top_k_rule(chunks: Callable[[], Iterable[tuple[int, torch.Tensor]]], k: int, dtype: torch.dtype) -> TrimThreshold:
     """The exact rule keeping the k largest-magnitude entries of one input given as
     ``chunks()`` -> (start, chunk) in order, with its ties planned across the chunks."""
+    return top_k_rules(chunks, [k], dtype)[0]
+
+
+# Up to this many entries of a chunk in the threshold's top-16-bit bin, pass 2 keeps their
+# low bits to count the chunk's ties (32 KB a chunk at most); a chunk with more sends the
+# rule to the tie-planning pass instead.
+_KEEP_LOW_BITS = 1 << 13
+
+
+def top_k_rules(chunks: Callable[[], Iterable[tuple[int, torch.Tensor]]], ks: list[int], dtype: torch.dtype) -> list[TrimThreshold]:
+    """``top_k_rule`` for several k of the same input, sharing its passes over the chunks.
+
+    For float32 over several chunks: pass 1 histograms the magnitudes' top 16 bits; pass 2
+    histograms the low 16 bits of the entries in each rule's winning bin, which fixes each
+    threshold, and keeps those low bits per chunk where they are few, which counts each
+    chunk's ties at the threshold on the same data (no third pass unless a chunk had many).
+    Otherwise (one chunk, float64) each rule is ``trim_threshold`` plus ``plan_ties``.
+    """
+    if dtype == torch.float64:
+        return [_rule_with_ties(chunks, k, dtype) for k in ks]
+    hist, starts = None, []
+    for start, chunk in chunks():
+        counts = torch.bincount(_bits32(chunk) >> 16, minlength=1 << 16)
+        hist = counts if hist is None else hist.add_(counts)
+        starts.append(start)
+    if len(starts) <= 1:
+        return [_rule_with_ties(chunks, k, dtype) for k in ks]
+    picks = [_pick(hist, k) for k in ks]
+    digits = sorted({digit for digit, _, _ in picks})
+    low_hist = {d: torch.zeros(1 << 16, dtype=torch.int64) for d in digits}
+    low_bits: dict[int, list[torch.Tensor | None]] = {d: [] for d in digits}  # per digit, per chunk in order (None: too many)
+    for _, chunk in chunks():
+        b = _bits32(chunk)
+        top = b >> 16
+        for digit in digits:
+            low = b[top == digit] & 0xFFFF
+            low_hist[digit].add_(torch.bincount(low, minlength=1 << 16))
+            low_bits[digit].append(low if low.numel() <= _KEEP_LOW_BITS else None)
+    rules = []
+    for digit, remaining, _ in picks:
+        low_digit, remaining, tied = _pick(low_hist[digit], remaining)
+        value = float(torch.tensor([(digit << 16) | low_digit], dtype=torch.int32).view(torch.float32))
+        rule = TrimThreshold(value, ties_to_keep=remaining, ties_total=tied)
+        if not rule.keeps_every_tie:
+            per_chunk = low_bits[digit]
+            if any(low is None for low in per_chunk):
+                rule.plan_ties(chunks())
+            else:
+                left = remaining
+                for start, low in zip(starts, per_chunk):
+                    rule.tie_budget[start] = min(left, int((low == low_digit).sum()))
+                    left -= rule.tie_budget[start]
+        rules.append(rule)
+    return rules
+
+
+def _bits32(chunk: torch.Tensor) -> torch.Tensor:
+    return chunk.reshape(-1).to(torch.float32).abs().view(torch.int32)
+
+
+def _rule_with_ties(chunks, k: int, dtype: torch.dtype) -> TrimThreshold:
     rule = trim_threshold(lambda: (c for _, c in chunks()), k, dtype)
     if not rule.keeps_every_tie:
         rule.plan_ties(chunks())
