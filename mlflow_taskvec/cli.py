@@ -37,7 +37,8 @@ def _fail_cleanly(fn):
             return fn(*args, **kwargs)
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP: the cleanup has run on the way here
             stopped = exc if isinstance(exc, Terminated) else Terminated(signal.SIGINT)
-            click.echo(f"Error: {stopped}; temporary files were removed and no output was written", err=True)
+            what = stopped.stands or "temporary files were removed and no output was written"
+            click.echo(f"Error: {stopped}; {what}", err=True)
             # Every cleanup ran while the exception unwound (partials removed, a run ended FAILED).
             # Leave without the interpreter's finalization: a signal that landed while native
             # threads (torch's, the compute pool's) were being set up or torn down can make
