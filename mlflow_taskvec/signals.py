@@ -108,3 +108,16 @@ def finish_first(stands: "callable") -> Iterator[None]:
             signal.signal(sig, handler)
     if held.signum is not None:
         raise Terminated(held.signum, stands())
+
+
+_MOVED: list[str] = []  # outputs moved into place by this process (engine/output.py)
+
+
+def moved_into_place(path) -> None:
+    """Record that ``path`` now stands complete (a signal from now on must not say "no output")."""
+    _MOVED.append(os.fspath(path))
+
+
+def standing() -> list[str]:
+    """The outputs moved into place that still stand (temporary ones removed since are not listed)."""
+    return [p for p in dict.fromkeys(_MOVED) if os.path.lexists(p)]

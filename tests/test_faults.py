@@ -281,6 +281,30 @@ def _paused_at(tmp_path: Path, args: list, stage: str, store_env: dict) -> tuple
 
 
 @pytest.mark.parametrize("signum", SIGNALS, ids=[s.name for s in SIGNALS])
+@pytest.mark.parametrize("stage", ["checks", "done"])
+def test_a_signal_before_or_after_a_composes_final_move_says_what_exists(tmp_path, stage, signum):
+    base, ft, recipe = write_inputs(tmp_path / "in")
+    digests = sha256_of(base, ft, recipe)
+    (tmp_path / "out").mkdir()
+    output = tmp_path / "out" / "merged"
+
+    proc, release = _paused_at(tmp_path, ["compose", recipe, "-o", output], stage, env())
+    proc.send_signal(signum)
+    release.touch()
+    stdout, stderr = proc.communicate(timeout=120)
+
+    assert proc.returncode == 128 + signum, stderr
+    if stage == "checks":
+        assert one_error_line(stderr) == f"Error: interrupted by {signum.name}; temporary files were removed and no output was written"
+        assert not output.exists()
+    else:  # the final move is done: the output stands whole, with its model card, and the message says so
+        assert one_error_line(stderr) == f"Error: interrupted by {signum.name}; {output} was written whole before it and stands"
+        assert sorted(p.name for p in output.iterdir()) == ["README.md", "model.safetensors"]
+    assert stdout == "" and leftovers(output.parent) == []
+    assert sha256_of(*map(Path, digests)) == digests
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=[s.name for s in SIGNALS])
 @pytest.mark.parametrize("stage", list(REGISTRATION_STAGES))
 def test_a_signal_in_each_stage_of_a_registration_has_its_one_outcome(tmp_path, registry, stage, signum):
     from mlflow_helpers import BASE_NAME, vector_name
