@@ -84,30 +84,70 @@ def stage(name: str) -> None:
 
 
 class _Held:
-    signum: int | None = None
+    def __init__(self):
+        self.signum: int | None = None
+        self.stands = None
+        self.previous: dict | None = None  # the handlers replaced while holding
+
+    def hold(self, signum, _frame):
+        if self.signum is None:
+            self.signum = signum
+
+    def start(self) -> None:
+        if self.previous is None:
+            self.previous = {sig: signal.signal(sig, self.hold) for sig in (signal.SIGINT, *HANDLED)}
+
+    def stop(self) -> None:
+        if self.previous is not None:
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+            self.previous = None
+
+
+_EXTENDED: list[_Held] = []  # open extend_hold() blocks, innermost last
 
 
 @contextlib.contextmanager
 def finish_first(stands: "callable") -> Iterator[None]:
     """Within the block, Ctrl-C, SIGTERM and SIGHUP are held, not raised; after it, the first one
-    held raises ``Terminated`` whose ``stands`` is ``stands()``: what the block completed."""
+    held raises ``Terminated`` whose ``stands`` is ``stands()``: what the block completed.
+    Inside ``extend_hold()`` the signal stays held until that block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = _EXTENDED[-1] if _EXTENDED else _Held()
+    held.start()
+    try:
+        yield
+    except BaseException:
+        if not _EXTENDED:
+            held.stop()
+        raise
+    held.stands = stands
+    if _EXTENDED:
+        return  # the enclosing extend_hold() raises, once what encloses the registration (its run) is complete
+    held.stop()
+    if held.signum is not None:
+        raise Terminated(held.signum, stands())
+
+
+@contextlib.contextmanager
+def extend_hold() -> Iterator[None]:
+    """A signal that a ``finish_first()`` inside the block held stays held to the block's end
+    (e.g. until the run that holds a registered version has ended FINISHED); signals before
+    any ``finish_first()`` are raised as usual."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     held = _Held()
-
-    def hold(signum, _frame):
-        if held.signum is None:
-            held.signum = signum
-
-    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, *HANDLED)}
+    _EXTENDED.append(held)
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        _EXTENDED.remove(held)
+        held.stop()
     if held.signum is not None:
-        raise Terminated(held.signum, stands())
+        raise Terminated(held.signum, held.stands() if held.stands else None)
 
 
 _MOVED: list[str] = []  # outputs moved into place by this process (engine/output.py)
