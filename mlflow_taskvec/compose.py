@@ -15,7 +15,7 @@ import torch
 
 from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import Checkpoint
-from mlflow_taskvec.engine.merge import MergeResult, merge, merge_to
+from mlflow_taskvec.engine.merging import MergeResult, merge, merge_to
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.writer import write_text_atomically
 from mlflow_taskvec.errors import TaskVecError
