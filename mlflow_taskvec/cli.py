@@ -23,6 +23,7 @@ from mlflow_taskvec.errors import ParameterError, TaskVecError, TaskVecWarning
 from mlflow_taskvec.mlflow.patience import bounded_waiting
 from mlflow_taskvec.progress import progress_bar
 from mlflow_taskvec.signals import Terminated, terminate_like_interrupt
+from mlflow_taskvec.signals import standing as signals_standing
 from mlflow_taskvec.tables import render_table
 
 # Each command imports what it uses when it runs: `--version` and `--help` need no
@@ -38,7 +39,11 @@ def _fail_cleanly(fn):
             return fn(*args, **kwargs)
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP: the cleanup has run on the way here
             stopped = exc if isinstance(exc, Terminated) else Terminated(signal.SIGINT)
-            click.echo(f"Error: {stopped}; temporary files were removed and no output was written", err=True)
+            standing = signals_standing()
+            what = stopped.stands or (
+                f"{', '.join(standing)} was written whole before it and stands" if standing else "temporary files were removed and no output was written"
+            )
+            click.echo(f"Error: {stopped}; {what}", err=True)
             # Every cleanup ran while the exception unwound (partials removed, a run ended FAILED).
             # Leave without the interpreter's finalization: a signal that landed while native
             # threads (torch's, the compute pool's) were being set up or torn down can make

@@ -24,6 +24,7 @@ from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.modelcard import CARD_NAME, hub_name_of, model_card
 from mlflow_taskvec.recipe import RECIPE_FORMAT, Recipe
 from mlflow_taskvec.references import absolute, is_local, load_vector, open_reference
+from mlflow_taskvec.signals import stage
 
 
 def open_base(recipe: Recipe) -> Checkpoint:
@@ -107,6 +108,7 @@ def compose_to(
     and its digest. ``threads``: the engine's compute threads (default: the machine's cores;
     the output is the same bits for any number)."""
     target = output_path(recipe, output)
+    stage("checks")
     base, vectors = checked_inputs(recipe)
     recorded = recorded or recipe
     meta = {
@@ -117,6 +119,15 @@ def compose_to(
         meta_keys.RECIPE_SHA256: recorded.sha256(),
         **(metadata or {}),
     }
+    inputs = [
+        {"ref": entry.ref, "weight": entry.weight, "task": entry.task or v.task, "fingerprint": _input_fingerprint(v)}
+        for entry, v in zip(recorded.vectors, vectors)
+    ]
+    base_model = hub_name_of(base.directory) or recorded.base
+
+    def card(fingerprint: str) -> dict[str, str]:  # a folder output is a drop-in HF model: its card replaces the base's
+        return {CARD_NAME: model_card(recorded, base_model, inputs, fingerprint, base.fingerprint())}
+
     result = merge_to(
         base,
         vectors,
@@ -127,14 +138,10 @@ def compose_to(
         metadata=meta,
         progress=progress,
         threads=threads,
+        extra_files=card,  # written into the partial: the folder appears with its card
         **_options(recipe),
     )
-    if target.is_dir():  # a folder output is a drop-in HF model: its card replaces the base's
-        inputs = [
-            {"ref": entry.ref, "weight": entry.weight, "task": entry.task or v.task, "fingerprint": _input_fingerprint(v)}
-            for entry, v in zip(recorded.vectors, vectors)
-        ]
-        write_model_card(target, recorded, hub_name_of(base.directory) or recorded.base, inputs, result)
+    stage("done")
     return result
 
 

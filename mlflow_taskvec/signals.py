@@ -7,13 +7,28 @@ folders deleted, an MLflow run is ended FAILED. SIGTERM (``kill``, a CI timeout,
 that. Inside ``terminate_like_interrupt()`` they raise ``Terminated`` (a
 KeyboardInterrupt) instead; a second signal while cleaning up is ignored, so the
 cleanup itself is not cut short.
+
+Stages. A command is in one of a few stages: ``checks``, ``writing`` (the partial),
+``final-move``, ``logging``, ``registering``, ``tagging``, ``done``. Up to the final
+move a signal leaves nothing (the partial is removed, a run ends FAILED). From
+``registering`` on (the version exists) the command finishes first: ``finish_first()``
+holds Ctrl-C, SIGTERM and SIGHUP until the version is complete, its run FINISHED and
+its alias set, then raises ``Terminated`` saying what stands (so there is never a
+READY version with a FAILED run). See docs/signals.md.
+
+Test hook: ``MLFLOW_TASKVEC_TEST_PAUSE=STAGE:FILE`` makes ``stage(STAGE)`` create
+``FILE.reached`` and wait until ``FILE`` exists, so a test sends its signal in a
+known stage instead of racing a timer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
+import time
+from collections.abc import Iterator
 
 HANDLED = (signal.SIGTERM, signal.SIGHUP)
 
@@ -21,9 +36,10 @@ HANDLED = (signal.SIGTERM, signal.SIGHUP)
 class Terminated(KeyboardInterrupt):
     """The process was asked to stop by ``signum`` (SIGTERM or SIGHUP; the CLI reports Ctrl-C as SIGINT alike)."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, stands: str | None = None):
         self.signum = signum
         self.name = signal.Signals(signum).name
+        self.stands = stands  # what the command finished before it stopped, if anything
         super().__init__(f"interrupted by {self.name}")
 
     @property
@@ -49,3 +65,99 @@ def terminate_like_interrupt():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+STAGES = ("checks", "writing", "final-move", "logging", "registering", "tagging", "done")
+PAUSE_ENV = "MLFLOW_TASKVEC_TEST_PAUSE"
+
+
+def stage(name: str) -> None:
+    """Mark the start of stage ``name``; with the test hook set to it, pause there (see above)."""
+    hook = os.environ.get(PAUSE_ENV, "")
+    where, _, release = hook.partition(":")
+    if where != name or not release:
+        return
+    with open(f"{release}.reached", "w", encoding="ascii") as fh:
+        fh.write(str(os.getpid()))
+    while not os.path.exists(release):  # a signal lands here as it would in the stage's work
+        time.sleep(0.01)
+
+
+class _Held:
+    def __init__(self):
+        self.signum: int | None = None
+        self.stands = None
+        self.previous: dict | None = None  # the handlers replaced while holding
+
+    def hold(self, signum, _frame):
+        if self.signum is None:
+            self.signum = signum
+
+    def start(self) -> None:
+        if self.previous is None:
+            self.previous = {sig: signal.signal(sig, self.hold) for sig in (signal.SIGINT, *HANDLED)}
+
+    def stop(self) -> None:
+        if self.previous is not None:
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+            self.previous = None
+
+
+_EXTENDED: list[_Held] = []  # open extend_hold() blocks, innermost last
+
+
+@contextlib.contextmanager
+def finish_first(stands: "callable") -> Iterator[None]:
+    """Within the block, Ctrl-C, SIGTERM and SIGHUP are held, not raised; after it, the first one
+    held raises ``Terminated`` whose ``stands`` is ``stands()``: what the block completed.
+    Inside ``extend_hold()`` the signal stays held until that block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = _EXTENDED[-1] if _EXTENDED else _Held()
+    held.start()
+    try:
+        yield
+    except BaseException:
+        if not _EXTENDED:
+            held.stop()
+        raise
+    held.stands = stands
+    if _EXTENDED:
+        return  # the enclosing extend_hold() raises, once what encloses the registration (its run) is complete
+    held.stop()
+    if held.signum is not None:
+        raise Terminated(held.signum, stands())
+
+
+@contextlib.contextmanager
+def extend_hold() -> Iterator[None]:
+    """A signal that a ``finish_first()`` inside the block held stays held to the block's end
+    (e.g. until the run that holds a registered version has ended FINISHED); signals before
+    any ``finish_first()`` are raised as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = _Held()
+    _EXTENDED.append(held)
+    try:
+        yield
+    finally:
+        _EXTENDED.remove(held)
+        held.stop()
+    if held.signum is not None:
+        raise Terminated(held.signum, held.stands() if held.stands else None)
+
+
+_MOVED: list[str] = []  # outputs moved into place by this process (engine/output.py)
+
+
+def moved_into_place(path) -> None:
+    """Record that ``path`` now stands complete (a signal from now on must not say "no output")."""
+    _MOVED.append(os.fspath(path))
+
+
+def standing() -> list[str]:
+    """The outputs moved into place that still stand (temporary ones removed since are not listed)."""
+    return [p for p in dict.fromkeys(_MOVED) if os.path.lexists(p)]

@@ -259,6 +259,87 @@ def test_sigterm_in_an_optuna_trial_is_one_line_without_optunas_traceback(tmp_pa
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
+# -- a signal in each stage of a registration: the test hook pauses the command there ------------
+
+SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+# Up to the version's creation a signal leaves nothing; from then on the command completes the
+# registration first (version, output, alias, run FINISHED) and then says so (docs/signals.md).
+REGISTRATION_STAGES = {"checks": "nothing", "writing": "nothing", "logging": "nothing", "registering": "complete", "final-move": "complete", "tagging": "complete"}
+
+
+def _paused_at(tmp_path: Path, args: list, stage: str, store_env: dict) -> tuple[subprocess.Popen, Path]:
+    """Start the command paused at ``stage`` (signals.stage's test hook); returns it and the file that releases it."""
+    release = tmp_path / "release"
+    proc = subprocess.Popen(command(*args), env={**store_env, "MLFLOW_TASKVEC_TEST_PAUSE": f"{stage}:{release}"},
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reached = Path(f"{release}.reached")
+    while not reached.exists():  # waits for the command to reach the stage: an event, not a timing window
+        if proc.poll() is not None:
+            pytest.fail(f"the command ended before reaching {stage}: {proc.communicate()}")
+        time.sleep(0.01)
+    return proc, release
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=[s.name for s in SIGNALS])
+@pytest.mark.parametrize("stage", ["checks", "done"])
+def test_a_signal_before_or_after_a_composes_final_move_says_what_exists(tmp_path, stage, signum):
+    base, ft, recipe = write_inputs(tmp_path / "in")
+    digests = sha256_of(base, ft, recipe)
+    (tmp_path / "out").mkdir()
+    output = tmp_path / "out" / "merged"
+
+    proc, release = _paused_at(tmp_path, ["compose", recipe, "-o", output], stage, env())
+    proc.send_signal(signum)
+    release.touch()
+    stdout, stderr = proc.communicate(timeout=120)
+
+    assert proc.returncode == 128 + signum, stderr
+    if stage == "checks":
+        assert one_error_line(stderr) == f"Error: interrupted by {signum.name}; temporary files were removed and no output was written"
+        assert not output.exists()
+    else:  # the final move is done: the output stands whole, with its model card, and the message says so
+        assert one_error_line(stderr) == f"Error: interrupted by {signum.name}; {output} was written whole before it and stands"
+        assert sorted(p.name for p in output.iterdir()) == ["README.md", "model.safetensors"]
+    assert stdout == "" and leftovers(output.parent) == []
+    assert sha256_of(*map(Path, digests)) == digests
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=[s.name for s in SIGNALS])
+@pytest.mark.parametrize("stage", list(REGISTRATION_STAGES))
+def test_a_signal_in_each_stage_of_a_registration_has_its_one_outcome(tmp_path, registry, stage, signum):
+    from mlflow_helpers import BASE_NAME, vector_name
+
+    name = f"staged-{stage}-{signum.name}".lower()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"base": f"models:/{BASE_NAME}/1", "vectors": [{"vector": f"models:/{vector_name('rotate')}/1"}]}), "utf-8")
+    (tmp_path / "out").mkdir()
+    output = tmp_path / "out" / "composite"
+    client, experiment = registry.store.client, registry.store.experiment_id
+    runs_before = {r.info.run_id for r in client.search_runs([experiment])}
+
+    proc, release = _paused_at(tmp_path, ["compose", recipe, "--register", name, "--alias", "champion", "-o", output], stage, registry.store.env(PYTHONPATH=env()["PYTHONPATH"]))
+    proc.send_signal(signum)
+    release.touch()
+    _, stderr = proc.communicate(timeout=120)
+
+    assert proc.returncode == 128 + signum, stderr
+    line = one_error_line(stderr)
+    new_runs = [r.info.status for r in client.search_runs([experiment]) if r.info.run_id not in runs_before]
+    versions = client.search_model_versions(f"name = '{name}'")
+    if REGISTRATION_STAGES[stage] == "nothing":
+        assert line == f"Error: interrupted by {signum.name}; temporary files were removed and no output was written"
+        assert versions == [] and not output.exists()
+        assert set(new_runs) <= {"FAILED"} and (new_runs != [] or stage == "checks")
+    else:
+        (run_id,) = {v.run_id for v in versions}
+        assert line == (f"Error: interrupted by {signum.name}; it finished the registration first: models:/{name}/1 is complete "
+                        f"and its run {run_id} ended FINISHED; the composite stands at {output}")
+        assert [(str(v.version), v.status) for v in versions] == [("1", "READY")]
+        assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+        assert new_runs == ["FINISHED"] and open_checkpoint(output).fingerprint(fresh=True) == versions[0].tags["taskvec.fingerprint"]
+    assert leftovers(output.parent) == []
+
+
 def test_sigterm_mid_registration_ends_the_run_failed_and_registers_nothing(tmp_path, tmp_path_factory, big_inputs):
     from mlflow_helpers import mlflow_store, template_db
 

@@ -303,6 +303,38 @@ def test_the_search_command_prints_the_winner_and_writes_its_recipe(store, tmp_p
     assert best["scale"] == pytest.approx(0.35) and best["vectors"][0]["weight"] == 1.0
 
 
+@pytest.mark.parametrize("stage", ["logging", "registering"])
+def test_sigterm_while_the_winner_registers_never_leaves_a_ready_version_beside_a_failed_run(store, tmp_path, stage):
+    import signal
+    import time
+
+    name = f"search-signal-{stage}"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe("peaked", ["target"], search_block={"objective": "mean.accuracy"})), "utf-8")
+    release = tmp_path / "release"
+    env = store.env(**store.files, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+                    MLFLOW_TASKVEC_TEST_PAUSE=f"{stage}:{release}")
+    proc = subprocess.Popen([CLI, "search", str(path), "--register", name], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not Path(f"{release}.reached").exists():  # the command reached the stage (signals.stage's test hook)
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+
+    proc.send_signal(signal.SIGTERM)
+    release.touch()
+    _, stderr = proc.communicate(timeout=300)
+
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    versions = store.client.search_model_versions(f"name = '{name}'")
+    if stage == "logging":  # before the version exists: nothing registered, the winner's run FAILED
+        assert versions == []
+        assert stderr.splitlines() == ["Error: interrupted by SIGTERM; temporary files were removed and no output was written"]
+    else:  # the version exists: its registration completes and its (winner) run ends FINISHED first
+        (version,) = versions
+        assert version.status == "READY" and store.client.get_run(version.run_id).info.status == "FINISHED"
+        assert stderr.splitlines() == [f"Error: interrupted by SIGTERM; it finished the registration first: models:/{name}/1 is complete "
+                                       f"and its run {version.run_id} ended FINISHED"]
+
+
 def test_the_search_command_refuses_a_recipe_without_evaluation(store, tmp_path):
     data = recipe("peaked", ["target"])
     del data["evaluation"]

@@ -110,8 +110,11 @@ def merge_to(
     progress: Callable[[str], None] | None = None,
     device: "str | torch.device | None" = None,
     threads: int | None = None,
+    extra_files: "Callable[[str], dict[str, str]] | None" = None,
 ) -> MergeResult:
     """Compose ``base + scale * method(weights, vectors)`` into ``output``, streamed tensor by tensor.
+
+    ``extra_files(fingerprint)``: a folder output's text files (its model card), in place before the final move.
 
     ``output`` is a ``.safetensors`` file or a folder (shards with ``max_shard_size``;
     the base folder's other files are copied beside the weights); it is written under a
@@ -125,7 +128,8 @@ def merge_to(
         metadata = {meta_keys.KIND: meta_keys.COMPOSITE, **(metadata or {}), meta_keys.BASE_FINGERPRINT: plan.base_fingerprint}
         inputs = [plan.base, *(src for v in plan.vectors for term in v.terms for src in term.sources())]
         sink = CheckpointWriter(
-            claim, plan.specs, metadata, max_shard_size=max_shard_size, copy_files_from=plan.base.directory, inputs=inputs
+            claim, plan.specs, metadata, max_shard_size=max_shard_size, copy_files_from=plan.base.directory, inputs=inputs,
+            extra_files=extra_files,
         )
         fingerprint = _execute(plan, sink, allow_nonfinite, progress)
     except BaseException:

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.signals import moved_into_place
 
 try:
     import fcntl
@@ -317,6 +318,7 @@ class OutputClaim:
         if current is None:
             try:
                 rename_no_replace(tmp, self.path)
+                moved_into_place(self.path)
                 return
             except FileExistsError:
                 current = _identity(self.path)
@@ -330,6 +332,7 @@ class OutputClaim:
             raise TaskVecError(
                 f"{self.path}: something was put at the output path while writing; it is left as it is and nothing was written"
             )
+        moved_into_place(self.path)
         remove_path(tmp)  # what the output replaced, now under the temporary name
 
 

@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -108,10 +108,14 @@ class CheckpointWriter:
         copy_files_from: Path | None = None,
         overwrite: bool = False,
         inputs: Iterable[Checkpoint] = (),
+        extra_files: "Callable[[str], dict[str, str]] | None" = None,
     ):
         """``output`` is a path, or an ``OutputClaim`` taken before the work began (the writer
         then owns it). ``inputs`` are the checkpoints the output is computed from: an output
-        that is, contains or lies inside one of them is refused."""
+        that is, contains or lies inside one of them is refused. ``extra_files(fingerprint)``
+        gives a folder output's text files (a model card), written before the final move so
+        that the folder appears complete."""
+        self._extra_files = extra_files
         self._claim = output if isinstance(output, OutputClaim) else OutputClaim(output, overwrite)
         self.output = self._claim.path
         self.specs = dict(specs)
@@ -241,6 +245,8 @@ class CheckpointWriter:
                     (self._tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", "utf-8")
                 if self._copy_from is not None:
                     copy_non_weight_files(self._copy_from, self._tmp)
+                for name, text in (self._extra_files(fingerprint) if self._extra_files is not None else {}).items():
+                    (self._tmp / name).write_text(text, "utf-8")
             self._claim.move_into_place(self._tmp)
             self._closed = True
             self._claim.release()

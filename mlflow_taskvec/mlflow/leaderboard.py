@@ -43,6 +43,7 @@ from mlflow_taskvec.mlflow.registry import Registered, check_destination, check_
 from mlflow_taskvec.mlflow.runs import owned_run
 from mlflow_taskvec.mlflow.search import SearchResult, search
 from mlflow_taskvec.recipe import Range, Recipe, Search
+from mlflow_taskvec.signals import extend_hold
 from mlflow_taskvec.tables import render_table
 
 ADAMERGING = "adamerging"
@@ -259,9 +260,9 @@ def leaderboard(
         registered = []
         if register_as is not None:
             for entry in entries if register_each else entries[:1]:
-                with mlflow.start_run(run_id=entry.run_id, nested=True), mlflow.start_run(
+                with extend_hold(), mlflow.start_run(run_id=entry.run_id, nested=True), mlflow.start_run(
                     run_name="winner", nested=True, parent_run_id=entry.run_id
-                ):
+                ):  # a signal during the registration waits until its runs have ended (signals.py: stages)
                     mlflow.set_tag(ROLE_TAG, "winner")
                     entry.registered = register_composite(
                         entry.result.recipe, register_as, allow_mixed=allow_mixed,

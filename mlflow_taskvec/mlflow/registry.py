@@ -47,6 +47,7 @@ from mlflow_taskvec.mlflow.server import check_can_register, server_error, serve
 from mlflow_taskvec.modelcard import LINEAR_NOTE, hub_name_of, md_code, md_text
 from mlflow_taskvec.recipe import Recipe
 from mlflow_taskvec.references import is_local, open_reference
+from mlflow_taskvec.signals import finish_first, stage
 
 FINE_TUNINGS = ("standard", "linear")
 
@@ -371,8 +372,11 @@ def register_composite(
     # renamed into place at the end: a failure on the way leaves nothing there. The output
     # is claimed (locked, its state at the start kept) from before the run to that rename.
     scratch = {"prefix": f".{Path(output).name}.partial-{os.getpid()}-", "dir": Path(output).parent} if output is not None else {"prefix": "taskvec-compose-"}
+    stage("checks")
     claimed = OutputClaim(output, overwrite) if output is not None else contextlib.nullcontext()
-    with claimed as claim, owned_run(None) as run, tempfile.TemporaryDirectory(**scratch) as tmp:
+    finishing = contextlib.ExitStack()  # from the version's creation on, a signal waits for the registration to complete
+    with finishing, claimed as claim, owned_run(None) as run, tempfile.TemporaryDirectory(**scratch) as tmp:
+        stage("writing")
         mlflow.log_params(_run_params(resolved))
         weights = Path(tmp) / "weights"
         as_adapter = resolved.output_format == "peft"  # one PEFT LoRA adapter, logged with mlflow.transformers
@@ -444,12 +448,24 @@ def register_composite(
         }
         MlflowClient().set_logged_model_tags(info.model_id, tags)
         description = composite_description(resolved, base, inputs.vectors, fingerprint, metrics, note, linear=linear)
+        stage("logging")
+        created = []
+        finishing.enter_context(finish_first(lambda: _what_stands(created, run.info.run_id, output)))
         mv = _create_version(name, info, run.info.run_id, tags, description)
-        if claim is not None:
-            claim.move_into_place(weights)
-        log_lineage_picture(f"models:/{name}/{mv.version}")
-    if alias:
-        MlflowClient().set_registered_model_alias(name, alias, mv.version)
+        created.append(f"models:/{name}/{mv.version}")
+        try:
+            stage("registering")
+            if claim is not None:
+                stage("final-move")
+                claim.move_into_place(weights)
+            log_lineage_picture(f"models:/{name}/{mv.version}")
+            stage("tagging")
+            if alias:  # inside the deferral: a signal waits for the alias too
+                MlflowClient().set_registered_model_alias(name, alias, mv.version)
+        except BaseException:  # the run ends FAILED: its version goes too, never READY beside a FAILED run
+            with contextlib.suppress(Exception):
+                MlflowClient().delete_model_version(name, mv.version)
+            raise
     registered = Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
     _warn_not_reproducible(registered, local_paths)
     return registered
@@ -504,6 +520,14 @@ def _adapter_note(result) -> str:
         f"PEFT LoRA adapter (r {result.r}, {len(result.modules)} modules, {exact} of them concatenated exactly); "
         f"largest relative Frobenius error {result.relative_error:.4g}."
     )
+
+
+def _what_stands(created: list[str], run_id: str, output) -> str:
+    """What a registration that a signal waited for completed (``signals.finish_first``)."""
+    if not created:
+        return f"the registration had not begun; run {run_id} ended FINISHED"
+    where = f"; the composite stands at {output}" if output is not None else ""
+    return f"it finished the registration first: {created[0]} is complete and its run {run_id} ended FINISHED{where}"
 
 
 def _architecture_of(base: Resolved) -> tuple[dict, list[str] | None, object]:

@@ -47,6 +47,7 @@ from mlflow_taskvec.mlflow.registry import Registered, check_destination, check_
 from mlflow_taskvec.mlflow.runs import owned_run
 from mlflow_taskvec.progress import progress_bar
 from mlflow_taskvec.recipe import AdaMerging, Recipe, Search
+from mlflow_taskvec.signals import extend_hold
 
 MEMORY_MODES = ("auto", "memory", "streamed")
 
@@ -452,7 +453,7 @@ def search(
             summary.update({"study": shared["study"], "trials_in_study": shared["trials_in_study"]})
         registered = None
         if register_as is not None:
-            with mlflow.start_run(run_name="winner", nested=True, parent_run_id=parent_id):
+            with extend_hold(), mlflow.start_run(run_name="winner", nested=True, parent_run_id=parent_id):  # signals.py: stages
                 mlflow.set_tag(tag.SEARCH_ROLE, "winner")
                 registered = register_composite(
                     winner, register_as, alias=alias,
