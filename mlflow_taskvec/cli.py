@@ -19,10 +19,11 @@ from pathlib import Path
 import click
 
 from mlflow_taskvec import __version__
-from mlflow_taskvec.errors import TaskVecError, TaskVecWarning
+from mlflow_taskvec.errors import ParameterError, TaskVecError, TaskVecWarning
 from mlflow_taskvec.mlflow.patience import bounded_waiting
 from mlflow_taskvec.progress import progress_bar
 from mlflow_taskvec.signals import Terminated, terminate_like_interrupt
+from mlflow_taskvec.tables import render_table
 
 # Each command imports what it uses when it runs: `--version` and `--help` need no
 # torch, and local work never imports MLflow (tests/test_startup.py checks both).
@@ -45,6 +46,8 @@ def _fail_cleanly(fn):
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(stopped.exit_code)
+        except ParameterError as exc:
+            raise click.ClickException(_as_option(exc)) from None
         except TaskVecError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:
@@ -59,6 +62,15 @@ def _fail_cleanly(fn):
             raise click.ClickException(str(server_error(exc, "MLflow failed"))) from None
 
     return wrapper
+
+
+def _as_option(exc: ParameterError) -> str:
+    """A library parameter's error worded with the command's option for it (``rank`` -> ``--rank``)."""
+    ctx = click.get_current_context(silent=True)
+    for param in ctx.command.params if ctx is not None else ():
+        if isinstance(param, click.Option) and param.name == exc.param:
+            return f"{max(param.opts, key=len)}: {exc.problem}"
+    return str(exc)
 
 
 def _echo(quiet: bool, text: str = "") -> None:
@@ -77,13 +89,17 @@ _device = click.option("--device", default=None, callback=lambda _c, _p, v: v or
 @click.version_option(__version__, prog_name="mlflow-taskvec")
 def main():
     """Edit models with task arithmetic: extract, compose and inspect task vectors."""
-    warnings.showwarning = _show_warning
     if not sys.stderr.isatty():  # MLflow's download bars only on a terminal: errors stay one line
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     ctx = click.get_current_context()
     ctx.with_resource(terminate_like_interrupt())
     ctx.with_resource(_warnings_as_lines())
-    ctx.with_resource(bounded_waiting(lambda line: click.echo(f"Warning: {line}", err=True)))
+    ctx.with_resource(bounded_waiting(_warn))
+
+
+def _warn(line) -> None:
+    """The one way a warning is printed: one ``Warning: ...`` line on stderr."""
+    click.echo(f"Warning: {line}", err=True)
 
 
 @contextlib.contextmanager
@@ -93,7 +109,7 @@ def _warnings_as_lines():
 
     def show(message, category, *args, **kwargs):
         if issubclass(category, TaskVecWarning):
-            click.echo(f"Warning: {message}", err=True)
+            _warn(message)
         else:
             shown(message, category, *args, **kwargs)
 
@@ -103,16 +119,6 @@ def _warnings_as_lines():
     finally:
         warnings.showwarning = shown
 
-
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    """The project's warnings as one line on stderr; others as Python prints them."""
-    if issubclass(category, TaskVecWarning):
-        click.echo(f"Warning: {message}", err=True)
-    else:
-        _python_showwarning(message, category, filename, lineno, file, line)
-
-
-_python_showwarning = warnings.showwarning
 
 _register = click.option("--register", "register_as", default=None, metavar="NAME", help="Log to MLflow and register a version of this registered model.")
 _alias = click.option("--alias", default=None, help="With --register: point this alias at the new version.")
@@ -176,7 +182,7 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
         _echo(quiet, "skipped, in one of the two only (integer or bool buffers): " + ", ".join(one_sided))
     if vector.low_rank_source is not None:
         stored = vector.low_rank_source.subset(vector.names)
-        _echo(quiet, f"stored low-rank: {stored.stored_bytes} bytes (dense: {stored.dense_nbytes()} bytes)")
+        _echo(quiet, f"stored low-rank: {stored.stored_bytes} bytes (dense: {stored.dense_bytes} bytes)")
     _echo(quiet, f"base fingerprint: {vector.base_fingerprint}")
     _echo(quiet, f"fingerprint: {fingerprint}")
     if register_as is not None:
@@ -398,7 +404,7 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
     from mlflow_taskvec.engine.coefficients import describe
     from mlflow_taskvec.engine.writer import write_text_atomically
     from mlflow_taskvec.mlflow.search import search
-    from mlflow_taskvec.recipe import load_recipe, parse_recipe
+    from mlflow_taskvec.recipe import load_recipe
 
     spec = load_recipe(recipe)
     if device is not None:
@@ -408,9 +414,7 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
         settings = {**(spec.search.model_dump(exclude_unset=True) if spec.search else {}), **overrides}
         if strategy == "optuna" and "scale" not in settings:
             settings["scale"] = {"low": 0.0, "high": 1.0}
-        data = spec.model_dump(exclude_unset=True)
-        data["search"] = settings
-        spec = parse_recipe(data, f"{recipe} (with the command's options)", spec.source_dir)
+        spec = spec.derive(f"{recipe} (with the command's options)", search=settings)
     result = search(spec, register_as=register_as, alias=alias, memory=memory, quiet=quiet, allow_mixed=allow_mixed)
     best = result.best
     _echo(quiet, f"search run: {result.run_id}  candidates: {len(result.candidates)}  objective: {result.objective.describe}")
@@ -441,16 +445,15 @@ def leaderboard_command(recipe, methods, fmt, trials, memory, register_as, regis
     the validation split and evaluates the winner on the test split; the table and a bar chart are
     logged on the parent run."""
     from mlflow_taskvec.mlflow.leaderboard import leaderboard, parse_methods, render
-    from mlflow_taskvec.recipe import load_recipe, parse_recipe
+    from mlflow_taskvec.recipe import load_recipe
 
     names = parse_methods(methods)  # before the recipe is read or a run started
     if register_each and register_as is None:
         raise click.UsageError("--register-each needs --register NAME")
     spec = load_recipe(recipe)
     if trials is not None:
-        data = spec.model_dump(exclude_unset=True)
-        data["search"] = {**(spec.search.model_dump(exclude_unset=True) if spec.search else {}), "trials": trials}
-        spec = parse_recipe(data, f"{recipe} (with the command's options)", spec.source_dir)
+        settings = {**(spec.search.model_dump(exclude_unset=True) if spec.search else {}), "trials": trials}
+        spec = spec.derive(f"{recipe} (with the command's options)", search=settings)
     board = leaderboard(spec, names, register_as=register_as, register_each=register_each, memory=memory, quiet=quiet, allow_mixed=allow_mixed)
     click.echo(render(board.table, fmt))
     if not quiet:  # the table is what stdout carries (csv and json stay parseable)
@@ -472,7 +475,7 @@ _adapter_base = click.option("--base", default=None, help="The base of a PEFT Lo
 def inspect(ref, top, layers, fmt, base):
     """Describe a checkpoint or task vector: tensors, parameters, dtypes, fingerprint, norms."""
     from mlflow_taskvec.engine import metadata as meta_keys
-    from mlflow_taskvec.engine.inspect import describe
+    from mlflow_taskvec.engine.describe import describe
     from mlflow_taskvec.references import open_reference
 
     d = describe(open_reference(ref, base=open_reference(base) if base else None))
@@ -527,22 +530,6 @@ def inspect(ref, top, layers, fmt, base):
             click.echo(f"  {name:<{width}}  {norm:.6g}")
 
 
-def _render(frame, fmt: str) -> str:
-    """A pandas frame as text for people or machines."""
-    if fmt == "csv":
-        return frame.to_csv(index=True)
-    if fmt == "json":
-        return frame.to_json(orient="split", indent=2)
-    if fmt == "markdown":
-        cols = [frame.index.name or ""] + [str(c) for c in frame.columns]
-        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for idx, row in frame.iterrows():
-            cells = [str(idx)] + [f"{v:.4f}" if isinstance(v, float) else str(v) for v in row]
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines)
-    return frame.to_string(float_format=lambda v: f"{v:.4f}")
-
-
 @main.command()
 @click.argument("refs", nargs=-1, required=True)
 @click.option("--heatmap", type=click.Path(path_type=Path), default=None, help="Write a heatmap PNG here.")
@@ -553,7 +540,7 @@ def similarity(refs, heatmap, fmt, base):
     """Cosine similarity matrix of task vectors REFS (as in the paper, near 0 for unrelated tasks)."""
     import pandas as pd
 
-    from mlflow_taskvec.engine.inspect import cosine_matrix
+    from mlflow_taskvec.engine.describe import cosine_matrix
     from mlflow_taskvec.references import load_vector, open_reference
 
     if len(refs) < 2:
@@ -564,7 +551,7 @@ def similarity(refs, heatmap, fmt, base):
     vectors = [load_vector(r, base=base_ckpt) for r in refs]
     labels = [v.task or Path(str(r)).name for v, r in zip(vectors, refs)]
     frame = pd.DataFrame(cosine_matrix(vectors).numpy(), index=pd.Index(labels, name="cosine"), columns=labels)
-    click.echo(_render(frame, fmt))
+    click.echo(render_table(frame, fmt))
     if heatmap is not None:
         _write_heatmap(frame, heatmap)
         click.echo(f"heatmap: {heatmap}", err=True)
@@ -613,7 +600,7 @@ def report(name, fmt, metrics):
     """Composites registered under NAME (a registered model, or else an experiment), with method, weights, scale and metrics."""
     from mlflow_taskvec.mlflow.report import composites_frame
 
-    click.echo(_render(composites_frame(name, list(metrics)), fmt))
+    click.echo(render_table(composites_frame(name, list(metrics)), fmt))
 
 
 @main.command("methods")

@@ -16,7 +16,7 @@ import torch
 from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.adapter_merge import AdapterMergeResult, check_adapter_bases, merge_to_adapter
 from mlflow_taskvec.engine.checkpoint import Checkpoint
-from mlflow_taskvec.engine.merge import MergeResult, merge, merge_to
+from mlflow_taskvec.engine.merging import MergeResult, merge, merge_to
 from mlflow_taskvec.engine.streaming import STORAGE_DTYPES, parse_dtype
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.writer import write_text_atomically

@@ -308,6 +308,18 @@ class Recipe(BaseModel):
         """The folder of the recipe file: relative references are resolved against it."""
         return self._source_dir
 
+    def derive(self, source: str, **changes: Any) -> "Recipe":
+        """The one way to make a changed recipe: this one's fields with ``changes`` (a field set to
+        None goes back to its default), validated again as a new recipe named ``source`` for its
+        messages, resolving relative references against the same folder."""
+        data = self.model_dump(exclude_unset=True)
+        for key, value in changes.items():
+            if value is None:
+                data.pop(key, None)
+            else:
+                data[key] = value
+        return parse_recipe(data, source, self._source_dir)
+
     @field_validator("scale", mode="before")
     @classmethod
     def _scale(cls, value):

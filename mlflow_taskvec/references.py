@@ -21,7 +21,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from mlflow_taskvec.engine.checkpoint import Checkpoint, open_checkpoint
-from mlflow_taskvec.engine.lora import is_adapter, open_adapter
+from mlflow_taskvec.engine.checkpoint import is_adapter
+from mlflow_taskvec.engine.lora import open_adapter
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.errors import TaskVecError
 

@@ -23,7 +23,7 @@ from mlflow_helpers import BASE_NAME, digits_tasks, mlflow_store, register_train
 
 import adamerging_evaluators
 from mlflow_taskvec.cli import main as cli
-from mlflow_taskvec.engine.merge import merge
+from mlflow_taskvec.engine.merging import merge
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.mlflow.adamerging import layer_groups, prediction_entropy
 from mlflow_taskvec.mlflow.downloads import resolve

@@ -80,7 +80,7 @@ def test_compress_register_refuses_a_setting_of_another_format_before_anything_i
     result = _invoke(registry, "compress", f"models:/{vector_name('flip')}/1", "--format", "sparse", "--rank", "3", "--register", "never-made")
 
     assert result.exit_code == 1
-    assert result.output.strip().splitlines() == ["Error: --rank: the sparse format takes --density"]
+    assert result.output.strip().splitlines() == ["Error: --rank: the sparse format takes density"]
     assert not client.search_registered_models(filter_string="name='never-made'")
 
 

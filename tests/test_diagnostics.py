@@ -15,7 +15,7 @@ from small_models import base_state, finetune_state
 
 from mlflow_taskvec import TaskVecError, TaskVector
 from mlflow_taskvec.cli import main
-from mlflow_taskvec.engine.inspect import cosine_matrix
+from mlflow_taskvec.engine.describe import cosine_matrix
 from mlflow_taskvec.recipe import parse_recipe
 from mlflow_taskvec.mlflow.registry import register_composite
 

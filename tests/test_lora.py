@@ -199,7 +199,7 @@ def test_every_dtype_peft_saves_round_trips(tmp_path, dtype):
     again = TaskVector.load(tmp_path / "lowrank.safetensors")
 
     stored = SafetensorsCheckpoint([tmp_path / "lowrank.safetensors"], "factors")
-    assert stored.spec(f"{QUERY0}.weight.lowrank_left").dtype == dtype  # the factors as PEFT saved them
+    assert stored.spec(f"{QUERY0}.weight/left").dtype == dtype  # the factors as PEFT saved them
     assert fingerprint == dense_fingerprint == again.terms[0].stored.fingerprint(fresh=True)
     expected = reference_delta(saved, QUERY0, 8 / 4)
     torch.testing.assert_close(again.get_tensor(f"{QUERY0}.weight", torch.float64), expected, rtol=1e-6, atol=1e-9)
@@ -221,11 +221,14 @@ def test_a_low_rank_vector_is_stored_as_factors_and_fingerprinted_as_the_dense_v
     size_lowrank, size_dense = (tmp_path / "lowrank.safetensors").stat().st_size, (tmp_path / "dense.safetensors").stat().st_size
     assert size_lowrank < size_dense / 100
     assert lowrank.stored_bytes < size_lowrank <= lowrank.stored_bytes + 64 * 1024  # factors plus the header
-    assert lowrank.dense_nbytes() == sum(dense.spec(n).nbytes for n in dense.keys())
+    assert lowrank.dense_bytes == sum(dense.spec(n).nbytes for n in dense.keys())
     assert lowrank.rank(f"{QUERY0}.weight") == 2 and lowrank.rank("encoder.layer.1.attention.self.value.weight") == 4
     assert lowrank.rank("encoder.layer.0.attention.self.key.weight") == 0
-    meta = json.loads(lowrank.metadata()["taskvec.low_rank"])
-    assert meta[f"{QUERY0}.weight"] == {"rank": 2, "scaling": 4.0, "shape": [384, 384]}
+    meta = lowrank.metadata()
+    assert (meta["taskvec.layout"], meta["taskvec.layout_format"]) == ("lowrank", "2")
+    table = json.loads(meta["taskvec.layout_tensors"])
+    assert table[f"{QUERY0}.weight"] == {"dtype": "F32", "encoding": "lowrank", "rank": 2, "scaling": 4.0, "shape": [384, 384]}
+    assert table["encoder.layer.0.attention.self.key.weight"] == {"dtype": "F32", "encoding": "zero", "shape": [384, 384]}
 
 
 def test_chunks_of_a_low_rank_tensor_equal_the_whole_tensor_bit_for_bit(adapter):
@@ -284,7 +287,7 @@ def _copy_with_config(adapter_dir: Path, target: Path, **changes) -> Path:
     "changes, message",
     [
         ({"r": None}, "adapter_config.json: r: required field is missing"),
-        ({"r": 0}, "adapter_config.json: r: 0 must be a positive integer"),
+        ({"r": 0}, "adapter_config.json: r: 0 must be a positive whole number"),
         ({"r": 3}, "module 'embeddings.word_embeddings' has factors A [4, 30522] and B [384, 4], which disagree with its r = 3"),
         ({"use_dora": True}, "adapter_config.json: use_dora: DoRA adapters are not supported"),
         ({"peft_type": "IA3"}, "adapter_config.json: peft_type: 'IA3' is not LORA"),
@@ -432,13 +435,13 @@ def test_export_lora_refuses_bad_ranks_and_vectors_without_matrices(dense_finetu
     vector = TaskVector.extract(MODEL_DIR, dense_finetune)
     norms_only = TaskVector.extract(MODEL_DIR, dense_finetune, include=["*LayerNorm*"])
 
-    with pytest.raises(TaskVecError, match="--rank: 0 must be a positive integer"):
+    with pytest.raises(TaskVecError, match="^rank: 0 must be a positive whole number"):
         export_lora(vector, tmp_path / "a", rank=0)
-    with pytest.raises(TaskVecError, match=r"--energy: 1.5 must be in \(0, 1\]"):
+    with pytest.raises(TaskVecError, match=r"^energy: 1.5 must be a number in \(0, 1\]"):
         export_lora(vector, tmp_path / "a", energy=1.5)
     with pytest.raises(TaskVecError, match="has no 2-D weight tensor"):
         export_lora(norms_only, tmp_path / "a", rank=2)
-    with pytest.raises(TaskVecError, match="--modules-to-save needs --base"):
+    with pytest.raises(TaskVecError, match="^modules_to_save: needs the base"):
         export_lora(vector, tmp_path / "a", rank=2, modules_to_save=["pooler.dense"])
     assert not (tmp_path / "a").exists() and list(tmp_path.iterdir()) == []
 
@@ -470,11 +473,11 @@ def test_the_cli_extracts_an_adapter_as_factors_inspects_it_and_exports_it_again
 
     out = run("extract", "--base", MODEL_DIR, "--finetuned", adapter[0], "-o", tmp_path / "v.safetensors", "--task", "lora")
     stored = open_checkpoint(tmp_path / "v.safetensors")
-    assert f"stored low-rank: {stored.stored_bytes} bytes (dense: {stored.dense_nbytes()} bytes)" in out
+    assert f"stored low-rank: {stored.stored_bytes} bytes (dense: {stored.dense_bytes} bytes)" in out
     assert f"fingerprint: {TaskVector.load(adapter[0], base=MODEL_DIR).terms[0].stored.fingerprint()}" in out
 
     shown = run("inspect", adapter[0], "--base", MODEL_DIR, "--top", "0")
-    assert "layout: lora" in shown and f"size: {stored.stored_bytes} bytes stored, {stored.dense_nbytes()} dense" in shown
+    assert "layout: lowrank" in shown and f"size: {stored.stored_bytes} bytes stored, {stored.dense_bytes} dense" in shown
     assert "low-rank tensors: 13 (rank 2, 4); dense: 0; zero: 90" in shown
 
     exported = run("export-lora", tmp_path / "v.safetensors", "-o", tmp_path / "adapter", "--rank", "4")

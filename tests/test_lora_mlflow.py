@@ -59,7 +59,7 @@ def test_a_registered_adapter_vector_is_logged_as_factors_with_its_ranks(sqlite_
 
     version = sqlite_store.client.get_model_version("minilm-lora-vector", "1")
     conf = flavor.read_conf(mlflow.artifacts.download_artifacts("models:/minilm-lora-vector/1"))
-    assert conf["layout"] == "lora" and conf["kind"] == "task_vector"
+    assert conf["layout"] == "lowrank" and conf["kind"] == "task_vector"
     assert conf["ranks"] == {f"encoder.layer.{i}.attention.self.{m}.weight": 4 for i in range(6) for m in ("query", "value")}
     assert conf["stored_bytes"] < conf["dense_bytes"] / 100
     dense = TaskVector.load(adapter_dir, base=MODEL_DIR).terms[0].stored.fingerprint()

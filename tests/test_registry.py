@@ -536,7 +536,7 @@ def test_per_layer_coefficients_are_recorded_in_order_in_tags_and_run_params(per
 
 
 def test_a_per_layer_composite_holds_what_the_engine_composes_and_verifies(registry, per_layer_composite):
-    from mlflow_taskvec.engine.merge import merge
+    from mlflow_taskvec.engine.merging import merge
     from mlflow_taskvec.mlflow.verify import verify
 
     vectors = [resolve(f"models:/{vector_name(task)}/1") for task in ("rotate", "flip")]

@@ -82,10 +82,10 @@ def test_lora_vectors_stay_low_rank_and_full_ones_dense(result):
     targets = {f"encoder.layer.{i}.attention.self.{m}.weight" for i in range(6) for m in ("query", "value")}
     for task in TASKS:
         conf = flavor.read_conf(mlflow.artifacts.download_artifacts(result.vectors[f"{task}-lora"]))
-        assert conf["layout"] == "lora" and conf["ranks"] == dict.fromkeys(targets, RANK)
+        assert conf["layout"] == "lowrank" and conf["ranks"] == dict.fromkeys(targets, RANK)
         assert conf["stored_bytes"] < conf["dense_bytes"] / 100
         assert flavor.read_conf(mlflow.artifacts.download_artifacts(result.vectors[task])).get("layout", "dense") == "dense"
-    assert "layout: lora" in result.inspect_lora
+    assert "layout: lowrank" in result.inspect_lora
     assert f"low-rank tensors: 12 (rank {RANK}); dense: 0" in result.inspect_lora
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,6 +34,12 @@ from mlflow_taskvec.errors import TaskVecError
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder has it (engine/lora.py reads one)
+
+
+def is_adapter(path: "str | os.PathLike") -> bool:
+    """Whether ``path`` is a PEFT adapter folder."""
+    return isinstance(path, (str, os.PathLike)) and (Path(path) / ADAPTER_CONFIG).is_file()
 
 
 def new_digest():
@@ -88,6 +94,11 @@ class Checkpoint:
     @property
     def stored_bytes(self) -> int:
         """Bytes of tensor data as stored (less than the tensors' own size for a compressed layout)."""
+        return sum(self.spec(n).nbytes for n in self.keys())
+
+    @property
+    def dense_bytes(self) -> int:
+        """Bytes of the dense tensors the checkpoint stands for (its stored bytes for a dense one)."""
         return sum(self.spec(n).nbytes for n in self.keys())
 
     def metadata(self) -> dict[str, str]:
@@ -285,7 +296,7 @@ def open_checkpoint(source: "Checkpoint | Mapping[str, torch.Tensor] | str | os.
         return StateDictCheckpoint(source)
     path = Path(source)
     if path.is_dir():
-        if (path / "adapter_config.json").is_file():
+        if is_adapter(path):
             raise TaskVecError(
                 f"{path}: is a PEFT LoRA adapter, a task vector of its base: use it as a vector (with its base), not as a checkpoint"
             )
@@ -299,15 +310,31 @@ def open_checkpoint(source: "Checkpoint | Mapping[str, torch.Tensor] | str | os.
     raise TaskVecError(f"{path}: no such file or directory")
 
 
+# Stored layouts: ``taskvec.layout`` in a file's metadata names how its tensors are encoded.
+# Each layout's module registers its reader here; this module names none of them.
+LayoutReader = Callable[["SafetensorsCheckpoint"], "Checkpoint"]
+_LAYOUT_READERS: dict[str, LayoutReader] = {}
+
+
+def register_layout(name: str, reader: LayoutReader) -> None:
+    """Make ``open_checkpoint`` read files whose ``taskvec.layout`` is ``name`` through ``reader``
+    (called with the file as stored; it returns the dense view of what the file stands for)."""
+    if name in _LAYOUT_READERS and _LAYOUT_READERS[name] is not reader:
+        raise ValueError(f"layout {name!r} already has a reader")
+    _LAYOUT_READERS[name] = reader
+
+
+def known_layouts() -> list[str]:
+    return sorted(_LAYOUT_READERS)
+
+
 def _in_its_layout(ckpt: SafetensorsCheckpoint) -> Checkpoint:
-    """A compressed task vector (or one stored as LoRA factors) is seen as the dense tensors it stands for."""
+    """A file stored in a layout (compressed, low-rank factors) is seen as the dense tensors it stands for."""
     layout = ckpt.metadata().get(meta_keys.LAYOUT)
     if layout is None:
         return ckpt
-    if layout == meta_keys.LORA_LAYOUT:
-        from mlflow_taskvec.engine.lowrank import read_low_rank  # builds on this module
-
-        return read_low_rank(ckpt)
-    from mlflow_taskvec.engine.compressed import CompressedCheckpoint  # builds on this module
-
-    return CompressedCheckpoint(ckpt)
+    reader = _LAYOUT_READERS.get(layout)
+    if reader is None:
+        known = ", ".join(known_layouts()) or "none"
+        raise TaskVecError(f"{ckpt.source}: unknown stored layout {layout!r} in its {meta_keys.LAYOUT} metadata (known: {known})")
+    return reader(ckpt)

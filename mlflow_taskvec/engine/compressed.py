@@ -14,19 +14,23 @@ named ``<tensor>/<part>``:
   1 where the entry is > 0) and one ``scale``, the mean of ``|t|``; the tensor
   reads back as ``+scale`` / ``-scale``. Other tensors are stored dense;
 - ``lowrank`` (``rank`` R, ``energy`` E or ``density`` D): per 2-D tensor
-  ``t`` (m x n) the truncated SVD ``t ~ B @ A`` with ``B = U_r diag(S_r)`` (m x r)
-  and ``A = Vh_r`` (r x n); the rank is R, the fewest singular values holding a
-  fraction E of ``sum S^2``, or ``int(D * m * n / (m + n))`` (D of the dense size);
-  a tensor whose factors would not be smaller, and every other tensor, is stored dense.
+  ``t`` (m x n) the truncated SVD ``t ~ left @ right`` with ``left = U_r diag(S_r)``
+  (m x r) and ``right = Vh_r`` (r x n); the rank is R, the fewest singular values
+  holding a fraction E of ``sum S^2``, or ``int(D * m * n / (m + n))`` (D of the dense
+  size); a tensor whose factors would not be smaller, and every other tensor, is stored
+  dense. It is written in the one low-rank layout (``engine/lowrank.py``), the one
+  adapters' factors use, and read back with its canonical densification.
 
 In every layout a tensor that is all zeros (a layer the fine-tune froze) is stored as
 its shape alone (encoding ``zero``).
 
-Reading goes through ``CompressedCheckpoint``, which ``open_checkpoint`` returns
-for such a file: it shows the dense tensors, densified block by block when read
-(so composing from it keeps memory flat), and its fingerprint is that of the
-densified vector. ``TaskVector.load`` and everything built on it take it as they
-take a dense vector.
+Reading ``sparse`` and ``bitdelta`` files goes through ``CompressedCheckpoint``, which
+``open_checkpoint`` returns for such a file (the layouts are registered with the
+checkpoint module below): it shows the dense tensors, densified block by block when
+read (so composing from it keeps memory flat), and its fingerprint is that of the
+densified vector. Every part's dtype and shape, and a sparse tensor's indices, are
+checked before a value is used. ``TaskVector.load`` and everything built on it take
+it as they take a dense vector.
 """
 
 from __future__ import annotations
@@ -43,14 +47,17 @@ from pathlib import Path
 import torch
 
 from mlflow_taskvec.engine import metadata as meta_keys
-from mlflow_taskvec.engine.checkpoint import Checkpoint, SafetensorsCheckpoint, open_checkpoint
+from mlflow_taskvec.engine.checks import fraction, positive_int
+from mlflow_taskvec.engine.checkpoint import Checkpoint, SafetensorsCheckpoint, open_checkpoint, register_layout
 from mlflow_taskvec.engine.device import parse_device
-from mlflow_taskvec.engine.io import DTYPE_BY_CODE, TensorSpec, dtype_code, tensor_bytes
+from mlflow_taskvec.engine.io import TensorSpec, dtype_code, tensor_bytes
+from mlflow_taskvec.engine.layouts import check_part, corrupt, entry_spec, layout_table, part_name, refuse_unclaimed
+from mlflow_taskvec.engine.lowrank import DenseDelta, LowRankCheckpoint, LowRankTensor, rank_for_energy, save_low_rank
 from mlflow_taskvec.engine.methods.trim import trim_count, trim_threshold
 from mlflow_taskvec.engine.streaming import CHUNK_ELEMENTS, flat_slice, one_torch_thread
 from mlflow_taskvec.engine.output import check_output_path
 from mlflow_taskvec.engine.writer import CheckpointWriter
-from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.errors import ParameterError, TaskVecError
 
 LAYOUTS = ("sparse", "bitdelta", "lowrank")
 # Which of density / rank / energy each layout accepts.
@@ -70,28 +77,23 @@ class _Encoded:
         return {"dtype": dtype_code(self.spec.dtype), "shape": list(self.spec.shape), "encoding": self.encoding}
 
 
-def part_name(name: str, part: str) -> str:
-    return f"{name}/{part}"
-
-
 def check_settings(layout: str, density: float | None = None, rank: int | None = None, energy: float | None = None) -> dict:
-    """The layout's setting as a dict (``{'density': 0.1}``); raises naming the option that does not fit."""
+    """The layout's setting as a dict (``{'density': 0.1}``); raises naming the parameter that does not fit."""
     if layout not in LAYOUTS:
-        raise TaskVecError(f"--format: {layout!r} is not one of {', '.join(LAYOUTS)}")
+        raise ParameterError("layout", f"{layout!r} is not one of {', '.join(LAYOUTS)}")
     given = {k: v for k, v in dict(density=density, rank=rank, energy=energy).items() if v is not None}
     accepted = LAYOUT_SETTINGS[layout]
     for key in given:
         if key not in accepted:
-            takes = " or ".join(f"--{a}" for a in accepted) if accepted else "no setting"
-            raise TaskVecError(f"--{key}: the {layout} format takes {takes}")
+            raise ParameterError(key, f"the {layout} format takes {' or '.join(accepted) if accepted else 'no setting'}")
     if accepted and len(given) != 1:
-        raise TaskVecError(f"the {layout} format needs exactly one of {', '.join('--' + a for a in accepted)}")
-    if "density" in given and not (0 < given["density"] <= 1):
-        raise TaskVecError(f"--density: {given['density']!r} must be a number in (0, 1]")
-    if "energy" in given and not (0 < given["energy"] <= 1):
-        raise TaskVecError(f"--energy: {given['energy']!r} must be a number in (0, 1]")
-    if "rank" in given and (isinstance(given["rank"], bool) or not isinstance(given["rank"], int) or given["rank"] < 1):
-        raise TaskVecError(f"--rank: {given['rank']!r} must be a positive whole number")
+        raise ParameterError(accepted[0], f"the {layout} format needs exactly one of {', '.join(accepted)}")
+    if "density" in given:
+        fraction(given["density"], "density")
+    if "energy" in given:
+        fraction(given["energy"], "energy")
+    if "rank" in given:
+        positive_int(given["rank"], "rank")
     return given
 
 
@@ -128,12 +130,7 @@ def lowrank_rank(singular_values: torch.Tensor, shape: tuple[int, int], settings
         return min(settings["rank"], min(m, n))
     if "density" in settings:
         return max(1, min(min(m, n), int(settings["density"] * m * n / (m + n))))
-    energy = singular_values.to(torch.float64).square()
-    total = float(energy.sum())
-    if total == 0:
-        return 0
-    reached = energy.cumsum(0) >= settings["energy"] * total
-    return int(reached.nonzero()[0]) + 1 if bool(reached.any()) else len(energy)
+    return rank_for_energy(singular_values, settings["energy"])
 
 
 class _Encoder:
@@ -174,7 +171,7 @@ class _Encoder:
         r = lowrank_rank(singular, (m, n), self.settings)
         if r * (m + n) >= m * n:
             return dense
-        return _Encoded(spec, "lowrank", {part_name(name, "A"): TensorSpec(value_dtype, (r, n)), part_name(name, "B"): TensorSpec(value_dtype, (m, r))})
+        return _Encoded(spec, "lowrank", {part_name(name, "left"): TensorSpec(value_dtype, (m, r)), part_name(name, "right"): TensorSpec(value_dtype, (r, n))})
 
     def parts(self, name: str, encoded: _Encoded) -> dict[str, torch.Tensor]:
         """The stored tensors of ``name``; the last two tensors' are kept, since the
@@ -196,9 +193,9 @@ class _Encoder:
             scale = t.abs().to(torch.float64).mean()
             out = {"signs": pack_signs(t.reshape(-1)), "scale": scale.to(dtype)}
         else:
-            r = encoded.parts[part_name(name, "A")].shape[0]
+            r = encoded.parts[part_name(name, "right")].shape[0]
             u, s, vh = torch.linalg.svd(self._on_device(t), full_matrices=False)
-            out = {"B": (u[:, :r] * s[:r]).to(dtype).cpu().contiguous(), "A": vh[:r].to(dtype).cpu().contiguous()}
+            out = {"left": (u[:, :r] * s[:r]).to(dtype).cpu().contiguous(), "right": vh[:r].to(dtype).cpu().contiguous()}
         self._cache[name] = out
         while len(self._cache) > 2:
             self._cache.popitem(last=False)
@@ -255,16 +252,19 @@ def compress(
         if source_fingerprint:
             metadata[meta_keys.SOURCE_FINGERPRINT] = source_fingerprint
         inputs = [src for term in vector.terms for src in term.sources()]  # never written over
-        with CheckpointWriter(output, specs, metadata, overwrite=overwrite, inputs=inputs) as writer:
-            seen = set()
-            for part in writer.order:
-                name = owner[part]
-                writer.write(part, encoder.parts(name, plans[name])[part.rsplit("/", 1)[1]])
-                if progress is not None and name not in seen:
-                    seen.add(name)
-                    progress(name)
-            writer.commit()
-    stored = open_checkpoint(output)  # a CompressedCheckpoint: the densified view
+        if layout == "lowrank":
+            save_low_rank(_as_low_rank(encoder, plans), output, metadata, overwrite=overwrite, progress=progress, inputs=inputs)
+        else:
+            with CheckpointWriter(output, specs, metadata, overwrite=overwrite, inputs=inputs) as writer:
+                seen = set()
+                for part in writer.order:
+                    name = owner[part]
+                    writer.write(part, encoder.parts(name, plans[name])[part.rsplit("/", 1)[1]])
+                    if progress is not None and name not in seen:
+                        seen.add(name)
+                        progress(name)
+                writer.commit()
+    stored = open_checkpoint(output)  # the densified view
     counts: dict[str, int] = {}
     for p in plans.values():
         counts[p.encoding] = counts.get(p.encoding, 0) + 1
@@ -278,6 +278,29 @@ def compress(
         dense_bytes=stored.dense_bytes,
         encodings=counts,
     )
+
+
+def _as_low_rank(encoder: _Encoder, plans: dict[str, _Encoded]) -> LowRankCheckpoint:
+    """The planned ``lowrank`` encoding as a low-rank checkpoint whose factors are computed when written."""
+    low_rank, dense = {}, {}
+    for name, plan in plans.items():
+        spec = plan.spec
+        if plan.encoding == "zero":
+            low_rank[name] = LowRankTensor(spec.shape, 0, dtype=spec.dtype)
+        elif plan.encoding == "dense":
+            dense[name] = DenseDelta(spec, lambda n=name, p=plan: encoder.parts(n, p)["dense"])
+        else:
+            right = plan.parts[part_name(name, "right")]
+            low_rank[name] = LowRankTensor(
+                spec.shape,
+                right.shape[0],
+                left=lambda n=name, p=plan: encoder.parts(n, p)["left"],
+                right=lambda n=name, p=plan: encoder.parts(n, p)["right"],
+                dtype=spec.dtype,
+                stored_nbytes=sum(s.nbytes for s in plan.parts.values()),
+                factor_dtype=spec.dtype,
+            )
+    return LowRankCheckpoint(low_rank, dense, {}, str(encoder.vector))
 
 
 # -- reading ----------------------------------------------------------------------
@@ -296,21 +319,24 @@ class CompressedCheckpoint(Checkpoint):
     def __init__(self, stored: SafetensorsCheckpoint):
         self.stored = stored
         self.source = stored.source
-        meta = stored.metadata()
-        self.layout = meta[meta_keys.LAYOUT]
+        self.layout = stored.metadata()[meta_keys.LAYOUT]
         try:
-            table = json.loads(meta[meta_keys.LAYOUT_TENSORS])
-            self._specs = {n: TensorSpec(DTYPE_BY_CODE[t["dtype"]], tuple(int(d) for d in t["shape"])) for n, t in table.items()}
-            self._encoding = {n: str(t["encoding"]) for n, t in table.items()}
-            self.settings = json.loads(meta.get(meta_keys.LAYOUT_PARAMS, "{}"))
-        except (KeyError, TypeError, ValueError):
-            raise TaskVecError(f"{self.source}: corrupt compressed task vector (its {meta_keys.LAYOUT_TENSORS} metadata is missing or malformed)") from None
-        for name, encoding in self._encoding.items():
-            for part in _PARTS.get(encoding, ()):
-                if part_name(name, part) not in stored:
-                    raise TaskVecError(f"{self.source}: compressed tensor {name!r} ({encoding}) lacks its stored part {part!r}")
-            if encoding not in _PARTS:
-                raise TaskVecError(f"{self.source}: tensor {name!r} has unknown encoding {encoding!r}")
+            self.settings = json.loads(stored.metadata().get(meta_keys.LAYOUT_PARAMS, "{}"))
+        except json.JSONDecodeError:
+            raise TaskVecError(f"{self.source}: corrupt {self.layout} task vector: its {meta_keys.LAYOUT_PARAMS} metadata is not JSON") from None
+        self._specs: dict[str, TensorSpec] = {}
+        self._encoding: dict[str, str] = {}
+        claimed: set[str] = set()
+        for name, entry in layout_table(stored).items():
+            spec = entry_spec(stored, name, entry)
+            encoding = entry.get("encoding")
+            if encoding not in _ENCODINGS[self.layout]:
+                allowed = ", ".join(_ENCODINGS[self.layout])
+                raise corrupt(stored, name, f"has encoding {encoding!r}, not one of {allowed} (the {self.layout} layout's)")
+            claimed.update(_check_parts(stored, name, encoding, spec))
+            self._specs[name], self._encoding[name] = spec, encoding
+        refuse_unclaimed(stored, claimed)
+        self._checked: set[str] = set()  # sparse tensors whose indices were checked
         self._blocks: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -346,10 +372,6 @@ class CompressedCheckpoint(Checkpoint):
     @property
     def stored_bytes(self) -> int:
         return self.stored.stored_bytes
-
-    @property
-    def dense_bytes(self) -> int:
-        return sum(s.nbytes for s in self._specs.values())
 
     def get_tensor(self, name: str) -> torch.Tensor:
         """The whole dense tensor (a new tensor)."""
@@ -394,6 +416,10 @@ class CompressedCheckpoint(Checkpoint):
 
     def _sparse(self, name: str, lo: int, hi: int) -> torch.Tensor:
         indices, values = self._part(name, "indices"), self._part(name, "values")
+        if name not in self._checked:
+            _check_indices(self.stored, name, indices, self._specs[name].numel)
+            with self._lock:
+                self._checked.add(name)
         first = int(torch.searchsorted(indices, lo))
         last = int(torch.searchsorted(indices, hi))
         out = torch.zeros(hi - lo, dtype=self._specs[name].dtype)
@@ -405,13 +431,6 @@ class CompressedCheckpoint(Checkpoint):
         bits = unpack_signs(self._part(name, "signs"), lo, hi)
         return (bits.to(scale.dtype) * 2 - 1) * scale  # exactly +scale or -scale
 
-    def _lowrank(self, name: str, lo: int, hi: int) -> torch.Tensor:
-        a, b = self._part(name, "A"), self._part(name, "B")
-        cols = a.shape[1]
-        first_row, last_row = lo // cols, (hi + cols - 1) // cols
-        rows = b[first_row:last_row] @ a
-        return rows.reshape(-1)[lo - first_row * cols : hi - first_row * cols]
-
     def _file_key(self) -> tuple | None:
         key = self.stored._file_key()
         return None if key is None else (*key, "densified")
@@ -421,10 +440,50 @@ class CompressedCheckpoint(Checkpoint):
             raise TaskVecError(f"{self.source}: no tensor named {name!r}")
 
 
-_PARTS = {"dense": ("dense",), "zero": (), "sparse": ("indices", "values"), "bitdelta": ("signs", "scale"), "lowrank": ("A", "B")}
+_ENCODINGS = {"sparse": ("zero", "sparse"), "bitdelta": ("zero", "dense", "bitdelta")}
 _DENSIFY = {
     "zero": CompressedCheckpoint._zero,
     "sparse": CompressedCheckpoint._sparse,
     "bitdelta": CompressedCheckpoint._bitdelta,
-    "lowrank": CompressedCheckpoint._lowrank,
 }
+
+
+def _check_parts(stored: SafetensorsCheckpoint, name: str, encoding: str, spec: TensorSpec) -> list[str]:
+    """The stored parts of one tensor, each checked for its dtype and shape; returns their names."""
+    if encoding == "zero":
+        return []
+    if encoding == "dense":
+        return [check_part(stored, name, "dense", spec.shape, (spec.dtype,))]
+    if encoding == "bitdelta":
+        if len(spec.shape) != 2:
+            raise corrupt(stored, name, f"is bitdelta-encoded with shape {list(spec.shape)}: only a matrix is")
+        return [
+            check_part(stored, name, "signs", ((spec.numel + 7) // 8,), (torch.uint8,)),
+            check_part(stored, name, "scale", (), (spec.dtype,)),
+        ]
+    # sparse: as many values as indices, no more than the tensor has entries
+    key = part_name(name, "indices")
+    count = stored.spec(key).shape[0] if key in stored and len(stored.spec(key).shape) == 1 else None
+    if count is None or count > spec.numel:
+        shape = list(stored.spec(key).shape) if key in stored else None
+        if shape is None:
+            raise corrupt(stored, name, "lacks its stored part 'indices'")
+        raise corrupt(stored, name, f"has part 'indices' of shape {shape}: not a list of at most {spec.numel} entries")
+    return [
+        check_part(stored, name, "indices", (count,), (torch.int32, torch.int64)),
+        check_part(stored, name, "values", (count,), (spec.dtype,)),
+    ]
+
+
+def _check_indices(stored: SafetensorsCheckpoint, name: str, indices: torch.Tensor, numel: int) -> None:
+    """A sparse tensor's flat indices: strictly ascending, each in [0, numel)."""
+    if not indices.numel():
+        return
+    if int(indices[0]) < 0 or int(indices[-1]) >= numel:
+        raise corrupt(stored, name, f"has an index outside [0, {numel}) (first {int(indices[0])}, last {int(indices[-1])})")
+    if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+        raise corrupt(stored, name, "has indices that are not strictly ascending (a repeated or unordered index)")
+
+
+register_layout("sparse", CompressedCheckpoint)
+register_layout("bitdelta", CompressedCheckpoint)

@@ -1,7 +1,7 @@
 """Computing chunks on a device (a CUDA GPU, or the CPU through the same machinery).
 
 The executor's jobs stay what they are: each reads its input chunks through
-``Checkpoint.read_chunk`` and computes its output chunk. ``on_device`` wraps the
+``Checkpoint.read_chunk`` and computes its output chunk. ``TaskVector.on_device`` wraps the
 checkpoints they read so that a chunk arrives on the device: copied from the
 file's pages into a pinned (page-locked) host buffer, then to the device with a
 non-blocking copy on a copy stream, while the job computing the previous chunk
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import replace
 
 import torch
 
@@ -162,14 +161,3 @@ class DeviceCheckpoint(Checkpoint):
     def _upload(self, name: str, start: int, stop: int):
         # in the stored dtype: a 16-bit input crosses the bus at half the bytes, and is widened there
         return self.runner.upload(self.inner.read_chunk(name, start, stop, self.inner.spec(name).dtype))
-
-
-def on_device(vector, runner: DeviceRunner):
-    """``vector`` (a TaskVector) reading its chunks through ``DeviceCheckpoint``s."""
-    from mlflow_taskvec.engine.taskvector import TaskVector  # the task vector module builds on the executor
-
-    def moved(ckpt):
-        return None if ckpt is None else DeviceCheckpoint(ckpt, runner)
-
-    terms = [replace(t, stored=moved(t.stored), finetuned=moved(t.finetuned), base=moved(t.base)) for t in vector.terms]
-    return TaskVector(terms, vector.specs, vector.base_fingerprint, vector.task, vector.skipped)

@@ -33,14 +33,14 @@ from pathlib import Path
 import torch
 
 from mlflow_taskvec.engine import metadata as meta_keys
-from mlflow_taskvec.engine.checkpoint import Checkpoint, SafetensorsCheckpoint, new_digest, open_checkpoint
+from mlflow_taskvec.engine.checkpoint import ADAPTER_CONFIG, Checkpoint, SafetensorsCheckpoint, is_adapter, new_digest, open_checkpoint
+from mlflow_taskvec.engine.checks import finite_number, fraction, positive_int
 from mlflow_taskvec.engine.io import TensorSpec
-from mlflow_taskvec.engine.lowrank import DENSE_DTYPE, DenseDelta, LowRankCheckpoint, LowRankTensor
+from mlflow_taskvec.engine.lowrank import DENSE_DTYPE, DenseDelta, LowRankCheckpoint, LowRankTensor, rank_for_energy
 from mlflow_taskvec.engine.output import OutputClaim, refuse_aliasing
 from mlflow_taskvec.engine.writer import CheckpointWriter
-from mlflow_taskvec.errors import TaskVecError, TaskVecWarning
+from mlflow_taskvec.errors import ParameterError, TaskVecError, TaskVecWarning
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # PEFT's LoraConfig default, for a config that leaves it out
@@ -49,11 +49,6 @@ DEFAULT_LORA_ALPHA = 8
 _EMBEDDING_HINTS = ("embed", "wte", "wpe")
 # Above this many entries a delta is factored by torch.svd_lowrank (randomized) when a rank is given.
 _RANDOMIZED_SVD_ABOVE = 4096 * 4096
-
-
-def is_adapter(path: "str | os.PathLike") -> bool:
-    """Whether ``path`` is a PEFT adapter folder."""
-    return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
 def adapter_fingerprint(path: "str | os.PathLike", fresh: bool = False) -> str:
@@ -114,32 +109,20 @@ def read_adapter_config(path: Path) -> AdapterConfig:
             raise TaskVecError(f"{where}: {unsupported}: not supported in a task vector")
     if "r" not in data:
         raise TaskVecError(f"{where}: r: required field is missing")
-    r = _positive_int(data["r"], f"{where}: r")
-    rank_pattern = {str(k): _positive_int(v, f"{where}: rank_pattern[{k!r}]") for k, v in (data.get("rank_pattern") or {}).items()}
+    r = positive_int(data["r"], f"{where}: r")
+    rank_pattern = {str(k): positive_int(v, f"{where}: rank_pattern[{k!r}]") for k, v in (data.get("rank_pattern") or {}).items()}
     alpha = data.get("lora_alpha", DEFAULT_LORA_ALPHA)
-    alpha_pattern = {str(k): _finite(v, f"{where}: alpha_pattern[{k!r}]") for k, v in (data.get("alpha_pattern") or {}).items()}
+    alpha_pattern = {str(k): finite_number(v, f"{where}: alpha_pattern[{k!r}]") for k, v in (data.get("alpha_pattern") or {}).items()}
     base = data.get("base_model_name_or_path")
     return AdapterConfig(
         r=r,
-        lora_alpha=_finite(alpha, f"{where}: lora_alpha"),
+        lora_alpha=finite_number(alpha, f"{where}: lora_alpha"),
         use_rslora=bool(data.get("use_rslora", False)),
         fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         base_model_name_or_path=str(base) if base else None,
     )
-
-
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise TaskVecError(f"{what}: {value!r} must be a positive integer")
-    return value
-
-
-def _finite(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TaskVecError(f"{what}: {value!r} is not a finite number")
-    return float(value)
 
 
 # -- reading an adapter -----------------------------------------------------------------------------
@@ -211,7 +194,7 @@ def open_adapter(path: "str | os.PathLike", base: "Checkpoint | str | os.PathLik
             left, right = _transposed(factors, a_key), _transposed(factors, b_key)
         else:
             left, right = _getter(factors, b_key), _getter(factors, a_key)
-        low_rank[name] = LowRankTensor(shape, rank, scaling, left=left, right=right)
+        low_rank[name] = LowRankTensor(shape, rank, scaling, left=left, right=right, stored_nbytes=a.nbytes + b.nbytes)
         if "lora_B.bias" in parts:
             bias_addends[f"{module}.bias"] = (parts["lora_B.bias"], scaling)
 
@@ -243,7 +226,7 @@ def open_adapter(path: "str | os.PathLike", base: "Checkpoint | str | os.PathLik
         meta_keys.BASE_FINGERPRINT: base_ckpt.fingerprint(),
         meta_keys.SKIPPED: json.dumps(sorted(n for n in base_ckpt.keys() if not base_ckpt.spec(n).is_floating_point)),
         meta_keys.ADAPTER: meta_keys.PEFT_LORA,
-        meta_keys.LAYOUT: meta_keys.LORA_LAYOUT,
+        meta_keys.LAYOUT: meta_keys.LOWRANK_LAYOUT,
     }
     return LowRankCheckpoint(low_rank, dense, metadata, str(path), files=[factors, *_files_of(base_ckpt)])
 
@@ -344,9 +327,7 @@ def truncated_svd(delta: torch.Tensor, rank: int | None, energy: float | None) -
         return u[:, :rank], s[:rank], v[:, :rank].T
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     if rank is None:
-        squares = s.double().square()
-        cumulative = torch.cumsum(squares, 0) / squares.sum()
-        rank = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=torch.float64) - 1e-12).item()) + 1
+        rank = rank_for_energy(s, energy)
     k = min(rank, full)
     return u[:, :k], s[:k], vh[:k]
 
@@ -437,11 +418,11 @@ def export_lora(
     modules cannot go into a LoRA adapter and are left out (listed in the result).
     """
     if (rank is None) == (energy is None):
-        raise TaskVecError("export-lora: give exactly one of --rank or --energy")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-        raise TaskVecError(f"--rank: {rank!r} must be a positive integer")
-    if energy is not None and not (isinstance(energy, (int, float)) and 0 < energy <= 1):
-        raise TaskVecError(f"--energy: {energy!r} must be in (0, 1]")
+        raise ParameterError("rank", "give exactly one of rank or energy")
+    if rank is not None:
+        positive_int(rank, "rank")
+    if energy is not None:
+        fraction(energy, "energy")
     claim = OutputClaim(output, overwrite)  # held to the end: the lock, and what stood there at the start
     try:
         base_ckpt = open_checkpoint(base) if base is not None else None
@@ -465,9 +446,9 @@ def _export(vector, claim, rank, energy, modules_to_save, base_ckpt, base_model_
     whole_modules = sorted({module_of(n) for n in vector.names if any(fnmatch.fnmatchcase(module_of(n), p) for p in modules_to_save)})
     for pattern in modules_to_save:
         if not any(fnmatch.fnmatchcase(m, pattern) for m in {module_of(n) for n in vector.names}):
-            raise TaskVecError(f"--modules-to-save: {pattern!r} matches no module of the vector")
+            raise ParameterError("modules_to_save", f"{pattern!r} matches no module of the vector")
     if whole_modules and base_ckpt is None:
-        raise TaskVecError("--modules-to-save needs --base: a saved module is written with its full weights")
+        raise ParameterError("modules_to_save", "needs the base: a saved module is written with its full weights")
     candidates = [n for n in vector.names if n.endswith(".weight") and len(vector.spec(n).shape) == 2 and module_of(n) not in whole_modules]
     if not candidates:
         raise TaskVecError("export-lora: the vector has no 2-D weight tensor to factor into a LoRA adapter")

@@ -12,16 +12,18 @@ SKIPPED = "taskvec.skipped"  # JSON list of the tensor names a task vector leave
 METHOD = "taskvec.method"
 RECIPE = "taskvec.recipe"  # the recipe's canonical JSON
 RECIPE_SHA256 = "taskvec.recipe_sha256"
-LOW_RANK = "taskvec.low_rank"  # JSON {name: {shape, rank, scaling}} of a vector in the lora layout
+LOW_RANK = "taskvec.low_rank"  # legacy (read only): JSON {name: {shape, rank, scaling}} of the lora layout
 ADAPTER = "taskvec.adapter"  # peft_lora on a task vector read from a PEFT adapter
 
 TASK_VECTOR = "task_vector"
 COMPOSITE = "composite"
 PEFT_LORA = "peft_lora"
 
-# Compressed task vectors (engine/compressed.py): the stored layout and what it stands for.
-LAYOUT = "taskvec.layout"  # sparse | bitdelta | lowrank | lora; absent: dense tensors
-LORA_LAYOUT = "lora"  # LoRA factors with a scaling per tensor, as an adapter saved them (engine/lowrank.py)
+# Stored layouts (engine/layouts.py): how the tensors are encoded and what they stand for.
+LAYOUT = "taskvec.layout"  # lowrank | sparse | bitdelta (lora: legacy, read only); absent: dense tensors
+LOWRANK_LAYOUT = "lowrank"  # the one low-rank layout: adapters' factors and compressed vectors (engine/lowrank.py)
+LORA_LAYOUT = "lora"  # legacy (read only): LoRA factors as format 1 of this package saved them
+LAYOUT_FORMAT = "taskvec.layout_format"  # the stored layout's format version ("2"; absent: format 1)
 LAYOUT_PARAMS = "taskvec.layout_params"  # JSON: the layout's setting, e.g. {"density": 0.1}
 LAYOUT_TENSORS = "taskvec.layout_tensors"  # JSON: each dense tensor's dtype, shape and encoding
 SOURCE_FINGERPRINT = "taskvec.source_fingerprint"  # the vector it was compressed from

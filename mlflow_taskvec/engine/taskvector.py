@@ -20,9 +20,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from mlflow_taskvec.engine import metadata as meta_keys
-from mlflow_taskvec.engine.checkpoint import Checkpoint, open_checkpoint
+from mlflow_taskvec.engine.checkpoint import Checkpoint, is_adapter, open_checkpoint
 from mlflow_taskvec.engine.checks import finite_number
-from mlflow_taskvec.engine.device import DeviceRunner, on_device, parse_device
+from mlflow_taskvec.engine.device import DeviceCheckpoint, DeviceRunner, parse_device
 from mlflow_taskvec.engine.io import TensorSpec
 from mlflow_taskvec.engine.streaming import (
     CHUNK_ELEMENTS,
@@ -34,7 +34,9 @@ from mlflow_taskvec.engine.streaming import (
     parse_dtype,
     release_free_memory,
 )
-from mlflow_taskvec.engine.merge import MergeResult, merge, merge_to, union_of_tensors
+from mlflow_taskvec.engine.lora import open_adapter
+from mlflow_taskvec.engine.lowrank import LowRankCheckpoint, save_low_rank
+from mlflow_taskvec.engine.merging import MergeResult, merge, merge_to, union_of_tensors
 from mlflow_taskvec.engine.writer import CheckpointWriter
 from mlflow_taskvec.errors import TaskVecError, TaskVecWarning
 
@@ -156,8 +158,6 @@ class TaskVector:
         the adapter's ``base_model_name_or_path``, when that is a local folder).
         """
         if _is_adapter(source) and not isinstance(source, Checkpoint):
-            from mlflow_taskvec.engine.lora import open_adapter
-
             source = open_adapter(source, base)
         ckpt = open_checkpoint(source)
         meta = ckpt.metadata()
@@ -190,8 +190,6 @@ class TaskVector:
     @property
     def low_rank_source(self):
         """The low-rank checkpoint this vector is, unscaled, or None (then it is stored dense)."""
-        from mlflow_taskvec.engine.lowrank import LowRankCheckpoint
-
         if len(self._terms) == 1 and self._terms[0].weight == 1.0 and isinstance(self._terms[0].stored, LowRankCheckpoint):
             return self._terms[0].stored
         return None
@@ -232,6 +230,15 @@ class TaskVector:
             return self
         terms = [replace(t, absent=t.absent | missing) for t in self._terms]
         return TaskVector(terms, {**specs, **self._specs}, self.base_fingerprint, self.task, self.skipped)
+
+    def on_device(self, runner: DeviceRunner) -> "TaskVector":
+        """This vector reading its chunks through ``DeviceCheckpoint``s (see ``engine.device``)."""
+
+        def moved(ckpt):
+            return None if ckpt is None else DeviceCheckpoint(ckpt, runner)
+
+        terms = [replace(t, stored=moved(t.stored), finetuned=moved(t.finetuned), base=moved(t.base)) for t in self._terms]
+        return TaskVector(terms, self._specs, self.base_fingerprint, self.task, self.skipped)
 
     def __repr__(self) -> str:
         label = f" {self.task!r}" if self.task else ""
@@ -396,8 +403,6 @@ class TaskVector:
         out_dtype = parse_dtype(dtype, "dtype", STORAGE_DTYPES)
         low_rank = self.low_rank_source
         if low_rank is not None and not dense and out_dtype in (None, torch.float32) and max_shard_size is None:
-            from mlflow_taskvec.engine.lowrank import save_low_rank
-
             kept = low_rank.subset(self.names)
             if not allow_nonfinite:
                 kept.check_finite()
@@ -407,7 +412,7 @@ class TaskVector:
         source, run = self, (lambda job: job())
         if target is not None:
             runner = DeviceRunner(target)
-            source, run = on_device(self, runner), runner.run
+            source, run = self.on_device(runner), runner.run
         specs = {n: TensorSpec(out_dtype or s.dtype, s.shape) for n, s in self._specs.items()}
         compute = torch.float64 if any(s.dtype == torch.float64 for s in specs.values()) else torch.float32
         inputs = [src for term in self._terms for src in term.sources()]
@@ -453,4 +458,4 @@ def _is_adapter(source) -> bool:
     """A PEFT LoRA adapter folder, or one already opened (a task vector, not a fine-tune)."""
     if isinstance(source, Checkpoint):
         return meta_keys.ADAPTER in source.metadata()
-    return isinstance(source, (str, os.PathLike)) and os.path.isfile(os.path.join(source, "adapter_config.json"))
+    return is_adapter(source)

@@ -26,7 +26,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
-from mlflow_taskvec.engine.lora import adapter_fingerprint, is_adapter
+from mlflow_taskvec.engine.checkpoint import is_adapter
+from mlflow_taskvec.engine.lora import adapter_fingerprint
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow import uris
 from mlflow_taskvec.mlflow.server import server_error

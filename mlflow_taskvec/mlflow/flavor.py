@@ -5,8 +5,9 @@ Two kinds of model, named by ``kind`` in the MLmodel flavor block:
 - ``task_vector``: a task vector's tensors in safetensors, with its lineage
   (task, base reference and fingerprint, fine-tuned reference), fingerprint,
   counts, L2 norm and dtype. ``load_model`` returns a lazy ``TaskVector``. A vector
-  from a LoRA adapter is stored as its factors (``layout: low_rank``, with each
-  tensor's rank, ``stored_bytes`` and ``dense_bytes``).
+  in a stored layout (a LoRA adapter's factors, a compressed vector) is stored as it
+  is (``layout: lowrank``, ``sparse`` or ``bitdelta``, with ``stored_bytes`` and
+  ``dense_bytes``, and each low-rank tensor's rank).
 - ``checkpoint``: full model weights in safetensors plus how to build the module:
   a ``"package.module:factory"`` with JSON keyword arguments (its code shipped
   through ``code_paths`` when it is not installed), or, for an HF-style folder
@@ -21,7 +22,8 @@ Weights never go through pickle.
 Example::
 
     import mlflow
-    from mlflow_taskvec.mlflow import flavor, TaskVector
+    from mlflow_taskvec import TaskVector
+    from mlflow_taskvec.mlflow import flavor
 
     vector = TaskVector.extract("base/", "finetuned/", task="rotate")
     with mlflow.start_run():
@@ -251,18 +253,13 @@ def save_model(
         "code": code_subpath,
     }
     meta = ckpt.metadata()
-    if meta_keys.LAYOUT in meta:  # a compressed vector: the layout and both sizes
-        conf.update(layout=meta[meta_keys.LAYOUT], stored_bytes=ckpt.stored_bytes, dense_bytes=sum(ckpt.spec(n).nbytes for n in ckpt.keys()))
+    if meta_keys.LAYOUT in meta:  # a stored layout (compressed, low-rank): the layout and both sizes
+        conf.update(layout=meta[meta_keys.LAYOUT], stored_bytes=ckpt.stored_bytes, dense_bytes=ckpt.dense_bytes)
+    if isinstance(ckpt, LowRankCheckpoint):  # stored as factors: each tensor's rank
+        conf["ranks"] = {n: ckpt.rank(n) for n in ckpt.keys() if ckpt.rank(n)}
     if kind == "task_vector":
         vector = TaskVector.load(ckpt)
         conf.update(task=vector.task, base_fingerprint=vector.base_fingerprint, l2_norm=vector.norm())
-        if isinstance(ckpt, LowRankCheckpoint):  # stored as factors: say so, and each tensor's rank
-            conf.update(
-                layout=meta_keys.LORA_LAYOUT,
-                ranks={n: ckpt.rank(n) for n in ckpt.keys() if ckpt.rank(n)},
-                stored_bytes=ckpt.stored_bytes,
-                dense_bytes=ckpt.dense_nbytes(),
-            )
     else:
         conf["architecture"] = _architecture(factory, factory_kwargs, path / data)
         if meta_keys.BASE_FINGERPRINT in meta:

@@ -42,7 +42,8 @@ from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.registry import Registered, check_destination, register_composite
 from mlflow_taskvec.mlflow.runs import owned_run
 from mlflow_taskvec.mlflow.search import SearchResult, search
-from mlflow_taskvec.recipe import Range, Recipe, Search, parse_recipe
+from mlflow_taskvec.recipe import Range, Recipe, Search
+from mlflow_taskvec.tables import render_table
 
 ADAMERGING = "adamerging"
 SCALE_HIGH = 2.0
@@ -91,17 +92,14 @@ def method_recipe(recipe: Recipe, method: str) -> Recipe:
         searched = {spec.name: _searched_range(spec).model_dump() for spec in get_method(method).searchable_params() if spec.type is float}
         scale = {"low": 0.0, "high": SCALE_HIGH, "step": SCALE_STEP}
         settings = {**kept, "strategy": "optuna", "scale": scale, "params": searched} if searched else {**kept, "strategy": "grid", "scale": scale}
-    data = recipe.model_dump(exclude={"search"})
-    data["method"] = engine_method
-    data["params"] = recipe.params if recipe.method == engine_method else {}
+    params = dict(recipe.params) if recipe.method == engine_method else {}
     if method != ADAMERGING:
         # the searched parameters come from the search; the others keep the recipe's values or their defaults
-        data["params"] = {k: v for k, v in data["params"].items() if k not in settings.get("params", {})}
+        params = {k: v for k, v in params.items() if k not in settings.get("params", {})}
         for name in settings.get("params", {}):
-            data["params"][name] = settings["params"][name]["low"]  # a valid start for the recipe's own check
-    data["search"] = settings
-    data["scale"] = 1.0 if method == ADAMERGING or isinstance(recipe.scale, dict) else recipe.scale
-    return parse_recipe(data, f"--methods {method}", source_dir=recipe.source_dir)
+            params[name] = settings["params"][name]["low"]  # a valid start for the recipe's own check
+    scale = 1.0 if method == ADAMERGING or isinstance(recipe.scale, dict) else recipe.scale
+    return recipe.derive(f"--methods {method}", method=engine_method, params=params, search=settings, scale=scale)
 
 
 @dataclass
@@ -173,27 +171,9 @@ def _table(entries: list[Entry], recipe: Recipe, metric: str) -> pd.DataFrame:
 
 
 def render(table: pd.DataFrame, fmt: str) -> str:
-    """The leaderboard as ``markdown``, ``csv``, ``json`` or a plain ``table``."""
-    if fmt == "csv":
-        return table.to_csv()
-    if fmt == "json":
-        return table.reset_index().to_json(orient="records", indent=2, double_precision=15)
-    if fmt == "markdown":
-        cols = ["rank", *[str(c) for c in table.columns if c != "run"]]
-        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for rank, row in table.iterrows():
-            cells = [str(rank)]
-            for col in table.columns:
-                if col == "run":
-                    continue
-                value = row[col]
-                if value is None or (isinstance(value, float) and math.isnan(value)):
-                    cells.append("")  # e.g. "registered" for a method whose winner was not registered
-                else:
-                    cells.append(f"{value:.2f}" if col.endswith(" s") else f"{value:.3f}" if isinstance(value, float) else str(value))
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines)
-    return table.drop(columns=["run"]).to_string(float_format=lambda v: f"{v:.3f}")
+    """The leaderboard as ``markdown``, ``csv``, ``json`` or a plain ``table`` (the run ids in csv and json only)."""
+    seconds = {c: 2 for c in table.columns if str(c).endswith(" s")}
+    return render_table(table, fmt, digits=3, column_digits=seconds, hide=("run",), json_orient="records")
 
 
 def plot(table: pd.DataFrame, metric: str, path: Path) -> None:

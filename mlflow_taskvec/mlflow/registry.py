@@ -29,7 +29,7 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from mlflow_taskvec.compose import compose_to, compose_to_adapter, write_model_card
-from mlflow_taskvec.engine.merge import merge
+from mlflow_taskvec.engine.merging import merge
 from mlflow_taskvec.engine.coefficients import Coefficient
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.output import OutputClaim, check_output_path, refuse_aliasing

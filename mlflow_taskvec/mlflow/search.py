@@ -405,11 +405,8 @@ def search(
             metrics = {"entropy": learned.final_entropy, "initial_entropy": learned.initial_entropy}
             candidates = [Candidate(0, 1.0, weights, dict(recipe.params), metrics, -learned.final_entropy, True)]
         best = _pick(candidates, shared)
-        winner = recipe.model_copy(update={"scale": best.scale, "params": best.params, "search": None}, deep=True)
-        for entry, weight in zip(winner.vectors, best.weights):
-            entry.weight = weight
-        winner = Recipe.model_validate(winner.model_dump())
-        winner._source_dir = recipe.source_dir
+        vectors = [{**entry.model_dump(exclude_unset=True), "weight": weight} for entry, weight in zip(recipe.vectors, best.weights)]
+        winner = recipe.derive("the search's winning recipe", scale=best.scale, params=best.params, search=None, vectors=vectors)
 
         # A winner from another worker of a shared study is listed too, as candidate -1.
         table = _table(candidates if best.number >= 0 else [*candidates, best], labels)

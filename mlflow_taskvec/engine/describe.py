@@ -10,7 +10,7 @@ import torch
 
 from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import Checkpoint
-from mlflow_taskvec.engine.merge import union_of_tensors
+from mlflow_taskvec.engine.merging import union_of_tensors
 from mlflow_taskvec.engine.lowrank import LowRankCheckpoint
 from mlflow_taskvec.engine.streaming import chunk_ranges, flat_slice
 from mlflow_taskvec.errors import TaskVecError
@@ -27,11 +27,11 @@ class Description:
     l2_norm: float  # over floating-point tensors
     tensor_norms: dict[str, float] = field(repr=False)
     metadata: dict[str, str] = field(default_factory=dict, repr=False)
-    layout: str = "dense"  # how the tensors are stored (engine/compressed.py)
+    layout: str = "dense"  # how the tensors are stored (engine/layouts.py)
     stored_bytes: int = 0  # tensor data as stored
     dense_bytes: int = 0  # the tensors' own size
 
-    # for a vector of LoRA factors (engine/lowrank.py): ranks {name: rank}, dense_tensors, zero_tensors
+    # for a vector in the low-rank layout (engine/lowrank.py): ranks {name: rank}, dense_tensors, zero_tensors
     low_rank: dict | None = None
 
     @property
@@ -85,7 +85,7 @@ def describe(ckpt: Checkpoint) -> Description:
         metadata=meta,
         layout=meta.get(meta_keys.LAYOUT, "dense"),
         stored_bytes=ckpt.stored_bytes,
-        dense_bytes=sum(ckpt.spec(n).nbytes for n in ckpt.keys()),
+        dense_bytes=ckpt.dense_bytes,
         low_rank=_low_rank_summary(ckpt),
     )
 

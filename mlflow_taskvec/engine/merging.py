@@ -15,7 +15,7 @@ import torch
 from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.coefficients import Coefficient, check_coefficient, coefficient_for
-from mlflow_taskvec.engine.device import DeviceCheckpoint, DeviceRunner, on_device, parse_device
+from mlflow_taskvec.engine.device import DeviceCheckpoint, DeviceRunner, parse_device
 from mlflow_taskvec.engine.io import TensorSpec
 from mlflow_taskvec.engine.methods import MergeContext, get_method, validate_params
 from mlflow_taskvec.engine.streaming import (
@@ -216,7 +216,7 @@ def _execute(plan: _Plan, sink, allow_nonfinite: bool, progress):
     reader, run = base_ckpt, None  # chunks are computed where they are read: on the host by default
     if plan.device is not None:
         runner = DeviceRunner(plan.device)
-        reader, vectors, run = DeviceCheckpoint(base_ckpt, runner), [on_device(v, runner) for v in vectors], runner.run
+        reader, vectors, run = DeviceCheckpoint(base_ckpt, runner), [v.on_device(runner) for v in vectors], runner.run
     try:
         # Task arithmetic is memory-bound with small temporaries: two workers pay.
         # The other methods hold several chunk-sized temporaries per input; a second
