@@ -121,7 +121,7 @@ def folder_bytes(path: Path) -> int:
 def child(op: str, base: Path, adapters: list[Path], out: Path) -> dict:
     from mlflow_taskvec.engine.adapter_merge import merge_to_adapter
     from mlflow_taskvec.engine.lora import export_lora
-    from mlflow_taskvec.engine.merge import merge_to
+    from mlflow_taskvec.engine.merging import merge_to
     from mlflow_taskvec.engine.taskvector import TaskVector
 
     from bench_engine import AnonSampler, read_anon_kb
