@@ -307,7 +307,7 @@ BAD = [
     ("adapters of different bases", lambda t, ad: write_recipe(t, [ad[0], renamed_base(ad[1], t)], output_format="peft"), (), "the adapters name different bases"),
     ("DoRA", lambda t, ad: write_recipe(t, [ad[0], make_adapter(t / "dora", 5, use_dora=True)], output_format="peft"), (), "DoRA adapters are not supported"),
     ("a rank larger than the module", lambda t, ad: write_recipe(t, [ad[0], make_adapter(t / "huge", 6, rank_pattern={"layer.0.attention.self.query": 400})], output_format="peft"), (), "has rank 400, more than its size [384, 384] allows"),
-    ("--rank 0", lambda t, ad: write_recipe(t, ad[:2], method="ties", params={"density": 0.5}), ("--format", "peft", "--rank", "0"), "--rank: 0 must be a positive integer"),
+    ("--rank 0", lambda t, ad: write_recipe(t, ad[:2], method="ties", params={"density": 0.5}), ("--format", "peft", "--rank", "0"), "--rank: 0 must be a positive whole number"),
     ("output_rank: 0", lambda t, ad: write_recipe(t, ad[:2], output_format="peft", output_rank=0), (), "output_rank: 0: Input should be greater than or equal to 1"),
     ("--rank without peft", lambda t, ad: write_recipe(t, ad[:2]), ("--rank", "4"), "--rank and --energy apply to --format peft"),
     ("shards", lambda t, ad: write_recipe(t, ad[:2], output_format="peft", max_shard_size="1MB"), (), "a PEFT adapter (output_format: peft) is one file"),

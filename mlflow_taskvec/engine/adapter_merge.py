@@ -11,7 +11,7 @@ PEFT adapters, low-rank task vectors or dense task vectors.
   module goes the way below at full rank (lossless).
 - Every other method (and task arithmetic with a ``rank``/``energy``, or with a dense
   input): the module's dense delta of each input is formed (that module's only), merged by
-  the method exactly as ``merge_to`` merges it (``merge.merge_tensor``), scaled, and cut
+  the method exactly as ``merge_to`` merges it (``merging.merge_tensor``), scaled, and cut
   back to a rank by the truncated SVD ``export_lora`` uses (``lora.svd_factors``): ``rank``,
   or per module the smallest rank keeping ``energy`` of its squared Frobenius norm, by
   default the sum of the inputs' ranks there, capped by the module's size. Each module's
@@ -37,13 +37,13 @@ from pathlib import Path
 import torch
 
 from mlflow_taskvec.engine import metadata as meta_keys
-from mlflow_taskvec.engine.checkpoint import SafetensorsCheckpoint, new_digest
+from mlflow_taskvec.engine.checkpoint import SafetensorsCheckpoint, is_adapter, new_digest
+from mlflow_taskvec.engine.checks import fraction, positive_int
 from mlflow_taskvec.engine.coefficients import Coefficient
 from mlflow_taskvec.engine.lora import (
     ADAPTER_WEIGHTS,
     adapter_config,
     is_embedding_module,
-    is_adapter,
     peft_factor_tensors,
     read_adapter_config,
     svd_factors,
@@ -52,7 +52,7 @@ from mlflow_taskvec.engine.lora import (
 from mlflow_taskvec.engine.merging import merge_tensor, plan_merge
 from mlflow_taskvec.engine.output import OutputClaim, refuse_aliasing
 from mlflow_taskvec.engine.streaming import check_finite, check_finite_output, one_torch_thread
-from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.errors import ParameterError, TaskVecError
 
 RELATIVE_ERRORS = "taskvec.relative_errors"  # JSON {module: ||delta - B A|| / ||delta||} of a merged adapter
 
@@ -92,13 +92,13 @@ class AdapterMergeResult:
 
 
 def check_rank_settings(rank: int | None, energy: float | None) -> None:
-    """``rank`` and ``energy`` as ``export-lora`` takes them, but both optional here."""
+    """``rank`` and ``energy`` as ``export_lora`` checks them, but both optional here."""
     if rank is not None and energy is not None:
-        raise TaskVecError("give at most one of --rank or --energy")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-        raise TaskVecError(f"--rank: {rank!r} must be a positive integer")
-    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1):
-        raise TaskVecError(f"--energy: {energy!r} must be in (0, 1]")
+        raise ParameterError("rank", "give at most one of rank or energy")
+    if rank is not None:
+        positive_int(rank, "rank")
+    if energy is not None:
+        fraction(energy, "energy")
 
 
 def check_adapter_bases(folders: "Sequence[tuple[int, str | os.PathLike]]") -> None:
