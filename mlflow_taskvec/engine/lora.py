@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from mlflow_taskvec.engine import metadata as meta_keys
-from mlflow_taskvec.engine.checkpoint import ADAPTER_CONFIG, Checkpoint, SafetensorsCheckpoint, is_adapter, new_digest, open_checkpoint
+from mlflow_taskvec.engine.checkpoint import ADAPTER_CONFIG, Checkpoint, SafetensorsCheckpoint, new_digest, open_checkpoint
 from mlflow_taskvec.engine.checks import finite_number, fraction, positive_int
 from mlflow_taskvec.engine.io import TensorSpec
 from mlflow_taskvec.engine.lowrank import DENSE_DTYPE, DenseDelta, LowRankCheckpoint, LowRankTensor, rank_for_energy
