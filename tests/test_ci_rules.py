@@ -45,3 +45,19 @@ def test_with_ci_set_the_property_tests_are_derandomized(ci, derandomized):
     out = subprocess.run([sys.executable, "-c", code], cwd=TESTS, env=env, capture_output=True, text=True, timeout=120, check=True)
 
     assert out.stdout.split() == [str(derandomized)] * 2
+
+
+def test_every_skip_goes_through_the_skip_or_fail_rule():
+    """A missing dependency or piece of infrastructure skips outside CI and fails in CI: no test
+    calls pytest.skip or pytest.importorskip itself (team_server.py holds the one rule)."""
+    import re
+
+    pattern = re.compile(r"pytest\.(importorskip|skip)\(")
+    offenders = [
+        f"{path.name}:{number}"
+        for path in sorted(TESTS.glob("*.py"))
+        if path.name != "team_server.py"
+        for number, line in enumerate(path.read_text("utf-8").splitlines(), 1)
+        if pattern.search(line) and "pattern = re.compile" not in line
+    ]
+    assert offenders == []

