@@ -24,7 +24,7 @@ from mlflow_taskvec.mlflow.patience import bounded_waiting
 from mlflow_taskvec.progress import progress_bar
 from mlflow_taskvec.signals import Terminated, terminate_like_interrupt
 from mlflow_taskvec.signals import standing as signals_standing
-from mlflow_taskvec.tables import render_table
+from mlflow_taskvec.tables import render_table, smaller_by
 
 # Each command imports what it uses when it runs: `--version` and `--help` need no
 # torch, and local work never imports MLflow (tests/test_startup.py checks both).
@@ -360,7 +360,7 @@ def _report_compression(quiet: bool, result) -> None:
     setting = ", ".join(f"{k} {v:g}" for k, v in result.settings.items())
     _echo(quiet, f"format: {result.layout}" + (f" ({setting})" if setting else "")
           + "  tensors: " + ", ".join(f"{n} {e}" for e, n in sorted(result.encodings.items())))
-    _echo(quiet, f"size: {result.stored_bytes} bytes stored, {result.dense_bytes} dense ({result.ratio:.1f}x smaller)")
+    _echo(quiet, f"size: {result.stored_bytes} bytes stored, {result.dense_bytes} dense ({smaller_by(result.stored_bytes, result.dense_bytes)})")
     _echo(quiet, f"source fingerprint: {result.source_fingerprint}")
     _echo(quiet, f"fingerprint: {result.fingerprint}")
 
@@ -529,7 +529,7 @@ def inspect(ref, top, layers, fmt, base):
     click.echo(f"l2 norm: {d.l2_norm:.6g}")
     if d.layout != "dense":
         click.echo(f"layout: {d.layout}")
-        click.echo(f"size: {d.stored_bytes} bytes stored, {d.dense_bytes} dense ({d.compression_ratio:.1f}x smaller)")
+        click.echo(f"size: {d.stored_bytes} bytes stored, {d.dense_bytes} dense ({smaller_by(d.stored_bytes, d.dense_bytes)})")
         if d.low_rank is not None:
             ranks = ", ".join(map(str, sorted(set(d.low_rank["ranks"].values())))) or "-"
             click.echo(f"low-rank tensors: {len(d.low_rank['ranks'])} (rank {ranks}); dense: {d.low_rank['dense_tensors']}; zero: {d.low_rank['zero_tensors']}")

@@ -53,3 +53,11 @@ def render_table(
 def markdown_text(text: str) -> str:
     """``text`` safe inside a markdown table cell: ``|`` escaped, line breaks as spaces."""
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def smaller_by(stored_bytes: int, dense_bytes: int) -> str:
+    """How much smaller a stored layout is than the dense tensors: ``"11.5x smaller"``, or, when
+    nothing is stored (every tensor all zeros), ``"nothing stored: every tensor is zero"``."""
+    if stored_bytes == 0:
+        return "nothing stored: every tensor is zero" if dense_bytes else "nothing stored"
+    return f"{dense_bytes / stored_bytes:.1f}x smaller"

@@ -277,3 +277,14 @@ def test_the_legacy_lora_layout_is_checked_too(tmp_path):
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(TaskVecError, match=r"corrupt lora task vector: tensor 'layer.weight' has factor 'layer.weight.lowrank_left' of shape \[12, 2\]"):
         open_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_compressing_an_all_zero_vector_says_nothing_is_stored(tmp_path):
+    base = {"w": torch.randn(6, 4, generator=torch.Generator().manual_seed(5))}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    TaskVector.extract(tmp_path / "base.safetensors", tmp_path / "base.safetensors").save(tmp_path / "zero.safetensors")
+    result = CliRunner().invoke(main, ["compress", str(tmp_path / "zero.safetensors"), "--format", "sparse", "--density", "0.5", "-o", str(tmp_path / "c.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert "size: 0 bytes stored, 96 dense (nothing stored: every tensor is zero)" in result.output.splitlines()
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "c.safetensors")])
+    assert "size: 0 bytes stored, 96 dense (nothing stored: every tensor is zero)" in shown.output.splitlines()

@@ -48,6 +48,7 @@ from mlflow_taskvec.modelcard import LINEAR_NOTE, hub_name_of, md_code, md_text
 from mlflow_taskvec.recipe import Recipe
 from mlflow_taskvec.references import is_local, open_reference
 from mlflow_taskvec.signals import finish_first, stage
+from mlflow_taskvec.tables import smaller_by
 
 FINE_TUNINGS = ("standard", "linear")
 
@@ -281,7 +282,7 @@ def register_compressed_vector(
             setting = ", ".join(f"{k} {v:g}" for k, v in result.settings.items())
             description = "\n".join([
                 f"**Compressed task vector** for task {md_code(vector.task or '?')}: `{layout}`" + (f" ({setting})" if setting else "")
-                + f" of {md_code(source.canonical)}, {result.ratio:.1f}x smaller than the dense vector.",
+                + f" of {md_code(source.canonical)}: {smaller_by(result.stored_bytes, result.dense_bytes)} (against the dense vector).",
                 "",
                 "| role | reference | fingerprint |",
                 "|---|---|---|",
