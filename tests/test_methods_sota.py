@@ -685,3 +685,36 @@ def test_a_keep_mask_starting_inside_a_random_block_is_the_slice_of_the_whole_ma
     ctx = MergeContext(name="w", start=0, numel=numel, params={"seed": 5})
     whole = ref_uniforms(5, 1, "w", numel) < 0.4
     assert torch.equal(ctx.keep_mask(1, length, 0.4, offset=start), whole[start : start + length])
+
+
+def _ulps_off(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """How many units in the last place of ``want``'s dtype ``got`` is from ``want``, entry by entry."""
+    ulp = (torch.nextafter(want.abs(), torch.tensor(float("inf"), dtype=want.dtype)) - want.abs()).double()
+    return (got.double() - want.double()).abs() / ulp
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("method, params", NEW_METHODS)
+def test_half_precision_outputs_are_within_two_ulps_of_the_float64_reference(tmp_path, method, params, dtype):
+    """16-bit checkpoints in, 16-bit out: each entry is the float64 reference rounded to that dtype,
+    give or take 2 units in its last place for the elementwise methods (float32 compute rounds
+    before the final cast); the SVD methods, whose float32 decompositions differ from float64
+    ones by more than a rounding, within 2 steps of 2^-7 (bf16) or 2^-10 (fp16) relative."""
+    count, weights = inputs_for(method)
+    base, fts = random_models(4, count, dtype)
+    base_path, ft_paths = write_set(tmp_path, base, fts)
+    vectors = [TaskVector.extract(base_path, p) for p in ft_paths]
+    merge_to(base_path, vectors, weights, output=tmp_path / "m.safetensors", method=method, params=params, scale=0.8)
+    merged = load_file(str(tmp_path / "m.safetensors"))
+    expected = reference_merge(base, fts, weights, method, 0.8, validate_params(get_method(method), params))
+    step = 2**-7 if dtype == torch.bfloat16 else 2**-10
+    for name, want in expected.items():
+        got = merged[name]
+        assert got.dtype == want.dtype, name
+        if not want.is_floating_point():
+            assert torch.equal(got, want), name
+        elif method in SVD_METHODS:
+            torch.testing.assert_close(got, want, rtol=2 * step, atol=2 * step, msg=lambda m, n=name: f"{n}: {m}")
+        else:
+            off = _ulps_off(got, want)
+            assert float(off.max()) <= 2, f"{name}: {int((off > 2).sum())} entries more than 2 ulps off (max {float(off.max()):.1f})"
