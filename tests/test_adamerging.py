@@ -25,7 +25,7 @@ import adamerging_evaluators
 from mlflow_taskvec.cli import main as cli
 from mlflow_taskvec.engine.merging import merge
 from mlflow_taskvec.engine.taskvector import TaskVector
-from mlflow_taskvec.mlflow.adamerging import layer_groups, prediction_entropy
+from mlflow_taskvec.mlflow.adamerging import TASKWISE, Learned, _rows, layer_groups, prediction_entropy
 from mlflow_taskvec.mlflow.downloads import resolve
 from mlflow_taskvec.mlflow.search import search
 from mlflow_taskvec.recipe import parse_recipe
@@ -216,3 +216,36 @@ def test_bad_adamerging_input_is_one_line_and_registers_nothing(store, tmp_path,
     # refused before a run starts; a failure found only while learning (no batches) leaves its run FAILED
     assert [r.info.status for r in new_runs] == (["FAILED"] if "yielded no batch" in fragment or "smaller lr" in fragment else [])
     assert len(client.search_model_versions()) == versions_before
+
+
+# -- pinned: batch_size and the weights' signs -----------------------------------------------------
+
+
+def test_batch_size_splits_every_batch_into_pieces_of_at_most_that_many_rows():
+    x = torch.arange(20.0).reshape(10, 2)
+    pieces = list(_rows(x, 3))
+    assert [len(p) for p in pieces] == [3, 3, 3, 1] and torch.equal(torch.cat(pieces), x)
+    as_dict = list(_rows({"x": x, "mode": "a", "gain": torch.tensor(2.0)}, 4))
+    assert [len(p["x"]) for p in as_dict] == [4, 4, 2]
+    assert all(p["mode"] == "a" and float(p["gain"]) == 2.0 for p in as_dict)  # what has no rows is passed whole
+    as_tuple = list(_rows((x, x * 2), 6))
+    assert [tuple(len(v) for v in p) for p in as_tuple] == [(6, 6), (4, 4)] and torch.equal(as_tuple[1][1], x[6:] * 2)
+    assert list(_rows(x, None))[0] is x and list(_rows(x, 10))[0] is x
+
+
+def test_the_learned_weights_carry_each_input_s_sign():
+    taskwise = Learned(["a", "b"], ["t"], [TASKWISE], {TASKWISE: ["w"]}, torch.tensor([[0.25], [0.5]], dtype=torch.float64), [-1.0, 1.0], 0.3)
+    assert taskwise.weights(["w"]) == [-0.25, 0.5]
+    layers = {"l0": ["l0.w", "l0.b"], "l1": ["l1.w"]}
+    layerwise = Learned(["a", "b"], ["t"], ["l0", "l1"], layers, torch.tensor([[0.1, 0.2], [0.3, 0.4]], dtype=torch.float64), [-1.0, 1.0], 0.3)
+    first, second = layerwise.weights(["l0.w", "l0.b", "l1.w"])
+    assert sorted(first.values()) == pytest.approx([-0.3, -0.2, -0.1]) and sorted(second.values()) == pytest.approx([0.3, 0.3, 0.4])
+    assert first["*"] == pytest.approx(-0.3) and second["*"] == pytest.approx(0.3)
+
+
+def test_a_negative_input_weight_stays_negative_in_what_adamerging_learns(store):
+    spec = recipe(layerwise=False, steps=5)
+    spec["vectors"][1]["weight"] = -1.0
+    result = search(parse_recipe(spec))
+    learned = [e.weight for e in result.recipe.vectors]
+    assert learned[0] > 0 and learned[1] < 0
