@@ -83,3 +83,22 @@ def test_local_inspect_and_extract_do_not_import_mlflow(tmp_path):
     loaded = _loaded_after(code, tmp_path)
     assert (tmp_path / "tv.safetensors").is_file()
     assert not loaded & set(HEAVY)
+
+
+def test_local_compress_and_its_help_do_not_import_mlflow(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    base = {"w": torch.randn(8, 6, generator=g)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file({"w": base["w"] + 0.5 * torch.randn(8, 6, generator=g)}, str(tmp_path / "ft.safetensors"))
+    code = (
+        "from mlflow_taskvec.cli import main\n"
+        "try:\n    main(['compress', '--help'])\nexcept SystemExit as exc:\n    assert exc.code == 0\n"
+        "import sys\nassert 'torch' not in sys.modules, 'compress --help imported torch'\n"
+        "main(['extract', '--base', 'base.safetensors', '--finetuned', 'ft.safetensors', '-o', 'tv.safetensors', '-q'], standalone_mode=False)\n"
+        "for fmt, setting in (('sparse', '--density'), ('lowrank', '--rank'), ('bitdelta', None)):\n"
+        "    args = ['compress', 'tv.safetensors', '--format', fmt, '-o', fmt + '.safetensors', '-q'] + ([setting, '2' if setting == '--rank' else '0.5'] if setting else [])\n"
+        "    main(args, standalone_mode=False)\n"
+    )
+    loaded = _loaded_after(code, tmp_path)
+    assert all((tmp_path / f"{fmt}.safetensors").is_file() for fmt in ("sparse", "lowrank", "bitdelta"))  # it really compressed
+    assert not loaded & set(HEAVY)
