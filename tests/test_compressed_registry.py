@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import blake3
+import torch
 import yaml
 from click.testing import CliRunner
 from mlflow_helpers import BASE_NAME, vector_name
@@ -15,6 +17,18 @@ from mlflow_taskvec.compose import compose_to
 from mlflow_taskvec.engine.compressed import compress
 from mlflow_taskvec.mlflow.downloads import resolve
 from mlflow_taskvec.recipe import parse_recipe
+
+
+def _fingerprint_by_the_spec(ckpt) -> str:
+    """docs/specifications.md's fingerprint, written out: BLAKE3 over sorted records
+    ``name NUL dtype NUL shape NUL hex(blake3(bytes)) LF`` of the dense tensors."""
+    codes = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16", torch.float16: "F16"}
+    records = []
+    for name in sorted(ckpt.keys()):
+        t = ckpt.get_tensor(name).contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        records.append(f"{name}\0{codes[t.dtype]}\0{','.join(map(str, t.shape))}\0{blake3.blake3(data).hexdigest()}\n")
+    return blake3.blake3("".join(records).encode("utf-8")).hexdigest()
 
 
 def _invoke(registry, *args):
@@ -30,15 +44,31 @@ def test_compress_register_records_the_source_version_the_layout_and_both_sizes(
     assert result.stdout.splitlines()[-1].startswith("registered: models:/rotate-lowrank/1  (model models:/m-")
     version = client.get_model_version("rotate-lowrank", "1")
     source = client.get_model_version(vector_name("rotate"), "1")
-    # the same compression made here, from the same source weights
-    local = compress(TaskVector.load(resolve(source_uri).path), tmp_path / "local.safetensors", "lowrank", rank=2)
+    # what it should hold, from the source's weights and the layout's definition, not from compress()
+    vector = TaskVector.load(resolve(source_uri).path)
+    stored = open_checkpoint(resolve("models:/rotate-lowrank/1").path)
+    expected_stored = expected_dense = 0
+    for name in vector.names:
+        spec = vector.spec(name)
+        t = vector.get_tensor(name, torch.float64)
+        expected_dense += spec.nbytes
+        if not bool(t.any()):
+            continue  # an all-zero tensor stores nothing
+        if len(spec.shape) == 2 and 2 * sum(spec.shape) < spec.numel:
+            u, sv, vh = torch.linalg.svd(t, full_matrices=False)
+            torch.testing.assert_close(stored.get_tensor(name).double(), (u[:, :2] * sv[:2]) @ vh[:2], rtol=0, atol=1e-5)
+            expected_stored += 2 * sum(spec.shape) * spec.dtype.itemsize
+        else:
+            assert torch.equal(stored.get_tensor(name).double(), t), name  # stored dense
+            expected_stored += spec.nbytes
     tags = version.tags
     assert tags["taskvec.compressed_from"] == source_uri
     assert tags["taskvec.kind"] == "task_vector"
     assert tags["taskvec.layout"] == "lowrank" and json.loads(tags["taskvec.layout_params"]) == {"rank": 2}
-    assert (int(tags["taskvec.stored_bytes"]), int(tags["taskvec.dense_bytes"])) == (local.stored_bytes, local.dense_bytes)
-    assert int(tags["taskvec.stored_bytes"]) < int(tags["taskvec.dense_bytes"])
-    assert tags["taskvec.fingerprint"] == local.fingerprint != source.tags["taskvec.fingerprint"]
+    assert (int(tags["taskvec.stored_bytes"]), int(tags["taskvec.dense_bytes"])) == (expected_stored, expected_dense)
+    assert expected_stored < expected_dense
+    fingerprint = _fingerprint_by_the_spec(stored)
+    assert tags["taskvec.fingerprint"] == fingerprint != source.tags["taskvec.fingerprint"]
     for key in ("taskvec.task", "taskvec.base_uri", "taskvec.base_fingerprint", "taskvec.finetuned_uri", "taskvec.num_parameters"):
         assert tags[key] == source.tags[key], key
     assert version.run_id == source.run_id  # logged beside the vector it was made from
@@ -49,7 +79,7 @@ def test_compress_register_records_the_source_version_the_layout_and_both_sizes(
     tree = _invoke(registry, "lineage", "models:/rotate-lowrank/1")
     assert tree.exit_code == 0, tree.output
     lines = tree.stdout.splitlines()
-    assert lines[0].startswith(f"models:/rotate-lowrank/1  [task_vector]  task rotate  fp {local.fingerprint[:16]}")
+    assert lines[0].startswith(f"models:/rotate-lowrank/1  [task_vector]  task rotate  fp {fingerprint[:16]}")
     assert lines[1].startswith(f"└── compressed from: {source_uri}  [task_vector]  task rotate  fp {source.tags['taskvec.fingerprint'][:16]}")
     assert "fingerprint differs" not in tree.stdout
     assert any(f"base: models:/{BASE_NAME}/1" in line for line in lines[2:])  # the source's own lineage below it
