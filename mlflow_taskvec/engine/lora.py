@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -381,19 +380,17 @@ def adapter_config(ranks: dict[str, int], base_model_name_or_path: str | None, m
 def write_adapter(claim: OutputClaim, tensors: dict[str, torch.Tensor], config: dict, metadata: dict[str, str]) -> None:
     """Write an adapter folder (``adapter_model.safetensors`` + ``adapter_config.json``) under a
     temporary name beside ``claim``'s path and move it into place when complete."""
-    tmp = claim.partial()
-    tmp.mkdir(parents=True)
-    try:
-        specs = {n: TensorSpec(t.dtype, tuple(t.shape)) for n, t in tensors.items()}
-        with CheckpointWriter(tmp / ADAPTER_WEIGHTS, specs, metadata) as writer:
+    specs = {n: TensorSpec(t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+
+    def write(folder: Path) -> None:
+        folder.mkdir()
+        with CheckpointWriter(folder / ADAPTER_WEIGHTS, specs, metadata) as writer:
             for n in writer.order:
                 writer.write(n, tensors[n])
             writer.commit()
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", "utf-8")
-        claim.move_into_place(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", "utf-8")
+
+    claim.write(write)
 
 
 def export_lora(

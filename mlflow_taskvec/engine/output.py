@@ -178,17 +178,10 @@ def write_file(
     not at all: ``write(tmp)`` writes the file under a temporary name beside it, then the
     claim's checked final move puts it in place. Nothing is left behind on failure."""
     with OutputClaim(output, overwrite, inputs=inputs, what=what) as claim:
-        tmp = claim.partial()
         try:
-            write(tmp)
-            claim.move_into_place(tmp)
+            return claim.write(write)
         except OSError as exc:
-            remove_path(tmp)
             raise TaskVecError(f"{claim.path}: cannot write the {what} ({exc.strerror or exc})") from None
-        except BaseException:
-            remove_path(tmp)
-            raise
-    return claim.path
 
 
 def write_text(output: str | os.PathLike, text: str, what: str, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Path:
@@ -312,6 +305,19 @@ class OutputClaim:
                     remove_path(leftover)
 
     # -- finishing ------------------------------------------------------------------------------
+    def write(self, write: Callable[[Path], None]) -> Path:
+        """The output whole or not at all: ``write(tmp)`` makes it (a file, or a folder) under a
+        fresh temporary name beside the output, then the checked final move puts it in place.
+        Nothing is left behind on any failure."""
+        tmp = self.partial()
+        try:
+            write(tmp)
+            self.move_into_place(tmp)
+        except BaseException:
+            remove_path(tmp)
+            raise
+        return self.path
+
     def move_into_place(self, tmp: Path) -> None:
         """Put ``tmp`` at the output path, atomically; refuse what appeared there since the start."""
         current = _identity(self.path)
