@@ -55,7 +55,7 @@ from mlflow_taskvec.engine.layouts import check_part, corrupt, entry_spec, layou
 from mlflow_taskvec.engine.lowrank import DenseDelta, LowRankCheckpoint, LowRankTensor, rank_for_energy, save_low_rank
 from mlflow_taskvec.engine.methods.trim import trim_count, trim_threshold
 from mlflow_taskvec.engine.streaming import CHUNK_ELEMENTS, flat_slice, one_torch_thread
-from mlflow_taskvec.engine.output import check_output_path
+from mlflow_taskvec.engine.output import OutputClaim
 from mlflow_taskvec.engine.writer import CheckpointWriter
 from mlflow_taskvec.errors import ParameterError, TaskVecError
 
@@ -237,33 +237,12 @@ def compress(
     densified vector's fingerprint. ``source_fingerprint`` (the stored vector's) is
     recorded in the metadata. With ``device`` the SVDs of ``lowrank`` run there."""
     settings = check_settings(layout, density, rank, energy)
-    check_output_path(output, overwrite)
-    encoder = _Encoder(vector, layout, settings, parse_device(device))
-    with one_torch_thread():  # decompositions give the same bits run after run
-        plans = {name: encoder.plan(name) for name in vector.names}
-        specs = {part: spec for p in plans.values() for part, spec in p.parts.items()}
-        owner = {part: name for name, p in plans.items() for part in p.parts}
-        metadata = {
-            **vector.metadata(),
-            meta_keys.LAYOUT: layout,
-            meta_keys.LAYOUT_PARAMS: json.dumps(settings, sort_keys=True),
-            meta_keys.LAYOUT_TENSORS: json.dumps({n: p.describe() for n, p in plans.items()}, sort_keys=True, separators=(",", ":")),
-        }
-        if source_fingerprint:
-            metadata[meta_keys.SOURCE_FINGERPRINT] = source_fingerprint
-        inputs = [src for term in vector.terms for src in term.sources()]  # never written over
-        if layout == "lowrank":
-            save_low_rank(_as_low_rank(encoder, plans), output, metadata, overwrite=overwrite, progress=progress, inputs=inputs)
-        else:
-            with CheckpointWriter(output, specs, metadata, overwrite=overwrite, inputs=inputs) as writer:
-                seen = set()
-                for part in writer.order:
-                    name = owner[part]
-                    writer.write(part, encoder.parts(name, plans[name])[part.rsplit("/", 1)[1]])
-                    if progress is not None and name not in seen:
-                        seen.add(name)
-                        progress(name)
-                writer.commit()
+    claim = OutputClaim(output, overwrite)  # held from before any work; the writer takes it over
+    try:
+        plans = _write_compressed(vector, claim, layout, settings, parse_device(device), source_fingerprint, progress)
+    except BaseException:
+        claim.release()  # idempotent: the writer may have let go already
+        raise
     stored = open_checkpoint(output)  # the densified view
     counts: dict[str, int] = {}
     for p in plans.values():
@@ -278,6 +257,37 @@ def compress(
         dense_bytes=stored.dense_bytes,
         encodings=counts,
     )
+
+
+def _write_compressed(vector, claim: OutputClaim, layout: str, settings: dict, device, source_fingerprint, progress) -> dict[str, _Encoded]:
+    """Plan every tensor's encoding and write the layout through ``claim``; returns the plans."""
+    encoder = _Encoder(vector, layout, settings, device)
+    with one_torch_thread():  # decompositions give the same bits run after run
+        plans = {name: encoder.plan(name) for name in vector.names}
+        specs = {part: spec for p in plans.values() for part, spec in p.parts.items()}
+        owner = {part: name for name, p in plans.items() for part in p.parts}
+        metadata = {
+            **vector.metadata(),
+            meta_keys.LAYOUT: layout,
+            meta_keys.LAYOUT_PARAMS: json.dumps(settings, sort_keys=True),
+            meta_keys.LAYOUT_TENSORS: json.dumps({n: p.describe() for n, p in plans.items()}, sort_keys=True, separators=(",", ":")),
+        }
+        if source_fingerprint:
+            metadata[meta_keys.SOURCE_FINGERPRINT] = source_fingerprint
+        inputs = [src for term in vector.terms for src in term.sources()]  # never written over
+        if layout == "lowrank":
+            save_low_rank(_as_low_rank(encoder, plans), claim, metadata, progress=progress, inputs=inputs)
+        else:
+            with CheckpointWriter(claim, specs, metadata, inputs=inputs) as writer:
+                seen = set()
+                for part in writer.order:
+                    name = owner[part]
+                    writer.write(part, encoder.parts(name, plans[name])[part.rsplit("/", 1)[1]])
+                    if progress is not None and name not in seen:
+                        seen.add(name)
+                        progress(name)
+                writer.commit()
+    return plans
 
 
 def _as_low_rank(encoder: _Encoder, plans: dict[str, _Encoded]) -> LowRankCheckpoint:

@@ -306,7 +306,8 @@ def save_low_rank(
     inputs: Sequence[Checkpoint] = (),
 ) -> None:
     """Write ``ckpt`` in the low-rank layout (format 2): its factors as they are, dense deltas in their dtype.
-    ``inputs`` are checkpoints the output must not be written over."""
+    ``output`` is a path or an ``OutputClaim`` already held; ``inputs`` are checkpoints the output
+    must not be written over."""
     specs: dict[str, TensorSpec] = {}
     table = {}
     sources: dict[str, Callable[[], torch.Tensor]] = {}
