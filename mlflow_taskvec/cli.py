@@ -225,10 +225,9 @@ def _report_registration(quiet: bool, reg) -> None:
 @_fail_cleanly
 def compose(recipe, output, max_shard_size, register_as, alias, require_alias, allow_mixed, output_format, rank, energy, overwrite, quiet, device, threads):
     """Compose a model from a YAML merge RECIPE (references may be MLflow URIs)."""
-    from mlflow_taskvec.compose import compose_to, open_base, output_path
+    from mlflow_taskvec.compose import compose_to, needs_mlflow, open_base, output_path
     from mlflow_taskvec.engine.writer import parse_size
     from mlflow_taskvec.recipe import load_recipe
-    from mlflow_taskvec.references import is_local
 
     spec = load_recipe(recipe)
     if output_format is not None:
@@ -261,7 +260,7 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, a
         _report_registration(quiet, reg)
         return
     local, named_as_given = spec, contextlib.nullcontext
-    if require_alias is not None or spec.policy is not None or not all(is_local(ref) for ref in spec.references):
+    if needs_mlflow(spec, require_alias):
         from mlflow_taskvec.mlflow.inputs import resolve_inputs
 
         inputs = resolve_inputs(spec, require_alias)  # the policy first, before anything is downloaded

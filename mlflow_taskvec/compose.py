@@ -27,6 +27,13 @@ from mlflow_taskvec.references import absolute, is_local, load_vector, open_refe
 from mlflow_taskvec.signals import stage
 
 
+def needs_mlflow(recipe: Recipe, require_alias: str | None = None) -> bool:
+    """Whether composing ``recipe`` needs the MLflow layer (which resolves references and checks
+    the approval policy): a policy or a required alias to check, or a reference that is not a
+    path on this machine. Decided without importing MLflow."""
+    return require_alias is not None or recipe.policy is not None or not all(is_local(ref) for ref in recipe.references)
+
+
 def open_base(recipe: Recipe) -> Checkpoint:
     return open_reference(recipe.base, recipe.source_dir)
 

@@ -59,11 +59,6 @@ def required_aliases(recipe: Recipe, require_alias: str | None = None) -> list[s
     return aliases
 
 
-def needs_mlflow(recipe: Recipe, require_alias: str | None = None) -> bool:
-    """Whether composing ``recipe`` needs this layer: an MLflow reference, or a policy to check."""
-    return bool(required_aliases(recipe, require_alias)) or any(uris.is_mlflow_uri(ref) for ref in recipe.references)
-
-
 @dataclass
 class Inputs:
     """A recipe with its base and inputs resolved (in the order of ``recipe.vectors``)."""
