@@ -154,8 +154,8 @@ REF_HELP = "a local path, models:/name/version, models:/name@alias, models:/<mod
 @_fail_cleanly
 def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfinite, max_shard_size, register_as, alias, run_id, allow_mixed, overwrite, quiet, device):
     """Extract the task vector FINETUNED - BASE."""
+    from mlflow_taskvec.compose import extract as extract_vector
     from mlflow_taskvec.engine.taskvector import TaskVector
-    from mlflow_taskvec.references import open_reference
 
     if output is None and register_as is None:
         raise click.UsageError("give --output, --register, or both")
@@ -165,12 +165,9 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
 
         check_destination(register_as, allow_mixed)  # before the output is written
         base_ref, ft_ref = resolve(base), resolve(finetuned)
-        base_ckpt = open_reference(base_ref.path)
-        ft_ckpt = open_reference(ft_ref.path, base=base_ckpt)
-    else:
-        base_ckpt = open_reference(base)
-        ft_ckpt = open_reference(finetuned, base=base_ckpt)
-    vector = TaskVector.extract(base_ckpt, ft_ckpt, include=include or None, exclude=exclude or None, task=task or None)
+        base, finetuned = base_ref.path, ft_ref.path
+    extracted = extract_vector(base, finetuned, include=include, exclude=exclude, task=task)
+    vector = extracted.vector
     if output is None:
         _report_registration(quiet, _register_vector(vector, register_as, base_ref, ft_ref, run_id, alias, allow_mixed))
         return
@@ -184,12 +181,11 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
         close()
     _echo(quiet, f"task vector: {output}")
     _echo(quiet, f"tensors: {len(vector.names)}  parameters: {vector.num_parameters}  skipped: {len(vector.skipped)}")
-    one_sided = [n for n in vector.skipped if (n in base_ckpt) != (n in ft_ckpt)] if vector.low_rank_source is None else []
-    if one_sided:
-        _echo(quiet, "skipped, in one of the two only (integer or bool buffers): " + ", ".join(one_sided))
-    if vector.low_rank_source is not None:
-        stored = vector.low_rank_source.subset(vector.names)
-        _echo(quiet, f"stored low-rank: {stored.stored_bytes} bytes (dense: {stored.dense_bytes} bytes)")
+    if extracted.one_sided:
+        _echo(quiet, "skipped, in one of the two only (integer or bool buffers): " + ", ".join(extracted.one_sided))
+    if extracted.low_rank_sizes is not None:
+        stored, dense = extracted.low_rank_sizes
+        _echo(quiet, f"stored low-rank: {stored} bytes (dense: {dense} bytes)")
     _echo(quiet, f"base fingerprint: {vector.base_fingerprint}")
     _echo(quiet, f"fingerprint: {fingerprint}")
     if register_as is not None:

@@ -9,6 +9,8 @@ over a recipe of local paths (``mlflow_taskvec.mlflow.inputs``).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +27,46 @@ from mlflow_taskvec.modelcard import CARD_NAME, hub_name_of, model_card
 from mlflow_taskvec.recipe import RECIPE_FORMAT, Recipe
 from mlflow_taskvec.references import absolute, is_local, load_vector, open_reference
 from mlflow_taskvec.signals import stage
+
+
+@dataclass
+class Extraction:
+    """A task vector ``finetuned - base`` (not yet saved) and what a report of it says."""
+
+    vector: TaskVector
+    base: Checkpoint
+    finetuned: Checkpoint
+
+    @property
+    def one_sided(self) -> list[str]:
+        """Skipped tensors that only one of the two checkpoints has (integer or bool buffers)."""
+        if self.vector.low_rank_source is not None:  # an adapter's vector: the base decides alone
+            return []
+        return [n for n in self.vector.skipped if (n in self.base) != (n in self.finetuned)]
+
+    @property
+    def low_rank_sizes(self) -> tuple[int, int] | None:
+        """``(stored bytes, dense bytes)`` when the vector is saved as low-rank factors, else None."""
+        low_rank = self.vector.low_rank_source
+        if low_rank is None:
+            return None
+        kept = low_rank.subset(self.vector.names)
+        return kept.stored_bytes, kept.dense_bytes
+
+
+def extract(
+    base: "str | os.PathLike",
+    finetuned: "str | os.PathLike",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    task: str | None = None,
+) -> Extraction:
+    """The task vector of the fine-tune ``finetuned`` (a checkpoint or a PEFT adapter) over ``base``,
+    both references of the scheme table (local paths, or what an installed scheme resolves)."""
+    base_ckpt = open_reference(base)
+    ft_ckpt = open_reference(finetuned, base=base_ckpt)
+    vector = TaskVector.extract(base_ckpt, ft_ckpt, include=include or None, exclude=exclude or None, task=task or None)
+    return Extraction(vector, base_ckpt, ft_ckpt)
 
 
 def needs_mlflow(recipe: Recipe, require_alias: str | None = None) -> bool:
