@@ -5,7 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
 import mlflow_taskvec
+from mlflow_taskvec.cli import main
+from mlflow_taskvec.compose import extract
 
 API = ["MergeResult", "TaskVecError", "TaskVecWarning", "TaskVector", "compose_to", "compress", "export_lora", "linearize",
        "load_recipe", "merge", "merge_to", "open_adapter", "open_checkpoint", "parse_recipe"]
@@ -37,3 +43,16 @@ def test_importing_the_package_imports_neither_torch_nor_mlflow_until_a_name_is_
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False", "True", "False"]
+
+
+def test_extract_reports_the_buffers_only_one_side_has(tmp_path):
+    base = {"w": torch.ones(3, 2), "steps": torch.tensor([4])}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file({"w": torch.full((3, 2), 1.5), "mask": torch.tensor([True, False])}, str(tmp_path / "ft.safetensors"))
+
+    extracted = extract(tmp_path / "base.safetensors", tmp_path / "ft.safetensors", task="t")
+    assert extracted.one_sided == ["mask", "steps"] and extracted.low_rank_sizes is None
+    assert torch.equal(extracted.vector.get_tensor("w"), torch.full((3, 2), 0.5))
+    out = CliRunner().invoke(main, ["extract", "--base", str(tmp_path / "base.safetensors"), "--finetuned", str(tmp_path / "ft.safetensors"), "-o", str(tmp_path / "tv.safetensors")])
+    assert out.exit_code == 0, out.output
+    assert "skipped, in one of the two only (integer or bool buffers): mask, steps" in out.output.splitlines()
