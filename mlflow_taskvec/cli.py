@@ -492,25 +492,7 @@ def inspect(ref, top, layers, fmt, base):
 
     d = describe(open_reference(ref, base=open_reference(base) if base else None))
     if fmt == "json":
-        out = {
-            "source": d.source,
-            "kind": d.kind,
-            "fingerprint": d.fingerprint,
-            "num_tensors": d.num_tensors,
-            "num_parameters": d.num_parameters,
-            "dtypes": d.dtypes,
-            "l2_norm": d.l2_norm,
-            "largest": [{"name": n, "l2_norm": v} for n, v in d.largest(top)],
-            "metadata": d.metadata,
-            "layout": d.layout,
-            "stored_bytes": d.stored_bytes,
-            "dense_bytes": d.dense_bytes,
-        }
-        if d.low_rank is not None:
-            out["low_rank"] = d.low_rank
-        if layers:
-            out["layers"] = d.layer_norms()
-        click.echo(json.dumps(out, indent=2))
+        click.echo(json.dumps(d.as_dict(top, layers), indent=2))
         return
     click.echo(f"source: {d.source}")
     click.echo(f"kind: {d.kind}")

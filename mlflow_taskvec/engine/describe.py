@@ -38,6 +38,29 @@ class Description:
     def compression_ratio(self) -> float:
         return self.dense_bytes / self.stored_bytes if self.stored_bytes else 1.0
 
+    def as_dict(self, top: int = 10, layers: bool = False) -> dict:
+        """What ``inspect --format json`` prints: the description with the ``top`` largest tensors
+        (and the norms by layer with ``layers``)."""
+        out = {
+            "source": self.source,
+            "kind": self.kind,
+            "fingerprint": self.fingerprint,
+            "num_tensors": self.num_tensors,
+            "num_parameters": self.num_parameters,
+            "dtypes": self.dtypes,
+            "l2_norm": self.l2_norm,
+            "largest": [{"name": n, "l2_norm": v} for n, v in self.largest(top)],
+            "metadata": self.metadata,
+            "layout": self.layout,
+            "stored_bytes": self.stored_bytes,
+            "dense_bytes": self.dense_bytes,
+        }
+        if self.low_rank is not None:
+            out["low_rank"] = self.low_rank
+        if layers:
+            out["layers"] = self.layer_norms()
+        return out
+
     def largest(self, n: int = 10) -> list[tuple[str, float]]:
         return sorted(self.tensor_norms.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
