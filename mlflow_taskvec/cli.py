@@ -533,55 +533,21 @@ def inspect(ref, top, layers, fmt, base):
 @_fail_cleanly
 def similarity(refs, heatmap, fmt, base, overwrite):
     """Cosine similarity matrix of task vectors REFS (as in the paper, near 0 for unrelated tasks)."""
-    import pandas as pd
-
-    from mlflow_taskvec.engine.describe import cosine_matrix
-    from mlflow_taskvec.engine.output import check_output_path
-    from mlflow_taskvec.references import load_vector, local_paths, open_reference
+    from mlflow_taskvec.similarity import check_heatmap_path, similarity_frame, write_heatmap
 
     if len(refs) < 2:
         raise click.UsageError("give at least two task vectors")
     if heatmap is not None:  # before anything is read or printed
-        check_output_path(heatmap, overwrite, inputs=local_paths([*refs, base]), what="heatmap")
-    base_ckpt = open_reference(base) if base else None
-    vectors = [load_vector(r, base=base_ckpt) for r in refs]
-    labels = [v.task or Path(str(r)).name for v, r in zip(vectors, refs)]
-    frame = pd.DataFrame(cosine_matrix(vectors).numpy(), index=pd.Index(labels, name="cosine"), columns=labels)
+        check_heatmap_path(heatmap, refs, base, overwrite)
+    frame = similarity_frame(refs, base)
     click.echo(render_table(frame, fmt))
     if heatmap is not None:
-        _write_heatmap(frame, heatmap, overwrite, local_paths([*refs, base]))
+        write_heatmap(frame, heatmap, refs, base, overwrite)
+        if os.environ.get("MLFLOW_RUN_ID"):  # inside an `mlflow run` step: MLflow is wanted (and imported) only then
+            from mlflow_taskvec.mlflow.runs import log_to_enclosing_run
+
+            log_to_enclosing_run(heatmap)
         click.echo(f"heatmap: {heatmap}", err=True)
-
-
-def _write_heatmap(frame, path: Path, overwrite: bool, inputs: list[Path]) -> None:
-    """Save the matrix as a PNG (and log it to the active MLflow run, if any)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from mlflow_taskvec.engine.output import write_file
-
-    n = len(frame)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n, 1 + 0.8 * n))
-    im = ax.imshow(frame.to_numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
-    ax.set_xticks(range(n), frame.columns, rotation=45, ha="right")
-    ax.set_yticks(range(n), frame.index)
-    for i in range(n):
-        for j in range(n):
-            value = frame.iat[i, j]
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="white" if abs(value) > 0.6 else "black")
-    fig.colorbar(im, ax=ax, label="cosine similarity")
-    fig.tight_layout()
-    try:
-        write_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), "heatmap", overwrite=overwrite, inputs=inputs)
-    finally:
-        plt.close(fig)
-    if os.environ.get("MLFLOW_RUN_ID"):
-        import mlflow
-
-        with mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"]):
-            mlflow.log_artifact(str(path))
 
 
 @main.command()

@@ -104,3 +104,14 @@ def owned_run(run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
     if before:  # the run is as it was, but for what was logged into it
         with contextlib.suppress(MlflowException):
             MlflowClient().delete_tag(run.info.run_id, tag.RUN_STATUS_BEFORE)
+
+
+def log_to_enclosing_run(path: "str | os.PathLike") -> bool:
+    """Log the file ``path`` to the run an ``mlflow run`` step runs in (``MLFLOW_RUN_ID``), if any;
+    returns whether it did."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return False
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_artifact(str(path))
+    return True
