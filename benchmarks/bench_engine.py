@@ -167,45 +167,14 @@ def generate_llm(directory: Path, shape: str, seed: int) -> list[Path]:
     """HF folders base/ and ft1..ft3/: bf16 weights in 1 GB shards with an index, and a config.json."""
     import torch
 
-    from mlflow_taskvec.engine import CheckpointWriter, TensorSpec, open_checkpoint
-
     plan = plan_llm(shape)
     paths = [directory / "base"] + [directory / f"ft{i + 1}" for i in range(N_FINETUNES)]
     tag = {"bench.shape": shape, "bench.seed": str(seed), "bench.params": str(plan["params"])}
-    if all((p / "config.json").is_file() for p in paths):
-        try:
-            if all({k: open_checkpoint(p).metadata().get(k) for k in tag} == tag for p in paths):
-                print(f"  reusing the checkpoints in {directory}")
-                return paths
-        except Exception:
-            pass
-    directory.mkdir(parents=True, exist_ok=True)
-    for p in paths:
-        remove(p)
-    started = time.perf_counter()
-    specs = {n: TensorSpec(torch.bfloat16, s) for n, s in plan["shapes"].items()}
-    gen = torch.Generator().manual_seed(seed)
-    writers = [CheckpointWriter(p, specs, tag, max_shard_size=LLM_SHARD) for p in paths]
-    try:
-        for name in writers[0].order:
-            is_norm = len(specs[name].shape) == 1
-            numel = specs[name].numel
-            for start in range(0, numel, 1 << 22):
-                n = min(numel, start + (1 << 22)) - start
-                base = torch.randn(n, generator=gen)
-                base = base.mul_(0.1).add_(1.0) if is_norm else base.mul_(0.02)
-                writers[0].write(name, base.to(torch.bfloat16))
-                for w in writers[1:]:
-                    w.write(name, (base + torch.randn(n, generator=gen).mul_(1e-3)).to(torch.bfloat16))
-        for w in writers:
-            w.commit()
-    except BaseException:
-        for w in writers:
-            w.abort()
-        raise
+    if _reusable(paths, tag, lambda p: (p / "config.json").is_file()):
+        return paths
+    _write_set(directory, paths, plan["shapes"], tag, seed, torch.bfloat16, max_shard_size=LLM_SHARD)
     for p in paths:
         (p / "config.json").write_text(json.dumps(plan["config"], indent=2) + "\n")
-    print(f"  generated 4 checkpoints in {time.perf_counter() - started:.1f} s")
     return paths
 
 
@@ -213,25 +182,44 @@ def generate(directory: Path, size_gb: float, seed: int) -> list[Path]:
     """Write base.safetensors and ft1..ft3.safetensors, chunk by chunk (memory stays small)."""
     import torch
 
-    from mlflow_taskvec.engine import CheckpointWriter, TensorSpec, open_checkpoint
-
     plan = plan_model(size_gb)
     paths = [directory / "base.safetensors"] + [directory / f"ft{i + 1}.safetensors" for i in range(N_FINETUNES)]
     tag = {"bench.size_gb": repr(size_gb), "bench.seed": str(seed), "bench.params": str(plan["params"])}
-    if all(p.is_file() for p in paths):
-        try:
-            if all({k: open_checkpoint(p).metadata().get(k) for k in tag} == tag for p in paths):
-                print(f"  reusing the checkpoints in {directory}")
-                return paths
-        except Exception:
-            pass
+    if _reusable(paths, tag, Path.is_file):
+        return paths
+    _write_set(directory, paths, plan["shapes"], tag, seed, torch.float32)
+    return paths
+
+
+def _reusable(paths: list[Path], tag: dict[str, str], complete) -> bool:
+    """Whether every checkpoint of a set is there (``complete(path)``) and carries ``tag``."""
+    from mlflow_taskvec.engine import open_checkpoint
+
+    if not all(complete(p) for p in paths):
+        return False
+    try:
+        if all({k: open_checkpoint(p).metadata().get(k) for k in tag} == tag for p in paths):
+            print(f"  reusing the checkpoints in {paths[0].parent}")
+            return True
+    except Exception:
+        pass
+    return False
+
+
+def _write_set(directory: Path, paths: list[Path], shapes: dict, tag: dict[str, str], seed: int, dtype, max_shard_size=None) -> None:
+    """A base and its fine-tunes (base + 1e-3 noise) at ``paths``, drawn chunk by chunk from one
+    seeded generator (memory stays small): norms around 1, other weights of scale 0.02."""
+    import torch
+
+    from mlflow_taskvec.engine import CheckpointWriter, TensorSpec
+
     directory.mkdir(parents=True, exist_ok=True)
     for p in paths:
-        p.unlink(missing_ok=True)
+        remove(p)
     started = time.perf_counter()
-    specs = {n: TensorSpec(torch.float32, s) for n, s in plan["shapes"].items()}
+    specs = {n: TensorSpec(dtype, s) for n, s in shapes.items()}
     gen = torch.Generator().manual_seed(seed)
-    writers = [CheckpointWriter(p, specs, tag) for p in paths]
+    writers = [CheckpointWriter(p, specs, tag, max_shard_size=max_shard_size) for p in paths]
     try:
         for name in writers[0].order:
             is_norm = len(specs[name].shape) == 1
@@ -240,17 +228,16 @@ def generate(directory: Path, size_gb: float, seed: int) -> list[Path]:
                 n = min(numel, start + (1 << 22)) - start
                 base = torch.randn(n, generator=gen)
                 base = base.mul_(0.1).add_(1.0) if is_norm else base.mul_(0.02)
-                writers[0].write(name, base)
+                writers[0].write(name, base.to(dtype))
                 for w in writers[1:]:
-                    w.write(name, base + torch.randn(n, generator=gen).mul_(1e-3))
+                    w.write(name, (base + torch.randn(n, generator=gen).mul_(1e-3)).to(dtype))
         for w in writers:
             w.commit()
     except BaseException:
         for w in writers:
             w.abort()
         raise
-    print(f"  generated 4 checkpoints in {time.perf_counter() - started:.1f} s")
-    return paths
+    print(f"  generated {len(paths)} checkpoints in {time.perf_counter() - started:.1f} s")
 
 
 # -- the child: one operation, measured --------------------------------------------
