@@ -526,19 +526,25 @@ def test_a_dead_tracking_server_fails_within_30_s_saying_once_that_it_retries(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
-def test_a_server_that_accepts_connections_and_never_answers_fails_within_30_s(tmp_path):
+def _register_against_a_silent_server(tmp_path, **settings) -> tuple[subprocess.CompletedProcess, float, str]:
+    """``compose --register`` against a server that accepts connections (the kernel does) and
+    never answers, with MLflow ``settings``; returns the process, its seconds and the server's URI."""
     import socket
 
-    with socket.socket() as silent:  # accepts connections (the kernel does) and never answers
+    with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
         started = time.monotonic()
         proc = subprocess.run(
             command("compose", _registry_recipe(tmp_path), "--register", "edit"),
-            env=_without_mlflow_settings(MLFLOW_TRACKING_URI=uri), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+            env=_without_mlflow_settings(MLFLOW_TRACKING_URI=uri, **settings), cwd=tmp_path, capture_output=True, text=True, timeout=120,
         )
-        seconds = time.monotonic() - started
+        return proc, time.monotonic() - started, uri
+
+
+def test_a_server_that_accepts_connections_and_never_answers_fails_within_30_s(tmp_path):
+    proc, seconds, uri = _register_against_a_silent_server(tmp_path)
 
     assert proc.returncode == 1
     warning, error = proc.stderr.splitlines()
@@ -549,19 +555,7 @@ def test_a_server_that_accepts_connections_and_never_answers_fails_within_30_s(t
 
 
 def test_the_users_own_mlflow_retry_settings_are_respected(tmp_path):
-    import socket
-
-    with socket.socket() as silent:  # accepts connections (the kernel does) and never answers
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(8)
-        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        started = time.monotonic()
-        proc = subprocess.run(
-            command("compose", _registry_recipe(tmp_path), "--register", "edit"),
-            env=_without_mlflow_settings(MLFLOW_TRACKING_URI=uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="1"),
-            cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        )
-        seconds = time.monotonic() - started
+    proc, seconds, uri = _register_against_a_silent_server(tmp_path, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="1")
 
     assert proc.returncode == 1
     line = one_error_line(proc.stderr)  # no retries, so no retry line
