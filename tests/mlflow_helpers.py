@@ -381,3 +381,43 @@ def register_trained_vectors(tasks, steps: int = 40, lr: float = 1e-2) -> torch.
         ft = resolve(info.model_uri)
         register_task_vector(TaskVector.extract(base.path, ft.path, task=task), vector_name(task), base, ft)
     return base_net
+
+
+def served_answer(model_uri: str, payload, deadline_s: float = 240, read_timeout_s: float = 60):
+    """``mlflow models serve`` of ``model_uri`` on a free 127.0.0.1 port (this checkout's package on
+    its path): ``payload`` POSTed to /invocations once the server answers (within ``deadline_s``),
+    its JSON answer returned; the server's process group is stopped either way."""
+    import json
+    import signal
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = str(Path(__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + deadline_s
+        body = json.dumps(payload).encode()
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
+                return json.loads(urllib.request.urlopen(request, timeout=read_timeout_s).read())
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise AssertionError(server.stderr.read().decode()[-2000:] if server.poll() is not None else "the server did not answer")
+                time.sleep(1)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -29,6 +29,7 @@ from mlflow_taskvec.engine.lora import open_adapter  # noqa: E402
 from mlflow_taskvec.engine.merging import merge  # noqa: E402
 from mlflow_taskvec.errors import TaskVecError  # noqa: E402
 from mlflow_taskvec.recipe import parse_recipe  # noqa: E402
+from mlflow_helpers import served_answer  # noqa: E402
 
 MODEL_DIR = Path(minilm.__file__).parent / "model"
 PREFIX = "base_model.model."
@@ -389,13 +390,6 @@ def test_a_registered_peft_composite_loads_as_a_peft_model_answers_text_and_veri
 
 
 def test_mlflow_models_serve_answers_text_with_a_registered_peft_composite(adapters, tmp_path, sqlite_store):
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
     import numpy as np
 
     from mlflow_taskvec.mlflow.registry import register_composite
@@ -406,29 +400,7 @@ def test_mlflow_models_serve_answers_text_with_a_registered_peft_composite(adapt
         import mlflow
 
         expected = np.asarray(mlflow.pyfunc.load_model(reg.version_uri).predict("the movie was great."))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", reg.version_uri, "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 240
-        body = json.dumps({"inputs": "the movie was great."}).encode()
-        while True:
-            try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
-                answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise AssertionError(server.stderr.read().decode()[-2000:] if server.poll() is not None else "the server did not answer")
-                time.sleep(1)
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+    answer = served_answer(reg.version_uri, {"inputs": "the movie was great."})
     np.testing.assert_allclose(np.asarray(answer["predictions"]).reshape(expected.shape), expected, rtol=1e-4, atol=1e-5)
 
 

