@@ -34,6 +34,13 @@ def _bytes_sha(ckpt, name: str) -> str:
     return hashlib.sha256(bytes(ckpt.raw_bytes(name))).hexdigest()
 
 
+def _vector(folder: Path, base: dict, finetuned: dict) -> TaskVector:
+    """``finetuned - base``, both saved as safetensors files in ``folder``."""
+    save_file(base, str(folder / "base.safetensors"))
+    save_file(finetuned, str(folder / "ft.safetensors"))
+    return TaskVector.extract(folder / "base.safetensors", folder / "ft.safetensors")
+
+
 # -- format 1 still reads as it did ---------------------------------------------------------
 
 
@@ -91,9 +98,7 @@ def test_compress_lowrank_writes_the_one_low_rank_layout(tmp_path):
     g = torch.Generator().manual_seed(2)
     base = {"a.weight": torch.randn(20, 16, generator=g), "b.bias": torch.randn(16, generator=g)}
     ft = {k: v + torch.randn(v.shape, generator=g) * 0.1 for k, v in base.items()}
-    save_file(base, str(tmp_path / "base.safetensors"))
-    save_file(ft, str(tmp_path / "ft.safetensors"))
-    vec = TaskVector.extract(tmp_path / "base.safetensors", tmp_path / "ft.safetensors")
+    vec = _vector(tmp_path, base, ft)
     result = compress(vec, tmp_path / "c.safetensors", "lowrank", rank=3)
     ckpt = open_checkpoint(tmp_path / "c.safetensors")
     table = json.loads(ckpt.metadata()["taskvec.layout_tensors"])
@@ -112,9 +117,7 @@ def test_an_all_zero_tensor_reads_back_exactly_zero_and_stores_nothing(layout, t
     g = torch.Generator().manual_seed(3)
     base = {"frozen.weight": torch.randn(8, 6, generator=g), "moved.weight": torch.randn(8, 6, generator=g)}
     ft = {"frozen.weight": base["frozen.weight"].clone(), "moved.weight": base["moved.weight"] + 0.25}
-    save_file(base, str(tmp_path / "base.safetensors"))
-    save_file(ft, str(tmp_path / "ft.safetensors"))
-    vec = TaskVector.extract(tmp_path / "base.safetensors", tmp_path / "ft.safetensors")
+    vec = _vector(tmp_path, base, ft)
     result = compress(vec, tmp_path / "c.safetensors", layout, **LAYOUTS[layout])
     ckpt = open_checkpoint(tmp_path / "c.safetensors")
     zero = ckpt.get_tensor("frozen.weight")
@@ -169,9 +172,7 @@ def stored_files(tmp_path_factory):
     g = torch.Generator().manual_seed(4)
     base = {"layer.weight": torch.randn(12, 10, generator=g), "head.bias": torch.randn(10, generator=g)}
     ft = {k: v + torch.randn(v.shape, generator=g) * 0.1 for k, v in base.items()}
-    save_file(base, str(tmp / "base.safetensors"))
-    save_file(ft, str(tmp / "ft.safetensors"))
-    vec = TaskVector.extract(tmp / "base.safetensors", tmp / "ft.safetensors")
+    vec = _vector(tmp, base, ft)
     out = {}
     for layout, setting in LAYOUTS.items():
         compress(vec, tmp / f"{layout}.safetensors", layout, **setting)
