@@ -34,10 +34,6 @@ class Description:
     # for a vector in the low-rank layout (engine/lowrank.py): ranks {name: rank}, dense_tensors, zero_tensors
     low_rank: dict | None = None
 
-    @property
-    def compression_ratio(self) -> float:
-        return self.dense_bytes / self.stored_bytes if self.stored_bytes else 1.0
-
     def as_dict(self, top: int = 10, layers: bool = False) -> dict:
         """What ``inspect --format json`` prints: the description with the ``top`` largest tensors
         (and the norms by layer with ``layers``)."""
