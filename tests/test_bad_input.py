@@ -114,6 +114,16 @@ def _truncated_vector(world) -> None:
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
 
+def _zero_vector(world) -> None:
+    """A registered vector that is all zeros (the fine-tune's encoder set back to the base's), downloaded
+    into the cache beforehand like every other valid input."""
+    if not world.client.search_model_versions("name = 'bad-zero-vector'"):
+        base_ref = resolve(BASE)
+        vector = TaskVector.extract(base_ref.path, base_ref.path, include=["encoder.*"], task="zero")
+        register_task_vector(vector, "bad-zero-vector", base_ref, base_ref)
+    resolve("models:/bad-zero-vector/1")
+
+
 def _garbled_composite(world) -> None:
     """A composite version whose taskvec.inputs tag was overwritten with something that is not a list of inputs."""
     reg = register_composite(parse_recipe(registry_recipe()), "bad-garbled")
@@ -296,6 +306,7 @@ CASES = [
     Case("compress-an-adapter-without-its-base", ["compress", "{local}/lora", "--format", "sparse", "--density", "0.5", "-o", "out/c.safetensors"], "{local}/lora: a LoRA adapter is a task vector of its base: give the base"),
     # -- accepted, with one warning line: what would otherwise pass unnoticed ------------------
     Case("compose-an-all-zero-vector", COMPOSE, "vectors[0] (task vector from {local}/zero.tv.safetensors): the task vector is all zeros, so it changes nothing", recipe=local_recipe({"vector": "{local}/zero.tv.safetensors"}), warning=True),
+    Case("compose-an-all-zero-registered-vector", COMPOSE, "vectors[0] (task vector 'zero' from models:/bad-zero-vector/1): the task vector is all zeros, so it changes nothing", recipe=registry_recipe({"vector": "models:/bad-zero-vector/1"}), setup=_zero_vector, warning=True),
     Case("compose-an-adapter-with-lora-alpha-zero", COMPOSE, "vectors[0] (task vector from {local}/lora-alpha-zero): the task vector is all zeros", recipe=local_recipe({"vector": "{local}/lora-alpha-zero"}), warning=True),
     Case("compose-an-adapter-without-weights", COMPOSE, "vectors[0] (task vector from {local}/lora-no-weights): the task vector is all zeros, so it changes nothing", recipe=local_recipe({"vector": "{local}/lora-no-weights"}), warning=True),
     Case("per-layer-glob-matching-no-tensor", COMPOSE, "vectors[0].weight: the glob 'model.nope.*' matches no tensor of the inputs, so its value 2 is unused", recipe=local_recipe({"vector": "{local}/ft.tv.safetensors", "weight": {"model.nope.*": 2, "*": 1}}), warning=True),

@@ -9,6 +9,7 @@ references starts here.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -90,17 +91,32 @@ class Inputs:
 
     @contextmanager
     def named_as_references(self) -> Iterator[None]:
-        """Errors raised while the local copies are read (a NaN, a bad tensor) name each input
-        by its reference, not by its path in the download cache, which the user never gave."""
+        """Errors raised and warnings given while the local copies are read (a NaN, a bad tensor, an
+        all-zero vector) name each input by its reference, not by its path in the download cache,
+        which the user never gave. The warnings are held until the block ends, then given again."""
+        held: list[warnings.WarningMessage] = []
         try:
-            yield
-        except TaskVecError as exc:
-            message = str(exc)
-            for res in sorted((self.base, *self.vectors), key=lambda r: len(str(r.path)), reverse=True):
-                message = message.replace(str(res.path), res.canonical)
-            if message == str(exc):
-                raise
-            raise TaskVecError(message) from None
+            with warnings.catch_warnings(record=True) as given:
+                try:
+                    yield
+                except TaskVecError as exc:
+                    message = self._as_references(str(exc))
+                    if message == str(exc):
+                        raise
+                    raise TaskVecError(message) from None
+                finally:
+                    held = list(given)
+        finally:
+            for w in held:
+                message = w.message
+                if isinstance(message, Warning) and (renamed := self._as_references(str(message))) != str(message):
+                    message = type(message)(renamed)
+                warnings.warn_explicit(message, w.category, w.filename, w.lineno, source=w.source)
+
+    def _as_references(self, text: str) -> str:
+        for res in sorted((self.base, *self.vectors), key=lambda r: len(str(r.path)), reverse=True):
+            text = text.replace(str(res.path), res.canonical)
+        return text
 
     def check_same_base(self) -> None:
         """Refuse an input that is not a task vector, or comes from another base, naming it as the recipe does."""
