@@ -74,7 +74,7 @@ def _as_option(exc: ParameterError) -> str:
     ctx = click.get_current_context(silent=True)
     for param in ctx.command.params if ctx is not None else ():
         if isinstance(param, click.Option) and param.name == exc.param:
-            return f"{max(param.opts, key=len)}: {exc.problem}"
+            return exc.worded(max(param.opts, key=len))
     return str(exc)
 
 
