@@ -21,5 +21,25 @@ class ParameterError(TaskVecError):
     """
 
     def __init__(self, param: str, problem: str):
-        super().__init__(f"{param}: {problem}")
         self.param, self.problem = param, problem
+        super().__init__(self.worded(param))
+
+    def worded(self, name: str) -> str:
+        """The message with the parameter called ``name`` (the CLI passes its option, ``--rank``)."""
+        return f"{name}: {self.problem}"
+
+
+class OutputExistsError(ParameterError):
+    """An output path that exists, written without ``overwrite``.
+
+    The message says how to replace it in the caller's words: ``overwrite=True`` for the
+    Python API; the CLI names its option (``--overwrite``).
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.param, self.problem = "overwrite", "output already exists"
+        TaskVecError.__init__(self, self.worded("overwrite=True"))
+
+    def worded(self, name: str) -> str:
+        return f"{self.path}: output already exists (pass {name} to replace it)"

@@ -56,3 +56,23 @@ def test_extract_reports_the_buffers_only_one_side_has(tmp_path):
     out = CliRunner().invoke(main, ["extract", "--base", str(tmp_path / "base.safetensors"), "--finetuned", str(tmp_path / "ft.safetensors"), "-o", str(tmp_path / "tv.safetensors")])
     assert out.exit_code == 0, out.output
     assert "skipped, in one of the two only (integer or bool buffers): mask, steps" in out.output.splitlines()
+
+
+def test_an_existing_output_is_refused_in_the_words_of_each_front_end(tmp_path):
+    """The engine's error names the parameter: ``overwrite=True`` in Python, the option on the command line."""
+    save_file({"w": torch.ones(2, 2)}, str(tmp_path / "base.safetensors"))
+    save_file({"w": torch.full((2, 2), 3.0)}, str(tmp_path / "ft.safetensors"))
+    out = tmp_path / "tv.safetensors"
+    out.write_bytes(b"precious")
+    vector = extract(tmp_path / "base.safetensors", tmp_path / "ft.safetensors").vector
+
+    try:
+        vector.save(out)
+    except mlflow_taskvec.TaskVecError as exc:
+        assert str(exc) == f"{out}: output already exists (pass overwrite=True to replace it)"
+    else:
+        raise AssertionError("no TaskVecError")
+    cli = CliRunner().invoke(main, ["extract", "--base", str(tmp_path / "base.safetensors"), "--finetuned", str(tmp_path / "ft.safetensors"), "-o", str(out)])
+    assert cli.exit_code == 1
+    assert cli.output.strip().splitlines()[-1] == f"Error: {out}: output already exists (pass --overwrite to replace it)"
+    assert out.read_bytes() == b"precious"

@@ -49,6 +49,7 @@ from mlflow_taskvec.engine.lora import (
     svd_factors,
     write_adapter,
 )
+from mlflow_taskvec.engine.lowrank import max_rank
 from mlflow_taskvec.engine.merging import merge_tensor, plan_merge
 from mlflow_taskvec.engine.output import OutputClaim, refuse_aliasing
 from mlflow_taskvec.engine.streaming import check_finite, check_finite_output, one_torch_thread
@@ -125,7 +126,7 @@ def _check_adapter_inputs(vectors) -> None:
             continue
         for name in v.names:
             t = low.low_rank.get(name)
-            if t is not None and t.rank > 0 and len(t.shape) == 2 and t.rank > min(t.shape):
+            if t is not None and len(t.shape) == 2 and t.rank > max_rank(t.shape):
                 raise TaskVecError(
                     f"vectors[{i}] ({low.source}): tensor {name!r} has rank {t.rank}, more than its size {list(t.shape)} allows"
                 )

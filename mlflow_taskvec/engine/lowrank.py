@@ -278,6 +278,12 @@ class LowRankCheckpoint(Checkpoint):
         )
 
 
+def max_rank(shape: Sequence[int]) -> int:
+    """The largest rank a tensor of ``shape`` can be stored with as factors: ``min(m, n)`` for an
+    ``m x n`` matrix, 0 (all zeros, nothing stored) for any other shape."""
+    return min(shape) if len(shape) == 2 else 0
+
+
 def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
     """The fewest leading singular values whose squares hold ``energy`` of their sum (0 for a zero
     matrix); sums in float64, with 1e-12 of slack so that ``energy = 1`` keeps every nonzero one."""
@@ -322,7 +328,7 @@ def save_low_rank(
         elif t.rank == 0:
             entry["encoding"] = "zero"
         else:
-            if len(spec.shape) != 2 or t.rank > min(spec.shape):
+            if t.rank > max_rank(spec.shape):
                 raise TaskVecError(f"{ckpt.source}: tensor {name!r} of shape {list(spec.shape)} cannot have rank {t.rank} (at most {min(spec.shape)})")
             entry.update(encoding="lowrank", rank=t.rank, scaling=t.scaling)
             for part, get, shape in (("left", t.left, (spec.shape[0], t.rank)), ("right", t.right, (t.rank, spec.shape[1]))):
@@ -374,10 +380,10 @@ def read_low_rank(ckpt: SafetensorsCheckpoint) -> LowRankCheckpoint:
                 if shape_a is None:
                     raise corrupt(ckpt, name, "lacks its stored part 'A'")
                 rank, scaling, cls = (shape_a[0] if len(shape_a) == 2 else 0), 1.0, ProductTensor
-                if not 1 <= rank <= min(m, n):
-                    raise corrupt(ckpt, name, f"has part 'A' of shape {list(shape_a)}: its rank is not in [1, {min(m, n)}]")
+                if not 1 <= rank <= max_rank(spec.shape):
+                    raise corrupt(ckpt, name, f"has part 'A' of shape {list(shape_a)}: its rank is not in [1, {max_rank(spec.shape)}]")
             else:
-                rank, scaling, cls = entry_int(ckpt, name, entry, "rank", 1, min(m, n)), entry_number(ckpt, name, entry, "scaling"), LowRankTensor
+                rank, scaling, cls = entry_int(ckpt, name, entry, "rank", 1, max_rank(spec.shape)), entry_number(ckpt, name, entry, "scaling"), LowRankTensor
             left = check_part(ckpt, name, left_part, (m, rank), dtypes)
             right = check_part(ckpt, name, right_part, (rank, n), dtypes)
             claimed.update((left, right))
@@ -396,7 +402,7 @@ def read_lora_layout(ckpt: SafetensorsCheckpoint) -> LowRankCheckpoint:
     claimed: set[str] = set()
     for name, entry in layout_table(ckpt, meta_keys.LOW_RANK).items():
         shape = entry_shape(ckpt, name, entry)
-        rank = entry_int(ckpt, name, entry, "rank", 0, min(shape) if len(shape) == 2 else 0)
+        rank = entry_int(ckpt, name, entry, "rank", 0, max_rank(shape))
         scaling = entry_number(ckpt, name, entry, "scaling")
         if rank == 0:
             low_rank[name] = LowRankTensor(shape, 0)

@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.errors import OutputExistsError, TaskVecError
 from mlflow_taskvec.signals import moved_into_place
 
 try:
@@ -233,13 +233,13 @@ class OutputClaim:
             if not self.path.parent.is_dir():
                 raise TaskVecError(f"{self.path}: cannot write the {what}, there is no folder {self.path.parent}")
         if os.path.lexists(self.path) and not overwrite:
-            raise TaskVecError(f"{self.path}: output already exists (pass --overwrite to replace it)")
+            raise OutputExistsError(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:
             self.start = _identity(self.path)
             if self.start is not None and not overwrite:  # appeared between the check and the lock
-                raise TaskVecError(f"{self.path}: output already exists (pass --overwrite to replace it)")
+                raise OutputExistsError(self.path)
             _refuse_special(self.path)
             self._remove_stale_partials()
         except BaseException:

@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.checkpoint import is_adapter
 from mlflow_taskvec.engine.lora import adapter_fingerprint
+from mlflow_taskvec.mlflow import flavor_conf as conf_keys
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow import uris
 from mlflow_taskvec.mlflow.server import server_error
@@ -112,7 +113,7 @@ def weights_path(local: Path, mlmodel: dict | None) -> Path:
     if mlmodel:
         flavors = mlmodel.get("flavors", {})
         if "taskvec" in flavors:
-            return local / flavors["taskvec"].get("data", "data")
+            return local / flavors["taskvec"].get(conf_keys.DATA, "data")
         if "sentence_transformers" in flavors:
             return local / flavors["sentence_transformers"].get("data", "model.sentence_transformer")
         if "transformers" in flavors:
@@ -161,7 +162,7 @@ def _expected_fingerprint(uri: str, conf: dict | None, tags: dict) -> str | None
     """The fingerprint the weights must have: the one the registry recorded when the version
     was created (its ``taskvec.fingerprint`` tag, kept in the database, out of reach of
     whoever can write the artifact store), which the MLmodel file must agree with."""
-    recorded = (conf or {}).get("fingerprint")
+    recorded = (conf or {}).get(conf_keys.FINGERPRINT)
     tagged = tags.get(tag.FINGERPRINT)
     if recorded and tagged and recorded != tagged:
         raise TaskVecError(

@@ -28,6 +28,7 @@ from mlflow_taskvec import compose
 from mlflow_taskvec.engine.linearize import linearize
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.mlflow import flavor
+from mlflow_taskvec.mlflow import flavor_conf as conf_keys
 from mlflow_taskvec.engine.coefficients import Coefficient, values_of
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.evaluation import (
@@ -80,12 +81,12 @@ def module_builder(base: Resolved, factory: str | None = None, factory_kwargs: M
 def _plain_builder(base: Resolved, factory: str | None, factory_kwargs: Mapping | None) -> Builder:
     if factory:
         return lambda state: flavor.module_from_factory(factory, factory_kwargs or {}, state)
-    if base.conf and base.conf.get("kind") == "checkpoint" and base.model_dir is not None:
+    if base.conf and base.conf.get(conf_keys.KIND) == conf_keys.CHECKPOINT and base.model_dir is not None:
         _add_code_from_conf_to_system_path(str(base.model_dir), base.conf)
         conf, weights = base.conf, base.path
         return lambda state: flavor.build_module(conf, weights, state)
     if base.path.is_dir() and (base.path / "config.json").is_file():
-        conf, weights = {"architecture": {"hf_config": True}}, base.path
+        conf, weights = {conf_keys.ARCHITECTURE: {conf_keys.HF_CONFIG: True}}, base.path
         return lambda state: flavor.build_module(conf, weights, state)
     raise TaskVecError(
         f"base {base.canonical} records no architecture, so there is no model to evaluate: "

@@ -73,6 +73,7 @@ from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.lowrank import LowRankCheckpoint
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.mlflow import flavor_conf as conf_keys
 from mlflow_taskvec.mlflow.model_io import (  # noqa: F401  (build_module, hf_flavor_of, ...: the flavor's API too)
     architecture_of,
     build_module,
@@ -159,27 +160,27 @@ def save_model(
         carry_over_hf_files(Path(hf_base), data, path)
     kind, ckpt = write_weights(model, path / data)
     conf: dict[str, Any] = {
-        "kind": kind,
-        "data": data,
-        "format_version": FORMAT_VERSION,
-        "fingerprint": ckpt.fingerprint(),
-        "num_tensors": len(ckpt.keys()),
-        "num_parameters": ckpt.num_parameters(),
-        "dtype": main_dtype(ckpt),
-        "code": code_subpath,
+        conf_keys.KIND: kind,
+        conf_keys.DATA: data,
+        conf_keys.FORMAT_VERSION: FORMAT_VERSION,
+        conf_keys.FINGERPRINT: ckpt.fingerprint(),
+        conf_keys.NUM_TENSORS: len(ckpt.keys()),
+        conf_keys.NUM_PARAMETERS: ckpt.num_parameters(),
+        conf_keys.DTYPE: main_dtype(ckpt),
+        conf_keys.CODE: code_subpath,
     }
     meta = ckpt.metadata()
     if meta_keys.LAYOUT in meta:  # a stored layout (compressed, low-rank): the layout and both sizes
-        conf.update(layout=meta[meta_keys.LAYOUT], stored_bytes=ckpt.stored_bytes, dense_bytes=ckpt.dense_bytes)
+        conf.update({conf_keys.LAYOUT: meta[meta_keys.LAYOUT], conf_keys.STORED_BYTES: ckpt.stored_bytes, conf_keys.DENSE_BYTES: ckpt.dense_bytes})
     if isinstance(ckpt, LowRankCheckpoint):  # stored as factors: each tensor's rank
-        conf["ranks"] = {n: ckpt.rank(n) for n in ckpt.keys() if ckpt.rank(n)}
-    if kind == "task_vector":
+        conf[conf_keys.RANKS] = {n: ckpt.rank(n) for n in ckpt.keys() if ckpt.rank(n)}
+    if kind == conf_keys.TASK_VECTOR:
         vector = TaskVector.load(ckpt)
-        conf.update(task=vector.task, base_fingerprint=vector.base_fingerprint, l2_norm=vector.norm())
+        conf.update({conf_keys.TASK: vector.task, conf_keys.BASE_FINGERPRINT: vector.base_fingerprint, conf_keys.L2_NORM: vector.norm()})
     else:
-        conf["architecture"] = architecture_of(factory, factory_kwargs, path / data)
+        conf[conf_keys.ARCHITECTURE] = architecture_of(factory, factory_kwargs, path / data)
         if meta_keys.BASE_FINGERPRINT in meta:
-            conf["base_fingerprint"] = meta[meta_keys.BASE_FINGERPRINT]
+            conf[conf_keys.BASE_FINGERPRINT] = meta[meta_keys.BASE_FINGERPRINT]
     for key, value in (lineage or {}).items():
         conf[key] = value
     (path / data / _CONF_FILE).write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n", "utf-8")
@@ -194,8 +195,8 @@ def save_model(
         if extra_pip_requirements is None and pip_requirements is None and (Path(hf_base) / _REQUIREMENTS_FILE_NAME).is_file():
             lines = (Path(hf_base) / _REQUIREMENTS_FILE_NAME).read_text("utf-8").splitlines()
             extra_pip_requirements = [line for line in lines if line.strip() and not line.startswith(("mlflow", "-"))]
-    elif kind == "checkpoint":
-        if conf["architecture"].get("hf_config") and has_tokenizer(path / data) and known_architecture(path / data):
+    elif kind == conf_keys.CHECKPOINT:
+        if conf[conf_keys.ARCHITECTURE].get(conf_keys.HF_CONFIG) and has_tokenizer(path / data) and known_architecture(path / data):
             signature = signature or text_signature(path / data)
             input_example = input_example if input_example is not None else ["The quick brown fox jumps over the lazy dog."]
         if input_example is not None:
@@ -296,8 +297,8 @@ def load_model(model_uri: str, dst_path: str | None = None):
     local = Path(_download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path))
     conf = read_conf(local)
     _add_code_from_conf_to_system_path(str(local), conf)
-    data = local / conf.get("data", _DATA)
-    if conf["kind"] == "task_vector":
+    data = local / conf.get(conf_keys.DATA, _DATA)
+    if conf[conf_keys.KIND] == conf_keys.TASK_VECTOR:
         return TaskVector.load(data)
     return build_module(conf, data)
 
@@ -305,9 +306,9 @@ def load_model(model_uri: str, dst_path: str | None = None):
 def _load_pyfunc(data_path: str, model_config: dict | None = None):
     data = Path(data_path)
     conf = json.loads((data / _CONF_FILE).read_text("utf-8"))
-    if conf.get("kind") != "checkpoint":
+    if conf.get(conf_keys.KIND) != conf_keys.CHECKPOINT:
         raise TaskVecError(f"{data}: only checkpoint-kind taskvec models can be loaded as pyfunc")
     module = build_module(conf, data)
-    if (conf.get("architecture") or {}).get("hf_config"):
+    if (conf.get(conf_keys.ARCHITECTURE) or {}).get(conf_keys.HF_CONFIG):
         return HFPyfunc(module, data)
     return CheckpointPyfunc(module)

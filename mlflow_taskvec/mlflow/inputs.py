@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_taskvec import compose
 from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.mlflow import flavor_conf as conf_keys
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow import uris
 from mlflow_taskvec.mlflow.downloads import Resolved, resolve
@@ -121,8 +122,8 @@ class Inputs:
     def check_same_base(self) -> None:
         """Refuse an input that is not a task vector, or comes from another base, naming it as the recipe does."""
         for i, (entry, res) in enumerate(zip(self.recipe.vectors, self.vectors)):
-            kind = (res.conf or {}).get("kind")
-            if entry.vector is not None and kind not in (None, tag.TASK_VECTOR):
+            kind = (res.conf or {}).get(conf_keys.KIND)
+            if entry.vector is not None and kind not in (None, conf_keys.TASK_VECTOR):
                 raise TaskVecError(f"vectors[{i}]: {res.canonical} is a {kind} model, not a task vector")
         local = self.local()
         with self.named_as_references():

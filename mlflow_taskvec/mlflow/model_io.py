@@ -24,6 +24,7 @@ from mlflow_taskvec.engine.checkpoint import Checkpoint, StateDictCheckpoint, op
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.writer import CheckpointWriter, copy_non_weight_files
 from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.mlflow import flavor_conf as conf_keys
 
 # The HF flavors a composite carries over from its base: flavor name -> its weights folder.
 HF_FLAVORS = {"sentence_transformers": ("data", "model.sentence_transformer"), "transformers": ("model_binary", "model")}
@@ -76,7 +77,7 @@ def architecture_of(factory: str | None, factory_kwargs: Mapping[str, Any] | Non
     if factory is None:
         if (weights / "config.json").is_file():
             # an HF-style folder: rebuilt by transformers' AutoModel.from_pretrained
-            return {"hf_config": "config.json"}
+            return {conf_keys.HF_CONFIG: "config.json"}
         raise TaskVecError(
             "a checkpoint model needs an architecture: pass factory='package.module:function' or save an HF-style folder with config.json"
         )
@@ -86,14 +87,14 @@ def architecture_of(factory: str | None, factory_kwargs: Mapping[str, Any] | Non
         json.dumps(kwargs)
     except TypeError:
         raise TaskVecError("architecture factory_kwargs must be JSON-serializable") from None
-    return {"factory": factory, "factory_kwargs": kwargs}
+    return {conf_keys.FACTORY: factory, conf_keys.FACTORY_KWARGS: kwargs}
 
 
 def write_weights(model, target: Path) -> tuple[str, Checkpoint]:
     """Write ``model``'s weights under ``target`` (a folder); returns (kind, checkpoint)."""
     if isinstance(model, TaskVector):
         model.save(target)
-        return "task_vector", open_checkpoint(target)
+        return conf_keys.TASK_VECTOR, open_checkpoint(target)
     if isinstance(model, torch.nn.Module):
         source = StateDictCheckpoint({k: v for k, v in model.state_dict().items()}, source=type(model).__name__)
     elif isinstance(model, Mapping):
@@ -114,7 +115,7 @@ def write_weights(model, target: Path) -> tuple[str, Checkpoint]:
             shutil.copy2(index, target / index.name)
         if source.directory is not None:
             copy_non_weight_files(source.directory, target)
-    kind = meta_keys.TASK_VECTOR if source.metadata().get(meta_keys.KIND) == meta_keys.TASK_VECTOR else "checkpoint"
+    kind = conf_keys.TASK_VECTOR if source.metadata().get(meta_keys.KIND) == meta_keys.TASK_VECTOR else conf_keys.CHECKPOINT
     return kind, open_checkpoint(target)
 
 
@@ -134,13 +135,13 @@ def build_module(conf: dict, weights_dir: Path, state: Mapping[str, torch.Tensor
     (which then only provides an HF config): how search candidates are evaluated
     without being written anywhere.
     """
-    arch = conf.get("architecture") or {}
-    if arch.get("hf_config"):
+    arch = conf.get(conf_keys.ARCHITECTURE) or {}
+    if arch.get(conf_keys.HF_CONFIG):
         return _hf_module(Path(weights_dir), state)
-    factory = arch.get("factory")
+    factory = arch.get(conf_keys.FACTORY)
     if not factory:
         raise TaskVecError(f"{weights_dir}: the model records no architecture factory")
-    return module_from_factory(factory, arch.get("factory_kwargs", {}), state if state is not None else read_state(weights_dir))
+    return module_from_factory(factory, arch.get(conf_keys.FACTORY_KWARGS, {}), state if state is not None else read_state(weights_dir))
 
 
 def _hf_module(weights_dir: Path, state: Mapping[str, torch.Tensor] | None) -> torch.nn.Module:

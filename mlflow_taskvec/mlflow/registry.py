@@ -37,6 +37,7 @@ from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.output import OutputClaim, check_output_path, refuse_aliasing
 from mlflow_taskvec.errors import TaskVecError, TaskVecWarning
 from mlflow_taskvec.mlflow import flavor
+from mlflow_taskvec.mlflow import flavor_conf as conf_keys
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.downloads import Resolved, resolve
 from mlflow_taskvec.mlflow.evaluate import composite_evaluation, fine_tuning_of, module_builder
@@ -172,6 +173,10 @@ class Registered:
     def version_uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
 
+    def summary(self) -> str:
+        """The one line every registering command prints: the version, its logged model and run."""
+        return f"registered: {self.version_uri}  (model {self.model_uri}, run {self.run_id})"
+
 
 @_asks_the_server_first
 def register_task_vector(
@@ -198,7 +203,7 @@ def register_task_vector(
     run_id = run_id or finetuned.run_id
     local_paths = _local_paths([base.uri, finetuned.uri])
     with owned_run(run_id) as run:
-        lineage = {"base_uri": base.canonical, "finetuned_uri": finetuned.canonical, "finetuned_fingerprint": finetuned.fingerprint}
+        lineage = {conf_keys.BASE_URI: base.canonical, conf_keys.FINETUNED_URI: finetuned.canonical, conf_keys.FINETUNED_FINGERPRINT: finetuned.fingerprint}
         info = flavor.log_model(vector, name="task_vector", lineage=lineage)
         conf = info.flavors[flavor.FLAVOR_NAME]
         tags = {
@@ -207,9 +212,9 @@ def register_task_vector(
             tag.BASE_URI: base.canonical,
             tag.BASE_FINGERPRINT: vector.base_fingerprint,
             tag.FINETUNED_URI: finetuned.canonical,
-            tag.FINGERPRINT: conf["fingerprint"],
-            tag.NUM_PARAMETERS: conf["num_parameters"],
-            tag.L2_NORM: _fmt(conf["l2_norm"]),
+            tag.FINGERPRINT: conf[conf_keys.FINGERPRINT],
+            tag.NUM_PARAMETERS: conf[conf_keys.NUM_PARAMETERS],
+            tag.L2_NORM: _fmt(conf[conf_keys.L2_NORM]),
             **({tag.REPRODUCIBLE: "false"} if local_paths else {}),
             **({tag.FINE_TUNING: fine_tuning} if fine_tuning != "standard" else {}),
         }
@@ -259,18 +264,18 @@ def register_compressed_vector(
         target = Path(output) if output is not None else Path(tmp) / "vector.safetensors"
         result = compress(vector, target, layout, density, rank, energy, source_fingerprint=source.fingerprint, overwrite=overwrite, device=device)
         with owned_run(source.run_id) as run:
-            lineage = {"compressed_from": source.canonical, "base_uri": recorded.get(tag.BASE_URI) or recorded.get("base_uri", "")}
+            lineage = {conf_keys.COMPRESSED_FROM: source.canonical, conf_keys.BASE_URI: recorded.get(tag.BASE_URI) or recorded.get(conf_keys.BASE_URI, "")}
             info = flavor.log_model(str(target), name="task_vector", lineage=lineage)
             conf = info.flavors[flavor.FLAVOR_NAME]
             tags = {
                 tag.KIND: tag.TASK_VECTOR,
                 tag.TASK: vector.task or "",
-                tag.BASE_URI: lineage["base_uri"],
+                tag.BASE_URI: lineage[conf_keys.BASE_URI],
                 tag.BASE_FINGERPRINT: vector.base_fingerprint,
                 tag.FINETUNED_URI: recorded.get(tag.FINETUNED_URI) or recorded.get("finetuned_uri", ""),
-                tag.FINGERPRINT: conf["fingerprint"],
-                tag.NUM_PARAMETERS: conf["num_parameters"],
-                tag.L2_NORM: _fmt(conf["l2_norm"]),
+                tag.FINGERPRINT: conf[conf_keys.FINGERPRINT],
+                tag.NUM_PARAMETERS: conf[conf_keys.NUM_PARAMETERS],
+                tag.L2_NORM: _fmt(conf[conf_keys.L2_NORM]),
                 tag.COMPRESSED_FROM: source.canonical,
                 tag.SOURCE_FINGERPRINT: source.fingerprint,
                 tag.LAYOUT: layout,
@@ -287,9 +292,9 @@ def register_compressed_vector(
                 "| role | reference | fingerprint |",
                 "|---|---|---|",
                 f"| compressed from | {md_code(source.canonical)} | `{source.fingerprint[:16]}` |",
-                f"| task vector (densified) | this version | `{conf['fingerprint'][:16]}` |",
+                f"| task vector (densified) | this version | `{conf[conf_keys.FINGERPRINT][:16]}` |",
                 "",
-                f"{result.stored_bytes} bytes stored for {result.dense_bytes} dense; {conf['num_parameters']} parameters in {conf['num_tensors']} tensors.",
+                f"{result.stored_bytes} bytes stored for {result.dense_bytes} dense; {conf[conf_keys.NUM_PARAMETERS]} parameters in {conf[conf_keys.NUM_TENSORS]} tensors.",
             ])
             mv = _create_version(name, info, run.info.run_id, tags, description)
     if alias:
@@ -306,9 +311,9 @@ def _vector_description(vector: TaskVector, base: Resolved, finetuned: Resolved,
             "|---|---|---|",
             f"| base | {_model_cell(base, base.canonical)} | `{base.fingerprint[:16]}` |",
             f"| fine-tune | {_model_cell(finetuned, finetuned.canonical)} | `{finetuned.fingerprint[:16]}` |",
-            f"| task vector | this version | `{conf['fingerprint'][:16]}` |",
+            f"| task vector | this version | `{conf[conf_keys.FINGERPRINT][:16]}` |",
             "",
-            f"{conf['num_parameters']} parameters in {conf['num_tensors']} tensors, L2 norm {_fmt(conf['l2_norm'])}, dtype {conf['dtype']}.",
+            f"{conf[conf_keys.NUM_PARAMETERS]} parameters in {conf[conf_keys.NUM_TENSORS]} tensors, L2 norm {_fmt(conf[conf_keys.L2_NORM])}, dtype {conf[conf_keys.DTYPE]}.",
         ]
     )
 
@@ -394,18 +399,18 @@ def register_composite(
             state = merge(base.path, [TaskVector.load(weights, base=base.path)], [1.0]) if as_adapter else flavor.read_state(weights)
             metrics = evaluate(module_builder(base, linear=linear)(state))
         recipe_path = Path(tmp) / "recipe.yaml"
-        recipe_path.write_text(yaml.safe_dump(resolved.model_dump(exclude={"output", "search"}), sort_keys=False), "utf-8")
+        recipe_path.write_text(resolved.as_yaml(), "utf-8")
         mlflow.log_artifact(str(recipe_path))
         input_rows = [
             {"uri": r.canonical, "weight": e.weight, "fingerprint": r.fingerprint} for e, r in zip(resolved.vectors, inputs.vectors)
         ]
         lineage = {
-            "method": resolved.method,
-            "scale": resolved.scale,
-            "params": resolved.params,
-            "inputs": input_rows,
-            "base_uri": base.canonical,
-            "recipe_sha256": resolved.sha256(),
+            conf_keys.METHOD: resolved.method,
+            conf_keys.SCALE: resolved.scale,
+            conf_keys.PARAMS: resolved.params,
+            conf_keys.INPUTS: input_rows,
+            conf_keys.BASE_URI: base.canonical,
+            conf_keys.RECIPE_SHA256: resolved.sha256(),
         }
         if as_adapter:
             info, fingerprint = _log_adapter_composite(base, weights, lineage)
@@ -422,8 +427,8 @@ def register_composite(
             info = flavor.log_model(
                 weights,
                 name="composite",
-                factory=architecture.get("factory"),
-                factory_kwargs=architecture.get("factory_kwargs"),
+                factory=architecture.get(conf_keys.FACTORY),
+                factory_kwargs=architecture.get(conf_keys.FACTORY_KWARGS),
                 code_paths=code_paths,
                 lineage=lineage,
                 signature=signature,
@@ -539,15 +544,15 @@ def _architecture_of(base: Resolved) -> tuple[dict, list[str] | None, object]:
     """
     if (not base.conf or base.model_dir is None) and base.path.is_dir() and (base.path / "config.json").is_file():
         return {}, None, None
-    if not base.conf or base.conf.get("kind") != "checkpoint" or base.model_dir is None:
+    if not base.conf or base.conf.get(conf_keys.KIND) != conf_keys.CHECKPOINT or base.model_dir is None:
         raise TaskVecError(
             f"base {base.canonical} is not a checkpoint-kind taskvec model, so the composite would have no architecture; "
             "register the base with mlflow_taskvec.mlflow.flavor.log_model(..., factory=...) or use an HF-style base with config.json"
         )
-    code_dir = base.model_dir / (base.conf.get("code") or "code")
-    code_paths = sorted(str(p) for p in code_dir.iterdir()) if base.conf.get("code") and code_dir.is_dir() else None
+    code_dir = base.model_dir / (base.conf.get(conf_keys.CODE) or "code")
+    code_paths = sorted(str(p) for p in code_dir.iterdir()) if base.conf.get(conf_keys.CODE) and code_dir.is_dir() else None
     signature = Model.load(str(base.model_dir / "MLmodel")).signature
-    return base.conf.get("architecture") or {}, code_paths, signature
+    return base.conf.get(conf_keys.ARCHITECTURE) or {}, code_paths, signature
 
 
 def _as_param(value: Coefficient):

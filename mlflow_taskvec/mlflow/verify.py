@@ -21,6 +21,7 @@ from mlflow_taskvec.engine.compressed import compress
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.coefficients import describe
 from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.mlflow import flavor_conf as conf_keys
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow import uris
 from mlflow_taskvec.mlflow.downloads import Resolved, resolve
@@ -187,7 +188,7 @@ def _verify_vector(uri: str, tags: dict, tmp: Path) -> list[str]:
     base = _fetched_as_recorded(base_uri, f"base {base_uri}", tags[tag.BASE_FINGERPRINT], "the version was replaced or its artifact modified", checks)
     stored = _fetched_as_recorded(uri, f"stored weights of {uri}", tags[tag.FINGERPRINT], "the task vector's artifact was modified", checks, "stored weights")
     ft = _fresh(ft_uri, f"fine-tune {ft_uri}")
-    recorded_ft = (stored.conf or {}).get("finetuned_fingerprint")
+    recorded_ft = (stored.conf or {}).get(conf_keys.FINETUNED_FINGERPRINT)
     if recorded_ft:
         _same(f"fine-tune {ft_uri}", ft.fingerprint, recorded_ft, "the fine-tune was replaced or its artifact modified")
     checks.append(f"fine-tune {ft_uri}: fingerprint {ft.fingerprint[:16]}" + (" as recorded" if recorded_ft else ""))
