@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from team_server import import_or_skip_or_fail  # noqa: E402
 
@@ -49,6 +49,22 @@ def store(tmp_path, tmp_path_factory):
         yield s
 
 
+def composite_state(scale: float, finetuned_dir: Path) -> dict[str, torch.Tensor]:
+    """base + scale * (fine-tune - base), tensor by tensor, from the two safetensors files."""
+    base, finetuned = load_file(str(MODEL_DIR / "model.safetensors")), load_file(str(finetuned_dir / "model.safetensors"))
+    return {n: b + scale * (finetuned[n] - b) if b.is_floating_point() else b for n, b in base.items()}
+
+
+def embeddings_of_the_base_plus(scale: float, finetuned_dir: Path) -> np.ndarray:
+    """SentenceTransformer on the base MiniLM with ``scale`` times the task vector added to its
+    transformer's weights by plain tensor arithmetic: what a composite must embed."""
+    model = sentence_transformers.SentenceTransformer(str(MODEL_DIR), device="cpu")
+    transformer = model[0].auto_model
+    state = composite_state(scale, finetuned_dir)
+    transformer.load_state_dict({n: state[n] for n in transformer.state_dict()}, strict=True)
+    return model.encode(TEXTS)
+
+
 def local_model_dir(uri: str, tmp_path: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "download")))
 
@@ -70,9 +86,10 @@ def test_a_composite_of_a_sentence_transformers_base_loads_with_that_flavor_and_
         assert filecmp.cmp(data / name, base_data / name, shallow=False), name
     assert "tags:\n- merge\n- task-arithmetic" in (data / "README.md").read_text()  # the composite's own card
     loaded = mlflow.sentence_transformers.load_model(reg.version_uri)
-    direct = sentence_transformers.SentenceTransformer(str(tmp_path / "composite"), device="cpu")
-    expected = direct.encode(TEXTS)
+    expected = embeddings_of_the_base_plus(0.5, finetuned_dir)
     np.testing.assert_allclose(loaded.encode(TEXTS), expected, rtol=1e-5, atol=1e-6)
+    direct = sentence_transformers.SentenceTransformer(str(tmp_path / "composite"), device="cpu")  # the -o folder: the same model
+    np.testing.assert_allclose(direct.encode(TEXTS), expected, rtol=1e-5, atol=1e-6)
     assert not np.allclose(expected, sentence_transformers.SentenceTransformer(str(MODEL_DIR), device="cpu").encode(TEXTS), atol=1e-4)
     served = mlflow.pyfunc.load_model(reg.version_uri)
     np.testing.assert_allclose(np.asarray(served.predict(TEXTS)), expected, rtol=1e-5, atol=1e-6)
@@ -104,7 +121,10 @@ def test_a_composite_of_a_transformers_base_keeps_its_tokenizer_and_loads_with_m
     ids = components["tokenizer"](TEXTS, padding=True, return_tensors="pt")
     assert int((ids["input_ids"] == components["tokenizer"].unk_token_id).sum()) == 0
     module = flavor.load_model(reg.version_uri)
-    torch.testing.assert_close(components["model"].state_dict()["encoder.layer.0.attention.output.dense.weight"], module.state_dict()["encoder.layer.0.attention.output.dense.weight"])
+    expected = composite_state(0.5, finetuned_dir)
+    for name in ("encoder.layer.0.attention.output.dense.weight", "encoder.layer.5.attention.output.dense.weight", "embeddings.word_embeddings.weight"):
+        torch.testing.assert_close(components["model"].state_dict()[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(module.state_dict()[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
     features = np.asarray(mlflow.pyfunc.load_model(reg.version_uri).predict(TEXTS[0]))
     base_features = np.asarray(mlflow.pyfunc.load_model(base_info.model_uri).predict(TEXTS[0]))
     assert features.shape == base_features.shape and features.shape[-1] == 384 and np.isfinite(features).all()
