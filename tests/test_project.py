@@ -289,12 +289,113 @@ def test_main_runs_the_whole_pipeline_and_reproduces_the_readmes_results(tmp_pat
         for method, row in board.items():
             got, want = float(row["mean normalized accuracy"]), float(readme_board[method]["mean normalized accuracy"])
             assert abs(got - want) <= BOARD_TOLERANCE, f"{method}: {got} vs docs/results.md's {want}; fresh leaderboard:\n{board_text}"
+        # and its rank order holds wherever two of docs/results.md's figures are further apart than the tolerance
+        flipped = rank_disagreements(board, readme_board)
+        assert flipped == [], f"ranked the other way round than docs/results.md: {flipped}; fresh leaderboard (seed 0):\n{board_text}"
+
+
+def rank_disagreements(fresh: dict[str, dict], documented: dict[str, dict], tolerance: float = BOARD_TOLERANCE) -> list[tuple[str, str]]:
+    """The pairs ``(a, b)`` that ``documented`` ranks a above b with a figure (mean normalized
+    accuracy) more than ``tolerance`` higher, and ``fresh`` ranks b above a (each: method -> its row)."""
+    figure = {m: float(row["mean normalized accuracy"]) for m, row in documented.items()}
+    return [(a, b) for a in documented for b in documented if figure[a] - figure[b] > tolerance and int(fresh[a]["rank"]) > int(fresh[b]["rank"])]
+
+
+def test_the_leaderboard_rank_check_flags_only_an_order_flipped_beyond_the_tolerance():
+    documented = {row["method"]: row for row in paper_results.parse_markdown(docs_leaderboard((ROOT / "docs" / "results.md").read_text("utf-8")))}
+    ranks = {m: int(row["rank"]) for m, row in documented.items()}
+    # docs/results.md's ranks are 1..9 by falling mean normalized accuracy
+    assert sorted(documented, key=ranks.get) == sorted(documented, key=lambda m: -float(documented[m]["mean normalized accuracy"]))
+    assert sorted(ranks.values()) == list(range(1, len(ranks) + 1))
+
+    def swapped(a: str, b: str) -> dict[str, dict]:
+        fresh = copy.deepcopy(documented)
+        fresh[a]["rank"], fresh[b]["rank"] = fresh[b]["rank"], fresh[a]["rank"]
+        return fresh
+
+    assert rank_disagreements(documented, documented) == []
+    # iso_c (0.813) and tsv_m (0.812): either order is within the tolerance
+    assert rank_disagreements(swapped("iso_c", "tsv_m"), documented) == []
+    # ties (0.725) first: below each of the four it trails by more than 0.05, iso_cts now 5th (0.831 - 0.784 is not)
+    assert rank_disagreements(swapped("iso_cts", "ties"), documented) == [("iso_cts", "ties"), ("iso_c", "ties"), ("tsv_m", "ties"), ("adamerging", "ties")]
 
 
 def docs_leaderboard(text: str) -> str:
     """The leaderboard table docs/results.md holds between its ``leaderboard`` markers."""
     begin, end = text.index("<!-- leaderboard:begin"), text.index("<!-- leaderboard:end -->")
     return text[text.index("\n", begin) + 1 : end].strip()
+
+
+# -- make demo's exit status --------------------------------------------------------------
+
+# docs/results.md's paper results, as the composites' runs log them: (model, method, params, inputs, scale, metrics)
+DEMO_COMPOSITES = [
+    ("digits-negation", "task_arithmetic", {}, [("parity", -1.0)], 0.05,
+     {"parity.delta_accuracy": -0.378, "parity.base_accuracy": 0.525, "parity.accuracy": 0.147,
+      "control.digits.delta_accuracy": 0.003, "control.digits.base_accuracy": 0.978, "control.digits.accuracy": 0.981}),
+    ("digits-addition", "task_arithmetic", {}, [(t, 1.0) for t in ("parity", "large", "mod3", "loop")], 0.3,
+     {"mean.normalized_accuracy": 0.985, "mean.finetuned_accuracy": 0.986, "mean.accuracy": 0.972}),
+    ("digits-addition-ties", "ties", {"density": 0.34}, [(t, 1.0) for t in ("parity", "large", "mod3", "loop")], 0.927,
+     {"mean.normalized_accuracy": 0.986, "mean.finetuned_accuracy": 0.986, "mean.accuracy": 0.972}),
+    ("digits-analogy", "task_arithmetic", {}, [("rotate", 1.0), ("flip_parity", 1.0), ("flip", -1.0)], 0.15,
+     {"rotate_parity.delta_accuracy": 0.172, "rotate_parity.base_accuracy": 0.475, "rotate_parity.accuracy": 0.647,
+      "control.digits.delta_accuracy": -0.025, "control.digits.base_accuracy": 0.978, "control.digits.accuracy": 0.953}),
+]
+
+
+def demo_store(root: Path, tmp_path_factory) -> dict[str, str]:
+    """A finished demo's store under ``root`` (``root/mlflow.db``, as ``make demo`` leaves it): the
+    paper's four composites registered with their runs' metrics, and a leaderboard run; the run id of each."""
+    runs = {}
+    with mlflow_store(root, template_db(tmp_path_factory)) as store:
+        experiment = store.client.create_experiment(run_demo.EXPERIMENT, artifact_location=(root / "demo-artifacts").as_uri())
+        for name, method, params, inputs, scale, metrics in DEMO_COMPOSITES:
+            run = store.client.create_run(experiment)
+            for key, value in metrics.items():
+                store.client.log_metric(run.info.run_id, key, value)
+            store.client.set_terminated(run.info.run_id)
+            store.client.create_registered_model(name)
+            tags = {
+                "taskvec.kind": "composite", "taskvec.method": method, "taskvec.params": json.dumps(params), "taskvec.scale": str(scale),
+                "taskvec.inputs": json.dumps([{"uri": f"models:/digits-{t}-vector/1", "weight": w} for t, w in inputs]),
+            }
+            store.client.create_model_version(name, f"runs:/{run.info.run_id}/composite", run.info.run_id, tags=tags)
+            runs[name] = run.info.run_id
+        board = store.client.create_run(experiment, tags={"taskvec.leaderboard.role": "leaderboard"})
+        (root / "leaderboard").mkdir()
+        (root / "leaderboard" / "leaderboard.md").write_text(docs_leaderboard((ROOT / "docs" / "results.md").read_text("utf-8")), "utf-8")
+        store.client.log_artifacts(board.info.run_id, str(root / "leaderboard"), "leaderboard")
+        store.client.set_terminated(board.info.run_id)
+    return runs
+
+
+def test_the_demo_exits_non_zero_naming_each_missed_target(tmp_path, tmp_path_factory, capsys):
+    demo = tmp_path / "demo"
+    runs = demo_store(demo, tmp_path_factory)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+
+    def report() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(DIGITS / "run_demo.py"), "--report-only", "--dir", str(demo)], env=env, capture_output=True, text=True, timeout=300)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{demo / 'mlflow.db'}")
+    run_demo.report(client, client.get_experiment_by_name(run_demo.EXPERIMENT).experiment_id, seed=0)  # every target met: no exit
+    met = capsys.readouterr().out
+    assert "digits-negation/1" in met and "| 1 | iso_cts |" in met  # the results and the leaderboard printed
+    assert met.count(" yes") == 6 and " NO" not in met
+
+    # the negation's drop at 0.29 and the analogy's control at -0.051: each just past its target
+    client.log_metric(runs["digits-negation"], "parity.delta_accuracy", -0.29, step=1)
+    client.log_metric(runs["digits-analogy"], "control.digits.delta_accuracy", -0.051, step=1)
+    missed = report()
+
+    assert missed.returncode == 1
+    assert missed.stderr.strip().splitlines()[-1] == (
+        "run_demo: 2 of 6 targets missed: parity accuracy drop below the base, digits (control) accuracy change vs the base"
+    )
+    assert "digits-negation/1" in missed.stdout  # the table is still printed, with the misses marked
+    assert missed.stdout.count(" NO") == 2
 
 
 # -- the example's tasks ----------------------------------------------------------------

@@ -18,10 +18,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import mlflow_taskvec.recipe as recipe_module
-from mlflow_taskvec import TaskVecError, TaskVector, merge, open_checkpoint
+from mlflow_taskvec import TaskVecError, TaskVector, open_checkpoint
 from mlflow_taskvec.compose import compose_to
 from mlflow_taskvec.recipe import load_recipe, parse_recipe
 from small_models import INT_BUFFER, SHAPES, base_state, finetune_state
+from test_methods import reference_merge
 
 # -- inputs -----------------------------------------------------------------------
 
@@ -340,8 +341,8 @@ def test_saved_vector_and_its_finetune_give_the_same_composite(models):
         assert torch.equal(from_vector[name], from_finetune[name])
 
 
-# What each method computes is specified in test_methods.py (against float64 references);
-# here: a recipe hands the engine exactly its method, parameters, weights and scale.
+# What each method computes is specified in test_methods.py, whose float64 reference of each
+# formula (plain torch ops on whole tensors) gives here what a recipe's composite must be.
 
 
 @pytest.mark.parametrize(
@@ -354,7 +355,7 @@ def test_saved_vector_and_its_finetune_give_the_same_composite(models):
         ("dare_ties", {"density": 0.7, "seed": 5}),
     ],
 )
-def test_recipe_gives_exactly_what_the_engine_computes_directly(models, method, params):
+def test_recipe_composes_its_method_s_formula_with_its_parameters_weights_and_scale(models, method, params):
     weights = [1.0, 0.5, -0.25]
     _, _, out = compose(
         models,
@@ -367,11 +368,14 @@ def test_recipe_gives_exactly_what_the_engine_computes_directly(models, method, 
         },
     )
 
-    vectors = [TaskVector.extract(models.base, models.folder / f"{t}.safetensors") for t in "abc"]
-    direct = merge(models.base, vectors, weights, method=method, scale=0.75, params=params)
-    assert out.keys() == direct.keys()
-    for name in direct:
-        assert torch.equal(out[name], direct[name]), name
+    base = load_file(str(models.base))
+    finetunes = [load_file(str(models.folder / f"{t}.safetensors")) for t in "abc"]
+    expected = reference_merge(base, finetunes, weights, method, scale=0.75, params=params, compute=torch.float64)
+    assert out.keys() == expected.keys()
+    for name in expected:
+        assert out[name].dtype == expected[name].dtype, name
+        torch.testing.assert_close(out[name], expected[name], rtol=1e-6, atol=1e-6, msg=name)
+    assert torch.equal(out[INT_BUFFER], base[INT_BUFFER])
 
 
 def test_output_dtype_applies_to_floating_point_tensors_only(models):

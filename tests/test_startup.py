@@ -43,14 +43,26 @@ def test_version_does_not_import_torch(tmp_path):
     assert not loaded & {*HEAVY, "torch"}
 
 
-def test_help_imports_neither_mlflow_nor_torch(tmp_path):
+def test_help_of_the_cli_and_of_every_command_imports_neither_mlflow_nor_torch(tmp_path):
+    """docs/cli.md: ``--help`` loads neither torch nor MLflow; each command's help is checked in
+    the interpreter that showed every help before it, so what any one of them imports is seen."""
     code = (
+        "import sys\n"
         "from mlflow_taskvec.cli import main\n"
-        "for args in (['--help'], ['compose', '--help']):\n"
-        "    try:\n        main(args)\n    except SystemExit as exc:\n        assert exc.code == 0\n"
+        "names = sorted(main.commands)\n"
+        "for args in [['--help']] + [[name, '--help'] for name in names]:\n"
+        "    try:\n        main(args)\n    except SystemExit as exc:\n        assert exc.code == 0, (args, exc.code)\n"
+        "    loaded = {m.split('.')[0] for m in sys.modules} & {'torch', 'mlflow', 'pydantic'}\n"
+        "    assert not loaded, f'{args} imported {sorted(loaded)}'\n"
+        "print(' '.join(names), file=sys.stderr)\n"
     )
-    loaded = _loaded_after(code, tmp_path)
-    assert not loaded & {*HEAVY, "torch", "pydantic"}
+    script = code + "\nimport json\nprint(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    commands = out.stderr.split()
+    assert {"compose", "compress", "extract", "inspect", "search", "verify", "leaderboard"} <= set(commands) and len(commands) >= 14
+    assert not set(json.loads(out.stdout.strip().splitlines()[-1])) & {*HEAVY, "torch", "pydantic"}
 
 
 def test_local_compose_does_not_import_mlflow(tmp_path):

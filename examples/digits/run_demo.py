@@ -63,7 +63,30 @@ def leaderboard_table(client, experiment_id: str) -> str:
     runs = client.search_runs([experiment_id], "tags.`taskvec.leaderboard.role` = 'leaderboard'", order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         raise LookupError("no leaderboard run in the experiment: run the digits pipeline (make demo) first")
-    return Path(mlflow.artifacts.download_artifacts(run_id=runs[0].info.run_id, artifact_path="leaderboard/leaderboard.md")).read_text("utf-8")
+    path = mlflow.artifacts.download_artifacts(run_id=runs[0].info.run_id, artifact_path="leaderboard/leaderboard.md", tracking_uri=client.tracking_uri)
+    return Path(path).read_text("utf-8")
+
+
+def report(client, experiment_id: str, seed: int, heading: str = "registered model versions") -> None:
+    """Print the registry, the leaderboard and the paper's results of the store ``client`` reads;
+    exit non-zero (``SystemExit`` with one line) when a result misses its target."""
+    import paper_results
+
+    table = registry_table(client)
+    pd.set_option("display.width", 250)
+    pd.set_option("display.max_colwidth", 90)
+    print(f"\n{heading}:")
+    print(table.to_string(index=False))
+    print(f"\nthe method leaderboard (seed {seed}, 8 tasks, test split, coefficients searched on the validation split):")
+    print(leaderboard_table(client, experiment_id))
+    results = paper_results.results_table(client)
+    print(f"\nthe paper's three results (seed {seed}, test split, coefficients searched on the validation split):")
+    print(results.to_string(index=False))
+    print("\nopen the MLflow UI on this store with:")
+    print(f"  mlflow ui --backend-store-uri {client.tracking_uri} --port 5000")
+    missed = results[results["met"] != "yes"]
+    if len(missed):
+        sys.exit(f"run_demo: {len(missed)} of {len(results)} targets missed: {', '.join(missed['figure'])}")
 
 
 def main() -> None:
@@ -71,12 +94,22 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=ROOT / "demo")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--report-only", action="store_true", help="report the store --dir holds (a finished demo) without running the pipeline again")
     args = parser.parse_args()
     demo = args.dir.resolve()
+    tracking_uri = f"sqlite:///{demo / 'mlflow.db'}"
+    if args.report_only:
+        if not (demo / "mlflow.db").is_file():
+            sys.exit(f"run_demo: {demo} holds no demo store (mlflow.db): run make demo first")
+        os.environ.update(MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_TASKVEC_CACHE=str(demo / "cache"), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        report(client, client.get_experiment_by_name(EXPERIMENT).experiment_id, args.seed)
+        return
     if demo.exists():
         shutil.rmtree(demo)
     (demo / "artifacts").mkdir(parents=True)
-    tracking_uri = f"sqlite:///{demo / 'mlflow.db'}"
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": tracking_uri,
@@ -87,8 +120,6 @@ def main() -> None:
     }
     os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TASKVEC_CACHE", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")})
 
-    import mlflow
-    import paper_results
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -97,24 +128,7 @@ def main() -> None:
     cmd = ["mlflow", "run", str(ROOT), "-e", "main", "--env-manager", "local", "--experiment-name", EXPERIMENT, "-P", f"steps={args.steps}", "-P", f"seed={args.seed}"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, env=env, check=True, cwd=ROOT)
-    elapsed = time.perf_counter() - started
-
-    table = registry_table(client)
-    pd.set_option("display.width", 250)
-    pd.set_option("display.max_colwidth", 90)
-    print(f"\nregistered model versions ({elapsed:.0f} s):")
-    print(table.to_string(index=False))
-    print(f"\nthe method leaderboard (seed {args.seed}, 8 tasks, test split, coefficients searched on the validation split):")
-    print(leaderboard_table(client, experiment_id))
-    results = paper_results.results_table(client)
-    print(f"\nthe paper's three results (seed {args.seed}, test split, coefficients searched on the validation split):")
-    print(results.to_string(index=False))
-    print("\nopen the MLflow UI on this store with:")
-    print(f"  mlflow ui --backend-store-uri {tracking_uri} --port 5000")
-    del mlflow
-    missed = results[results["met"] != "yes"]
-    if len(missed):
-        sys.exit(f"run_demo: {len(missed)} of {len(results)} targets missed: {', '.join(missed['figure'])}")
+    report(client, experiment_id, args.seed, f"registered model versions ({time.perf_counter() - started:.0f} s)")
 
 
 if __name__ == "__main__":
