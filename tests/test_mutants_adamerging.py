@@ -12,6 +12,7 @@ Adam, and clamps ``lambda`` to ``clamp`` unless it is null. These tests kill the
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -63,8 +64,9 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return (-(p * torch.log(p)).sum(-1)).mean()
 
 
-def reference(signs, *, steps, lr, init, clamp, batch_size, layer_of) -> tuple[torch.Tensor, float, float]:
-    """lambda after ``steps`` steps, and the entropy over every piece before and after, in float64."""
+def reference(signs, *, steps, lr, init, clamp, batch_size, layer_of, losses=None) -> tuple[torch.Tensor, float, float]:
+    """lambda after ``steps`` steps, and the entropy over every piece before and after, in float64;
+    ``losses`` (a list) gets each step's ``(loss, {task: entropy})`` before its update."""
     layers = sorted(set(layer_of.values()))
     lam = torch.full((len(VECTORS), len(layers)), float(init), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.Adam([lam], lr=lr)
@@ -93,7 +95,10 @@ def reference(signs, *, steps, lr, init, clamp, batch_size, layer_of) -> tuple[t
     for _ in range(steps):
         optimizer.zero_grad()
         s = state()
-        loss = sum(entropy(forward(s, next(streams[t]))) for t in TASKS) / len(TASKS)
+        per_task = {t: entropy(forward(s, next(streams[t]))) for t in TASKS}
+        loss = sum(per_task.values()) / len(TASKS)
+        if losses is not None:
+            losses.append((float(loss), {t: float(v) for t, v in per_task.items()}))
         loss.backward()
         optimizer.step()
         if clamp is not None:
@@ -292,3 +297,31 @@ def test_an_entropy_that_is_not_finite_is_refused_naming_the_step():
     nan_batches = {t: [torch.full((2, IN), float("nan"))] for t in TASKS}
     with pytest.raises(TaskVecError, match=r"^adamerging: the entropy became nan at step 0 \(try a smaller lr\)$"):
         learn_coefficients(base_net(), BASE, VECTORS, [1.0, 1.0], ["a", "b"], lambda t, s: iter(nan_batches[t]), list(TASKS), "validation", AdaMerging(steps=2))
+
+
+def test_each_step_reports_the_loss_before_its_update_and_each_task_s_entropy():
+    settings = dict(steps=4, lr=0.05, init=0.3, clamp=None, batch_size=3)
+    seen = []
+    learned = learn_coefficients(base_net(), BASE, VECTORS, [1.0, -1.0], ["a", "b"], unlabeled, list(TASKS), "validation",
+                                 AdaMerging(**settings), on_step=lambda step, loss, per_task: seen.append((step, loss, per_task)))
+    losses = []
+    reference((1.0, -1.0), layer_of=LAYERWISE, losses=losses, **settings)
+    assert [step for step, _, _ in seen] == [0, 1, 2, 3]
+    assert learned.entropy == pytest.approx([loss for loss, _ in losses], abs=1e-5)
+    for (_, loss, per_task), (expected, expected_tasks) in zip(seen, losses):
+        assert loss == pytest.approx(expected, abs=1e-5) and per_task == pytest.approx(expected_tasks, abs=1e-5)
+
+
+class WarningNet(Net):
+    def forward(self, x):
+        warnings.warn("a warning from the module's forward", RuntimeWarning)
+        return super().forward(x)
+
+
+def test_what_warns_while_learning_is_shown_once_the_learning_succeeds():
+    net = WarningNet()
+    net.load_state_dict(BASE)
+    with pytest.warns(RuntimeWarning, match="^a warning from the module's forward$") as record:
+        learn_coefficients(net, BASE, VECTORS, [1.0, 1.0], ["a", "b"], unlabeled, list(TASKS), "validation", AdaMerging(steps=2))
+    shown = [w for w in record if "module's forward" in str(w.message)]
+    assert shown and all(w.category is RuntimeWarning and w.filename == __file__ for w in shown)
