@@ -12,6 +12,8 @@ import math
 import pytest
 import torch
 
+from mlflow_taskvec import TaskVector
+from mlflow_taskvec.engine.merging import merge
 from mlflow_taskvec.engine.methods.consensus import consensus_mask
 from mlflow_taskvec.engine.methods.della import check_probabilities, keep_probabilities, rank_norm
 from mlflow_taskvec.engine.methods.isotropic import iso_cts_split
@@ -136,3 +138,24 @@ def test_a_task_mask_keeps_an_entry_whose_magnitude_equals_lambda_times_the_rest
     # 1.5 >= 0.125: one; entry 2: 3 >= 0.5 * 3 for each: both
     assert consensus_mask([d1, d2], [1.0, 1.0], total, 2, 0.5).tolist() == [1.0, 0.0, 1.0]
     assert consensus_mask([d1, d2], [1.0, 1.0], total, 1, 0.5).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_ties_trims_float64_vectors_by_their_float64_magnitudes():
+    base = {"w": torch.zeros(3, dtype=torch.float64)}
+    vector = TaskVector.extract(base, {"w": torch.tensor([1.0, 1.0 + 1e-12, 0.1], dtype=torch.float64)})
+    merged = merge(base, [vector], [1.0], method="ties", params={"density": 1 / 3}, compute_dtype="float64")["w"]
+    assert merged.tolist() == [0.0, 1.0 + 1e-12, 0.0]  # k = 1: the larger by 1e-12, which float32 cannot see
+
+
+def test_a_weight_of_two_scales_d_i_in_ties_and_in_the_svd_methods():
+    """``d_i = w_i t_i``: ties of one input with weight 2 is ``2 t / |2| = t``; iso_c of it is
+    ``mean(S) U V^T`` of ``2 t``."""
+    g = torch.Generator().manual_seed(6)
+    base = {"m": torch.zeros(4, 3, dtype=torch.float64)}
+    t = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    vector = TaskVector.extract(base, {"m": t})
+    ties = merge(base, [vector], [2.0], method="ties", params={"density": 1.0}, compute_dtype="float64")["m"]
+    torch.testing.assert_close(ties, t, rtol=0, atol=1e-15)
+    u, s, vh = torch.linalg.svd(2 * t, full_matrices=False)
+    iso = merge(base, [vector], [2.0], method="iso_c", compute_dtype="float64")["m"]
+    torch.testing.assert_close(iso, s.mean() * (u @ vh), rtol=0, atol=1e-12)
