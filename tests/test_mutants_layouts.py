@@ -20,7 +20,8 @@ from mlflow_taskvec.engine import compressed as compressed_module
 from mlflow_taskvec.engine.compressed import compress, pack_signs, unpack_signs
 from mlflow_taskvec.engine.io import TensorSpec
 from mlflow_taskvec.engine.lora import AdapterConfig, adapter_config, is_embedding_module, svd_factors
-from mlflow_taskvec.engine.lowrank import DenseDelta, LowRankCheckpoint, LowRankTensor, rank_for_energy
+from mlflow_taskvec.engine import lowrank as lowrank_module
+from mlflow_taskvec.engine.lowrank import DenseDelta, LowRankCheckpoint, LowRankTensor, ProductTensor, rank_for_energy
 
 # A vector with a tie-rich vector, a matrix, a matrix of exact zeros (a frozen layer) and a zero bias.
 SHAPES = {"a.weight": (6, 5), "b.bias": (11,), "frozen.weight": (4, 3), "frozen.bias": (3,)}
@@ -386,3 +387,20 @@ def test_two_sparse_indices_out_of_order_are_refused_and_sign_bits_unpack_as_uin
         with pytest.raises(TaskVecError, match=r"tensor 'b.bias' has indices that are not strictly ascending"):
             open_checkpoint(bad).get_tensor("b.bias")
     assert unpack_signs(pack_signs(torch.tensor([1.0, -1.0, 2.0])), 0, 3).dtype == torch.uint8
+
+
+def test_a_format_1_product_reads_the_same_values_in_any_chunking_across_blocks(monkeypatch):
+    """Format 1's ``lowrank`` tensor is the plain product ``B @ A`` in the stored dtype, computed
+    for the rows of each fixed block (a block size of 7 here, so a 5 x 4 tensor is three blocks)."""
+    monkeypatch.setattr(lowrank_module, "CHUNK_ELEMENTS", 7)
+    left, right = factors(5, 2, 4)
+    t = ProductTensor((5, 4), 2, 1.0, lambda: left, lambda: right, torch.float32)
+    whole = t.dense()
+    assert whole.shape == (5, 4) and whole.dtype == torch.float32
+    torch.testing.assert_close(whole, (left.double() @ right.double()).float(), rtol=0, atol=1e-6)
+    flat = whole.reshape(-1)
+    for start in range(21):
+        for stop in range(start, 21):
+            assert torch.equal(t.chunk(start, stop), flat[start:stop]), (start, stop)
+    zero = ProductTensor((2, 3), 0, 1.0, dtype=torch.float16)
+    assert torch.equal(zero.dense(), torch.zeros(2, 3, dtype=torch.float16)) and zero.chunk(2, 2).numel() == 0
