@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test bench bench-peers bench-compress clean
+.PHONY: demo test bench bench-peers bench-compress mutation clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +31,14 @@ bench-peers: $(VENV)/.installed
 bench-compress: $(VENV)/.installed
 	$(PY) benchmarks/bench_compress.py $(BENCH_ARGS)
 
+# mutation testing with mutmut (pinned in the `mutation` extra), one target after another under
+# nice; not part of `make test`. MUTATION_ARGS="lora --subset": docs/mutation.md
+$(VENV)/.mutation-installed: $(VENV)/.installed
+	$(PIP) install -c constraints.txt -e '.[mutation]'
+	touch $@
+
+mutation: $(VENV)/.mutation-installed
+	$(PY) tools/mutation.py $(MUTATION_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache build site *.egg-info
+	rm -rf $(VENV) .pytest_cache build site *.egg-info mutation-out

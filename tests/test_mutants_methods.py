@@ -1,0 +1,161 @@
+"""The merge methods' formulas of docs/methods.md, at the edges the float64 references of
+test_methods.py and test_methods_sota.py do not reach: rounding rules, thresholds, counts.
+Expected values are worked out by hand from the text (or computed in float64 with
+``math``). These tests kill the mutants of engine/methods/ that ``make mutation`` found
+alive (docs/mutation.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mlflow_taskvec import TaskVector
+from mlflow_taskvec.engine.merging import merge
+from mlflow_taskvec.engine.methods.consensus import consensus_mask
+from mlflow_taskvec.engine.methods.della import check_probabilities, keep_probabilities, rank_norm
+from mlflow_taskvec.engine.methods.isotropic import iso_cts_split
+from mlflow_taskvec.engine.methods.slerp import slerp_vectors
+from mlflow_taskvec.errors import TaskVecError
+
+
+@pytest.mark.parametrize(
+    "r, tasks, fraction, expected",
+    [
+        (10, 4, 0.8, (10, 0)),  # c = 8; (10 - 8) / 4 = 0.5 rounds to 0 (half to even): c = 10
+        (10, 4, 0.4, (2, 2)),  # c = 4; 6 / 4 = 1.5 rounds to 2: c = 10 - 8
+        (9, 2, 0.5, (5, 2)),  # c = 4; 5 / 2 = 2.5 rounds to 2 (half to even): c = 9 - 4
+        (5, 2, 0.5, (1, 2)),  # c = 2; 3 / 2 = 1.5 rounds to 2: c = 5 - 4
+        (7, 2, 0.5, (3, 2)),  # c = 3; 4 / 2 = 2 exactly
+        (6, 4, 0.5, (2, 1)),  # c = 3; 3 / 4 = 0.75 rounds to 1
+        (3, 4, 0.1, (3, 0)),  # c = 0; 3 / 4 rounds to 1: c = -1 < 0, so c = 3 mod 4
+        (2, 5, 0.9, (2, 0)),  # c = 1; 1 / 5 rounds to 0: c = 2
+        (8, 3, 0.3, (2, 2)),  # c = 2; 6 / 3 = 2: c = 2
+    ],
+)
+def test_iso_cts_splits_r_into_c_common_and_s_per_task_directions_as_documented(r, tasks, fraction, expected):
+    c, s = iso_cts_split(r, tasks, fraction)
+    assert (c, s) == expected and c + tasks * s == r
+
+
+def slerp_reference(v1: list[float], v2: list[float], t: float) -> list[float]:
+    """docs/methods.md's slerp in Python floats."""
+    n1, n2 = math.sqrt(sum(a * a for a in v1)), math.sqrt(sum(b * b for b in v2))
+    if n1 == 0 or n2 == 0:
+        return [(1 - t) * a + t * b for a, b in zip(v1, v2)]
+    cos = max(-1.0, min(1.0, sum(a * b for a, b in zip(v1, v2)) / (n1 * n2)))
+    if abs(cos) > 0.9995:
+        return [(1 - t) * a + t * b for a, b in zip(v1, v2)]
+    theta = math.acos(cos)
+    return [math.sin((1 - t) * theta) / math.sin(theta) * a + math.sin(t * theta) / math.sin(theta) * b for a, b in zip(v1, v2)]
+
+
+def pair_at_cosine(cos: float) -> tuple[list[float], list[float]]:
+    """Two vectors of norms 2 and 3 whose cosine is ``cos``."""
+    return [2.0, 0.0, 0.0], [3.0 * cos, 3.0 * math.sqrt(1 - cos * cos), 0.0]
+
+
+@pytest.mark.parametrize("cos", [0.9996, 0.9994, 0.99, 0.5, 0.0, -0.5, -0.9994, -0.9996])
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])
+def test_slerp_is_spherical_unless_the_cosine_exceeds_0_9995_in_magnitude(cos, t):
+    v1, v2 = pair_at_cosine(cos)
+    got = slerp_vectors(torch.tensor(v1, dtype=torch.float64), torch.tensor(v2, dtype=torch.float64), t)
+    assert got.tolist() == pytest.approx(slerp_reference(v1, v2, t), abs=1e-12)
+
+
+def test_slerp_near_the_threshold_differs_from_the_linear_interpolation():
+    """The rows above can tell the two branches apart: at cos 0.9994 slerp is not lerp."""
+    v1, v2 = pair_at_cosine(0.9994)
+    lerp = [(0.5) * a + 0.5 * b for a, b in zip(v1, v2)]
+    assert max(abs(a - b) for a, b in zip(slerp_reference(v1, v2, 0.5), lerp)) > 1e-6
+
+
+@pytest.mark.parametrize("t", [0.0, 0.25, 1.0])
+def test_slerp_with_a_zero_vector_is_the_linear_interpolation(t):
+    zero, v = torch.zeros(3, dtype=torch.float64), torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    assert slerp_vectors(zero, v, t).tolist() == pytest.approx((v * t).tolist(), abs=1e-15)
+    assert slerp_vectors(v, zero, t).tolist() == pytest.approx((v * (1 - t)).tolist(), abs=1e-15)
+
+
+def test_slerp_at_a_cosine_of_exactly_0_9995_is_still_spherical():
+    """|cos| > 0.9995 is linear; at 0.9995 itself the formula is the spherical one."""
+    v1 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    b = math.sqrt(1 - 0.9995**2)
+    for _ in range(200):  # the neighbour of b whose computed cosine is exactly 0.9995
+        v2 = torch.tensor([0.9995, b], dtype=torch.float64)
+        cos = float(torch.dot(v1, v2)) / (float(torch.linalg.vector_norm(v1)) * float(torch.linalg.vector_norm(v2)))
+        if cos == 0.9995:
+            break
+        b = math.nextafter(b, math.inf if cos > 0.9995 else -math.inf)
+    assert cos == 0.9995
+    theta = math.acos(0.9995)
+    expected = [math.sin(0.5 * theta) / math.sin(theta) * (x + y) for x, y in zip(v1.tolist(), v2.tolist())]
+    lerp = [0.5 * (x + y) for x, y in zip(v1.tolist(), v2.tolist())]
+    got = slerp_vectors(v1, v2, 0.5).tolist()
+    assert got == pytest.approx(expected, abs=1e-14) and max(abs(g - e) for g, e in zip(got, lerp)) > 1e-6
+
+
+@pytest.mark.parametrize("density, epsilon, refused", [(0.3, 0.3, True), (0.7, 0.3, True), (0.3, 0.29, False), (0.5, 0.49, False)])
+def test_della_refuses_an_epsilon_that_puts_a_keep_probability_at_0_or_1(density, epsilon, refused):
+    if refused:
+        with pytest.raises(TaskVecError, match=rf"^params\.epsilon: {epsilon:g} with density {density:g} gives keep probabilities"):
+            check_probabilities({"density": density, "epsilon": epsilon})
+    else:
+        check_probabilities({"density": density, "epsilon": epsilon})
+
+
+def test_della_ranks_equal_magnitudes_by_position_the_earlier_lower_in_long_rows():
+    row = torch.tensor([1.0, -0.5, 1.0, 0.5, -1.0] * 400)  # 2000 entries, three magnitudes tied 800/400/800 ways
+    n = row.numel()
+    order = sorted(range(n), key=lambda i: (abs(float(row[i])), i))
+    expected = torch.empty(n)
+    for rank, i in enumerate(order):
+        expected[i] = rank / (n - 1)
+    got = rank_norm(row.abs().reshape(1, -1)).reshape(-1)
+    assert torch.equal(got, expected)
+    assert torch.equal(rank_norm(torch.tensor([[3.0]])), torch.tensor([[0.5]]))  # a single entry
+
+
+@pytest.mark.parametrize("shape", [(7,), (2, 2, 3)])
+def test_della_ranks_a_tensor_that_is_not_a_matrix_as_one_row(shape):
+    t = torch.arange(1.0, 1.0 + math.prod(shape)).reshape(shape) * torch.tensor([1.0, -1.0]).repeat(math.prod(shape))[: math.prod(shape)].reshape(shape)
+    flat = t.reshape(-1).tolist()
+    n = len(flat)
+    order = sorted(range(n), key=lambda i: (abs(flat[i]), i))
+    rank = {i: r for r, i in enumerate(order)}
+    expected = torch.tensor([0.4 - 0.1 + 2 * 0.1 * rank[i] / (n - 1) for i in range(n)]).reshape(shape)
+    got = keep_probabilities(t, 0.4, 0.1)
+    assert got.shape == shape and torch.allclose(got, expected, atol=1e-7, rtol=0)
+
+
+def test_a_task_mask_keeps_an_entry_whose_magnitude_equals_lambda_times_the_rest():
+    """``m_i = |d_i| >= mask_lambda * |t_MTL - d_i|``: equality counts."""
+    d1, d2 = torch.tensor([1.0, 0.25, 3.0]), torch.tensor([2.0, 1.5, -3.0])
+    total = d1 + d2  # [3, 1.75, 0]
+    # entry 0: |d1| = 1 = 0.5 * |3 - 1| (equal), |d2| = 2 >= 0.5 * 1: both; entry 1: 0.25 < 0.75,
+    # 1.5 >= 0.125: one; entry 2: 3 >= 0.5 * 3 for each: both
+    assert consensus_mask([d1, d2], [1.0, 1.0], total, 2, 0.5).tolist() == [1.0, 0.0, 1.0]
+    assert consensus_mask([d1, d2], [1.0, 1.0], total, 1, 0.5).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_ties_trims_float64_vectors_by_their_float64_magnitudes():
+    base = {"w": torch.zeros(3, dtype=torch.float64)}
+    vector = TaskVector.extract(base, {"w": torch.tensor([1.0, 1.0 + 1e-12, 0.1], dtype=torch.float64)})
+    merged = merge(base, [vector], [1.0], method="ties", params={"density": 1 / 3}, compute_dtype="float64")["w"]
+    assert merged.tolist() == [0.0, 1.0 + 1e-12, 0.0]  # k = 1: the larger by 1e-12, which float32 cannot see
+
+
+def test_a_weight_of_two_scales_d_i_in_ties_and_in_the_svd_methods():
+    """``d_i = w_i t_i``: ties of one input with weight 2 is ``2 t / |2| = t``; iso_c of it is
+    ``mean(S) U V^T`` of ``2 t``."""
+    g = torch.Generator().manual_seed(6)
+    base = {"m": torch.zeros(4, 3, dtype=torch.float64)}
+    t = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    vector = TaskVector.extract(base, {"m": t})
+    ties = merge(base, [vector], [2.0], method="ties", params={"density": 1.0}, compute_dtype="float64")["m"]
+    torch.testing.assert_close(ties, t, rtol=0, atol=1e-15)
+    u, s, vh = torch.linalg.svd(2 * t, full_matrices=False)
+    iso = merge(base, [vector], [2.0], method="iso_c", compute_dtype="float64")["m"]
+    torch.testing.assert_close(iso, s.mean() * (u @ vh), rtol=0, atol=1e-12)
