@@ -151,8 +151,10 @@ REF_HELP = "a local path, models:/name/version, models:/name@alias, models:/<mod
 @_overwrite
 @_quiet
 @_device
+@_threads
 @_fail_cleanly
-def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfinite, max_shard_size, register_as, alias, run_id, allow_mixed, overwrite, quiet, device):
+def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfinite, max_shard_size, register_as, alias, run_id, allow_mixed, overwrite, quiet, device,
+            threads):
     """Extract the task vector FINETUNED - BASE."""
     from mlflow_taskvec.compose import extract as extract_vector
     from mlflow_taskvec.engine.taskvector import TaskVector
@@ -175,7 +177,7 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
     try:
         fingerprint = vector.save(
             output, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=step,
-            device=device,
+            device=device, threads=threads,
         )
     finally:
         close()
