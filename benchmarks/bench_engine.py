@@ -74,7 +74,9 @@ LLM_SHARD = "1GB"
 
 ELEMENTWISE = ["dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "consensus_ta", "consensus_ties"]
 WHOLE_TENSOR = ["della", "della_linear", "slerp"]  # ranks per row / one angle per tensor: a tensor at a time
-SVD = ["tsv_m", "iso_c", "iso_cts"]
+SVD = ["tsv_m", "iso_c", "iso_c_gram", "iso_cts"]
+# ops that run a method under another name (an opt-in algorithm of it)
+METHOD_OF = {"iso_c_gram": "iso_c"}
 OPS = ["floor2", "extract", "floor3", "floor4", "task_arithmetic", "ties", "magnitude_prune", *ELEMENTWISE, *WHOLE_TENSOR, "svd_floor", *SVD,
        "naive_task_arithmetic", "naive_ties", "compose_copy", "compose_register"]
 # The engine's merge ops (method names), as the peers benchmark runs them too.
@@ -85,13 +87,13 @@ FLOOR_OF = {"extract": "floor2", "task_arithmetic": "floor4", "ties": "floor4", 
 # op: (max ratio to its floor or None, max peak anon MB or None): issue 21's targets
 TARGETS = {"extract": (None, 300), "task_arithmetic": (1.3, 300), "ties": (2.5, 300), "magnitude_prune": (2.5, 300), "compose_register": (1.5, None),
            **{op: (2.5, 300) for op in ELEMENTWISE}, "della": (4.0, 300), "della_linear": (4.0, 300), "slerp": (2.0, 300),
-           **{op: (1.5, None) for op in SVD}}
+           "tsv_m": (1.0, None), "iso_c": (0.35, None), "iso_c_gram": (0.35, None), "iso_cts": (1.2, None)}
 # the parameters each method runs with (ties and magnitude_prune: --density)
 METHOD_PARAMS = {
     "dare_linear": {"density": 0.5}, "dare_ties": {"density": 0.5},
     "breadcrumbs": {"density": 0.2, "gamma": 0.01}, "breadcrumbs_ties": {"density": 0.2, "gamma": 0.01},
     "della": {"density": 0.4, "epsilon": 0.1}, "della_linear": {"density": 0.4, "epsilon": 0.1},
-    "consensus_ta": {}, "consensus_ties": {"density": 0.2}, "slerp": {"t": 0.5}, "tsv_m": {}, "iso_c": {}, "iso_cts": {},
+    "consensus_ta": {}, "consensus_ties": {"density": 0.2}, "slerp": {"t": 0.5}, "tsv_m": {}, "iso_c": {}, "iso_c_gram": {"gram": 1}, "iso_cts": {},
 }
 # Rough peak of the naive ops in model sizes (3 task vectors + sum + base + merged + temporaries).
 NAIVE_MEMORY_FACTOR = {"naive_task_arithmetic": 7.0, "naive_ties": 6.5}
@@ -313,7 +315,7 @@ def run_op(op: str, base: str, fts: list[str], out: str, density: float, device:
             register_composite(recipe, "bench-composite")
     elif op in METHOD_PARAMS:
         vectors = [TaskVector.extract(base, ft) for ft in fts[: 2 if op == "slerp" else 3]]
-        merge_to(base, vectors, [1.0] * len(vectors), method=op, scale=SCALE, params=METHOD_PARAMS[op], output=out, **on)
+        merge_to(base, vectors, [1.0] * len(vectors), method=METHOD_OF.get(op, op), scale=SCALE, params=METHOD_PARAMS[op], output=out, **on)
     elif op == "svd_floor":
         from mlflow_taskvec.engine.streaming import one_torch_thread
 

@@ -151,8 +151,10 @@ REF_HELP = "a local path, models:/name/version, models:/name@alias, models:/<mod
 @_overwrite
 @_quiet
 @_device
+@_threads
 @_fail_cleanly
-def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfinite, max_shard_size, register_as, alias, run_id, allow_mixed, overwrite, quiet, device):
+def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfinite, max_shard_size, register_as, alias, run_id, allow_mixed, overwrite, quiet, device,
+            threads):
     """Extract the task vector FINETUNED - BASE."""
     from mlflow_taskvec.mlflow.workflows import extract_vector
 
@@ -160,7 +162,7 @@ def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfin
         raise click.UsageError("give --output, --register, or both")
     result = extract_vector(
         base, finetuned, output, register_as, include=include, exclude=exclude, task=task, dtype=dtype, max_shard_size=max_shard_size,
-        allow_nonfinite=allow_nonfinite, run_id=run_id, alias=alias, allow_mixed=allow_mixed, overwrite=overwrite, device=device, quiet=quiet,
+        allow_nonfinite=allow_nonfinite, run_id=run_id, alias=alias, allow_mixed=allow_mixed, overwrite=overwrite, device=device, threads=threads, quiet=quiet,
     )
     _print_lines(quiet, result.lines())
 

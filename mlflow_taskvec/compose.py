@@ -64,6 +64,7 @@ class Extraction:
         overwrite: bool = False,
         allow_nonfinite: bool = False,
         device: str | None = None,
+        threads: int | None = None,
         quiet: bool = True,
     ) -> "Extracted":
         """Write the vector to ``output`` (as ``TaskVector.save``; a progress bar on a terminal
@@ -73,7 +74,7 @@ class Extraction:
         try:
             fingerprint = vector.save(
                 output, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=step,
-                device=device,
+                device=device, threads=threads,
             )
         finally:
             close()

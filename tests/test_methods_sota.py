@@ -718,3 +718,69 @@ def test_half_precision_outputs_are_within_two_ulps_of_the_float64_reference(tmp
         else:
             off = _ulps_off(got, want)
             assert float(off.max()) <= 2, f"{name}: {int((off > 2).sum())} entries more than 2 ulps off (max {float(off.max()):.1f})"
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_on_a_matrix_of_several_row_chunks_matches_its_reference(method):
+    """A matrix reaches della in chunks of whole rows (never whole): the per-row ranks and the
+    position-keyed masks give the reference's result; the rows per chunk do not divide the random block."""
+    width = 1000
+    assert not get_method(method).takes_whole_tensor("w", (3000, width), {}) and get_method(method).takes_whole_tensor("n", (3000,), {})
+    assert get_method(method).chunk_elements((3000, width)) == (CHUNK_ELEMENTS // width) * width
+    g = torch.Generator().manual_seed(8)
+    rows = 2 * (CHUNK_ELEMENTS // width) + 37
+    base = {"w": torch.randn(rows, width, generator=g)}
+    fts = []
+    for _ in range(3):  # distinct magnitudes within each row: unambiguous ranks
+        magnitude = (torch.argsort(torch.rand(rows, width, generator=g), dim=1) + 1).double() / width * 1e-2
+        sign = torch.where(torch.rand(rows, width, generator=g) < 0.5, -1.0, 1.0).double()
+        fts.append({"w": (base["w"].double() + sign * magnitude).float()})
+    weights = [0.7, 1.2, 0.9]
+    params = validate_params(get_method(method), {"density": 0.5, "epsilon": 0.2, "seed": 4})
+    merged = merge(base, [TaskVector.extract(base, ft) for ft in fts], weights, method=method, params=params, compute_dtype="float64")
+    b64 = base["w"].double()
+    dropped = []
+    for i, ft in enumerate(fts):
+        t = ft["w"].double() - b64
+        ranks = torch.empty_like(t)
+        ranks.scatter_(1, torch.argsort(t.abs(), dim=1), torch.arange(width, dtype=t.dtype).expand(rows, width))
+        p = 0.5 - 0.2 + 2 * 0.2 * ranks / (width - 1)
+        keep = ref_uniforms(4, i, "w", t.numel()).reshape(t.shape) < p
+        dropped.append(torch.where(keep, t / p, 0.0))
+    if method == "della_linear":
+        expected = ref_weighted_sum(dropped, weights)
+    else:
+        expected = ref_elect_and_mean([w * d for w, d in zip(weights, dropped)], weights)
+    torch.testing.assert_close(merged["w"], (b64 + expected).float())
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96), (64, 64)], ids=["tall", "wide", "square"])
+def test_iso_c_with_gram_matches_the_float64_svd_reference_to_1e_4(tmp_path, shape):
+    """The opt-in Gram algorithm (no SVD) computes the same formula, mean(S) U V^T of sum_i d_i, to 1e-4
+    relative; the default (gram 0) is the SVD's."""
+    g = torch.Generator().manual_seed(12)
+    base = {"w": torch.randn(shape, generator=g) * 0.02, "n": torch.randn(shape[0], generator=g)}
+    fts = [{n: t + torch.randn(t.shape, generator=g) * 1e-3 for n, t in base.items()} for _ in range(3)]
+    weights = [0.7, 1.2, 0.9]
+    vectors = [TaskVector.extract(base, ft) for ft in fts]
+    fast = merge(base, vectors, weights, method="iso_c", scale=0.8, params={"gram": 1})
+    default = merge(base, vectors, weights, method="iso_c", scale=0.8)
+    ts = [ft["w"].double() - base["w"].double() for ft in fts]
+    expected = 0.8 * ref_iso_c([w * t for w, t in zip(weights, ts)])
+    for merged in (fast, default):
+        delta = merged["w"].double() - base["w"].double()
+        assert float((delta - expected).norm() / expected.norm()) < 1e-4
+    assert not torch.equal(fast["w"], default["w"])  # another algorithm: other rounding
+    assert torch.equal(fast["n"], default["n"])  # what is not a matrix: the mean, either way
+
+
+def test_iso_c_gram_of_a_rank_deficient_sum_is_finite_and_keeps_its_range():
+    g = torch.Generator().manual_seed(13)
+    low = torch.randn(50, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 30, generator=g, dtype=torch.float64)
+    ctx = MergeContext(name="w", start=0, numel=low.numel(), params={"exclude": [], "gram": 1}, shape=low.shape, whole_tensor=True)
+    merged = METHODS["iso_c"].fn([low.float()], [1.0], ctx).double()
+    u, s, vh = svd64(low)
+    # the three nonzero directions at the mean singular value (of all 30, 27 of them 0); nothing elsewhere
+    expected = float(s.mean()) * (u[:, :3] @ vh[:3])
+    assert torch.isfinite(merged).all()
+    assert float((merged - expected).norm() / expected.norm()) < 1e-4

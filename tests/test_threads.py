@@ -91,3 +91,27 @@ def test_threads_default_to_the_cores_and_refuse_nonsense(models):
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(TaskVecError, match="threads: .* must be a positive integer"):
             merge(base, [TaskVector.extract(base, ft)], [1.0], threads=bad)
+
+
+def test_extract_on_one_two_and_four_threads_writes_the_same_bits_and_the_difference(models, tmp_path):
+    base, ft = models[0], models[1]
+    runner = CliRunner()
+    digests = {}
+    for threads in ("1", "2", "4"):
+        out = tmp_path / f"tv{threads}.safetensors"
+        res = runner.invoke(main, ["extract", "--base", str(base), "--finetuned", str(ft), "-o", str(out), "--threads", threads, "-q"])
+        assert res.exit_code == 0, res.output
+        digests[threads] = _sha256(out)
+    assert digests["1"] == digests["2"] == digests["4"]
+    # the vector is finetuned - base in float32 (the bf16 inputs' difference is exact there), tensor by tensor
+    written, b, f = load_file(str(tmp_path / "tv4.safetensors")), load_file(str(base)), load_file(str(ft))
+    assert set(written) == set(SHAPES)
+    for name in SHAPES:
+        assert torch.equal(written[name], f[name].double().sub(b[name].double()).float())
+    # the library's save on three threads: the same file
+    out = tmp_path / "lib3.safetensors"
+    TaskVector.extract(base, ft).save(out, threads=3)
+    assert _sha256(out) == digests["1"]
+    res = runner.invoke(main, ["extract", "--base", str(base), "--finetuned", str(ft), "-o", str(tmp_path / "bad.safetensors"), "--threads", "0"])
+    assert res.exit_code == 2 and "--threads" in res.output
+    assert not (tmp_path / "bad.safetensors").exists()

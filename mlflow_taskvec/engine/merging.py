@@ -354,7 +354,7 @@ def _method_jobs(name, spec, base_tensor, read_base, base_source, vectors, weigh
         return
     shape = tuple(spec.shape)
     whole = method.takes_whole_tensor(name, shape, params)
-    ranges = [(0, numel)] if whole else list(chunk_ranges(numel))
+    ranges = [(0, numel)] if whole else list(chunk_ranges(numel, method.chunk_elements(shape)))
 
     def job(start: int, stop: int, prepared, deltas=None) -> torch.Tensor:
         base_chunk = read_base(start, stop, compute)

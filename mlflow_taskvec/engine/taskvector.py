@@ -10,6 +10,7 @@ tensors are computed one chunk at a time when they are needed (``save``,
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import math
 import os
@@ -27,11 +28,13 @@ from mlflow_taskvec.engine.io import TensorSpec
 from mlflow_taskvec.engine.streaming import (
     CHUNK_ELEMENTS,
     STORAGE_DTYPES,
+    OrderedPool,
     check_finite,
     check_finite_output,
     chunk_ranges,
     one_torch_thread,
     parse_dtype,
+    parse_threads,
     release_free_memory,
 )
 from mlflow_taskvec.engine.lora import open_adapter
@@ -392,9 +395,12 @@ class TaskVector:
         progress=None,
         dense: bool = False,
         device: "str | torch.device | None" = None,
+        threads: int | None = None,
     ) -> str:
         """Stream the vector to ``output`` (a ``.safetensors`` file or a directory); returns its fingerprint.
-        With ``device``, chunks are computed there (see ``engine.device``).
+        With ``device``, chunks are computed there (see ``engine.device``); otherwise on ``threads``
+        compute threads (default: the machine's cores). The output is the same bits for any number:
+        each chunk is computed alone and written in order.
 
         A vector that came from a LoRA adapter (unscaled, uncombined) is saved as its
         factors unless ``dense``, a 16-bit ``dtype`` or ``max_shard_size`` asks otherwise;
@@ -409,6 +415,7 @@ class TaskVector:
             save_low_rank(kept, output, self.metadata(), overwrite=overwrite, progress=progress)
             return kept.fingerprint()
         target = parse_device(device)
+        workers = parse_threads(threads) if target is None else 1  # a device computes one chunk at a time
         source, run = self, (lambda job: job())
         if target is not None:
             runner = DeviceRunner(target)
@@ -417,7 +424,11 @@ class TaskVector:
         compute = torch.float64 if any(s.dtype == torch.float64 for s in specs.values()) else torch.float32
         inputs = [src for term in self._terms for src in term.sources()]
         nonzero: list[str] = []  # the first tensor seen not all zero (jobs may run on another thread)
-        with CheckpointWriter(output, specs, self.metadata(), max_shard_size=max_shard_size, overwrite=overwrite, inputs=inputs) as writer, one_torch_thread():
+        with (
+            CheckpointWriter(output, specs, self.metadata(), max_shard_size=max_shard_size, overwrite=overwrite, inputs=inputs) as writer,
+            one_torch_thread(),
+            OrderedPool(writer, workers=workers) as pool,
+        ):
             for name in writer.order:
                 for start, stop in chunk_ranges(specs[name].numel):
 
@@ -432,11 +443,12 @@ class TaskVector:
                                 check_finite_output(stored, name, start, specs[name].numel)
                         return stored
 
-                    writer.write(name, run(job))
+                    pool.submit(name, functools.partial(run, job))
                 if specs[name].numel > CHUNK_ELEMENTS:
                     release_free_memory()
                 if progress is not None:
                     progress(name)
+            pool.drain()
             fingerprint = writer.commit()
         if not nonzero:
             warnings.warn(

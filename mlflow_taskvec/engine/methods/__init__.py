@@ -17,6 +17,9 @@ A method that cannot work chunk by chunk at all (an SVD of a weight matrix)
 declares ``whole_tensor``: ``True``, or a predicate ``(name, shape, params) -> bool``
 choosing the tensors it needs whole; those reach it unflattened, in their shape,
 one tensor at a time (the executor holds the T inputs of that tensor, never the model).
+A method that needs whole rows of a matrix, and nothing wider (ranks per row), declares
+``row_chunks``: the chunks of its 2-D tensors are cut at row boundaries (about
+``CHUNK_ELEMENTS`` entries, whole rows), flat as usual, with ``ctx.shape`` the matrix's.
 A method whose parameters constrain each other declares ``check(params)``,
 called by ``validate_params`` after each parameter passed its own range; a method
 that takes a fixed number of inputs declares ``inputs``.
@@ -37,7 +40,7 @@ from typing import Any
 
 import torch
 
-from mlflow_taskvec.engine.streaming import keep_mask
+from mlflow_taskvec.engine.streaming import CHUNK_ELEMENTS, keep_mask
 from mlflow_taskvec.errors import TaskVecError
 
 REQUIRED = object()  # a ParamSpec default: the parameter must be given
@@ -156,6 +159,14 @@ class MergeMethod:
     check: CheckFn | None = None  # a cross-parameter check, after each parameter's own
     inputs: int | None = None  # the exact number of task vectors it takes, when fixed
     search_scale: tuple[float, float] = (0.0, 1.0)  # the scale range ``search`` tries by default
+    row_chunks: bool = False  # the chunks of a 2-D tensor hold whole rows
+
+    def chunk_elements(self, shape: tuple[int, ...]) -> int:
+        """How many entries one chunk of a tensor of ``shape`` holds (the last chunk may hold fewer):
+        ``CHUNK_ELEMENTS``, or for ``row_chunks`` and a matrix the most whole rows within it (one row at least)."""
+        if self.row_chunks and len(shape) == 2 and shape[1] > 0:
+            return max(1, CHUNK_ELEMENTS // shape[1]) * shape[1]
+        return CHUNK_ELEMENTS
 
     def takes_whole_tensor(self, name: str, shape: tuple[int, ...], params: dict) -> bool:
         if callable(self.whole_tensor):
@@ -194,11 +205,12 @@ def merge_method(
     check: CheckFn | None = None,
     inputs: int | None = None,
     search_scale: tuple[float, float] = (0.0, 1.0),
+    row_chunks: bool = False,
 ):
     """Add the decorated function to the method catalogue under ``name``."""
 
     def deco(fn: MethodFn) -> MethodFn:
-        METHODS[name] = MergeMethod(name, fn, summary, tuple(params), prepare, linear, paper, whole_tensor, check, inputs, search_scale)
+        METHODS[name] = MergeMethod(name, fn, summary, tuple(params), prepare, linear, paper, whole_tensor, check, inputs, search_scale, row_chunks)
         return fn
 
     return deco

@@ -10,8 +10,9 @@ mean, ``della_linear`` the weighted sum. The masks are DARE's order-independent 
 (``streaming.keep_mask`` with one probability per entry): the same seed gives the same
 result whatever the chunking, threads or tensor order.
 
-Ranks need whole rows, so tensors reach this method whole (one at a time); it works
-through them a block of rows at a time.
+Ranks need whole rows and nothing wider, so a matrix reaches this method in chunks of
+whole rows (``row_chunks``): its inputs are never held whole. Other tensors (ranked over
+all their entries) reach it whole. Either way it works a block of rows at a time.
 """
 
 from __future__ import annotations
@@ -60,11 +61,19 @@ def keep_probabilities(t: torch.Tensor, density: float, epsilon: float) -> torch
 
 def della_merge(deltas: list[torch.Tensor], weights: list[float], ctx, combine) -> torch.Tensor:
     """Drop, rescale and ``combine(dropped, weights)`` a block of rows at a time (about a random
-    block's worth of entries), so the temporaries stay block-sized whatever the tensor's size."""
+    block's worth of entries), so the temporaries stay block-sized whatever the tensor's size.
+
+    ``deltas`` are a matrix whole, a chunk of whole rows of one (flat, ``ctx.shape`` 2-D), or
+    another tensor whole (ranked as one row)."""
     density, epsilon = ctx.params["density"], ctx.params["epsilon"]
-    rows = [d.reshape(1, -1) if d.dim() != 2 else d for d in deltas]
+    if deltas[0].dim() == 2:
+        rows = deltas
+    elif len(ctx.shape) == 2:
+        rows = [d.reshape(-1, ctx.shape[1]) for d in deltas]
+    else:
+        rows = [d.reshape(1, -1) for d in deltas]
     count, width = rows[0].shape
-    step = count if deltas[0].dim() != 2 else max(1, RANDOM_BLOCK // max(1, width))
+    step = count if len(ctx.shape) != 2 and deltas[0].dim() != 2 else max(1, RANDOM_BLOCK // max(1, width))
     merged = torch.empty_like(rows[0])
     for top in range(0, count, step):
         bottom = min(count, top + step)
@@ -86,7 +95,8 @@ def _ties(dropped, weights):
     "della",
     "keep each entry with probability density +- epsilon by its magnitude rank (per row), rescale by 1/p, then the ties election and disjoint mean",
     params=(DENSITY, EPSILON, SEED),
-    whole_tensor=True,
+    whole_tensor=lambda name, shape, params: len(shape) != 2,
+    row_chunks=True,
     check=check_probabilities,
     paper="2406.11617",
 )
@@ -98,7 +108,8 @@ def della(deltas, weights, ctx):
     "della_linear",
     "the della drop and rescale, then task arithmetic",
     params=(DENSITY, EPSILON, SEED),
-    whole_tensor=True,
+    whole_tensor=lambda name, shape, params: len(shape) != 2,
+    row_chunks=True,
     check=check_probabilities,
     paper="2406.11617",
 )

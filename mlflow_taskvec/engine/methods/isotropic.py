@@ -14,11 +14,26 @@ import torch
 
 from mlflow_taskvec.engine.methods import ParamSpec, merge_method
 from mlflow_taskvec.engine.methods.linear import weighted_sum
-from mlflow_taskvec.engine.methods.spectral import EXCLUDE, SVD, is_svd_tensor, low_rank, mean_of_deltas, polar_factor, thin_svd, weighted
+from mlflow_taskvec.engine.methods.spectral import (
+    EXCLUDE,
+    SVD,
+    gram_polar_and_mean,
+    is_svd_tensor,
+    low_rank,
+    mean_of_deltas,
+    polar_factor,
+    thin_svd,
+    weighted,
+)
 
 COMMON_FRACTION = ParamSpec(
     "common_fraction", float, default=0.8, low=0.0, high=1.0, low_open=True, high_open=True,
     description="share of the r = min(m, n) directions taken from the common space of sum_i d_i",
+)
+
+GRAM = ParamSpec(
+    "gram", int, default=0, low=0, high=1, searchable=False,
+    description="1: U V^T and mean(S) from an eigendecomposition of the float64 Gram matrix instead of an SVD (opt-in: other bits)",
 )
 
 
@@ -26,6 +41,13 @@ def iso_c_merge(deltas: list[torch.Tensor], svd: SVD = thin_svd) -> torch.Tensor
     """Iso-C of the weighted deltas: ``mean(S) U V^T`` for ``sum_i d_i = U S V^T``."""
     u, s, vh = svd(weighted_sum(deltas, [1.0] * len(deltas)))
     return (u @ vh).mul_(s.mean())
+
+
+def iso_c_merge_gram(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """Iso-C with the polar factor and the mean singular value of the sum from its float64 Gram matrix
+    (``spectral.gram_polar_and_mean``): no SVD; the same formula, other rounding."""
+    polar, mean = gram_polar_and_mean(weighted_sum(deltas, [1.0] * len(deltas)))
+    return polar.mul_(mean)
 
 
 def iso_cts_split(r: int, tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -47,16 +69,19 @@ def iso_cts_merge(deltas: list[torch.Tensor], common_fraction: float, svd: SVD =
     m, n = deltas[0].shape
     c, s = iso_cts_split(min(m, n), len(deltas), common_fraction)
     u, sv, vh = svd(weighted_sum(deltas, [1.0] * len(deltas)))
-    common_u, common_s, common_v = u[:, :c], sv[:c], vh[:c].T
+    # copies of the c common triplets: the sum's whole U and Vh are freed here, not held to the end
+    common_u, common_s, common_v = u[:, :c].clone(), sv[:c].clone(), vh[:c].T.clone()
     del u, sv, vh
     us, ss, vs = [], [], []
     if s > 0:
         for d in deltas:
             specific = d - common_u @ (common_u.T @ d)
             du, ds, dvh = svd(specific)
-            us.append(du[:, :s])
-            ss.append(ds[:s])
-            vs.append(dvh[:s].T)
+            del specific
+            us.append(du[:, :s].clone())
+            ss.append(ds[:s].clone())
+            vs.append(dvh[:s].T.clone())
+            del du, ds, dvh
     u = torch.cat(us + [common_u], dim=1)
     sv = torch.cat(ss + [common_s])
     v = torch.cat(vs + [common_v], dim=1)
@@ -66,7 +91,7 @@ def iso_cts_merge(deltas: list[torch.Tensor], common_fraction: float, svd: SVD =
 @merge_method(
     "iso_c",
     "per matrix, the SVD of sum_i d_i with every singular value replaced by their mean; other tensors: the mean",
-    params=(EXCLUDE,),
+    params=(EXCLUDE, GRAM),
     whole_tensor=is_svd_tensor,
     paper="2502.04959",
     search_scale=(0.0, 2.0),  # the paper's scale is about 1.3-1.5
@@ -74,6 +99,8 @@ def iso_cts_merge(deltas: list[torch.Tensor], common_fraction: float, svd: SVD =
 def iso_c(deltas, weights, ctx):
     if not ctx.whole_tensor:
         return mean_of_deltas(deltas, weights)
+    if ctx.params.get("gram", 0):
+        return iso_c_merge_gram(weighted(deltas, weights))
     return iso_c_merge(weighted(deltas, weights))
 
 

@@ -22,9 +22,11 @@ def tsv_merge(deltas: list[torch.Tensor], svd: SVD = thin_svd) -> torch.Tensor:
     us, ss, vs = [], [], []
     for d in deltas:
         u, s, vh = svd(d)
-        us.append(u[:, :k])
-        ss.append(s[:k])
-        vs.append(vh[:k].T)
+        # copies of the k kept triplets, so that each input's whole U and Vh are freed at once
+        us.append(u[:, :k].clone())
+        ss.append(s[:k].clone())
+        vs.append(vh[:k].T.clone())
+        del u, s, vh
     u, s, v = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vs, dim=1)
     return low_rank(polar_factor(u, svd), s, polar_factor(v, svd))
 
