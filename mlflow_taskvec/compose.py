@@ -234,6 +234,7 @@ def compose_to_adapter(
         params=recipe.params,
         rank=recipe.output_rank,
         energy=recipe.output_energy,
+        svd=recipe.output_svd or "exact",
         base_model_name_or_path=base_model_name_or_path or base_model_name(recorded, base),
         compute_dtype=recipe.compute_dtype,
         dtype=parse_dtype(recipe.dtype, "dtype", STORAGE_DTYPES) if recipe.dtype else torch.float32,

@@ -419,3 +419,60 @@ def test_bad_input_with_register_registers_nothing(adapters, tmp_path, case, mak
     assert client.search_registered_models() == [] and client.search_logged_models(experiment_ids=[sqlite_store.experiment_id]) == []
     assert all(r.info.status == "FAILED" for r in client.search_runs([sqlite_store.experiment_id]))
     assert not (tmp_path / "merged").exists()
+
+
+# -- the opt-in randomized SVD (output_svd: randomized) -----------------------------------------------
+
+
+def test_the_randomized_svd_of_a_known_spectrum_is_within_the_halko_martinsson_tropp_bound():
+    from mlflow_taskvec.engine.lora import RANDOMIZED_OVERSAMPLE, randomized_svd
+
+    gen = torch.Generator().manual_seed(7)
+    rows, cols, k = 300, 200, 20
+    u, _ = torch.linalg.qr(torch.randn(rows, cols, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(cols, cols, generator=gen, dtype=torch.float64))
+    spectrum = torch.arange(1, cols + 1, dtype=torch.float64) ** -0.5  # slowly decaying: a hard case
+    matrix = ((u * spectrum) @ v.T).to(torch.float32)
+    # Eckart-Young: the best rank-k error is the tail of the spectrum
+    optimal = float(spectrum[k:].square().sum().sqrt() / spectrum.square().sum().sqrt())
+    uk, sk, vhk = randomized_svd(matrix, k, "some.module.weight")
+    error = relative((uk * sk).double() @ vhk.double(), matrix.double())
+    p = RANDOMIZED_OVERSAMPLE
+    assert optimal * (1 - 1e-5) <= error <= optimal * (1 + k / (p - 1)) ** 0.5  # HMT 2011, theorem 10.5 (q = 0)
+    assert error <= optimal * 1.01  # the power iterations bring it much closer
+    again = randomized_svd(matrix, k, "some.module.weight")
+    assert all(torch.equal(x, y) for x, y in zip((uk, sk, vhk), again))  # seeded by the name: the same bits
+
+
+def test_ties_with_the_randomized_svd_is_within_a_percent_of_the_exact_route(adapters, tmp_path):
+    a, _, c = adapters
+    params = {"density": 0.5}
+    exact = compose_to_adapter(recipe_of(tmp_path, [a, c], [1.0, 1.0], method="ties", params=params, output_rank=6))
+    exact_factors = load_file(tmp_path / "merged" / "adapter_model.safetensors")
+    fast = compose_to_adapter(
+        recipe_of(tmp_path, [a, c], [1.0, 1.0], method="ties", params=params, output_rank=6, output_svd="randomized"), overwrite=True
+    )
+    fast_factors = load_file(tmp_path / "merged" / "adapter_model.safetensors")
+    assert any(not torch.equal(exact_factors[n], fast_factors[n]) for n in exact_factors)  # other bits: opt-in only
+    reference = dense_delta([a, c], [1.0, 1.0], method="ties", params=params)  # float64, from the dense composite
+    ours = merged_delta(tmp_path / "merged")
+    by_name = {m.name: m.relative_error for m in exact.modules}
+    for m in fast.modules:
+        measured = relative(ours[m.name], reference[m.name])
+        assert m.relative_error == pytest.approx(measured, rel=1e-3)  # what is recorded is the true error
+        assert by_name[m.name] * (1 - 1e-4) <= m.relative_error <= by_name[m.name] * 1.01, m.name
+    recipe = recipe_of(tmp_path, [a, c], [1.0, 1.0], method="ties", params=params, output_rank=6, output_svd="randomized")
+    assert recipe.sha256() != recipe_of(tmp_path, [a, c], [1.0, 1.0], method="ties", params=params, output_rank=6).sha256()
+
+
+def test_compose_svd_randomized_refuses_energy_and_a_dense_output(adapters, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, adapters[:2], method="ties", params={"density": 0.5})
+    code, out, err = run_cli("compose", recipe, "--format", "peft", "--energy", "0.9", "--svd", "randomized")
+    assert code == 1 and err.strip() == "Error: --svd: randomized needs a rank (the given one or the default), not energy: the energy rule needs every singular value"
+    code, out, err = run_cli("compose", recipe, "--svd", "randomized")
+    assert code == 2 and "--rank, --energy and --svd apply to --format peft" in err
+    assert not (tmp_path / "merged").exists()
+    code, out, err = run_cli("compose", recipe, "--format", "peft", "--rank", "4", "--svd", "randomized")
+    assert code == 0 and "relative error" in out and (tmp_path / "merged" / "adapter_model.safetensors").is_file()
+
