@@ -20,6 +20,10 @@ PEFT adapters, low-rank task vectors or dense task vectors.
   truncates by a seeded randomized SVD instead (``lora.randomized_svd``), several times faster
   per module and within a fraction of a percent of the exact error (docs/lora-merging.md).
 
+Adapters with ``fan_in_fan_out`` (Conv1D weights stored (in, out), GPT-2's layout) are read
+transposed (``lora.open_adapter``) and the merged adapter keeps their layout: ``fan_in_fan_out``
+in its config and every module's factors stored as PEFT's Conv1D LoRA holds them.
+
 Peak memory is the largest module's dense delta times the number of inputs (plus the
 adapter being written), never the model. 1-D tensors (biases, norms) cannot go into a
 LoRA adapter: where their merged delta is not zero they are left out and listed.
@@ -124,9 +128,27 @@ def check_adapter_bases(folders: "Sequence[tuple[int, str | os.PathLike]]") -> N
                 raise TaskVecError(f"vectors[{i}]: the adapters name different bases: vectors[{j}] {first!r}, vectors[{i}] {other!r}")
 
 
-def _check_adapter_inputs(vectors) -> None:
-    """Refuse adapters that name two different bases, and an input module whose rank exceeds its size."""
-    check_adapter_bases([(i, v.low_rank_source.source) for i, v in enumerate(vectors) if v.low_rank_source is not None])
+def adapters_fan_in_fan_out(folders: "Sequence[tuple[int, str | os.PathLike]]") -> bool:
+    """Whether the PEFT adapter folders among ``folders`` (``(input index, folder)``) store Conv1D
+    weights (``fan_in_fan_out``, GPT-2's layout), which the merged adapter then keeps; refused where
+    they disagree (PEFT fixes the orientation by the module's type, so one base has one)."""
+    seen: dict[bool, int] = {}
+    for i, folder in folders:
+        if is_adapter(folder):
+            seen.setdefault(read_adapter_config(Path(folder)).fan_in_fan_out, i)
+    if len(seen) > 1:
+        raise TaskVecError(
+            f"vectors[{seen[False]}] has fan_in_fan_out false and vectors[{seen[True]}] true: adapters of one base store its weights one way"
+        )
+    return True in seen
+
+
+def _check_adapter_inputs(vectors) -> bool:
+    """Refuse adapters that name two different bases or disagree on ``fan_in_fan_out``, and an input
+    module whose rank exceeds its size; whether the adapters are ``fan_in_fan_out``."""
+    adapters = [(i, v.low_rank_source.source) for i, v in enumerate(vectors) if v.low_rank_source is not None]
+    check_adapter_bases(adapters)
+    fan_in_fan_out = adapters_fan_in_fan_out(adapters)
     for i, v in enumerate(vectors):
         low = v.low_rank_source
         if low is None:
@@ -137,6 +159,7 @@ def _check_adapter_inputs(vectors) -> None:
                 raise TaskVecError(
                     f"vectors[{i}] ({low.source}): tensor {name!r} has rank {t.rank}, more than its size {list(t.shape)} allows"
                 )
+    return fan_in_fan_out
 
 
 def merge_to_adapter(
@@ -166,7 +189,7 @@ def merge_to_adapter(
     claim = OutputClaim(output, overwrite)
     try:
         plan = plan_merge(base, vectors, weights, method, scale, params, compute_dtype)
-        _check_adapter_inputs(vectors)
+        fan_in_fan_out = _check_adapter_inputs(vectors)
         dense_inputs = [i for i, v in enumerate(vectors) if v.low_rank_source is None]
         if dense_inputs and rank is None and energy is None:
             i = dense_inputs[0]
@@ -175,11 +198,11 @@ def merge_to_adapter(
             )
         refuse_aliasing(claim.path, [p for v in plan.vectors for term in v.terms for src in term.sources() for p in src.paths()] + plan.base.paths())
         with one_torch_thread():  # intra-op threads fork/join per module and stall on a busy machine (as in merge_to)
-            result = _merge(plan, list(vectors), rank, energy, svd, dtype, allow_nonfinite, progress)
+            result = _merge(plan, list(vectors), rank, energy, svd, dtype, allow_nonfinite, fan_in_fan_out, progress)
         tensors, ranks = result.pop("tensors"), result.pop("ranks")
         if not ranks:
             raise TaskVecError("the merged delta is zero on every 2-D weight: there is no adapter to write")
-        r, rank_pattern, config = adapter_config(ranks, base_model_name_or_path)
+        r, rank_pattern, config = adapter_config(ranks, base_model_name_or_path, fan_in_fan_out=fan_in_fan_out)
         meta = {
             "format": "pt",
             **(metadata or {}),
@@ -204,7 +227,7 @@ def merge_to_adapter(
     )
 
 
-def _merge(plan, originals, rank, energy, svd, dtype, allow_nonfinite, progress) -> dict:
+def _merge(plan, originals, rank, energy, svd, dtype, allow_nonfinite, fan_in_fan_out, progress) -> dict:
     modules: list[MergedModule] = []
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -239,7 +262,7 @@ def _merge(plan, originals, rank, energy, svd, dtype, allow_nonfinite, progress)
                     check_finite_output(b_factor.reshape(-1), name, 0, b_factor.numel())
                     check_finite_output(a_factor.reshape(-1), name, 0, a_factor.numel())
                 embedding = is_embedding_module(module)
-                tensors.update(peft_factor_tensors(module, b_factor, a_factor, embedding))
+                tensors.update(peft_factor_tensors(module, b_factor, a_factor, embedding, fan_in_fan_out))
                 ranks[module] = total
                 modules.append(MergedModule(name, module, total, 0.0, True, embedding))
                 if progress is not None:
@@ -266,7 +289,7 @@ def _merge(plan, originals, rank, energy, svd, dtype, allow_nonfinite, progress)
                 target = min(target, min(shape))
             b_factor, a_factor, err_sq = svd_factors(delta.to(torch.float32), target, energy, dtype, svd, name)
             embedding = is_embedding_module(module)
-            tensors.update(peft_factor_tensors(module, b_factor, a_factor, embedding))
+            tensors.update(peft_factor_tensors(module, b_factor, a_factor, embedding, fan_in_fan_out))
             ranks[module] = int(b_factor.shape[1])
             modules.append(MergedModule(name, module, int(b_factor.shape[1]), math.sqrt(err_sq / norm_sq), False, embedding))
         del delta

@@ -372,15 +372,22 @@ def svd_factors(
     return b_factor, a_factor, float((delta.double() - approx).square().sum())
 
 
-def peft_factor_tensors(module: str, b_factor: torch.Tensor, a_factor: torch.Tensor, embedding: bool) -> dict[str, torch.Tensor]:
-    """The saved tensors of one module whose delta is ``b_factor @ a_factor`` at scaling 1."""
+def peft_factor_tensors(
+    module: str, b_factor: torch.Tensor, a_factor: torch.Tensor, embedding: bool, fan_in_fan_out: bool = False
+) -> dict[str, torch.Tensor]:
+    """The saved tensors of one module whose delta is ``b_factor @ a_factor`` at scaling 1 (in the
+    base weight's orientation; ``fan_in_fan_out``: a Conv1D weight stored (in, out), as GPT-2's)."""
     prefix = f"{PEFT_PREFIX}{module}"
     if embedding:  # PEFT's embedding LoRA: delta = (B_e @ A_e).T, A_e (r, num_embeddings)
         return {f"{prefix}.lora_embedding_A": b_factor.T.contiguous(), f"{prefix}.lora_embedding_B": a_factor.T.contiguous()}
+    if fan_in_fan_out:  # PEFT's Conv1D LoRA: delta = (B @ A).T, A (r, in_features = the weight's rows)
+        return {f"{prefix}.lora_A.weight": b_factor.T.contiguous(), f"{prefix}.lora_B.weight": a_factor.T.contiguous()}
     return {f"{prefix}.lora_A.weight": a_factor.contiguous(), f"{prefix}.lora_B.weight": b_factor.contiguous()}
 
 
-def adapter_config(ranks: dict[str, int], base_model_name_or_path: str | None, modules_to_save: list[str] | None = None) -> tuple[int, dict[str, int], dict]:
+def adapter_config(
+    ranks: dict[str, int], base_model_name_or_path: str | None, modules_to_save: list[str] | None = None, fan_in_fan_out: bool = False
+) -> tuple[int, dict[str, int], dict]:
     """``(r, rank_pattern, config)`` of an adapter whose modules have ``ranks`` at scaling 1:
     ``r`` the most common rank (the larger on a tie), the others in ``rank_pattern`` and
     ``alpha_pattern`` alike."""
@@ -399,7 +406,7 @@ def adapter_config(ranks: dict[str, int], base_model_name_or_path: str | None, m
         "modules_to_save": modules_to_save,
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
