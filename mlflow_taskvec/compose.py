@@ -245,6 +245,12 @@ def compose_to_adapter(
     )
 
 
+def base_with_adapter(base: "Checkpoint | str | os.PathLike", adapter: "str | os.PathLike") -> dict[str, torch.Tensor]:
+    """The state dict of ``base`` with the PEFT adapter folder ``adapter`` added (its delta at weight
+    1, as PEFT's ``merge_and_unload``): what an ``output_format: peft`` composite is evaluated as."""
+    return merge(base, [TaskVector.load(adapter, base=base)], [1.0])
+
+
 def write_model_card(folder: Path, recipe: Recipe, base_model: str, inputs: list[dict], result: MergeResult, metrics=None, linear: bool = False) -> Path:
     """``folder/README.md``: the composite's model card (see ``modelcard``)."""
     card = model_card(recipe, base_model, inputs, result.fingerprint, result.base_fingerprint, metrics, linear=linear)

@@ -476,3 +476,69 @@ def test_compose_svd_randomized_refuses_energy_and_a_dense_output(adapters, tmp_
     code, out, err = run_cli("compose", recipe, "--format", "peft", "--rank", "4", "--svd", "randomized")
     assert code == 0 and "relative error" in out and (tmp_path / "merged" / "adapter_model.safetensors").is_file()
 
+
+# -- the evaluation block: the base with the merged adapter is what is evaluated ---------------------
+
+
+def adapter_coefficient(folder: Path, direction: dict[str, torch.Tensor]) -> float:
+    """``<delta, tau> / <tau, tau>`` of the adapter's deltas as PEFT applies them (search_evaluators.coefficient's formula)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.PeftModel.from_pretrained(fresh_base(), folder)
+    deltas = {
+        f"{name.removeprefix(PREFIX)}.weight": module.get_delta_weight("default").double()
+        for name, module in model.named_modules()
+        if isinstance(module, peft.tuners.lora.LoraLayer)
+    }
+    num = sum(float((deltas[n] * d.double()).sum()) for n, d in direction.items() if n in deltas)
+    return num / sum(float(d.double().square().sum()) for d in direction.values())
+
+
+@pytest.fixture
+def peaked_direction(adapters, tmp_path, monkeypatch):
+    """search_evaluators.peaked scores ``1 - (c - 0.5)^2`` on the test split, c read along adapter a's vector."""
+    direction = tmp_path / "a-dense.safetensors"
+    TaskVector.load(adapters[0], MODEL_DIR).save(direction, dense=True)
+    monkeypatch.setenv("TASKVEC_TEST_BASE", str(MODEL_DIR / "model.safetensors"))
+    monkeypatch.setenv("TASKVEC_TEST_DIRECTION", str(direction))
+    return load_file(direction)
+
+
+def test_a_registered_peft_composite_with_an_evaluation_block_evaluates_the_base_with_its_adapter(adapters, tmp_path, sqlite_store, peaked_direction):
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_taskvec.mlflow.registry import register_composite
+
+    # ties cut to rank 1: the adapter differs from the dense ties composite, so the metric tells which was evaluated
+    recipe = recipe_of(
+        tmp_path, [adapters[0]], [0.5], method="ties", params={"density": 0.5}, output_rank=1,
+        evaluation={"evaluator": "search_evaluators:peaked", "tasks": ["nudge"], "references": False},
+    )
+    recipe.vectors[0].task = "nudge"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reg = register_composite(recipe, "minilm-peft-evaluated", output=tmp_path / "kept")
+    c = adapter_coefficient(tmp_path / "kept", peaked_direction)
+    assert 0.05 < c < 0.45  # rank 1 keeps part of the 0.5 the dense composite would have
+    metrics = MlflowClient().get_run(reg.run_id).data.metrics
+    assert metrics["nudge.accuracy"] == pytest.approx(1 - (c - 0.5) ** 2, abs=1e-5)
+
+
+def test_search_of_a_peft_recipe_scores_each_candidate_as_the_base_with_its_merged_adapter(adapters, tmp_path, sqlite_store, peaked_direction):
+    from mlflow_taskvec.mlflow.search import search
+
+    recipe = recipe_of(
+        tmp_path, [adapters[0]], [1.0], method="ties", params={"density": 0.5}, output_rank=1,
+        evaluation={"evaluator": "search_evaluators:peaked", "tasks": ["nudge"], "references": False},
+        search={"scale": {"low": 0.5, "high": 1.0, "step": 0.5}, "objective": "mean.accuracy"},
+    )
+    recipe.vectors[0].task = "nudge"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = search(recipe)
+    assert [c.scale for c in result.candidates] == pytest.approx([0.5, 1.0])
+    for cand in result.candidates:
+        folder = tmp_path / f"at-{cand.scale}"
+        compose_to_adapter(recipe_of(tmp_path, [adapters[0]], [1.0], method="ties", params={"density": 0.5}, output_rank=1, scale=cand.scale, output=str(folder)))
+        c = adapter_coefficient(folder, peaked_direction)
+        assert cand.metrics["nudge.accuracy"] == pytest.approx(1 - (c - 0.35) ** 2, abs=1e-5)  # the validation split peaks at 0.35
