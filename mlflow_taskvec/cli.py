@@ -184,12 +184,14 @@ def _print_lines(quiet: bool, lines) -> None:
               help="peft: write one PEFT LoRA adapter, never the dense model (default: the recipe's output_format, else the dense model).")
 @click.option("--rank", type=int, default=None, help="With --format peft: the rank of every merged module (default: the sum of the inputs' ranks).")
 @click.option("--energy", type=float, default=None, help="With --format peft: per module, the smallest rank keeping this share of its squared Frobenius norm.")
+@click.option("--svd", type=click.Choice(["exact", "randomized"]), default=None,
+              help="With --format peft: how modules are cut to a rank (default: the recipe's output_svd, else exact; randomized is faster and changes bits).")
 @_overwrite
 @_quiet
 @_device
 @_threads
 @_fail_cleanly
-def compose(recipe, output, max_shard_size, register_as, alias, require_alias, allow_mixed, output_format, rank, energy, overwrite, quiet, device, threads):
+def compose(recipe, output, max_shard_size, register_as, alias, require_alias, allow_mixed, output_format, rank, energy, svd, overwrite, quiet, device, threads):
     """Compose a model from a YAML merge RECIPE (references may be MLflow URIs)."""
     from mlflow_taskvec.engine.writer import parse_size
     from mlflow_taskvec.mlflow.workflows import compose_recipe
@@ -198,13 +200,15 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, a
     spec = load_recipe(recipe)
     if output_format is not None:
         spec.output_format = output_format
-    if rank is not None or energy is not None:
+    if rank is not None or energy is not None or svd is not None:
         if spec.output_format != "peft":
-            raise click.UsageError("--rank and --energy apply to --format peft")
+            raise click.UsageError("--rank, --energy and --svd apply to --format peft" if svd is not None else "--rank and --energy apply to --format peft")
         from mlflow_taskvec.engine.adapter_merge import check_rank_settings
 
-        check_rank_settings(rank, energy)
-        spec.output_rank, spec.output_energy = rank, energy
+        if rank is not None or energy is not None:
+            spec.output_rank, spec.output_energy = rank, energy
+        spec.output_svd = svd or spec.output_svd
+        check_rank_settings(spec.output_rank, spec.output_energy, spec.output_svd or "exact")
     if device is not None:
         spec.device = device
     if max_shard_size is not None:

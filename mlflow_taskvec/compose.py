@@ -286,6 +286,7 @@ def compose_to_adapter(
         params=recipe.params,
         rank=recipe.output_rank,
         energy=recipe.output_energy,
+        svd=recipe.output_svd or "exact",
         base_model_name_or_path=base_model_name_or_path or base_model_name(recorded, base),
         compute_dtype=recipe.compute_dtype,
         dtype=parse_dtype(recipe.dtype, "dtype", STORAGE_DTYPES) if recipe.dtype else torch.float32,
@@ -356,6 +357,12 @@ def compose_recipe(
     finally:
         close()
     return Composed(recorded, result)
+
+
+def base_with_adapter(base: "Checkpoint | str | os.PathLike", adapter: "str | os.PathLike") -> dict[str, torch.Tensor]:
+    """The state dict of ``base`` with the PEFT adapter folder ``adapter`` added (its delta at weight
+    1, as PEFT's ``merge_and_unload``): what an ``output_format: peft`` composite is evaluated as."""
+    return merge(base, [TaskVector.load(adapter, base=base)], [1.0])
 
 
 def write_model_card(folder: Path, recipe: Recipe, base_model: str, inputs: list[dict], result: MergeResult, metrics=None, linear: bool = False) -> Path:

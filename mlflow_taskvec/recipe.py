@@ -17,6 +17,7 @@ max_shard_size: 2GB               # write shards plus an index
 output: ./merged
 output_format: peft               # optional: one PEFT LoRA adapter, not the dense model (docs/lora-merging.md)
 output_rank: 16                   # optional with peft: the rank of every module (or output_energy: 0.99)
+output_svd: randomized            # optional with peft: a seeded randomized SVD (faster, other bits; default exact)
 policy:                           # optional: refuse inputs that lack an approval
   require_alias: approved         # every input must be a registered version carrying this alias
 evaluation:                       # optional: metrics for the registry
@@ -298,6 +299,9 @@ class Recipe(BaseModel):
     output_format: Literal["safetensors", "peft"] | None = Field(None, description="peft: write one PEFT LoRA adapter (docs/lora-merging.md); default: the dense model")
     output_rank: int | None = Field(None, ge=1, description="output_format peft: the rank of every merged module (default: the sum of the inputs' ranks)")
     output_energy: float | None = Field(None, gt=0, le=1, description="output_format peft: per module, the smallest rank keeping this share of ||delta||^2")
+    output_svd: Literal["exact", "randomized"] | None = Field(
+        None, description="output_format peft: how modules are cut to a rank (default exact; randomized: a seeded randomized SVD, faster, other bits)"
+    )
     evaluation: Evaluation | None = None
     search: Search | None = None
     policy: Policy | None = None
@@ -369,6 +373,10 @@ class Recipe(BaseModel):
             raise ValueError(str(exc)) from None
         if (self.output_rank is not None or self.output_energy is not None) and self.output_format != "peft":
             raise ValueError("output_rank and output_energy apply to output_format: peft")
+        if self.output_svd is not None and self.output_format != "peft":
+            raise ValueError("output_svd applies to output_format: peft")
+        if self.output_svd == "randomized" and self.output_energy is not None:
+            raise ValueError("output_svd: randomized needs a rank (output_rank or the default), not output_energy")
         if self.output_rank is not None and self.output_energy is not None:
             raise ValueError("give at most one of output_rank or output_energy")
         if self.search is not None:
@@ -425,7 +433,7 @@ class Recipe(BaseModel):
         data = self.model_dump(exclude={"output", "search", "device"})  # where it runs is not what it is
         if data.get("policy") is None:
             data.pop("policy", None)
-        for key in ("output_format", "output_rank", "output_energy"):  # only when set: older digests stay as they were
+        for key in ("output_format", "output_rank", "output_energy", "output_svd"):  # only when set: older digests stay as they were
             if data.get(key) is None:
                 data.pop(key, None)
         data["scale"] = _in_order(data["scale"])

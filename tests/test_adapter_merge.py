@@ -404,7 +404,7 @@ def test_mlflow_models_serve_answers_text_with_a_registered_peft_composite(adapt
     np.testing.assert_allclose(np.asarray(answer["predictions"]).reshape(expected.shape), expected, rtol=1e-4, atol=1e-5)
 
 
-REGISTERED_BAD = [b for b in BAD if b[0] in ("adapters of different bases", "DoRA", "a rank larger than the module", "--rank 0")]
+REGISTERED_BAD = [b for b in BAD if b[0] in ("a base whose shape does not fit", "adapters of different bases", "DoRA", "a rank larger than the module", "--rank 0", "output_rank: 0")]
 
 
 @pytest.mark.parametrize("case, make, args, message", REGISTERED_BAD, ids=[b[0] for b in REGISTERED_BAD])
@@ -419,3 +419,126 @@ def test_bad_input_with_register_registers_nothing(adapters, tmp_path, case, mak
     assert client.search_registered_models() == [] and client.search_logged_models(experiment_ids=[sqlite_store.experiment_id]) == []
     assert all(r.info.status == "FAILED" for r in client.search_runs([sqlite_store.experiment_id]))
     assert not (tmp_path / "merged").exists()
+
+
+# -- the opt-in randomized SVD (output_svd: randomized) -----------------------------------------------
+
+
+def test_the_randomized_svd_of_a_known_spectrum_is_within_the_halko_martinsson_tropp_bound():
+    from mlflow_taskvec.engine.lora import RANDOMIZED_OVERSAMPLE, randomized_svd
+
+    gen = torch.Generator().manual_seed(7)
+    rows, cols, k = 300, 200, 20
+    u, _ = torch.linalg.qr(torch.randn(rows, cols, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(cols, cols, generator=gen, dtype=torch.float64))
+    spectrum = torch.arange(1, cols + 1, dtype=torch.float64) ** -0.5  # slowly decaying: a hard case
+    matrix = ((u * spectrum) @ v.T).to(torch.float32)
+    # Eckart-Young: the best rank-k error is the tail of the spectrum
+    optimal = float(spectrum[k:].square().sum().sqrt() / spectrum.square().sum().sqrt())
+    uk, sk, vhk = randomized_svd(matrix, k, "some.module.weight")
+    error = relative((uk * sk).double() @ vhk.double(), matrix.double())
+    p = RANDOMIZED_OVERSAMPLE
+    assert optimal * (1 - 1e-5) <= error <= optimal * (1 + k / (p - 1)) ** 0.5  # HMT 2011, theorem 10.5 (q = 0)
+    assert error <= optimal * 1.01  # the power iterations bring it much closer
+    again = randomized_svd(matrix, k, "some.module.weight")
+    assert all(torch.equal(x, y) for x, y in zip((uk, sk, vhk), again))  # seeded by the name: the same bits
+
+
+def test_ties_with_the_randomized_svd_is_within_a_percent_of_the_exact_route(adapters, tmp_path):
+    a, _, c = adapters
+    params = {"density": 0.5}
+    exact = compose_to_adapter(recipe_of(tmp_path, [a, c], [1.0, 1.0], method="ties", params=params, output_rank=6))
+    exact_factors = load_file(tmp_path / "merged" / "adapter_model.safetensors")
+    fast = compose_to_adapter(
+        recipe_of(tmp_path, [a, c], [1.0, 1.0], method="ties", params=params, output_rank=6, output_svd="randomized"), overwrite=True
+    )
+    fast_factors = load_file(tmp_path / "merged" / "adapter_model.safetensors")
+    assert any(not torch.equal(exact_factors[n], fast_factors[n]) for n in exact_factors)  # other bits: opt-in only
+    reference = dense_delta([a, c], [1.0, 1.0], method="ties", params=params)  # float64, from the dense composite
+    ours = merged_delta(tmp_path / "merged")
+    by_name = {m.name: m.relative_error for m in exact.modules}
+    for m in fast.modules:
+        measured = relative(ours[m.name], reference[m.name])
+        assert m.relative_error == pytest.approx(measured, rel=1e-3)  # what is recorded is the true error
+        assert by_name[m.name] * (1 - 1e-4) <= m.relative_error <= by_name[m.name] * 1.01, m.name
+    recipe = recipe_of(tmp_path, [a, c], [1.0, 1.0], method="ties", params=params, output_rank=6, output_svd="randomized")
+    assert recipe.sha256() != recipe_of(tmp_path, [a, c], [1.0, 1.0], method="ties", params=params, output_rank=6).sha256()
+
+
+def test_compose_svd_randomized_refuses_energy_and_a_dense_output(adapters, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, adapters[:2], method="ties", params={"density": 0.5})
+    code, out, err = run_cli("compose", recipe, "--format", "peft", "--energy", "0.9", "--svd", "randomized")
+    assert code == 1 and err.strip() == "Error: --svd: randomized needs a rank (the given one or the default), not energy: the energy rule needs every singular value"
+    code, out, err = run_cli("compose", recipe, "--svd", "randomized")
+    assert code == 2 and "--rank, --energy and --svd apply to --format peft" in err
+    assert not (tmp_path / "merged").exists()
+    code, out, err = run_cli("compose", recipe, "--format", "peft", "--rank", "4", "--svd", "randomized")
+    assert code == 0 and "relative error" in out and (tmp_path / "merged" / "adapter_model.safetensors").is_file()
+
+
+# -- the evaluation block: the base with the merged adapter is what is evaluated ---------------------
+
+
+def adapter_coefficient(folder: Path, direction: dict[str, torch.Tensor]) -> float:
+    """``<delta, tau> / <tau, tau>`` of the adapter's deltas as PEFT applies them (search_evaluators.coefficient's formula)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.PeftModel.from_pretrained(fresh_base(), folder)
+    deltas = {
+        f"{name.removeprefix(PREFIX)}.weight": module.get_delta_weight("default").double()
+        for name, module in model.named_modules()
+        if isinstance(module, peft.tuners.lora.LoraLayer)
+    }
+    num = sum(float((deltas[n] * d.double()).sum()) for n, d in direction.items() if n in deltas)
+    return num / sum(float(d.double().square().sum()) for d in direction.values())
+
+
+@pytest.fixture
+def peaked_direction(adapters, tmp_path, monkeypatch):
+    """search_evaluators.peaked scores ``1 - (c - 0.5)^2`` on the test split, c read along adapter a's vector."""
+    direction = tmp_path / "a-dense.safetensors"
+    TaskVector.load(adapters[0], MODEL_DIR).save(direction, dense=True)
+    monkeypatch.setenv("TASKVEC_TEST_BASE", str(MODEL_DIR / "model.safetensors"))
+    monkeypatch.setenv("TASKVEC_TEST_DIRECTION", str(direction))
+    return load_file(direction)
+
+
+def test_a_registered_peft_composite_with_an_evaluation_block_evaluates_the_base_with_its_adapter(adapters, tmp_path, sqlite_store, peaked_direction):
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_taskvec.mlflow.registry import register_composite
+
+    # ties cut to rank 1: the adapter differs from the dense ties composite, so the metric tells which was evaluated
+    recipe = recipe_of(
+        tmp_path, [adapters[0]], [0.5], method="ties", params={"density": 0.5}, output_rank=1,
+        evaluation={"evaluator": "search_evaluators:peaked", "tasks": ["nudge"], "references": False},
+    )
+    recipe.vectors[0].task = "nudge"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reg = register_composite(recipe, "minilm-peft-evaluated", output=tmp_path / "kept")
+    c = adapter_coefficient(tmp_path / "kept", peaked_direction)
+    assert 0.05 < c < 0.45  # rank 1 keeps part of the 0.5 the dense composite would have
+    metrics = MlflowClient().get_run(reg.run_id).data.metrics
+    assert metrics["nudge.accuracy"] == pytest.approx(1 - (c - 0.5) ** 2, abs=1e-5)
+
+
+def test_search_of_a_peft_recipe_scores_each_candidate_as_the_base_with_its_merged_adapter(adapters, tmp_path, sqlite_store, peaked_direction):
+    from mlflow_taskvec.mlflow.search import search
+
+    recipe = recipe_of(
+        tmp_path, [adapters[0]], [1.0], method="ties", params={"density": 0.5}, output_rank=1,
+        evaluation={"evaluator": "search_evaluators:peaked", "tasks": ["nudge"], "references": False},
+        search={"scale": {"low": 0.5, "high": 1.0, "step": 0.5}, "objective": "mean.accuracy"},
+    )
+    recipe.vectors[0].task = "nudge"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = search(recipe)
+    assert [c.scale for c in result.candidates] == pytest.approx([0.5, 1.0])
+    for cand in result.candidates:
+        folder = tmp_path / f"at-{cand.scale}"
+        compose_to_adapter(recipe_of(tmp_path, [adapters[0]], [1.0], method="ties", params={"density": 0.5}, output_rank=1, scale=cand.scale, output=str(folder)))
+        c = adapter_coefficient(folder, peaked_direction)
+        assert cand.metrics["nudge.accuracy"] == pytest.approx(1 - (c - 0.35) ** 2, abs=1e-5)  # the validation split peaks at 0.35

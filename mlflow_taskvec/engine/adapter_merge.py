@@ -16,7 +16,13 @@ PEFT adapters, low-rank task vectors or dense task vectors.
   or per module the smallest rank keeping ``energy`` of its squared Frobenius norm, by
   default the sum of the inputs' ranks there, capped by the module's size. Each module's
   relative Frobenius error ``||delta - B A|| / ||delta||`` is returned and recorded in the
-  adapter's metadata (``taskvec.relative_errors``).
+  adapter's metadata (``taskvec.relative_errors``). ``svd="randomized"`` (opt-in: other bits)
+  truncates by a seeded randomized SVD instead (``lora.randomized_svd``), several times faster
+  per module and within a fraction of a percent of the exact error (docs/lora-merging.md).
+
+Adapters with ``fan_in_fan_out`` (Conv1D weights stored (in, out), GPT-2's layout) are read
+transposed (``lora.open_adapter``) and the merged adapter keeps their layout: ``fan_in_fan_out``
+in its config and every module's factors stored as PEFT's Conv1D LoRA holds them.
 
 Peak memory is the largest module's dense delta times the number of inputs (plus the
 adapter being written), never the model. 1-D tensors (biases, norms) cannot go into a
@@ -42,6 +48,7 @@ from mlflow_taskvec.engine.checks import fraction, positive_int
 from mlflow_taskvec.engine.coefficients import Coefficient
 from mlflow_taskvec.engine.lora import (
     ADAPTER_WEIGHTS,
+    SVD_METHODS,
     adapter_config,
     is_embedding_module,
     peft_factor_tensors,
@@ -92,8 +99,13 @@ class AdapterMergeResult:
         return max((m.relative_error for m in self.modules), default=0.0)
 
 
-def check_rank_settings(rank: int | None, energy: float | None) -> None:
-    """``rank`` and ``energy`` as ``export_lora`` checks them, but both optional here."""
+def check_rank_settings(rank: int | None, energy: float | None, svd: str = "exact") -> None:
+    """``rank`` and ``energy`` as ``export_lora`` checks them, but both optional here; ``svd`` one of
+    ``SVD_METHODS`` (the randomized one needs a rank: ``energy`` asks for the whole spectrum)."""
+    if svd not in SVD_METHODS:
+        raise ParameterError("svd", f"{svd!r} is not one of {', '.join(SVD_METHODS)}")
+    if svd == "randomized" and energy is not None:
+        raise ParameterError("svd", "randomized needs a rank (the given one or the default), not energy: the energy rule needs every singular value")
     if rank is not None and energy is not None:
         raise ParameterError("rank", "give at most one of rank or energy")
     if rank is not None:
@@ -117,9 +129,27 @@ def check_adapter_bases(folders: "Sequence[tuple[int, str | os.PathLike]]") -> N
                 raise TaskVecError(f"vectors[{i}]: the adapters name different bases: vectors[{j}] {first!r}, vectors[{i}] {other!r}")
 
 
-def _check_adapter_inputs(vectors) -> None:
-    """Refuse adapters that name two different bases, and an input module whose rank exceeds its size."""
-    check_adapter_bases([(i, v.low_rank_source.source) for i, v in enumerate(vectors) if v.low_rank_source is not None])
+def adapters_fan_in_fan_out(folders: "Sequence[tuple[int, str | os.PathLike]]") -> bool:
+    """Whether the PEFT adapter folders among ``folders`` (``(input index, folder)``) store Conv1D
+    weights (``fan_in_fan_out``, GPT-2's layout), which the merged adapter then keeps; refused where
+    they disagree (PEFT fixes the orientation by the module's type, so one base has one)."""
+    seen: dict[bool, int] = {}
+    for i, folder in folders:
+        if is_adapter(folder):
+            seen.setdefault(read_adapter_config(Path(folder)).fan_in_fan_out, i)
+    if len(seen) > 1:
+        raise TaskVecError(
+            f"vectors[{seen[False]}] has fan_in_fan_out false and vectors[{seen[True]}] true: adapters of one base store its weights one way"
+        )
+    return True in seen
+
+
+def _check_adapter_inputs(vectors) -> bool:
+    """Refuse adapters that name two different bases or disagree on ``fan_in_fan_out``, and an input
+    module whose rank exceeds its size; whether the adapters are ``fan_in_fan_out``."""
+    adapters = [(i, v.low_rank_source.source) for i, v in enumerate(vectors) if v.low_rank_source is not None]
+    check_adapter_bases(adapters)
+    fan_in_fan_out = adapters_fan_in_fan_out(adapters)
     for i, v in enumerate(vectors):
         low = v.low_rank_source
         if low is None:
@@ -130,6 +160,7 @@ def _check_adapter_inputs(vectors) -> None:
                 raise TaskVecError(
                     f"vectors[{i}] ({low.source}): tensor {name!r} has rank {t.rank}, more than its size {list(t.shape)} allows"
                 )
+    return fan_in_fan_out
 
 
 def merge_to_adapter(
@@ -142,6 +173,7 @@ def merge_to_adapter(
     params: dict | None = None,
     rank: int | None = None,
     energy: float | None = None,
+    svd: str = "exact",
     base_model_name_or_path: str | None = None,
     compute_dtype: "str | torch.dtype" = "float32",
     dtype: torch.dtype = torch.float32,
@@ -151,13 +183,14 @@ def merge_to_adapter(
     progress=None,
 ) -> AdapterMergeResult:
     """Write ``scale * method(weights, vectors)`` of ``base`` as a PEFT LoRA adapter at ``output``
-    (see the module docstring); nothing is written when anything is refused."""
+    (see the module docstring); nothing is written when anything is refused. ``svd="randomized"``
+    (opt-in; other bits than the default ``"exact"``) truncates by ``lora.randomized_svd``."""
     started = time.perf_counter()
-    check_rank_settings(rank, energy)
+    check_rank_settings(rank, energy, svd)
     claim = OutputClaim(output, overwrite)
     try:
         plan = plan_merge(base, vectors, weights, method, scale, params, compute_dtype)
-        _check_adapter_inputs(vectors)
+        fan_in_fan_out = _check_adapter_inputs(vectors)
         dense_inputs = [i for i, v in enumerate(vectors) if v.low_rank_source is None]
         if dense_inputs and rank is None and energy is None:
             i = dense_inputs[0]
@@ -166,11 +199,11 @@ def merge_to_adapter(
             )
         refuse_aliasing(claim.path, [p for v in plan.vectors for term in v.terms for src in term.sources() for p in src.paths()] + plan.base.paths())
         with one_torch_thread():  # intra-op threads fork/join per module and stall on a busy machine (as in merge_to)
-            result = _merge(plan, list(vectors), rank, energy, dtype, allow_nonfinite, progress)
+            result = _merge(plan, list(vectors), rank, energy, svd, dtype, allow_nonfinite, fan_in_fan_out, progress)
         tensors, ranks = result.pop("tensors"), result.pop("ranks")
         if not ranks:
             raise TaskVecError("the merged delta is zero on every 2-D weight: there is no adapter to write")
-        r, rank_pattern, config = adapter_config(ranks, base_model_name_or_path)
+        r, rank_pattern, config = adapter_config(ranks, base_model_name_or_path, fan_in_fan_out=fan_in_fan_out)
         meta = {
             "format": "pt",
             **(metadata or {}),
@@ -195,7 +228,7 @@ def merge_to_adapter(
     )
 
 
-def _merge(plan, originals, rank, energy, dtype, allow_nonfinite, progress) -> dict:
+def _merge(plan, originals, rank, energy, svd, dtype, allow_nonfinite, fan_in_fan_out, progress) -> dict:
     modules: list[MergedModule] = []
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -230,7 +263,7 @@ def _merge(plan, originals, rank, energy, dtype, allow_nonfinite, progress) -> d
                     check_finite_output(b_factor.reshape(-1), name, 0, b_factor.numel())
                     check_finite_output(a_factor.reshape(-1), name, 0, a_factor.numel())
                 embedding = is_embedding_module(module)
-                tensors.update(peft_factor_tensors(module, b_factor, a_factor, embedding))
+                tensors.update(peft_factor_tensors(module, b_factor, a_factor, embedding, fan_in_fan_out))
                 ranks[module] = total
                 modules.append(MergedModule(name, module, total, 0.0, True, embedding))
                 if progress is not None:
@@ -255,9 +288,9 @@ def _merge(plan, originals, rank, energy, dtype, allow_nonfinite, progress) -> d
                 target = sum(f[3] for f in factors if f is not None)
             if target is not None:
                 target = min(target, min(shape))
-            b_factor, a_factor, err_sq = svd_factors(delta.to(torch.float32), target, energy, dtype)
+            b_factor, a_factor, err_sq = svd_factors(delta.to(torch.float32), target, energy, dtype, svd, name)
             embedding = is_embedding_module(module)
-            tensors.update(peft_factor_tensors(module, b_factor, a_factor, embedding))
+            tensors.update(peft_factor_tensors(module, b_factor, a_factor, embedding, fan_in_fan_out))
             ranks[module] = int(b_factor.shape[1])
             modules.append(MergedModule(name, module, int(b_factor.shape[1]), math.sqrt(err_sq / norm_sq), False, embedding))
         del delta

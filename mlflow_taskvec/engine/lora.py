@@ -25,6 +25,7 @@ import math
 import os
 import re
 import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,10 @@ DEFAULT_LORA_ALPHA = 8
 _EMBEDDING_HINTS = ("embed", "wte", "wpe")
 # Above this many entries a delta is factored by torch.svd_lowrank (randomized) when a rank is given.
 _RANDOMIZED_SVD_ABOVE = 4096 * 4096
+# The opt-in randomized SVD (``svd="randomized"``): extra sketch columns and power iterations.
+SVD_METHODS = ("exact", "randomized")
+RANDOMIZED_OVERSAMPLE = 32
+RANDOMIZED_POWER_ITERATIONS = 2
 
 
 def adapter_fingerprint(path: "str | os.PathLike", fresh: bool = False) -> str:
@@ -331,25 +336,58 @@ def truncated_svd(delta: torch.Tensor, rank: int | None, energy: float | None) -
     return u[:, :k], s[:k], vh[:k]
 
 
-def svd_factors(delta: torch.Tensor, rank: int | None, energy: float | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+def randomized_svd(delta: torch.Tensor, rank: int, seed_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U_k, S_k, Vh_k of a rank-``rank`` approximation of ``delta`` by randomized subspace iteration
+    (Halko, Martinsson and Tropp 2011, algorithm 4.4): a Gaussian sketch of ``rank +
+    RANDOMIZED_OVERSAMPLE`` columns, ``RANDOMIZED_POWER_ITERATIONS`` power iterations each
+    re-orthonormalized by QR, then the exact SVD of the small projection. The sketch is drawn from a
+    generator seeded by ``seed_name`` (crc32), so the same tensor name gives the same bits. Where the
+    sketch would be as wide as the matrix, the exact SVD (``truncated_svd``)."""
+    sketch = rank + RANDOMIZED_OVERSAMPLE
+    if sketch >= min(delta.shape):
+        return truncated_svd(delta, rank, None)
+    generator = torch.Generator().manual_seed(zlib.crc32(seed_name.encode("utf-8")))
+    omega = torch.randn(delta.shape[1], sketch, generator=generator, dtype=delta.dtype)
+    q, _ = torch.linalg.qr(delta @ omega)
+    for _ in range(RANDOMIZED_POWER_ITERATIONS):
+        z, _ = torch.linalg.qr(delta.T @ q)
+        q, _ = torch.linalg.qr(delta @ z)
+    u_small, s, vh = torch.linalg.svd(q.T @ delta, full_matrices=False)
+    return q @ u_small[:, :rank], s[:rank], vh[:rank]
+
+
+def svd_factors(
+    delta: torch.Tensor, rank: int | None, energy: float | None, dtype: torch.dtype, svd: str = "exact", seed_name: str = ""
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """LoRA factors ``B (rows, k)`` and ``A (k, cols)`` in ``dtype`` of the truncated SVD of the 2-D
-    ``delta`` (``truncated_svd``; sqrt(S) on each side), and ``||delta - B A||_F^2``."""
-    u, s, vh = truncated_svd(delta, rank, energy)
+    ``delta`` (``truncated_svd``, or ``randomized_svd`` with ``svd="randomized"``, which needs a
+    ``rank``; sqrt(S) on each side), and ``||delta - B A||_F^2``."""
+    if svd == "randomized":
+        u, s, vh = randomized_svd(delta, rank, seed_name)
+    else:
+        u, s, vh = truncated_svd(delta, rank, energy)
     root = s.sqrt()
     b_factor, a_factor = (u * root).to(dtype), (root[:, None] * vh).to(dtype)
     approx = b_factor.double() @ a_factor.double()
     return b_factor, a_factor, float((delta.double() - approx).square().sum())
 
 
-def peft_factor_tensors(module: str, b_factor: torch.Tensor, a_factor: torch.Tensor, embedding: bool) -> dict[str, torch.Tensor]:
-    """The saved tensors of one module whose delta is ``b_factor @ a_factor`` at scaling 1."""
+def peft_factor_tensors(
+    module: str, b_factor: torch.Tensor, a_factor: torch.Tensor, embedding: bool, fan_in_fan_out: bool = False
+) -> dict[str, torch.Tensor]:
+    """The saved tensors of one module whose delta is ``b_factor @ a_factor`` at scaling 1 (in the
+    base weight's orientation; ``fan_in_fan_out``: a Conv1D weight stored (in, out), as GPT-2's)."""
     prefix = f"{PEFT_PREFIX}{module}"
     if embedding:  # PEFT's embedding LoRA: delta = (B_e @ A_e).T, A_e (r, num_embeddings)
         return {f"{prefix}.lora_embedding_A": b_factor.T.contiguous(), f"{prefix}.lora_embedding_B": a_factor.T.contiguous()}
+    if fan_in_fan_out:  # PEFT's Conv1D LoRA: delta = (B @ A).T, A (r, in_features = the weight's rows)
+        return {f"{prefix}.lora_A.weight": b_factor.T.contiguous(), f"{prefix}.lora_B.weight": a_factor.T.contiguous()}
     return {f"{prefix}.lora_A.weight": a_factor.contiguous(), f"{prefix}.lora_B.weight": b_factor.contiguous()}
 
 
-def adapter_config(ranks: dict[str, int], base_model_name_or_path: str | None, modules_to_save: list[str] | None = None) -> tuple[int, dict[str, int], dict]:
+def adapter_config(
+    ranks: dict[str, int], base_model_name_or_path: str | None, modules_to_save: list[str] | None = None, fan_in_fan_out: bool = False
+) -> tuple[int, dict[str, int], dict]:
     """``(r, rank_pattern, config)`` of an adapter whose modules have ``ranks`` at scaling 1:
     ``r`` the most common rank (the larger on a tie), the others in ``rank_pattern`` and
     ``alpha_pattern`` alike."""
@@ -368,7 +406,7 @@ def adapter_config(ranks: dict[str, int], base_model_name_or_path: str | None, m
         "modules_to_save": modules_to_save,
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,

@@ -29,8 +29,7 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import _validate_model_name
 
-from mlflow_taskvec.compose import compose_to, compose_to_adapter, write_model_card
-from mlflow_taskvec.engine.merging import merge
+from mlflow_taskvec.compose import base_with_adapter, compose_to, compose_to_adapter, write_model_card
 from mlflow_taskvec.engine.coefficients import Coefficient
 from mlflow_taskvec.engine.device import parse_device
 from mlflow_taskvec.engine.taskvector import TaskVector
@@ -396,7 +395,7 @@ def register_composite(
             evaluate = composite_evaluation(inputs).evaluate
         if evaluate is not None:
             # evaluated before anything is logged: a failing evaluator leaves no artifact and no logged model
-            state = merge(base.path, [TaskVector.load(weights, base=base.path)], [1.0]) if as_adapter else flavor.read_state(weights)
+            state = base_with_adapter(base.path, weights) if as_adapter else flavor.read_state(weights)
             metrics = evaluate(module_builder(base, linear=linear)(state))
         recipe_path = Path(tmp) / "recipe.yaml"
         recipe_path.write_text(resolved.as_yaml(), "utf-8")

@@ -34,7 +34,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mlflow_taskvec.compose import compose, compose_to
+from mlflow_taskvec.compose import base_with_adapter, compose, compose_to, compose_to_adapter
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.coefficients import Coefficient, describe, values_of
 from mlflow_taskvec.engine.methods import get_method, validate_params
@@ -228,6 +228,14 @@ class _Composer:
 
     def module(self, cand: Candidate):
         recipe = self.candidate(cand)
+        if recipe.output_format == "peft":  # the base with the candidate's merged adapter, as it is registered
+            tmp = Path(tempfile.mkdtemp(prefix="taskvec-candidate-"))
+            try:
+                with self.inputs.named_as_references():
+                    compose_to_adapter(recipe, output=tmp / "adapter")
+                return self.evaluation.build(base_with_adapter(self.inputs.base.path, tmp / "adapter"))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         if self.in_memory:
             with self.inputs.named_as_references():
                 state = compose(recipe)

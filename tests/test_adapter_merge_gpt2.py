@@ -1,0 +1,135 @@
+"""LoRA-to-LoRA merging of ``fan_in_fan_out`` adapters: GPT-2's Conv1D weights, stored (in, out).
+
+A tiny GPT-2 built here from a config (no download) and real PEFT adapters on its Conv1D modules
+(``c_attn``, ``c_proj``, ``c_fc``: PEFT saves them with ``fan_in_fan_out: true``). PEFT itself is
+the reference: its ``get_delta_weight`` of each input, and ``merge_and_unload`` of the merged
+adapter against the dense composite of the same recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from team_server import import_or_skip_or_fail
+
+peft = import_or_skip_or_fail("peft", "pip install -e '.[dev]'")
+transformers = import_or_skip_or_fail("transformers", "pip install -e '.[dev]'")
+
+from mlflow_taskvec import TaskVector, open_checkpoint  # noqa: E402
+from mlflow_taskvec.engine.adapter_merge import merge_to_adapter  # noqa: E402
+from mlflow_taskvec.engine.merging import merge  # noqa: E402
+from mlflow_taskvec.errors import TaskVecError  # noqa: E402
+
+PREFIX = "base_model.model."
+TARGETS = ["c_attn", "c_proj", "c_fc"]
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory) -> Path:
+    """A tiny GPT-2 (2 layers, width 32), saved as safetensors."""
+    folder = tmp_path_factory.mktemp("gpt2") / "base"
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=16, vocab_size=50, n_inner=48, bos_token_id=0, eos_token_id=0)
+    transformers.GPT2Model(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def fresh(base: Path):
+    return transformers.GPT2Model.from_pretrained(base, use_safetensors=True)
+
+
+def make_adapter(base: Path, folder: Path, seed: int, r: int) -> Path:
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's "fan_in_fan_out is set to False ... Conv1D" note
+        model = peft.get_peft_model(fresh(base), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=False))
+        model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapters(gpt2, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpt2-adapters")
+    return [make_adapter(gpt2, root / "a", 1, 4), make_adapter(gpt2, root / "b", 2, 2)]
+
+
+def peft_deltas(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    """PEFT's own delta of each LoRA module of ``adapter``, in the base weight's orientation."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.PeftModel.from_pretrained(fresh(base), adapter)
+    return {
+        f"{name.removeprefix(PREFIX)}.weight": module.get_delta_weight("default").double()
+        for name, module in model.named_modules()
+        if isinstance(module, peft.tuners.lora.LoraLayer)
+    }
+
+
+def merged_weights(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    """The base with ``adapter`` merged in by PEFT (``merge_and_unload``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.PeftModel.from_pretrained(fresh(base), adapter).merge_and_unload()
+    return {n: t.detach().double() for n, t in model.state_dict().items()}
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_peft_saves_gpt2_adapters_fan_in_fan_out_and_they_read_as_peft_s_deltas(gpt2, adapters):
+    for adapter in adapters:
+        assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+        vector = TaskVector.load(adapter, base=gpt2)
+        theirs = peft_deltas(gpt2, adapter)
+        assert len(theirs) == 8  # 2 layers x (c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
+        for name, delta in theirs.items():
+            assert tuple(delta.shape) == tuple(open_checkpoint(gpt2).spec(name).shape)  # Conv1D: (in, out)
+            assert relative(vector.get_tensor(name, torch.float64), delta) < 1e-6, name  # PEFT multiplies in float32
+
+
+@pytest.mark.parametrize("method, params, rank", [("task_arithmetic", {}, None), ("ties", {"density": 0.5}, 32)], ids=["task_arithmetic", "ties"])
+def test_a_merged_fan_in_fan_out_adapter_loads_in_peft_with_the_dense_composite_s_weights(gpt2, adapters, tmp_path, method, params, rank):
+    weights = [0.8, -0.5]
+    vectors = [TaskVector.load(a, base=gpt2) for a in adapters]
+    result = merge_to_adapter(gpt2, vectors, weights, tmp_path / "merged", method=method, params=params, rank=rank, base_model_name_or_path=str(gpt2))
+    config = json.loads((tmp_path / "merged" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True and len(result.modules) == 8
+    # PEFT loads it (a Conv1D's factors in the wrong orientation would not even fit) ...
+    ours = merged_weights(gpt2, tmp_path / "merged")
+    # ... and merging it into the base gives the dense composite of the same merge
+    composite = merge(open_checkpoint(gpt2), vectors, weights, method=method, params=params, dtype="float64", compute_dtype="float64")
+    changed = [n for n in composite if "c_" in n and n.endswith(".weight")]
+    assert len(changed) == 8
+    for name in changed:
+        tolerance = 1e-6 if method == "task_arithmetic" else 1e-5  # ties at rank 32 >= the module's size: lossless
+        assert relative(ours[name], composite[name]) < tolerance, name
+    if method == "task_arithmetic":  # the exact route: rank 4 + 2, PEFT's cat factor for factor
+        assert {m.rank for m in result.modules} == {6} and all(m.exact for m in result.modules)
+        for name in changed:
+            expected = sum(w * d for w, d in zip(weights, (peft_deltas(gpt2, a)[name] for a in adapters)))
+            base = open_checkpoint(gpt2).get_tensor(name).double()
+            assert relative(ours[name] - base, expected) < 1e-6, name
+
+
+def test_adapters_that_disagree_on_fan_in_fan_out_are_refused_and_nothing_is_written(gpt2, adapters, tmp_path):
+    import shutil
+
+    other = tmp_path / "flipped"
+    shutil.copytree(adapters[1], other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    config["fan_in_fan_out"] = False
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    # read without fan_in_fan_out its factors give Conv1D's shapes transposed: the shape check refuses it first for c_attn
+    with pytest.raises(TaskVecError, match="but it is"):
+        TaskVector.load(other, base=gpt2)
+    with pytest.raises(TaskVecError, match=r"vectors\[1\] has fan_in_fan_out false and vectors\[0\] true"):
+        from mlflow_taskvec.engine.adapter_merge import adapters_fan_in_fan_out
+
+        adapters_fan_in_fan_out([(0, adapters[0]), (1, other)])
+    assert not (tmp_path / "merged").exists()
