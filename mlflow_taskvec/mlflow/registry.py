@@ -47,7 +47,7 @@ from mlflow_taskvec.mlflow.server import check_can_register, server_error, serve
 from mlflow_taskvec.modelcard import LINEAR_NOTE, hub_name_of, md_code, md_text
 from mlflow_taskvec.recipe import Recipe
 from mlflow_taskvec.references import is_local, open_reference
-from mlflow_taskvec.signals import finish_first, stage
+from mlflow_taskvec.signals import completed, finish_first, stage, stages_owned_by
 from mlflow_taskvec.tables import smaller_by
 
 FINE_TUNINGS = ("standard", "linear")
@@ -330,6 +330,9 @@ def _warn_not_reproducible(reg: "Registered", local: list[str]) -> None:
         )
 
 
+REGISTRATION = "registration"  # the owner of a registration's stages (signals.stages_owned_by)
+
+
 @_asks_the_server_first
 def register_composite(
     recipe: Recipe,
@@ -373,11 +376,12 @@ def register_composite(
     # renamed into place at the end: a failure on the way leaves nothing there. The output
     # is claimed (locked, its state at the start kept) from before the run to that rename.
     scratch = {"prefix": f".{Path(output).name}.partial-{os.getpid()}-", "dir": Path(output).parent} if output is not None else {"prefix": "taskvec-compose-"}
-    stage("checks")
     claimed = OutputClaim(output, overwrite) if output is not None else contextlib.nullcontext()
     finishing = contextlib.ExitStack()  # from the version's creation on, a signal waits for the registration to complete
-    with finishing, claimed as claim, owned_run(None) as run, tempfile.TemporaryDirectory(**scratch) as tmp:
-        stage("writing")
+    # The registration marks its own stages (checks: the CLI); the writes inside it (into tmp, the move to output) none.
+    owned = stages_owned_by(REGISTRATION)
+    with owned, finishing, claimed as claim, owned_run(None) as run, tempfile.TemporaryDirectory(**scratch) as tmp:
+        stage("writing", owner=REGISTRATION)
         mlflow.log_params(_run_params(resolved))
         weights = Path(tmp) / "weights"
         as_adapter = resolved.output_format == "peft"  # one PEFT LoRA adapter, logged with mlflow.transformers
@@ -449,18 +453,18 @@ def register_composite(
         }
         MlflowClient().set_logged_model_tags(info.model_id, tags)
         description = composite_description(resolved, base, inputs.vectors, fingerprint, metrics, note, linear=linear)
-        stage("logging")
+        stage("logging", owner=REGISTRATION)
         created = []
         finishing.enter_context(finish_first(lambda: _what_stands(created, run.info.run_id, output)))
         mv = _create_version(name, info, run.info.run_id, tags, description)
         created.append(f"models:/{name}/{mv.version}")
         try:
-            stage("registering")
+            stage("registering", owner=REGISTRATION)
             if claim is not None:
-                stage("final-move")
+                stage("final-move", owner=REGISTRATION)
                 claim.move_into_place(weights)
             log_lineage_picture(f"models:/{name}/{mv.version}")
-            stage("tagging")
+            stage("tagging", owner=REGISTRATION)
             if alias:  # inside the deferral: a signal waits for the alias too
                 MlflowClient().set_registered_model_alias(name, alias, mv.version)
         except BaseException:  # the run ends FAILED: its version goes too, never READY beside a FAILED run
@@ -469,6 +473,8 @@ def register_composite(
             raise
     registered = Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
     _warn_not_reproducible(registered, local_paths)
+    completed(_what_stands(created, run.info.run_id, output, finished_first=False))  # what a signal from now on leaves
+    stage("done")
     return registered
 
 
@@ -523,12 +529,14 @@ def _adapter_note(result) -> str:
     )
 
 
-def _what_stands(created: list[str], run_id: str, output) -> str:
-    """What a registration that a signal waited for completed (``signals.finish_first``)."""
+def _what_stands(created: list[str], run_id: str, output, finished_first: bool = True) -> str:
+    """What a registration that a signal waited for completed (``signals.finish_first``), or,
+    with ``finished_first=False``, what a complete one leaves (for a signal in its ``done`` stage)."""
     if not created:
         return f"the registration had not begun; run {run_id} ended FINISHED"
     where = f"; the composite stands at {output}" if output is not None else ""
-    return f"it finished the registration first: {created[0]} is complete and its run {run_id} ended FINISHED{where}"
+    first = "it finished the registration first: " if finished_first else ""
+    return f"{first}{created[0]} is complete and its run {run_id} ended FINISHED{where}"
 
 
 def _architecture_of(base: Resolved) -> tuple[dict, list[str] | None, object]:
