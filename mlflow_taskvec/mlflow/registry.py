@@ -12,6 +12,7 @@ import contextlib
 import functools
 import inspect
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -84,18 +85,33 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
                 raise
 
 
+@contextlib.contextmanager
+def _without_info(logger_name: str):
+    """``logger_name``'s INFO lines left out (errors and warnings still shown)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _create_version(name: str, model_info, run_id: str, tags: dict, description: str) -> ModelVersion:
     client = MlflowClient()
     try:
         _ensure_registered_model(client, name)
-        return client.create_model_version(
-            name,
-            source=model_info.model_uri,
-            run_id=run_id,
-            tags={k: str(v) for k, v in tags.items()},
-            description=description,
-            model_id=model_info.model_id,
-        )
+        # Against a tracking server MLflow logs "Waiting up to 300 seconds for model version to finish
+        # creation" on stderr while it waits for READY: not a line of ours (a failure is one line).
+        with _without_info("mlflow.store.model_registry.abstract_store"):
+            return client.create_model_version(
+                name,
+                source=model_info.model_uri,
+                run_id=run_id,
+                tags={k: str(v) for k, v in tags.items()},
+                description=description,
+                model_id=model_info.model_id,
+            )
     except MlflowException as exc:
         raise server_error(exc, f"registering {name!r} failed", name) from None
 
