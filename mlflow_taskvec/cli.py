@@ -95,6 +95,8 @@ def main():
     """Edit models with task arithmetic: extract, compose and inspect task vectors."""
     if not sys.stderr.isatty():  # MLflow's download bars only on a terminal: errors stay one line
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not sys.stdout.isatty():  # MLflow's "View run ... at" links (a tracking server's) only on a terminal: stdout stays ours
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     ctx = click.get_current_context()
     ctx.with_resource(terminate_like_interrupt())
     ctx.with_resource(_warnings_as_lines())
