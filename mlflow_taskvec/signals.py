@@ -9,12 +9,16 @@ KeyboardInterrupt) instead; a second signal while cleaning up is ignored, so the
 cleanup itself is not cut short.
 
 Stages. A command is in one of a few stages: ``checks``, ``writing`` (the partial),
-``final-move``, ``logging``, ``registering``, ``tagging``, ``done``. Up to the final
-move a signal leaves nothing (the partial is removed, a run ends FAILED). From
-``registering`` on (the version exists) the command finishes first: ``finish_first()``
-holds Ctrl-C, SIGTERM and SIGHUP until the version is complete, its run FINISHED and
-its alias set, then raises ``Terminated`` saying what stands (so there is never a
-READY version with a FAILED run). See docs/signals.md.
+``final-move``, ``logging``, ``registering``, ``tagging``, ``done``. Every command
+starts in ``checks`` (``begin_command``); its output claim marks ``writing``,
+``final-move`` and ``done`` (engine/output.py), a registration its own stages
+(``stages_owned_by``). Up to the final move a signal leaves nothing (the partial is
+removed, a run ends FAILED); the move and its record are ``one_step()``, so after it
+the message says the output stands. From ``registering`` on (the version exists) the
+command finishes first: ``finish_first()`` holds Ctrl-C, SIGTERM and SIGHUP until the
+version is complete, its run FINISHED and its alias set, then raises ``Terminated``
+saying what stands (so there is never a READY version with a FAILED run). See
+docs/signals.md.
 
 Test hook: ``MLFLOW_TASKVEC_TEST_PAUSE=STAGE:FILE`` makes ``stage(STAGE)`` create
 ``FILE.reached`` and wait until ``FILE`` exists, so a test sends its signal in a
@@ -85,8 +89,9 @@ def stage(name: str, owner: str | None = None) -> None:
     where, _, release = hook.partition(":")
     if where != name or not release:
         return
-    with open(f"{release}.reached", "w", encoding="ascii") as fh:
+    with open(f"{release}.reaching", "w", encoding="ascii") as fh:
         fh.write(str(os.getpid()))
+    os.replace(f"{release}.reaching", f"{release}.reached")  # whole when it appears: it names the process to signal
     while not os.path.exists(release):  # a signal lands here as it would in the stage's work
         time.sleep(0.01)
 

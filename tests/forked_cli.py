@@ -77,6 +77,11 @@ def _run_command(request: dict) -> None:
     """In the forked command: its environment, folder and streams, then the CLI; never returns."""
     code = 1
     try:
+        # The dispositions of a command started from a terminal, whatever the server inherited
+        # (a background job starts with SIGINT ignored, and Python then leaves it ignored).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])

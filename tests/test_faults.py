@@ -4,7 +4,10 @@ Each test runs the real command (a subprocess where a signal or a second process
 the point) on real files, and checks that nothing was lost: the inputs' bytes
 unchanged, no partial files or lock files left, and anything a user put at the
 output path kept as it was. The full-disk tests write to a real 2 MB tmpfs, which
-needs root to mount (skipped otherwise, and a failure when ``CI`` is set).
+needs root to mount (skipped otherwise, and a failure when ``CI`` is set). The signal
+tests pause each command in each of its stages (the test hook of docs/signals.md) and
+signal it there; the registrations run on sqlite and on a PostgreSQL-backed team server
+started once for this module (missing PostgreSQL: a skip, a failure when ``CI`` is set).
 """
 
 from __future__ import annotations
@@ -439,9 +442,7 @@ def test_a_signal_in_each_stage_of_a_registration_has_its_one_outcome(tmp_path, 
             assert str(backend.client.get_model_version_by_alias(name, "champion").version) == "1"
             assert list(new_runs.values()) == ["FINISHED"]
             assert open_checkpoint(output).fingerprint(fresh=True) == versions[0].tags["taskvec.fingerprint"]
-    # nothing of ours on stdout; against a tracking server MLflow prints its links to the run as it ends it
-    assert all(line.startswith(("🏃 View run ", "🧪 View experiment ")) for line in stdout.splitlines()), stdout
-    assert leftovers(output.parent) == []
+    assert stdout == "" and leftovers(output.parent) == []  # MLflow's links to the run, too, only on a terminal
 
 
 # -- a full disk ------------------------------------------------------------------------------------
