@@ -22,8 +22,7 @@ from mlflow_taskvec import __version__
 from mlflow_taskvec.errors import ParameterError, TaskVecError, TaskVecWarning
 from mlflow_taskvec.mlflow.patience import bounded_waiting
 from mlflow_taskvec.progress import progress_bar
-from mlflow_taskvec.signals import Terminated, terminate_like_interrupt
-from mlflow_taskvec.signals import standing as signals_standing
+from mlflow_taskvec.signals import Terminated, begin_command, terminate_like_interrupt, what_stands
 from mlflow_taskvec.tables import render_table, smaller_by
 
 # Each command imports what it uses when it runs: `--version` and `--help` need no
@@ -36,13 +35,11 @@ def _fail_cleanly(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            begin_command()  # the command's first stage: checks
             return fn(*args, **kwargs)
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP: the cleanup has run on the way here
             stopped = exc if isinstance(exc, Terminated) else Terminated(signal.SIGINT)
-            standing = signals_standing()
-            what = stopped.stands or (
-                f"{', '.join(standing)} was written whole before it and stands" if standing else "temporary files were removed and no output was written"
-            )
+            what = stopped.stands or what_stands() or "temporary files were removed and no output was written"
             click.echo(f"Error: {stopped}; {what}", err=True)
             # Every cleanup ran while the exception unwound (partials removed, a run ended FAILED).
             # Leave without the interpreter's finalization: a signal that landed while native
@@ -98,6 +95,8 @@ def main():
     """Edit models with task arithmetic: extract, compose and inspect task vectors."""
     if not sys.stderr.isatty():  # MLflow's download bars only on a terminal: errors stay one line
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not sys.stdout.isatty():  # MLflow's "View run ... at" links (a tracking server's) only on a terminal: stdout stays ours
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     ctx = click.get_current_context()
     ctx.with_resource(terminate_like_interrupt())
     ctx.with_resource(_warnings_as_lines())

@@ -28,7 +28,6 @@ from mlflow_taskvec.modelcard import CARD_NAME, hub_name_of, model_card
 from mlflow_taskvec.progress import progress_bar
 from mlflow_taskvec.recipe import RECIPE_FORMAT, Recipe
 from mlflow_taskvec.references import absolute, is_local, load_vector, open_reference
-from mlflow_taskvec.signals import stage
 
 
 @dataclass
@@ -209,7 +208,6 @@ def compose_to(
     and its digest. ``threads``: the engine's compute threads (default: the machine's cores;
     the output is the same bits for any number)."""
     target = output_path(recipe, output)
-    stage("checks")
     base, vectors = checked_inputs(recipe)
     recorded = recorded or recipe
     meta = {
@@ -241,8 +239,7 @@ def compose_to(
         threads=threads,
         extra_files=card,  # written into the partial: the folder appears with its card
         **_options(recipe),
-    )
-    stage("done")
+    )  # its stages (writing, final-move, done) are marked by the output claim (engine/output.py)
     return result
 
 

@@ -9,12 +9,16 @@ KeyboardInterrupt) instead; a second signal while cleaning up is ignored, so the
 cleanup itself is not cut short.
 
 Stages. A command is in one of a few stages: ``checks``, ``writing`` (the partial),
-``final-move``, ``logging``, ``registering``, ``tagging``, ``done``. Up to the final
-move a signal leaves nothing (the partial is removed, a run ends FAILED). From
-``registering`` on (the version exists) the command finishes first: ``finish_first()``
-holds Ctrl-C, SIGTERM and SIGHUP until the version is complete, its run FINISHED and
-its alias set, then raises ``Terminated`` saying what stands (so there is never a
-READY version with a FAILED run). See docs/signals.md.
+``final-move``, ``logging``, ``registering``, ``tagging``, ``done``. Every command
+starts in ``checks`` (``begin_command``); its output claim marks ``writing``,
+``final-move`` and ``done`` (engine/output.py), a registration its own stages
+(``stages_owned_by``). Up to the final move a signal leaves nothing (the partial is
+removed, a run ends FAILED); the move and its record are ``one_step()``, so after it
+the message says the output stands. From ``registering`` on (the version exists) the
+command finishes first: ``finish_first()`` holds Ctrl-C, SIGTERM and SIGHUP until the
+version is complete, its run FINISHED and its alias set, then raises ``Terminated``
+saying what stands (so there is never a READY version with a FAILED run). See
+docs/signals.md.
 
 Test hook: ``MLFLOW_TASKVEC_TEST_PAUSE=STAGE:FILE`` makes ``stage(STAGE)`` create
 ``FILE.reached`` and wait until ``FILE`` exists, so a test sends its signal in a
@@ -71,16 +75,38 @@ STAGES = ("checks", "writing", "final-move", "logging", "registering", "tagging"
 PAUSE_ENV = "MLFLOW_TASKVEC_TEST_PAUSE"
 
 
-def stage(name: str) -> None:
-    """Mark the start of stage ``name``; with the test hook set to it, pause there (see above)."""
+_OWNERS: list[str] = []  # who marks the stages now, innermost last (none: the output claim, engine/output.py)
+
+
+def stage(name: str, owner: str | None = None) -> None:
+    """Mark the start of stage ``name``; with the test hook set to it, pause there (see above).
+    Only the current owner's marks count: inside ``stages_owned_by("registration")`` the output
+    claims of the writes a registration makes (into its temporary folder, or its final move to
+    ``-o``) mark nothing, and the registration marks its stages itself."""
+    if owner != (_OWNERS[-1] if _OWNERS else None):
+        return
     hook = os.environ.get(PAUSE_ENV, "")
     where, _, release = hook.partition(":")
     if where != name or not release:
         return
-    with open(f"{release}.reached", "w", encoding="ascii") as fh:
+    with open(f"{release}.reaching", "w", encoding="ascii") as fh:
         fh.write(str(os.getpid()))
+    os.replace(f"{release}.reaching", f"{release}.reached")  # whole when it appears: it names the process to signal
     while not os.path.exists(release):  # a signal lands here as it would in the stage's work
         time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def stages_owned_by(owner: str) -> Iterator[None]:
+    """Within the block, only ``stage(name, owner=owner)`` marks a stage (see ``stage``)."""
+    _OWNERS.append(owner)
+    try:
+        yield
+    finally:
+        _OWNERS.pop()
+
+
+_HOLDING: list["_Held"] = []  # the holds in force now
 
 
 class _Held:
@@ -96,12 +122,32 @@ class _Held:
     def start(self) -> None:
         if self.previous is None:
             self.previous = {sig: signal.signal(sig, self.hold) for sig in (signal.SIGINT, *HANDLED)}
+            _HOLDING.append(self)
 
     def stop(self) -> None:
         if self.previous is not None:
             for sig, handler in self.previous.items():
                 signal.signal(sig, handler)
             self.previous = None
+            _HOLDING.remove(self)
+
+
+@contextlib.contextmanager
+def one_step() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block is done, then raise ``Terminated``: for a
+    step a signal must not cut in two (the final move and its record, so that a message never
+    says "no output" beside an output that stands). Inside a hold already in force, it adds none."""
+    if threading.current_thread() is not threading.main_thread() or _HOLDING:
+        yield
+        return
+    held = _Held()
+    held.start()
+    try:
+        yield
+    finally:
+        held.stop()
+    if held.signum is not None:
+        raise Terminated(held.signum)
 
 
 _EXTENDED: list[_Held] = []  # open extend_hold() blocks, innermost last
@@ -150,7 +196,20 @@ def extend_hold() -> Iterator[None]:
         raise Terminated(held.signum, held.stands() if held.stands else None)
 
 
-_MOVED: list[str] = []  # outputs moved into place by this process (engine/output.py)
+_MOVED: list[str] = []  # outputs moved into place by this command (engine/output.py)
+_COMPLETED: list[str] = []  # registrations this command completed, in words (mlflow/registry.py)
+
+
+def begin_command() -> None:
+    """A command starts (in its ``checks`` stage): nothing of an earlier one (in this process) stands for it."""
+    _MOVED.clear()
+    _COMPLETED.clear()
+    stage("checks")
+
+
+def completed(what: str) -> None:
+    """Record, in words, a registration that is complete (its version READY, its run FINISHED)."""
+    _COMPLETED.append(what)
 
 
 def moved_into_place(path) -> None:
@@ -161,3 +220,12 @@ def moved_into_place(path) -> None:
 def standing() -> list[str]:
     """The outputs moved into place that still stand (temporary ones removed since are not listed)."""
     return [p for p in dict.fromkeys(_MOVED) if os.path.lexists(p)]
+
+
+def what_stands() -> str | None:
+    """What a signal now would leave, in words (the completed registrations, which name their
+    outputs, else the outputs that stand); None when nothing does."""
+    if _COMPLETED:
+        return "; ".join(_COMPLETED)
+    outputs = standing()
+    return f"{', '.join(outputs)} was written whole before it and stands" if outputs else None

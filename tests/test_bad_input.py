@@ -40,6 +40,7 @@ one way, see ``_local_adapters``). Every local file's sha256 is the same after e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -361,6 +362,7 @@ class World:
     client: object
     local: Path
     names: dict
+    admin: Callable = contextlib.nullcontext  # the store's credentials, for a case to run with
 
     @property
     def written_folders(self) -> list[Path]:
@@ -428,18 +430,22 @@ def _local_adapters(folder: Path) -> None:
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-input")
     with mlflow_store(root / "store", template_db(tmp_path_factory)) as store:
-        registry = build_registry(store)
-        _local_checkpoints(root / "local")
-        ft = registry.finetunes["rotate"]
-        names = {
-            "rotate_run": ft.run_id,
-            "rotate_model": ft.model_id,
-            "base_fp": open_checkpoint(root / "local" / "base.safetensors").fingerprint()[:16],
-            "other_base_fp": open_checkpoint(root / "local" / "other.safetensors").fingerprint()[:16],
-        }
-        for valid_input in (BASE, ROTATE, FLIP, f"models:/{registry.finetunes['rotate'].model_id}"):
-            resolve(valid_input)  # cached now: a case that reads it has no reason to write the cache
-        yield World(registry, store.client, root / "local", names)
+        yield _world(build_registry(store), store.client, root / "local")
+
+
+def _world(registry, client, local: Path) -> World:
+    """The cases' world on ``registry``'s store: the local checkpoints, the names, every valid registered input cached."""
+    _local_checkpoints(local)
+    ft = registry.finetunes["rotate"]
+    names = {
+        "rotate_run": ft.run_id,
+        "rotate_model": ft.model_id,
+        "base_fp": open_checkpoint(local / "base.safetensors").fingerprint()[:16],
+        "other_base_fp": open_checkpoint(local / "other.safetensors").fingerprint()[:16],
+    }
+    for valid_input in (BASE, ROTATE, FLIP, f"models:/{registry.finetunes['rotate'].model_id}"):
+        resolve(valid_input)  # cached now: a case that reads it has no reason to write the cache
+    return World(registry, client, local, names)
 
 
 def _fill(value, names: dict):
@@ -489,6 +495,52 @@ def test_the_catalogue_has_at_least_25_distinct_cases():
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_refused_with_one_clear_line_and_nothing_written(case, world, tmp_path, monkeypatch):
+    check_case(case, world, tmp_path, monkeypatch)
+
+
+# The cases that involve registration (registered model names, references to the registry, the
+# policy, approval, lineage and verification) run again against the PostgreSQL team server. Left
+# out: the two whose setup tampers with a stored file (the server's artifact store is its own).
+TEAM_SERVER_CASES = [
+    c for c in CASES
+    if any(mark in str([c.args, c.recipe]) for mark in ("--register", "models:/", "runs:/", "'approve'", "'lineage'", "'verify'"))
+    and c.setup not in (_tampered_vector, _truncated_vector)
+    and not c.id.startswith(("output-recipe-", "lineage-output-", "lineage-picture-"))  # side outputs: the same claim as on sqlite
+]
+
+
+@pytest.fixture(scope="module")
+def team_world(tmp_path_factory):
+    """The world of the cases on the PostgreSQL team server (tests/team_server.py), started once
+    for this module: the same registry built there by its admin, the same local checkpoints."""
+    from mlflow_helpers import Store
+    from mlflow.tracking import MlflowClient
+    from team_server import ADMIN_USER, start_server
+
+    root = tmp_path_factory.mktemp("bad-input-team")
+    server = start_server(root / "server")
+    try:
+        with server.as_user(ADMIN_USER):
+            experiment_id = MlflowClient().create_experiment("bad-input")
+        settings = {"MLFLOW_EXPERIMENT_ID": experiment_id, "MLFLOW_TASKVEC_CACHE": str(root / "cache")}
+        with server.as_user(ADMIN_USER, **settings):
+            client = MlflowClient()
+            registry = build_registry(Store(root, server.url, experiment_id, root / "cache", server.artifacts, client))
+            world = _world(registry, client, root / "local")
+        world.admin = lambda: server.as_user(ADMIN_USER, **settings)
+        yield world
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("case", TEAM_SERVER_CASES, ids=[c.id for c in TEAM_SERVER_CASES])
+def test_bad_input_against_the_team_server_is_refused_alike(case, team_world, tmp_path, monkeypatch):
+    with team_world.admin():
+        check_case(case, team_world, tmp_path, monkeypatch)
+
+
+def check_case(case: Case, world: World, tmp_path: Path, monkeypatch) -> None:
+    """Run ``case`` in ``world`` and check that it ends as every case must (the module's docstring)."""
     work = tmp_path / "work"
     (work / "out").mkdir(parents=True)
     monkeypatch.chdir(work)

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from mlflow_taskvec.errors import OutputExistsError, TaskVecError
-from mlflow_taskvec.signals import moved_into_place
+from mlflow_taskvec.signals import moved_into_place, one_step, stage
 
 try:
     import fcntl
@@ -189,6 +189,9 @@ def write_text(output: str | os.PathLike, text: str, what: str, overwrite: bool 
     return write_file(output, lambda tmp: tmp.write_text(text, "utf-8"), what, overwrite=overwrite, inputs=inputs)
 
 
+_HELD: list["OutputClaim"] = []  # the claims this process holds now, outermost first
+
+
 _KINDS = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
 
 
@@ -225,6 +228,8 @@ class OutputClaim:
         self.overwrite = overwrite
         self._lock_path = self.path.parent / f".{self.path.name}.lock"
         self._lock_fd: int | None = None
+        self._marks_stages = False  # the command's own output (no claim held around it) marks its stages
+        self._moved = False
         _refuse_special(self.path)
         refuse_aliasing(self.path, inputs)
         if what is not None:
@@ -276,17 +281,29 @@ class OutputClaim:
                 os.ftruncate(fd, 0)
                 os.write(fd, str(os.getpid()).encode("ascii"))
                 self._lock_fd = fd
+                self._marks_stages = not _HELD  # a write inside another's (an adapter's weights in its folder) marks none
+                _HELD.append(self)
                 return
             os.close(fd)
 
     def release(self) -> None:
+        """Let go of the lock; after the final move, the command's output enters its ``done`` stage."""
         if self._lock_fd is None:
             return
         fd, self._lock_fd = self._lock_fd, None
+        with contextlib.suppress(ValueError):
+            _HELD.remove(self)
         with contextlib.suppress(OSError):
             os.unlink(self._lock_path)  # while still locked, so no one holds a removed file
         with contextlib.suppress(OSError):
             os.close(fd)
+        if self._moved:
+            self.stage("done")
+
+    def stage(self, name: str) -> None:
+        """Mark the command's stage ``name`` (signals.stage), if this claim is the command's own output."""
+        if self._marks_stages:
+            stage(name)
 
     # -- temporaries ---------------------------------------------------------------------------
     def partial(self) -> Path:
@@ -312,6 +329,7 @@ class OutputClaim:
         tmp = self.partial()
         try:
             write(tmp)
+            self.stage("writing")  # the partial exists (here whole, not yet in place)
             self.move_into_place(tmp)
         except BaseException:
             remove_path(tmp)
@@ -319,7 +337,15 @@ class OutputClaim:
         return self.path
 
     def move_into_place(self, tmp: Path) -> None:
-        """Put ``tmp`` at the output path, atomically; refuse what appeared there since the start."""
+        """Put ``tmp`` at the output path, atomically; refuse what appeared there since the start.
+        A signal waits until the move and its record are done (``signals.one_step``): then the
+        output stands and the message says so."""
+        self.stage("final-move")
+        with one_step():
+            self._move(tmp)
+            self._moved = True
+
+    def _move(self, tmp: Path) -> None:
         current = _identity(self.path)
         if current is None:
             try:

@@ -159,6 +159,7 @@ class CheckpointWriter:
                 for n in names:
                     self._file_of[n] = w
                 self.order.extend(storage_order({n: self.specs[n] for n in names}))
+            self._claim.stage("writing")  # the partial exists: a signal from here on removes it
         except BaseException as exc:
             self._closed = True
             for w in self._files:

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import inspect
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -47,7 +48,7 @@ from mlflow_taskvec.mlflow.server import check_can_register, server_error, serve
 from mlflow_taskvec.modelcard import LINEAR_NOTE, hub_name_of, md_code, md_text
 from mlflow_taskvec.recipe import Recipe
 from mlflow_taskvec.references import is_local, open_reference
-from mlflow_taskvec.signals import finish_first, stage
+from mlflow_taskvec.signals import completed, finish_first, stage, stages_owned_by
 from mlflow_taskvec.tables import smaller_by
 
 FINE_TUNINGS = ("standard", "linear")
@@ -84,18 +85,33 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
                 raise
 
 
+@contextlib.contextmanager
+def _without_info(logger_name: str):
+    """``logger_name``'s INFO lines left out (errors and warnings still shown)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _create_version(name: str, model_info, run_id: str, tags: dict, description: str) -> ModelVersion:
     client = MlflowClient()
     try:
         _ensure_registered_model(client, name)
-        return client.create_model_version(
-            name,
-            source=model_info.model_uri,
-            run_id=run_id,
-            tags={k: str(v) for k, v in tags.items()},
-            description=description,
-            model_id=model_info.model_id,
-        )
+        # Against a tracking server MLflow logs "Waiting up to 300 seconds for model version to finish
+        # creation" on stderr while it waits for READY: not a line of ours (a failure is one line).
+        with _without_info("mlflow.store.model_registry.abstract_store"):
+            return client.create_model_version(
+                name,
+                source=model_info.model_uri,
+                run_id=run_id,
+                tags={k: str(v) for k, v in tags.items()},
+                description=description,
+                model_id=model_info.model_id,
+            )
     except MlflowException as exc:
         raise server_error(exc, f"registering {name!r} failed", name) from None
 
@@ -334,6 +350,9 @@ def _warn_not_reproducible(reg: "Registered", local: list[str]) -> None:
         )
 
 
+REGISTRATION = "registration"  # the owner of a registration's stages (signals.stages_owned_by)
+
+
 @_asks_the_server_first
 def register_composite(
     recipe: Recipe,
@@ -377,11 +396,12 @@ def register_composite(
     # renamed into place at the end: a failure on the way leaves nothing there. The output
     # is claimed (locked, its state at the start kept) from before the run to that rename.
     scratch = {"prefix": f".{Path(output).name}.partial-{os.getpid()}-", "dir": Path(output).parent} if output is not None else {"prefix": "taskvec-compose-"}
-    stage("checks")
     claimed = OutputClaim(output, overwrite) if output is not None else contextlib.nullcontext()
     finishing = contextlib.ExitStack()  # from the version's creation on, a signal waits for the registration to complete
-    with finishing, claimed as claim, owned_run(None) as run, tempfile.TemporaryDirectory(**scratch) as tmp:
-        stage("writing")
+    # The registration marks its own stages (checks: the CLI); the writes inside it (into tmp, the move to output) none.
+    owned = stages_owned_by(REGISTRATION)
+    with owned, finishing, claimed as claim, owned_run(None) as run, tempfile.TemporaryDirectory(**scratch) as tmp:
+        stage("writing", owner=REGISTRATION)
         mlflow.log_params(_run_params(resolved))
         weights = Path(tmp) / "weights"
         as_adapter = resolved.output_format == "peft"  # one PEFT LoRA adapter, logged with mlflow.transformers
@@ -453,18 +473,18 @@ def register_composite(
         }
         MlflowClient().set_logged_model_tags(info.model_id, tags)
         description = composite_description(resolved, base, inputs.vectors, fingerprint, metrics, note, linear=linear)
-        stage("logging")
+        stage("logging", owner=REGISTRATION)
         created = []
         finishing.enter_context(finish_first(lambda: _what_stands(created, run.info.run_id, output)))
         mv = _create_version(name, info, run.info.run_id, tags, description)
         created.append(f"models:/{name}/{mv.version}")
         try:
-            stage("registering")
+            stage("registering", owner=REGISTRATION)
             if claim is not None:
-                stage("final-move")
+                stage("final-move", owner=REGISTRATION)
                 claim.move_into_place(weights)
             log_lineage_picture(f"models:/{name}/{mv.version}")
-            stage("tagging")
+            stage("tagging", owner=REGISTRATION)
             if alias:  # inside the deferral: a signal waits for the alias too
                 MlflowClient().set_registered_model_alias(name, alias, mv.version)
         except BaseException:  # the run ends FAILED: its version goes too, never READY beside a FAILED run
@@ -473,6 +493,8 @@ def register_composite(
             raise
     registered = Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
     _warn_not_reproducible(registered, local_paths)
+    completed(_what_stands(created, run.info.run_id, output, finished_first=False))  # what a signal from now on leaves
+    stage("done")
     return registered
 
 
@@ -527,12 +549,14 @@ def _adapter_note(result) -> str:
     )
 
 
-def _what_stands(created: list[str], run_id: str, output) -> str:
-    """What a registration that a signal waited for completed (``signals.finish_first``)."""
+def _what_stands(created: list[str], run_id: str, output, finished_first: bool = True) -> str:
+    """What a registration that a signal waited for completed (``signals.finish_first``), or,
+    with ``finished_first=False``, what a complete one leaves (for a signal in its ``done`` stage)."""
     if not created:
         return f"the registration had not begun; run {run_id} ended FINISHED"
     where = f"; the composite stands at {output}" if output is not None else ""
-    return f"it finished the registration first: {created[0]} is complete and its run {run_id} ended FINISHED{where}"
+    first = "it finished the registration first: " if finished_first else ""
+    return f"{first}{created[0]} is complete and its run {run_id} ended FINISHED{where}"
 
 
 def _architecture_of(base: Resolved) -> tuple[dict, list[str] | None, object]:

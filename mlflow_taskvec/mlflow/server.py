@@ -67,6 +67,9 @@ def _action(endpoint: str, name: str | None) -> str:
 
 def _first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "message", None) or exc).strip()
+    code = getattr(exc, "error_code", None)
+    if code and text.startswith(f"{code}: "):  # a tracking server's answer names its error code first: worded as a local store's
+        text = text[len(code) + 2 :]
     return text.splitlines()[0] if text else type(exc).__name__
 
 
