@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from mlflow_taskvec.compose import Composed, Extracted
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.taskvector import TaskVector
+from mlflow_taskvec.errors import TaskVecWarning
 from mlflow_taskvec.mlflow.workflows import ComposedAndRegistered, ExtractedAndRegistered, compose_recipe, extract_vector
 from mlflow_taskvec.recipe import load_recipe, parse_recipe
 
@@ -136,3 +137,18 @@ def test_compose_with_register_reports_the_version_and_the_composite_also_writte
         f"composite: {out}",
         registered_line(client, "workflow-composite"),
     ]
+
+
+def test_extract_with_register_names_its_inputs_by_reference_in_warnings(registry, client, tmp_path):
+    """A fine-tune equal to its base: the all-zero warning names the fine-tune as given (a models:/
+    reference), not by its path in the download cache."""
+    out = tmp_path / "zero.safetensors"
+
+    with pytest.warns(TaskVecWarning) as given:
+        extract_vector(registry.base_uri, registry.base_uri, out, register_as="workflow-zero", task="zero")
+
+    messages = [str(w.message) for w in given if issubclass(w.category, TaskVecWarning)]
+    canonical = client.get_model_version(BASE_NAME, "1")
+    expected = f"{out}: the task vector is all zeros: the fine-tune models:/{canonical.name}/{canonical.version} equals its base"
+    assert any(m.startswith(expected) for m in messages), messages
+    assert not any(str(registry.store.cache) in m for m in messages), messages

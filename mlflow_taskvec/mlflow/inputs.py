@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 from mlflow.tracking import MlflowClient
@@ -90,34 +90,10 @@ class Inputs:
         ]
         return local
 
-    @contextmanager
-    def named_as_references(self) -> Iterator[None]:
-        """Errors raised and warnings given while the local copies are read (a NaN, a bad tensor, an
-        all-zero vector) name each input by its reference, not by its path in the download cache,
-        which the user never gave. The warnings are held until the block ends, then given again."""
-        held: list[warnings.WarningMessage] = []
-        try:
-            with warnings.catch_warnings(record=True) as given:
-                try:
-                    yield
-                except TaskVecError as exc:
-                    message = self._as_references(str(exc))
-                    if message == str(exc):
-                        raise
-                    raise TaskVecError(message) from None
-                finally:
-                    held = list(given)
-        finally:
-            for w in held:
-                message = w.message
-                if isinstance(message, Warning) and (renamed := self._as_references(str(message))) != str(message):
-                    message = type(message)(renamed)
-                warnings.warn_explicit(message, w.category, w.filename, w.lineno, source=w.source)
-
-    def _as_references(self, text: str) -> str:
-        for res in sorted((self.base, *self.vectors), key=lambda r: len(str(r.path)), reverse=True):
-            text = text.replace(str(res.path), res.canonical)
-        return text
+    def named_as_references(self) -> AbstractContextManager[None]:
+        """Errors and warnings while the local copies are read name each input by its reference
+        (``named_as_references`` below)."""
+        return named_as_references(self.base, *self.vectors)
 
     def check_same_base(self) -> None:
         """Refuse an input that is not a task vector, or comes from another base, naming it as the recipe does."""
@@ -129,6 +105,38 @@ class Inputs:
         with self.named_as_references():
             vectors = compose.vectors_of(local, compose.open_base(local))
         compose.check_same_base(self.recipe, self.base.fingerprint, [v.base_fingerprint for v in vectors])
+
+
+@contextmanager
+def named_as_references(*resolved: Resolved) -> Iterator[None]:
+    """Errors raised and warnings given while the local copies of ``resolved`` are read (a NaN, a
+    bad tensor, an all-zero vector) name each by its reference, not by its path in the download
+    cache, which the user never gave. The warnings are held until the block ends, then given again."""
+    by_length = sorted(resolved, key=lambda r: len(str(r.path)), reverse=True)
+
+    def as_references(text: str) -> str:
+        for res in by_length:
+            text = text.replace(str(res.path), res.canonical)
+        return text
+
+    held: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as given:
+            try:
+                yield
+            except TaskVecError as exc:
+                message = as_references(str(exc))
+                if message == str(exc):
+                    raise
+                raise TaskVecError(message) from None
+            finally:
+                held = list(given)
+    finally:
+        for w in held:
+            message = w.message
+            if isinstance(message, Warning) and (renamed := as_references(str(message))) != str(message):
+                message = type(message)(renamed)
+            warnings.warn_explicit(message, w.category, w.filename, w.lineno, source=w.source)
 
 
 def resolve_ref(ref: str, recipe: Recipe, what: str) -> Resolved:

@@ -74,14 +74,16 @@ def extract_vector(
     if register_as is None:
         return compose.extract(base, finetuned, include=include, exclude=exclude, task=task).save(output, **save)
     from mlflow_taskvec.mlflow.downloads import resolve
+    from mlflow_taskvec.mlflow.inputs import named_as_references
     from mlflow_taskvec.mlflow.registry import check_destination, register_task_vector
 
     check_destination(register_as, allow_mixed)  # before the output is written
     base_ref, ft_ref = resolve(base), resolve(finetuned)
-    extraction = compose.extract(base_ref.path, ft_ref.path, include=include, exclude=exclude, task=task)
-    extracted = extraction.save(output, **save) if output is not None else None
-    vector = TaskVector.load(output) if output is not None else extraction.vector
-    registered = register_task_vector(vector, register_as, base_ref, ft_ref, run_id=run_id, alias=alias, allow_mixed=allow_mixed)
+    with named_as_references(base_ref, ft_ref):
+        extraction = compose.extract(base_ref.path, ft_ref.path, include=include, exclude=exclude, task=task)
+        extracted = extraction.save(output, **save) if output is not None else None
+        vector = TaskVector.load(output) if output is not None else extraction.vector
+        registered = register_task_vector(vector, register_as, base_ref, ft_ref, run_id=run_id, alias=alias, allow_mixed=allow_mixed)
     return ExtractedAndRegistered(extracted, registered)
 
 
