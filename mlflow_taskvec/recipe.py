@@ -436,6 +436,11 @@ class Recipe(BaseModel):
     def sha256(self) -> str:
         return hashlib.sha256(self.canonical_json().encode("utf-8")).hexdigest()
 
+    def as_yaml(self) -> str:
+        """The recipe as a YAML file to compose it again (no output path, no search settings):
+        a search's winning recipe, the recipe logged beside a registered composite."""
+        return yaml.safe_dump(self.model_dump(exclude={"output", "search"}), sort_keys=False)
+
 
 def _in_order(coefficient: Coefficient):
     """A per-layer coefficient as [glob, value] pairs in its order; a number as it is."""
