@@ -154,52 +154,20 @@ REF_HELP = "a local path, models:/name/version, models:/name@alias, models:/<mod
 @_fail_cleanly
 def extract(base, finetuned, output, task, include, exclude, dtype, allow_nonfinite, max_shard_size, register_as, alias, run_id, allow_mixed, overwrite, quiet, device):
     """Extract the task vector FINETUNED - BASE."""
-    from mlflow_taskvec.compose import extract as extract_vector
-    from mlflow_taskvec.engine.taskvector import TaskVector
+    from mlflow_taskvec.mlflow.workflows import extract_vector
 
     if output is None and register_as is None:
         raise click.UsageError("give --output, --register, or both")
-    if register_as is not None:
-        from mlflow_taskvec.mlflow.downloads import resolve
-        from mlflow_taskvec.mlflow.registry import check_destination
-
-        check_destination(register_as, allow_mixed)  # before the output is written
-        base_ref, ft_ref = resolve(base), resolve(finetuned)
-        base, finetuned = base_ref.path, ft_ref.path
-    extracted = extract_vector(base, finetuned, include=include, exclude=exclude, task=task)
-    vector = extracted.vector
-    if output is None:
-        _report_registration(quiet, _register_vector(vector, register_as, base_ref, ft_ref, run_id, alias, allow_mixed))
-        return
-    step, close = progress_bar(len(vector.names), "extract", "tensor", quiet)
-    try:
-        fingerprint = vector.save(
-            output, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=step,
-            device=device,
-        )
-    finally:
-        close()
-    _echo(quiet, f"task vector: {output}")
-    _echo(quiet, f"tensors: {len(vector.names)}  parameters: {vector.num_parameters}  skipped: {len(vector.skipped)}")
-    if extracted.one_sided:
-        _echo(quiet, "skipped, in one of the two only (integer or bool buffers): " + ", ".join(extracted.one_sided))
-    if extracted.low_rank_sizes is not None:
-        stored, dense = extracted.low_rank_sizes
-        _echo(quiet, f"stored low-rank: {stored} bytes (dense: {dense} bytes)")
-    _echo(quiet, f"base fingerprint: {vector.base_fingerprint}")
-    _echo(quiet, f"fingerprint: {fingerprint}")
-    if register_as is not None:
-        _report_registration(quiet, _register_vector(TaskVector.load(output), register_as, base_ref, ft_ref, run_id, alias, allow_mixed))
+    result = extract_vector(
+        base, finetuned, output, register_as, include=include, exclude=exclude, task=task, dtype=dtype, max_shard_size=max_shard_size,
+        allow_nonfinite=allow_nonfinite, run_id=run_id, alias=alias, allow_mixed=allow_mixed, overwrite=overwrite, device=device, quiet=quiet,
+    )
+    _print_lines(quiet, result.lines())
 
 
-def _register_vector(vector, name, base_ref, ft_ref, run_id, alias, allow_mixed):
-    from mlflow_taskvec.mlflow.registry import register_task_vector
-
-    return register_task_vector(vector, name, base_ref, ft_ref, run_id=run_id, alias=alias, allow_mixed=allow_mixed)
-
-
-def _report_registration(quiet: bool, reg) -> None:
-    _echo(quiet, f"registered: {reg.version_uri}  (model {reg.model_uri}, run {reg.run_id})")
+def _print_lines(quiet: bool, lines) -> None:
+    for line in lines:
+        _echo(quiet, line)
 
 
 @main.command()
@@ -221,8 +189,8 @@ def _report_registration(quiet: bool, reg) -> None:
 @_fail_cleanly
 def compose(recipe, output, max_shard_size, register_as, alias, require_alias, allow_mixed, output_format, rank, energy, overwrite, quiet, device, threads):
     """Compose a model from a YAML merge RECIPE (references may be MLflow URIs)."""
-    from mlflow_taskvec.compose import compose_to, needs_mlflow, open_base, output_path
     from mlflow_taskvec.engine.writer import parse_size
+    from mlflow_taskvec.mlflow.workflows import compose_recipe
     from mlflow_taskvec.recipe import load_recipe
 
     spec = load_recipe(recipe)
@@ -240,64 +208,11 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, a
     if max_shard_size is not None:
         parse_size(max_shard_size, "--max-shard-size")
         spec.max_shard_size = max_shard_size
-    if register_as is not None:
-        from mlflow_taskvec.mlflow.registry import register_composite
-
-        if output is None and spec.output is not None:  # the recipe's output: is written too
-            output = output_path(spec)
-        reg = register_composite(
-            spec, register_as, alias=alias, require_alias=require_alias, output=output, overwrite=overwrite, allow_mixed=allow_mixed,
-            threads=threads,
-        )
-        _echo(quiet, f"method: {spec.method}  scale: {spec.scale}  weights: {[e.weight for e in spec.vectors]}")
-        _echo(quiet, f"fingerprint: {reg.tags['taskvec.fingerprint']}")
-        if output is not None:
-            _echo(quiet, f"composite: {output}")
-        _report_registration(quiet, reg)
-        return
-    local, named_as_given = spec, contextlib.nullcontext
-    if needs_mlflow(spec, require_alias):
-        from mlflow_taskvec.mlflow.inputs import resolve_inputs
-
-        inputs = resolve_inputs(spec, require_alias)  # the policy first, before anything is downloaded
-        local, named_as_given = inputs.local(), inputs.named_as_references
-    if spec.output_format == "peft":
-        from mlflow_taskvec.compose import compose_to_adapter
-
-        step, close = progress_bar(len(open_base(local).keys()), spec.method, "tensor", quiet)
-        try:
-            with named_as_given():
-                merged = compose_to_adapter(local, output=output_path(spec, output), overwrite=overwrite, progress=step, recorded=spec)
-        finally:
-            close()
-        _report_adapter_merge(quiet, merged)
-        _echo(quiet, f"recipe sha256: {spec.sha256()}")
-        return
-    step, close = progress_bar(len(open_base(local).keys()), spec.method, "tensor", quiet)
-    try:
-        with named_as_given():
-            result = compose_to(local, output=output_path(spec, output), overwrite=overwrite, progress=step, recorded=spec, threads=threads)
-    finally:
-        close()
-    _echo(quiet, f"composite: {result.output}")
-    _echo(quiet, f"method: {result.method}  scale: {result.scale}  weights: {result.weights}  params: {json.dumps(result.params)}")
-    _echo(quiet, f"tensors: {result.num_tensors}  parameters: {result.num_parameters}  seconds: {result.seconds:.2f}")
-    _echo(quiet, f"recipe sha256: {spec.sha256()}")
-    _echo(quiet, f"fingerprint: {result.fingerprint}")
-
-
-def _report_adapter_merge(quiet: bool, merged) -> None:
-    """What ``compose --format peft`` prints: the adapter, each module's rank and relative error."""
-    _echo(quiet, f"adapter: {merged.output}")
-    _echo(quiet, f"method: {merged.method}  scale: {merged.scale}  weights: {merged.weights}  params: {json.dumps(merged.params)}")
-    _echo(quiet, f"r: {merged.r}  lora_alpha: {merged.r}  modules: {len(merged.modules)}" + (f"  rank_pattern: {len(merged.rank_pattern)} modules" if merged.rank_pattern else ""))
-    width = max(len(m.name) for m in merged.modules)
-    for m in merged.modules:
-        how = "concatenated (exact)" if m.exact else f"relative error {m.relative_error:.4g}"
-        _echo(quiet, f"  {m.name:<{width}}  rank {m.rank:>4}  {how}" + ("  (embedding)" if m.embedding else ""))
-    if merged.left_out:
-        _echo(quiet, "not in the adapter (1-D deltas a LoRA adapter cannot hold): " + ", ".join(sorted(merged.left_out)))
-    _echo(quiet, f"largest relative Frobenius error: {merged.relative_error:.6g}  bytes written: {merged.bytes_written}  seconds: {merged.seconds:.2f}")
+    result = compose_recipe(
+        spec, output, register_as, alias=alias, require_alias=require_alias, allow_mixed=allow_mixed, overwrite=overwrite, threads=threads,
+        quiet=quiet,
+    )
+    _print_lines(quiet, result.lines())
 
 
 @main.command()
@@ -333,7 +248,7 @@ def compress(ref, layout, density, rank, energy, output, base, register_as, alia
         if output is not None:
             _echo(quiet, f"compressed vector: {output}")
         _report_compression(quiet, reg.compression)
-        _report_registration(quiet, reg)
+        _echo(quiet, reg.summary())
         return
     from mlflow_taskvec.engine.compressed import compress as compress_vector
     from mlflow_taskvec.engine.taskvector import TaskVector
@@ -406,39 +321,14 @@ def search_command(recipe, strategy, objective, trials, storage, study_name, mem
     strategy (default: the paper's grid over the scale, 0.0 to 1.0 step 0.05).
     Each candidate is a child run; the table and a plot are logged on the search's run.
     """
-    import yaml
+    from mlflow_taskvec.mlflow.search import search_recipe
 
-    from mlflow_taskvec.engine.coefficients import describe
-    from mlflow_taskvec.engine.output import check_output_path, write_text
-    from mlflow_taskvec.mlflow.search import search
-    from mlflow_taskvec.recipe import load_recipe
-    from mlflow_taskvec.references import local_paths
-
-    spec = load_recipe(recipe)
-    protected = [recipe, *local_paths(spec.references, spec.source_dir)]  # the winning recipe never replaces these
-    if output_recipe is not None:  # before the search's run is started
-        check_output_path(output_recipe, overwrite, inputs=protected, what="winning recipe")
-    if device is not None:
-        spec.device = device
-    overrides = {k: v for k, v in dict(strategy=strategy, objective=objective, trials=trials, storage=storage, study_name=study_name).items() if v is not None}
-    if overrides:
-        settings = {**(spec.search.model_dump(exclude_unset=True) if spec.search else {}), **overrides}
-        if strategy == "optuna" and "scale" not in settings:
-            settings["scale"] = {"low": 0.0, "high": 1.0}
-        spec = spec.derive(f"{recipe} (with the command's options)", search=settings)
-    result = search(spec, register_as=register_as, alias=alias, memory=memory, quiet=quiet, allow_mixed=allow_mixed)
-    best = result.best
-    _echo(quiet, f"search run: {result.run_id}  candidates: {len(result.candidates)}  objective: {result.objective.describe}")
-    _echo(quiet, f"best: scale {best.scale:g}  weights [{', '.join(describe(w) if isinstance(w, dict) else repr(round(w, 4)) for w in best.weights)}]"
-          + (f"  params {json.dumps(best.params)}" if best.params else "") + f"  objective {best.objective:.4f} (validation)")
-    keys = [k for k in sorted(result.test_metrics) if k.startswith(("mean.", "control."))] or sorted(result.test_metrics)
-    _echo(quiet, "test: " + "  ".join(f"{k}={result.test_metrics[k]:.4f}" for k in keys))
-    if output_recipe is not None:
-        write_text(output_recipe, yaml.safe_dump(result.recipe.model_dump(exclude={"output", "search"}), sort_keys=False), "winning recipe",
-                   overwrite=overwrite, inputs=protected)
-        _echo(quiet, f"winning recipe: {output_recipe}")
-    if result.registered is not None:
-        _report_registration(quiet, result.registered)
+    result = search_recipe(
+        recipe, strategy=strategy, objective=objective, trials=trials, storage=storage, study_name=study_name, memory=memory,
+        output_recipe=output_recipe, overwrite=overwrite, register_as=register_as, alias=alias, allow_mixed=allow_mixed, quiet=quiet,
+        device=device,
+    )
+    _print_lines(quiet, result.lines())
 
 
 @main.command("leaderboard")
@@ -456,22 +346,17 @@ def leaderboard_command(recipe, methods, fmt, trials, memory, register_as, regis
     """Rank merge METHODS on a RECIPE's inputs: per method a child run searches its coefficients on
     the validation split and evaluates the winner on the test split; the table and a bar chart are
     logged on the parent run."""
-    from mlflow_taskvec.mlflow.leaderboard import leaderboard, parse_methods, render
-    from mlflow_taskvec.recipe import load_recipe
+    from mlflow_taskvec.mlflow.leaderboard import leaderboard_recipe, parse_methods
 
     names = parse_methods(methods)  # before the recipe is read or a run started
     if register_each and register_as is None:
         raise click.UsageError("--register-each needs --register NAME")
-    spec = load_recipe(recipe)
-    if trials is not None:
-        settings = {**(spec.search.model_dump(exclude_unset=True) if spec.search else {}), "trials": trials}
-        spec = spec.derive(f"{recipe} (with the command's options)", search=settings)
-    board = leaderboard(spec, names, register_as=register_as, register_each=register_each, memory=memory, quiet=quiet, allow_mixed=allow_mixed)
-    click.echo(render(board.table, fmt))
+    board = leaderboard_recipe(recipe, names, trials, register_as=register_as, register_each=register_each, memory=memory, quiet=quiet,
+                               allow_mixed=allow_mixed)
+    click.echo(board.render(fmt))
     if not quiet:  # the table is what stdout carries (csv and json stay parseable)
-        click.echo(f"leaderboard run: {board.run_id}  best: {board.best.method}", err=True)
-        for reg in board.registered:
-            click.echo(f"registered: {reg.version_uri}  (model {reg.model_uri}, run {reg.run_id})", err=True)
+        for line in board.lines():
+            click.echo(line, err=True)
 
 
 _adapter_base = click.option("--base", default=None, help="The base of a PEFT LoRA adapter (default: its base_model_name_or_path, if a local folder).")

@@ -8,6 +8,7 @@ over a recipe of local paths (``mlflow_taskvec.mlflow.inputs``).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.writer import write_text_atomically
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.modelcard import CARD_NAME, hub_name_of, model_card
+from mlflow_taskvec.progress import progress_bar
 from mlflow_taskvec.recipe import RECIPE_FORMAT, Recipe
 from mlflow_taskvec.references import absolute, is_local, load_vector, open_reference
 from mlflow_taskvec.signals import stage
@@ -52,6 +54,55 @@ class Extraction:
             return None
         kept = low_rank.subset(self.vector.names)
         return kept.stored_bytes, kept.dense_bytes
+
+
+    def save(
+        self,
+        output: "str | os.PathLike",
+        dtype: str | None = None,
+        max_shard_size: str | None = None,
+        overwrite: bool = False,
+        allow_nonfinite: bool = False,
+        device: str | None = None,
+        quiet: bool = True,
+    ) -> "Extracted":
+        """Write the vector to ``output`` (as ``TaskVector.save``; a progress bar on a terminal
+        unless ``quiet``) and report it."""
+        vector = self.vector
+        step, close = progress_bar(len(vector.names), "extract", "tensor", quiet)
+        try:
+            fingerprint = vector.save(
+                output, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=step,
+                device=device,
+            )
+        finally:
+            close()
+        return Extracted(Path(output), len(vector.names), vector.num_parameters, len(vector.skipped), self.one_sided, self.low_rank_sizes,
+                         vector.base_fingerprint, fingerprint)
+
+
+@dataclass
+class Extracted:
+    """A task vector ``extract`` wrote: where, its counts and fingerprints."""
+
+    output: Path
+    num_tensors: int
+    num_parameters: int
+    skipped: int
+    one_sided: list[str]  # skipped tensors only one side has
+    low_rank_sizes: tuple[int, int] | None  # (stored, dense) bytes of a vector saved as factors
+    base_fingerprint: str
+    fingerprint: str
+
+    def lines(self) -> list[str]:
+        """The report ``mlflow-taskvec extract`` prints."""
+        lines = [f"task vector: {self.output}", f"tensors: {self.num_tensors}  parameters: {self.num_parameters}  skipped: {self.skipped}"]
+        if self.one_sided:
+            lines.append("skipped, in one of the two only (integer or bool buffers): " + ", ".join(self.one_sided))
+        if self.low_rank_sizes is not None:
+            stored, dense = self.low_rank_sizes
+            lines.append(f"stored low-rank: {stored} bytes (dense: {dense} bytes)")
+        return [*lines, f"base fingerprint: {self.base_fingerprint}", f"fingerprint: {self.fingerprint}"]
 
 
 def extract(
@@ -242,6 +293,68 @@ def compose_to_adapter(
         metadata=meta,
         progress=progress,
     )
+
+
+@dataclass
+class Composed:
+    """A composite (or PEFT adapter) ``compose`` wrote from a recipe, and the recipe it records."""
+
+    recipe: Recipe  # as recorded: its references as the user gave them
+    result: MergeResult | AdapterMergeResult
+
+    def lines(self) -> list[str]:
+        """The report ``mlflow-taskvec compose`` prints."""
+        r, digest = self.result, f"recipe sha256: {self.recipe.sha256()}"
+        if isinstance(r, AdapterMergeResult):
+            return [*adapter_lines(r), digest]
+        return [
+            f"composite: {r.output}",
+            f"method: {r.method}  scale: {r.scale}  weights: {r.weights}  params: {json.dumps(r.params)}",
+            f"tensors: {r.num_tensors}  parameters: {r.num_parameters}  seconds: {r.seconds:.2f}",
+            digest,
+            f"fingerprint: {r.fingerprint}",
+        ]
+
+
+def adapter_lines(merged: AdapterMergeResult) -> list[str]:
+    """A merged PEFT adapter as ``compose --format peft`` reports it: each module's rank and relative error."""
+    lines = [
+        f"adapter: {merged.output}",
+        f"method: {merged.method}  scale: {merged.scale}  weights: {merged.weights}  params: {json.dumps(merged.params)}",
+        f"r: {merged.r}  lora_alpha: {merged.r}  modules: {len(merged.modules)}" + (f"  rank_pattern: {len(merged.rank_pattern)} modules" if merged.rank_pattern else ""),
+    ]
+    width = max(len(m.name) for m in merged.modules)
+    for m in merged.modules:
+        how = "concatenated (exact)" if m.exact else f"relative error {m.relative_error:.4g}"
+        lines.append(f"  {m.name:<{width}}  rank {m.rank:>4}  {how}" + ("  (embedding)" if m.embedding else ""))
+    if merged.left_out:
+        lines.append("not in the adapter (1-D deltas a LoRA adapter cannot hold): " + ", ".join(sorted(merged.left_out)))
+    lines.append(f"largest relative Frobenius error: {merged.relative_error:.6g}  bytes written: {merged.bytes_written}  seconds: {merged.seconds:.2f}")
+    return lines
+
+
+def compose_recipe(
+    recipe: Recipe,
+    output: "str | os.PathLike | None" = None,
+    overwrite: bool = False,
+    quiet: bool = True,
+    threads: int | None = None,
+    recorded: Recipe | None = None,
+) -> Composed:
+    """Compose a recipe of local references as its ``output_format`` says: the dense model
+    (``compose_to``) or one PEFT adapter (``compose_to_adapter``), with a progress bar on a
+    terminal unless ``quiet``. ``output`` and the recorded recipe are as for ``compose_to``."""
+    recorded = recorded or recipe
+    target = output_path(recorded, output)
+    step, close = progress_bar(len(open_base(recipe).keys()), recorded.method, "tensor", quiet)
+    try:
+        if recorded.output_format == "peft":
+            result = compose_to_adapter(recipe, output=target, overwrite=overwrite, progress=step, recorded=recorded)
+        else:
+            result = compose_to(recipe, output=target, overwrite=overwrite, progress=step, recorded=recorded, threads=threads)
+    finally:
+        close()
+    return Composed(recorded, result)
 
 
 def write_model_card(folder: Path, recipe: Recipe, base_model: str, inputs: list[dict], result: MergeResult, metrics=None, linear: bool = False) -> Path:

@@ -20,7 +20,7 @@ from mlflow_helpers import BASE_NAME, mlflow_store, register_trained_vectors, ru
 
 from mlflow_taskvec.cli import main as cli
 from mlflow_taskvec.engine.methods import METHODS
-from mlflow_taskvec.mlflow.leaderboard import method_recipe
+from mlflow_taskvec.mlflow.leaderboard import leaderboard_recipe, method_recipe
 from mlflow_taskvec.recipe import parse_recipe
 
 TASKS = ("parity", "large")
@@ -133,6 +133,24 @@ def test_register_each_registers_every_winner_and_points_best_at_the_first(store
     assert len(versions) == 2
     best = client.get_model_version_by_alias("digits-each", "best")
     assert json.loads(best.tags["taskvec.leaderboard"])["method"] == first_method
+
+
+def test_leaderboard_recipe_ranks_the_methods_with_the_trials_given_and_reports_the_run(store, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe_data(), sort_keys=False), "utf-8")
+
+    board = leaderboard_recipe(path, ["task_arithmetic", "ties"], trials=2)
+
+    by_method = {e.method: e for e in board.entries}
+    assert sorted(by_method) == ["task_arithmetic", "ties"]
+    assert len(by_method["ties"].result.candidates) == 2  # optuna over ties' parameters: the trials given, not the recipe's 6
+    assert len(by_method["task_arithmetic"].result.candidates) == 41  # a grid over the scale, 0 to 2 step 0.05
+    scores = [e.metrics["mean.normalized_accuracy"] for e in board.entries]
+    assert scores == sorted(scores, reverse=True) and board.best is board.entries[0]
+    assert MlflowClient().get_run(board.run_id).data.tags["taskvec.leaderboard.role"] == "leaderboard"
+    assert board.lines() == [f"leaderboard run: {board.run_id}  best: {board.entries[0].method}"]
+    header, *rows = board.render("csv").splitlines()
+    assert header.startswith("rank,method,") and [r.split(",")[1] for r in rows] == [e.method for e in board.entries]
 
 
 def test_method_recipes_search_their_declared_ranges_and_the_scale_to_two():

@@ -38,7 +38,7 @@ from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.recipe import parse_recipe
 from mlflow_taskvec.mlflow.downloads import resolve
 from mlflow_taskvec.mlflow.registry import register_task_vector
-from mlflow_taskvec.mlflow.search import search
+from mlflow_taskvec.mlflow.search import search, search_recipe, with_options
 
 TESTS = Path(__file__).resolve().parent
 CLI = str(Path(sys.executable).parent / "mlflow-taskvec")
@@ -286,6 +286,37 @@ def test_two_workers_share_one_optuna_study_in_postgresql(store, tmp_path):
     foreign = row["candidate"] == "-1"  # found by one of the first two workers
     assert foreign == (best.user_attrs["mlflow_run_id"] not in {r.info.run_id for r in children_of(store.client, search_info["search_run_id"])})
     assert len(table) == 2 + foreign
+
+
+def test_search_recipe_applies_the_options_writes_the_winner_and_reports_it(store, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe("peaked", ["target"])), "utf-8")  # no search block: the objective is an option
+    out = tmp_path / "best.yaml"
+
+    result = search_recipe(path, objective="mean.accuracy", output_recipe=out)
+
+    assert result.objective.name == "mean.accuracy" and result.best.scale == pytest.approx(0.35)
+    assert result.winning_recipe == out and result.registered is None
+    written = yaml.safe_load(out.read_text("utf-8"))
+    assert written["scale"] == pytest.approx(0.35) and written["vectors"][0]["weight"] == 1.0 and "search" not in written
+    test_accuracy = 1 - (0.35 - 0.5) ** 2  # the test split's peak is at 0.5
+    assert result.test_metrics["mean.accuracy"] == pytest.approx(test_accuracy, abs=1e-6)
+    assert result.lines() == [
+        f"search run: {result.run_id}  candidates: 21  objective: {result.objective.describe}",
+        "best: scale 0.35  weights [1.0]  objective 1.0000 (validation)",
+        "test: " + "  ".join(f"{k}={result.test_metrics[k]:.4f}" for k in sorted(result.test_metrics) if k.startswith("mean.")),
+        f"winning recipe: {out}",
+    ]
+
+
+def test_search_options_override_the_block_and_optuna_searches_the_scale_from_0_to_1():
+    spec = parse_recipe(recipe("peaked", ["target"], search_block={"objective": "mean.accuracy", "trials": 9}))
+
+    assert with_options(spec, "r.yaml") is spec
+    optuna = with_options(spec, "r.yaml", strategy="optuna", trials=3, storage=None)
+    assert (optuna.search.strategy, optuna.search.trials, optuna.search.objective) == ("optuna", 3, "mean.accuracy")
+    assert (optuna.search.scale.low, optuna.search.scale.high) == (0.0, 1.0)
+    assert spec.search.trials == 9  # the recipe itself is left as it was
 
 
 def test_the_search_command_prints_the_winner_and_writes_its_recipe(store, tmp_path):

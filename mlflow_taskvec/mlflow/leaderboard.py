@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -41,8 +42,8 @@ from mlflow_taskvec.mlflow.inputs import resolve_inputs
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.registry import Registered, check_destination, check_recipe_device, register_composite
 from mlflow_taskvec.mlflow.runs import owned_run
-from mlflow_taskvec.mlflow.search import SearchResult, search
-from mlflow_taskvec.recipe import Range, Recipe, Search
+from mlflow_taskvec.mlflow.search import SearchResult, search, with_options
+from mlflow_taskvec.recipe import Range, Recipe, Search, load_recipe
 from mlflow_taskvec.signals import extend_hold
 from mlflow_taskvec.tables import render_table
 
@@ -128,6 +129,14 @@ class Leaderboard:
     def best(self) -> Entry:
         return self.entries[0]
 
+    def render(self, fmt: str) -> str:
+        """The table as ``mlflow-taskvec leaderboard`` prints it on stdout (see ``render``)."""
+        return render(self.table, fmt)
+
+    def lines(self) -> list[str]:
+        """What the command says beside the table (on stderr): the run, the best method, the versions registered."""
+        return [f"leaderboard run: {self.run_id}  best: {self.best.method}", *(reg.summary() for reg in self.registered)]
+
 
 def _score(metrics: dict[str, float], metric: str) -> float:
     value = metrics.get(f"mean.normalized_{metric}", metrics.get(f"mean.{metric}", math.nan))
@@ -210,6 +219,12 @@ def _compose_seconds(winner: Recipe) -> float:
     start = time.perf_counter()
     compose(local)
     return time.perf_counter() - start
+
+
+def leaderboard_recipe(recipe_path: "str | os.PathLike", methods: list[str], trials: int | None = None, **options) -> Leaderboard:
+    """``leaderboard`` of the recipe file ``recipe_path``, with ``trials`` (if given) for each
+    method's optuna search; ``options`` (``register_as``, ``memory``, ...) as for ``leaderboard``."""
+    return leaderboard(with_options(load_recipe(recipe_path), recipe_path, trials=trials), methods, **options)
 
 
 def leaderboard(

@@ -173,6 +173,10 @@ class Registered:
     def version_uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
 
+    def summary(self) -> str:
+        """The one line every registering command prints: the version, its logged model and run."""
+        return f"registered: {self.version_uri}  (model {self.model_uri}, run {self.run_id})"
+
 
 @_asks_the_server_first
 def register_task_vector(
@@ -395,7 +399,7 @@ def register_composite(
             state = merge(base.path, [TaskVector.load(weights, base=base.path)], [1.0]) if as_adapter else flavor.read_state(weights)
             metrics = evaluate(module_builder(base, linear=linear)(state))
         recipe_path = Path(tmp) / "recipe.yaml"
-        recipe_path.write_text(yaml.safe_dump(resolved.model_dump(exclude={"output", "search"}), sort_keys=False), "utf-8")
+        recipe_path.write_text(resolved.as_yaml(), "utf-8")
         mlflow.log_artifact(str(recipe_path))
         input_rows = [
             {"uri": r.canonical, "weight": e.weight, "fingerprint": r.fingerprint} for e, r in zip(resolved.vectors, inputs.vectors)

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 import mlflow
 from mlflow.entities import Metric, Param
@@ -39,6 +38,7 @@ from mlflow_taskvec.compose import compose, compose_to
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.coefficients import Coefficient, describe, values_of
 from mlflow_taskvec.engine.methods import get_method, validate_params
+from mlflow_taskvec.engine.output import check_output_path, write_text
 from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.mlflow import tags as tag
 from mlflow_taskvec.mlflow.evaluate import CompositeEvaluation, composite_evaluation
@@ -46,7 +46,8 @@ from mlflow_taskvec.mlflow.inputs import Inputs, resolve_inputs
 from mlflow_taskvec.mlflow.registry import Registered, check_destination, check_recipe_device, register_composite
 from mlflow_taskvec.mlflow.runs import owned_run
 from mlflow_taskvec.progress import progress_bar
-from mlflow_taskvec.recipe import AdaMerging, Recipe, Search
+from mlflow_taskvec.recipe import AdaMerging, Recipe, Search, load_recipe
+from mlflow_taskvec.references import local_paths
 from mlflow_taskvec.signals import extend_hold
 
 MEMORY_MODES = ("auto", "memory", "streamed")
@@ -138,6 +139,66 @@ class SearchResult:
     run_id: str
     table: pd.DataFrame
     registered: Registered | None = None
+    winning_recipe: Path | None = None  # where the winning recipe was written, if asked
+
+    def lines(self) -> list[str]:
+        """The report ``mlflow-taskvec search`` prints: the run, the winner, its test metrics."""
+        best = self.best
+        weights = ", ".join(describe(w) if isinstance(w, dict) else repr(round(w, 4)) for w in best.weights)
+        keys = [k for k in sorted(self.test_metrics) if k.startswith(("mean.", "control."))] or sorted(self.test_metrics)
+        return [
+            f"search run: {self.run_id}  candidates: {len(self.candidates)}  objective: {self.objective.describe}",
+            f"best: scale {best.scale:g}  weights [{weights}]" + (f"  params {json.dumps(best.params)}" if best.params else "")
+            + f"  objective {best.objective:.4f} (validation)",
+            "test: " + "  ".join(f"{k}={self.test_metrics[k]:.4f}" for k in keys),
+            *([f"winning recipe: {self.winning_recipe}"] if self.winning_recipe is not None else []),
+            *([self.registered.summary()] if self.registered is not None else []),
+        ]
+
+
+def with_options(recipe: Recipe, recipe_path, **options) -> Recipe:
+    """``recipe`` with a command's options for its ``search`` block (those not None), named as
+    ``<recipe_path> (with the command's options)``; optuna without a scale range searches 0.0 to 1.0."""
+    options = {k: v for k, v in options.items() if v is not None}
+    if not options:
+        return recipe
+    settings = {**(recipe.search.model_dump(exclude_unset=True) if recipe.search else {}), **options}
+    if options.get("strategy") == "optuna" and "scale" not in settings:
+        settings["scale"] = {"low": 0.0, "high": 1.0}
+    return recipe.derive(f"{recipe_path} (with the command's options)", search=settings)
+
+
+def search_recipe(
+    recipe_path: "str | os.PathLike",
+    strategy: str | None = None,
+    objective: str | None = None,
+    trials: int | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    memory: str = "auto",
+    output_recipe: "str | os.PathLike | None" = None,
+    overwrite: bool = False,
+    register_as: str | None = None,
+    alias: str | None = None,
+    allow_mixed: bool = False,
+    quiet: bool = True,
+    device: str | None = None,
+) -> SearchResult:
+    """``search`` of the recipe file ``recipe_path``, its ``search`` block overridden by the
+    options given (not None), the winning recipe also written to ``output_recipe`` (checked
+    before the search's run starts; it never replaces the recipe or a local input)."""
+    spec = load_recipe(recipe_path)
+    protected = [recipe_path, *local_paths(spec.references, spec.source_dir)]  # the winning recipe never replaces these
+    if output_recipe is not None:  # before the search's run is started
+        check_output_path(output_recipe, overwrite, inputs=protected, what="winning recipe")
+    if device is not None:
+        spec.device = device
+    spec = with_options(spec, recipe_path, strategy=strategy, objective=objective, trials=trials, storage=storage, study_name=study_name)
+    result = search(spec, register_as=register_as, alias=alias, memory=memory, quiet=quiet, allow_mixed=allow_mixed)
+    if output_recipe is not None:
+        write_text(output_recipe, result.recipe.as_yaml(), "winning recipe", overwrite=overwrite, inputs=protected)
+        result.winning_recipe = Path(output_recipe)
+    return result
 
 
 def _fits_in_memory(base_path: Path) -> bool:
@@ -434,7 +495,7 @@ def search(
         table.to_csv(folder / "candidates.csv", index=False)
         if settings.strategy != "adamerging":  # one learned candidate: its pictures are the coefficients and the entropy curve
             _plot(table, objective, best, recipe.evaluation, settings.metric, folder / "objective_vs_scale.png")
-        (folder / "best_recipe.yaml").write_text(yaml.safe_dump(winner.model_dump(exclude={"output", "search"}), sort_keys=False), "utf-8")
+        (folder / "best_recipe.yaml").write_text(winner.as_yaml(), "utf-8")
         mlflow.log_artifacts(str(folder), artifact_path="search")
 
         test_split = recipe.evaluation.split
