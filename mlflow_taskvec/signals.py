@@ -142,12 +142,17 @@ def one_step() -> Iterator[None]:
         return
     held = _Held()
     held.start()
+    replaced = dict(held.previous)
     try:
         yield
     finally:
         held.stop()
-    if held.signum is not None:
-        raise Terminated(held.signum)
+    if held.signum is None or replaced[held.signum] == signal.SIG_IGN:
+        return
+    if replaced[held.signum] == signal.SIG_DFL:  # outside the CLI's handling: what the signal would have done
+        os.kill(os.getpid(), held.signum)
+        return
+    raise Terminated(held.signum)
 
 
 _EXTENDED: list[_Held] = []  # open extend_hold() blocks, innermost last

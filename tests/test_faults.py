@@ -330,6 +330,32 @@ def test_after_a_sigkill_in_the_writing_stage_the_next_compose_removes_the_parti
     assert sorted(p.name for p in output.parent.iterdir()) == ["merged"]
 
 
+_ONE_STEP = """
+import os, signal, sys
+from mlflow_taskvec.signals import Terminated, one_step, terminate_like_interrupt
+handled = sys.argv[1] == "handled"
+with terminate_like_interrupt() if handled else open(os.devnull):
+    try:
+        with one_step():
+            os.kill(os.getpid(), signal.SIGTERM)
+            print("the step ended", flush=True)
+    except Terminated as stopped:
+        print(f"then {stopped.name} was raised", flush=True)
+        sys.exit(3)
+print("after the step", flush=True)
+"""
+
+
+@pytest.mark.parametrize("handled", [True, False], ids=["the-cli-handles-sigterm", "sigterm-by-default"])
+def test_a_signal_during_one_step_waits_for_the_step_then_does_what_it_would_have(handled):
+    proc = subprocess.run([sys.executable, "-c", _ONE_STEP, "handled" if handled else "default"], env=env(), capture_output=True, text=True, timeout=60)
+
+    if handled:  # the CLI's handling: raised as Terminated once the step is done (the final move and its record)
+        assert (proc.returncode, proc.stdout) == (3, "the step ended\nthen SIGTERM was raised\n")
+    else:  # outside it: the process still dies by the signal, after the step
+        assert (proc.returncode, proc.stdout) == (-signal.SIGTERM, "the step ended\n")
+
+
 def test_sigterm_in_an_optuna_trial_is_one_line_without_optunas_traceback(tmp_path, registry):
     from mlflow_helpers import BASE_NAME, vector_name
 
