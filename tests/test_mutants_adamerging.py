@@ -12,6 +12,7 @@ Adam, and clamps ``lambda`` to ``clamp`` unless it is null. These tests kill the
 from __future__ import annotations
 
 import itertools
+import sys
 import warnings
 
 import pytest
@@ -254,17 +255,13 @@ def test_a_device_that_does_not_exist_is_refused_naming_the_setting_and_cpu_or_a
         assert torch.allclose(learn(device=device, **settings).coefficients, expected, atol=2e-5, rtol=0), device
 
 
-def test_a_tensor_an_input_lacks_counts_as_zero_for_that_input():
-    global VECTORS
-    full = VECTORS
-    VECTORS = [full[0], {n: t for n, t in full[1].items() if n != "layers.1.bias"}]
-    try:
-        settings = dict(steps=5, lr=0.05, init=0.3, clamp=None, batch_size=None)
-        learned = learn(**settings)
-        expected, *_ = reference((1.0, -1.0), layer_of=LAYERWISE, **settings)  # the reference adds nothing for a missing tensor
-        assert torch.allclose(learned.coefficients, expected, atol=2e-5, rtol=0)
-    finally:
-        VECTORS = full
+def test_a_tensor_an_input_lacks_counts_as_zero_for_that_input(monkeypatch):
+    lacking = [VECTORS[0], {n: t for n, t in VECTORS[1].items() if n != "layers.1.bias"}]
+    monkeypatch.setattr(sys.modules[__name__], "VECTORS", lacking)  # what learn() and reference() read
+    settings = dict(steps=5, lr=0.05, init=0.3, clamp=None, batch_size=None)
+    learned = learn(**settings)
+    expected, *_ = reference((1.0, -1.0), layer_of=LAYERWISE, **settings)  # the reference adds nothing for a missing tensor
+    assert torch.allclose(learned.coefficients, expected, atol=2e-5, rtol=0)
 
 
 def test_an_unlabeled_source_that_yields_only_once_is_refused_when_it_is_read_again():
