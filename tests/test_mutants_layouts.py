@@ -321,6 +321,8 @@ def test_the_written_config_has_the_most_common_rank_the_larger_on_a_tie_and_sca
     assert config["target_modules"] == sorted(ranks) and config["modules_to_save"] == ["head"]
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "base-model"
     assert (config["use_rslora"], config["use_dora"], config["fan_in_fan_out"], config["bias"]) == (False, False, False, "none")
+    # an adapter for inference whose deltas are B @ A exactly: no dropout, PEFT's own initialization flag
+    assert (config["task_type"], config["lora_dropout"], config["init_lora_weights"], config["inference_mode"]) == (None, 0.0, True, True)
     read = _config(r=config["r"], lora_alpha=config["lora_alpha"], rank_pattern=config["rank_pattern"], alpha_pattern=config["alpha_pattern"])
     for module, rank in ranks.items():
         assert read.rank_and_scaling(module) == (rank, 1.0), module
@@ -328,7 +330,8 @@ def test_the_written_config_has_the_most_common_rank_the_larger_on_a_tie_and_sca
 
 
 @pytest.mark.parametrize("module, embedding", [("model.embed_tokens", True), ("transformer.wte", True), ("transformer.wpe", True),
-                                               ("model.Embeddings", True), ("embed.layers.0.q_proj", False), ("lm_head", False)])
+                                               ("model.Embeddings", True), ("embed.layers.0.q_proj", False), ("lm_head", False),
+                                               ("transformer.wte_block.q", False)])
 def test_modules_whose_last_name_holds_embed_wte_or_wpe_are_embedding_lora(module, embedding):
     assert is_embedding_module(module) is embedding
 
