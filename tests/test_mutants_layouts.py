@@ -321,6 +321,8 @@ def test_the_written_config_has_the_most_common_rank_the_larger_on_a_tie_and_sca
     assert config["target_modules"] == sorted(ranks) and config["modules_to_save"] == ["head"]
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "base-model"
     assert (config["use_rslora"], config["use_dora"], config["fan_in_fan_out"], config["bias"]) == (False, False, False, "none")
+    # an adapter for inference whose deltas are B @ A exactly: no dropout, PEFT's own initialization flag
+    assert (config["task_type"], config["lora_dropout"], config["init_lora_weights"], config["inference_mode"]) == (None, 0.0, True, True)
     read = _config(r=config["r"], lora_alpha=config["lora_alpha"], rank_pattern=config["rank_pattern"], alpha_pattern=config["alpha_pattern"])
     for module, rank in ranks.items():
         assert read.rank_and_scaling(module) == (rank, 1.0), module
@@ -328,7 +330,8 @@ def test_the_written_config_has_the_most_common_rank_the_larger_on_a_tie_and_sca
 
 
 @pytest.mark.parametrize("module, embedding", [("model.embed_tokens", True), ("transformer.wte", True), ("transformer.wpe", True),
-                                               ("model.Embeddings", True), ("embed.layers.0.q_proj", False), ("lm_head", False)])
+                                               ("model.Embeddings", True), ("embed.layers.0.q_proj", False), ("lm_head", False),
+                                               ("transformer.wte_block.q", False)])
 def test_modules_whose_last_name_holds_embed_wte_or_wpe_are_embedding_lora(module, embedding):
     assert is_embedding_module(module) is embedding
 
@@ -404,3 +407,34 @@ def test_a_format_1_product_reads_the_same_values_in_any_chunking_across_blocks(
             assert torch.equal(t.chunk(start, stop), flat[start:stop]), (start, stop)
     zero = ProductTensor((2, 3), 0, 1.0, dtype=torch.float16)
     assert torch.equal(zero.dense(), torch.zeros(2, 3, dtype=torch.float16)) and zero.chunk(2, 2).numel() == 0
+
+
+def test_zero_and_empty_chunks_keep_the_tensor_s_dtype():
+    for cls in (LowRankTensor, ProductTensor):
+        zero = cls((2, 3), 0, 1.0, dtype=torch.float16)
+        assert zero.chunk(1, 4).dtype == torch.float16 and zero.chunk(2, 2).dtype == torch.float16, cls
+
+
+def test_a_format_1_product_with_a_block_ending_one_entry_into_a_row(monkeypatch):
+    """3 columns and blocks of 7: the first block ends one entry into row 2, whose product it still needs."""
+    monkeypatch.setattr(lowrank_module, "CHUNK_ELEMENTS", 7)
+    left, right = factors(5, 2, 3)
+    t = ProductTensor((5, 3), 2, 1.0, lambda: left, lambda: right, torch.float32)
+    torch.testing.assert_close(t.dense(), (left.double() @ right.double()).float(), rtol=0, atol=1e-6)
+    assert torch.equal(t.chunk(5, 9), t.dense().reshape(-1)[5:9])
+
+
+@pytest.mark.parametrize("singular, energy, rank", [([1.0, 1e-4], 0.999999995, 2), ([1.0, 1.0], 0.5 + 1e-9, 2), ([1.0, 1.0], 0.5, 1)])
+def test_rank_for_energy_sums_and_compares_in_float64(singular, energy, rank):
+    """Shares that float32 rounds onto the threshold: 1 / (1 + 1e-8) and an energy just above 1/2."""
+    assert rank_for_energy(torch.tensor(singular, dtype=torch.float32), energy) == rank
+
+
+def test_a_dense_delta_reads_in_its_spec_s_dtype_and_a_non_finite_first_entry_is_refused():
+    value, minus = torch.tensor([1.0, 2.0], dtype=torch.bfloat16), torch.tensor([0.5, 0.25], dtype=torch.float64)
+    d = DenseDelta(TensorSpec(torch.float32, (2,)), lambda: value, lambda: minus)
+    assert d.chunk(0, 2).dtype == torch.float32 and d.chunk(0, 2).tolist() == [0.5, 1.75]
+    assert DenseDelta(TensorSpec(torch.float32, (2,)), lambda: value).chunk(0, 2).dtype == torch.float32
+    first_bad = DenseDelta(TensorSpec(torch.float32, (2,)), lambda: torch.tensor([float("nan"), 1.0]))
+    with pytest.raises(TaskVecError, match=r"^delta factor of tensor 'b' of src holds NaN or Inf values"):
+        LowRankCheckpoint({}, {"b": first_bad}, {}, "src").check_finite()

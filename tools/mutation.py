@@ -197,7 +197,7 @@ STATUSES = ("killed", "survived", "no tests", "timeout", "suspicious", "segfault
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("targets", nargs="*", choices=[[], *TARGETS], help="default: every target")
+    parser.add_argument("targets", nargs="*", metavar="TARGET", help=f"{', '.join(TARGETS)} (default: every target)")
     parser.add_argument("--mutants", nargs="*", default=[], help="mutmut's mutant names or globs (a subset)")
     parser.add_argument("--subset", action="store_true", help="each target's documented subset (SUBSETS; docs/mutation.md)")
     parser.add_argument("--before", action="store_true", help="without tests/test_mutants_*.py, in mutation-out/<target>-before")
@@ -208,6 +208,9 @@ def main() -> int:
     parser.add_argument("--nice", type=int, default=15)
     parser.add_argument("--children", type=int, default=1, help="mutants tested at once")
     args = parser.parse_args()
+    unknown = [t for t in args.targets if t not in TARGETS]
+    if unknown:
+        parser.error(f"unknown target {unknown[0]!r}: not one of {', '.join(TARGETS)}")
     OUT.mkdir(exist_ok=True)
     for name in args.targets or list(TARGETS):
         mutants = args.mutants or (list(SUBSETS.get(name, ())) if args.subset else [])
