@@ -308,8 +308,7 @@ def _execute(plan: _Plan, sink, allow_nonfinite: bool, progress):
                     pool.drain()
                 if spec.numel > CHUNK_ELEMENTS:
                     release_free_memory()
-                if progress is not None:
-                    progress(name)
+                pool.then(name, progress)
         return sink.commit()
     except BaseException:
         sink.abort()

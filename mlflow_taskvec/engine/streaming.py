@@ -212,7 +212,7 @@ class OrderedPool:
         self.sink = sink
         self.workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="taskvec-compute")
-        self._pending: deque[tuple[str, Future]] = deque()
+        self._pending: deque[tuple[str, "Future | Callable[[str], object]"]] = deque()
         self._max_pending = max_pending if max_pending is not None else max(6, 2 * workers)
 
     def map(self, jobs: "list[Callable[[], object]]") -> list:
@@ -234,9 +234,18 @@ class OrderedPool:
         while len(self._pending) > self._max_pending:
             self._write_oldest()
 
+    def then(self, name: str, callback: Callable[[str], object] | None) -> None:
+        """Call ``callback(name)`` once every chunk submitted so far has reached the sink (a
+        progress bar steps when a tensor is written, not when its jobs are handed out)."""
+        if callback is not None:
+            self._pending.append((name, callback))
+
     def _write_oldest(self) -> None:
         name, fut = self._pending.popleft()
-        self.sink.write(name, fut.result())
+        if isinstance(fut, Future):
+            self.sink.write(name, fut.result())
+        else:
+            fut(name)
 
     def drain(self) -> None:
         while self._pending:
@@ -251,5 +260,6 @@ class OrderedPool:
                 self.drain()
         finally:
             for _, fut in self._pending:
-                fut.cancel()
+                if isinstance(fut, Future):
+                    fut.cancel()
             self._pool.shutdown(wait=True)

@@ -446,8 +446,7 @@ class TaskVector:
                     pool.submit(name, functools.partial(run, job))
                 if specs[name].numel > CHUNK_ELEMENTS:
                     release_free_memory()
-                if progress is not None:
-                    progress(name)
+                pool.then(name, progress)
             pool.drain()
             fingerprint = writer.commit()
         if not nonzero:
