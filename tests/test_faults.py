@@ -471,6 +471,55 @@ def test_a_signal_in_each_stage_of_a_registration_has_its_one_outcome(tmp_path, 
     assert stdout == "" and leftovers(output.parent) == []  # MLflow's links to the run, too, only on a terminal
 
 
+
+# -- extract --register and compress --register: their vector is made first, then registered into the
+# fine-tune's run with the same stages from the version's creation on as compose --register's.
+VECTOR_REGISTRATIONS = {
+    "extract": (["extract", "--base", "{base}", "--finetuned", "{finetuned}", "--register", "{name}", "--alias", "champion"], "task vector"),
+    "compress": (["compress", "{vector}", "--format", "sparse", "--density", "0.5", "--register", "{name}", "--alias", "champion"], "compressed vector"),
+}
+VECTOR_REGISTRATION_STAGES = {"logging": "nothing", "registering": "finished first", "tagging": "finished first", "done": "complete"}
+
+
+@pytest.mark.parametrize("backend, signum", [("sqlite", s) for s in SIGNALS] + [("postgresql", signal.SIGTERM)],
+                         ids=[f"sqlite-{s.name}" for s in SIGNALS] + ["postgresql-SIGTERM"], indirect=["backend"])
+@pytest.mark.parametrize("stage", list(VECTOR_REGISTRATION_STAGES))
+@pytest.mark.parametrize("command", list(VECTOR_REGISTRATIONS))
+def test_a_signal_in_each_stage_of_a_vector_registration_has_its_one_outcome(tmp_path, forks, backend, command, stage, signum):
+    from mlflow_helpers import BASE_NAME, vector_name
+
+    name = f"staged-{command}-{stage}-{signum.name}".lower()
+    vector_ref = f"models:/{vector_name('rotate')}/1"
+    with backend.admin():
+        finetuned = backend.client.get_model_version(vector_name("rotate"), "1").tags["taskvec.finetuned_uri"]
+        runs_before = {r.info.run_id: r.info.status for r in backend.client.search_runs([backend.experiment_id])}
+    fills = {"{base}": f"models:/{BASE_NAME}/1", "{finetuned}": finetuned, "{vector}": vector_ref, "{name}": name}
+    args, noun = VECTOR_REGISTRATIONS[command]
+    args = [fills.get(a, a) for a in args]
+
+    run, pid, release = _paused_at(forks, tmp_path, args, stage, backend.env)
+    os.kill(pid, signum)
+    release.touch()
+    status, stdout, stderr = run.wait()
+
+    assert status == 128 + signum, stderr
+    line = one_error_line(stderr)
+    with backend.admin():
+        runs_after = {r.info.run_id: r.info.status for r in backend.client.search_runs([backend.experiment_id])}
+        versions = backend.client.search_model_versions(f"name = '{name}'")
+        assert runs_after == runs_before  # registered into the fine-tune's run, which keeps its status (FINISHED); no run of its own
+        if VECTOR_REGISTRATION_STAGES[stage] == "nothing":
+            assert line == f"Error: interrupted by {signum.name}; {NOTHING}"
+            assert versions == []
+        else:
+            (version,) = versions
+            first = "it finished the registration first: " if VECTOR_REGISTRATION_STAGES[stage] == "finished first" else ""
+            assert line == f"Error: interrupted by {signum.name}; {first}models:/{name}/1 is complete and its run {version.run_id} ended FINISHED"
+            assert (str(version.version), version.status, runs_after[version.run_id]) == ("1", "READY", "FINISHED")
+            assert str(backend.client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert stdout == "" and sorted(p.name for p in tmp_path.iterdir()) == ["command", "release", "release.reached"]
+
+
 # -- a full disk ------------------------------------------------------------------------------------
 
 

@@ -116,6 +116,37 @@ def _create_version(name: str, model_info, run_id: str, tags: dict, description:
         raise server_error(exc, f"registering {name!r} failed", name) from None
 
 
+def _complete_version(
+    finishing: contextlib.ExitStack, name: str, info, run_id: str, tags: dict, description: str, alias: str | None,
+    output=None, noun: str = "composite", move=None, picture: bool = False,
+) -> tuple[ModelVersion, list[str]]:
+    """Create the version of ``name`` and complete it (``move``: the final move of the output;
+    the lineage picture; the alias), inside the run ``run_id``. From the version's creation on a
+    signal waits for the registration to complete (``finish_first``, held by ``finishing`` until
+    the run has ended FINISHED); a failure deletes the version again: never a READY version
+    beside a FAILED run. Returns the version and what was created, for ``_what_stands``."""
+    stage("logging", owner=REGISTRATION)
+    created: list[str] = []
+    finishing.enter_context(finish_first(lambda: _what_stands(created, run_id, output, noun=noun)))
+    mv = _create_version(name, info, run_id, tags, description)
+    created.append(f"models:/{name}/{mv.version}")
+    try:
+        stage("registering", owner=REGISTRATION)
+        if move is not None:
+            stage("final-move", owner=REGISTRATION)
+            move()
+        if picture:
+            log_lineage_picture(f"models:/{name}/{mv.version}")
+        stage("tagging", owner=REGISTRATION)
+        if alias:  # inside the deferral: a signal waits for the alias too
+            MlflowClient().set_registered_model_alias(name, alias, mv.version)
+    except BaseException:  # the run ends FAILED: its version goes too
+        with contextlib.suppress(Exception):
+            MlflowClient().delete_model_version(name, mv.version)
+        raise
+    return mv, created
+
+
 def _asks_the_server_first(register):
     """Check the user's permission on the registered model before anything is written, and
     turn what the tracking server refuses or fails into one sentence (tracking/server.py).
@@ -203,8 +234,11 @@ def register_task_vector(
     alias: str | None = None,
     allow_mixed: bool = False,
     fine_tuning: str = "standard",
+    output: "str | os.PathLike | None" = None,
 ) -> Registered:
     """Log ``vector`` as a ``task_vector`` model of the fine-tune's run and register a version.
+
+    ``output``: where the vector was also written (named in what a signal's message says stands).
 
     A registered model ``name`` whose versions mlflow-taskvec did not make is refused unless ``allow_mixed``.
     ``fine_tuning="linear"``: the fine-tune was trained linearized at the base (``engine.linearize``);
@@ -217,7 +251,8 @@ def register_task_vector(
         raise TaskVecError(f"fine_tuning {fine_tuning!r} is not one of {', '.join(FINE_TUNINGS)}")
     run_id = run_id or finetuned.run_id
     local_paths = _local_paths([base.uri, finetuned.uri])
-    with owned_run(run_id) as run:
+    finishing = contextlib.ExitStack()  # from the version's creation on, a signal waits for the registration to complete
+    with stages_owned_by(REGISTRATION), finishing, owned_run(run_id) as run:
         lineage = {conf_keys.BASE_URI: base.canonical, conf_keys.FINETUNED_URI: finetuned.canonical, conf_keys.FINETUNED_FINGERPRINT: finetuned.fingerprint}
         info = flavor.log_model(vector, name="task_vector", lineage=lineage)
         conf = info.flavors[flavor.FLAVOR_NAME]
@@ -235,11 +270,11 @@ def register_task_vector(
         }
         MlflowClient().set_logged_model_tags(info.model_id, {k: str(v) for k, v in tags.items()})
         description = _vector_description(vector, base, finetuned, conf)
-        mv = _create_version(name, info, run.info.run_id, tags, description)
-    if alias:
-        MlflowClient().set_registered_model_alias(name, alias, mv.version)
+        mv, created = _complete_version(finishing, name, info, run.info.run_id, tags, description, alias, output=output, noun="task vector")
     registered = Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
     _warn_not_reproducible(registered, local_paths)
+    completed(_what_stands(created, run.info.run_id, output, finished_first=False, noun="task vector"))  # what a signal from now on leaves
+    stage("done")
     return registered
 
 
@@ -275,10 +310,13 @@ def register_compressed_vector(
     source = resolve(source_ref)
     vector = TaskVector.load(open_reference(source.path, base=open_reference(resolve(base).path) if base else None))
     recorded = {**(source.conf or {}), **source.tags}  # a registered version's tags, else its flavor block
-    with tempfile.TemporaryDirectory(prefix="taskvec-compress-") as tmp:
+    # The registration marks its own stages: the compressed file's write (to output, or into tmp) none.
+    with stages_owned_by(REGISTRATION), tempfile.TemporaryDirectory(prefix="taskvec-compress-") as tmp:
+        stage("writing", owner=REGISTRATION)
         target = Path(output) if output is not None else Path(tmp) / "vector.safetensors"
         result = compress(vector, target, layout, density, rank, energy, source_fingerprint=source.fingerprint, overwrite=overwrite, device=device)
-        with owned_run(source.run_id) as run:
+        finishing = contextlib.ExitStack()  # from the version's creation on, a signal waits for the registration to complete
+        with finishing, owned_run(source.run_id) as run:
             lineage = {conf_keys.COMPRESSED_FROM: source.canonical, conf_keys.BASE_URI: recorded.get(tag.BASE_URI) or recorded.get(conf_keys.BASE_URI, "")}
             info = flavor.log_model(str(target), name="task_vector", lineage=lineage)
             conf = info.flavors[flavor.FLAVOR_NAME]
@@ -311,9 +349,9 @@ def register_compressed_vector(
                 "",
                 f"{result.stored_bytes} bytes stored for {result.dense_bytes} dense; {conf[conf_keys.NUM_PARAMETERS]} parameters in {conf[conf_keys.NUM_TENSORS]} tensors.",
             ])
-            mv = _create_version(name, info, run.info.run_id, tags, description)
-    if alias:
-        MlflowClient().set_registered_model_alias(name, alias, mv.version)
+            mv, created = _complete_version(finishing, name, info, run.info.run_id, tags, description, alias, output=output, noun="compressed vector")
+    completed(_what_stands(created, run.info.run_id, output, finished_first=False, noun="compressed vector"))  # what a signal from now on leaves
+    stage("done")
     return Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags, compression=result)
 
 
@@ -473,24 +511,8 @@ def register_composite(
         }
         MlflowClient().set_logged_model_tags(info.model_id, tags)
         description = composite_description(resolved, base, inputs.vectors, fingerprint, metrics, note, linear=linear)
-        stage("logging", owner=REGISTRATION)
-        created = []
-        finishing.enter_context(finish_first(lambda: _what_stands(created, run.info.run_id, output)))
-        mv = _create_version(name, info, run.info.run_id, tags, description)
-        created.append(f"models:/{name}/{mv.version}")
-        try:
-            stage("registering", owner=REGISTRATION)
-            if claim is not None:
-                stage("final-move", owner=REGISTRATION)
-                claim.move_into_place(weights)
-            log_lineage_picture(f"models:/{name}/{mv.version}")
-            stage("tagging", owner=REGISTRATION)
-            if alias:  # inside the deferral: a signal waits for the alias too
-                MlflowClient().set_registered_model_alias(name, alias, mv.version)
-        except BaseException:  # the run ends FAILED: its version goes too, never READY beside a FAILED run
-            with contextlib.suppress(Exception):
-                MlflowClient().delete_model_version(name, mv.version)
-            raise
+        move = (lambda: claim.move_into_place(weights)) if claim is not None else None
+        mv, created = _complete_version(finishing, name, info, run.info.run_id, tags, description, alias, output=output, move=move, picture=True)
     registered = Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
     _warn_not_reproducible(registered, local_paths)
     completed(_what_stands(created, run.info.run_id, output, finished_first=False))  # what a signal from now on leaves
@@ -549,12 +571,12 @@ def _adapter_note(result) -> str:
     )
 
 
-def _what_stands(created: list[str], run_id: str, output, finished_first: bool = True) -> str:
+def _what_stands(created: list[str], run_id: str, output, finished_first: bool = True, noun: str = "composite") -> str:
     """What a registration that a signal waited for completed (``signals.finish_first``), or,
     with ``finished_first=False``, what a complete one leaves (for a signal in its ``done`` stage)."""
     if not created:
         return f"the registration had not begun; run {run_id} ended FINISHED"
-    where = f"; the composite stands at {output}" if output is not None else ""
+    where = f"; the {noun} stands at {output}" if output is not None else ""
     first = "it finished the registration first: " if finished_first else ""
     return f"{first}{created[0]} is complete and its run {run_id} ended FINISHED{where}"
 

@@ -89,8 +89,9 @@ def end_runs_of_gone_processes(experiment_id: str, keep: str) -> list[str]:
 def owned_run(run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Resume ``run_id``, keep the active run, or start a new one (ended FAILED if the block fails).
 
-    A resumed run that had ended gets its status back (a KILLED fine-tune run stays KILLED
-    when its vector is registered into it).
+    A resumed run that had ended gets its status back, whether the block succeeded or failed (a
+    KILLED fine-tune run stays KILLED when its vector is registered into it; a FINISHED one stays
+    FINISHED when that registration fails or is interrupted).
 
     A run it starts or resumes is tagged with this process; runs of gone processes in the
     same experiment are ended first (see the module's docstring).
@@ -100,15 +101,17 @@ def owned_run(run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
         yield active
         return
     before = MlflowClient().get_run(run_id).info.status if run_id is not None else None
-    with mlflow.start_run(run_id=run_id) as run:
-        mlflow.set_tags({tag.RUN_PROCESS: process_identity(), **({tag.RUN_STATUS_BEFORE: before} if before else {})})
-        end_runs_of_gone_processes(run.info.experiment_id, keep=run.info.run_id)
-        yield run
-    if before:  # the run is as it was, but for what was logged into it: its status too (MLflow ended it FINISHED)
-        with contextlib.suppress(MlflowException):
-            MlflowClient().delete_tag(run.info.run_id, tag.RUN_STATUS_BEFORE)
-            if before in ("FAILED", "KILLED"):  # (one RUNNING elsewhere ends FINISHED, so no later command takes it for an orphan)
-                MlflowClient().update_run(run.info.run_id, status=before)
+    try:
+        with mlflow.start_run(run_id=run_id) as run:
+            mlflow.set_tags({tag.RUN_PROCESS: process_identity(), **({tag.RUN_STATUS_BEFORE: before} if before else {})})
+            end_runs_of_gone_processes(run.info.experiment_id, keep=run.info.run_id)
+            yield run
+    finally:
+        if before:  # the run is as it was, but for what was logged into it: its status too, whether the block failed or not
+            with contextlib.suppress(MlflowException):
+                MlflowClient().delete_tag(run_id, tag.RUN_STATUS_BEFORE)
+                if before in ("FINISHED", "FAILED", "KILLED"):  # (one RUNNING elsewhere ends FINISHED, so no later command takes it for an orphan)
+                    MlflowClient().update_run(run_id, status=before)
 
 
 def log_to_enclosing_run(path: "str | os.PathLike") -> bool:

@@ -83,7 +83,7 @@ def extract_vector(
         extraction = compose.extract(base_ref.path, ft_ref.path, include=include, exclude=exclude, task=task)
         extracted = extraction.save(output, **save) if output is not None else None
         vector = TaskVector.load(output) if output is not None else extraction.vector
-        registered = register_task_vector(vector, register_as, base_ref, ft_ref, run_id=run_id, alias=alias, allow_mixed=allow_mixed)
+        registered = register_task_vector(vector, register_as, base_ref, ft_ref, run_id=run_id, alias=alias, allow_mixed=allow_mixed, output=output)
     return ExtractedAndRegistered(extracted, registered)
 
 
