@@ -159,12 +159,9 @@ def compress_vector(
     ``register_as``, or both (at least one). Without ``register_as`` the work is local
     (``compose.compress_vector``, no MLflow); with it ``ref`` may be an MLflow URI and the
     version records where it was compressed from (``registry.register_compressed_vector``).
-    The settings are checked before anything is read or downloaded."""
-    from mlflow_taskvec.engine.compressed import check_settings
-
+    Either way the settings are checked before anything is read or downloaded."""
     if output is None and register_as is None:
         raise ParameterError("output", "give an output, a registered model to register as, or both")
-    check_settings(layout, density, rank, energy)  # before anything is read or downloaded
     settings = dict(density=density, rank=rank, energy=energy)
     if register_as is None:
         return compose.compress_vector(ref, output, layout, base=base, overwrite=overwrite, device=device, quiet=quiet, **settings)
@@ -176,7 +173,7 @@ def compress_vector(
     return CompressedAndRegistered(compose.Compressed(Path(output) if output is not None else None, registered.compression), registered)
 
 
-def similarity(
+def compare_vectors(
     refs, base: "str | os.PathLike | None" = None, heatmap: "str | os.PathLike | None" = None, overwrite: bool = False,
 ) -> Similarity:
     """The cosine-similarity matrix of the task vectors ``refs`` (``similarity.similarity_of``: the
