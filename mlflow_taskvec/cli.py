@@ -359,11 +359,11 @@ def inspect(ref, top, layers, fmt, base):
 @_fail_cleanly
 def similarity(refs, heatmap, fmt, base, overwrite):
     """Cosine similarity matrix of task vectors REFS (as in the paper, near 0 for unrelated tasks)."""
-    from mlflow_taskvec.mlflow.workflows import similarity as similarity_of
+    from mlflow_taskvec.mlflow.workflows import compare_vectors
 
     if len(refs) < 2:
         raise click.UsageError("give at least two task vectors")
-    result = similarity_of(refs, base, heatmap, overwrite)
+    result = compare_vectors(refs, base, heatmap, overwrite)
     click.echo(result.render(fmt))
     for line in result.lines():
         click.echo(line, err=True)

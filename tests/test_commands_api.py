@@ -205,7 +205,7 @@ def test_similarity_of_two_vectors_is_their_cosine_and_the_heatmap_is_a_png(tmp_
     a, b = saved_vector(tmp_path, "a", [1.0, 0.0]), saved_vector(tmp_path, "b", [1.0, 1.0])
     heatmap = tmp_path / "heatmap.png"
 
-    result = workflows.similarity([a, b], heatmap=heatmap)
+    result = workflows.compare_vectors([a, b], heatmap=heatmap)
 
     assert isinstance(result, Similarity)
     assert result.frame.loc["a", "b"] == pytest.approx(1 / math.sqrt(2), abs=1e-12)
