@@ -21,9 +21,8 @@ import click
 from mlflow_taskvec import __version__
 from mlflow_taskvec.errors import ParameterError, TaskVecError, TaskVecWarning
 from mlflow_taskvec.mlflow.patience import bounded_waiting
-from mlflow_taskvec.progress import progress_bar
 from mlflow_taskvec.signals import Terminated, begin_command, terminate_like_interrupt, what_stands
-from mlflow_taskvec.tables import render_table, smaller_by
+from mlflow_taskvec.tables import render_table
 
 # Each command imports what it uses when it runs: `--version` and `--help` need no
 # torch, and local work never imports MLflow (tests/test_startup.py checks both).
@@ -237,47 +236,15 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, a
 @_fail_cleanly
 def compress(ref, layout, density, rank, energy, output, base, register_as, alias, allow_mixed, overwrite, quiet, device):
     """Store the task vector REF in a smaller layout (composed like any task vector)."""
-    from mlflow_taskvec.engine.compressed import check_settings
+    from mlflow_taskvec.mlflow.workflows import compress_vector
 
     if output is None and register_as is None:
         raise click.UsageError("give --output, --register, or both")
-    check_settings(layout, density, rank, energy)  # before anything is read or downloaded
-    settings = dict(density=density, rank=rank, energy=energy)
-    if register_as is not None:
-        from mlflow_taskvec.mlflow.registry import register_compressed_vector
-
-        reg = register_compressed_vector(
-            ref, register_as, layout, output=output, overwrite=overwrite, alias=alias, device=device, allow_mixed=allow_mixed, base=base,
-            **settings,
-        )
-        if output is not None:
-            _echo(quiet, f"compressed vector: {output}")
-        _report_compression(quiet, reg.compression)
-        _echo(quiet, reg.summary())
-        return
-    from mlflow_taskvec.engine.compressed import compress as compress_vector
-    from mlflow_taskvec.engine.taskvector import TaskVector
-    from mlflow_taskvec.references import open_reference
-
-    source = open_reference(ref, base=open_reference(base) if base else None)
-    vector = TaskVector.load(source)
-    step, close = progress_bar(len(vector.names), f"compress ({layout})", "tensor", quiet)
-    try:
-        result = compress_vector(vector, output, layout, source_fingerprint=source.fingerprint(), overwrite=overwrite, progress=step,
-                                 device=device, **settings)
-    finally:
-        close()
-    _echo(quiet, f"compressed vector: {output}")
-    _report_compression(quiet, result)
-
-
-def _report_compression(quiet: bool, result) -> None:
-    setting = ", ".join(f"{k} {v:g}" for k, v in result.settings.items())
-    _echo(quiet, f"format: {result.layout}" + (f" ({setting})" if setting else "")
-          + "  tensors: " + ", ".join(f"{n} {e}" for e, n in sorted(result.encodings.items())))
-    _echo(quiet, f"size: {result.stored_bytes} bytes stored, {result.dense_bytes} dense ({smaller_by(result.stored_bytes, result.dense_bytes)})")
-    _echo(quiet, f"source fingerprint: {result.source_fingerprint}")
-    _echo(quiet, f"fingerprint: {result.fingerprint}")
+    result = compress_vector(
+        ref, layout, output, register_as, density=density, rank=rank, energy=energy, base=base, alias=alias, allow_mixed=allow_mixed,
+        overwrite=overwrite, device=device, quiet=quiet,
+    )
+    _print_lines(quiet, result.lines())
 
 
 def _unset_if_empty(_ctx, _param, value):
@@ -376,42 +343,11 @@ _adapter_base = click.option("--base", default=None, help="The base of a PEFT Lo
 @_fail_cleanly
 def inspect(ref, top, layers, fmt, base):
     """Describe a checkpoint or task vector: tensors, parameters, dtypes, fingerprint, norms."""
-    from mlflow_taskvec.engine import metadata as meta_keys
     from mlflow_taskvec.engine.describe import describe
     from mlflow_taskvec.references import open_reference
 
     d = describe(open_reference(ref, base=open_reference(base) if base else None))
-    if fmt == "json":
-        click.echo(json.dumps(d.as_dict(top, layers), indent=2))
-        return
-    click.echo(f"source: {d.source}")
-    click.echo(f"kind: {d.kind}")
-    for key in (meta_keys.TASK, meta_keys.BASE_FINGERPRINT, meta_keys.METHOD, meta_keys.RECIPE_SHA256):
-        if key in d.metadata:
-            click.echo(f"{key.removeprefix('taskvec.')}: {d.metadata[key]}")
-    click.echo(f"tensors: {d.num_tensors}")
-    click.echo(f"parameters: {d.num_parameters}")
-    click.echo("dtypes: " + ", ".join(f"{k} ({v})" for k, v in sorted(d.dtypes.items())))
-    click.echo(f"fingerprint: {d.fingerprint}")
-    click.echo(f"l2 norm: {d.l2_norm:.6g}")
-    if d.layout != "dense":
-        click.echo(f"layout: {d.layout}")
-        click.echo(f"size: {d.stored_bytes} bytes stored, {d.dense_bytes} dense ({smaller_by(d.stored_bytes, d.dense_bytes)})")
-        if d.low_rank is not None:
-            ranks = ", ".join(map(str, sorted(set(d.low_rank["ranks"].values())))) or "-"
-            click.echo(f"low-rank tensors: {len(d.low_rank['ranks'])} (rank {ranks}); dense: {d.low_rank['dense_tensors']}; zero: {d.low_rank['zero_tensors']}")
-    if top > 0 and d.tensor_norms:
-        click.echo(f"largest {min(top, len(d.tensor_norms))} tensors by l2 norm:")
-        width = max(len(n) for n, _ in d.largest(top))
-        for name, norm in d.largest(top):
-            click.echo(f"  {name:<{width}}  {norm:.6g}")
-    groups = d.layer_norms()
-    if layers:
-        click.echo("l2 norm by layer:")
-    if layers and groups:
-        width = max(len(n) for n in groups)
-        for name, norm in groups.items():
-            click.echo(f"  {name:<{width}}  {norm:.6g}")
+    click.echo(json.dumps(d.as_dict(top, layers), indent=2) if fmt == "json" else "\n".join(d.lines(top, layers)))
 
 
 @main.command()
@@ -423,21 +359,14 @@ def inspect(ref, top, layers, fmt, base):
 @_fail_cleanly
 def similarity(refs, heatmap, fmt, base, overwrite):
     """Cosine similarity matrix of task vectors REFS (as in the paper, near 0 for unrelated tasks)."""
-    from mlflow_taskvec.similarity import check_heatmap_path, similarity_frame, write_heatmap
+    from mlflow_taskvec.mlflow.workflows import compare_vectors
 
     if len(refs) < 2:
         raise click.UsageError("give at least two task vectors")
-    if heatmap is not None:  # before anything is read or printed
-        check_heatmap_path(heatmap, refs, base, overwrite)
-    frame = similarity_frame(refs, base)
-    click.echo(render_table(frame, fmt))
-    if heatmap is not None:
-        write_heatmap(frame, heatmap, refs, base, overwrite)
-        if os.environ.get("MLFLOW_RUN_ID"):  # inside an `mlflow run` step: MLflow is wanted (and imported) only then
-            from mlflow_taskvec.mlflow.runs import log_to_enclosing_run
-
-            log_to_enclosing_run(heatmap)
-        click.echo(f"heatmap: {heatmap}", err=True)
+    result = compare_vectors(refs, base, heatmap, overwrite)
+    click.echo(result.render(fmt))
+    for line in result.lines():
+        click.echo(line, err=True)
 
 
 @main.command()
@@ -475,8 +404,7 @@ def approve(ref, alias, note):
     """Approve REF (models:/name/version or models:/name@alias): point ALIAS at it and record who and when."""
     from mlflow_taskvec.mlflow.approval import approve as approve_version
 
-    a = approve_version(ref, alias, note)
-    click.echo(f"approved: {a.version_uri} as {a.alias!r} by {a.by} at {a.at}" + (f" ({a.note})" if a.note else ""))
+    _print_lines(False, approve_version(ref, alias, note).lines())
 
 
 @main.command()
@@ -488,26 +416,15 @@ def approve(ref, alias, note):
 @_fail_cleanly
 def lineage(ref, fmt, output, overwrite):
     """What REF (a registered version) is made of: composite -> inputs -> task vectors -> fine-tunes and base."""
-    from mlflow_taskvec.engine.output import check_output_path, write_text
-    from mlflow_taskvec.mlflow import lineage as lineage_module
+    from mlflow_taskvec.mlflow.workflows import show_lineage
 
     if fmt == "png" and output is None:
         raise click.UsageError("--format png writes a picture: give --output FILE.png")
-    what = "lineage picture" if fmt == "png" else "lineage file"
-    if output is not None:
-        check_output_path(output, overwrite, what=what)  # before anything is fetched
-    root = lineage_module.lineage(ref)
-    if fmt == "png":
-        from mlflow_taskvec.mlflow.lineage_plot import draw_lineage
-
-        width, height = draw_lineage(root, output, overwrite=overwrite)
-        click.echo(f"lineage picture: {output} ({width}x{height} pixels)", err=True)
-        return
-    render = {"text": lineage_module.render_text, "json": lineage_module.render_json, "dot": lineage_module.render_dot}[fmt]
-    if output is None:
-        click.echo(render(root))
-    else:
-        write_text(output, render(root) + "\n", what, overwrite=overwrite)
+    shown = show_lineage(ref, fmt, output, overwrite)
+    if shown.text is not None:
+        click.echo(shown.text)
+    for line in shown.lines():
+        click.echo(line, err=True)
 
 
 @main.command()
@@ -528,9 +445,7 @@ def verify(ref, recursive, quiet):
     from mlflow_taskvec.mlflow.verify import verify_recursively
 
     for result in verify_recursively(ref) if recursive else [verify_version(ref)]:
-        click.echo(f"verified: {result.uri} ({result.kind}, fingerprint {result.fingerprint[:16]})")
-        for check in result.checks:
-            _echo(quiet, f"  ok  {check}")
+        _print_lines(False, result.lines(checks=not quiet))
 
 
 @main.command("export-lora")
@@ -552,46 +467,14 @@ def export_lora_command(ref, output, base, rank, energy, modules_to_save, dtype,
     the total over the whole vector, and what a LoRA adapter cannot hold (1-D tensors
     such as biases and norms, unless their modules go to --modules-to-save).
     """
-    from mlflow_taskvec.engine import metadata as meta_keys
-    from mlflow_taskvec.engine.lora import export_lora
-    from mlflow_taskvec.engine.streaming import STORAGE_DTYPES, parse_dtype
-    from mlflow_taskvec.engine.taskvector import TaskVector
-    from mlflow_taskvec.references import open_reference
+    from mlflow_taskvec.compose import export_adapter, factor_dtype
 
-    factor_dtype = parse_dtype(dtype, "--dtype", {k: v for k, v in STORAGE_DTYPES.items() if k != "float64"})
+    factor = factor_dtype(dtype)  # before the usage check, as ever
     if (rank is None) == (energy is None):
         raise click.UsageError("give exactly one of --rank or --energy")
-    base_ckpt = open_reference(base) if base else None
-    source = open_reference(ref, base=base_ckpt)
-    kind = source.metadata().get(meta_keys.KIND, "checkpoint")
-    if kind == meta_keys.TASK_VECTOR:
-        vector = TaskVector.load(source)
-    elif base_ckpt is not None:
-        vector = TaskVector.extract(base_ckpt, source)
-    else:
-        raise TaskVecError(f"{ref}: is a {kind}, not a task vector: give its --base to export REF - BASE")
-    if base_name is None and base_ckpt is not None and base_ckpt.directory is not None:
-        base_name = str(base_ckpt.directory.resolve())
-    step, close = progress_bar(len(vector.names), "export-lora", "tensor", quiet)
-    try:
-        result = export_lora(
-            vector, output, rank=rank, energy=energy, modules_to_save=modules_to_save, base=base_ckpt,
-            base_model_name_or_path=base_name, dtype=factor_dtype, overwrite=overwrite, progress=step,
-        )
-    finally:
-        close()
-    _echo(quiet, f"adapter: {result.output}")
-    _echo(quiet, f"r: {result.r}  lora_alpha: {result.r}  modules: {len(result.tensors)}" + (f"  rank_pattern: {len(result.rank_pattern)} modules" if result.rank_pattern else ""))
-    if result.tensors:
-        width = max(len(t.name) for t in result.tensors)
-        for t in result.tensors:
-            _echo(quiet, f"  {t.name:<{width}}  rank {t.rank:>4}  relative error {t.relative_error:.4g}" + ("  (embedding)" if t.embedding else ""))
-    if result.saved_whole:
-        _echo(quiet, f"saved whole (modules_to_save): {len(result.saved_whole)} tensors")
-    if result.left_out:
-        share = sum(result.left_out.values())
-        _echo(quiet, f"not in the adapter ({share:.4%} of ||tau||^2; use --modules-to-save for them): " + ", ".join(sorted(result.left_out)))
-    _echo(quiet, f"total relative Frobenius error: {result.relative_error:.6g}")
+    result = export_adapter(ref, output, base=base, rank=rank, energy=energy, modules_to_save=modules_to_save, dtype=factor, base_name=base_name,
+                            overwrite=overwrite, quiet=quiet)
+    _print_lines(quiet, result.lines())
 
 
 @main.command("disentanglement")

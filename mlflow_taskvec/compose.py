@@ -19,15 +19,19 @@ import torch
 from mlflow_taskvec.engine import metadata as meta_keys
 from mlflow_taskvec.engine.adapter_merge import AdapterMergeResult, check_adapter_bases, merge_to_adapter
 from mlflow_taskvec.engine.checkpoint import Checkpoint
+from mlflow_taskvec.engine.compressed import CompressionResult, check_settings
+from mlflow_taskvec.engine.compressed import compress as compress_to_layout
+from mlflow_taskvec.engine.lora import LoraExport, export_lora
 from mlflow_taskvec.engine.merging import MergeResult, merge, merge_to
 from mlflow_taskvec.engine.streaming import STORAGE_DTYPES, parse_dtype
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.engine.writer import write_text_atomically
-from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.errors import ParameterError, TaskVecError
 from mlflow_taskvec.modelcard import CARD_NAME, hub_name_of, model_card
 from mlflow_taskvec.progress import progress_bar
 from mlflow_taskvec.recipe import RECIPE_FORMAT, Recipe
 from mlflow_taskvec.references import absolute, is_local, load_vector, open_reference
+from mlflow_taskvec.tables import smaller_by
 
 
 @dataclass
@@ -354,6 +358,129 @@ def compose_recipe(
     finally:
         close()
     return Composed(recorded, result)
+
+
+@dataclass
+class Compressed:
+    """A task vector ``compress`` stored in a smaller layout: where (None when only registered)
+    and the engine's report of it."""
+
+    output: Path | None
+    result: CompressionResult
+
+    def lines(self) -> list[str]:
+        """The report ``mlflow-taskvec compress`` prints."""
+        r = self.result
+        setting = ", ".join(f"{k} {v:g}" for k, v in r.settings.items())
+        return [
+            *([f"compressed vector: {self.output}"] if self.output is not None else []),
+            f"format: {r.layout}" + (f" ({setting})" if setting else "") + "  tensors: " + ", ".join(f"{n} {e}" for e, n in sorted(r.encodings.items())),
+            f"size: {r.stored_bytes} bytes stored, {r.dense_bytes} dense ({smaller_by(r.stored_bytes, r.dense_bytes)})",
+            f"source fingerprint: {r.source_fingerprint}",
+            f"fingerprint: {r.fingerprint}",
+        ]
+
+
+def compress_vector(
+    ref: "str | os.PathLike",
+    output: "str | os.PathLike",
+    layout: str,
+    density: float | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    base: "str | os.PathLike | None" = None,
+    overwrite: bool = False,
+    device: str | None = None,
+    quiet: bool = True,
+) -> Compressed:
+    """The task vector ``ref`` (a PEFT LoRA adapter's with its ``base``) stored at ``output`` in
+    the ``layout`` (``engine.compressed``), with a progress bar on a terminal unless ``quiet``.
+    The settings are checked before anything is read."""
+    check_settings(layout, density, rank, energy)
+    source = open_reference(ref, base=open_reference(base) if base else None)
+    vector = TaskVector.load(source)
+    step, close = progress_bar(len(vector.names), f"compress ({layout})", "tensor", quiet)
+    try:
+        result = compress_to_layout(vector, output, layout, density, rank, energy, source_fingerprint=source.fingerprint(), overwrite=overwrite,
+                                    progress=step, device=device)
+    finally:
+        close()
+    return Compressed(Path(output), result)
+
+
+FACTOR_DTYPES = {k: v for k, v in STORAGE_DTYPES.items() if k != "float64"}  # what a LoRA adapter's factors are stored as
+
+
+def factor_dtype(value: "str | torch.dtype") -> torch.dtype:
+    """``value`` as one of ``FACTOR_DTYPES``; raises naming the parameter ``dtype``."""
+    try:
+        return parse_dtype(value, "dtype", FACTOR_DTYPES)
+    except TaskVecError:
+        raise ParameterError("dtype", f"{value!r} is not one of {', '.join(FACTOR_DTYPES)}") from None
+
+
+@dataclass
+class ExportedAdapter:
+    """A PEFT LoRA adapter ``export-lora`` wrote, as the engine reports it (``LoraExport``)."""
+
+    result: LoraExport
+
+    def lines(self) -> list[str]:
+        """The report ``mlflow-taskvec export-lora`` prints."""
+        r = self.result
+        lines = [
+            f"adapter: {r.output}",
+            f"r: {r.r}  lora_alpha: {r.r}  modules: {len(r.tensors)}" + (f"  rank_pattern: {len(r.rank_pattern)} modules" if r.rank_pattern else ""),
+        ]
+        width = max((len(t.name) for t in r.tensors), default=0)
+        for t in r.tensors:
+            lines.append(f"  {t.name:<{width}}  rank {t.rank:>4}  relative error {t.relative_error:.4g}" + ("  (embedding)" if t.embedding else ""))
+        if r.saved_whole:
+            lines.append(f"saved whole (modules_to_save): {len(r.saved_whole)} tensors")
+        if r.left_out:
+            share = sum(r.left_out.values())
+            lines.append(f"not in the adapter ({share:.4%} of ||tau||^2; use --modules-to-save for them): " + ", ".join(sorted(r.left_out)))
+        return [*lines, f"total relative Frobenius error: {r.relative_error:.6g}"]
+
+
+def export_adapter(
+    ref: "str | os.PathLike",
+    output: "str | os.PathLike",
+    base: "str | os.PathLike | None" = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    modules_to_save: Sequence[str] = (),
+    dtype: "str | torch.dtype" = "float32",
+    base_name: str | None = None,
+    overwrite: bool = False,
+    quiet: bool = True,
+) -> ExportedAdapter:
+    """The task vector ``ref``, or ``ref - base`` for a composite or fine-tune ``ref``, written as a
+    PEFT LoRA adapter folder at ``output`` (``engine.lora.export_lora``: ``rank`` or ``energy``,
+    ``modules_to_save``, the factors' ``dtype``), with a progress bar on a terminal unless
+    ``quiet``. ``base_name`` (the adapter's ``base_model_name_or_path``) defaults to the local
+    ``base`` folder's absolute path."""
+    factor = factor_dtype(dtype)
+    base_ckpt = open_reference(base) if base else None
+    source = open_reference(ref, base=base_ckpt)
+    kind = source.metadata().get(meta_keys.KIND, "checkpoint")
+    if kind == meta_keys.TASK_VECTOR:
+        vector = TaskVector.load(source)
+    elif base_ckpt is not None:
+        vector = TaskVector.extract(base_ckpt, source)
+    else:
+        raise TaskVecError(f"{ref}: is a {kind}, not a task vector: give its --base to export REF - BASE")
+    if base_name is None and base_ckpt is not None and base_ckpt.directory is not None:
+        base_name = str(base_ckpt.directory.resolve())
+    step, close = progress_bar(len(vector.names), "export-lora", "tensor", quiet)
+    try:
+        result = export_lora(
+            vector, output, rank=rank, energy=energy, modules_to_save=modules_to_save, base=base_ckpt,
+            base_model_name_or_path=base_name, dtype=factor, overwrite=overwrite, progress=step,
+        )
+    finally:
+        close()
+    return ExportedAdapter(result)
 
 
 def base_with_adapter(base: "Checkpoint | str | os.PathLike", adapter: "str | os.PathLike") -> dict[str, torch.Tensor]:

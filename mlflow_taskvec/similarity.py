@@ -5,11 +5,49 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow_taskvec.engine.describe import cosine_matrix
 from mlflow_taskvec.engine.output import check_output_path, write_file
+from mlflow_taskvec.errors import ParameterError
 from mlflow_taskvec.references import load_vector, local_paths, open_reference
+from mlflow_taskvec.tables import render_table
+
+
+@dataclass
+class Similarity:
+    """The cosine-similarity matrix of some task vectors (a pandas frame labelled by task) and
+    the heatmap written of it (or None)."""
+
+    frame: object  # pandas.DataFrame
+    heatmap: Path | None = None
+
+    def render(self, fmt: str = "table") -> str:
+        """The matrix as ``mlflow-taskvec similarity`` prints it: table, csv, markdown or json."""
+        return render_table(self.frame, fmt)
+
+    def lines(self) -> list[str]:
+        """What ``mlflow-taskvec similarity`` prints on stderr after the matrix: the heatmap it wrote."""
+        return [f"heatmap: {self.heatmap}"] if self.heatmap is not None else []
+
+
+def similarity_of(
+    refs: Sequence["str | os.PathLike"], base: "str | os.PathLike | None" = None, heatmap: "str | os.PathLike | None" = None,
+    overwrite: bool = False,
+) -> Similarity:
+    """The cosine similarities of the task vectors ``refs`` (at least two; ``base``: for PEFT
+    adapters) and, with ``heatmap``, a PNG of them there; the heatmap path is checked before
+    anything is read."""
+    if len(refs) < 2:
+        raise ParameterError("refs", "give at least two task vectors")
+    if heatmap is not None:
+        check_heatmap_path(heatmap, refs, base, overwrite)
+    frame = similarity_frame(refs, base)
+    if heatmap is None:
+        return Similarity(frame)
+    write_heatmap(frame, heatmap, refs, base, overwrite)
+    return Similarity(frame, Path(heatmap))
 
 
 def similarity_frame(refs: Sequence["str | os.PathLike"], base: "str | os.PathLike | None" = None):

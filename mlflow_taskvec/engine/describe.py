@@ -14,6 +14,9 @@ from mlflow_taskvec.engine.merging import union_of_tensors
 from mlflow_taskvec.engine.lowrank import LowRankCheckpoint
 from mlflow_taskvec.engine.streaming import chunk_ranges, flat_slice
 from mlflow_taskvec.errors import TaskVecError
+from mlflow_taskvec.tables import smaller_by
+
+REPORTED_METADATA = (meta_keys.TASK, meta_keys.BASE_FINGERPRINT, meta_keys.METHOD, meta_keys.RECIPE_SHA256)  # what the text report names
 
 
 @dataclass
@@ -56,6 +59,35 @@ class Description:
         if layers:
             out["layers"] = self.layer_norms()
         return out
+
+    def lines(self, top: int = 10, layers: bool = False) -> list[str]:
+        """What ``inspect`` prints as text: the description with the ``top`` largest tensors
+        (and the norms by layer with ``layers``)."""
+        lines = [f"source: {self.source}", f"kind: {self.kind}"]
+        lines += [f"{key.removeprefix('taskvec.')}: {self.metadata[key]}" for key in REPORTED_METADATA if key in self.metadata]
+        lines += [
+            f"tensors: {self.num_tensors}",
+            f"parameters: {self.num_parameters}",
+            "dtypes: " + ", ".join(f"{k} ({v})" for k, v in sorted(self.dtypes.items())),
+            f"fingerprint: {self.fingerprint}",
+            f"l2 norm: {self.l2_norm:.6g}",
+        ]
+        if self.layout != "dense":
+            lines.append(f"layout: {self.layout}")
+            lines.append(f"size: {self.stored_bytes} bytes stored, {self.dense_bytes} dense ({smaller_by(self.stored_bytes, self.dense_bytes)})")
+            if self.low_rank is not None:
+                ranks = ", ".join(map(str, sorted(set(self.low_rank["ranks"].values())))) or "-"
+                lines.append(f"low-rank tensors: {len(self.low_rank['ranks'])} (rank {ranks}); dense: {self.low_rank['dense_tensors']}; zero: {self.low_rank['zero_tensors']}")
+        if top > 0 and self.tensor_norms:
+            largest = self.largest(top)
+            lines.append(f"largest {min(top, len(self.tensor_norms))} tensors by l2 norm:")
+            width = max(len(n) for n, _ in largest)
+            lines += [f"  {name:<{width}}  {norm:.6g}" for name, norm in largest]
+        if layers:
+            groups = self.layer_norms()
+            width = max((len(n) for n in groups), default=0)
+            lines += ["l2 norm by layer:", *(f"  {name:<{width}}  {norm:.6g}" for name, norm in groups.items())]
+        return lines
 
     def largest(self, n: int = 10) -> list[tuple[str, float]]:
         return sorted(self.tensor_norms.items(), key=lambda kv: (-kv[1], kv[0]))[:n]

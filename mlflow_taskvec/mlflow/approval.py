@@ -42,6 +42,10 @@ class Approval:
     def version_uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
 
+    def lines(self) -> list[str]:
+        """What ``approve`` prints."""
+        return [f"approved: {self.version_uri} as {self.alias!r} by {self.by} at {self.at}" + (f" ({self.note})" if self.note else "")]
+
 
 def approval_tags(alias: str, by: str, at: str, note: str | None) -> dict[str, str]:
     tags = {tag.approval(alias, "by"): by, tag.approval(alias, "at"): at, tag.APPROVED_BY: by, tag.APPROVED_AT: at}

@@ -37,6 +37,11 @@ class Verified:
     fingerprint: str
     checks: list[str]
 
+    def lines(self, checks: bool = True) -> list[str]:
+        """What ``verify`` prints for this version: one ``verified:`` line, then each check passed (with ``checks``)."""
+        head = f"verified: {self.uri} ({self.kind}, fingerprint {self.fingerprint[:16]})"
+        return [head, *(f"  ok  {check}" for check in self.checks if checks)]
+
 
 def _fresh(ref: str, what: str) -> Resolved:
     """Download ``ref`` again (never from the cache) and check it against what it records."""
