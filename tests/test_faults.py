@@ -235,6 +235,14 @@ def _paused_at(forks, folder: Path, args: list, stage: str, store_env: dict):
     return run, int(reached.read_text("ascii")), release
 
 
+
+def _signalled_in(forks, folder: Path, args: list, stage: str, store_env: dict, signum) -> tuple[int, str, str]:
+    """Fork the command paused at ``stage``, send it ``signum`` there, release it; its status, stdout and stderr."""
+    run, pid, release = _paused_at(forks, folder, args, stage, store_env)
+    os.kill(pid, signum)
+    release.touch()
+    return run.wait()
+
 @pytest.fixture(scope="module")
 def signal_inputs(tmp_path_factory) -> Path:
     """A base (2-D weights and a bias), two fine-tunes, their task vectors and a recipe."""
@@ -442,10 +450,7 @@ def test_a_signal_in_each_stage_of_a_registration_has_its_one_outcome(tmp_path, 
         runs_before = {r.info.run_id for r in backend.client.search_runs([backend.experiment_id])}
 
     args = ["compose", recipe, "--register", name, "--alias", "champion", "-o", output]
-    run, pid, release = _paused_at(forks, tmp_path, args, stage, backend.env)
-    os.kill(pid, signum)
-    release.touch()
-    status, stdout, stderr = run.wait()
+    status, stdout, stderr = _signalled_in(forks, tmp_path, args, stage, backend.env, signum)
 
     assert status == 128 + signum, stderr
     line = one_error_line(stderr)
@@ -474,8 +479,8 @@ def test_a_signal_in_each_stage_of_a_registration_has_its_one_outcome(tmp_path, 
 # -- extract --register and compress --register: their vector is made first, then registered into the
 # fine-tune's run with the same stages from the version's creation on as compose --register's.
 VECTOR_REGISTRATIONS = {
-    "extract": (["extract", "--base", "{base}", "--finetuned", "{finetuned}", "--register", "{name}", "--alias", "champion"], "task vector"),
-    "compress": (["compress", "{vector}", "--format", "sparse", "--density", "0.5", "--register", "{name}", "--alias", "champion"], "compressed vector"),
+    "extract": ["extract", "--base", "{base}", "--finetuned", "{finetuned}", "--register", "{name}", "--alias", "champion"],
+    "compress": ["compress", "{vector}", "--format", "sparse", "--density", "0.5", "--register", "{name}", "--alias", "champion"],
 }
 VECTOR_REGISTRATION_STAGES = {"logging": "nothing", "registering": "finished first", "tagging": "finished first", "done": "complete"}
 
@@ -493,13 +498,9 @@ def test_a_signal_in_each_stage_of_a_vector_registration_has_its_one_outcome(tmp
         finetuned = backend.client.get_model_version(vector_name("rotate"), "1").tags["taskvec.finetuned_uri"]
         runs_before = {r.info.run_id: r.info.status for r in backend.client.search_runs([backend.experiment_id])}
     fills = {"{base}": f"models:/{BASE_NAME}/1", "{finetuned}": finetuned, "{vector}": vector_ref, "{name}": name}
-    args, noun = VECTOR_REGISTRATIONS[command]
-    args = [fills.get(a, a) for a in args]
+    args = [fills.get(a, a) for a in VECTOR_REGISTRATIONS[command]]
 
-    run, pid, release = _paused_at(forks, tmp_path, args, stage, backend.env)
-    os.kill(pid, signum)
-    release.touch()
-    status, stdout, stderr = run.wait()
+    status, stdout, stderr = _signalled_in(forks, tmp_path, args, stage, backend.env, signum)
 
     assert status == 128 + signum, stderr
     line = one_error_line(stderr)
