@@ -52,6 +52,7 @@ from mlflow_taskvec.signals import completed, finish_first, stage, stages_owned_
 from mlflow_taskvec.tables import smaller_by
 
 FINE_TUNINGS = ("standard", "linear")
+REGISTRATION = "registration"  # the owner of a registration's stages (signals.stages_owned_by)
 
 
 def _fmt(value: Coefficient) -> str:
@@ -146,6 +147,12 @@ def _complete_version(
         raise
     return mv, created
 
+
+
+def _registration_done(created: list[str], run_id: str, output, noun: str = "composite") -> None:
+    """The registration is complete (its run ended): record what a signal from now on leaves, and enter ``done``."""
+    completed(_what_stands(created, run_id, output, finished_first=False, noun=noun))
+    stage("done")
 
 def _asks_the_server_first(register):
     """Check the user's permission on the registered model before anything is written, and
@@ -273,8 +280,7 @@ def register_task_vector(
         mv, created = _complete_version(finishing, name, info, run.info.run_id, tags, description, alias, output=output, noun="task vector")
     registered = Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
     _warn_not_reproducible(registered, local_paths)
-    completed(_what_stands(created, run.info.run_id, output, finished_first=False, noun="task vector"))  # what a signal from now on leaves
-    stage("done")
+    _registration_done(created, run.info.run_id, output, noun="task vector")
     return registered
 
 
@@ -325,7 +331,7 @@ def register_compressed_vector(
                 tag.TASK: vector.task or "",
                 tag.BASE_URI: lineage[conf_keys.BASE_URI],
                 tag.BASE_FINGERPRINT: vector.base_fingerprint,
-                tag.FINETUNED_URI: recorded.get(tag.FINETUNED_URI) or recorded.get("finetuned_uri", ""),
+                tag.FINETUNED_URI: recorded.get(tag.FINETUNED_URI) or recorded.get(conf_keys.FINETUNED_URI, ""),
                 tag.FINGERPRINT: conf[conf_keys.FINGERPRINT],
                 tag.NUM_PARAMETERS: conf[conf_keys.NUM_PARAMETERS],
                 tag.L2_NORM: _fmt(conf[conf_keys.L2_NORM]),
@@ -350,8 +356,7 @@ def register_compressed_vector(
                 f"{result.stored_bytes} bytes stored for {result.dense_bytes} dense; {conf[conf_keys.NUM_PARAMETERS]} parameters in {conf[conf_keys.NUM_TENSORS]} tensors.",
             ])
             mv, created = _complete_version(finishing, name, info, run.info.run_id, tags, description, alias, output=output, noun="compressed vector")
-    completed(_what_stands(created, run.info.run_id, output, finished_first=False, noun="compressed vector"))  # what a signal from now on leaves
-    stage("done")
+    _registration_done(created, run.info.run_id, output, noun="compressed vector")
     return Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags, compression=result)
 
 
@@ -387,8 +392,6 @@ def _warn_not_reproducible(reg: "Registered", local: list[str]) -> None:
             stacklevel=3,
         )
 
-
-REGISTRATION = "registration"  # the owner of a registration's stages (signals.stages_owned_by)
 
 
 @_asks_the_server_first
@@ -515,8 +518,7 @@ def register_composite(
         mv, created = _complete_version(finishing, name, info, run.info.run_id, tags, description, alias, output=output, move=move, picture=True)
     registered = Registered(name, str(mv.version), info.model_uri, info.model_id, run.info.run_id, tags)
     _warn_not_reproducible(registered, local_paths)
-    completed(_what_stands(created, run.info.run_id, output, finished_first=False))  # what a signal from now on leaves
-    stage("done")
+    _registration_done(created, run.info.run_id, output)
     return registered
 
 
