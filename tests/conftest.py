@@ -27,13 +27,30 @@ settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+# Under pytest -n each worker gets its share of the cores for torch's own (OpenMP) threads, in
+# this process and in every process it starts (they inherit the variable): two workers of two
+# threads each on two cores spin at each other's barriers, and training the digits example then
+# took 8x as long. A value the user set stays.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 def pytest_collection_modifyitems(config, items):
-    """The ``pipeline`` files first, in their order: under ``make test``'s ``pytest -n auto
-    --dist loadfile --no-loadscope-reorder`` each file runs whole on one worker and files go
-    out in collection order, so the pipelines start at once, each on a worker of its own
-    (CONTRIBUTING.md, "Running the tests in parallel"). Without ``-n`` only the order changes."""
-    items.sort(key=lambda item: item.get_closest_marker("pipeline") is None)
+    """The ``pipeline`` files first, then the files that declare the most seconds
+    (``pytest.mark.seconds(N)``), then the rest, each group in collection order. Under ``make
+    test``'s ``pytest -n auto --dist loadfile --no-loadscope-reorder`` each file runs whole on
+    one worker and files go out in this order: the pipelines start at once, each on a worker of
+    its own, the long files follow and the short ones fill the end, so both workers finish
+    together (CONTRIBUTING.md, "Running the tests in parallel"). Without ``-n`` only the order
+    changes."""
+
+    def key(item):
+        declared = item.get_closest_marker("seconds")
+        return item.get_closest_marker("pipeline") is None, -(declared.args[0] if declared else 0)
+
+    items.sort(key=key)
 
 
 # Files an HF model directory carries besides its weights.

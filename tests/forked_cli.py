@@ -36,6 +36,7 @@ class Forked:
     """One command forked by the server: where its streams and its exit status go."""
 
     folder: Path
+    args: tuple[str, ...] = ()
 
     @property
     def status_file(self) -> Path:
@@ -50,23 +51,30 @@ class Forked:
         status = int(self.status_file.read_text("ascii"))
         return status, (self.folder / "stdout").read_text("utf-8"), (self.folder / "stderr").read_text("utf-8")
 
+    def completed(self, timeout: float = 120) -> subprocess.CompletedProcess:
+        """The ended command as ``subprocess.run`` reports one."""
+        return subprocess.CompletedProcess(list(self.args), *self.wait(timeout))
+
 
 class CommandForks:
     """The fork server; ``start(args, env, cwd, folder)`` forks one command."""
 
-    def __init__(self):
+    def __init__(self, folders: Path | None = None):
+        self.folders, self.started = folders, 0  # where start() puts a command's folder when given none
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
         ready = self.proc.stdout.readline()
         assert ready.strip() == "ready", ready
 
-    def start(self, args: list, env: dict, cwd: Path, folder: Path) -> Forked:
+    def start(self, args: list, env: dict, cwd: Path, folder: Path | None = None) -> Forked:
+        self.started += 1
+        folder = folder or self.folders / f"command-{self.started}"
         folder.mkdir(parents=True, exist_ok=True)
         request = {"args": [str(a) for a in args], "env": env, "cwd": str(cwd), "folder": str(folder)}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         assert self.proc.stdout.readline().strip() == "forked"
-        return Forked(folder)
+        return Forked(folder, tuple(request["args"]))
 
     def close(self) -> None:
         self.proc.stdin.close()

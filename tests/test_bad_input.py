@@ -80,6 +80,9 @@ from mlflow_taskvec.recipe import parse_recipe
 from mlflow_taskvec.mlflow.downloads import resolve
 from mlflow_taskvec.mlflow.registry import register_composite, register_task_vector
 
+# about 110 s under `make test`: sent out early (tests/conftest.py)
+pytestmark = pytest.mark.seconds(110)
+
 ROTATE = f"models:/{vector_name('rotate')}/1"
 FLIP = f"models:/{vector_name('flip')}/1"
 BASE = f"models:/{BASE_NAME}/1"

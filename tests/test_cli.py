@@ -29,6 +29,9 @@ from team_server import skip_or_fail
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.recipe import load_recipe
 
+# about 20 s under `make test`: sent out early (tests/conftest.py)
+pytestmark = pytest.mark.seconds(20)
+
 # -- inputs -----------------------------------------------------------------------
 
 FLOAT_PARAMS = sum(math.prod(s) for s in SHAPES.values())  # 116

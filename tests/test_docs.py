@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# about 65 s under `make test`: sent out early (tests/conftest.py)
+pytestmark = pytest.mark.seconds(65)
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]

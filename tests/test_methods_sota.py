@@ -24,6 +24,9 @@ from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.compose import compose_to
 from mlflow_taskvec.recipe import parse_recipe
 
+# about 30 s under `make test`: sent out early (tests/conftest.py)
+pytestmark = pytest.mark.seconds(30)
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mergekit"
 
 # square, wide, tall, 1-D, 0-D, and an integer buffer the vectors do not cover

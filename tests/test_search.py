@@ -40,6 +40,9 @@ from mlflow_taskvec.mlflow.downloads import resolve
 from mlflow_taskvec.mlflow.registry import register_task_vector
 from mlflow_taskvec.mlflow.search import search, search_recipe, with_options
 
+# about 70 s under `make test`: sent out early (tests/conftest.py)
+pytestmark = pytest.mark.seconds(70)
+
 TESTS = Path(__file__).resolve().parent
 CLI = str(Path(sys.executable).parent / "mlflow-taskvec")
 GRID = [round(0.05 * i, 10) for i in range(21)]

@@ -4,7 +4,8 @@ The session's ``team_server`` fixture (tests/team_server.py) is real: a fresh
 PostgreSQL database, the basic-auth app with ``default_permission = READ`` and
 artifacts proxied by the server. This module registers, as the admin and through
 the package API, a checkpoint-kind base ``team-base`` and two task vectors; then
-three users run the real CLI as subprocesses:
+three users run the real CLI, each command its own process (forked from one that imported the
+CLI, tests/forked_cli.py):
 
 - alice has no grants, so READ on everything;
 - bob has EDIT on the experiment and on the registered model ``team-composite``;
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +23,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from forked_cli import CommandForks, Forked
 from mlflow.tracking import MlflowClient
 from mlflow_helpers import TASKVEC_COMPOSITE_TAGS, finetune_of, log_checkpoint, signature_for, tiny_net
 from team_server import ADMIN_USER, CuttingProxy, skip_or_fail, start_server
@@ -30,6 +31,9 @@ from team_server import ADMIN_USER, CuttingProxy, skip_or_fail, start_server
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.mlflow.downloads import resolve
 from mlflow_taskvec.mlflow.registry import register_task_vector
+
+# about 225 s under `make test`: sent out early (tests/conftest.py)
+pytestmark = pytest.mark.seconds(225)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "taskvec-team"
@@ -46,8 +50,8 @@ def vector(task: str) -> str:
 class Team:
     """What the module fixture made on the server."""
 
-    def __init__(self, server, experiment_id: str, root: Path):
-        self.server = server
+    def __init__(self, server, experiment_id: str, root: Path, forks: CommandForks):
+        self.server, self.forks = server, forks
         self.experiment_id = experiment_id
         self.root = root
         self.finetune_models: dict[str, str] = {}
@@ -57,10 +61,10 @@ class Team:
         """A client as the admin (the ``team`` fixture keeps this process logged in as the admin)."""
         return MlflowClient(tracking_uri=self.server.url)
 
-    def start_cli(self, user: str, *args, cache: Path | None = None) -> subprocess.Popen:
+    def start_cli(self, user: str, *args, cache: Path | None = None) -> Forked:
         """Start ``mlflow-taskvec ARGS`` as a real process, as ``user``, in this module's experiment."""
         env = self.server.env(user, MLFLOW_EXPERIMENT_ID=self.experiment_id, MLFLOW_TASKVEC_CACHE=str(cache or self.root / f"cache-{user}"))
-        return start_cli(args, env, self.root)
+        return self.forks.start(args, env, self.root)
 
     def cli(self, user: str, *args, cache: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
         return finish(self.start_cli(user, *args, cache=cache), timeout)
@@ -84,20 +88,15 @@ class Team:
         return self.admin().search_runs([self.experiment_id], max_results=1000)
 
 
-def start_cli(args, env: dict, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "mlflow_taskvec.cli", *map(str, args)],
-        env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+def finish(command: Forked, timeout: float = 180) -> subprocess.CompletedProcess:
+    return command.completed(timeout)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 180) -> subprocess.CompletedProcess:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+@pytest.fixture(scope="module")
+def forks(tmp_path_factory):
+    server = CommandForks(tmp_path_factory.mktemp("commands"))
+    yield server
+    server.close()
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -110,13 +109,13 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def team(team_server, tmp_path_factory):
+def team(team_server, forks, tmp_path_factory):
     """The module's experiment, base, fine-tunes, vectors and users; this process stays the admin."""
     root = tmp_path_factory.mktemp("team")
     with team_server.as_user(ADMIN_USER):
         client = MlflowClient()
         experiment_id = client.create_experiment(EXPERIMENT)
-        made = Team(team_server, experiment_id, root)
+        made = Team(team_server, experiment_id, root, forks)
         with team_server.as_user(ADMIN_USER, MLFLOW_EXPERIMENT_ID=experiment_id, MLFLOW_TASKVEC_CACHE=str(root / "cache-admin")):
             base_net = tiny_net(0)
             with mlflow.start_run(run_name="pretrain"):
@@ -361,7 +360,7 @@ def test_weights_and_mlmodel_rewritten_together_are_refused_by_the_registry_tag(
 # -- a server that dies in the middle of an upload ----------------------------------------
 
 
-def test_server_killed_mid_upload_fails_clearly_leaves_no_version_and_a_rerun_succeeds(tmp_path, hf_dir):
+def test_server_killed_mid_upload_fails_clearly_leaves_no_version_and_a_rerun_succeeds(tmp_path, hf_dir, forks):
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -377,7 +376,7 @@ def test_server_killed_mid_upload_fails_clearly_leaves_no_version_and_a_rerun_su
     proxy = CuttingProxy(server.port, marker=b"model.safetensors", after_bytes=256 * 1024, on_cut=server.kill)
     try:
         env = server.env(MLFLOW_TRACKING_URI=proxy.url, MLFLOW_TASKVEC_CACHE=str(tmp_path / "cache"))
-        failed = finish(start_cli(["compose", recipe, "--register", name], env, tmp_path))
+        failed = finish(forks.start(["compose", recipe, "--register", name], env, tmp_path))
 
         assert proxy.cut.is_set()
         retries = [line for line in failed.stderr.splitlines() if line.startswith("Warning: the tracking server")]
@@ -390,7 +389,7 @@ def test_server_killed_mid_upload_fails_clearly_leaves_no_version_and_a_rerun_su
         assert client.search_model_versions(f"name='{name}'") == []
         assert [r.info.status for r in client.search_runs(["0"]) if r.info.status == "FINISHED"] == []
 
-        rerun = finish(start_cli(["compose", recipe, "--register", name], env, tmp_path))
+        rerun = finish(forks.start(["compose", recipe, "--register", name], env, tmp_path))
 
         assert rerun.returncode == 0, rerun.stderr
         (mv,) = client.search_model_versions(f"name='{name}'")
