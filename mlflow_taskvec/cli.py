@@ -196,22 +196,22 @@ def compose(recipe, output, max_shard_size, register_as, alias, require_alias, a
     from mlflow_taskvec.recipe import load_recipe
 
     spec = load_recipe(recipe)
-    if output_format is not None:
-        spec.output_format = output_format
+    changes = {key: value for key, value in (("output_format", output_format), ("device", device), ("max_shard_size", max_shard_size)) if value is not None}
+    if max_shard_size is not None:
+        parse_size(max_shard_size, "--max-shard-size")
     if rank is not None or energy is not None or svd is not None:
-        if spec.output_format != "peft":
+        if changes.get("output_format", spec.output_format) != "peft":
             raise click.UsageError("--rank, --energy and --svd apply to --format peft" if svd is not None else "--rank and --energy apply to --format peft")
         from mlflow_taskvec.engine.adapter_merge import check_rank_settings
 
-        if rank is not None or energy is not None:
-            spec.output_rank, spec.output_energy = rank, energy
-        spec.output_svd = svd or spec.output_svd
-        check_rank_settings(spec.output_rank, spec.output_energy, spec.output_svd or "exact")
-    if device is not None:
-        spec.device = device
-    if max_shard_size is not None:
-        parse_size(max_shard_size, "--max-shard-size")
-        spec.max_shard_size = max_shard_size
+        if rank is not None or energy is not None:  # together they replace the recipe's (None: not set)
+            changes.update(output_rank=rank, output_energy=energy)
+        if svd is not None:
+            changes["output_svd"] = svd
+        settings = {key: changes.get(key, getattr(spec, key)) for key in ("output_rank", "output_energy", "output_svd")}
+        check_rank_settings(settings["output_rank"], settings["output_energy"], settings["output_svd"] or "exact")
+    if changes:
+        spec = spec.derive(f"{recipe} (with the command's options)", **changes)
     result = compose_recipe(
         spec, output, register_as, alias=alias, require_alias=require_alias, allow_mixed=allow_mixed, overwrite=overwrite, threads=threads,
         quiet=quiet,
