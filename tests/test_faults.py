@@ -254,10 +254,19 @@ def signal_inputs(tmp_path_factory) -> Path:
         save_file({n: t + 0.1 * torch.randn(t.shape, generator=g) for n, t in base.items()}, str(folder / f"{name}.safetensors"))
         TaskVector.extract(folder / "base.safetensors", folder / f"{name}.safetensors").save(folder / f"{name}.tv.safetensors")
     (folder / "recipe.yaml").write_text("base: base.safetensors\nscale: 0.5\nvectors: [{finetuned: ft.safetensors}, {vector: other.tv.safetensors}]\n", "utf-8")
+    from mlflow_helpers import BASE_NAME, vector_name
+
+    # a search of one candidate over the `registry` store's base and vector (search_evaluators: no data)
+    (folder / "search.yaml").write_text(yaml.safe_dump({
+        "base": f"models:/{BASE_NAME}/1", "vectors": [{"vector": f"models:/{vector_name('rotate')}/1"}],
+        "evaluation": {"evaluator": "search_evaluators:weight_norm", "tasks": ["rotate"], "references": False},
+        "search": {"objective": "mean.accuracy", "scale": {"low": 0.5, "high": 0.5, "step": 0.5}},
+    }), "utf-8")
     return folder
 
 
-# Every command that writes an output, with its arguments ({in}: the inputs, {out}: the output) and the output's name.
+# Every command that writes an output, with its arguments ({in}: the inputs, {out}: the output, {composite}: the
+# `registry`'s composite) and the output's name.
 OUTPUT_COMMANDS = {
     "compose": (["compose", "{in}/recipe.yaml", "-o", "{out}"], "merged"),
     "compose-file": (["compose", "{in}/recipe.yaml", "-o", "{out}"], "merged.safetensors"),
@@ -266,24 +275,37 @@ OUTPUT_COMMANDS = {
     "compress-lowrank": (["compress", "{in}/ft.tv.safetensors", "--format", "lowrank", "--rank", "2", "-o", "{out}"], "lowrank.safetensors"),
     "export-lora": (["export-lora", "{in}/ft.tv.safetensors", "--rank", "2", "-o", "{out}"], "adapter"),
     "similarity-heatmap": (["similarity", "{in}/ft.tv.safetensors", "{in}/other.tv.safetensors", "--heatmap", "{out}"], "heatmap.png"),
+    "compose-peft": (["compose", "{in}/recipe.yaml", "--format", "peft", "--rank", "2", "-o", "{out}"], "adapter"),
+    "lineage-picture": (["lineage", "models:/{composite}/1", "--format", "png", "-o", "{out}"], "lineage.png"),
+    # streamed: its candidates' temporary composites mark none of the command's stages
+    "search-recipe": (["search", "{in}/search.yaml", "--memory", "streamed", "-q", "--output-recipe", "{out}"], "best.yaml"),
 }
+ON_THE_STORE = {"lineage-picture", "search-recipe"}  # they read the module's sqlite `registry` (its search's runs are its own)
 # Up to the final move nothing is left; once it is done the output stands whole (docs/signals.md).
 OUTPUT_STAGES = {"checks": "nothing", "writing": "nothing", "final-move": "nothing", "done": "stands"}
 
 
 def _output_args(command: str, inputs: Path, out: Path) -> list[str]:
+    from mlflow_helpers import COMPOSITE_NAME
+
     args, _ = OUTPUT_COMMANDS[command]
-    return [a.replace("{in}", str(inputs)).replace("{out}", str(out)) for a in args]
+    return [a.replace("{in}", str(inputs)).replace("{out}", str(out)).replace("{composite}", COMPOSITE_NAME) for a in args]
+
+
+def _output_env(request, command: str) -> dict:
+    """The command's environment: the module's sqlite ``registry`` for those that read a store."""
+    return request.getfixturevalue("registry").store.env() if command in ON_THE_STORE else env()
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(forks, signal_inputs, tmp_path_factory) -> dict[str, dict[str, str]]:
+def uninterrupted(request, forks, signal_inputs, tmp_path_factory) -> dict[str, dict[str, str]]:
     """Each command's output written without a signal: the digests an interrupted output that stands must have."""
     root = tmp_path_factory.mktemp("uninterrupted")
     runs = {}
     for command, (_, name) in OUTPUT_COMMANDS.items():
         (root / command / "out").mkdir(parents=True)
-        runs[command] = forks.start(_output_args(command, signal_inputs, root / command / "out" / name), env(), cwd=root / command, folder=root / command / "command")
+        args = _output_args(command, signal_inputs, root / command / "out" / name)
+        runs[command] = forks.start(args, _output_env(request, command), cwd=root / command, folder=root / command / "command")
     digests = {}
     for command, run in runs.items():
         status, _, stderr = run.wait()
@@ -295,12 +317,12 @@ def uninterrupted(forks, signal_inputs, tmp_path_factory) -> dict[str, dict[str,
 @pytest.mark.parametrize("signum", SIGNALS, ids=[s.name for s in SIGNALS])
 @pytest.mark.parametrize("stage", list(OUTPUT_STAGES))
 @pytest.mark.parametrize("command", list(OUTPUT_COMMANDS))
-def test_a_signal_in_each_stage_of_a_commands_write_has_its_one_outcome(tmp_path, forks, signal_inputs, uninterrupted, command, stage, signum):
+def test_a_signal_in_each_stage_of_a_commands_write_has_its_one_outcome(request, tmp_path, forks, signal_inputs, uninterrupted, command, stage, signum):
     inputs_before = {p.name: tree_digests(p) for p in signal_inputs.iterdir()}
     (tmp_path / "out").mkdir()
     output = tmp_path / "out" / OUTPUT_COMMANDS[command][1]
 
-    run, pid, release = _paused_at(forks, tmp_path, _output_args(command, signal_inputs, output), stage, env())
+    run, pid, release = _paused_at(forks, tmp_path, _output_args(command, signal_inputs, output), stage, _output_env(request, command))
     partial_at_the_signal = leftovers(output.parent)
     os.kill(pid, signum)
     release.touch()
