@@ -474,6 +474,15 @@ def test_a_signal_in_each_stage_of_a_registration_has_its_one_outcome(tmp_path, 
     args = ["compose", recipe, "--register", name, "--alias", "champion", "-o", output]
     status, stdout, stderr = _signalled_in(forks, tmp_path, args, stage, backend.env, signum)
 
+    _check_registration_outcome(backend, name, stage, signum, runs_before, output, status, stdout, stderr)
+
+
+def _check_registration_outcome(backend: Backend, name: str, stage: str, signum, runs_before: set, output: Path, status: int, stdout: str, stderr: str) -> None:
+    """``compose --register NAME --alias champion -o OUTPUT`` signalled in ``stage`` did what REGISTRATION_STAGES says."""
+    from mlflow_taskvec.engine.adapter_merge import adapter_delta_fingerprint
+    from mlflow_taskvec.engine.checkpoint import is_adapter
+    from mlflow_taskvec.mlflow.downloads import resolve
+
     assert status == 128 + signum, stderr
     line = one_error_line(stderr)
     with backend.admin():
@@ -493,9 +502,51 @@ def test_a_signal_in_each_stage_of_a_registration_has_its_one_outcome(tmp_path, 
             assert [(str(v.version), v.status) for v in versions] == [("1", "READY")]
             assert str(backend.client.get_model_version_by_alias(name, "champion").version) == "1"
             assert list(new_runs.values()) == ["FINISHED"]
-            assert open_checkpoint(output).fingerprint(fresh=True) == versions[0].tags["taskvec.fingerprint"]
+            if is_adapter(output):  # the adapter as composed; the version holds the copy PEFT saves of it: the same deltas
+                assert adapter_delta_fingerprint(output) == adapter_delta_fingerprint(resolve(f"models:/{name}/1").path)
+            else:
+                assert open_checkpoint(output).fingerprint(fresh=True) == versions[0].tags["taskvec.fingerprint"]
     assert stdout == "" and leftovers(output.parent) == []  # MLflow's links to the run, too, only on a terminal
 
+
+@pytest.fixture(scope="module")
+def tiny_hf_inputs(tmp_path_factory) -> Path:
+    """A one-layer BERT of width 8 with a tokenizer (a Hugging Face folder, ``base``), a fine-tune
+    of it and a recipe adding its vector: the smallest base a PEFT composite registers on."""
+    from team_server import import_or_skip_or_fail
+
+    transformers = import_or_skip_or_fail("transformers", "pip install -e '.[dev]'")
+    import_or_skip_or_fail("peft", "pip install -e '.[dev]'")
+    folder = tmp_path_factory.mktemp("tiny-hf")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8, max_position_embeddings=16)
+    transformers.BertModel(config).save_pretrained(folder / "base")
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c"]) + "\n", "utf-8")
+    transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder / "base")
+    g = torch.Generator().manual_seed(1)
+    base = load_file(str(folder / "base" / "model.safetensors"))
+    save_file({n: t + 0.1 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t for n, t in base.items()}, str(folder / "ft.safetensors"))
+    (folder / "recipe.yaml").write_text("base: base\nvectors: [{finetuned: ft.safetensors}]\n", "utf-8")
+    return folder
+
+
+# compose --format peft --register goes through the same registration (registry.register_composite):
+# a row for each of its three outcomes, where the adapter is composed (writing), logged with
+# mlflow.transformers (logging), and once its version exists (registering); the other stages and
+# signals are those of the rows above.
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("stage", ["writing", "logging", "registering"])
+def test_a_signal_in_each_stage_of_a_peft_registration_has_its_one_outcome(tmp_path, forks, backend, tiny_hf_inputs, stage):
+    name = f"staged-peft-{stage}"
+    (tmp_path / "out").mkdir()
+    output = tmp_path / "out" / "adapter"
+    with backend.admin():
+        runs_before = {r.info.run_id for r in backend.client.search_runs([backend.experiment_id])}
+    args = ["compose", tiny_hf_inputs / "recipe.yaml", "--format", "peft", "--rank", "2", "--register", name, "--alias", "champion", "-o", output]
+
+    status, stdout, stderr = _signalled_in(forks, tmp_path, args, stage, backend.env, signal.SIGTERM)
+
+    _check_registration_outcome(backend, name, stage, signal.SIGTERM, runs_before, output, status, stdout, stderr)
 
 
 # -- extract --register and compress --register: their vector is made first, then registered into the
