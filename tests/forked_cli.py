@@ -29,6 +29,7 @@ PRELOAD = (
     "mlflow_taskvec.cli", "mlflow_taskvec.mlflow.registry", "mlflow_taskvec.mlflow.inputs", "mlflow_taskvec.mlflow.lineage_plot",
     "mlflow_taskvec.similarity", "mlflow_taskvec.engine.lora",
 )  # fmt: skip
+OPTIONAL_PRELOAD = ("transformers", "peft", "mlflow.transformers")  # a PEFT composite's registration (the dev extras): when installed
 
 
 @dataclass
@@ -137,6 +138,11 @@ def _serve() -> None:
     matplotlib.use("Agg")  # as the commands that draw choose it, before pyplot is imported
     for module in PRELOAD:
         importlib.import_module(module)
+    for module in OPTIONAL_PRELOAD:
+        try:
+            importlib.import_module(module)
+        except ImportError:  # the tests that need it skip (or fail in CI) themselves
+            pass
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the waiters are reaped by the kernel
     print("ready", flush=True)
     for line in sys.stdin:

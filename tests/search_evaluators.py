@@ -61,3 +61,9 @@ def stops_itself(model, task: str, split: str) -> dict[str, float]:
 
     os.kill(os.getpid(), signal.SIGTERM)
     return {"accuracy": 0.0}
+
+
+def weight_norm(model, task: str, split: str) -> dict[str, float]:
+    """Scores a model by its weights alone, no data: for tests that need a search to run, not its figures."""
+    squares = sum(float(p.detach().double().pow(2).sum()) for p in model.parameters())
+    return {"accuracy": 1.0 / (1.0 + squares)}

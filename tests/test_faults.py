@@ -257,10 +257,19 @@ def signal_inputs(tmp_path_factory) -> Path:
         save_file({n: t + 0.1 * torch.randn(t.shape, generator=g) for n, t in base.items()}, str(folder / f"{name}.safetensors"))
         TaskVector.extract(folder / "base.safetensors", folder / f"{name}.safetensors").save(folder / f"{name}.tv.safetensors")
     (folder / "recipe.yaml").write_text("base: base.safetensors\nscale: 0.5\nvectors: [{finetuned: ft.safetensors}, {vector: other.tv.safetensors}]\n", "utf-8")
+    from mlflow_helpers import BASE_NAME, vector_name
+
+    # a search of one candidate over the `registry` store's base and vector (search_evaluators: no data)
+    (folder / "search.yaml").write_text(yaml.safe_dump({
+        "base": f"models:/{BASE_NAME}/1", "vectors": [{"vector": f"models:/{vector_name('rotate')}/1"}],
+        "evaluation": {"evaluator": "search_evaluators:weight_norm", "tasks": ["rotate"], "references": False},
+        "search": {"objective": "mean.accuracy", "scale": {"low": 0.5, "high": 0.5, "step": 0.5}},
+    }), "utf-8")
     return folder
 
 
-# Every command that writes an output, with its arguments ({in}: the inputs, {out}: the output) and the output's name.
+# Every command that writes an output, with its arguments ({in}: the inputs, {out}: the output, {composite}: the
+# `registry`'s composite) and the output's name.
 OUTPUT_COMMANDS = {
     "compose": (["compose", "{in}/recipe.yaml", "-o", "{out}"], "merged"),
     "compose-file": (["compose", "{in}/recipe.yaml", "-o", "{out}"], "merged.safetensors"),
@@ -269,24 +278,37 @@ OUTPUT_COMMANDS = {
     "compress-lowrank": (["compress", "{in}/ft.tv.safetensors", "--format", "lowrank", "--rank", "2", "-o", "{out}"], "lowrank.safetensors"),
     "export-lora": (["export-lora", "{in}/ft.tv.safetensors", "--rank", "2", "-o", "{out}"], "adapter"),
     "similarity-heatmap": (["similarity", "{in}/ft.tv.safetensors", "{in}/other.tv.safetensors", "--heatmap", "{out}"], "heatmap.png"),
+    "compose-peft": (["compose", "{in}/recipe.yaml", "--format", "peft", "--rank", "2", "-o", "{out}"], "adapter"),
+    "lineage-picture": (["lineage", "models:/{composite}/1", "--format", "png", "-o", "{out}"], "lineage.png"),
+    # streamed: its candidates' temporary composites mark none of the command's stages
+    "search-recipe": (["search", "{in}/search.yaml", "--memory", "streamed", "-q", "--output-recipe", "{out}"], "best.yaml"),
 }
+ON_THE_STORE = {"lineage-picture", "search-recipe"}  # they read the module's sqlite `registry` (its search's runs are its own)
 # Up to the final move nothing is left; once it is done the output stands whole (docs/signals.md).
 OUTPUT_STAGES = {"checks": "nothing", "writing": "nothing", "final-move": "nothing", "done": "stands"}
 
 
 def _output_args(command: str, inputs: Path, out: Path) -> list[str]:
+    from mlflow_helpers import COMPOSITE_NAME
+
     args, _ = OUTPUT_COMMANDS[command]
-    return [a.replace("{in}", str(inputs)).replace("{out}", str(out)) for a in args]
+    return [a.replace("{in}", str(inputs)).replace("{out}", str(out)).replace("{composite}", COMPOSITE_NAME) for a in args]
+
+
+def _output_env(request, command: str) -> dict:
+    """The command's environment: the module's sqlite ``registry`` for those that read a store."""
+    return request.getfixturevalue("registry").store.env() if command in ON_THE_STORE else env()
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(forks, signal_inputs, tmp_path_factory) -> dict[str, dict[str, str]]:
+def uninterrupted(request, forks, signal_inputs, tmp_path_factory) -> dict[str, dict[str, str]]:
     """Each command's output written without a signal: the digests an interrupted output that stands must have."""
     root = tmp_path_factory.mktemp("uninterrupted")
     runs = {}
     for command, (_, name) in OUTPUT_COMMANDS.items():
         (root / command / "out").mkdir(parents=True)
-        runs[command] = forks.start(_output_args(command, signal_inputs, root / command / "out" / name), env(), cwd=root / command, folder=root / command / "command")
+        args = _output_args(command, signal_inputs, root / command / "out" / name)
+        runs[command] = forks.start(args, _output_env(request, command), cwd=root / command, folder=root / command / "command")
     digests = {}
     for command, run in runs.items():
         status, _, stderr = run.wait()
@@ -298,12 +320,12 @@ def uninterrupted(forks, signal_inputs, tmp_path_factory) -> dict[str, dict[str,
 @pytest.mark.parametrize("signum", SIGNALS, ids=[s.name for s in SIGNALS])
 @pytest.mark.parametrize("stage", list(OUTPUT_STAGES))
 @pytest.mark.parametrize("command", list(OUTPUT_COMMANDS))
-def test_a_signal_in_each_stage_of_a_commands_write_has_its_one_outcome(tmp_path, forks, signal_inputs, uninterrupted, command, stage, signum):
+def test_a_signal_in_each_stage_of_a_commands_write_has_its_one_outcome(request, tmp_path, forks, signal_inputs, uninterrupted, command, stage, signum):
     inputs_before = {p.name: tree_digests(p) for p in signal_inputs.iterdir()}
     (tmp_path / "out").mkdir()
     output = tmp_path / "out" / OUTPUT_COMMANDS[command][1]
 
-    run, pid, release = _paused_at(forks, tmp_path, _output_args(command, signal_inputs, output), stage, env())
+    run, pid, release = _paused_at(forks, tmp_path, _output_args(command, signal_inputs, output), stage, _output_env(request, command))
     partial_at_the_signal = leftovers(output.parent)
     os.kill(pid, signum)
     release.touch()
@@ -376,6 +398,8 @@ def test_sigterm_in_an_optuna_trial_is_one_line_without_optunas_traceback(tmp_pa
         "search": {"strategy": "optuna", "trials": 2},
     }), "utf-8")
     tests = str(ROOT / "tests")
+    searches = "tags.`taskvec.search.role` = 'search'"
+    before = {r.info.run_id for r in registry.store.client.search_runs([registry.store.experiment_id], filter_string=searches)}  # the search rows' own
 
     proc = subprocess.run(
         command("search", recipe), env=registry.store.env(PYTHONPATH=os.pathsep.join([env()["PYTHONPATH"], tests])),
@@ -384,8 +408,8 @@ def test_sigterm_in_an_optuna_trial_is_one_line_without_optunas_traceback(tmp_pa
 
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
     assert one_error_line(proc.stderr).startswith("Error: interrupted by SIGTERM")
-    runs = registry.store.client.search_runs([registry.store.experiment_id], filter_string="tags.`taskvec.search.role` = 'search'")
-    assert [r.info.status for r in runs] == ["FAILED"]
+    runs = registry.store.client.search_runs([registry.store.experiment_id], filter_string=searches)
+    assert [r.info.status for r in runs if r.info.run_id not in before] == ["FAILED"]
 
 
 # -- a signal in each stage of compose --register, on sqlite and on the PostgreSQL team server -----
@@ -455,6 +479,15 @@ def test_a_signal_in_each_stage_of_a_registration_has_its_one_outcome(tmp_path, 
     args = ["compose", recipe, "--register", name, "--alias", "champion", "-o", output]
     status, stdout, stderr = _signalled_in(forks, tmp_path, args, stage, backend.env, signum)
 
+    _check_registration_outcome(backend, name, stage, signum, runs_before, output, status, stdout, stderr)
+
+
+def _check_registration_outcome(backend: Backend, name: str, stage: str, signum, runs_before: set, output: Path, status: int, stdout: str, stderr: str) -> None:
+    """``compose --register NAME --alias champion -o OUTPUT`` signalled in ``stage`` did what REGISTRATION_STAGES says."""
+    from mlflow_taskvec.engine.adapter_merge import adapter_delta_fingerprint
+    from mlflow_taskvec.engine.checkpoint import is_adapter
+    from mlflow_taskvec.mlflow.downloads import resolve
+
     assert status == 128 + signum, stderr
     line = one_error_line(stderr)
     with backend.admin():
@@ -474,9 +507,51 @@ def test_a_signal_in_each_stage_of_a_registration_has_its_one_outcome(tmp_path, 
             assert [(str(v.version), v.status) for v in versions] == [("1", "READY")]
             assert str(backend.client.get_model_version_by_alias(name, "champion").version) == "1"
             assert list(new_runs.values()) == ["FINISHED"]
-            assert open_checkpoint(output).fingerprint(fresh=True) == versions[0].tags["taskvec.fingerprint"]
+            if is_adapter(output):  # the adapter as composed; the version holds the copy PEFT saves of it: the same deltas
+                assert adapter_delta_fingerprint(output) == adapter_delta_fingerprint(resolve(f"models:/{name}/1").path)
+            else:
+                assert open_checkpoint(output).fingerprint(fresh=True) == versions[0].tags["taskvec.fingerprint"]
     assert stdout == "" and leftovers(output.parent) == []  # MLflow's links to the run, too, only on a terminal
 
+
+@pytest.fixture(scope="module")
+def tiny_hf_inputs(tmp_path_factory) -> Path:
+    """A one-layer BERT of width 8 with a tokenizer (a Hugging Face folder, ``base``), a fine-tune
+    of it and a recipe adding its vector: the smallest base a PEFT composite registers on."""
+    from team_server import import_or_skip_or_fail
+
+    transformers = import_or_skip_or_fail("transformers", "pip install -e '.[dev]'")
+    import_or_skip_or_fail("peft", "pip install -e '.[dev]'")
+    folder = tmp_path_factory.mktemp("tiny-hf")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8, max_position_embeddings=16)
+    transformers.BertModel(config).save_pretrained(folder / "base")
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c"]) + "\n", "utf-8")
+    transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder / "base")
+    g = torch.Generator().manual_seed(1)
+    base = load_file(str(folder / "base" / "model.safetensors"))
+    save_file({n: t + 0.1 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t for n, t in base.items()}, str(folder / "ft.safetensors"))
+    (folder / "recipe.yaml").write_text("base: base\nvectors: [{finetuned: ft.safetensors}]\n", "utf-8")
+    return folder
+
+
+# compose --format peft --register goes through the same registration (registry.register_composite):
+# a row for each of its three outcomes, where the adapter is composed (writing), logged with
+# mlflow.transformers (logging), and once its version exists (registering); the other stages and
+# signals are those of the rows above.
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("stage", ["writing", "logging", "registering"])
+def test_a_signal_in_each_stage_of_a_peft_registration_has_its_one_outcome(tmp_path, forks, backend, tiny_hf_inputs, stage):
+    name = f"staged-peft-{stage}"
+    (tmp_path / "out").mkdir()
+    output = tmp_path / "out" / "adapter"
+    with backend.admin():
+        runs_before = {r.info.run_id for r in backend.client.search_runs([backend.experiment_id])}
+    args = ["compose", tiny_hf_inputs / "recipe.yaml", "--format", "peft", "--rank", "2", "--register", name, "--alias", "champion", "-o", output]
+
+    status, stdout, stderr = _signalled_in(forks, tmp_path, args, stage, backend.env, signal.SIGTERM)
+
+    _check_registration_outcome(backend, name, stage, signal.SIGTERM, runs_before, output, status, stdout, stderr)
 
 
 # -- extract --register and compress --register: their vector is made first, then registered into the

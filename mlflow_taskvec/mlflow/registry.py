@@ -98,6 +98,21 @@ def _without_info(logger_name: str):
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def _without_transformers_bars():
+    """transformers' own progress bars (loading the base, writing the adapter) left out: what a
+    command prints on stderr is its warnings and its one error line."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
+
+
 def _create_version(name: str, model_info, run_id: str, tags: dict, description: str) -> ModelVersion:
     client = MlflowClient()
     try:
@@ -538,8 +553,9 @@ def _log_adapter_composite(base: Resolved, adapter: Path, lineage: dict):
     task = "feature-extraction"
     components: dict = {}
     flavors = yaml.safe_load((base.model_dir / "MLmodel").read_text("utf-8")).get("flavors", {}) if base.model_dir else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # transformers' and MLflow's advice on loading and logging
+    # transformers' and MLflow's advice on loading and logging (warnings, INFO lines, progress bars) left out
+    with warnings.catch_warnings(), _without_info("mlflow.transformers"), _without_transformers_bars():
+        warnings.simplefilter("ignore")
         if "transformers" in flavors:
             loaded = mlflow.transformers.load_model(str(base.model_dir), return_type="components")
             model = loaded["model"]

@@ -48,9 +48,10 @@ from mlflow_taskvec.mlflow.runs import owned_run
 from mlflow_taskvec.progress import progress_bar
 from mlflow_taskvec.recipe import AdaMerging, Recipe, Search, load_recipe
 from mlflow_taskvec.references import local_paths
-from mlflow_taskvec.signals import extend_hold
+from mlflow_taskvec.signals import extend_hold, stages_owned_by
 
 MEMORY_MODES = ("auto", "memory", "streamed")
+CANDIDATE = "search candidate"  # owns a candidate's temporary writes, which mark none of the command's stages (signals.stages_owned_by)
 
 
 @dataclass
@@ -227,6 +228,12 @@ class _Composer:
         return self.local.model_copy(update={"scale": cand.scale, "params": cand.params, "vectors": vectors})
 
     def module(self, cand: Candidate):
+        """The candidate's module; its temporary composite (streamed, or an adapter) marks no stage of the
+        command: the stages are those of the command's own output (``--output-recipe``) or registration."""
+        with stages_owned_by(CANDIDATE):
+            return self._module(cand)
+
+    def _module(self, cand: Candidate):
         recipe = self.candidate(cand)
         if recipe.output_format == "peft":  # the base with the candidate's merged adapter, as it is registered
             tmp = Path(tempfile.mkdtemp(prefix="taskvec-candidate-"))
