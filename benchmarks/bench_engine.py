@@ -12,11 +12,16 @@ it runs every operation in a fresh subprocess and reports, per model:
 - ``task_arithmetic``  ``merge(base, [extract(base, ft_i)], [1, 1, 1], scale=0.5)``
 - ``ties``             the same inputs, ``method="ties"``, ``density``
 - ``magnitude_prune``  the same inputs, the ties trim then task arithmetic
-- ``compose_copy``     a recipe of the same task arithmetic composed into a folder, then
+- ``compose``          a recipe of the same task arithmetic (``compose_to``) composed into a folder
+- ``compose_copy``     the same, then
                        the folder copied (what keeping a composite somewhere else costs)
 - ``compose_register`` the same recipe through ``compose --register``: composed, logged
                        and registered on a sqlite store beside the checkpoints (MLflow
-                       imported before the clock starts, the store created by the warm-up)
+                       imported before the clock starts, the store created by the warm-up; local
+                       artifacts beside it)
+- ``verify``           ``verify`` of that composite (registered before the clock starts): its inputs
+                       fingerprinted afresh, its stored weights downloaded and checked, the recipe
+                       recomposed (vs ``compose``)
 - ``floor2/3/4``      the I/O floor: read every byte of 2 (base, ft1), 3 or 4 inputs
                        from their mmap views (chunk copies, the engine's chunk size)
                        and write one base-sized file through ``StreamingWriter``;
@@ -78,14 +83,14 @@ SVD = ["tsv_m", "iso_c", "iso_c_gram", "iso_cts"]
 # ops that run a method under another name (an opt-in algorithm of it)
 METHOD_OF = {"iso_c_gram": "iso_c"}
 OPS = ["floor2", "extract", "floor3", "floor4", "task_arithmetic", "ties", "magnitude_prune", *ELEMENTWISE, *WHOLE_TENSOR, "svd_floor", *SVD,
-       "naive_task_arithmetic", "naive_ties", "compose_copy", "compose_register"]
+       "naive_task_arithmetic", "naive_ties", "compose", "compose_copy", "compose_register", "verify"]
 # The engine's merge ops (method names), as the peers benchmark runs them too.
 MERGE_OPS = ("task_arithmetic", "ties", "magnitude_prune")
 FLOOR_OF = {"extract": "floor2", "task_arithmetic": "floor4", "ties": "floor4", "magnitude_prune": "floor4",
-            "naive_task_arithmetic": "floor4", "naive_ties": "floor4", "compose_register": "compose_copy",
+            "naive_task_arithmetic": "floor4", "naive_ties": "floor4", "compose_register": "compose_copy", "verify": "compose",
             **{op: "floor4" for op in ELEMENTWISE + WHOLE_TENSOR}, "slerp": "floor3", **{op: "svd_floor" for op in SVD}}
 # op: (max ratio to its floor or None, max peak anon MB or None): issue 21's targets
-TARGETS = {"extract": (None, 300), "task_arithmetic": (1.3, 300), "ties": (2.5, 300), "magnitude_prune": (2.5, 300), "compose_register": (1.5, None),
+TARGETS = {"extract": (None, 300), "task_arithmetic": (1.3, 300), "ties": (2.5, 300), "magnitude_prune": (2.5, 300), "compose_register": (1.3, None), "verify": (2.5, None),
            **{op: (2.5, 300) for op in ELEMENTWISE}, "della": (4.0, 300), "della_linear": (4.0, 300), "slerp": (2.0, 300),
            "tsv_m": (1.0, None), "iso_c": (0.35, None), "iso_c_gram": (0.35, None), "iso_cts": (1.2, None)}
 # the parameters each method runs with (ties and magnitude_prune: --density)
@@ -296,14 +301,21 @@ def run_op(op: str, base: str, fts: list[str], out: str, density: float, device:
         vectors = [TaskVector.extract(base, ft) for ft in fts]
         params = {"density": density} if op != "task_arithmetic" else {}
         merge_to(base, vectors, [1.0] * len(vectors), method=op, scale=SCALE, params=params, output=out, **on)
-    elif op in ("compose_copy", "compose_register"):
+    elif op == "verify":
+        from mlflow_taskvec.mlflow.verify import verify
+
+        verify(os.environ["BENCH_VERIFY_URI"])
+    elif op in ("compose", "compose_copy", "compose_register"):
         from mlflow_taskvec.compose import compose_to
         from mlflow_taskvec.recipe import parse_recipe
 
         base_dir = hf_folder(Path(base))  # an architecture to register the composite with
         recipe = parse_recipe({"base": str(base_dir), "scale": SCALE, "vectors": [{"finetuned": ft} for ft in fts],
                                **({"device": device} if device else {})}, "bench recipe")
-        if op == "compose_copy":
+        if op == "compose":
+            remove(Path(out).with_suffix(""))
+            compose_to(recipe, output=Path(out).with_suffix(""))
+        elif op == "compose_copy":
             folder, copy = Path(out).with_suffix(""), Path(out).with_suffix(".copy")
             remove(folder)
             remove(copy)
@@ -379,6 +391,16 @@ def run_op(op: str, base: str, fts: list[str], out: str, density: float, device:
         raise SystemExit(f"unknown op {op!r}")
 
 
+def register_bench_composite(base: str, fts: list[str], device: str | None) -> str:
+    """Register the compose ops' composite (as ``compose_register`` does); returns its version's URI."""
+    from mlflow_taskvec.mlflow.registry import register_composite
+    from mlflow_taskvec.recipe import parse_recipe
+
+    recipe = parse_recipe({"base": str(hf_folder(Path(base))), "scale": SCALE, "vectors": [{"finetuned": ft} for ft in fts],
+                           **({"device": device} if device else {})}, "bench recipe")
+    return register_composite(recipe, "bench-verify").version_uri
+
+
 def hf_folder(checkpoint: Path) -> Path:
     """A generated checkpoint as an HF-style folder: a link to its weights beside a Llama config.json
     (an LLM shape's checkpoints are such folders already)."""
@@ -410,9 +432,13 @@ def child_main(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.add(torch.ones(8), torch.ones(8))  # lazy torch initialisation, before the baseline
-    if args.child == "compose_register":
+    if args.child in ("compose_register", "verify"):
         os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path(args.out).parent / 'mlflow.db'}")
+        os.environ.setdefault("MLFLOW_TASKVEC_CACHE", str(Path(args.out).parent / "download-cache"))
         import mlflow_taskvec.mlflow.registry  # noqa: F401  (MLflow's import is not what is measured)
+        import mlflow_taskvec.mlflow.verify  # noqa: F401
+    if args.child == "verify":  # the composite to verify, registered before the clock starts
+        os.environ["BENCH_VERIFY_URI"] = register_bench_composite(args.base, args.ft, args.device)
     profiler = None
     if args.profile_out:
         import cProfile
@@ -580,7 +606,8 @@ def bench_size(size_gb: "float | str", args: argparse.Namespace, workdir: Path) 
             d = max_abs_diff(outputs[eng], outputs[naive])
             print(f"  check: {eng} vs {naive}: max |diff| = {d:.3g}")
     for out in outputs.values():
-        remove(out)
+        for path in (out, out.with_suffix(""), out.with_suffix(".copy")):  # the compose ops write folders
+            remove(path)
     for r in rows:  # what the measured SVD work is: SVDs per input and m x n of the largest
         if r["op"] == "svd_floor":
             matrices = [s for s in plan["shapes"].values() if len(s) == 2]

@@ -41,7 +41,9 @@ from mlflow_helpers import (
 from mlflow_taskvec import TaskVecError
 from mlflow_taskvec.mlflow import flavor
 from mlflow_taskvec.cli import main as cli
+from mlflow_taskvec.engine import checkpoint
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
+from mlflow_taskvec.compose import compose_to
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.recipe import load_recipe, parse_recipe
 from mlflow_taskvec.mlflow.downloads import resolve
@@ -569,3 +571,41 @@ def test_the_report_lists_per_layer_weights_and_scale(per_layer_composite):
     row = composites_frame("digits-tsv-per-layer").loc[1]
     assert row["method"] == "tsv_m" and row["scale"] == json.dumps(PER_LAYER_SCALE)
     assert row["weights"] == f"models:/{vector_name('rotate')}/1:{{encoder.0.*: 0.3, *: 1}}, models:/{vector_name('flip')}/1:-0.5"
+
+
+def test_a_registered_input_is_fingerprinted_once_from_its_download_to_the_composite(registry, fresh_cache, tmp_path, monkeypatch):
+    """Each downloaded input is hashed in one pass, and composing from it does not hash it again
+    (its fingerprint is known under the cache's name too); a later resolution checks the cached copy once."""
+    hashed: list[int] = []
+    real_digest = checkpoint.tensor_digest
+    monkeypatch.setattr(checkpoint, "tensor_digest", lambda data: hashed.append(memoryview(data).nbytes) or real_digest(data))
+    recipe = parse_recipe({"base": f"models:/{BASE_NAME}/1", "vectors": [{"vector": f"models:/{vector_name('rotate')}/1"}]}, "test recipe")
+
+    inputs = resolve_inputs(recipe)
+    inputs.check_same_base()
+    result = compose_to(inputs.local(), output=tmp_path / "composite.safetensors")
+    stored = sum(open_checkpoint(r.path).stored_bytes for r in (inputs.base, *inputs.vectors))
+
+    assert all(r.path.is_relative_to(fresh_cache) for r in (inputs.base, *inputs.vectors))  # both were downloaded
+    assert sum(hashed) == stored  # every stored byte hashed once: at the download, not again to compose
+    assert result.base_fingerprint == inputs.base.fingerprint
+    hashed.clear()
+
+    again = resolve_inputs(recipe)
+    compose_to(again.local(), output=tmp_path / "again.safetensors")
+
+    assert sum(hashed) == stored  # the cached copies checked once each, then composed without a second pass
+
+
+def test_registering_a_composite_hashes_only_its_inputs_once(registry, fresh_cache, monkeypatch):
+    """The composite is hashed as it is written; logging it links its files and reads none of
+    them again for its fingerprint, and each downloaded input is hashed once."""
+    hashed: list[int] = []
+    real_digest = checkpoint.tensor_digest
+    monkeypatch.setattr(checkpoint, "tensor_digest", lambda data: hashed.append(memoryview(data).nbytes) or real_digest(data))
+
+    reg = register_composite(parse_recipe(composite_recipe()), "digits-hashed-once")
+
+    inputs = resolve_inputs(parse_recipe(composite_recipe()))  # from the cache: hashed once more each
+    assert sum(hashed) == 2 * sum(open_checkpoint(r.path).stored_bytes for r in (inputs.base, *inputs.vectors))
+    assert reg.tags["taskvec.fingerprint"] == open_checkpoint(resolve(reg.version_uri).path).fingerprint(fresh=True)

@@ -65,8 +65,26 @@ def combine_digests(entries: list[tuple[str, TensorSpec, str]]) -> str:
     return h.hexdigest()
 
 
-# fingerprints of files this process has hashed, by (path, inode, size, mtime_ns)
+# fingerprints of files this process has hashed or written, by each file's (device, inode, size,
+# mtime_ns): a rename or a hard link keeps them, so a file moved or linked is not hashed again
 _FILE_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def files_key(files: "list[Path]") -> tuple | None:
+    """What identifies unchanged files on disk, whatever their names (None when one is missing)."""
+    try:
+        return tuple(sorted((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for st in (os.stat(p) for p in files)))
+    except OSError:
+        return None
+
+
+def remember_fingerprint(files: "list[Path]", fingerprint: str) -> None:
+    """Record the fingerprint of the checkpoint made of ``files``, which this process has just
+    written and hashed as it wrote (``CheckpointWriter.commit``): opening them again, under any
+    name they are moved or hard-linked to, does not read them a second time. ``fresh=True`` still rehashes."""
+    key = files_key(files)
+    if key is not None:
+        _FILE_FINGERPRINTS[key] = fingerprint
 
 
 class Checkpoint:
@@ -179,12 +197,7 @@ class SafetensorsCheckpoint(Checkpoint):
         return list(self._keys)
 
     def _file_key(self) -> tuple | None:
-        try:
-            return tuple(
-                (str(p.resolve()), st.st_ino, st.st_size, st.st_mtime_ns) for p in self.files for st in [p.stat()]
-            )
-        except OSError:
-            return None
+        return files_key(self.files)
 
     def __contains__(self, name: str) -> bool:
         return name in self._where

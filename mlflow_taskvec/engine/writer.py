@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mlflow_taskvec.engine.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, Checkpoint, combine_digests, new_digest
+from mlflow_taskvec.engine.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, Checkpoint, combine_digests, new_digest, remember_fingerprint
 from mlflow_taskvec.engine.io import StreamingWriter, TensorSpec, storage_order
 from mlflow_taskvec.engine.output import OutputClaim, refuse_aliasing, remove_path
 from mlflow_taskvec.errors import TaskVecError
@@ -251,6 +251,8 @@ class CheckpointWriter:
             self._claim.move_into_place(self._tmp)
             self._closed = True
             self._claim.release()
+            # hashed as written: the files are not read again to be fingerprinted
+            remember_fingerprint([self.output] if self._single_file else [self.output / w.path.name for w in self._files], fingerprint)
             return fingerprint
         except BaseException as exc:
             self.abort()

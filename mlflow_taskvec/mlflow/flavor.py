@@ -125,6 +125,7 @@ def save_model(
     conda_env=None,
     metadata: dict[str, Any] | None = None,
     hf_base: "str | os.PathLike | None" = None,
+    link_weights: bool = False,
 ) -> None:
     """Save a task vector or a checkpoint as a ``taskvec`` MLflow model at ``path``.
 
@@ -141,6 +142,9 @@ def save_model(
             ``mlflow.sentence_transformers`` base: the checkpoint is saved in that flavor's
             layout, with the base's tokenizer, modules and config byte for byte, and the
             model keeps the base's flavor (and its pyfunc, which takes text) beside ``taskvec``.
+        link_weights: hard-link a checkpoint's weight files into ``path`` instead of copying them,
+            where the file system allows (``log_model`` does: its folder is uploaded, then removed).
+            Weights hashed as they were written (``CheckpointWriter``) or before, under any name, are not read again to be fingerprinted.
 
     Example::
 
@@ -158,7 +162,7 @@ def save_model(
     data = carried[1] if carried else _DATA
     if carried:
         carry_over_hf_files(Path(hf_base), data, path)
-    kind, ckpt = write_weights(model, path / data)
+    kind, ckpt = write_weights(model, path / data, link=link_weights)
     conf: dict[str, Any] = {
         conf_keys.KIND: kind,
         conf_keys.DATA: data,
@@ -277,6 +281,7 @@ def log_model(
         params=params,
         tags=tags,
         hf_base=hf_base,
+        link_weights=True,  # the folder Model.log saves into is uploaded to the artifact store, then removed
         **kwargs,
     )
 

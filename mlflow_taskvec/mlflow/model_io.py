@@ -7,6 +7,7 @@ The flavor's verbs (``flavor.py``) and its pyfunc wrappers (``wrappers.py``) bui
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -90,8 +91,22 @@ def architecture_of(factory: str | None, factory_kwargs: Mapping[str, Any] | Non
     return {conf_keys.FACTORY: factory, conf_keys.FACTORY_KWARGS: kwargs}
 
 
-def write_weights(model, target: Path) -> tuple[str, Checkpoint]:
-    """Write ``model``'s weights under ``target`` (a folder); returns (kind, checkpoint)."""
+def _place(source: Path, target: Path, link: bool) -> None:
+    """``source`` copied to ``target``, or, with ``link``, hard-linked when both are on one file system."""
+    if link:
+        try:
+            os.link(source, target)
+            return
+        except OSError:  # another file system, or one without hard links: copied
+            pass
+    shutil.copy2(source, target)
+
+
+def write_weights(model, target: Path, link: bool = False) -> tuple[str, Checkpoint]:
+    """Write ``model``'s weights under ``target`` (a folder); returns (kind, checkpoint).
+
+    ``link``: a checkpoint's weight files are hard-linked instead of copied where the file system
+    allows (for a folder that is only read and then removed, as ``log_model``'s is)."""
     if isinstance(model, TaskVector):
         model.save(target)
         return conf_keys.TASK_VECTOR, open_checkpoint(target)
@@ -109,7 +124,7 @@ def write_weights(model, target: Path) -> tuple[str, Checkpoint]:
             w.commit()
     else:
         for f in source.files:
-            shutil.copy2(f, target / f.name)
+            _place(f, target / f.name, link)
         index = source.directory / "model.safetensors.index.json" if source.directory else None
         if index is not None and index.is_file():
             shutil.copy2(index, target / index.name)
