@@ -53,6 +53,7 @@ from mlflow_taskvec.engine.lora import (
     is_embedding_module,
     peft_factor_tensors,
     read_adapter_config,
+    stores_conv1d,
     svd_factors,
     write_adapter,
 )
@@ -144,12 +145,13 @@ def adapters_fan_in_fan_out(folders: "Sequence[tuple[int, str | os.PathLike]]") 
     return True in seen
 
 
-def _check_adapter_inputs(vectors) -> bool:
+def _check_adapter_inputs(base, vectors) -> bool:
     """Refuse adapters that name two different bases or disagree on ``fan_in_fan_out``, and an input
-    module whose rank exceeds its size; whether the adapters are ``fan_in_fan_out``."""
+    module whose rank exceeds its size; whether the merged adapter is ``fan_in_fan_out``: as its
+    input adapters are, or without one as the base's layout is (``lora.stores_conv1d``)."""
     adapters = [(i, v.low_rank_source.source) for i, v in enumerate(vectors) if v.low_rank_source is not None]
     check_adapter_bases(adapters)
-    fan_in_fan_out = adapters_fan_in_fan_out(adapters)
+    fan_in_fan_out = adapters_fan_in_fan_out(adapters) if any(is_adapter(folder) for _, folder in adapters) else stores_conv1d(base)
     for i, v in enumerate(vectors):
         low = v.low_rank_source
         if low is None:
@@ -190,7 +192,7 @@ def merge_to_adapter(
     claim = OutputClaim(output, overwrite)
     try:
         plan = plan_merge(base, vectors, weights, method, scale, params, compute_dtype)
-        fan_in_fan_out = _check_adapter_inputs(vectors)
+        fan_in_fan_out = _check_adapter_inputs(plan.base, vectors)
         dense_inputs = [i for i, v in enumerate(vectors) if v.low_rank_source is None]
         if dense_inputs and rank is None and energy is None:
             i = dense_inputs[0]
