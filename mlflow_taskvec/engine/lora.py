@@ -52,8 +52,9 @@ _EMBEDDING_HINTS = ("embed", "wte", "wpe")
 # (PEFT's fan_in_fan_out), and those modules' names there; their other 2-D weights are Linear or Embedding.
 CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
 CONV1D_MODULES = ("c_attn", "q_attn", "c_proj", "c_fc")
-# Above this many entries a delta is factored by torch.svd_lowrank (randomized) when a rank is given.
-_RANDOMIZED_SVD_ABOVE = 4096 * 4096
+# Above this many entries a delta given a small rank is factored by the seeded ``randomized_svd``
+# (the same bits every run; an exact SVD of an LLM's 32000 x 4096 embedding takes minutes).
+RANDOMIZED_SVD_ABOVE = 4096 * 4096
 # The opt-in randomized SVD (``svd="randomized"``): extra sketch columns and power iterations.
 SVD_METHODS = ("exact", "randomized")
 RANDOMIZED_OVERSAMPLE = 32
@@ -346,12 +347,16 @@ def is_embedding_module(module: str) -> bool:
     return any(h in last for h in _EMBEDDING_HINTS)
 
 
-def truncated_svd(delta: torch.Tensor, rank: int | None, energy: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U_k, S_k, Vh_k of the best rank-k approximation (k = rank, or the smallest keeping ``energy`` of ||delta||^2)."""
+def truncated_svd(
+    delta: torch.Tensor, rank: int | None, energy: float | None, seed_name: str = ""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U_k, S_k, Vh_k of the best rank-k approximation (k = rank, or the smallest keeping ``energy`` of
+    ||delta||^2). A delta of more than ``RANDOMIZED_SVD_ABOVE`` entries with a ``rank`` under a quarter
+    of its smaller side goes to ``randomized_svd`` seeded by ``seed_name`` (its tensor's name), never
+    torch's global generator: the same input gives the same bits in every run and process."""
     full = min(delta.shape)
-    if rank is not None and delta.numel() > _RANDOMIZED_SVD_ABOVE and rank < full // 4:
-        u, s, v = torch.svd_lowrank(delta, q=min(full, rank + 10), niter=4)
-        return u[:, :rank], s[:rank], v[:, :rank].T
+    if rank is not None and delta.numel() > RANDOMIZED_SVD_ABOVE and rank < full // 4 and rank + RANDOMIZED_OVERSAMPLE < full:
+        return randomized_svd(delta, rank, seed_name)
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     if rank is None:
         rank = rank_for_energy(s, energy)
@@ -388,7 +393,7 @@ def svd_factors(
     if svd == "randomized":
         u, s, vh = randomized_svd(delta, rank, seed_name)
     else:
-        u, s, vh = truncated_svd(delta, rank, energy)
+        u, s, vh = truncated_svd(delta, rank, energy, seed_name)
     root = s.sqrt()
     b_factor, a_factor = (u * root).to(dtype), (root[:, None] * vh).to(dtype)
     approx = b_factor.double() @ a_factor.double()
@@ -549,7 +554,7 @@ def _export(vector, claim, rank, energy, modules_to_save, base_ckpt, base_model_
                     f"export-lora: module {module!r} is not a Conv1D of this GPT-2-style base, whose adapter stores every module as "
                     "Conv1D (fan_in_fan_out): write it whole with --modules-to-save"
                 )
-            b_factor, a_factor, err_sq = svd_factors(delta, rank, energy, dtype)
+            b_factor, a_factor, err_sq = svd_factors(delta, rank, energy, dtype, seed_name=name)
             error_sq += err_sq
             tensors.update(peft_factor_tensors(module, b_factor, a_factor, embedding, fan_in_fan_out))
             exported.append(ExportedTensor(name, module, int(b_factor.shape[1]), math.sqrt(err_sq / norm_sq), embedding))
