@@ -451,7 +451,7 @@ def verify(ref, recursive, quiet):
 @main.command("export-lora")
 @click.argument("ref")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="The adapter folder to write (adapter_config.json + adapter_model.safetensors).")
-@click.option("--base", default=None, help="With a composite or fine-tune REF: export REF - BASE. Needed for --modules-to-save and for a PEFT adapter REF.")
+@click.option("--base", default=None, help="With a composite or fine-tune REF: export REF - BASE. Needed for --modules-to-save, for a PEFT adapter REF and to read a GPT-2-style (Conv1D) layout.")
 @click.option("--rank", type=int, default=None, help="The rank of every module.")
 @click.option("--energy", type=float, default=None, help="Per module, the smallest rank keeping this share of the delta's squared Frobenius norm (e.g. 0.99).")
 @click.option("--modules-to-save", "modules_to_save", multiple=True, metavar="GLOB", help="Modules written whole (base + delta) under modules_to_save, e.g. '*.LayerNorm' (repeatable).")

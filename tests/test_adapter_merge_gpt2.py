@@ -133,3 +133,46 @@ def test_adapters_that_disagree_on_fan_in_fan_out_are_refused_and_nothing_is_wri
 
         adapters_fan_in_fan_out([(0, adapters[0]), (1, other)])
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.fixture(scope="module")
+def gpt2_finetune(gpt2, tmp_path_factory) -> Path:
+    """The tiny GPT-2 with every floating-point tensor moved a little: a dense fine-tune of it."""
+    model = fresh(gpt2)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    folder = tmp_path_factory.mktemp("gpt2-ft") / "ft"
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.mark.parametrize("rank", [32, 8], ids=["full_rank", "rank_8"])
+def test_export_lora_of_a_dense_gpt2_vector_writes_a_fan_in_fan_out_adapter_peft_merges_to_base_plus_vector(gpt2, gpt2_finetune, tmp_path, rank):
+    from mlflow_taskvec.compose import export_adapter
+
+    TaskVector.extract(gpt2, gpt2_finetune).save(tmp_path / "vector")
+    # as `export-lora vector/ --base gpt2/ --rank R` runs it: the layout is read from the base's config.json
+    result = export_adapter(tmp_path / "vector", tmp_path / "lora", base=gpt2, rank=rank).result
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    assert len(result.tensors) == 10  # 8 Conv1D weights + wte and wpe (embedding LoRA)
+    ours = merged_weights(gpt2, tmp_path / "lora")
+    base, ft = open_checkpoint(gpt2), open_checkpoint(gpt2_finetune)
+    for t in result.tensors:
+        delta = ft.get_tensor(t.name).double() - base.get_tensor(t.name).double()
+        error = relative(ours[t.name] - base.get_tensor(t.name).double(), delta)
+        if rank == 32:  # every module's full rank: lossless
+            assert error < 1e-5, t.name
+        else:  # the SVD's own truncation error, as reported
+            assert 0.1 < t.relative_error < 1 and abs(error - t.relative_error) < 1e-5, t.name
+
+
+def test_a_dense_input_merged_on_a_gpt2_base_gives_a_fan_in_fan_out_adapter(gpt2, gpt2_finetune, tmp_path):
+    vector = TaskVector.extract(gpt2, gpt2_finetune)
+    merge_to_adapter(gpt2, [vector], [0.5], tmp_path / "merged", rank=32)
+    assert json.loads((tmp_path / "merged" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    ours = merged_weights(gpt2, tmp_path / "merged")
+    base = open_checkpoint(gpt2)
+    for name in (n for n in base.keys() if "c_" in n and n.endswith(".weight")):
+        assert relative(ours[name] - base.get_tensor(name).double(), 0.5 * vector.get_tensor(name, torch.float64)) < 1e-5, name

@@ -410,6 +410,33 @@ def test_export_lora_is_the_truncated_svd_and_loads_in_peft(dense_finetune, tmp_
         assert float(err) == pytest.approx(t.relative_error, rel=1e-3, abs=1e-5)
 
 
+def test_export_lora_of_a_delta_past_the_randomized_threshold_is_the_same_bits_whatever_torch_s_global_seed(tmp_path, monkeypatch):
+    """The sketched SVD that large deltas take draws from a generator seeded by the tensor's name,
+    not torch's global one (the threshold lowered so that a 256 x 128 delta takes that path)."""
+    from mlflow_taskvec.engine import lora
+
+    monkeypatch.setattr(lora, "RANDOMIZED_SVD_ABOVE", 1000)
+    gen = torch.Generator().manual_seed(5)
+    base = {"layer.dense.weight": torch.randn(256, 128, generator=gen)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file({n: t + 0.01 * torch.randn(t.shape, generator=gen) for n, t in base.items()}, str(tmp_path / "ft.safetensors"))
+    vector = TaskVector.extract(tmp_path / "base.safetensors", tmp_path / "ft.safetensors")
+    digests = []
+    for run, seed in enumerate((1, 2)):
+        torch.manual_seed(seed)  # another process, or other draws before: another global state
+        export_lora(vector, tmp_path / f"lora-{run}", rank=4)
+        digests.append(hashlib.sha256((tmp_path / f"lora-{run}" / "adapter_model.safetensors").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    # it is the seeded sketch (not the exact SVD), and close to the exact error (rank 4 of a Gaussian delta)
+    delta = vector.get_tensor("layer.dense.weight")
+    u, s, vh = lora.randomized_svd(delta, 4, "layer.dense.weight")
+    saved = load_file(str(tmp_path / "lora-0" / "adapter_model.safetensors"))
+    assert torch.equal(saved[f"{PREFIX}layer.dense.lora_B.weight"], (u * s.sqrt()).contiguous())
+    exact = torch.linalg.svdvals(delta)
+    relative = float((delta.double() - saved[f"{PREFIX}layer.dense.lora_B.weight"].double() @ saved[f"{PREFIX}layer.dense.lora_A.weight"].double()).norm() / delta.norm())
+    assert relative == pytest.approx(float(exact[4:].norm() / exact.norm()), rel=0.01)
+
+
 def test_export_lora_by_energy_sets_a_rank_pattern_and_round_trips_embedding_lora(adapter, tmp_path):
     vector = TaskVector.load(adapter[0], base=MODEL_DIR)
 

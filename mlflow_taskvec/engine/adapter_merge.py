@@ -24,7 +24,8 @@ Adapters with ``fan_in_fan_out`` (Conv1D weights stored (in, out), GPT-2's layou
 transposed (``lora.open_adapter``) and the merged adapter keeps their layout: ``fan_in_fan_out``
 in its config and every module's factors stored as PEFT's Conv1D LoRA holds them.
 
-Peak memory is the largest module's dense delta times the number of inputs (plus the
+Peak memory is the largest module's dense delta times the number of inputs, times the threads
+merging modules side by side (``threads``, default the cores; plus the
 adapter being written), never the model. 1-D tensors (biases, norms) cannot go into a
 LoRA adapter: where their merged delta is not zero they are left out and listed.
 """
@@ -32,6 +33,7 @@ LoRA adapter: where their merged delta is not zero they are left out and listed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -53,13 +55,14 @@ from mlflow_taskvec.engine.lora import (
     is_embedding_module,
     peft_factor_tensors,
     read_adapter_config,
+    stores_conv1d,
     svd_factors,
     write_adapter,
 )
 from mlflow_taskvec.engine.lowrank import max_rank
 from mlflow_taskvec.engine.merging import merge_tensor, plan_merge
 from mlflow_taskvec.engine.output import OutputClaim, refuse_aliasing
-from mlflow_taskvec.engine.streaming import check_finite, check_finite_output, one_torch_thread
+from mlflow_taskvec.engine.streaming import OrderedPool, check_finite, check_finite_output, one_torch_thread, parse_threads, release_free_memory
 from mlflow_taskvec.errors import ParameterError, TaskVecError
 
 RELATIVE_ERRORS = "taskvec.relative_errors"  # JSON {module: ||delta - B A|| / ||delta||} of a merged adapter
@@ -144,12 +147,13 @@ def adapters_fan_in_fan_out(folders: "Sequence[tuple[int, str | os.PathLike]]") 
     return True in seen
 
 
-def _check_adapter_inputs(vectors) -> bool:
+def _check_adapter_inputs(base, vectors) -> bool:
     """Refuse adapters that name two different bases or disagree on ``fan_in_fan_out``, and an input
-    module whose rank exceeds its size; whether the adapters are ``fan_in_fan_out``."""
+    module whose rank exceeds its size; whether the merged adapter is ``fan_in_fan_out``: as its
+    input adapters are, or without one as the base's layout is (``lora.stores_conv1d``)."""
     adapters = [(i, v.low_rank_source.source) for i, v in enumerate(vectors) if v.low_rank_source is not None]
     check_adapter_bases(adapters)
-    fan_in_fan_out = adapters_fan_in_fan_out(adapters)
+    fan_in_fan_out = adapters_fan_in_fan_out(adapters) if any(is_adapter(folder) for _, folder in adapters) else stores_conv1d(base)
     for i, v in enumerate(vectors):
         low = v.low_rank_source
         if low is None:
@@ -181,16 +185,20 @@ def merge_to_adapter(
     overwrite: bool = False,
     metadata: dict[str, str] | None = None,
     progress=None,
+    threads: int | None = None,
 ) -> AdapterMergeResult:
     """Write ``scale * method(weights, vectors)`` of ``base`` as a PEFT LoRA adapter at ``output``
     (see the module docstring); nothing is written when anything is refused. ``svd="randomized"``
-    (opt-in; other bits than the default ``"exact"``) truncates by ``lora.randomized_svd``."""
+    (opt-in; other bits than the default ``"exact"``) truncates by ``lora.randomized_svd``.
+    ``threads`` compute threads merge modules side by side (default: the machine's cores; the
+    same bits for any number, each module computed alone on one torch thread)."""
     started = time.perf_counter()
     check_rank_settings(rank, energy, svd)
+    workers = parse_threads(threads)
     claim = OutputClaim(output, overwrite)
     try:
         plan = plan_merge(base, vectors, weights, method, scale, params, compute_dtype)
-        fan_in_fan_out = _check_adapter_inputs(vectors)
+        fan_in_fan_out = _check_adapter_inputs(plan.base, vectors)
         dense_inputs = [i for i, v in enumerate(vectors) if v.low_rank_source is None]
         if dense_inputs and rank is None and energy is None:
             i = dense_inputs[0]
@@ -199,7 +207,7 @@ def merge_to_adapter(
             )
         refuse_aliasing(claim.path, [p for v in plan.vectors for term in v.terms for src in term.sources() for p in src.paths()] + plan.base.paths())
         with one_torch_thread():  # intra-op threads fork/join per module and stall on a busy machine (as in merge_to)
-            result = _merge(plan, list(vectors), rank, energy, svd, dtype, allow_nonfinite, fan_in_fan_out, progress)
+            result = _merge(plan, list(vectors), rank, energy, svd, dtype, allow_nonfinite, fan_in_fan_out, progress, workers)
         tensors, ranks = result.pop("tensors"), result.pop("ranks")
         if not ranks:
             raise TaskVecError("the merged delta is zero on every 2-D weight: there is no adapter to write")
@@ -228,75 +236,97 @@ def merge_to_adapter(
     )
 
 
-def _merge(plan, originals, rank, energy, svd, dtype, allow_nonfinite, fan_in_fan_out, progress) -> dict:
-    modules: list[MergedModule] = []
-    tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    left_out: dict[str, float] = {}
-    zero: list[str] = []
-    compute = plan.compute
-    for name in sorted(plan.covered):
-        shape = tuple(plan.specs[name].shape)
-        module = name.rsplit(".", 1)[0] if "." in name else name
-        coefs = [plan.tensor_scale[name] * w for w in plan.tensor_weights[name]]
-        factors = _factors(originals, name)  # per input: (left, right, scaling, rank), None (zero) or "dense"
-        is_matrix = len(shape) == 2 and name.endswith(".weight")
-        if all(f is None for f in factors):  # zero in every input: zero whatever the method
-            if is_matrix:
-                zero.append(name)
-            if progress is not None:
-                progress(name)
-            continue
-        if is_matrix and plan.method.linear and rank is None and energy is None and "dense" not in factors:
-            present = [(f, c) for f, c in zip(factors, coefs) if f is not None and c != 0]
-            total = sum(f[3] for f, _ in present)
-            if total == 0:  # only weights of 0
-                zero.append(name)
-                if progress is not None:
-                    progress(name)
-                continue
-            if total <= min(shape):
-                left = torch.cat([f[0]().to(torch.float64) for f, _ in present], dim=1)
-                right = torch.cat([f[1]().to(torch.float64) * (f[2] * c) for f, c in present], dim=0)
-                b_factor, a_factor = left.to(dtype), right.to(dtype)
-                if not allow_nonfinite:
-                    check_finite_output(b_factor.reshape(-1), name, 0, b_factor.numel())
-                    check_finite_output(a_factor.reshape(-1), name, 0, a_factor.numel())
-                embedding = is_embedding_module(module)
-                tensors.update(peft_factor_tensors(module, b_factor, a_factor, embedding, fan_in_fan_out))
-                ranks[module] = total
-                modules.append(MergedModule(name, module, total, 0.0, True, embedding))
-                if progress is not None:
-                    progress(name)
-                continue
-            # more factors than the module has room for: the SVD at full rank below
-        delta = _merged_delta(plan, name, shape, compute, allow_nonfinite)
-        norm_sq = float(delta.double().square().sum())
-        if not is_matrix:
-            if norm_sq > 0:
-                left_out[name] = norm_sq
-        elif norm_sq == 0:
-            zero.append(name)
-        else:
-            target = rank
-            if rank is None and energy is None:
-                if "dense" in factors:  # a 2-D tensor an adapter saved whole (modules_to_save)
-                    i = factors.index("dense")
-                    raise TaskVecError(
-                        f"vectors[{i}]: tensor {name!r} is a dense delta (saved whole): give --rank or --energy to cut it to a LoRA module"
-                    )
-                target = sum(f[3] for f in factors if f is not None)
-            if target is not None:
-                target = min(target, min(shape))
-            b_factor, a_factor, err_sq = svd_factors(delta.to(torch.float32), target, energy, dtype, svd, name)
+def _merge(plan, originals, rank, energy, svd, dtype, allow_nonfinite, fan_in_fan_out, progress, workers=1) -> dict:
+    """Every tensor's module merged on ``workers`` threads (each module alone, single-threaded, so
+    the same bits for any number), gathered in name order."""
+    gathered = _Gathered(progress)
+    jobs = functools.partial(_merge_module, plan, originals, rank, energy, svd, dtype, allow_nonfinite, fan_in_fan_out)
+    # a module's job holds its inputs' dense deltas while it runs: at most `workers` run at once,
+    # and a finished one keeps only its factors
+    with OrderedPool(gathered, workers=workers, max_pending=2 * workers) as pool:
+        for name in sorted(plan.covered):
+            pool.submit(name, functools.partial(jobs, name))
+    return gathered.result()
+
+
+class _Gathered:
+    """The sink of ``_merge``'s pool: each module's outcome, in name order."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.modules: list[MergedModule] = []
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.ranks: dict[str, int] = {}
+        self.left_out: dict[str, float] = {}
+        self.zero: list[str] = []
+
+    def write(self, name: str, outcome: tuple) -> None:
+        kind, value = outcome
+        if kind == "zero":
+            self.zero.append(name)
+        elif kind == "left_out":
+            self.left_out[name] = value
+        elif kind == "module":
+            module, tensors = value
+            self.tensors.update(tensors)
+            self.ranks[module.module] = module.rank
+            self.modules.append(module)
+        if self.progress is not None:
+            self.progress(name)
+
+    def result(self) -> dict:
+        return {"tensors": self.tensors, "ranks": self.ranks, "modules": self.modules, "left_out": self.left_out, "zero": self.zero}
+
+
+def _merge_module(plan, originals, rank, energy, svd, dtype, allow_nonfinite, fan_in_fan_out, name) -> tuple:
+    """The outcome of one tensor: ("zero", None), ("left_out", ||delta||^2), ("module", (MergedModule,
+    its adapter tensors)) or ("none", None) (a 1-D tensor whose merged delta is zero)."""
+    shape = tuple(plan.specs[name].shape)
+    module = name.rsplit(".", 1)[0] if "." in name else name
+    coefs = [plan.tensor_scale[name] * w for w in plan.tensor_weights[name]]
+    factors = _factors(originals, name)  # per input: (left, right, scaling, rank), None (zero) or "dense"
+    is_matrix = len(shape) == 2 and name.endswith(".weight")
+    if all(f is None for f in factors):  # zero in every input: zero whatever the method
+        return ("zero", None) if is_matrix else ("none", None)
+    if is_matrix and plan.method.linear and rank is None and energy is None and "dense" not in factors:
+        present = [(f, c) for f, c in zip(factors, coefs) if f is not None and c != 0]
+        total = sum(f[3] for f, _ in present)
+        if total == 0:  # only weights of 0
+            return ("zero", None)
+        if total <= min(shape):
+            left = torch.cat([f[0]().to(torch.float64) for f, _ in present], dim=1)
+            right = torch.cat([f[1]().to(torch.float64) * (f[2] * c) for f, c in present], dim=0)
+            b_factor, a_factor = left.to(dtype), right.to(dtype)
+            if not allow_nonfinite:
+                check_finite_output(b_factor.reshape(-1), name, 0, b_factor.numel())
+                check_finite_output(a_factor.reshape(-1), name, 0, a_factor.numel())
             embedding = is_embedding_module(module)
-            tensors.update(peft_factor_tensors(module, b_factor, a_factor, embedding, fan_in_fan_out))
-            ranks[module] = int(b_factor.shape[1])
-            modules.append(MergedModule(name, module, int(b_factor.shape[1]), math.sqrt(err_sq / norm_sq), False, embedding))
-        del delta
-        if progress is not None:
-            progress(name)
-    return {"tensors": tensors, "ranks": ranks, "modules": modules, "left_out": left_out, "zero": zero}
+            tensors = peft_factor_tensors(module, b_factor, a_factor, embedding, fan_in_fan_out)
+            return ("module", (MergedModule(name, module, total, 0.0, True, embedding), tensors))
+        # more factors than the module has room for: the SVD at full rank below
+    delta = _merged_delta(plan, name, shape, plan.compute, allow_nonfinite)
+    norm_sq = float(delta.double().square().sum())
+    if not is_matrix:
+        return ("left_out", norm_sq) if norm_sq > 0 else ("none", None)
+    if norm_sq == 0:
+        return ("zero", None)
+    target = rank
+    if rank is None and energy is None:
+        if "dense" in factors:  # a 2-D tensor an adapter saved whole (modules_to_save)
+            i = factors.index("dense")
+            raise TaskVecError(
+                f"vectors[{i}]: tensor {name!r} is a dense delta (saved whole): give --rank or --energy to cut it to a LoRA module"
+            )
+        target = sum(f[3] for f in factors if f is not None)
+    if target is not None:
+        target = min(target, min(shape))
+    b_factor, a_factor, err_sq = svd_factors(delta.to(torch.float32), target, energy, dtype, svd, name)
+    del delta
+    release_free_memory()  # the module's deltas and the SVD's work space, freed into this thread's arena
+    embedding = is_embedding_module(module)
+    tensors = peft_factor_tensors(module, b_factor, a_factor, embedding, fan_in_fan_out)
+    k = int(b_factor.shape[1])
+    return ("module", (MergedModule(name, module, k, math.sqrt(err_sq / norm_sq), False, embedding), tensors))
 
 
 def _factors(originals, name: str) -> list:

@@ -14,7 +14,8 @@ vector has the base's tensors like any extracted one. The factors stay factors
 (see ``lowrank``); they are multiplied out one tensor at a time.
 
 Writing (``export_lora``): each 2-D delta is cut to rank ``r`` by truncated SVD
-and written as a PEFT adapter with ``lora_alpha = r`` (scaling 1).
+and written as a PEFT adapter with ``lora_alpha = r`` (scaling 1); of a GPT-2-style base
+(``stores_conv1d``) as ``fan_in_fan_out``, its Conv1D weights' factors stored as PEFT holds them.
 """
 
 from __future__ import annotations
@@ -47,8 +48,13 @@ PEFT_PREFIX = "base_model.model."
 DEFAULT_LORA_ALPHA = 8
 # Module names PEFT wraps as embedding LoRA when an exported adapter targets them.
 _EMBEDDING_HINTS = ("embed", "wte", "wpe")
-# Above this many entries a delta is factored by torch.svd_lowrank (randomized) when a rank is given.
-_RANDOMIZED_SVD_ABOVE = 4096 * 4096
+# Hugging Face model types whose attention and MLP weights are transformers' Conv1D, stored (in, out)
+# (PEFT's fan_in_fan_out), and those modules' names there; their other 2-D weights are Linear or Embedding.
+CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+CONV1D_MODULES = ("c_attn", "q_attn", "c_proj", "c_fc")
+# Above this many entries a delta given a small rank is factored by the seeded ``randomized_svd``
+# (the same bits every run; an exact SVD of an LLM's 32000 x 4096 embedding takes minutes).
+RANDOMIZED_SVD_ABOVE = 4096 * 4096
 # The opt-in randomized SVD (``svd="randomized"``): extra sketch columns and power iterations.
 SVD_METHODS = ("exact", "randomized")
 RANDOMIZED_OVERSAMPLE = 32
@@ -318,17 +324,39 @@ class LoraExport:
     relative_error: float = 0.0  # ||tau - adapter||_F / ||tau||_F over the whole vector
 
 
+def stores_conv1d(ckpt: "Checkpoint | None") -> bool:
+    """Whether ``ckpt`` is a Hugging Face folder whose ``config.json`` names a model type with
+    Conv1D weights (``CONV1D_MODEL_TYPES``, GPT-2's layout): an adapter of it is ``fan_in_fan_out``."""
+    directory = ckpt.directory if ckpt is not None else None
+    if directory is None or not (directory / "config.json").is_file():
+        return False
+    try:
+        model_type = json.loads((directory / "config.json").read_text("utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+    return model_type in CONV1D_MODEL_TYPES
+
+
+def is_conv1d_module(module: str) -> bool:
+    """A module that is a Conv1D in a model of ``CONV1D_MODEL_TYPES`` (by its last name)."""
+    return module.rsplit(".", 1)[-1] in CONV1D_MODULES
+
+
 def is_embedding_module(module: str) -> bool:
     last = module.rsplit(".", 1)[-1].lower()
     return any(h in last for h in _EMBEDDING_HINTS)
 
 
-def truncated_svd(delta: torch.Tensor, rank: int | None, energy: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U_k, S_k, Vh_k of the best rank-k approximation (k = rank, or the smallest keeping ``energy`` of ||delta||^2)."""
+def truncated_svd(
+    delta: torch.Tensor, rank: int | None, energy: float | None, seed_name: str = ""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U_k, S_k, Vh_k of the best rank-k approximation (k = rank, or the smallest keeping ``energy`` of
+    ||delta||^2). A delta of more than ``RANDOMIZED_SVD_ABOVE`` entries with a ``rank`` under a quarter
+    of its smaller side goes to ``randomized_svd`` seeded by ``seed_name`` (its tensor's name), never
+    torch's global generator: the same input gives the same bits in every run and process."""
     full = min(delta.shape)
-    if rank is not None and delta.numel() > _RANDOMIZED_SVD_ABOVE and rank < full // 4:
-        u, s, v = torch.svd_lowrank(delta, q=min(full, rank + 10), niter=4)
-        return u[:, :rank], s[:rank], v[:, :rank].T
+    if rank is not None and delta.numel() > RANDOMIZED_SVD_ABOVE and rank < full // 4 and rank + RANDOMIZED_OVERSAMPLE < full:
+        return randomized_svd(delta, rank, seed_name)
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     if rank is None:
         rank = rank_for_energy(s, energy)
@@ -365,7 +393,7 @@ def svd_factors(
     if svd == "randomized":
         u, s, vh = randomized_svd(delta, rank, seed_name)
     else:
-        u, s, vh = truncated_svd(delta, rank, energy)
+        u, s, vh = truncated_svd(delta, rank, energy, seed_name)
     root = s.sqrt()
     b_factor, a_factor = (u * root).to(dtype), (root[:, None] * vh).to(dtype)
     approx = b_factor.double() @ a_factor.double()
@@ -442,6 +470,7 @@ def export_lora(
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
     progress=None,
+    fan_in_fan_out: bool | None = None,
 ) -> LoraExport:
     """Write ``vector`` (a ``TaskVector``) as a PEFT LoRA adapter folder at ``output``.
 
@@ -451,6 +480,12 @@ def export_lora(
     each module's rank, so PEFT's scaling is 1. Modules matching a ``modules_to_save``
     glob are written whole (``base + delta``, so ``base`` is needed). 1-D tensors of other
     modules cannot go into a LoRA adapter and are left out (listed in the result).
+
+    ``fan_in_fan_out`` (by default: whether ``base``, or the base the vector was extracted
+    from, is a GPT-2-style model, ``stores_conv1d``): the weights are Conv1D's, stored
+    ``(in, out)``, and every module's factors are written as PEFT's Conv1D LoRA holds them, with
+    ``fan_in_fan_out: true`` in the config. Detected so, a 2-D weight of another module than a
+    Conv1D (``CONV1D_MODULES``) or an embedding is refused unless it goes to ``modules_to_save``.
     """
     if (rank is None) == (energy is None):
         raise ParameterError("rank", "give exactly one of rank or energy")
@@ -463,12 +498,15 @@ def export_lora(
         base_ckpt = open_checkpoint(base) if base is not None else None
         sources = [src for term in vector.terms for src in term.sources()] + ([base_ckpt] if base_ckpt is not None else [])
         refuse_aliasing(claim.path, [p for ckpt in sources for p in ckpt.paths()])
-        return _export(vector, claim, rank, energy, modules_to_save, base_ckpt, base_model_name_or_path, dtype, progress)
+        detected = fan_in_fan_out is None
+        if detected:
+            fan_in_fan_out = any(stores_conv1d(ckpt) for ckpt in [base_ckpt, *(term.base for term in vector.terms)])
+        return _export(vector, claim, rank, energy, modules_to_save, base_ckpt, base_model_name_or_path, dtype, progress, fan_in_fan_out, detected)
     finally:
         claim.release()
 
 
-def _export(vector, claim, rank, energy, modules_to_save, base_ckpt, base_model_name_or_path, dtype, progress) -> LoraExport:
+def _export(vector, claim, rank, energy, modules_to_save, base_ckpt, base_model_name_or_path, dtype, progress, fan_in_fan_out, detected) -> LoraExport:
     output = claim.path
     if base_ckpt is not None and base_ckpt.fingerprint() != vector.base_fingerprint:
         raise TaskVecError(
@@ -510,10 +548,15 @@ def _export(vector, claim, rank, energy, modules_to_save, base_ckpt, base_model_
         elif norm_sq == 0:
             zero.append(name)
         else:
-            b_factor, a_factor, err_sq = svd_factors(delta, rank, energy, dtype)
-            error_sq += err_sq
             embedding = is_embedding_module(module)
-            tensors.update(peft_factor_tensors(module, b_factor, a_factor, embedding))
+            if fan_in_fan_out and detected and not (embedding or is_conv1d_module(module)):
+                raise TaskVecError(
+                    f"export-lora: module {module!r} is not a Conv1D of this GPT-2-style base, whose adapter stores every module as "
+                    "Conv1D (fan_in_fan_out): write it whole with --modules-to-save"
+                )
+            b_factor, a_factor, err_sq = svd_factors(delta, rank, energy, dtype, seed_name=name)
+            error_sq += err_sq
+            tensors.update(peft_factor_tensors(module, b_factor, a_factor, embedding, fan_in_fan_out))
             exported.append(ExportedTensor(name, module, int(b_factor.shape[1]), math.sqrt(err_sq / norm_sq), embedding))
         if progress is not None:
             progress(name)
@@ -521,7 +564,7 @@ def _export(vector, claim, rank, energy, modules_to_save, base_ckpt, base_model_
         raise TaskVecError("export-lora: every 2-D weight delta of the vector is zero: there is nothing to factor")
 
     r, rank_pattern, config = adapter_config(
-        {t.module: t.rank for t in exported}, base_model_name_or_path, sorted({module_of(n) for n in saved_whole}) or None
+        {t.module: t.rank for t in exported}, base_model_name_or_path, sorted({module_of(n) for n in saved_whole}) or None, fan_in_fan_out
     )
     metadata = {"format": "pt", meta_keys.BASE_FINGERPRINT: vector.base_fingerprint}
     if vector.task:
