@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -438,3 +439,70 @@ def test_a_dense_delta_reads_in_its_spec_s_dtype_and_a_non_finite_first_entry_is
     first_bad = DenseDelta(TensorSpec(torch.float32, (2,)), lambda: torch.tensor([float("nan"), 1.0]))
     with pytest.raises(TaskVecError, match=r"^delta factor of tensor 'b' of src holds NaN or Inf values"):
         LowRankCheckpoint({}, {"b": first_bad}, {}, "src").check_finite()
+
+
+FORMAT1_LORA = Path(__file__).parent / "fixtures" / "format1" / "lora.safetensors"
+
+
+def _lora_format1(tmp_path, table_edit=None, drop=None, add=None):
+    """The format-1 ``lora`` fixture with its ``taskvec.low_rank`` table or its tensors edited."""
+    tensors = load_file(str(FORMAT1_LORA))
+    with safe_open(str(FORMAT1_LORA), "pt") as fh:
+        meta = dict(fh.metadata())
+    table = json.loads(meta["taskvec.low_rank"])
+    if table_edit:
+        table_edit(table)
+    meta["taskvec.low_rank"] = json.dumps(table)
+    if drop:
+        del tensors[drop]
+    tensors.update(add or {})
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, problem",
+    [
+        ("shape", "has shape [12, -1], not a list of whole numbers >= 0"),
+        ("rank", "has rank 11, not a whole number in [0, 10]"),
+        ("scaling", "has scaling 'x', not a finite number"),
+        ("factor", "lacks its factor 'layer.weight.lowrank_right'"),
+        ("both", "is stored both dense and as factors"),
+    ],
+)
+def test_a_tampered_format_1_lora_file_is_one_line_naming_the_file_and_the_tensor(tmp_path, case, problem):
+    """docs/layouts.md: ``PATH: corrupt LAYOUT task vector: tensor 'NAME' ...``."""
+    edits = {
+        "shape": dict(table_edit=lambda t: t["layer.weight"].update(shape=[12, -1])),
+        "rank": dict(table_edit=lambda t: t["layer.weight"].update(rank=11)),
+        "scaling": dict(table_edit=lambda t: t["layer.weight"].update(scaling="x")),
+        "factor": dict(drop="layer.weight.lowrank_right"),
+        "both": dict(add={"frozen.weight": torch.zeros(6, 8)}),
+    }
+    name = "frozen.weight" if case == "both" else "layer.weight"
+    path = _lora_format1(tmp_path, **edits[case])
+    with pytest.raises(TaskVecError) as err:
+        open_checkpoint(path)
+    assert str(err.value) == f"{path}: corrupt lora task vector: tensor {name!r} {problem}"
+
+
+def test_a_format_1_lora_file_reads_its_dense_tensors_whatever_their_names_and_counts_its_stored_bytes(tmp_path):
+    """Every tensor the table does not claim is a dense delta (here one sorting after the
+    factors); the stored size is the bytes of the factors and dense tensors in the file."""
+    extra = torch.arange(4.0)
+    path = _lora_format1(tmp_path, add={"z.bias": extra})
+    ckpt = open_checkpoint(path)
+    assert torch.equal(ckpt.get_tensor("z.bias"), extra)
+    assert sorted(ckpt.keys()) == ["frozen.weight", "head.bias", "layer.weight", "z.bias"]
+    # factors 12 x 3 and 3 x 10, head.bias (10) and z.bias (4), all float32
+    assert ckpt.stored_bytes == (36 + 30 + 10 + 4) * 4
+    assert [Path(p) for p in ckpt.files] == [path]  # what a copy copies
+
+
+def test_a_non_finite_format_1_lora_factor_is_refused_naming_the_file(tmp_path):
+    left = load_file(str(FORMAT1_LORA))["layer.weight.lowrank_left"].clone()
+    left[0, 0] = float("nan")
+    path = _lora_format1(tmp_path, add={"layer.weight.lowrank_left": left})
+    with pytest.raises(TaskVecError, match="tensor 'layer.weight' of " + str(path).replace(".", r"\.")):
+        open_checkpoint(path).check_finite()

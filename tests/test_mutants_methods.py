@@ -207,6 +207,30 @@ def test_the_trim_of_float64_chunks_compares_float64_magnitudes_against_a_float6
     assert trim_threshold(None, 3, torch.float64, whole=flat).keep_mask(flat).tolist() == expected
 
 
+def test_the_trim_keeps_the_largest_entries_whatever_the_low_bits_of_their_floats():
+    """Magnitudes whose float32 low 16 bits are all ones (the last bin of each radix digit)."""
+    top, second = (float(torch.tensor([b], dtype=torch.int32).view(torch.float32)) for b in (0x3F80FFFF, 0x3F80FFFE))
+    values = [0.5, -top, 0.25, second, -0.75, 1.0]
+    for k in (1, 2):
+        expected = top_k_mask(values, k)
+        for dtype in (torch.float32, torch.float64):
+            flat = torch.tensor(values, dtype=dtype)
+            for size in (6, 4):
+                rule = top_k_rule(chunked(flat, size), k, dtype)
+                kept = torch.cat([rule.apply(c, s) for s, c in chunked(flat, size)()])
+                assert kept.tolist() == [x if keep else 0.0 for x, keep in zip(values, expected)], (k, dtype, size)
+            assert trim_threshold(None, k, dtype, whole=flat).keep_mask(flat).tolist() == expected, (k, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_sparse_trim_ranks_16_bit_tensors_by_their_own_magnitudes(dtype):
+    """compress --format sparse ranks a stored 16-bit vector as it is (engine/compressed.py)."""
+    values = [0.5, -0.25, 0.25, -0.5, 0.0, 0.125, -0.125, 0.5, 0.0]  # 9 entries: odd, so no view pairs them
+    flat = torch.tensor(values, dtype=dtype)
+    for k in (2, 4, 6):
+        assert trim_threshold(None, k, dtype, whole=flat).keep_mask(flat).tolist() == top_k_mask(values, k), k
+
+
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_the_trim_of_a_chunk_holding_inf_keeps_the_earlier_ties_too(k):
     values = [1.0, -2.0, float("inf"), 2.0, -2.0, 1.0, 0.5]
