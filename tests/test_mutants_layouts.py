@@ -506,3 +506,98 @@ def test_a_non_finite_format_1_lora_factor_is_refused_naming_the_file(tmp_path):
     path = _lora_format1(tmp_path, add={"layer.weight.lowrank_left": left})
     with pytest.raises(TaskVecError, match="tensor 'layer.weight' of " + str(path).replace(".", r"\.")):
         open_checkpoint(path).check_finite()
+
+
+# -- engine/lowrank.py's writer and reader of the low-rank layout (docs/layouts.md) -------------
+
+FORMAT1_LOWRANK = Path(__file__).parent / "fixtures" / "format1" / "lowrank.safetensors"
+
+
+def _factors(m: int, n: int, r: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(m * 100 + n * 10 + r)
+    return torch.randn(m, r, generator=g).to(dtype), torch.randn(r, n, generator=g).to(dtype)
+
+
+def _low_rank_vector(tensors: dict[str, LowRankTensor]) -> LowRankCheckpoint:
+    return LowRankCheckpoint(tensors, {}, {}, "handmade")
+
+
+def test_the_writer_keeps_a_full_rank_tensor_factored_reports_each_name_and_never_overwrites_by_default(tmp_path):
+    left, right = _factors(3, 5, 3)  # rank 3 = min(3, 5): the largest a 3 x 5 matrix has
+    vec = _low_rank_vector({"w": LowRankTensor((3, 5), 3, 0.5, lambda: left, lambda: right)})
+    seen = []
+    lowrank_module.save_low_rank(vec, tmp_path / "v.safetensors", {}, progress=seen.append)
+    assert seen == ["w"]
+    parts, meta = stored(tmp_path / "v.safetensors")
+    assert json.loads(meta["taskvec.layout_tensors"])["w"] == {"dtype": "F32", "shape": [3, 5], "encoding": "lowrank", "rank": 3, "scaling": 0.5}
+    assert torch.equal(parts["w/left"], left) and torch.equal(parts["w/right"], right)
+    before = (tmp_path / "v.safetensors").read_bytes()
+    with pytest.raises(TaskVecError):
+        lowrank_module.save_low_rank(vec, tmp_path / "v.safetensors", {})
+    assert (tmp_path / "v.safetensors").read_bytes() == before
+
+
+def test_the_writer_refuses_a_rank_above_the_smaller_side_in_one_line(tmp_path):
+    left, right = _factors(2, 3, 3)
+    vec = _low_rank_vector({"w": LowRankTensor((2, 3), 3, 1.0, lambda: left, lambda: right)})
+    with pytest.raises(TaskVecError) as err:
+        lowrank_module.save_low_rank(vec, tmp_path / "v.safetensors", {})
+    assert str(err.value) == "handmade: tensor 'w' of shape [2, 3] cannot have rank 3 (at most 2)"
+    assert not (tmp_path / "v.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_a_zero_tensor_reads_back_in_its_recorded_dtype(tmp_path, dtype):
+    vec = _low_rank_vector({"z": LowRankTensor((2, 3), 0, dtype=dtype)})
+    lowrank_module.save_low_rank(vec, tmp_path / "v.safetensors", {})
+    got = open_checkpoint(tmp_path / "v.safetensors").get_tensor("z")
+    assert got.dtype == dtype and torch.equal(got, torch.zeros(2, 3, dtype=dtype))
+
+
+def test_format_2_factors_may_be_stored_in_another_float_dtype_than_the_tensor(tmp_path):
+    """An adapter's factors are saved as the adapter had them (bfloat16 on a float32 base)."""
+    left, right = _factors(4, 3, 2, torch.bfloat16)
+    vec = _low_rank_vector({"w": LowRankTensor((4, 3), 2, 1.0, lambda: left, lambda: right, dtype=torch.float32)})
+    lowrank_module.save_low_rank(vec, tmp_path / "v.safetensors", {})
+    got = open_checkpoint(tmp_path / "v.safetensors").get_tensor("w")
+    expected = (left.double() @ right.double()).float()
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
+def _tampered_lowrank_format1(tmp_path, edit_table=None, edit_tensors=None, edit_meta=None):
+    tensors, meta = stored(FORMAT1_LOWRANK)
+    table = json.loads(meta["taskvec.layout_tensors"])
+    if edit_table:
+        edit_table(table)
+    meta["taskvec.layout_tensors"] = json.dumps(table)
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_meta:
+        edit_meta(meta)
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (dict(edit_tensors=lambda t: t.pop("layer.weight/A")), "tensor 'layer.weight' lacks its stored part 'A'"),
+        (dict(edit_tensors=lambda t: t.update({"layer.weight/B": t["layer.weight/B"].double()})), "tensor 'layer.weight' has part 'B' of shape [12, 2] (float64), expected [12, 2] (float32)"),
+        (dict(edit_table=lambda t: t["head.bias"].update(encoding="lowrank")), "tensor 'head.bias' is low-rank with shape [10]: only a matrix has factors"),
+    ],
+    ids=["no A", "B in another dtype", "1-D low-rank"],
+)
+def test_a_tampered_format_1_lowrank_file_is_one_line_naming_the_file_and_the_tensor(tmp_path, edit, problem):
+    path = _tampered_lowrank_format1(tmp_path, **edit)
+    with pytest.raises(TaskVecError) as err:
+        open_checkpoint(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: corrupt lowrank task vector: {problem}") and "\n" not in message
+
+
+def test_a_low_rank_file_of_a_newer_format_asks_for_an_upgrade(tmp_path):
+    path = _tampered_lowrank_format1(tmp_path, edit_meta=lambda m: m.update({"taskvec.layout_format": "3"}))
+    with pytest.raises(TaskVecError) as err:
+        open_checkpoint(path)
+    assert str(err.value) == f"{path}: low-rank layout format '3' is newer than this version reads (1 or 2): upgrade mlflow-taskvec"
