@@ -601,3 +601,38 @@ def test_a_low_rank_file_of_a_newer_format_asks_for_an_upgrade(tmp_path):
     with pytest.raises(TaskVecError) as err:
         open_checkpoint(path)
     assert str(err.value) == f"{path}: low-rank layout format '3' is newer than this version reads (1 or 2): upgrade mlflow-taskvec"
+
+
+@pytest.mark.parametrize("rank", [1, 10])
+def test_a_format_1_lowrank_file_of_rank_1_or_of_the_smaller_side_reads_the_product(tmp_path, rank):
+    b, a = _factors(12, 10, rank)
+    path = _tampered_lowrank_format1(tmp_path, edit_tensors=lambda t: t.update({"layer.weight/B": b, "layer.weight/A": a}))
+    assert torch.allclose(open_checkpoint(path).get_tensor("layer.weight"), b @ a, rtol=0, atol=1e-5)
+
+
+def test_a_format_1_lowrank_part_a_that_is_not_a_matrix_is_refused_naming_its_shape(tmp_path):
+    path = _tampered_lowrank_format1(tmp_path, edit_tensors=lambda t: t.update({"layer.weight/A": torch.zeros(10)}))
+    with pytest.raises(TaskVecError) as err:
+        open_checkpoint(path)
+    assert str(err.value) == f"{path}: corrupt lowrank task vector: tensor 'layer.weight' has part 'A' of shape [10]: its rank is not in [1, 10]"
+
+
+def test_a_format_1_lowrank_file_saved_again_keeps_its_values_and_its_files(tmp_path):
+    old = open_checkpoint(FORMAT1_LOWRANK)
+    TaskVector.load(FORMAT1_LOWRANK).save(tmp_path / "new.safetensors")
+    new = open_checkpoint(tmp_path / "new.safetensors")
+    assert json.loads(stored(tmp_path / "new.safetensors")[1]["taskvec.layout_tensors"])["layer.weight"]["scaling"] == 1.0
+    assert torch.allclose(new.get_tensor("layer.weight"), old.get_tensor("layer.weight"), rtol=0, atol=1e-6)
+    assert [Path(p) for p in new.files] == [tmp_path / "new.safetensors"]  # what a copy copies
+
+
+def test_the_writer_overwrites_when_told_and_never_writes_over_its_own_input(tmp_path):
+    left, right = _factors(3, 5, 2)
+    vec = _low_rank_vector({"w": LowRankTensor((3, 5), 2, 1.0, lambda: left, lambda: right)})
+    path = tmp_path / "v.safetensors"
+    lowrank_module.save_low_rank(vec, path, {})
+    lowrank_module.save_low_rank(vec, path, {}, overwrite=True)
+    again = open_checkpoint(path)
+    with pytest.raises(TaskVecError):
+        lowrank_module.save_low_rank(again, path, {}, overwrite=True, inputs=[again])
+    assert torch.equal(open_checkpoint(path).get_tensor("w"), (left.double() @ right.double()).float())
