@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -438,3 +439,200 @@ def test_a_dense_delta_reads_in_its_spec_s_dtype_and_a_non_finite_first_entry_is
     first_bad = DenseDelta(TensorSpec(torch.float32, (2,)), lambda: torch.tensor([float("nan"), 1.0]))
     with pytest.raises(TaskVecError, match=r"^delta factor of tensor 'b' of src holds NaN or Inf values"):
         LowRankCheckpoint({}, {"b": first_bad}, {}, "src").check_finite()
+
+
+FORMAT1_LORA = Path(__file__).parent / "fixtures" / "format1" / "lora.safetensors"
+
+
+def _lora_format1(tmp_path, table_edit=None, drop=None, add=None):
+    """The format-1 ``lora`` fixture with its ``taskvec.low_rank`` table or its tensors edited."""
+    tensors = load_file(str(FORMAT1_LORA))
+    with safe_open(str(FORMAT1_LORA), "pt") as fh:
+        meta = dict(fh.metadata())
+    table = json.loads(meta["taskvec.low_rank"])
+    if table_edit:
+        table_edit(table)
+    meta["taskvec.low_rank"] = json.dumps(table)
+    if drop:
+        del tensors[drop]
+    tensors.update(add or {})
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, problem",
+    [
+        ("shape", "has shape [12, -1], not a list of whole numbers >= 0"),
+        ("rank", "has rank 11, not a whole number in [0, 10]"),
+        ("scaling", "has scaling 'x', not a finite number"),
+        ("factor", "lacks its factor 'layer.weight.lowrank_right'"),
+        ("both", "is stored both dense and as factors"),
+    ],
+)
+def test_a_tampered_format_1_lora_file_is_one_line_naming_the_file_and_the_tensor(tmp_path, case, problem):
+    """docs/layouts.md: ``PATH: corrupt LAYOUT task vector: tensor 'NAME' ...``."""
+    edits = {
+        "shape": dict(table_edit=lambda t: t["layer.weight"].update(shape=[12, -1])),
+        "rank": dict(table_edit=lambda t: t["layer.weight"].update(rank=11)),
+        "scaling": dict(table_edit=lambda t: t["layer.weight"].update(scaling="x")),
+        "factor": dict(drop="layer.weight.lowrank_right"),
+        "both": dict(add={"frozen.weight": torch.zeros(6, 8)}),
+    }
+    name = "frozen.weight" if case == "both" else "layer.weight"
+    path = _lora_format1(tmp_path, **edits[case])
+    with pytest.raises(TaskVecError) as err:
+        open_checkpoint(path)
+    assert str(err.value) == f"{path}: corrupt lora task vector: tensor {name!r} {problem}"
+
+
+def test_a_format_1_lora_file_reads_its_dense_tensors_whatever_their_names_and_counts_its_stored_bytes(tmp_path):
+    """Every tensor the table does not claim is a dense delta (here one sorting after the
+    factors); the stored size is the bytes of the factors and dense tensors in the file."""
+    extra = torch.arange(4.0)
+    path = _lora_format1(tmp_path, add={"z.bias": extra})
+    ckpt = open_checkpoint(path)
+    assert torch.equal(ckpt.get_tensor("z.bias"), extra)
+    assert sorted(ckpt.keys()) == ["frozen.weight", "head.bias", "layer.weight", "z.bias"]
+    # factors 12 x 3 and 3 x 10, head.bias (10) and z.bias (4), all float32
+    assert ckpt.stored_bytes == (36 + 30 + 10 + 4) * 4
+    assert [Path(p) for p in ckpt.files] == [path]  # what a copy copies
+
+
+def test_a_non_finite_format_1_lora_factor_is_refused_naming_the_file(tmp_path):
+    left = load_file(str(FORMAT1_LORA))["layer.weight.lowrank_left"].clone()
+    left[0, 0] = float("nan")
+    path = _lora_format1(tmp_path, add={"layer.weight.lowrank_left": left})
+    with pytest.raises(TaskVecError, match="tensor 'layer.weight' of " + str(path).replace(".", r"\.")):
+        open_checkpoint(path).check_finite()
+
+
+# -- engine/lowrank.py's writer and reader of the low-rank layout (docs/layouts.md) -------------
+
+FORMAT1_LOWRANK = Path(__file__).parent / "fixtures" / "format1" / "lowrank.safetensors"
+
+
+def _factors(m: int, n: int, r: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(m * 100 + n * 10 + r)
+    return torch.randn(m, r, generator=g).to(dtype), torch.randn(r, n, generator=g).to(dtype)
+
+
+def _low_rank_vector(tensors: dict[str, LowRankTensor]) -> LowRankCheckpoint:
+    return LowRankCheckpoint(tensors, {}, {}, "handmade")
+
+
+def test_the_writer_keeps_a_full_rank_tensor_factored_reports_each_name_and_never_overwrites_by_default(tmp_path):
+    left, right = _factors(3, 5, 3)  # rank 3 = min(3, 5): the largest a 3 x 5 matrix has
+    vec = _low_rank_vector({"w": LowRankTensor((3, 5), 3, 0.5, lambda: left, lambda: right)})
+    seen = []
+    lowrank_module.save_low_rank(vec, tmp_path / "v.safetensors", {}, progress=seen.append)
+    assert seen == ["w"]
+    parts, meta = stored(tmp_path / "v.safetensors")
+    assert json.loads(meta["taskvec.layout_tensors"])["w"] == {"dtype": "F32", "shape": [3, 5], "encoding": "lowrank", "rank": 3, "scaling": 0.5}
+    assert torch.equal(parts["w/left"], left) and torch.equal(parts["w/right"], right)
+    before = (tmp_path / "v.safetensors").read_bytes()
+    with pytest.raises(TaskVecError):
+        lowrank_module.save_low_rank(vec, tmp_path / "v.safetensors", {})
+    assert (tmp_path / "v.safetensors").read_bytes() == before
+
+
+def test_the_writer_refuses_a_rank_above_the_smaller_side_in_one_line(tmp_path):
+    left, right = _factors(2, 3, 3)
+    vec = _low_rank_vector({"w": LowRankTensor((2, 3), 3, 1.0, lambda: left, lambda: right)})
+    with pytest.raises(TaskVecError) as err:
+        lowrank_module.save_low_rank(vec, tmp_path / "v.safetensors", {})
+    assert str(err.value) == "handmade: tensor 'w' of shape [2, 3] cannot have rank 3 (at most 2)"
+    assert not (tmp_path / "v.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_a_zero_tensor_reads_back_in_its_recorded_dtype(tmp_path, dtype):
+    vec = _low_rank_vector({"z": LowRankTensor((2, 3), 0, dtype=dtype)})
+    lowrank_module.save_low_rank(vec, tmp_path / "v.safetensors", {})
+    got = open_checkpoint(tmp_path / "v.safetensors").get_tensor("z")
+    assert got.dtype == dtype and torch.equal(got, torch.zeros(2, 3, dtype=dtype))
+
+
+def test_format_2_factors_may_be_stored_in_another_float_dtype_than_the_tensor(tmp_path):
+    """An adapter's factors are saved as the adapter had them (bfloat16 on a float32 base)."""
+    left, right = _factors(4, 3, 2, torch.bfloat16)
+    vec = _low_rank_vector({"w": LowRankTensor((4, 3), 2, 1.0, lambda: left, lambda: right, dtype=torch.float32)})
+    lowrank_module.save_low_rank(vec, tmp_path / "v.safetensors", {})
+    got = open_checkpoint(tmp_path / "v.safetensors").get_tensor("w")
+    expected = (left.double() @ right.double()).float()
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
+def _tampered_lowrank_format1(tmp_path, edit_table=None, edit_tensors=None, edit_meta=None):
+    tensors, meta = stored(FORMAT1_LOWRANK)
+    table = json.loads(meta["taskvec.layout_tensors"])
+    if edit_table:
+        edit_table(table)
+    meta["taskvec.layout_tensors"] = json.dumps(table)
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_meta:
+        edit_meta(meta)
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (dict(edit_tensors=lambda t: t.pop("layer.weight/A")), "tensor 'layer.weight' lacks its stored part 'A'"),
+        (dict(edit_tensors=lambda t: t.update({"layer.weight/B": t["layer.weight/B"].double()})), "tensor 'layer.weight' has part 'B' of shape [12, 2] (float64), expected [12, 2] (float32)"),
+        (dict(edit_table=lambda t: t["head.bias"].update(encoding="lowrank")), "tensor 'head.bias' is low-rank with shape [10]: only a matrix has factors"),
+    ],
+    ids=["no A", "B in another dtype", "1-D low-rank"],
+)
+def test_a_tampered_format_1_lowrank_file_is_one_line_naming_the_file_and_the_tensor(tmp_path, edit, problem):
+    path = _tampered_lowrank_format1(tmp_path, **edit)
+    with pytest.raises(TaskVecError) as err:
+        open_checkpoint(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: corrupt lowrank task vector: {problem}") and "\n" not in message
+
+
+def test_a_low_rank_file_of_a_newer_format_asks_for_an_upgrade(tmp_path):
+    path = _tampered_lowrank_format1(tmp_path, edit_meta=lambda m: m.update({"taskvec.layout_format": "3"}))
+    with pytest.raises(TaskVecError) as err:
+        open_checkpoint(path)
+    assert str(err.value) == f"{path}: low-rank layout format '3' is newer than this version reads (1 or 2): upgrade mlflow-taskvec"
+
+
+@pytest.mark.parametrize("rank", [1, 10])
+def test_a_format_1_lowrank_file_of_rank_1_or_of_the_smaller_side_reads_the_product(tmp_path, rank):
+    b, a = _factors(12, 10, rank)
+    path = _tampered_lowrank_format1(tmp_path, edit_tensors=lambda t: t.update({"layer.weight/B": b, "layer.weight/A": a}))
+    assert torch.allclose(open_checkpoint(path).get_tensor("layer.weight"), b @ a, rtol=0, atol=1e-5)
+
+
+def test_a_format_1_lowrank_part_a_that_is_not_a_matrix_is_refused_naming_its_shape(tmp_path):
+    path = _tampered_lowrank_format1(tmp_path, edit_tensors=lambda t: t.update({"layer.weight/A": torch.zeros(10)}))
+    with pytest.raises(TaskVecError) as err:
+        open_checkpoint(path)
+    assert str(err.value) == f"{path}: corrupt lowrank task vector: tensor 'layer.weight' has part 'A' of shape [10]: its rank is not in [1, 10]"
+
+
+def test_a_format_1_lowrank_file_saved_again_keeps_its_values_and_its_files(tmp_path):
+    old = open_checkpoint(FORMAT1_LOWRANK)
+    TaskVector.load(FORMAT1_LOWRANK).save(tmp_path / "new.safetensors")
+    new = open_checkpoint(tmp_path / "new.safetensors")
+    assert json.loads(stored(tmp_path / "new.safetensors")[1]["taskvec.layout_tensors"])["layer.weight"]["scaling"] == 1.0
+    assert torch.allclose(new.get_tensor("layer.weight"), old.get_tensor("layer.weight"), rtol=0, atol=1e-6)
+    assert [Path(p) for p in new.files] == [tmp_path / "new.safetensors"]  # what a copy copies
+
+
+def test_the_writer_overwrites_when_told_and_never_writes_over_its_own_input(tmp_path):
+    left, right = _factors(3, 5, 2)
+    vec = _low_rank_vector({"w": LowRankTensor((3, 5), 2, 1.0, lambda: left, lambda: right)})
+    path = tmp_path / "v.safetensors"
+    lowrank_module.save_low_rank(vec, path, {})
+    lowrank_module.save_low_rank(vec, path, {}, overwrite=True)
+    again = open_checkpoint(path)
+    with pytest.raises(TaskVecError):
+        lowrank_module.save_low_rank(again, path, {}, overwrite=True, inputs=[again])
+    assert torch.equal(open_checkpoint(path).get_tensor("w"), (left.double() @ right.double()).float())

@@ -14,10 +14,12 @@ import torch
 
 from mlflow_taskvec import TaskVector
 from mlflow_taskvec.engine.merging import merge
+from mlflow_taskvec.engine.methods.breadcrumbs import band_counts, check_band, prepare_band
 from mlflow_taskvec.engine.methods.consensus import consensus_mask
 from mlflow_taskvec.engine.methods.della import check_probabilities, keep_probabilities, rank_norm
 from mlflow_taskvec.engine.methods.isotropic import iso_cts_split
 from mlflow_taskvec.engine.methods.slerp import slerp_vectors
+from mlflow_taskvec.engine.methods.trim import top_k_rule, trim_threshold
 from mlflow_taskvec.errors import TaskVecError
 
 
@@ -159,3 +161,131 @@ def test_a_weight_of_two_scales_d_i_in_ties_and_in_the_svd_methods():
     u, s, vh = torch.linalg.svd(2 * t, full_matrices=False)
     iso = merge(base, [vector], [2.0], method="iso_c", compute_dtype="float64")["m"]
     torch.testing.assert_close(iso, s.mean() * (u @ vh), rtol=0, atol=1e-12)
+
+
+# -- the trim step and the breadcrumbs band, straight on the engine's rules, whole and in chunks --
+
+# magnitudes tied 4, 3 and 2 ways, a zero, and one outlier (14 entries)
+TIED = [0.5, -0.25, 0.25, -0.5, 0.0, 0.125, -0.125, 0.5, 0.0, 0.25, -0.0625, 0.5, -0.25, 1.0]
+
+
+def chunked(flat: torch.Tensor, size: int):
+    """``chunks()`` -> (start, chunk) in order, as the streaming engine gives an input."""
+    return lambda: ((s, flat[s : s + size]) for s in range(0, flat.numel(), size))
+
+
+def top_k_mask(values: list[float], k: int) -> list[bool]:
+    """docs/methods.md's ``ties`` trim: the k entries of largest |x|, the earlier first among equals."""
+    order = sorted(range(len(values)), key=lambda i: (-abs(values[i]), i))
+    kept = set(order[:k])
+    return [i in kept for i in range(len(values))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_trim_keeps_exactly_k_entries_the_earlier_first_among_equal_magnitudes(dtype):
+    flat = torch.tensor(TIED, dtype=dtype)
+    for k in (2, 3, 7, 13):  # 1, 2, 2 and 1 of 4, 4, 4 and 2 equal magnitudes kept
+        expected = top_k_mask(TIED, k)
+        for size in (14, 5):  # one chunk, and chunks that split the ties
+            rule = top_k_rule(chunked(flat, size), k, dtype)
+            kept = torch.cat([rule.apply(c, s) for s, c in chunked(flat, size)()])
+            assert kept.tolist() == [x if keep else 0.0 for x, keep in zip(TIED, expected)], (k, size)
+        whole = trim_threshold(None, k, dtype, whole=flat)  # one tensor, no tie plan (compress's sparse indices)
+        assert whole.keep_mask(flat).tolist() == expected, k
+
+
+def test_the_trim_of_float64_chunks_compares_float64_magnitudes_against_a_float64_threshold():
+    e = 1e-12  # below float32's resolution at 1
+    values = [1 + e, 1 + e / 2, 1 + e, 0.5, 1 + e, 1 + 2 * e, 0.25, 1 + e]
+    flat = torch.tensor(values, dtype=torch.float64)
+    expected = top_k_mask(values, 3)  # 1 + 2e, then the first two of the four 1 + e
+    assert expected == [True, False, True, False, False, True, False, False]
+    for size in (8, 3):
+        rule = top_k_rule(chunked(flat, size), 3, torch.float64)
+        kept = torch.cat([rule.apply(c, s) for s, c in chunked(flat, size)()])
+        assert kept.tolist() == [x if keep else 0.0 for x, keep in zip(values, expected)], size
+    assert trim_threshold(None, 3, torch.float64, whole=flat).keep_mask(flat).tolist() == expected
+
+
+def test_the_trim_keeps_the_largest_entries_whatever_the_low_bits_of_their_floats():
+    """Magnitudes whose float32 low 16 bits are all ones (the last bin of each radix digit)."""
+    top, second = (float(torch.tensor([b], dtype=torch.int32).view(torch.float32)) for b in (0x3F80FFFF, 0x3F80FFFE))
+    values = [0.5, -top, 0.25, second, -0.75, 1.0]
+    for k in (1, 2):
+        expected = top_k_mask(values, k)
+        for dtype in (torch.float32, torch.float64):
+            flat = torch.tensor(values, dtype=dtype)
+            for size in (6, 4):
+                rule = top_k_rule(chunked(flat, size), k, dtype)
+                kept = torch.cat([rule.apply(c, s) for s, c in chunked(flat, size)()])
+                assert kept.tolist() == [x if keep else 0.0 for x, keep in zip(values, expected)], (k, dtype, size)
+            assert trim_threshold(None, k, dtype, whole=flat).keep_mask(flat).tolist() == expected, (k, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_sparse_trim_ranks_16_bit_tensors_by_their_own_magnitudes(dtype):
+    """compress --format sparse ranks a stored 16-bit vector as it is (engine/compressed.py)."""
+    values = [0.5, -0.25, 0.25, -0.5, 0.0, 0.125, -0.125, 0.5, 0.0]  # 9 entries: odd, so no view pairs them
+    flat = torch.tensor(values, dtype=dtype)
+    for k in (2, 4, 6):
+        assert trim_threshold(None, k, dtype, whole=flat).keep_mask(flat).tolist() == top_k_mask(values, k), k
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_the_trim_of_a_chunk_holding_inf_keeps_the_earlier_ties_too(k):
+    values = [1.0, -2.0, float("inf"), 2.0, -2.0, 1.0, 0.5]
+    flat = torch.tensor(values)
+    expected = top_k_mask(values, k)
+    rule = top_k_rule(chunked(flat, 7), k, torch.float32)
+    assert rule.apply(flat, 0).tolist() == [x if keep else 0.0 for x, keep in zip(values, expected)]
+
+
+def test_a_trim_at_a_threshold_of_zero_marks_only_the_earliest_zeros_kept():
+    values = [0.0, 0.5, 0.0, -0.5, 0.0, 0.0, 0.25, 0.0]
+    flat = torch.tensor(values)
+    for k in (4, 5, 6):
+        expected = top_k_mask(values, k)
+        assert trim_threshold(None, k, torch.float32, whole=flat).keep_mask(flat).tolist() == expected
+        rule = top_k_rule(chunked(flat, 3), k, torch.float32)
+        assert torch.cat([rule.keep_mask(c, s) for s, c in chunked(flat, 3)()]).tolist() == expected
+
+
+def band_reference(values: list[float], density: float, gamma: float) -> list[float]:
+    """docs/methods.md's breadcrumbs band: ascending ranks [bottom, bottom + keep) stay."""
+    n = len(values)
+    keep, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - keep - top)
+    order = sorted(range(n), key=lambda i: (abs(values[i]), -i))  # equal magnitudes: the earlier higher
+    kept = set(order[bottom : bottom + keep])
+    return [x if i in kept else 0.0 for i, x in enumerate(values)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_breadcrumbs_band_keeps_the_documented_ranks_whole_and_in_chunks(dtype):
+    flat = torch.tensor(TIED, dtype=dtype)
+    for density, gamma in ((0.5, 0.1), (0.25, 0.0), (0.86, 0.14), (0.5, 0.5), (0.05, 0.3)):
+        for size in (14, 5):
+            (band,) = prepare_band("t", flat.numel(), {"density": density, "gamma": gamma}, [chunked(flat, size)], dtype)
+            got = torch.cat([band.apply(c, s) for s, c in chunked(flat, size)()])
+            assert got.tolist() == band_reference(TIED, density, gamma), (density, gamma, size)
+
+
+def test_the_breadcrumbs_band_ranks_float64_inputs_by_their_float64_magnitudes():
+    values = [1.0, 1.0 + 1e-12, 0.5, 1.0 + 2e-12]  # equal in float32
+    flat = torch.tensor(values, dtype=torch.float64)
+    for size in (4, 2):
+        (band,) = prepare_band("t", 4, {"density": 0.5, "gamma": 0.0}, [chunked(flat, size)], torch.float64)
+        got = torch.cat([band.apply(c, s) for s, c in chunked(flat, size)()])
+        assert got.tolist() == [0.0, 1.0 + 1e-12, 0.0, 1.0 + 2e-12], size
+
+
+def test_breadcrumbs_takes_density_plus_gamma_of_exactly_one_and_refuses_more():
+    check_band({"density": 0.5, "gamma": 0.5})
+    with pytest.raises(TaskVecError, match=r"^params\.gamma: density 0\.6 \+ gamma 0\.5 = 1\.1 is more than 1 \(the kept band and the dropped outliers cannot cover more than every entry\)$"):
+        check_band({"density": 0.6, "gamma": 0.5})
+
+
+def test_band_counts_are_int_of_density_and_gamma_times_n_and_the_rest_below():
+    assert band_counts(10, 0.5, 0.5) == (5, 5, 0)
+    assert band_counts(10, 0.35, 0.1) == (3, 1, 6)
+    assert band_counts(7, 0.99, 0.0) == (6, 0, 1)

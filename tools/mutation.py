@@ -97,14 +97,19 @@ SUBSETS: dict[str, tuple[str, ...]] = {
     + _in("engine.methods.tsv", "x*")
     + _in("engine.methods.spectral", "x*")
     + _in("engine.methods.isotropic", "x*")
-    + _in("engine.methods.della", "x_rank_norm", "x_keep_probabilities", "x_check_probabilities"),
+    + _in("engine.methods.della", "x_rank_norm", "x_keep_probabilities", "x_check_probabilities")
+    + _in("engine.methods.della", "x_della_merge")
+    + _in("engine.methods.trim", "x*")
+    + _in("engine.methods.breadcrumbs", "x*"),
     "compressed": _in("engine.compressed", "xǁCompressedCheckpointǁ_sparse", "xǁCompressedCheckpointǁ_bitdelta",
                       "xǁCompressedCheckpointǁ_zero", "x__check_indices", "x_pack_signs", "x_unpack_signs",
                       "x_sparse_indices", "xǁ_Encoderǁplan"),
     "lowrank": _in("engine.lowrank", "x_rank_for_energy", "xǁLowRankTensorǁrows", "xǁLowRankTensorǁchunk",
-                   "xǁDenseDeltaǁchunk", "xǁProductTensorǁchunk", "xǁLowRankCheckpointǁcheck_finite"),
+                   "xǁDenseDeltaǁchunk", "xǁProductTensorǁchunk", "xǁLowRankCheckpointǁcheck_finite")
+    + _in("engine.lowrank", "x_read_low_rank", "x_read_lora_layout", "x_save_low_rank"),
     "lora": _in("engine.lora", "xǁAdapterConfigǁrank_and_scaling", "x__pattern_key", "x_truncated_svd", "x_svd_factors",
-                "x_adapter_config", "x_is_embedding_module"),
+                "x_adapter_config", "x_is_embedding_module")
+    + _in("engine.lora", "x_open_adapter", "x_read_adapter_config", "x__export", "x_export_lora"),
     "adamerging": _in("mlflow.adamerging", "x_learn_coefficients", "x_layer_groups", "x__rows", "x_prediction_entropy",
                       "xǁLearnedǁweights", "x__globs_of", "xǁ_Batchesǁ*"),
 }
