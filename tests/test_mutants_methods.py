@@ -250,6 +250,16 @@ def test_a_trim_at_a_threshold_of_zero_marks_only_the_earliest_zeros_kept():
         assert torch.cat([rule.keep_mask(c, s) for s, c in chunked(flat, 3)()]).tolist() == expected
 
 
+def test_keep_mask_of_a_later_chunk_keeps_its_ties_when_every_tie_is_kept():
+    values = [0.5, 0.1, 0.5, 0.2, 0.5, 0.5, 0.1, 0.3]  # the top 4 by magnitude are exactly the four 0.5s
+    flat = torch.tensor(values)
+    expected = top_k_mask(values, 4)
+    rule = top_k_rule(chunked(flat, 3), 4, torch.float32)
+    assert rule.keeps_every_tie
+    assert torch.cat([rule.keep_mask(c, s) for s, c in chunked(flat, 3)()]).tolist() == expected
+    assert torch.cat([rule.apply(c, s) for s, c in chunked(flat, 3)()]).tolist() == [x if keep else 0.0 for x, keep in zip(values, expected)]
+
+
 def band_reference(values: list[float], density: float, gamma: float) -> list[float]:
     """docs/methods.md's breadcrumbs band: ascending ranks [bottom, bottom + keep) stay."""
     n = len(values)

@@ -80,6 +80,8 @@ class TrimThreshold:
         return self.tie_budget.get(start, self.ties_to_keep if start == 0 and not self.tie_budget else 0)
 
     def _keep_mask(self, magnitude: torch.Tensor, start: int) -> torch.Tensor:
+        if self.keeps_every_tie:  # no tie plan is made then: every chunk keeps its ties
+            return magnitude >= self.value
         keep = magnitude > self.value
         budget = self._budget(start)
         if budget > 0:
