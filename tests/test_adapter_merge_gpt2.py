@@ -176,3 +176,39 @@ def test_a_dense_input_merged_on_a_gpt2_base_gives_a_fan_in_fan_out_adapter(gpt2
     base = open_checkpoint(gpt2)
     for name in (n for n in base.keys() if "c_" in n and n.endswith(".weight")):
         assert relative(ours[name] - base.get_tensor(name).double(), 0.5 * vector.get_tensor(name, torch.float64)) < 1e-5, name
+
+
+def test_export_lora_on_a_gpt2_base_refuses_a_linear_weight_unless_it_is_saved_whole(gpt2, gpt2_finetune, tmp_path):
+    """A GPT-2-style adapter stores every LoRA module as Conv1D (fan_in_fan_out), so a plain 2-D
+    weight beside them (a classification head, ``nn.Linear``) cannot be factored into it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mlflow_taskvec.compose import export_adapter
+
+    folders = {}
+    for name, source, seed in (("base", gpt2, 0), ("ft", gpt2_finetune, 1)):
+        folders[name] = shutil.copytree(source, tmp_path / name)
+        weights = load_file(folders[name] / "model.safetensors")
+        weights["score.weight"] = torch.randn(3, 32, generator=torch.Generator().manual_seed(seed))
+        save_file(weights, folders[name] / "model.safetensors", metadata={"format": "pt"})
+    TaskVector.extract(folders["base"], folders["ft"]).save(tmp_path / "vector")
+
+    with pytest.raises(TaskVecError, match=r"^modules_to_save: module 'score' is not a Conv1D of this GPT-2-style base.*name it here to write it whole$"):
+        export_adapter(tmp_path / "vector", tmp_path / "lora", base=folders["base"], rank=8)
+    assert not (tmp_path / "lora").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft", "vector"]
+    from click.testing import CliRunner
+
+    from mlflow_taskvec.cli import main as cli
+
+    ran = CliRunner().invoke(cli, ["export-lora", str(tmp_path / "vector"), "-o", str(tmp_path / "lora"), "--base", str(folders["base"]), "--rank", "8"])
+    assert (ran.exit_code, ran.stdout) == (1, "") and ran.stderr.splitlines() == [
+        "Error: --modules-to-save: module 'score' is not a Conv1D of this GPT-2-style base, whose adapter stores every module as "
+        "Conv1D (fan_in_fan_out): name it here to write it whole"
+    ]
+    assert not (tmp_path / "lora").exists()
+
+    export_adapter(tmp_path / "vector", tmp_path / "lora", base=folders["base"], rank=8, modules_to_save=["score"])
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True and config["modules_to_save"] == ["score"]

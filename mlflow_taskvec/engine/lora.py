@@ -550,9 +550,9 @@ def _export(vector, claim, rank, energy, modules_to_save, base_ckpt, base_model_
         else:
             embedding = is_embedding_module(module)
             if fan_in_fan_out and detected and not (embedding or is_conv1d_module(module)):
-                raise TaskVecError(
-                    f"export-lora: module {module!r} is not a Conv1D of this GPT-2-style base, whose adapter stores every module as "
-                    "Conv1D (fan_in_fan_out): write it whole with --modules-to-save"
+                raise ParameterError(
+                    "modules_to_save", f"module {module!r} is not a Conv1D of this GPT-2-style base, whose adapter stores every module as "
+                    "Conv1D (fan_in_fan_out): name it here to write it whole",
                 )
             b_factor, a_factor, err_sq = svd_factors(delta, rank, energy, dtype, seed_name=name)
             error_sq += err_sq
