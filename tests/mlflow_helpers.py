@@ -37,6 +37,7 @@ if str(DIGITS) not in sys.path:
 import digits_tasks  # noqa: E402
 
 from mlflow_taskvec.mlflow import flavor  # noqa: E402
+from mlflow_taskvec.engine import checkpoint, following  # noqa: E402
 from mlflow_taskvec.engine.taskvector import TaskVector  # noqa: E402
 from mlflow_taskvec.recipe import parse_recipe  # noqa: E402
 from mlflow_taskvec.mlflow.downloads import resolve  # noqa: E402
@@ -421,3 +422,26 @@ def served_answer(model_uri: str, payload, deadline_s: float = 240, read_timeout
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def count_hashing(monkeypatch) -> tuple[list[int], list[int]]:
+    """The bytes hashed in a pass over finished files, and those hashed while a download wrote them."""
+    after: list[int] = []
+    real_digest = checkpoint.tensor_digest
+    monkeypatch.setattr(checkpoint, "tensor_digest", lambda data: after.append(memoryview(data).nbytes) or real_digest(data))
+    during: list[int] = []
+    real_new = following.new_digest
+
+    class Counting:
+        def __init__(self):
+            self.digest = real_new()
+
+        def update(self, data):
+            during.append(memoryview(data).nbytes)
+            self.digest.update(data)
+
+        def hexdigest(self):
+            return self.digest.hexdigest()
+
+    monkeypatch.setattr(following, "new_digest", Counting)
+    return after, during

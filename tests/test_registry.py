@@ -21,6 +21,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 from mlflow_helpers import (
+    count_hashing,
     BASE_NAME,
     COMPOSITE_NAME,
     COMPOSITE_SCALE,
@@ -573,12 +574,11 @@ def test_the_report_lists_per_layer_weights_and_scale(per_layer_composite):
     assert row["weights"] == f"models:/{vector_name('rotate')}/1:{{encoder.0.*: 0.3, *: 1}}, models:/{vector_name('flip')}/1:-0.5"
 
 
-def test_a_registered_input_is_fingerprinted_once_from_its_download_to_the_composite(registry, fresh_cache, tmp_path, monkeypatch):
-    """Each downloaded input is hashed in one pass, and composing from it does not hash it again
-    (its fingerprint is known under the cache's name too); a later resolution checks the cached copy once."""
-    hashed: list[int] = []
-    real_digest = checkpoint.tensor_digest
-    monkeypatch.setattr(checkpoint, "tensor_digest", lambda data: hashed.append(memoryview(data).nbytes) or real_digest(data))
+def test_a_registered_input_is_fingerprinted_once_while_it_downloads_and_not_again_to_compose(registry, fresh_cache, tmp_path, monkeypatch):
+    """Each downloaded input is hashed while MLflow writes it, and neither after the download nor
+    to compose from it (its fingerprint is known under the cache's name too); a later resolution
+    checks the cached copy once."""
+    after, during = count_hashing(monkeypatch)
     recipe = parse_recipe({"base": f"models:/{BASE_NAME}/1", "vectors": [{"vector": f"models:/{vector_name('rotate')}/1"}]}, "test recipe")
 
     inputs = resolve_inputs(recipe)
@@ -587,25 +587,26 @@ def test_a_registered_input_is_fingerprinted_once_from_its_download_to_the_compo
     stored = sum(open_checkpoint(r.path).stored_bytes for r in (inputs.base, *inputs.vectors))
 
     assert all(r.path.is_relative_to(fresh_cache) for r in (inputs.base, *inputs.vectors))  # both were downloaded
-    assert sum(hashed) == stored  # every stored byte hashed once: at the download, not again to compose
-    assert result.base_fingerprint == inputs.base.fingerprint
-    hashed.clear()
+    assert sum(during) == stored  # every stored byte hashed once, as it was downloaded
+    assert sum(after) == 0  # not again after the download, nor to compose
+    assert result.base_fingerprint == inputs.base.fingerprint == open_checkpoint(inputs.base.path).fingerprint(fresh=True)
+    assert inputs.vectors[0].fingerprint == open_checkpoint(inputs.vectors[0].path).fingerprint(fresh=True)
+    after.clear(), during.clear()
 
     again = resolve_inputs(recipe)
     compose_to(again.local(), output=tmp_path / "again.safetensors")
 
-    assert sum(hashed) == stored  # the cached copies checked once each, then composed without a second pass
+    assert sum(after) == stored and sum(during) == 0  # the cached copies checked once each, then composed without a second pass
 
 
 def test_registering_a_composite_hashes_only_its_inputs_once(registry, fresh_cache, monkeypatch):
     """The composite is hashed as it is written; logging it links its files and reads none of
     them again for its fingerprint, and each downloaded input is hashed once."""
-    hashed: list[int] = []
-    real_digest = checkpoint.tensor_digest
-    monkeypatch.setattr(checkpoint, "tensor_digest", lambda data: hashed.append(memoryview(data).nbytes) or real_digest(data))
+    after, during = count_hashing(monkeypatch)
 
     reg = register_composite(parse_recipe(composite_recipe()), "digits-hashed-once")
 
     inputs = resolve_inputs(parse_recipe(composite_recipe()))  # from the cache: hashed once more each
-    assert sum(hashed) == 2 * sum(open_checkpoint(r.path).stored_bytes for r in (inputs.base, *inputs.vectors))
+    stored = sum(open_checkpoint(r.path).stored_bytes for r in (inputs.base, *inputs.vectors))
+    assert (sum(during), sum(after)) == (stored, stored)  # downloaded: hashed as they were written; then checked in the cache
     assert reg.tags["taskvec.fingerprint"] == open_checkpoint(resolve(reg.version_uri).path).fingerprint(fresh=True)

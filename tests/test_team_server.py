@@ -25,9 +25,10 @@ import pytest
 import yaml
 from forked_cli import CommandForks, Forked
 from mlflow.tracking import MlflowClient
-from mlflow_helpers import TASKVEC_COMPOSITE_TAGS, finetune_of, log_checkpoint, signature_for, tiny_net
+from mlflow_helpers import TASKVEC_COMPOSITE_TAGS, count_hashing, finetune_of, log_checkpoint, signature_for, tiny_net
 from team_server import ADMIN_USER, CuttingProxy, skip_or_fail, start_server
 
+from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.taskvector import TaskVector
 from mlflow_taskvec.mlflow.downloads import resolve
 from mlflow_taskvec.mlflow.registry import register_task_vector
@@ -193,7 +194,7 @@ def test_editor_of_the_experiment_without_edit_on_the_model_is_refused_before_an
     assert all(v.user_id != "carol" for v in team.admin().search_model_versions(f"name='{COMPOSITE}'"))
 
 
-def test_editor_registers_a_composite_with_its_lineage(team, bobs_composite):
+def test_editor_registers_a_composite_with_its_lineage(team, bobs_composite, monkeypatch):
     mv = bobs_composite["version"]
     proc = bobs_composite["proc"]
 
@@ -207,9 +208,13 @@ def test_editor_registers_a_composite_with_its_lineage(team, bobs_composite):
     run = team.admin().get_run(mv.run_id)
     assert run.info.status == "FINISHED"
     assert run.info.user_id == "bob"
-    # What the server stores is what was registered: downloaded and checked against the tag.
+    # What the server stores is what was registered: downloaded through the server's proxy and
+    # checked against the tag, hashed as the HTTP download wrote it and not in a pass after
+    after, during = count_hashing(monkeypatch)
     with team.server.as_user(ADMIN_USER, MLFLOW_TASKVEC_CACHE=str(team.root / "cache-check")):
-        assert resolve(f"models:/{COMPOSITE}/{mv.version}").fingerprint == mv.tags["taskvec.fingerprint"]
+        got = resolve(f"models:/{COMPOSITE}/{mv.version}")
+    assert (sum(during), sum(after)) == (open_checkpoint(got.path).stored_bytes, 0)
+    assert got.fingerprint == mv.tags["taskvec.fingerprint"] == open_checkpoint(got.path).fingerprint(fresh=True)
 
 
 def test_editor_of_a_vector_model_registers_a_task_vector_in_the_finetune_run(team):
@@ -333,7 +338,6 @@ def test_downloaded_weights_that_do_not_match_the_fingerprint_are_refused(team):
 def test_weights_and_mlmodel_rewritten_together_are_refused_by_the_registry_tag(team, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from mlflow_taskvec.engine.checkpoint import open_checkpoint
     from mlflow_taskvec.errors import TaskVecError
 
     mv, reg = register_rotate_vector(team, "team-tamper-both")

@@ -108,6 +108,14 @@ def _parse_header(path: Path, file_size: int) -> tuple[dict[str, _Entry], dict[s
                 f"{path}: truncated safetensors file (header claims {header_len} bytes, file has {file_size - 8} after the length)"
             )
         raw = f.read(header_len)
+    data_start = 8 + header_len
+    entries, metadata = parse_header_bytes(path, raw, data_start, data_size=file_size - data_start)
+    return entries, metadata, data_start
+
+
+def parse_header_bytes(path: Path, raw: bytes, data_start: int, data_size: int | None = None) -> tuple[dict[str, _Entry], dict[str, str]]:
+    """The tensors and metadata a safetensors header (its JSON bytes) declares, checked against
+    the ``data_size`` bytes after it (None: not checked, for a file still being written)."""
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -117,8 +125,6 @@ def _parse_header(path: Path, file_size: int) -> tuple[dict[str, _Entry], dict[s
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise TaskVecError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
-    data_start = 8 + header_len
-    data_size = file_size - data_start
     entries: dict[str, _Entry] = {}
     for name, info in header.items():
         try:
@@ -138,7 +144,7 @@ def _parse_header(path: Path, file_size: int) -> tuple[dict[str, _Entry], dict[s
             raise TaskVecError(
                 f"{path}: corrupt safetensors header (tensor {name!r} of shape {list(shape)} {code} needs {spec.nbytes} bytes, offsets span {end - start})"
             )
-        if end > data_size:
+        if data_size is not None and end > data_size:
             raise TaskVecError(
                 f"{path}: truncated safetensors file (tensor {name!r} ends at byte {end} of the data, which holds {data_size})"
             )
@@ -147,7 +153,7 @@ def _parse_header(path: Path, file_size: int) -> tuple[dict[str, _Entry], dict[s
     for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
         if s1 < e0:
             raise TaskVecError(f"{path}: corrupt safetensors header (tensors {n0!r} and {n1!r} overlap)")
-    return entries, metadata, data_start
+    return entries, metadata
 
 
 class SafetensorsFile:

@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_taskvec.engine.checkpoint import open_checkpoint
 from mlflow_taskvec.engine.checkpoint import is_adapter
+from mlflow_taskvec.engine.following import Follower
 from mlflow_taskvec.engine.lora import adapter_fingerprint
 from mlflow_taskvec.mlflow import flavor_conf as conf_keys
 from mlflow_taskvec.mlflow import tags as tag
@@ -134,6 +135,16 @@ def weights_fingerprint(path: Path, fresh: bool = False) -> str:
     return open_checkpoint(path).fingerprint(fresh=fresh)
 
 
+def _download_fingerprint(weights: Path, follower: Follower, expected: str | None) -> str:
+    """The fingerprint of downloaded weights: the one taken while they were written when it is
+    the one the registry recorded (no other bytes can give it), else a pass over the files."""
+    followed = follower.fingerprint(weights) if expected else None
+    if followed is not None and followed == expected:
+        Follower.remember(weights, followed)
+        return followed
+    return weights_fingerprint(weights, fresh=True)
+
+
 def _fingerprint_or_none(path: Path) -> str | None:
     try:
         return weights_fingerprint(path, fresh=True)
@@ -212,10 +223,11 @@ def resolve(ref: str | os.PathLike, fresh: bool = False) -> Resolved:
         tmp = root / f".download-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            downloaded = _download(where["artifact_uri"], tmp, text)
+            with Follower(tmp) as follower:  # hashes the weights as the download writes them
+                downloaded = _download(where["artifact_uri"], tmp, text)
             weights = weights_path(downloaded, mlmodel)
             try:
-                got = weights_fingerprint(weights, fresh=True)
+                got = _download_fingerprint(weights, follower, expected)
             except TaskVecError as exc:  # name the model, not the temporary download folder
                 problem = str(exc).split(": ", 1)[1] if str(exc).startswith(str(tmp)) else str(exc)
                 raise TaskVecError(f"{text}: its stored weights are unreadable: {problem}") from None
