@@ -19,6 +19,11 @@ it runs every operation in a fresh subprocess and reports, per model:
                        and registered on a sqlite store beside the checkpoints (MLflow
                        imported before the clock starts, the store created by the warm-up; local
                        artifacts beside it)
+- ``compose_register_server`` the same against a team server: ``mlflow server`` on a fresh
+                       PostgreSQL database (``--pg``; dropped at the end), artifacts proxied by the
+                       server into a local folder (``--serve-artifacts``; the client sees only
+                       http), started and warmed before the clock starts; the version checked
+                       READY on the server (vs ``compose_copy``; skipped without PostgreSQL)
 - ``verify``           ``verify`` of that composite (registered before the clock starts): its inputs
                        fingerprinted afresh, its stored weights downloaded and checked, the recipe
                        recomposed (vs ``compose``)
@@ -55,6 +60,8 @@ import math
 import os
 import platform
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -73,9 +80,12 @@ SCALE = 0.5
 # (largest size in GB, hidden, intermediate): Llama-like proportions per size class.
 SHAPE_CLASSES = [(0.2, 256, 688), (1.0, 768, 2048), (4.0, 1536, 4096), (12.0, 2048, 5632), (math.inf, 4096, 11008)]
 
-# Real models' shapes (bf16, HF-sharded): name -> (hidden, layers, intermediate, query heads, key-value heads, vocab)
-LLM_SHAPES = {"tinyllama-1.1b": (2048, 22, 5632, 32, 4, 32000), "llama-7b": (4096, 32, 11008, 32, 32, 32000)}
+# Real models' shapes (bf16, HF-sharded): name -> (hidden, layers, intermediate, query heads, key-value heads, vocab);
+# ``tiny-llama`` (4 MB a checkpoint, 1 MB shards) is a Llama of the same layout for checking the benchmarks themselves.
+LLM_SHAPES = {"tinyllama-1.1b": (2048, 22, 5632, 32, 4, 32000), "llama-7b": (4096, 32, 11008, 32, 32, 32000),
+              "tiny-llama": (256, 2, 688, 8, 2, 1024)}
 LLM_SHARD = "1GB"
+SHARD_OF = {"tiny-llama": "1MB"}  # a shape's shard size where it is not LLM_SHARD
 
 ELEMENTWISE = ["dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "consensus_ta", "consensus_ties"]
 WHOLE_TENSOR = ["della", "della_linear", "slerp"]  # ranks per row / one angle per tensor: a tensor at a time
@@ -83,14 +93,17 @@ SVD = ["tsv_m", "iso_c", "iso_c_gram", "iso_cts"]
 # ops that run a method under another name (an opt-in algorithm of it)
 METHOD_OF = {"iso_c_gram": "iso_c"}
 OPS = ["floor2", "extract", "floor3", "floor4", "task_arithmetic", "ties", "magnitude_prune", *ELEMENTWISE, *WHOLE_TENSOR, "svd_floor", *SVD,
-       "naive_task_arithmetic", "naive_ties", "compose", "compose_copy", "compose_register", "verify"]
+       "naive_task_arithmetic", "naive_ties", "compose", "compose_copy", "compose_register", "compose_register_server", "verify"]
+# ops that register on MLflow (its import is not what is measured) and the ones that need the team server
+MLFLOW_OPS = ("compose_register", "compose_register_server", "verify")
+SERVER_OPS = ("compose_register_server",)
 # The engine's merge ops (method names), as the peers benchmark runs them too.
 MERGE_OPS = ("task_arithmetic", "ties", "magnitude_prune")
 FLOOR_OF = {"extract": "floor2", "task_arithmetic": "floor4", "ties": "floor4", "magnitude_prune": "floor4",
-            "naive_task_arithmetic": "floor4", "naive_ties": "floor4", "compose_register": "compose_copy", "verify": "compose",
+            "naive_task_arithmetic": "floor4", "naive_ties": "floor4", "compose_register": "compose_copy", "compose_register_server": "compose_copy", "verify": "compose",
             **{op: "floor4" for op in ELEMENTWISE + WHOLE_TENSOR}, "slerp": "floor3", **{op: "svd_floor" for op in SVD}}
 # op: (max ratio to its floor or None, max peak anon MB or None): issue 21's targets
-TARGETS = {"extract": (None, 300), "task_arithmetic": (1.3, 300), "ties": (2.5, 300), "magnitude_prune": (2.5, 300), "compose_register": (1.3, None), "verify": (2.5, None),
+TARGETS = {"extract": (None, 300), "task_arithmetic": (1.3, 300), "ties": (2.5, 300), "magnitude_prune": (2.5, 300), "compose_register": (1.3, None), "compose_register_server": (2.0, None), "verify": (2.5, None),
            **{op: (2.5, 300) for op in ELEMENTWISE}, "della": (4.0, 300), "della_linear": (4.0, 300), "slerp": (2.0, 300),
            "tsv_m": (1.0, None), "iso_c": (0.35, None), "iso_c_gram": (0.35, None), "iso_cts": (1.2, None)}
 # the parameters each method runs with (ties and magnitude_prune: --density)
@@ -179,7 +192,7 @@ def generate_llm(directory: Path, shape: str, seed: int) -> list[Path]:
     tag = {"bench.shape": shape, "bench.seed": str(seed), "bench.params": str(plan["params"])}
     if _reusable(paths, tag, lambda p: (p / "config.json").is_file()):
         return paths
-    _write_set(directory, paths, plan["shapes"], tag, seed, torch.bfloat16, max_shard_size=LLM_SHARD)
+    _write_set(directory, paths, plan["shapes"], tag, seed, torch.bfloat16, max_shard_size=SHARD_OF.get(shape, LLM_SHARD))
     for p in paths:
         (p / "config.json").write_text(json.dumps(plan["config"], indent=2) + "\n")
     return paths
@@ -287,7 +300,8 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def run_op(op: str, base: str, fts: list[str], out: str, density: float, device: str | None = None) -> None:
+def run_op(op: str, base: str, fts: list[str], out: str, density: float, device: str | None = None):
+    """Run ``op``; the registering ops return what they registered."""
     import torch
 
     from mlflow_taskvec.engine import TaskVector, merge_to, open_checkpoint
@@ -305,7 +319,7 @@ def run_op(op: str, base: str, fts: list[str], out: str, density: float, device:
         from mlflow_taskvec.mlflow.verify import verify
 
         verify(os.environ["BENCH_VERIFY_URI"])
-    elif op in ("compose", "compose_copy", "compose_register"):
+    elif op in ("compose", "compose_copy", "compose_register", "compose_register_server"):
         from mlflow_taskvec.compose import compose_to
         from mlflow_taskvec.recipe import parse_recipe
 
@@ -324,7 +338,7 @@ def run_op(op: str, base: str, fts: list[str], out: str, density: float, device:
         else:
             from mlflow_taskvec.mlflow.registry import register_composite
 
-            register_composite(recipe, "bench-composite")
+            return register_composite(recipe, "bench-composite")
     elif op in METHOD_PARAMS:
         vectors = [TaskVector.extract(base, ft) for ft in fts[: 2 if op == "slerp" else 3]]
         merge_to(base, vectors, [1.0] * len(vectors), method=METHOD_OF.get(op, op), scale=SCALE, params=METHOD_PARAMS[op], output=out, **on)
@@ -432,7 +446,9 @@ def child_main(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.add(torch.ones(8), torch.ones(8))  # lazy torch initialisation, before the baseline
-    if args.child in ("compose_register", "verify"):
+    if args.child in MLFLOW_OPS:
+        if args.child in SERVER_OPS:  # the team server the parent started
+            os.environ["MLFLOW_TRACKING_URI"] = os.environ["BENCH_SERVER_URI"]
         os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path(args.out).parent / 'mlflow.db'}")
         os.environ.setdefault("MLFLOW_TASKVEC_CACHE", str(Path(args.out).parent / "download-cache"))
         import mlflow_taskvec.mlflow.registry  # noqa: F401  (MLflow's import is not what is measured)
@@ -451,7 +467,7 @@ def child_main(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     if profiler:
         profiler.enable()
-    run_op(args.child, args.base, args.ft, args.out, args.density, args.device)
+    registered = run_op(args.child, args.base, args.ft, args.out, args.density, args.device)
     if profiler:
         profiler.disable()
     wall = time.perf_counter() - t0
@@ -460,7 +476,14 @@ def child_main(args: argparse.Namespace) -> None:
     sampler.stop()
     if profiler:
         profiler.dump_stats(args.profile_out)
-    print(json.dumps({
+    held = {}
+    if args.child in SERVER_OPS:  # what the server holds, asked after the clock stopped
+        import mlflow
+
+        version = mlflow.MlflowClient().get_model_version(registered.name, registered.version)
+        held = {"registered": registered.version_uri, "status": version.status,
+                "artifact_location": mlflow.get_logged_model(registered.model_id).artifact_location}
+    print(json.dumps({**held,
         "op": args.child,
         "wall_s": wall,
         "cpu_s": (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime),
@@ -468,6 +491,108 @@ def child_main(args: argparse.Namespace) -> None:
         "peak_anon_mb": (max(sampler.peak_kb, end) - baseline) / 1024,
         "samples": sampler.samples,
     }))
+
+
+# -- the team server (compose_register_server) ----------------------------------------
+
+
+class ServerUnavailable(RuntimeError):
+    """No PostgreSQL to put a team server on: the op is skipped, not failed."""
+
+
+class TeamServer:
+    """``mlflow server`` on a fresh PostgreSQL database of ``pg`` (``USER@HOST:PORT``, trust
+    auth), artifacts proxied into ``root/artifacts``, on a free 127.0.0.1 port; a context
+    manager that stops the server (its whole process group) and drops the database."""
+
+    def __init__(self, root: Path, pg: str):
+        self.root, self.artifacts = root, root / "artifacts"
+        user, _, where = pg.rpartition("@")
+        host, _, port = where.partition(":")
+        self.pg = {"user": user or "postgres", "host": host or "127.0.0.1", "port": int(port or 5432)}
+        self.database = f"taskvec_bench_{os.getpid()}_{int(time.time())}"
+        self.proc: subprocess.Popen | None = None
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    def _sql(self, statement: str) -> None:
+        try:
+            import psycopg2
+        except ImportError as exc:
+            raise ServerUnavailable(f"psycopg2 is not importable ({exc})") from None
+        try:
+            conn = psycopg2.connect(dbname="postgres", connect_timeout=5, **self.pg)
+        except psycopg2.OperationalError as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ServerUnavailable(f"PostgreSQL is not reachable at {self.pg['user']}@{self.pg['host']}:{self.pg['port']}: {first}") from None
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(statement)
+        finally:
+            conn.close()
+
+    def __enter__(self) -> "TeamServer":
+        import requests
+
+        self._sql(f'CREATE DATABASE "{self.database}"')
+        backend = f"postgresql+psycopg2://{self.pg['user']}@{self.pg['host']}:{self.pg['port']}/{self.database}"
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--serve-artifacts",
+               "--artifacts-destination", str(self.artifacts), "--default-artifact-root", "mlflow-artifacts:/",
+               "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1], "--workers", "2"]
+        # no MLflow settings of ours; no background job runner (it competes for the CPUs)
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(self.root / "server.log", "ab") as log:
+                self.proc = subprocess.Popen(cmd, env=env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            deadline = time.monotonic() + 180
+            while True:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    tail = (self.root / "server.log").read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"mlflow server did not come up (exit {self.proc.poll()}):\n{tail}")
+                try:
+                    if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                        break
+                except requests.RequestException:
+                    time.sleep(0.3)
+        except BaseException:
+            self.__exit__()
+            raise
+        print(f"  team server: {self.url} (mlflow server, PostgreSQL database {self.database}, artifacts proxied into {self.artifacts})")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        shutil.rmtree(self.artifacts, ignore_errors=True)  # a composite per run
+        self._sql(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+
+    def cpu_s(self) -> float:
+        """CPU seconds used so far by the server's process group and PostgreSQL's processes
+        (with their reaped children): the op's work on the server's side, not noise."""
+        tick, total = os.sysconf("SC_CLK_TCK"), 0
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    head, _, rest = f.read().rpartition(")")
+            except OSError:  # gone meanwhile
+                continue
+            fields = rest.split()
+            if int(fields[2]) == self.proc.pid or head.endswith("(postgres"):
+                total += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+        return total / tick
+
+    def artifact_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.artifacts.rglob("*") if f.is_file())
 
 
 # -- the parent ----------------------------------------------------------------------
@@ -490,7 +615,9 @@ def wait_quiet(limit_s: float) -> None:
             return
 
 
-def run_child(op: str, paths: list[Path], out: Path, args: argparse.Namespace, profile_out: Path | None = None) -> dict:
+def run_child(op: str, paths: list[Path], out: Path, args: argparse.Namespace, profile_out: Path | None = None,
+              server: TeamServer | None = None) -> dict:
+    """Run ``op`` in a fresh process; ``server``: the team server it works against (its CPU counts as the op's)."""
     import resource
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", op, "--base", str(paths[0]),
@@ -501,14 +628,18 @@ def run_child(op: str, paths: list[Path], out: Path, args: argparse.Namespace, p
         cmd += ["--device", args.device]
     if profile_out:
         cmd += ["--profile-out", str(profile_out)]
+    env = {**os.environ, "BENCH_SERVER_URI": server.url} if server else None
+    served0 = server.cpu_s() if server else 0.0
     busy0, ru0, t0 = system_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent)  # an MLflow store goes beside the checkpoints
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent, env=env)  # an MLflow store goes beside the checkpoints
     busy1, ru1, t1 = system_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     if proc.returncode != 0:
         raise RuntimeError(f"{op} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
+    if server:
+        res["server_cpu_s"] = server.cpu_s() - served0
     # CPU that other processes used while the child ran, as a share of the machine: noise.
-    ours = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    ours = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime) + res.get("server_cpu_s", 0.0)
     res["others_share"] = max(0.0, (busy1 - busy0) - ours) / ((t1 - t0) * (os.cpu_count() or 1))
     return res
 
@@ -529,6 +660,7 @@ def mem_available() -> int:
 
 
 def max_abs_diff(a: Path, b: Path) -> float:
+    """The largest ``|a - b|`` over every entry of two checkpoints, computed in float32."""
     from mlflow_taskvec.engine import open_checkpoint
     from mlflow_taskvec.engine.streaming import chunk_ranges
 
@@ -538,8 +670,43 @@ def max_abs_diff(a: Path, b: Path) -> float:
     for name in ca.keys():
         ta, tb = ca.get_tensor(name).reshape(-1), cb.get_tensor(name).reshape(-1)
         for s, e in chunk_ranges(ta.numel()):
-            worst = max(worst, float((ta[s:e] - tb[s:e]).abs().max()))
+            worst = max(worst, float((ta[s:e].float() - tb[s:e].float()).abs().max()))
     return worst
+
+
+def measure(op: str, paths: list[Path], out: Path, args: argparse.Namespace, profile: Path, server: TeamServer | None = None) -> list[dict]:
+    """The timed runs of ``op`` (after its warm-up run, which ``--profile`` profiles), each in a fresh process."""
+    runs = []
+    for i in range((1 if args.warm else 0) + args.repeat):
+        timed = not args.warm or i > 0
+        prof = profile if (op in args.profile and i == 0) else None
+        for attempt in range(1 + (args.retries if timed else 0)):
+            if timed:
+                wait_quiet(args.quiet_wait)
+            remove(out)
+            res = run_child(op, paths, out, args, prof, server)
+            if res["others_share"] <= args.max_noise:
+                break
+            if timed and attempt < args.retries:
+                print(f"  {op}: other processes used {100 * res['others_share']:.0f}% of the CPUs, running it again")
+        if prof:
+            print_profile(op, prof, res)
+        elif timed:
+            runs.append(res)
+    return runs
+
+
+def check_served(op: str, runs: list[dict], server: TeamServer, composite_bytes: int) -> None:
+    """Each timed run's version READY on the server, its model's artifacts behind the server's
+    proxy (``mlflow-artifacts:``), and the composite's bytes in the proxied folder."""
+    for r in runs:
+        if r["status"] != "READY" or not r["artifact_location"].startswith("mlflow-artifacts:"):
+            raise RuntimeError(f"{op}: {r['registered']} is {r['status']} at {r['artifact_location']} (expected READY, mlflow-artifacts:)")
+    stored = server.artifact_bytes()
+    if stored < composite_bytes:
+        raise RuntimeError(f"{op}: the proxied artifact store holds {stored} bytes, less than one composite ({composite_bytes})")
+    print(f"  check: {op}: {', '.join(r['registered'] for r in runs)} READY on {server.url}, logged under mlflow-artifacts:/, "
+          f"{stored / GB:.3g} GB in the proxied artifact store")
 
 
 def bench_size(size_gb: "float | str", args: argparse.Namespace, workdir: Path) -> list[dict]:
@@ -548,7 +715,7 @@ def bench_size(size_gb: "float | str", args: argparse.Namespace, workdir: Path) 
     largest = plan["largest"]
     dtype = plan.get("dtype", "float32")
     width = 2 if dtype == "bfloat16" else 4
-    layout = f"{dtype}, HF-sharded ({LLM_SHARD} shards + index)" if isinstance(size_gb, str) else dtype
+    layout = f"{dtype}, HF-sharded ({SHARD_OF.get(size_gb, LLM_SHARD)} shards + index)" if isinstance(size_gb, str) else dtype
     print(f"\n== {model_label(size_gb)}: hidden {plan['hidden']}, intermediate {plan['intermediate']}, {plan['layers']} layers, "
           f"{plan['params'] / 1e6:.1f}M parameters ({plan['bytes'] / GB:.2f} GB {layout} per checkpoint), "
           f"largest tensor {largest} {list(plan['shapes'][largest])} "
@@ -568,32 +735,29 @@ def bench_size(size_gb: "float | str", args: argparse.Namespace, workdir: Path) 
                 print(f"  {op}: skipped (needs ~{need / GB:.1f} GB, {mem_available() / GB:.1f} GB available)")
                 rows.append({"op": op, "size_gb": size_gb, "skipped": f"needs ~{need / GB:.0f} GB RAM"})
                 continue
-        runs = []
-        for i in range((1 if args.warm else 0) + args.repeat):
-            timed = not args.warm or i > 0
-            prof = workdir / f"{op}-{model_label(size_gb).replace(' ', '')}.prof" if (op in args.profile and i == 0) else None
-            for attempt in range(1 + (args.retries if timed else 0)):
-                if timed:
-                    wait_quiet(args.quiet_wait)
-                remove(out)
-                res = run_child(op, paths, out, args, prof)
-                if res["others_share"] <= args.max_noise:
-                    break
-                if timed and attempt < args.retries:
-                    print(f"  {op}: other processes used {100 * res['others_share']:.0f}% of the CPUs, running it again")
-            if prof:
-                print_profile(op, prof, res)
-            elif timed:
-                runs.append(res)
+        profile = workdir / f"{op}-{model_label(size_gb).replace(' ', '')}.prof"
+        if op in SERVER_OPS:
+            try:
+                with TeamServer(directory / "team-server", args.pg) as server:
+                    runs = measure(op, paths, out, args, profile, server)
+                    check_served(op, runs, server, plan["bytes"])
+            except ServerUnavailable as exc:
+                print(f"  {op}: skipped ({exc})")
+                rows.append({"op": op, "size_gb": size_gb, "skipped": f"no team server: {exc}"})
+                continue
+        else:
+            runs = measure(op, paths, out, args, profile)
         outputs[op] = out
         row = {"op": op, "size_gb": size_gb,
                "wall_s": min(r["wall_s"] for r in runs),
                "cpu_s": min(r["cpu_s"] for r in runs),
                "peak_anon_mb": max(r["peak_anon_mb"] for r in runs),
                "others_share": max(r["others_share"] for r in runs),
-               "baseline_mb": runs[0]["baseline_mb"]}
+               "baseline_mb": runs[0]["baseline_mb"],
+               **({"server_cpu_s": min(r["server_cpu_s"] for r in runs)} if op in SERVER_OPS else {})}
         rows.append(row)
-        print(f"  {op:<22} {row['wall_s']:7.2f} s  cpu {row['cpu_s']:6.2f} s  peak anon {row['peak_anon_mb']:8.1f} MB"
+        served = f"  server cpu {row['server_cpu_s']:6.2f} s" if op in SERVER_OPS else ""
+        print(f"  {op:<22} {row['wall_s']:7.2f} s  cpu {row['cpu_s']:6.2f} s{served}  peak anon {row['peak_anon_mb']:8.1f} MB"
               f"  (other processes used {100 * row['others_share']:.0f}% of the CPUs meanwhile)")
     by_op = {r["op"]: r for r in rows}
     for r in rows:
@@ -712,7 +876,8 @@ def main() -> None:
     p.add_argument("--size-gb", type=float, default=0.5, help="fp32 size of each checkpoint, in GB (1e9 bytes)")
     p.add_argument("--sizes", type=float, nargs="*", help="several sizes in one run (overrides --size-gb; none: only --shapes)")
     p.add_argument("--shapes", nargs="+", choices=sorted(LLM_SHAPES), default=[],
-                   help="also (after the sizes) real LLM shapes in bf16, HF-sharded: tinyllama-1.1b (4 x 2.2 GB), llama-7b (4 x 13.5 GB)")
+                   help="also (after the sizes) real LLM shapes in bf16, HF-sharded: tinyllama-1.1b (4 x 2.2 GB), llama-7b (4 x 13.5 GB); "
+                        "tiny-llama (4 x 4 MB, 1 MB shards) checks the benchmark itself")
     p.add_argument("--workdir", type=Path, help="where checkpoints go (default: a temp dir under /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the generated checkpoints (and the temp dir)")
     p.add_argument("--density", type=float, default=0.2, help="ties density")
@@ -728,6 +893,8 @@ def main() -> None:
                    help="rerun a timed run when other processes used more than this share of the CPUs during it")
     p.add_argument("--retries", type=int, default=1, help="at most this many reruns of a noisy timed run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pg", default="postgres@127.0.0.1:5432", metavar="USER@HOST:PORT",
+                   help="the PostgreSQL (trust auth) that compose_register_server's team server creates its database on")
     p.add_argument("--threads", type=int, help="torch intra-op threads in the measured process (default: torch's)")
     p.add_argument("--device", help="compute the engine's ops on this device (cpu, cuda, cuda:N; default: the streaming executor)")
     p.add_argument("--markdown", action="store_true", help="print a README-ready markdown table")
@@ -779,7 +946,8 @@ def main() -> None:
     print(f"\nmachine: {machine}; engine: git {engine_version()}")
     print(f"{cache}; wall s: best of {args.repeat}; peak anon MB: RssAnon above the post-import baseline, worst of "
           f"{args.repeat}; x floor: extract vs floor2 (read 2 inputs, write 1), merges vs floor4 (read 4, write 1); "
-          f"slerp vs floor3 (read 3, write 1), the SVD methods vs svd_floor (one torch.linalg.svd per matrix per input); "
+          f"slerp vs floor3 (read 3, write 1), the SVD methods vs svd_floor (one torch.linalg.svd per matrix per input), "
+          f"compose_register(_server) vs compose_copy (cpu s: the client's; the team server's own in the JSON), verify vs compose; "
           f"ties density {args.density:g}, the later methods' parameters {json.dumps(METHOD_PARAMS)}, 3 fine-tunes (slerp 2), "
           f"scale {SCALE:g}\n")
     print_table(rows, args.markdown)
