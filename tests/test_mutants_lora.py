@@ -79,7 +79,7 @@ def test_a_linear_delta_is_b_at_a_times_alpha_over_r_and_the_rest_of_the_base_is
 
     expected = (b.double() @ a.double()) * scaling
     torch.testing.assert_close(ckpt.get_tensor("enc.q.weight").double(), expected, rtol=1e-6, atol=1e-7)
-    assert ckpt.rank("enc.q.weight") == 2
+    assert ckpt.rank("enc.q.weight") == 2 and ckpt.stored_bytes == (2 * 4 + 6 * 2) * 4  # the factors A and B, float32; zeros store nothing
     assert sorted(ckpt.keys()) == sorted(BASE_SHAPES)  # the integer buffer is left out, every float tensor is there
     for name in ("enc.q.bias", "emb.weight", "head.weight", "norm.weight"):
         assert ckpt.rank(name) == 0 and torch.equal(ckpt.get_tensor(name), torch.zeros(BASE_SHAPES[name]))
@@ -146,10 +146,13 @@ def test_a_targeted_embedding_saved_whole_with_the_base_s_values_is_the_factors_
     a_e, b_e = torch.randn(2, 10, generator=g), torch.randn(4, 2, generator=g)
     base_emb = load_file(str(base / "model.safetensors"))["emb.weight"]
     parts = {f"{P}emb.lora_embedding_A": a_e, f"{P}emb.lora_embedding_B": b_e}
-    same = _adapter(tmp_path / "same", {"r": 2, "lora_alpha": 2}, {**parts, f"{P}emb.base_layer.weight": base_emb.clone()})
+    base_head = load_file(str(base / "model.safetensors"))["head.weight"]
+    same = _adapter(tmp_path / "same", {"r": 2, "lora_alpha": 2}, {**parts, f"{P}emb.base_layer.weight": base_emb.clone(), f"{P}head.weight": base_head + 2})
     other = _adapter(tmp_path / "other", {"r": 2, "lora_alpha": 2}, {**parts, f"{P}emb.base_layer.weight": base_emb + 1})
 
-    torch.testing.assert_close(open_adapter(same, base).get_tensor("emb.weight").double(), (b_e.double() @ a_e.double()).T)
+    ckpt = open_adapter(same, base)
+    torch.testing.assert_close(ckpt.get_tensor("emb.weight").double(), (b_e.double() @ a_e.double()).T)
+    torch.testing.assert_close(ckpt.get_tensor("head.weight"), torch.full((3, 4), 2.0))  # the tensors after it are read too
     with pytest.raises(TaskVecError, match=re.escape("tensor 'emb.weight' is both a LoRA target and saved whole with other values than the base's")):
         open_adapter(other, base)
 
@@ -170,7 +173,7 @@ def test_an_adapter_naming_another_local_base_is_warned_about_and_its_own_is_not
     other = _base(tmp_path / "other")
     save_file({**load_file(str(other / "model.safetensors")), "norm.weight": torch.ones(4)}, str(other / "model.safetensors"))
     folder, _, _ = _q_adapter(tmp_path, {"base_model_name_or_path": str(other)})
-    with pytest.warns(TaskVecWarning, match=re.escape(f"the adapter was trained on {str(other)!r}, not on the base")):
+    with pytest.warns(TaskVecWarning, match="^" + re.escape(f"{folder}: the adapter was trained on {str(other)!r}, not on the base {base}")):
         open_adapter(folder, base)
     own, _, _ = _q_adapter(tmp_path, {"base_model_name_or_path": str(base)}, name="own")
     with warnings.catch_warnings():
@@ -250,6 +253,8 @@ def test_bad_factors_are_refused_naming_the_module_or_tensor(tmp_path, base):
                       f"tensor '{P}head.weight' is not floating point"),
         "whole-shape": ({f"{P}enc.q.lora_A.weight": a, f"{P}enc.q.lora_B.weight": b, f"{P}head.weight": torch.ones(4, 3)},
                         f"tensor '{P}head.weight' gives 'head.weight' the shape [4, 3], but it is [3, 4] in the base"),
+        "bias-shape": ({f"{P}enc.q.lora_A.weight": a, f"{P}enc.q.lora_B.weight": b, f"{P}enc.q.lora_B.bias": torch.ones(5)},
+                       f"tensor '{P}enc.q.lora_B.bias' gives 'enc.q.bias' the shape [5], but it is [6] in the base"),
         "whole-absent": ({f"{P}enc.q.lora_A.weight": a, f"{P}enc.q.lora_B.weight": b, f"{P}extra.weight": torch.ones(2)},
                          f"tensor '{P}extra.weight' changes 'extra.weight', which the base"),
     }
@@ -442,3 +447,16 @@ def test_a_float16_vector_is_factored_in_float32_and_a_small_left_out_tensor_is_
     assert result.left_out == pytest.approx({"m.bias": bias_sq / (float(weight.square().sum()) + bias_sq)})
     back = open_adapter(tmp_path / "out", base).get_tensor("m.weight").double()
     torch.testing.assert_close(back, weight, rtol=1e-4, atol=1e-5)  # rank 3 of a 5 x 3 matrix: exact
+
+
+def test_an_adapter_s_vector_names_its_folder_in_errors_and_holds_its_base_as_an_input(tmp_path, base):
+    a, b = _factors(2)
+    folder = _adapter(tmp_path / "nan", {"r": 2}, {f"{P}enc.q.lora_A.weight": a, f"{P}enc.q.lora_B.weight": b.index_fill(0, torch.tensor([1]), float("nan"))})
+    with _one_line(f"left factor of tensor 'enc.q.weight' of {folder} holds NaN or Inf values"):  # left: B (out, r)
+        open_adapter(folder, base).check_finite()
+    good, _, _ = _q_adapter(tmp_path, {})
+    vector = TaskVector.load(good, base=base)
+    before = (base / "model.safetensors").read_bytes()
+    with pytest.raises(TaskVecError, match=re.escape(f"{base}: the output is the input {base}; writing it would destroy")):
+        export_lora(vector, base, rank=1, overwrite=True)
+    assert (base / "model.safetensors").read_bytes() == before
