@@ -299,3 +299,43 @@ def test_band_counts_are_int_of_density_and_gamma_times_n_and_the_rest_below():
     assert band_counts(10, 0.5, 0.5) == (5, 5, 0)
     assert band_counts(10, 0.35, 0.1) == (3, 1, 6)
     assert band_counts(7, 0.99, 0.0) == (6, 0, 1)
+
+
+def _della_reference(t: torch.Tensor, density: float, epsilon: float, seed: int, name: str) -> torch.Tensor:
+    """docs/methods.md: p = density - epsilon + 2 epsilon rank/(n-1) per row (ranks ascending, the
+    earlier lower among equal magnitudes); keep where DARE's draw (block b of RANDOM_BLOCK entries:
+    torch.rand from manual_seed(derive_seed(seed, input, name, b))) is under p; kept entries / p."""
+    from mlflow_taskvec.engine.streaming import RANDOM_BLOCK as DRAW_BLOCK, derive_seed
+
+    rows = t.reshape(-1, t.shape[-1]) if t.dim() == 2 else t.reshape(1, -1)
+    n = rows.shape[1]
+    p = torch.empty_like(rows)
+    for i in range(rows.shape[0]):
+        order = sorted(range(n), key=lambda j: (abs(float(rows[i, j])), j))
+        for rank, j in enumerate(order):
+            p[i, j] = density - epsilon + 2 * epsilon * (rank / (n - 1) if n > 1 else 0.5)
+    numel = t.numel()
+    draws = torch.cat([torch.rand(min(DRAW_BLOCK, numel - b * DRAW_BLOCK), generator=torch.Generator().manual_seed(derive_seed(seed, 0, name, b))).double()
+                       for b in range(math.ceil(numel / DRAW_BLOCK))])
+    flat_p = p.reshape(-1)
+    return torch.where(draws < flat_p, t.reshape(-1) / flat_p, torch.zeros(())).reshape(t.shape)
+
+
+@pytest.mark.parametrize("block", [10, 7, 1, 1 << 20])
+def test_della_in_blocks_of_rows_of_any_size_draws_each_entry_at_its_own_offset(monkeypatch, block):
+    """della_merge works a block of about RANDOM_BLOCK entries at a time; the masks are the whole
+    tensor's whatever the block (a small block here: 7 x 5 is cut into blocks of 2, 1 or 1 rows)."""
+    from mlflow_taskvec.engine.methods import METHODS, MergeContext
+    from mlflow_taskvec.engine.methods import della as della_module
+
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    params = {"density": 0.5, "epsilon": 0.2, "seed": 3}
+    expected = _della_reference(t, 0.5, 0.2, 3, "w")
+    monkeypatch.setattr(della_module, "RANDOM_BLOCK", block)
+
+    whole = METHODS["della_linear"].fn([t], [1.0], MergeContext(name="w", start=0, numel=35, params=params, shape=(7, 5), whole_tensor=True))
+    rows = METHODS["della_linear"].fn([t.reshape(-1)[10:]], [1.0], MergeContext(name="w", start=10, numel=35, params=params, shape=(7, 5)))
+
+    assert torch.allclose(whole, expected, rtol=1e-12, atol=0)
+    assert torch.allclose(rows, expected.reshape(-1)[10:], rtol=1e-12, atol=0)

@@ -66,7 +66,7 @@ TARGETS: dict[str, Target] = {
     ),
     "lora": Target(
         mutate=("mlflow_taskvec/engine/lora.py",),
-        tests=("tests/test_lora.py", "tests/test_mutants_layouts.py"),
+        tests=("tests/test_lora.py", "tests/test_mutants_layouts.py", "tests/test_mutants_lora.py"),
         # the six slowest (PEFT models loaded and run, the CLI round trip): 5-7 s each per mutant
         keyword="not (cli_extracts or get_delta_weight or chunks_of_a_low_rank or by_energy_sets or composes_exactly or loads_in_peft)",
     ),
@@ -119,7 +119,15 @@ def toml_list(values) -> str:
     return "[" + ", ".join(json.dumps(str(v)) for v in values) + "]"
 
 
-def lay_out(name: str, target: Target, fresh: bool, before: bool) -> Path:
+# mutmut stops a mutant's tests (a timeout, counted as killed) after (t + TIMEOUT_CONSTANT) *
+# TIMEOUT_MULTIPLIER seconds of wall time, t the unmutated run's time of the tests it runs. Its
+# default (15 x) lets a mutant that loops (della_merge's `range(0, step)`: a million empty blocks
+# per tensor) hold a child for many minutes of a 2-core machine; 4 x still leaves room for load.
+TIMEOUT_MULTIPLIER = 4.0
+TIMEOUT_CONSTANT = 5.0
+
+
+def lay_out(name: str, target: Target, fresh: bool, before: bool, timeout_multiplier: float = TIMEOUT_MULTIPLIER) -> Path:
     """The target's folder: links to the package, the tests and setup.cfg (pytest's settings), and its mutmut table."""
     work = OUT / name
     if fresh and work.exists():
@@ -137,7 +145,9 @@ def lay_out(name: str, target: Target, fresh: bool, before: bool) -> Path:
         f"also_copy = {toml_list(target.copy)}\n"
         f"pytest_add_cli_args_test_selection = {toml_list(selection)}\n"
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:xdist", "--hypothesis-profile=ci", "-W", "ignore"]\n'
-        "use_git_change_detection = false\n",
+        "use_git_change_detection = false\n"
+        f"timeout_multiplier = {timeout_multiplier}\n"
+        f"timeout_constant = {TIMEOUT_CONSTANT}\n",
         "utf-8",
     )
     return work
@@ -178,9 +188,10 @@ def verdicts(work: Path, nice: int, patterns: list[str]) -> dict[str, str]:
     return {key: status for key, _, status in rows if not patterns or any(fnmatch.fnmatchcase(key, p) for p in patterns)}
 
 
-def run_target(name: str, mutants: list[str], fresh: bool, nice: int, children: int, before: bool, report_only: bool = False) -> dict:
+def run_target(name: str, mutants: list[str], fresh: bool, nice: int, children: int, before: bool, report_only: bool = False,
+               timeout_multiplier: float = TIMEOUT_MULTIPLIER) -> dict:
     target = TARGETS[name]
-    work = lay_out(name + ("-before" if before else ""), target, fresh, before)
+    work = lay_out(name + ("-before" if before else ""), target, fresh, before, timeout_multiplier)
     start = time.monotonic()
     if not report_only:
         with open(work / "mutmut.log", "w") as log:
@@ -212,6 +223,8 @@ def main() -> int:
     parser.add_argument("--report-only", action="store_true", help="only count and list the results of an earlier run")
     parser.add_argument("--nice", type=int, default=15)
     parser.add_argument("--children", type=int, default=1, help="mutants tested at once")
+    parser.add_argument("--timeout-multiplier", type=float, default=TIMEOUT_MULTIPLIER,
+                        help="a mutant's tests are stopped (timeout) after (their unmutated time + %g s) times this" % TIMEOUT_CONSTANT)
     args = parser.parse_args()
     unknown = [t for t in args.targets if t not in TARGETS]
     if unknown:
@@ -225,7 +238,8 @@ def main() -> int:
         if args.again:  # the mutants this target's last run left alive (after new tests)
             last = verdicts(OUT / name, args.nice, mutants)
             mutants = sorted(k for k, v in last.items() if v in ("survived", "no tests"))
-        stats = run_target(name, mutants, args.fresh and not args.report_only, args.nice, args.children, args.before, args.report_only)
+        stats = run_target(name, mutants, args.fresh and not args.report_only, args.nice, args.children, args.before, args.report_only,
+                           args.timeout_multiplier)
         print(f"{stats['target']}: {stats['mutants']} mutants, {stats['killed']} killed, {stats['survived']} survived, "
               f"{stats['no tests']} run by no test, {stats['timeout']} timed out, in {stats['seconds']} s "
               f"(mutation-out/{stats['target']}/survivors.txt)", flush=True)
