@@ -33,10 +33,11 @@ def _import_torch_first() -> None:
     """Every command computes with torch: import it before the rest and move the objects its
     import made (about 170,000) into the collector's permanent generation (``gc.freeze``). Left
     where they are, the first full collection that the imports after torch trigger (the recipe's
-    pydantic schema, the engine, MLflow) traverses them all: 0.08 s of CPU of a local compose's
-    start. They are modules' objects and live as long as the process anyway. Only where this
-    command imports torch: a process that had it already (the Python API, tests calling ``main``)
-    keeps its collector as it was."""
+    pydantic schema, the engine, MLflow) traverses them all, about 0.08 s of CPU of a local
+    compose's start, and so do the interpreter's collections at exit (0.25 s; docs/benchmarks.md
+    "Start-up"). They are modules' objects and live as long as the process anyway. Only where
+    this command imports torch: a process that had it already (the Python API, tests calling
+    ``main``) keeps its collector as it was."""
     if "torch" in sys.modules:
         return
     import torch  # noqa: F401  (third-party; the command below imports it anyway)
