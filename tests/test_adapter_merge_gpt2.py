@@ -168,6 +168,65 @@ def test_export_lora_of_a_dense_gpt2_vector_writes_a_fan_in_fan_out_adapter_peft
             assert 0.1 < t.relative_error < 1 and abs(error - t.relative_error) < 1e-5, t.name
 
 
+def _header(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def test_a_saved_gpt2_vector_records_its_base_s_layout_and_export_lora_without_base_writes_fan_in_fan_out(gpt2, gpt2_finetune, adapters, tmp_path):
+    """``export-lora VECTOR`` without ``--base``: the saved vector's ``taskvec.base_conv1d`` gives the
+    layout, and the adapter is the one ``--base`` gives (the same factors), which PEFT merges into
+    ``base + vector``. A vector saved without that record (as before it existed) is written as
+    Linear weights, as it always was; a vector of a non-GPT-2 base records nothing."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
+
+    from mlflow_taskvec.cli import main as cli
+    from mlflow_taskvec.compose import export_adapter
+
+    vector = tmp_path / "vector.safetensors"
+    TaskVector.extract(gpt2, gpt2_finetune).save(vector)
+    assert _header(vector)["taskvec.base_conv1d"] == "true"
+    with_base = export_adapter(vector, tmp_path / "with-base", base=gpt2, rank=32).result
+    ran = CliRunner().invoke(cli, ["export-lora", str(vector), "-o", str(tmp_path / "no-base"), "--rank", "32", "-q"])
+    assert (ran.exit_code, ran.stderr) == (0, ""), ran.output
+    configs = [json.loads((tmp_path / folder / "adapter_config.json").read_text()) for folder in ("with-base", "no-base")]
+    assert configs[1]["fan_in_fan_out"] is True and configs[1]["base_model_name_or_path"] is None
+    assert {**configs[0], "base_model_name_or_path": None} == configs[1]
+    factors = [load_file(tmp_path / folder / "adapter_model.safetensors") for folder in ("with-base", "no-base")]
+    assert factors[0].keys() == factors[1].keys() and all(torch.equal(factors[0][k], factors[1][k]) for k in factors[0])
+    ours, theirs = merged_weights(gpt2, tmp_path / "no-base"), merged_weights(gpt2, tmp_path / "with-base")
+    base, ft = open_checkpoint(gpt2), open_checkpoint(gpt2_finetune)
+    for t in with_base.tensors:  # 8 Conv1D weights and the two embeddings, at full rank: base + vector
+        assert torch.equal(ours[t.name], theirs[t.name]), t.name
+        delta = ft.get_tensor(t.name).double() - base.get_tensor(t.name).double()
+        assert relative(ours[t.name] - base.get_tensor(t.name).double(), delta) < 1e-5, t.name
+
+    # a GPT-2 adapter's vector records it too, and so does a compressed vector of the dense one
+    TaskVector.extract(gpt2, adapters[0]).save(tmp_path / "adapter.tv.safetensors")
+    assert _header(tmp_path / "adapter.tv.safetensors")["taskvec.base_conv1d"] == "true"
+    ran = CliRunner().invoke(cli, ["compress", str(vector), "--format", "lowrank", "--rank", "4", "-o", str(tmp_path / "lowrank.safetensors"), "-q"])
+    assert ran.exit_code == 0, ran.output
+    assert _header(tmp_path / "lowrank.safetensors")["taskvec.base_conv1d"] == "true"
+
+    # the same vector saved without the record: Linear weights, as before
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(vector), old, metadata={k: v for k, v in _header(vector).items() if k != "taskvec.base_conv1d"})
+    export_adapter(old, tmp_path / "old-lora", rank=32)
+    assert json.loads((tmp_path / "old-lora" / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+
+    # a base that is not GPT-2-style: no record
+    config = json.loads((gpt2 / "config.json").read_text())
+    other = tmp_path / "other-base"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    (other / "model.safetensors").symlink_to(gpt2 / "model.safetensors")
+    TaskVector.extract(other, gpt2_finetune).save(tmp_path / "other.safetensors")
+    assert "taskvec.base_conv1d" not in _header(tmp_path / "other.safetensors")
+
+
 def test_a_dense_input_merged_on_a_gpt2_base_gives_a_fan_in_fan_out_adapter(gpt2, gpt2_finetune, tmp_path):
     vector = TaskVector.extract(gpt2, gpt2_finetune)
     merge_to_adapter(gpt2, [vector], [0.5], tmp_path / "merged", rank=32)

@@ -238,6 +238,8 @@ def open_adapter(path: "str | os.PathLike", base: "Checkpoint | str | os.PathLik
         meta_keys.ADAPTER: meta_keys.PEFT_LORA,
         meta_keys.LAYOUT: meta_keys.LOWRANK_LAYOUT,
     }
+    if stores_conv1d(base_ckpt):
+        metadata[meta_keys.BASE_CONV1D] = "true"
     return LowRankCheckpoint(low_rank, dense, metadata, str(path), files=[factors, *_files_of(base_ckpt)])
 
 
@@ -482,7 +484,8 @@ def export_lora(
     modules cannot go into a LoRA adapter and are left out (listed in the result).
 
     ``fan_in_fan_out`` (by default: whether ``base``, or the base the vector was extracted
-    from, is a GPT-2-style model, ``stores_conv1d``): the weights are Conv1D's, stored
+    from, is a GPT-2-style model, ``stores_conv1d``; a saved vector's ``taskvec.base_conv1d``
+    says it without the base, ``TaskVector.of_conv1d_base``): the weights are Conv1D's, stored
     ``(in, out)``, and every module's factors are written as PEFT's Conv1D LoRA holds them, with
     ``fan_in_fan_out: true`` in the config. Detected so, a 2-D weight of another module than a
     Conv1D (``CONV1D_MODULES``) or an embedding is refused unless it goes to ``modules_to_save``.
@@ -500,7 +503,7 @@ def export_lora(
         refuse_aliasing(claim.path, [p for ckpt in sources for p in ckpt.paths()])
         detected = fan_in_fan_out is None
         if detected:
-            fan_in_fan_out = any(stores_conv1d(ckpt) for ckpt in [base_ckpt, *(term.base for term in vector.terms)])
+            fan_in_fan_out = stores_conv1d(base_ckpt) or vector.of_conv1d_base
         return _export(vector, claim, rank, energy, modules_to_save, base_ckpt, base_model_name_or_path, dtype, progress, fan_in_fan_out, detected)
     finally:
         claim.release()

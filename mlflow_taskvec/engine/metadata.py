@@ -14,6 +14,9 @@ RECIPE = "taskvec.recipe"  # the recipe's canonical JSON
 RECIPE_SHA256 = "taskvec.recipe_sha256"
 LOW_RANK = "taskvec.low_rank"  # legacy (read only): JSON {name: {shape, rank, scaling}} of the lora layout
 ADAPTER = "taskvec.adapter"  # peft_lora on a task vector read from a PEFT adapter
+# "true" on a task vector of a GPT-2-style base (Conv1D weights stored (in, out), lora.stores_conv1d),
+# absent on any other: what export-lora without --base writes fan_in_fan_out by
+BASE_CONV1D = "taskvec.base_conv1d"
 
 TASK_VECTOR = "task_vector"
 COMPOSITE = "composite"

@@ -49,13 +49,16 @@ _RENAME_EXCHANGE = 2
 
 
 def _load_renameat2():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):  # not glibc >= 2.28: the portable fallbacks below
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return fn
+    # glibc's soname first: find_library runs ldconfig in a subprocess (milliseconds at every start-up)
+    for soname in ("libc.so.6", None):
+        try:
+            libc = ctypes.CDLL(soname or ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            fn = libc.renameat2
+        except (OSError, AttributeError):  # not glibc >= 2.28: the portable fallbacks below
+            continue
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        return fn
+    return None
 
 
 _RENAMEAT2 = _load_renameat2()

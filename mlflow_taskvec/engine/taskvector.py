@@ -37,7 +37,7 @@ from mlflow_taskvec.engine.streaming import (
     parse_threads,
     release_free_memory,
 )
-from mlflow_taskvec.engine.lora import open_adapter
+from mlflow_taskvec.engine.lora import open_adapter, stores_conv1d
 from mlflow_taskvec.engine.lowrank import LowRankCheckpoint, save_low_rank
 from mlflow_taskvec.engine.merging import MergeResult, merge, merge_to, union_of_tensors
 from mlflow_taskvec.engine.writer import CheckpointWriter
@@ -64,6 +64,13 @@ class _Term:
 
     def sources(self) -> list[Checkpoint]:
         return [self.stored] if self.stored is not None else [self.finetuned, self.base]
+
+    def of_conv1d_base(self) -> bool:
+        """Whether this term's base is GPT-2-style: its ``config.json`` says so (``lora.stores_conv1d``),
+        or a saved vector's metadata recorded it (``taskvec.base_conv1d``)."""
+        if self.stored is not None:
+            return self.stored.metadata().get(meta_keys.BASE_CONV1D) == "true"
+        return stores_conv1d(self.base)
 
 
 def _default_vector_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -190,6 +197,14 @@ class TaskVector:
         return TaskVector(self._terms, {n: self._specs[n] for n in names}, self.base_fingerprint, task or self.task, skipped)
 
     # -- description --------------------------------------------------------------
+    @property
+    def of_conv1d_base(self) -> bool:
+        """Whether the base stores its weights as Conv1D, ``(in, out)`` (GPT-2's layout, ``lora.stores_conv1d``):
+        read from the base folder a vector is extracted from, or from a saved vector's ``taskvec.base_conv1d``.
+        A saved vector records it (only then: every other vector's header is as it was), so
+        ``export_lora`` without the base still writes a ``fan_in_fan_out`` adapter of it."""
+        return any(term.of_conv1d_base() for term in self._terms)
+
     @property
     def low_rank_source(self):
         """The low-rank checkpoint this vector is, unscaled, or None (then it is stored dense)."""
@@ -383,6 +398,8 @@ class TaskVector:
         }
         if self.task:
             meta[meta_keys.TASK] = self.task
+        if self.of_conv1d_base:
+            meta[meta_keys.BASE_CONV1D] = "true"
         return meta
 
     def save(
