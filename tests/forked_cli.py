@@ -146,9 +146,11 @@ def _serve() -> None:
     # MLflow maps the installed packages to their modules (a walk over every distribution's files,
     # 1-2 s) the first time a process logs a model, to check the model's requirements; the map is
     # the same for every command forked from here, so it is read once, like the imports.
-    from mlflow.utils.requirements_utils import _init_packages_to_modules_map
+    from mlflow.utils import requirements_utils
 
-    _init_packages_to_modules_map()
+    read_the_map = getattr(requirements_utils, "_init_packages_to_modules_map", None)  # MLflow's own, private: only a speed-up
+    if read_the_map is not None:
+        read_the_map()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the waiters are reaped by the kernel
     print("ready", flush=True)
     for line in sys.stdin:
