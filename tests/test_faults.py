@@ -39,8 +39,8 @@ from mlflow_taskvec.errors import TaskVecError
 from mlflow_taskvec.recipe import load_recipe
 from mlflow_taskvec.signals import PAUSE_ENV
 
-# about 230 s under `make test`: sent out early (tests/conftest.py)
-pytestmark = pytest.mark.seconds(230)
+# about 190 s under `make test`: sent out early (tests/conftest.py)
+pytestmark = pytest.mark.seconds(190)
 
 ROOT = Path(__file__).resolve().parents[1]
 
