@@ -22,7 +22,9 @@ docs/signals.md.
 
 Test hook: ``MLFLOW_TASKVEC_TEST_PAUSE=STAGE:FILE`` makes ``stage(STAGE)`` create
 ``FILE.reached`` and wait until ``FILE`` exists, so a test sends its signal in a
-known stage instead of racing a timer.
+known stage instead of racing a timer; ``STAGE@N:FILE`` pauses the Nth time the command
+enters ``STAGE`` (``search --register --output-recipe`` writes its recipe after its
+registration: ``writing@2``, ``done@2``).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ PAUSE_ENV = "MLFLOW_TASKVEC_TEST_PAUSE"
 
 
 _OWNERS: list[str] = []  # who marks the stages now, innermost last (none: the output claim, engine/output.py)
+_ENTERED: dict[str, int] = {}  # how many times this command has entered each stage (the test hook's STAGE@N)
 
 
 def stage(name: str, owner: str | None = None) -> None:
@@ -85,9 +88,11 @@ def stage(name: str, owner: str | None = None) -> None:
     ``-o``) mark nothing, and the registration marks its stages itself."""
     if owner != (_OWNERS[-1] if _OWNERS else None):
         return
+    _ENTERED[name] = _ENTERED.get(name, 0) + 1
     hook = os.environ.get(PAUSE_ENV, "")
     where, _, release = hook.partition(":")
-    if where != name or not release:
+    wanted, _, nth = where.partition("@")  # STAGE@N: the Nth time the command enters STAGE (a search's recipe after its registration)
+    if wanted != name or not release or _ENTERED[name] != (int(nth) if nth.isdigit() else 1):
         return
     with open(f"{release}.reaching", "w", encoding="ascii") as fh:
         fh.write(str(os.getpid()))
@@ -203,18 +208,23 @@ def extend_hold() -> Iterator[None]:
 
 _MOVED: list[str] = []  # outputs moved into place by this command (engine/output.py)
 _COMPLETED: list[str] = []  # registrations this command completed, in words (mlflow/registry.py)
+_NAMED_BY_COMPLETED = [0]  # how many of _MOVED the completed registrations name (those moved before the last one completed)
 
 
 def begin_command() -> None:
     """A command starts (in its ``checks`` stage): nothing of an earlier one (in this process) stands for it."""
     _MOVED.clear()
     _COMPLETED.clear()
+    _ENTERED.clear()
+    _NAMED_BY_COMPLETED[:] = [0]
     stage("checks")
 
 
 def completed(what: str) -> None:
-    """Record, in words, a registration that is complete (its version READY, its run FINISHED)."""
+    """Record, in words, a registration that is complete (its version READY, its run FINISHED);
+    ``what`` names the outputs moved into place before it (its composite or vector at ``-o``)."""
     _COMPLETED.append(what)
+    _NAMED_BY_COMPLETED[0] = len(_MOVED)
 
 
 def moved_into_place(path) -> None:
@@ -229,8 +239,9 @@ def standing() -> list[str]:
 
 def what_stands() -> str | None:
     """What a signal now would leave, in words (the completed registrations, which name their
-    outputs, else the outputs that stand); None when nothing does."""
-    if _COMPLETED:
-        return "; ".join(_COMPLETED)
-    outputs = standing()
-    return f"{', '.join(outputs)} was written whole before it and stands" if outputs else None
+    outputs, then the outputs written after them that stand, such as a search's recipe written
+    after its winner's registration); None when nothing does."""
+    named = set(_MOVED[: _NAMED_BY_COMPLETED[0]])
+    outputs = [p for p in standing() if p not in named]
+    parts = [*_COMPLETED, *([f"{', '.join(outputs)} was written whole before it and stands"] if outputs else [])]
+    return "; ".join(parts) or None

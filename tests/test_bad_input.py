@@ -299,6 +299,13 @@ CASES = [
     Case("lineage-picture-is-a-folder", ["lineage", ROTATE, "--format", "png", "-o", "out", "--overwrite"], "out: is a folder; the lineage picture is a file (give a file path)"),
     Case("lineage-output-into-a-missing-folder", ["lineage", ROTATE, "-o", "out/new/lineage.txt"], "out/new/lineage.txt: cannot write the lineage file, there is no folder out/new"),
     Case("lineage-picture-is-a-fifo", ["lineage", ROTATE, "--format", "png", "-o", "out/fifo", "--overwrite"], "out/fifo: is a FIFO, not a regular file or folder", setup=_fifo),
+    # the JSON and dot files go through the same claim as the text file
+    Case("lineage-output-json-exists", ["lineage", ROTATE, "--format", "json", "-o", "out/lineage.txt"], "out/lineage.txt: output already exists (pass --overwrite to replace it)", setup=_existing_side_outputs),
+    Case("lineage-output-dot-exists", ["lineage", ROTATE, "--format", "dot", "-o", "out/lineage.txt"], "out/lineage.txt: output already exists (pass --overwrite to replace it)", setup=_existing_side_outputs),
+    Case("lineage-output-json-into-a-missing-folder", ["lineage", ROTATE, "--format", "json", "-o", "out/new/lineage.json"], "out/new/lineage.json: cannot write the lineage file, there is no folder out/new"),
+    Case("lineage-output-dot-into-a-missing-folder", ["lineage", ROTATE, "--format", "dot", "-o", "out/new/lineage.dot"], "out/new/lineage.dot: cannot write the lineage file, there is no folder out/new"),
+    Case("lineage-output-json-is-a-folder", ["lineage", ROTATE, "--format", "json", "-o", "out", "--overwrite"], "out: is a folder; the lineage file is a file (give a file path)"),
+    Case("lineage-output-dot-is-a-fifo", ["lineage", ROTATE, "--format", "dot", "-o", "out/fifo", "--overwrite"], "out/fifo: is a FIFO, not a regular file or folder", setup=_fifo),
     Case("compose-over-a-fifo", [*COMPOSE[:-1], "out/fifo", "--overwrite"], "out/fifo: is a FIFO, not a regular file or folder; it is left as it is", recipe=local_recipe(), setup=_fifo),
     Case("extract-over-a-fifo", ["extract", "--base", "{local}/base.safetensors", "--finetuned", "{local}/ft.safetensors", "-o", "out/fifo", "--overwrite"], "out/fifo: is a FIFO", setup=_fifo),
     # -- checks that come before any run --------------------------------------------------------

@@ -5,10 +5,12 @@ MLflow retries a failed request 7 times with a backoff factor of 2 and waits up 
 without a word. Unless the user chose MLflow's own settings
 (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``,
 ``MLFLOW_HTTP_REQUEST_TIMEOUT``; when any is set, all are left as they are), a command
-uses bounded ones: 2 retries, 5 s per attempt, 17 s for a request, so that with the
-interpreter's start-up a command fails in under 30 s (a request the server did not
-answer is not followed by others: ``server.unanswered``). Either way one
-line is printed when a request to the server is first retried.
+uses bounded ones: 1 retry, 5 s per attempt, at most 11 s for a request (with MLflow's
+jitter of up to 1 s before the retry), so that the whole command, from its start (the
+interpreter and its imports, several seconds on a busy machine) to its exit, fails in
+under 30 s (a request the server did not answer is not followed by others:
+``server.unanswered``). Either way one line is printed when a request to the server is
+first retried.
 
 Nothing here imports MLflow: the front end sets this up before MLflow is loaded.
 """
@@ -21,12 +23,15 @@ import os
 from collections.abc import Callable, Iterator
 
 BOUNDED = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
 }
 # MLflow's defaults, for the estimate of how long it may take when the user set only some.
-_MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": 7, "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": 2, "MLFLOW_HTTP_REQUEST_TIMEOUT": 120}
+_MLFLOW_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": 7, "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": 2, "MLFLOW_HTTP_REQUEST_TIMEOUT": 120,
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": 1.0,
+}
 _RETRY_LOGGER = "urllib3.connectionpool"  # logs "Retrying (Retry(total=...)) after connection broken by ..."
 
 
@@ -40,9 +45,10 @@ def longest_wait_seconds(env: dict | None = None) -> float:
         except (KeyError, ValueError):
             return float(_MLFLOW_DEFAULTS[key])
 
-    retries, factor, timeout = (setting(k) for k in _MLFLOW_DEFAULTS)
-    # urllib3 sleeps factor * 2**(n - 1) before retry n >= 2 (capped at 120 s), nothing before the first.
-    backoff = sum(min(120.0, factor * 2 ** (n - 1)) for n in range(2, int(retries) + 1))
+    retries, factor, timeout, jitter = (setting(k) for k in _MLFLOW_DEFAULTS)
+    # urllib3 sleeps factor * 2**(n - 1) before retry n >= 2 (nothing before the first), and MLflow
+    # adds up to `jitter` s before every retry; capped at 120 s each.
+    backoff = sum(min(120.0, (factor * 2 ** (n - 1) if n >= 2 else 0.0) + jitter) for n in range(1, int(retries) + 1))
     return (retries + 1) * timeout + backoff
 
 

@@ -15,6 +15,7 @@ objective against the scale, and the winning recipe.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -472,7 +473,10 @@ def search(
     composer = _Composer(inputs, evaluation, memory)
     labels = _labels(recipe, evaluation)
 
-    with owned_run(None) as run, tempfile.TemporaryDirectory(prefix="taskvec-search-") as tmp:
+    # From the winner's version's creation on, a signal waits until the search's own run has ended
+    # FINISHED too (signals.extend_hold: entered before the winner registers, left after this run ends).
+    held_to_the_end = contextlib.ExitStack()
+    with held_to_the_end, owned_run(None) as run, tempfile.TemporaryDirectory(prefix="taskvec-search-") as tmp:
         parent_id = run.info.run_id
         mlflow.set_tag(tag.SEARCH_ROLE, "search")
         mlflow.log_params(
@@ -529,7 +533,8 @@ def search(
             summary.update({"study": shared["study"], "trials_in_study": shared["trials_in_study"]})
         registered = None
         if register_as is not None:
-            with extend_hold(), mlflow.start_run(run_name="winner", nested=True, parent_run_id=parent_id):  # signals.py: stages
+            held_to_the_end.enter_context(extend_hold())
+            with mlflow.start_run(run_name="winner", nested=True, parent_run_id=parent_id):  # signals.py: stages
                 mlflow.set_tag(tag.SEARCH_ROLE, "winner")
                 registered = register_composite(
                     winner, register_as, alias=alias,
