@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _tiny_recipe(folder: Path) -> None:
+def tiny_recipe(folder: Path) -> None:
+    """A base, a fine-tune and a recipe of one task vector in ``folder`` (what the start-up test composes too)."""
     import torch
     from safetensors.torch import save_file
 
@@ -67,7 +68,7 @@ def main() -> None:
         runs["compose (other)"] = (compose, str(Path(args.other).resolve()))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        _tiny_recipe(folder)
+        tiny_recipe(folder)
         for argv, path in runs.values():  # warm the page cache and the bytecode once
             _run(argv, folder, path)
         times: dict[str, list[tuple[float, float]]] = {label: [] for label in runs}

@@ -27,6 +27,15 @@ def _state() -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.fixture
+def download(tmp_path):
+    """A saved checkpoint ``src``, and ``dst`` in a download folder watched by ``follower``."""
+    src = tmp_path / "src.safetensors"
+    save_file(_state(), str(src))
+    (tmp_path / "dl").mkdir()
+    return src, tmp_path / "dl" / "model.safetensors", Follower(tmp_path / "dl")
+
+
 def _grow(src: Path, dst: Path, sizes: list[int], between) -> None:
     """Append ``src``'s bytes to ``dst`` in pieces of ``sizes`` (the rest last), calling ``between()`` after each."""
     data = src.read_bytes()
@@ -82,12 +91,8 @@ def test_a_sharded_folder_downloaded_in_a_thread_has_the_folders_fingerprint(tmp
     assert follower.fingerprint(dl) == open_checkpoint(written).fingerprint(fresh=True)
 
 
-def test_a_file_rewritten_while_it_was_followed_gives_no_fingerprint(tmp_path):
-    src = tmp_path / "src.safetensors"
-    save_file(_state(), str(src))
-    (tmp_path / "dl").mkdir()
-    follower = Follower(tmp_path / "dl")
-    dst = tmp_path / "dl" / "model.safetensors"
+def test_a_file_rewritten_while_it_was_followed_gives_no_fingerprint(download):
+    src, dst, follower = download
     _grow(src, dst, [4000], lambda at: follower.poll())
     with open(dst, "wb") as f:  # a retried download starts the file again
         f.write(src.read_bytes()[:100])
@@ -99,12 +104,8 @@ def test_a_file_rewritten_while_it_was_followed_gives_no_fingerprint(tmp_path):
     assert follower.fingerprint(dst) is None
 
 
-def test_a_file_changed_after_its_last_read_gives_no_fingerprint(tmp_path):
-    src = tmp_path / "src.safetensors"
-    save_file(_state(), str(src))
-    (tmp_path / "dl").mkdir()
-    follower = Follower(tmp_path / "dl")
-    dst = tmp_path / "dl" / "model.safetensors"
+def test_a_file_changed_after_its_last_read_gives_no_fingerprint(download):
+    src, dst, follower = download
     _grow(src, dst, [], lambda at: follower.poll())
     assert follower.fingerprint(dst) == open_checkpoint(src).fingerprint(fresh=True)
 
@@ -115,15 +116,11 @@ def test_a_file_changed_after_its_last_read_gives_no_fingerprint(tmp_path):
     assert follower.fingerprint(dst) is None
 
 
-def test_bytes_seen_out_of_order_never_pass_for_the_recorded_fingerprint(tmp_path):
+def test_bytes_seen_out_of_order_never_pass_for_the_recorded_fingerprint(download):
     """A writer that writes a file's end first shows zeros where the start will be: what was read
     is not the file, and the download is hashed again, so it is accepted for what it is."""
-    src = tmp_path / "src.safetensors"
-    save_file(_state(), str(src))
+    src, dst, follower = download
     data = src.read_bytes()
-    (tmp_path / "dl").mkdir()
-    follower = Follower(tmp_path / "dl")
-    dst = tmp_path / "dl" / "model.safetensors"
     start = 8 + int.from_bytes(data[:8], "little") + 50  # the header and a little more
     with open(dst, "wb") as f:
         f.write(data[:start])

@@ -17,6 +17,10 @@ import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_startup import tiny_recipe  # noqa: E402  (the benchmark composes the same recipe)
+
 HEAVY = ("mlflow", "optuna", "pandas", "matplotlib", "transformers")
 
 
@@ -65,14 +69,6 @@ def test_help_of_the_cli_and_of_every_command_imports_neither_mlflow_nor_torch(t
     assert not set(json.loads(out.stdout.strip().splitlines()[-1])) & {*HEAVY, "torch", "pydantic"}
 
 
-def _tiny_recipe(folder: Path) -> None:
-    g = torch.Generator().manual_seed(0)
-    base = {"w": torch.randn(4, 4, generator=g), "b": torch.randn(4, generator=g)}
-    save_file(base, str(folder / "base.safetensors"))
-    save_file({k: v + 0.1 for k, v in base.items()}, str(folder / "ft.safetensors"))
-    (folder / "recipe.yaml").write_text("base: base.safetensors\nscale: 0.5\nvectors:\n  - {finetuned: ft.safetensors}\n")
-
-
 COMPOSE = "main(['compose', 'recipe.yaml', '-o', 'out.safetensors', '-q'], standalone_mode=False)\n"
 
 
@@ -85,7 +81,7 @@ def _printed(code: str, cwd: Path):
 
 
 def test_local_compose_does_not_import_mlflow(tmp_path):
-    _tiny_recipe(tmp_path)
+    tiny_recipe(tmp_path)
     code = "from mlflow_taskvec.cli import main\n" + COMPOSE
     loaded = _loaded_after(code, tmp_path)
     assert (tmp_path / "out.safetensors").is_file()  # it really composed
@@ -132,7 +128,7 @@ def test_a_command_freezes_what_importing_torch_made_and_runs_no_full_collection
     """The command imports torch first and freezes its objects (``gc.freeze``): no full collection
     of the start-up traverses them (one did, 0.08 s of CPU); and libc is opened by its soname, no
     ``ctypes.util.find_library`` (an ``ldconfig`` subprocess) at import."""
-    _tiny_recipe(tmp_path)
+    tiny_recipe(tmp_path)
     code = (
         "import ctypes.util, gc, json\n"
         "full_after_freeze, looked_up, real = [], [], ctypes.util.find_library\n"
@@ -151,7 +147,7 @@ def test_a_command_freezes_what_importing_torch_made_and_runs_no_full_collection
 
 def test_a_command_in_a_process_that_has_torch_leaves_its_collector_alone(tmp_path):
     """Where torch is imported already (the Python API, tests calling ``main``), nothing is frozen."""
-    _tiny_recipe(tmp_path)
+    tiny_recipe(tmp_path)
     code = "import gc, json, torch\nfrom mlflow_taskvec.cli import main\n" + COMPOSE + "print(json.dumps(gc.get_freeze_count()))\n"
     assert _printed(code, tmp_path) == 0
     assert (tmp_path / "out.safetensors").is_file()
