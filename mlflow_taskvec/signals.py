@@ -118,6 +118,7 @@ class _Held:
     def __init__(self):
         self.signum: int | None = None
         self.stands = None
+        self.completed_before = 0  # inside extend_hold(): how many registrations were complete before its first one
         self.previous: dict | None = None  # the handlers replaced while holding
 
     def hold(self, signum, _frame):
@@ -179,9 +180,11 @@ def finish_first(stands: "callable") -> Iterator[None]:
         if not _EXTENDED:
             held.stop()
         raise
-    held.stands = stands
     if _EXTENDED:
+        if held.stands is None:  # the first registration of the block says what finished first
+            held.stands, held.completed_before = stands, len(_COMPLETED)
         return  # the enclosing extend_hold() raises, once what encloses the registration (its run) is complete
+    held.stands = stands
     held.stop()
     if held.signum is not None:
         raise Terminated(held.signum, stands())
@@ -203,7 +206,17 @@ def extend_hold() -> Iterator[None]:
         _EXTENDED.remove(held)
         held.stop()
     if held.signum is not None:
-        raise Terminated(held.signum, held.stands() if held.stands else None)
+        raise Terminated(held.signum, _extended_stands(held))
+
+
+def _extended_stands(held: _Held) -> str | None:
+    """What an ``extend_hold()`` block completed: its first registration, as that registration says
+    it (it finished first), then the registrations completed after it in the block (a leaderboard's
+    next winners)."""
+    if held.stands is None:
+        return None
+    later = _COMPLETED[held.completed_before + 1 :]
+    return "; ".join([held.stands(), *later])
 
 
 _MOVED: list[str] = []  # outputs moved into place by this command (engine/output.py)

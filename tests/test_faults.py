@@ -632,6 +632,49 @@ def test_a_signal_in_each_stage_of_a_search_that_registers_and_writes_its_recipe
     assert {p.name: tree_digests(p) for p in signal_inputs.iterdir()} == inputs_before
 
 
+# leaderboard --register NAME --register-each: every method's search runs (their candidates mark no
+# stage of the command), then each winner registers with compose --register's stages, then the alias
+# `best` is set and the table logged. Up to the first version's creation nothing is registered; from
+# then on the leaderboard finishes first (every winner READY, the alias set, every run FINISHED) and
+# says what is complete (docs/signals.md).
+LEADERBOARD_STAGES = {"writing": "nothing", "registering": "finished first", "done@2": "finished first"}
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("stage", list(LEADERBOARD_STAGES))
+def test_a_signal_in_a_leaderboards_registrations_has_its_one_outcome(tmp_path, forks, signal_inputs, backend, stage):
+    name = f"ranked-{stage.replace('@', '-')}"
+    inputs_before = {p.name: tree_digests(p) for p in signal_inputs.iterdir()}
+    client = backend.client
+    experiment = backend.experiment_id
+    runs_before = {r.info.run_id for r in client.search_runs([experiment])}
+    args = ["leaderboard", signal_inputs / "search.yaml", "--methods", "task_arithmetic,ties", "--trials", "2", "-q", "--register", name, "--register-each"]
+
+    status, stdout, stderr = _signalled_in(forks, tmp_path, args, stage, backend.env, signal.SIGTERM)
+
+    assert status == 128 + signal.SIGTERM, stderr
+    line = one_error_line(stderr)
+    new_runs = [r for r in client.search_runs([experiment]) if r.info.run_id not in runs_before]
+    roles = sorted((r.data.tags["taskvec.leaderboard.role"], r.info.status) for r in new_runs if "taskvec.leaderboard.role" in r.data.tags)
+    assert {r.info.status for r in new_runs if "taskvec.leaderboard.role" not in r.data.tags} == {"FINISHED"}  # the searches and their candidates
+    versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    if LEADERBOARD_STAGES[stage] == "nothing":
+        assert line == f"Error: interrupted by SIGTERM; {NOTHING}"
+        assert versions == []
+        # the method run the winner was registering in was reopened for it, and ends FAILED with it
+        assert roles == [("leaderboard", "FAILED"), ("method", "FAILED"), ("method", "FINISHED"), ("winner", "FAILED")]
+    else:
+        assert [(str(v.version), v.status) for v in versions] == [("1", "READY"), ("2", "READY")]
+        assert str(client.get_model_version_by_alias(name, "best").version) in {"1", "2"}
+        assert roles == [("leaderboard", "FINISHED"), *[("method", "FINISHED")] * 2, *[("winner", "FINISHED")] * 2]
+        assert {v.run_id for v in versions} == {r.info.run_id for r in new_runs if r.data.tags.get("taskvec.leaderboard.role") == "winner"}
+        complete = "; ".join(f"models:/{name}/{v.version} is complete and its run {v.run_id} ended FINISHED" for v in versions)
+        assert line == f"Error: interrupted by SIGTERM; it finished the registration first: {complete}"
+    assert stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["command", "release", "release.reached"]
+    assert {p.name: tree_digests(p) for p in signal_inputs.iterdir()} == inputs_before
+
+
 # -- extract --register and compress --register: their vector is made first, then registered into the
 # fine-tune's run with the same stages from the version's creation on as compose --register's.
 VECTOR_REGISTRATIONS = {

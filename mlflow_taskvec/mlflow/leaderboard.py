@@ -22,6 +22,7 @@ and registered, or every method's with ``register_each`` (the best one gets the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -255,7 +256,11 @@ def leaderboard(
     metric = (recipe.search or Search()).metric
     test_split = recipe.evaluation.split
 
-    with owned_run(None) as run, tempfile.TemporaryDirectory(prefix="taskvec-leaderboard-") as tmp:
+    # From the first winner's version's creation on, a signal waits until the leaderboard's own run
+    # has ended FINISHED too (signals.extend_hold: entered before that registration, left after this
+    # run ends): every winner registers, the alias is set and the table is logged, then it stops.
+    held_to_the_end = contextlib.ExitStack()
+    with held_to_the_end, owned_run(None) as run, tempfile.TemporaryDirectory(prefix="taskvec-leaderboard-") as tmp:
         parent_id = run.info.run_id
         mlflow.set_tag(ROLE_TAG, "leaderboard")
         mlflow.log_params({"leaderboard.methods": ",".join(methods), "leaderboard.metric": metric, "leaderboard.test_split": test_split})
@@ -274,10 +279,11 @@ def leaderboard(
 
         registered = []
         if register_as is not None:
+            held_to_the_end.enter_context(extend_hold())
             for entry in entries if register_each else entries[:1]:
-                with extend_hold(), mlflow.start_run(run_id=entry.run_id, nested=True), mlflow.start_run(
+                with mlflow.start_run(run_id=entry.run_id, nested=True), mlflow.start_run(
                     run_name="winner", nested=True, parent_run_id=entry.run_id
-                ):  # a signal during the registration waits until its runs have ended (signals.py: stages)
+                ):  # signals.py: stages
                     mlflow.set_tag(ROLE_TAG, "winner")
                     entry.registered = register_composite(
                         entry.result.recipe, register_as, allow_mixed=allow_mixed,
