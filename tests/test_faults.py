@@ -40,7 +40,7 @@ from mlflow_taskvec.recipe import load_recipe
 from mlflow_taskvec.signals import PAUSE_ENV
 
 # about 190 s under `make test`: sent out early (tests/conftest.py)
-pytestmark = pytest.mark.seconds(190)
+pytestmark = pytest.mark.seconds(200)
 
 ROOT = Path(__file__).resolve().parents[1]
 
