@@ -3,9 +3,9 @@
 A ``Follower`` watches a folder that another writer (MLflow's download) fills with
 safetensors files. Each file is read as it grows, from the page cache its writer has
 just filled: its header first, then every tensor's bytes into that tensor's BLAKE3,
-in file order. When the download has returned, ``finish`` reads what is left and gives
-the checkpoint's fingerprint, the same value ``Checkpoint.fingerprint`` computes
-(``combine_digests`` over name, dtype, shape and each tensor's BLAKE3).
+in file order. When the download has returned, leaving the ``with`` block reads what is
+left, and ``fingerprint`` gives the checkpoint's, the same value ``Checkpoint.fingerprint``
+computes (``combine_digests`` over name, dtype, shape and each tensor's BLAKE3).
 
 What it gives is only a candidate: a writer that rewrote a file it had started, or
 wrote one out of order, may have shown bytes that are not the file's last. The caller
@@ -35,7 +35,6 @@ class FollowedFile:
         self.path = path
         self.read = 0  # bytes of the file consumed so far
         self.broken = False  # the file shrank or was replaced: what was read may not be its content
-        self._inode: tuple[int, int] | None = None
         self.last_seen: tuple | None = None  # (device, inode, size, mtime) at the last poll
         self._spans: list[tuple[int, int, str]] | None = None  # (start, end, name) of each tensor, in file order
         self._specs: dict = {}
@@ -51,11 +50,8 @@ class FollowedFile:
             st = os.stat(self.path)
         except OSError:
             return 0
-        inode = (st.st_dev, st.st_ino)
-        self.last_seen = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        if self._inode is None:
-            self._inode = inode
-        elif inode != self._inode or st.st_size < self.read:
+        seen, self.last_seen = self.last_seen, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if seen is not None and (seen[:2] != self.last_seen[:2] or st.st_size < self.read):  # replaced, or shrunk
             self.broken = True
             return 0
         before = self.read
