@@ -215,13 +215,14 @@ def _extended_stands(held: _Held) -> str | None:
     next winners)."""
     if held.stands is None:
         return None
-    later = _COMPLETED[held.completed_before + 1 :]
+    later = [what for what, _ in _COMPLETED[held.completed_before + 1 :]]
     return "; ".join([held.stands(), *later])
 
 
 _MOVED: list[str] = []  # outputs moved into place by this command (engine/output.py)
-_COMPLETED: list[str] = []  # registrations this command completed, in words (mlflow/registry.py)
-_NAMED_BY_COMPLETED = [0]  # how many of _MOVED the completed registrations name (those moved before the last one completed)
+# registrations this command completed, in words (mlflow/registry.py), each with how many of _MOVED
+# were in place when it completed (those its words name)
+_COMPLETED: list[tuple[str, int]] = []
 
 
 def begin_command() -> None:
@@ -229,15 +230,13 @@ def begin_command() -> None:
     _MOVED.clear()
     _COMPLETED.clear()
     _ENTERED.clear()
-    _NAMED_BY_COMPLETED[:] = [0]
     stage("checks")
 
 
 def completed(what: str) -> None:
     """Record, in words, a registration that is complete (its version READY, its run FINISHED);
     ``what`` names the outputs moved into place before it (its composite or vector at ``-o``)."""
-    _COMPLETED.append(what)
-    _NAMED_BY_COMPLETED[0] = len(_MOVED)
+    _COMPLETED.append((what, len(_MOVED)))
 
 
 def moved_into_place(path) -> None:
@@ -254,7 +253,7 @@ def what_stands() -> str | None:
     """What a signal now would leave, in words (the completed registrations, which name their
     outputs, then the outputs written after them that stand, such as a search's recipe written
     after its winner's registration); None when nothing does."""
-    named = set(_MOVED[: _NAMED_BY_COMPLETED[0]])
+    named = set(_MOVED[: _COMPLETED[-1][1]]) if _COMPLETED else set()
     outputs = [p for p in standing() if p not in named]
-    parts = [*_COMPLETED, *([f"{', '.join(outputs)} was written whole before it and stands"] if outputs else [])]
+    parts = [*(what for what, _ in _COMPLETED), *([f"{', '.join(outputs)} was written whole before it and stands"] if outputs else [])]
     return "; ".join(parts) or None
